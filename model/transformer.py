@@ -1,0 +1,124 @@
+"""The gpt-oss transformer in PyTorch, computing through a kernel backend.
+
+Module names equal the original checkpoint's tensor names (`block.3.mlp.mlp1_weight.blocks`, ...), so loading
+is one copy per name. Each block is pre-norm: x += Attn(RMSNorm(x)), then x += MoE(RMSNorm(x)); the residual
+add is fused into the next norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gptoss_serve.model.batch import ForwardBatch, KVCache
+from gptoss_serve.model.config import ModelConfig
+from gptoss_serve.model.rope import yarn_inv_freq_and_concentration
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.empty(hidden_size, dtype=torch.float32))  # kept in float32, as released
+
+
+class MXFP4Weight(nn.Module):
+    """An expert weight as stored: FP4 blocks and E8M0 scales, never dequantized as a whole."""
+
+    def __init__(self, num_experts: int, rows: int, cols: int):
+        super().__init__()
+        self.register_buffer("blocks", torch.empty(num_experts, rows, cols // 32, 16, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(num_experts, rows, cols // 32, dtype=torch.uint8))
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.num_q_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window if config.is_sliding_layer(layer_idx) else 0
+        self.sm_scale = config.head_dim ** -0.5
+        self.norm = RMSNorm(config.hidden_size)
+        self.qkv = nn.Linear(config.hidden_size, config.qkv_size, bias=True, dtype=dtype)
+        self.sinks = nn.Parameter(torch.empty(config.num_attention_heads, dtype=torch.float32))
+        self.out = nn.Linear(config.q_size, config.hidden_size, bias=True, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                rope: tuple[torch.Tensor, float], kernels) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        qkv = self.qkv(x)  # [num_tokens, (q_heads + 2 * kv_heads) * head_dim]
+        q_size, kv_size = self.num_q_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q = qkv[:, :q_size].view(num_tokens, self.num_q_heads, self.head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
+        inv_freq, concentration = rope
+        q, _ = kernels.rope_and_cache_write(
+            q, k, v, batch.positions, inv_freq, concentration, k_cache, v_cache, batch.slot_mapping)
+        attn = kernels.paged_attention(
+            q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens, self.sinks,
+            self.sm_scale, self.sliding_window)  # [num_tokens, q_heads, head_dim]
+        return self.out(attn.reshape(num_tokens, q_size))
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+        self.experts_per_token = config.experts_per_token
+        self.swiglu_alpha, self.swiglu_limit = config.swiglu_alpha, config.swiglu_limit
+        self.norm = RMSNorm(h)
+        self.gate = nn.Linear(h, e, bias=True, dtype=dtype)  # the router
+        self.mlp1_weight = MXFP4Weight(e, 2 * i, h)  # gate and linear rows interleaved
+        self.mlp1_bias = nn.Parameter(torch.empty(e, 2 * i, dtype=dtype))
+        self.mlp2_weight = MXFP4Weight(e, h, i)
+        self.mlp2_bias = nn.Parameter(torch.empty(e, h, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, kernels) -> torch.Tensor:
+        expert_weights, expert_ids = kernels.route(self.gate(x), self.experts_per_token)  # [num_tokens, top_k]
+        return kernels.moe_experts(
+            x, expert_weights, expert_ids, self.mlp1_weight.blocks, self.mlp1_weight.scales, self.mlp1_bias,
+            self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias, self.swiglu_alpha, self.swiglu_limit)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.attn = AttentionBlock(config, layer_idx, dtype)
+        self.mlp = MLPBlock(config, dtype)
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.bfloat16, kernels=None):
+        super().__init__()
+        from gptoss_serve.kernels.backend import get_kernels
+
+        self.config, self.dtype = config, dtype
+        self.kernels = kernels if kernels is not None else get_kernels("torch")
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.block = nn.ModuleList(TransformerBlock(config, n, dtype) for n in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size)
+        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        inv_freq, self.rope_concentration = yarn_inv_freq_and_concentration(config)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # [head_dim // 2] float32
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """Runs the step's tokens through every layer; returns the final-normed hidden states of the tokens
+        whose logits are wanted, [num_outputs, hidden]."""
+        eps = self.config.rms_norm_eps
+        rope = (self.rope_inv_freq, self.rope_concentration)
+        h = self.embedding(batch.token_ids)  # [num_tokens, hidden]
+        residual = None
+        for n, block in enumerate(self.block):
+            x, residual = self.kernels.rmsnorm(h, block.attn.norm.scale, eps, residual)
+            h = block.attn(x, batch, kv_cache.k[n], kv_cache.v[n], rope, self.kernels)
+            x, residual = self.kernels.rmsnorm(h, block.mlp.norm.scale, eps, residual)
+            h = block.mlp(x, self.kernels)
+        h = h[batch.logits_indices]
+        residual = residual[batch.logits_indices]
+        x, _ = self.kernels.rmsnorm(h, self.norm.scale, eps, residual)
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[num_outputs, hidden] -> [num_outputs, vocab] float32."""
+        return self.unembedding(hidden).float()
