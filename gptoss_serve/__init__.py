@@ -7,3 +7,11 @@ kernels <- model <- cluster.
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# Run from a checkout without installing (PYTHONPATH=<checkout>, as on the GPU machines), the folders beside
+# this one are found as this package's subpackages too; an install maps them through pyproject.toml.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")) and _checkout not in __path__:
+    __path__.append(_checkout)
