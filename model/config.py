@@ -159,15 +159,18 @@ class ModelConfig:
             "output_router_logits": False,
             "router_aux_loss_coef": 0.9,
             "use_cache": True,
-            "eos_token_id": 200002,
-            "pad_token_id": 199999,
             "torch_dtype": "bfloat16",
             "quantization_config": {
                 "quant_method": "mxfp4",
                 "modules_to_not_convert": [
                     "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
             },
-        }
+        } | self._hf_special_token_ids()
+
+    def _hf_special_token_ids(self) -> dict[str, int]:
+        # <|return|> and <|endoftext|>, as upstream; left out of a small test vocabulary that lacks them.
+        ids = {"eos_token_id": 200002, "pad_token_id": 199999}
+        return {k: v for k, v in ids.items() if v < self.vocab_size}
 
     @classmethod
     def from_original_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
