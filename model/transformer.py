@@ -51,10 +51,11 @@ class AttentionBlock(nn.Module):
         k = qkv[:, q_size:q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         inv_freq, concentration = rope
+        block_tables, slot_mapping = batch.cache_tables(sliding=self.sliding_window > 0)
         q, _ = kernels.rope_and_cache_write(
-            q, k, v, batch.positions, inv_freq, concentration, k_cache, v_cache, batch.slot_mapping)
+            q, k, v, batch.positions, inv_freq, concentration, k_cache, v_cache, slot_mapping)
         attn = kernels.paged_attention(
-            q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens, self.sinks,
+            q, k_cache, v_cache, block_tables, batch.cu_seqlens_q, batch.context_lens, self.sinks,
             self.sm_scale, self.sliding_window)  # [num_tokens, q_heads, head_dim]
         return self.out(attn.reshape(num_tokens, q_size))
 
