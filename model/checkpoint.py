@@ -92,8 +92,9 @@ class CheckpointReader:
                 f"({self.config.num_hidden_layers} layers, {self.config.num_experts} experts, "
                 f"hidden {self.config.hidden_size}):\n  " + "\n  ".join(shown))
 
-    def get(self, canonical_name: str, rows: slice | None = None) -> torch.Tensor:
-        """The tensor `canonical_name` (original-layout name), or only rows `rows` of its dim 0, on the CPU.
+    def get(self, canonical_name: str, rows: slice | None = None, trailing: tuple[slice, ...] = ()) -> torch.Tensor:
+        """The tensor `canonical_name` (original-layout name), or only rows `rows` of its dim 0, on the CPU;
+        `trailing` slices the following dimensions (a shard's columns or MXFP4 block range) while reading.
 
         In the HF layout a qkv weight or bias is read from whichever of q/k/v hold the rows and concatenated.
         """
@@ -107,13 +108,15 @@ class CheckpointReader:
         for part in parts:
             start, stop = max(row_start, part.row_start), min(row_stop, part.row_stop)
             if start < stop:
-                pieces.append(self._read_rows(part, start - part.row_start, stop - part.row_start))
+                pieces.append(self._read_rows(part, start - part.row_start, stop - part.row_start, trailing))
         if not pieces:  # an empty selection still has the tensor's trailing shape and dtype
-            return self._read_rows(parts[0], 0, 0)
+            return self._read_rows(parts[0], 0, 0, trailing)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _read_rows(self, part: StoredPart, start: int, stop: int) -> torch.Tensor:
+    def _read_rows(self, part: StoredPart, start: int, stop: int, trailing: tuple[slice, ...] = ()) -> torch.Tensor:
         handle = self._handles[self._entries[part.stored_name].file]
+        if trailing:
+            return handle.get_slice(part.stored_name)[(slice(start, stop), *trailing)]
         if start == 0 and stop == part.shape[0]:
             return handle.get_tensor(part.stored_name)
         return handle.get_slice(part.stored_name)[start:stop]

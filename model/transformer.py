@@ -12,6 +12,7 @@ from torch import nn
 
 from gptoss_serve.model.batch import ForwardBatch, KVCache
 from gptoss_serve.model.config import ModelConfig
+from gptoss_serve.model.parallel import ShardGroups, ShardLayout, all_reduce
 from gptoss_serve.model.rope import yarn_inv_freq_and_concentration
 
 
@@ -31,16 +32,19 @@ class MXFP4Weight(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype):
+    """This rank's heads (all of them unless attention is tensor-parallel); the caller all-reduces the output."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, layout: ShardLayout):
         super().__init__()
-        self.num_q_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.num_q_heads, self.num_kv_heads = layout.num_q_heads(config), layout.num_kv_heads(config)
         self.head_dim = config.head_dim
         self.sliding_window = config.sliding_window if config.is_sliding_layer(layer_idx) else 0
         self.sm_scale = config.head_dim ** -0.5
+        q_size, kv_size = self.num_q_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.norm = RMSNorm(config.hidden_size)
-        self.qkv = nn.Linear(config.hidden_size, config.qkv_size, bias=True, dtype=dtype)
-        self.sinks = nn.Parameter(torch.empty(config.num_attention_heads, dtype=torch.float32))
-        self.out = nn.Linear(config.q_size, config.hidden_size, bias=True, dtype=dtype)
+        self.qkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=True, dtype=dtype)
+        self.sinks = nn.Parameter(torch.empty(self.num_q_heads, dtype=torch.float32))
+        self.out = nn.Linear(q_size, config.hidden_size, bias=True, dtype=dtype)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 rope: tuple[torch.Tensor, float], kernels) -> torch.Tensor:
@@ -61,13 +65,16 @@ class AttentionBlock(nn.Module):
 
 
 class MLPBlock(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    """The router over all experts and this rank's experts (or slice of each); the caller all-reduces."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, layout: ShardLayout):
         super().__init__()
-        e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+        e, h, i = layout.num_local_experts(config), config.hidden_size, layout.intermediate_local(config)
         self.experts_per_token = config.experts_per_token
+        self.first_expert = layout.first_expert(config)
         self.swiglu_alpha, self.swiglu_limit = config.swiglu_alpha, config.swiglu_limit
         self.norm = RMSNorm(h)
-        self.gate = nn.Linear(h, e, bias=True, dtype=dtype)  # the router
+        self.gate = nn.Linear(h, config.num_experts, bias=True, dtype=dtype)  # the router
         self.mlp1_weight = MXFP4Weight(e, 2 * i, h)  # gate and linear rows interleaved
         self.mlp1_bias = nn.Parameter(torch.empty(e, 2 * i, dtype=dtype))
         self.mlp2_weight = MXFP4Weight(e, h, i)
@@ -77,25 +84,30 @@ class MLPBlock(nn.Module):
         expert_weights, expert_ids = kernels.route(self.gate(x), self.experts_per_token)  # [num_tokens, top_k]
         return kernels.moe_experts(
             x, expert_weights, expert_ids, self.mlp1_weight.blocks, self.mlp1_weight.scales, self.mlp1_bias,
-            self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias, self.swiglu_alpha, self.swiglu_limit)
+            self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias, self.swiglu_alpha, self.swiglu_limit,
+            self.first_expert)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype, layout: ShardLayout):
         super().__init__()
-        self.attn = AttentionBlock(config, layer_idx, dtype)
-        self.mlp = MLPBlock(config, dtype)
+        self.attn = AttentionBlock(config, layer_idx, dtype, layout)
+        self.mlp = MLPBlock(config, dtype, layout)
 
 
 class GptOssModel(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.bfloat16, kernels=None):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.bfloat16, kernels=None,
+                 layout: ShardLayout = ShardLayout(), groups: ShardGroups | None = None):
         super().__init__()
         from gptoss_serve.kernels.backend import get_kernels
 
-        self.config, self.dtype = config, dtype
+        layout.validate(config)
+        self.config, self.dtype, self.layout = config, dtype, layout
+        self.groups = groups or ShardGroups(attn=None, world=None)
         self.kernels = kernels if kernels is not None else get_kernels("torch")
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.block = nn.ModuleList(TransformerBlock(config, n, dtype) for n in range(config.num_hidden_layers))
+        self.block = nn.ModuleList(
+            TransformerBlock(config, n, dtype, layout) for n in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size)
         self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         inv_freq, self.rope_concentration = yarn_inv_freq_and_concentration(config)
@@ -111,9 +123,9 @@ class GptOssModel(nn.Module):
         residual = None
         for n, block in enumerate(self.block):
             x, residual = self.kernels.rmsnorm(h, block.attn.norm.scale, eps, residual)
-            h = block.attn(x, batch, kv_cache.k[n], kv_cache.v[n], rope, self.kernels)
+            h = all_reduce(block.attn(x, batch, kv_cache.k[n], kv_cache.v[n], rope, self.kernels), self.groups.attn)
             x, residual = self.kernels.rmsnorm(h, block.mlp.norm.scale, eps, residual)
-            h = block.mlp(x, self.kernels)
+            h = all_reduce(block.mlp(x, self.kernels), self.groups.world)
         h = h[batch.logits_indices]
         residual = residual[batch.logits_indices]
         x, _ = self.kernels.rmsnorm(h, self.norm.scale, eps, residual)
