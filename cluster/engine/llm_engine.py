@@ -1,0 +1,192 @@
+"""The engine: requests in, one step at a time, outputs out. No Ray, no HTTP, no threads.
+
+A step is: schedule (which sequences, how many tokens each), run (forward and sample on the device),
+postprocess (append tokens, detokenize, check stops, free finished sequences, build outputs). The serving
+layer calls add_request / abort_request between steps and streams what step() returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterable
+
+from gptoss_serve.cluster.engine.block_manager import BlockManager
+from gptoss_serve.cluster.engine.config import EngineConfig
+from gptoss_serve.cluster.engine.kv_plan import plan_kv_cache
+from gptoss_serve.cluster.engine.model_runner import ModelRunner
+from gptoss_serve.cluster.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from gptoss_serve.cluster.engine.sampling_params import OutputKind, SamplingParams
+from gptoss_serve.cluster.engine.scheduler import Scheduler
+from gptoss_serve.cluster.engine.sequence import FinishReason, Sequence
+from gptoss_serve.cluster.engine.stop import TextState, check_token_stop
+from gptoss_serve.model.batch import KVCache
+from gptoss_serve.model.transformer import GptOssModel
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    params: SamplingParams
+    seqs: list[Sequence]
+    texts: list[TextState | None]
+    prompt: str | None
+    num_sent_tokens: list[int]  # per sample, for DELTA outputs
+    num_sent_chars: list[int]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, model: GptOssModel, config: EngineConfig | None = None, tokenizer=None):
+        """model: a loaded GptOssModel (on its device); tokenizer: for text and stop strings (None: token ids
+        only, text is '')."""
+        self.model = model
+        self.config = config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        plan = plan_kv_cache(model, config)
+        device = next(model.parameters()).device
+        self.kv_cache = KVCache.allocate(model.config, plan.num_blocks, config.block_size, model.dtype, device,
+                                         num_sliding_blocks=plan.num_sliding_blocks)
+        self.max_model_len = min(config.max_model_len or model.config.max_context_length,
+                                 plan.num_blocks * config.block_size)
+        self.block_manager = BlockManager(plan.num_blocks, config.block_size, model.config.sliding_window,
+                                          plan.num_sliding_blocks, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.model_runner = ModelRunner(model, self.kv_cache, config.max_num_seqs, self.max_model_len,
+                                        use_cuda_graphs=not config.enforce_eager,
+                                        max_graph_batch_size=config.max_graph_batch_size)
+        self.requests: dict[str, _Request] = {}
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+
+    # Requests ------------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None, prompt: str | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} is already running")
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if not all(0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; this engine holds at most "
+                             f"{self.max_model_len} per sequence, output included")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        seqs = [Sequence(request_id, i, prompt_token_ids, params, arrival_time) for i in range(params.n)]
+        texts = [TextState(self.tokenizer, params.stop, params.include_stop_str_in_output,
+                           params.skip_special_tokens) if params.detokenize else None for _ in seqs]
+        self.requests[request_id] = _Request(request_id, params, seqs, texts, prompt, [0] * params.n,
+                                             [0] * params.n)
+        self.scheduler.add(seqs)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Ends requests now, in whatever state; unknown (or finished) ids are ignored."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is not None:
+                self.scheduler.finish(request.seqs, FinishReason.ABORT)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # The step ------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        touched = {seq.request_id: self.requests[seq.request_id] for seq in batch.rejected}
+        if len(batch):
+            result = self.model_runner.execute(batch)
+            self.scheduler.update(batch, result.sampled_token_ids)
+            self.num_prompt_tokens += sum(n for n, t in zip(batch.num_new_tokens, result.sampled_token_ids)
+                                          if t is None or n > 1)
+            now = time.perf_counter()
+            finished = []
+            for seq, token_id, logprobs in zip(batch.seqs, result.sampled_token_ids, result.logprobs):
+                if token_id is None:
+                    continue
+                self.num_generated_tokens += 1
+                request = self.requests[seq.request_id]
+                touched[seq.request_id] = request
+                if self._postprocess_token(request, seq, logprobs, now):
+                    finished.append(seq)
+            self.scheduler.finish(finished, FinishReason.STOP)
+        outputs = []
+        for request in touched.values():
+            output = self._make_output(request)
+            if output is not None:
+                outputs.append(output)
+            if request.finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _postprocess_token(self, request: _Request, seq: Sequence, logprobs, now: float) -> bool:
+        """The token just appended to seq: record it, detokenize it, and say whether seq stops here."""
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        stop = check_token_stop(seq, self.max_model_len)
+        text = request.texts[seq.index]
+        if text is not None:
+            if stop is not None and stop[0] == FinishReason.STOP:
+                text.flush()  # a stop token adds no text
+            else:
+                stop_string = text.append(seq.token_ids[-1])
+                if stop_string is not None:
+                    stop = (FinishReason.STOP, stop_string)
+                elif stop is not None:
+                    text.flush()
+        if stop is None:
+            return False
+        seq.finish_reason, seq.stop_reason = stop
+        return True
+
+    def _make_output(self, request: _Request) -> RequestOutput | None:
+        kind, finished = request.params.output_kind, request.finished
+        if kind == OutputKind.FINAL_ONLY and not finished:
+            return None
+        completions = []
+        for seq in request.seqs:
+            text = request.texts[seq.index]
+            full_text = "" if text is None else text.text[:text.stable_len(seq.is_finished)]
+            token_ids, logprobs = seq.output_token_ids, seq.logprobs if request.params.logprobs is not None else None
+            if kind == OutputKind.DELTA:
+                sent_tokens, sent_chars = request.num_sent_tokens[seq.index], request.num_sent_chars[seq.index]
+                if len(token_ids) == sent_tokens and len(full_text) == sent_chars and not seq.is_finished:
+                    continue
+                request.num_sent_tokens[seq.index], request.num_sent_chars[seq.index] = len(token_ids), len(full_text)
+                token_ids, full_text = token_ids[sent_tokens:], full_text[sent_chars:]
+                logprobs = logprobs[sent_tokens:] if logprobs is not None else None
+            completions.append(CompletionOutput(
+                index=seq.index, text=full_text, token_ids=list(token_ids),
+                logprobs=list(logprobs) if logprobs is not None else None,
+                finish_reason=seq.finish_reason.value if seq.finish_reason else None, stop_reason=seq.stop_reason))
+        first = request.seqs[0]
+        first_token_times = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
+        metrics = RequestMetrics(
+            arrival_time=first.arrival_time, first_token_time=min(first_token_times, default=None),
+            finished_time=time.perf_counter() if finished else None, num_prompt_tokens=first.num_prompt_tokens,
+            num_cached_prompt_tokens=first.num_prefix_hit_tokens,
+            num_preemptions=sum(s.num_preemptions for s in request.seqs))
+        return RequestOutput(request.request_id, first.prompt_token_ids, completions, finished, metrics,
+                             request.prompt)
+
+    # Metrics -------------------------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=bm.usage, sliding_kv_cache_usage=bm.sliding_usage,
+            prefix_cache_hit_rate=bm.prefix_hit_rate, num_preemptions=self.scheduler.num_preemptions,
+            num_kv_blocks=bm.full.num_blocks, num_sliding_kv_blocks=bm.sliding.num_blocks if bm.sliding else None,
+            num_prompt_tokens=self.num_prompt_tokens, num_generated_tokens=self.num_generated_tokens)

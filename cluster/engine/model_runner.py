@@ -1,0 +1,139 @@
+"""Runs one scheduled step on the model: builds the batch tensors, runs the forward (or replays a CUDA graph),
+computes the logits of the sequences that sample, and samples.
+
+Batch metadata is built with numpy over all tokens at once (a Python loop runs per sequence, never per
+token), written into pinned host buffers and copied to the GPU in one non-blocking copy per tensor. Decode
+steps of up to `max_graph_batch_size` sequences replay a CUDA graph captured for the next larger bucket;
+larger or mixed steps run eagerly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+from gptoss_serve.cluster.engine.sampler import Sampler, SamplerOutput
+from gptoss_serve.cluster.engine.scheduler import ScheduledBatch
+from gptoss_serve.model.batch import ForwardBatch, KVCache
+from gptoss_serve.model.transformer import GptOssModel
+
+logger = logging.getLogger(__name__)
+
+_INT_FIELDS = ("token_ids", "positions", "cu_seqlens_q", "context_lens", "block_tables", "slot_mapping",
+               "logits_indices", "sliding_block_tables", "sliding_slot_mapping")
+
+
+@dataclasses.dataclass
+class StepOutput:
+    sampled_token_ids: list[int | None]  # per scheduled sequence; None where a prefill chunk did not finish
+    logprobs: list[dict[int, float] | None]
+
+
+@dataclasses.dataclass
+class HostBatch:
+    """A step's metadata as numpy arrays (see ForwardBatch for the meaning of each)."""
+    token_ids: np.ndarray
+    positions: np.ndarray
+    cu_seqlens_q: np.ndarray
+    context_lens: np.ndarray
+    block_tables: np.ndarray
+    slot_mapping: np.ndarray
+    logits_indices: np.ndarray
+    sliding_block_tables: np.ndarray | None
+    sliding_slot_mapping: np.ndarray | None
+
+
+def build_host_batch(batch: ScheduledBatch, block_size: int, sliding_pool: bool) -> HostBatch:
+    seqs, num_new = batch.seqs, np.asarray(batch.num_new_tokens, dtype=np.int64)
+    num_seqs = len(seqs)
+    starts = np.fromiter((seq.num_computed_tokens for seq in seqs), dtype=np.int64, count=num_seqs)
+    cu = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(num_new, out=cu[1:])
+    num_tokens = int(cu[-1])
+    token_ids = np.empty(num_tokens, dtype=np.int64)
+    for i, seq in enumerate(seqs):
+        start = int(starts[i])
+        token_ids[cu[i]:cu[i + 1]] = seq.token_ids[start:start + int(num_new[i])]
+    seq_of_token = np.repeat(np.arange(num_seqs), num_new)  # [num_tokens]
+    positions = starts[seq_of_token] + np.arange(num_tokens) - cu[seq_of_token]
+
+    def table_and_slots(tables: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        table = np.zeros((num_seqs, max(len(t) for t in tables)), dtype=np.int32)
+        for i, blocks in enumerate(tables):
+            table[i, :len(blocks)] = blocks
+        slots = table[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        np.maximum(table, 0, out=table)  # freed sliding entries (never read) point at a real block
+        return table, slots
+
+    block_tables, slot_mapping = table_and_slots([seq.block_ids for seq in seqs])
+    sliding_tables = sliding_slots = None
+    if sliding_pool:
+        sliding_tables, sliding_slots = table_and_slots([seq.sliding_block_ids for seq in seqs])
+    samples = np.fromiter(batch.samples, dtype=bool, count=num_seqs)
+    return HostBatch(
+        token_ids=token_ids, positions=positions, cu_seqlens_q=cu.astype(np.int32),
+        context_lens=(starts + num_new).astype(np.int32), block_tables=block_tables, slot_mapping=slot_mapping,
+        logits_indices=(cu[1:] - 1)[samples], sliding_block_tables=sliding_tables,
+        sliding_slot_mapping=sliding_slots)
+
+
+class ModelRunner:
+    def __init__(self, model: GptOssModel, kv_cache: KVCache, max_num_seqs: int, max_model_len: int,
+                 use_cuda_graphs: bool = True, max_graph_batch_size: int = 256):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.sliding_pool = kv_cache.num_sliding_blocks is not None
+        self.device = next(model.parameters()).device
+        self.sampler = Sampler(self.device)
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.graphs = None
+        if use_cuda_graphs and self.device.type == "cuda":
+            from gptoss_serve.cluster.engine.cuda_graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(model, kv_cache, min(max_graph_batch_size, max_num_seqs),
+                                  self.max_blocks_per_seq, self.sliding_pool)
+            if graphs.capture():
+                self.graphs = graphs
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        host = build_host_batch(batch, self.block_size, self.sliding_pool)
+        samples = batch.samples
+        if self.graphs is not None and batch.is_decode_only and self.graphs.fits(len(batch)):
+            hidden = self.graphs.run(host)  # a row per sequence: keep those that sample
+            if not all(samples):
+                hidden = hidden[torch.tensor(samples, device=self.device)]
+        else:
+            hidden = self.model(self._to_device(host), self.kv_cache)  # [num_sampling, hidden]
+        sampling_seqs = [seq for seq, s in zip(batch.seqs, samples) if s]
+        if not sampling_seqs:
+            return StepOutput([None] * len(batch), [None] * len(batch))
+        logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] float32
+        out = self.sampler(logits, sampling_seqs)
+        return _spread(out, samples)
+
+    def _to_device(self, host: HostBatch) -> ForwardBatch:
+        """Every field packed into one int64 buffer: one pinned host-to-device copy per step."""
+        arrays = {name: getattr(host, name) for name in _INT_FIELDS if getattr(host, name) is not None}
+        packed = torch.from_numpy(np.concatenate([a.reshape(-1).astype(np.int64, copy=False)
+                                                  for a in arrays.values()]))
+        if self.device.type == "cuda":
+            packed = packed.pin_memory().to(self.device, non_blocking=True)
+        fields: dict[str, torch.Tensor | None] = dict.fromkeys(_INT_FIELDS)
+        offset = 0
+        for name, array in arrays.items():
+            tensor = packed[offset:offset + array.size].view(array.shape)
+            fields[name] = tensor.to(torch.int32) if array.dtype == np.int32 else tensor
+            offset += array.size
+        return ForwardBatch(**fields)
+
+
+def _spread(out: SamplerOutput, samples: list[bool]) -> StepOutput:
+    """Sampler rows back to the step's sequences (None for sequences that did not sample)."""
+    tokens, logprobs = iter(out.token_ids), iter(out.logprobs)
+    return StepOutput([next(tokens) if s else None for s in samples],
+                      [next(logprobs) if s else None for s in samples])
