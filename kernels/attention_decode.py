@@ -1,0 +1,170 @@
+"""Decode attention over the paged KV cache (Triton): one new query token per sequence, split-K.
+
+The twin of attention_ref.paged_attention_ref for batches where every sequence brings exactly one token.
+A program takes one sequence, one KV head with its whole group of query heads (so each key and value row is
+read once for the group), and one slice of the context: with few sequences and long contexts the slices keep
+every SM busy (flash-decoding); a second small kernel merges the slices. The sink is one more logit with no
+value: slice 0 starts its running max at the sink and its normaliser at exp(sink - sink) = 1, which is the
+flash form of l + exp(sink - m). Keys outside the sliding window are never loaded: their blocks may be freed.
+The number of slices is chosen from static shapes only (block table width), so the launch is graph-safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, sinks_ptr,
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    scale_log2, sliding_window, partition_tokens, block_size, num_q_heads, head_dim,
+    stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_tables,
+    stride_out_token, stride_out_head,
+    QUERIES_PER_KV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    first_key = 0
+    if sliding_window > 0:
+        first_key = tl.maximum(context_len - sliding_window, 0)
+    start = first_key + split * partition_tokens
+    end = tl.minimum(context_len, start + partition_tokens)
+
+    g = tl.arange(0, BLOCK_G)
+    heads = kv_head * QUERIES_PER_KV + g
+    in_group = g < QUERIES_PER_KV
+    d = tl.arange(0, BLOCK_D)
+    in_d = d < head_dim
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_q_token + heads[:, None] * stride_q_head + d[None, :],
+                mask=in_group[:, None] & in_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    if EMULATE_BF16:
+        q = q.to(tl.float32)
+    if split == 0:
+        m_i = tl.load(sinks_ptr + heads, mask=in_group, other=0.0).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_G], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_tables
+    head_offset = kv_head * stride_cache_head
+    for key0 in range(start, end, BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)
+        in_keys = keys < end
+        page = tl.load(table_row + keys // block_size, mask=in_keys, other=0).to(tl.int64)
+        row = page * stride_cache_block + (keys % block_size) * stride_cache_slot + head_offset  # [BLOCK_N]
+        kv_mask = in_keys[:, None] & in_d[None, :]
+        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if EMULATE_BF16:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_G, BLOCK_N], log2 units
+        s = tl.where(in_keys[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if EMULATE_BF16:
+            acc = acc * alpha[:, None] + tl.dot(p, v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out_mask = in_group[:, None] & in_d[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + seq.to(tl.int64) * stride_out_token + heads[:, None] * stride_out_head + d[None, :],
+                 cast_rne(out, out_ptr.dtype.element_ty, EMULATE_BF16), mask=out_mask)
+    else:
+        part = (seq.to(tl.int64) * num_q_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
+        tl.store(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
+        tl.store(part_max_ptr + part, m_i, mask=in_group)
+        tl.store(part_sum_ptr + part, l_i, mask=in_group)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_q_heads, head_dim, stride_out_token, stride_out_head,
+    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    part = (seq * num_q_heads + head) * NUM_SPLITS + splits
+    m = tl.load(part_max_ptr + part)  # slice 0 always holds the sink, so the max is finite
+    l = tl.load(part_sum_ptr + part)
+    weight = tl.exp2(m - tl.max(m, axis=0))  # empty slices: exp2(-inf) = 0
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :])
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    tl.store(out_ptr + seq * stride_out_token + head * stride_out_head + d,
+             cast_rne(out, out_ptr.dtype.element_ty, EMULATE_BF16), mask=d < head_dim)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def paged_attention_decode(
+    q: torch.Tensor,  # [num_seqs, num_q_heads, head_dim], one token per sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    context_lens: torch.Tensor,  # [num_seqs] int32, the new token included
+    sinks: torch.Tensor,  # [num_q_heads] float32
+    sm_scale: float,
+    sliding_window: int = 0,
+    num_splits: int | None = None,  # slices of the context; None = chosen from the shapes
+) -> torch.Tensor:  # [num_seqs, num_q_heads, head_dim]
+    num_seqs, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    queries_per_kv = num_q_heads // num_kv_heads
+    out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("q and the caches need head_dim contiguous, and k and v caches one layout")
+    block_n = 64
+    max_keys = block_tables.shape[1] * block_size  # static bound on the context
+    if sliding_window:
+        max_keys = min(max_keys, sliding_window)
+    if num_splits is None:
+        programs = num_seqs * num_kv_heads
+        wanted = triton.cdiv(2 * _num_sms(q.device), programs)
+        num_splits = max(1, min(wanted, triton.cdiv(max_keys, 4 * block_n), 64))
+    num_splits = next_pow2(num_splits)
+    partition = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
+    block_d = next_pow2(head_dim)
+    if num_splits > 1:
+        part_acc = torch.empty((num_seqs, num_q_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
+        part_max = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+    else:
+        part_acc = part_max = part_sum = out  # unused
+    emulate = emulate_bf16()
+    launch(_decode_kernel, (num_seqs, num_kv_heads, num_splits),
+           q, k_cache, v_cache, block_tables, context_lens, sinks, out, part_acc, part_max, part_sum,
+           sm_scale * LOG2E, sliding_window, partition, block_size, num_q_heads, head_dim,
+           q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+           block_tables.stride(0), out.stride(0), out.stride(1),
+           QUERIES_PER_KV=queries_per_kv, BLOCK_G=max(16, next_pow2(queries_per_kv)), BLOCK_D=block_d,
+           BLOCK_N=block_n, NUM_SPLITS=num_splits, EMULATE_BF16=emulate, num_warps=4, num_stages=3)
+    if num_splits > 1:
+        launch(_merge_splits_kernel, (num_seqs, num_q_heads),
+               part_acc, part_max, part_sum, out, num_q_heads, head_dim, out.stride(0), out.stride(1),
+               NUM_SPLITS=num_splits, BLOCK_D=block_d, EMULATE_BF16=emulate, num_warps=1)
+    return out

@@ -1,0 +1,238 @@
+"""Grouped MoE matmuls over MXFP4 expert weights, dequantized in registers (Triton); twin of moe_ref.
+
+Each program computes one tile out^T[BLOCK_N weight rows, BLOCK_M pairs] = W_e[rows, :] @ A[pairs, :]^T for
+the row block of one expert (see moe_routing.group_by_expert). The weight tile is the left operand because it
+is produced in registers (FP4 nibbles -> float -> bf16) and the pairs' activations are the small right operand;
+with few tokens one program per (expert, row tile) reads each weight byte exactly once.
+
+MXFP4 in registers: a 16-byte block holds 32 values, element 2j in the low nibble of byte j and 2j+1 in the
+high one. Rather than interleaving the two halves back into order, the kernel multiplies the low nibbles by the
+even columns of A and the high nibbles by the odd ones (two dots over BLOCK_K/2). A nibble s|e1 e0|m is moved
+into the bits of a float8 e4m3 number (sign to bit 7, magnitude to bits 4..2): e4m3 has the same mantissa bit
+and, for e1 e0 = 0, subnormals that give exactly 0 and 0.5, all scaled by 2^-6; so the value is
+fp8(bits) * 2^(scale - 127 + 6), the hardware converting fp8 to float. Exact for scale bytes up to 248.
+
+Epilogues: the first matmul (w1, gate and linear rows interleaved) adds its bias and applies the clamped SwiGLU,
+storing the activation rows in grouped order; the second (w2) adds its bias, multiplies by the routing weight
+and stores each pair's row at its (token, slot) place; `combine` then sums a token's top_k rows in a fixed
+order (deterministic, unlike atomics). Intermediate roundings to bf16 mirror the torch twin's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gptoss_serve.kernels.moe_routing import ExpertGroups, group_by_expert
+from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE, MXFP4_BYTES_PER_BLOCK
+from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2
+
+
+@triton.jit
+def _moe_matmul_kernel(
+    a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr,
+    sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr, pair_weights_ptr,
+    N, K, top_k, num_n_tiles,
+    stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert, stride_out,
+    swiglu_alpha, swiglu_limit,
+    SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER_TOKENS: tl.constexpr, SPLIT_NIBBLES: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = pid // num_n_tiles
+    pid_n = pid % num_n_tiles
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:  # beyond the last row block: the grid is the static worst case
+        return
+    row_start = tl.load(block_row_start_ptr + pid_m)
+    row_end = tl.load(block_row_end_ptr + pid_m)
+    rows = row_start + tl.arange(0, BLOCK_M)  # rows of the grouped pair list
+    in_rows = rows < row_end
+    pairs = tl.load(sorted_pairs_ptr + rows, mask=in_rows, other=0)
+    if GATHER_TOKENS:  # first matmul: the activations are the tokens' rows of x
+        a_rows = (pairs // top_k).to(tl.int64)
+    else:  # second matmul: the activations are already in grouped order
+        a_rows = rows.to(tl.int64)
+
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = n < N
+    NUM_SCALES: tl.constexpr = BLOCK_K // 32
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    # Byte tile [BLOCK_N, NUM_SCALES, 16] and scale tile [BLOCK_N, NUM_SCALES] of this expert's rows.
+    n3 = n[:, None, None]
+    blk3 = tl.arange(0, NUM_SCALES)[None, :, None]
+    byte3 = tl.arange(0, 16)[None, None, :]
+    w_tile_ptr = w_ptr + expert.to(tl.int64) * stride_w_expert + n3.to(tl.int64) * stride_w_row + blk3 * 16 + byte3
+    s_tile_ptr = scales_ptr + expert.to(tl.int64) * stride_s_expert + n[:, None].to(tl.int64) * stride_s_row \
+        + tl.arange(0, NUM_SCALES)[None, :]
+    # Columns of A that meet the low and high nibbles: element kk of the half tile is block kk // 16, byte kk % 16.
+    kk = tl.arange(0, HALF_K)
+    if SPLIT_NIBBLES:  # byte j of a block holds elements j and j + 16
+        k_low = (kk // 16) * 32 + kk % 16
+        k_high = k_low + 16
+    else:  # the checkpoint's layout: byte j holds elements 2j and 2j + 1
+        k_low = (kk // 16) * 32 + (kk % 16) * 2
+        k_high = k_low + 1
+    a_tile_ptr = a_ptr + a_rows[None, :] * stride_a  # [1, BLOCK_M]
+    num_blocks_k = K // 32
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        blk = k0 // 32
+        w_mask = in_n[:, None, None] & (blk3 + blk < num_blocks_k)
+        w_bytes = tl.load(w_tile_ptr + blk * 16, mask=w_mask, other=0)  # [BLOCK_N, NUM_SCALES, 16] uint8
+        s_mask = in_n[:, None] & (tl.arange(0, NUM_SCALES)[None, :] + blk < num_blocks_k)
+        scale_bytes = tl.load(s_tile_ptr + blk, mask=s_mask, other=0).to(tl.int32)
+        # 2^(scale - 121) as float32 bits: the E8M0 scale times the 2^6 that e4m3 leaves out.
+        scale = ((scale_bytes + 6) << 23).to(tl.float32, bitcast=True)[:, :, None]
+        low = (((w_bytes & 0x07) << 2) | ((w_bytes & 0x08) << 4)).to(tl.float8e4nv, bitcast=True)
+        high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
+        w_low = tl.reshape(low.to(tl.float32) * scale, [BLOCK_N, HALF_K])
+        w_high = tl.reshape(high.to(tl.float32) * scale, [BLOCK_N, HALF_K])
+        a_mask = in_rows[None, :] & (k0 + k_low[:, None] < K)
+        a_low = tl.load(a_tile_ptr + (k0 + k_low[:, None]), mask=a_mask, other=0.0)  # [HALF_K, BLOCK_M]
+        a_high = tl.load(a_tile_ptr + (k0 + k_high[:, None]), mask=a_mask, other=0.0)
+        if EMULATE_BF16 or a_ptr.dtype.element_ty == tl.float32:
+            acc = tl.dot(w_low, a_low.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(w_high, a_high.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w_low.to(a_ptr.dtype.element_ty), a_low, acc)
+            acc = tl.dot(w_high.to(a_ptr.dtype.element_ty), a_high, acc)
+
+    # The torch twin rounds the matmul, and the bias sum, to the activation dtype: do the same.
+    act_dtype = a_ptr.dtype.element_ty
+    h = cast_rne(acc, act_dtype, EMULATE_BF16).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_bias_expert + n, mask=in_n, other=0.0)
+        h = cast_rne(h + bias.to(tl.float32)[:, None], act_dtype, EMULATE_BF16).to(tl.float32)
+    if SWIGLU:
+        # Rows alternate gate (even) and linear (odd): pair them up, clamp, and gate.
+        gate, linear = tl.split(tl.permute(tl.reshape(h, [BLOCK_N // 2, 2, BLOCK_M]), [0, 2, 1]))
+        gate = tl.minimum(gate, swiglu_limit)
+        linear = tl.minimum(tl.maximum(linear, -swiglu_limit), swiglu_limit)
+        act = gate * (1.0 / (1.0 + tl.exp(-swiglu_alpha * gate))) * (linear + 1.0)
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        out_mask = (cols < N // 2)[:, None] & in_rows[None, :]
+        tl.store(out_ptr + rows[None, :].to(tl.int64) * stride_out + cols[:, None],
+                 cast_rne(act, out_ptr.dtype.element_ty, EMULATE_BF16), mask=out_mask)
+    else:
+        weight = tl.load(pair_weights_ptr + pairs, mask=in_rows, other=0.0)
+        out_mask = in_n[:, None] & in_rows[None, :]
+        tl.store(out_ptr + pairs[None, :].to(tl.int64) * stride_out + n[:, None],
+                 (h * weight[None, :]).to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr, ids_ptr, out_ptr, hidden, first_expert, num_local_experts, stride_y, stride_out,
+    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_cols = cols < hidden
+    total = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):  # a fixed order: the sum does not depend on scheduling
+        local = tl.load(ids_ptr + token * TOP_K + slot) - first_expert
+        if (local >= 0) & (local < num_local_experts):  # pairs routed to other ranks were never written
+            total += tl.load(y_ptr + (token * TOP_K + slot) * stride_y + cols, mask=in_cols, other=0.0)
+    tl.store(out_ptr + token * stride_out + cols, cast_rne(total, out_ptr.dtype.element_ty, EMULATE_BF16), mask=in_cols)
+
+
+def _tile_config(num_tokens: int, num_pairs: int, num_local_experts: int, swiglu: bool) -> dict:
+    """Tile shapes by heuristic (no autotuning: nothing to time during graph capture, same choice every run).
+
+    Decode (few tokens): one row block per expert, so each weight byte is read once; small weight tiles so
+    that a handful of experts still spreads over every SM; long K steps so that many bytes are in flight.
+    Prefill: large tiles for the tensor cores.
+    """
+    if num_tokens <= 64:
+        return dict(BLOCK_M=max(16, next_pow2(num_tokens)), BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    pairs_per_expert = num_pairs / max(1, num_local_experts)
+    block_m = 64 if pairs_per_expert < 96 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def moe_matmul(
+    a: torch.Tensor,  # [num_tokens, K] (gathered through the pairs) or [num_pairs, K] (grouped order)
+    blocks: torch.Tensor,  # [num_local_experts, N, K / 32, 16] uint8
+    scales: torch.Tensor,  # [num_local_experts, N, K / 32] uint8
+    bias: torch.Tensor | None,  # [num_local_experts, N]
+    groups: ExpertGroups,
+    top_k: int,
+    out: torch.Tensor,  # swiglu: [num_pairs, N / 2] grouped order; else [num_pairs, N] float32 by pair
+    config: dict,
+    swiglu: tuple[float, float] | None = None,  # (alpha, limit): the first matmul's epilogue
+    pair_weights: torch.Tensor | None = None,  # [num_pairs] float32: the second matmul's routing weights
+    split_nibbles: bool = False,
+) -> None:
+    num_local_experts, n_rows, num_k_blocks, block_bytes = blocks.shape
+    k = num_k_blocks * MXFP4_BLOCK_SIZE
+    if block_bytes != MXFP4_BYTES_PER_BLOCK or blocks.stride(3) != 1 or blocks.stride(2) != MXFP4_BYTES_PER_BLOCK:
+        raise ValueError("MXFP4 blocks must be [experts, rows, K / 32, 16] with each row's bytes contiguous")
+    if scales.stride(2) != 1 or a.stride(1) != 1:
+        raise ValueError("scales and activations need unit stride along K")
+    if a.shape[1] != k:
+        raise ValueError(f"activations have {a.shape[1]} columns, the weights {k}")
+    block_n = config["BLOCK_N"]
+    num_n_tiles = triton.cdiv(n_rows, block_n)
+    grid = (groups.block_expert.numel() * num_n_tiles,)
+    dummy = scales  # never read: the flags below switch off its use
+    launch(_moe_matmul_kernel, grid,
+           a, blocks, scales, bias if bias is not None else dummy, out,
+           groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end,
+           pair_weights if pair_weights is not None else dummy,
+           n_rows, k, top_k, num_n_tiles,
+           a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+           bias.stride(0) if bias is not None else 0, out.stride(0),
+           float(swiglu[0]) if swiglu else 0.0, float(swiglu[1]) if swiglu else 0.0,
+           SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None,
+           SPLIT_NIBBLES=split_nibbles, EMULATE_BF16=emulate_bf16(),
+           BLOCK_N=block_n, BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"],
+           num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def moe_experts(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    expert_weights: torch.Tensor,  # [num_tokens, top_k] float32
+    expert_ids: torch.Tensor,  # [num_tokens, top_k] int, global expert ids
+    w1_blocks: torch.Tensor,  # [num_local_experts, 2 * intermediate_local, hidden / 32, 16] uint8
+    w1_scales: torch.Tensor,  # [num_local_experts, 2 * intermediate_local, hidden / 32] uint8
+    b1: torch.Tensor,  # [num_local_experts, 2 * intermediate_local]
+    w2_blocks: torch.Tensor,  # [num_local_experts, hidden, intermediate_local / 32, 16] uint8
+    w2_scales: torch.Tensor,  # [num_local_experts, hidden, intermediate_local / 32] uint8
+    b2: torch.Tensor | None,  # [num_local_experts, hidden]; None on tensor-parallel ranks but one
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    first_expert: int = 0,
+    split_nibbles: bool = False,  # weights in the re-laid-out nibble order (see prepare_expert_weights)
+) -> torch.Tensor:  # [num_tokens, hidden] in x's dtype
+    num_tokens, hidden = x.shape
+    top_k = expert_ids.shape[1]
+    num_local_experts = w1_blocks.shape[0]
+    intermediate = w1_blocks.shape[1] // 2
+    num_pairs = num_tokens * top_k
+    out = torch.empty_like(x)
+    if num_tokens == 0:
+        return out
+    config = _tile_config(num_tokens, num_pairs, num_local_experts, swiglu=True)
+    groups = group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_M"])
+    act = torch.empty((num_pairs, intermediate), dtype=x.dtype, device=x.device)  # grouped order
+    moe_matmul(x, w1_blocks, w1_scales, b1, groups, top_k, act, config,
+               swiglu=(swiglu_alpha, swiglu_limit), split_nibbles=split_nibbles)
+    y = torch.empty((num_pairs, hidden), dtype=torch.float32, device=x.device)  # by (token, slot)
+    moe_matmul(act, w2_blocks, w2_scales, b2, groups, top_k, y, config,
+               pair_weights=expert_weights.reshape(-1), split_nibbles=split_nibbles)
+    block_h = min(1024, next_pow2(hidden))
+    launch(_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
+           y, expert_ids, out, hidden, first_expert, num_local_experts, y.stride(0), out.stride(0),
+           TOP_K=top_k, BLOCK_H=block_h, EMULATE_BF16=emulate_bf16(), num_warps=4)
+    return out
+
+
+def split_nibbles(blocks: torch.Tensor) -> torch.Tensor:
+    """Re-lays out MXFP4 bytes so that byte j of each 16-byte block holds elements j (low) and j + 16 (high)
+    instead of 2j and 2j + 1; the kernel then reads 16 consecutive activations per nibble half. Same size."""
+    low, high = blocks & 0x0F, blocks >> 4  # elements 0, 2, 4, ... and 1, 3, 5, ... of each block
+    values = torch.stack((low, high), dim=-1).flatten(-2)  # [..., 32] nibbles in element order
+    return (values[..., :16] | (values[..., 16:] << 4)).contiguous()

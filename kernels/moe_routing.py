@@ -1,0 +1,158 @@
+"""MoE routing (Triton): top-k experts per token, and the grouping of (token, slot) pairs by expert.
+
+`route` is the twin of moe_ref.route_ref. `group_by_expert` is what the expert matmuls need: the pairs routed
+to this rank's experts, sorted by expert (stable), cut into row blocks of BLOCK_M rows that never straddle two
+experts. Everything stays on the device with sizes fixed by the number of tokens, so it can be captured in a
+CUDA graph: the number of blocks is bounded by the static worst case and unused blocks are marked -1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from gptoss_serve.kernels.triton_utils import launch, next_pow2
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_logits,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+    experts = tl.arange(0, BLOCK_EXPERTS)
+    in_tokens = tokens < num_tokens
+    mask = in_tokens[:, None] & (experts[None, :] < num_experts)
+    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * stride_logits + experts[None, :],
+                     mask=mask, other=float("-inf")).to(tl.float32)  # [BLOCK_TOKENS, BLOCK_EXPERTS]
+    # The k largest logits, best first; ties go to the lower expert id.
+    slots = tl.arange(0, BLOCK_K)[None, :]
+    top_values = tl.full([BLOCK_TOKENS, BLOCK_K], float("-inf"), dtype=tl.float32)
+    top_ids = tl.zeros([BLOCK_TOKENS, BLOCK_K], dtype=tl.int32)
+    remaining = logits
+    for slot in tl.static_range(TOP_K):
+        value = tl.max(remaining, axis=1)
+        expert = tl.min(tl.where(remaining == value[:, None], experts[None, :], BLOCK_EXPERTS), axis=1)
+        top_values = tl.where(slots == slot, value[:, None], top_values)
+        top_ids = tl.where(slots == slot, expert[:, None], top_ids)
+        remaining = tl.where(experts[None, :] == expert[:, None], float("-inf"), remaining)
+    # Softmax over just those k values (slot 0 holds the largest).
+    best = tl.max(top_values, axis=1)
+    p = tl.where(slots < TOP_K, tl.exp(top_values - best[:, None]), 0.0)
+    weights = p / tl.sum(p, axis=1)[:, None]
+    out_mask = in_tokens[:, None] & (slots < TOP_K)
+    offsets = tokens[:, None] * TOP_K + slots
+    tl.store(weights_ptr + offsets, weights, mask=out_mask)
+    tl.store(ids_ptr + offsets, top_ids, mask=out_mask)
+
+
+def route(
+    router_logits: torch.Tensor,  # [num_tokens, num_experts]
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (weights [num_tokens, top_k] float32, expert_ids [num_tokens, top_k] int32), best first."""
+    num_tokens, num_experts = router_logits.shape
+    weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=router_logits.device)
+    expert_ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=router_logits.device)
+    if num_tokens == 0:
+        return weights, expert_ids
+    block_experts = next_pow2(num_experts)
+    block_tokens = max(1, min(64, 4096 // block_experts))
+    launch(_topk_softmax_kernel, (triton.cdiv(num_tokens, block_tokens),),
+           router_logits, weights, expert_ids, num_tokens, num_experts, router_logits.stride(0),
+           TOP_K=top_k, BLOCK_K=next_pow2(top_k), BLOCK_TOKENS=block_tokens, BLOCK_EXPERTS=block_experts, num_warps=4)
+    return weights, expert_ids
+
+
+@triton.jit
+def _group_by_expert_kernel(
+    ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
+    num_pairs, first_expert, num_local_experts, max_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, CHUNK: tl.constexpr,
+):
+    experts = tl.arange(0, BLOCK_EXPERTS)
+    # Pass 1: how many pairs each local expert receives.
+    counts = tl.zeros([BLOCK_EXPERTS], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        pairs = start + tl.arange(0, CHUNK)
+        local = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1) - first_expert
+        local = tl.where((local >= 0) & (local < num_local_experts), local, -1)
+        counts += tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    # Each expert's rows start after the previous experts'; its blocks likewise.
+    row_end = tl.cumsum(counts, axis=0)
+    row_start = row_end - counts
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, axis=0)
+    block_start = block_end - blocks
+    # Pass 2: scatter each pair to its row; within an expert rows keep the pairs' order (stable sort).
+    placed = row_start
+    for start in range(0, num_pairs, CHUNK):
+        pairs = start + tl.arange(0, CHUNK)
+        local = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1) - first_expert
+        local = tl.where((local >= 0) & (local < num_local_experts), local, -1)
+        one_hot = (local[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, BLOCK_EXPERTS]
+        rank = tl.cumsum(one_hot, axis=0) - one_hot  # earlier pairs of the same expert in this chunk
+        row = tl.sum(one_hot * (rank + placed[None, :]), axis=1)
+        tl.store(sorted_pairs_ptr + row, pairs, mask=local >= 0)
+        placed += tl.sum(one_hot, axis=0)
+    # The block table: expert, first row and end row of every block; -1 marks blocks beyond the last.
+    num_blocks = tl.sum(blocks, axis=0)
+    for start in range(0, max_blocks, CHUNK):
+        b = start + tl.arange(0, CHUNK)
+        owner = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), axis=1)  # expert of block b
+        is_owner = experts[None, :] == owner[:, None]
+        first_block = tl.sum(tl.where(is_owner, block_start[None, :], 0), axis=1)
+        expert_row_start = tl.sum(tl.where(is_owner, row_start[None, :], 0), axis=1)
+        expert_row_end = tl.sum(tl.where(is_owner, row_end[None, :], 0), axis=1)
+        start_row = expert_row_start + (b - first_block) * BLOCK_M
+        valid = b < num_blocks
+        in_range = b < max_blocks
+        tl.store(block_expert_ptr + b, tl.where(valid, owner, -1), mask=in_range)
+        tl.store(block_row_start_ptr + b, start_row, mask=in_range)
+        tl.store(block_row_end_ptr + b, tl.minimum(start_row + BLOCK_M, expert_row_end), mask=in_range)
+
+
+@dataclasses.dataclass
+class ExpertGroups:
+    """(token, slot) pairs of one step grouped by this rank's experts, in row blocks for the matmuls."""
+
+    sorted_pairs: torch.Tensor  # [num_pairs] int32, pair index token * top_k + slot; first rows used only
+    block_expert: torch.Tensor  # [max_blocks] int32, local expert of each row block, -1 for unused blocks
+    block_row_start: torch.Tensor  # [max_blocks] int32, first row (into sorted_pairs) of each block
+    block_row_end: torch.Tensor  # [max_blocks] int32, one past its last row
+    block_m: int  # rows per block
+
+
+def max_row_blocks(num_pairs: int, num_local_experts: int, block_m: int) -> int:
+    """Static worst case of sum over experts of ceil(count / block_m): each non-empty expert wastes under one
+    block, and at most min(num_local_experts, num_pairs) experts are non-empty."""
+    busy = min(num_local_experts, num_pairs)
+    return max(1, (num_pairs + busy * (block_m - 1)) // block_m)
+
+
+def group_by_expert(
+    expert_ids: torch.Tensor,  # [num_tokens, top_k] int, global expert ids
+    first_expert: int,
+    num_local_experts: int,
+    block_m: int,
+) -> ExpertGroups:
+    num_pairs = expert_ids.numel()
+    device = expert_ids.device
+    max_blocks = max_row_blocks(num_pairs, num_local_experts, block_m)
+    groups = ExpertGroups(
+        sorted_pairs=torch.empty(max(num_pairs, 1), dtype=torch.int32, device=device),
+        block_expert=torch.empty(max_blocks, dtype=torch.int32, device=device),
+        block_row_start=torch.empty(max_blocks, dtype=torch.int32, device=device),
+        block_row_end=torch.empty(max_blocks, dtype=torch.int32, device=device),
+        block_m=block_m,
+    )
+    block_experts = next_pow2(num_local_experts)
+    chunk = max(16, min(256, 16384 // block_experts))
+    launch(_group_by_expert_kernel, (1,),
+           expert_ids.reshape(-1), groups.sorted_pairs, groups.block_expert, groups.block_row_start,
+           groups.block_row_end, num_pairs, first_expert, num_local_experts, max_blocks,
+           BLOCK_M=block_m, BLOCK_EXPERTS=block_experts, CHUNK=chunk, num_warps=8)
+    return groups

@@ -1,0 +1,86 @@
+"""Launching Triton kernels compiled on a GPU or interpreted on the CPU, chosen at launch time.
+
+`triton.jit` decides at decoration (import) time whether a kernel is compiled or interpreted, from
+TRITON_INTERPRET. Tests set that variable at their top, but other test modules may import these kernel modules
+first; so every launch goes through `launch`, which re-reads the variable and rebuilds the kernel in the other
+flavour if needed. Functions that kernels call are made with `device_function` instead of `triton.jit`: the
+compiler sees an ordinary JITFunction, and the interpreter, calling it, is sent to an interpreted copy.
+
+The interpreter also gets bf16 wrong (triton issue 11584): bf16 tl.dot and bf16 arithmetic silently, and casts
+from float32 to bf16 truncate instead of rounding to nearest even. Kernels therefore take a constexpr flag,
+set from `emulate_bf16()` at launch, under which they upcast dot operands to float32 and round with
+`cast_rne` below.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+_OTHER_FLAVOUR: dict[tuple[object, bool], object] = {}
+
+
+def interpreting() -> bool:
+    """True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), read now, not at import."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), interpreted or compiled as TRITON_INTERPRET says at this moment."""
+    want_interpreted = interpreting()
+    if isinstance(kernel, InterpretedFunction) != want_interpreted:
+        key = (kernel.fn, want_interpreted)
+        if key not in _OTHER_FLAVOUR:
+            _OTHER_FLAVOUR[key] = InterpretedFunction(kernel.fn) if want_interpreted else JITFunction(kernel.fn)
+        kernel = _OTHER_FLAVOUR[key]
+    if not want_interpreted:
+        for a in args:
+            if isinstance(a, torch.Tensor) and not a.is_cuda:
+                raise ValueError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    kernel[grid](*args, **kwargs)
+
+
+def emulate_bf16() -> bool:
+    """Whether kernels must upcast bf16 operands of tl.dot (and bf16 arithmetic) to float32, and round to bf16
+    by hand (their EMULATE_BF16 flag): under the interpreter (see the module docstring); on a GPU the tensor cores take bf16 operands
+    and accumulate in float32, and casts round to nearest even."""
+    return interpreting()
+
+
+class _DeviceFunction(JITFunction):
+    """A @triton.jit function callable from compiled and interpreted kernels alike."""
+
+    def __call__(self, *args, **kwargs):
+        if interpreting():
+            if getattr(self, "_interpreted", None) is None:
+                self._interpreted = InterpretedFunction(self.fn)
+            return self._interpreted(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def device_function(fn):
+    return _DeviceFunction(fn)
+
+
+@device_function
+def cast_rne(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """x.to(dtype), rounding float32 to bf16 to nearest even by integer arithmetic when EMULATE_BF16 (the
+    interpreter's own cast truncates). Finite values only, which is all the kernels produce."""
+    if EMULATE_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
