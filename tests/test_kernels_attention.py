@@ -1,0 +1,108 @@
+"""Triton paged attention (decode split-K and prefill/chunked prefill) against the torch twin.
+
+Awkward cases: contexts that cross cache blocks, contexts at a sliding window's edges, chunks attending to a
+cached prefix, GQA groups, sinks, and blocks outside the window poisoned with NaN (they must never be read).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported; the kernels re-read it at launch too
+
+from gptoss_serve.kernels.attention_decode import paged_attention_decode  # noqa: E402
+from gptoss_serve.kernels.attention_ref import paged_attention_ref  # noqa: E402
+from gptoss_serve.kernels.triton_backend import paged_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_batch(q_lens, context_lens, num_q_heads, num_kv_heads, head_dim, block_size, sliding_window, seed,
+               device=DEVICE):
+    """Random q, caches and block tables (blocks shuffled, spare table entries pointing at a NaN block); blocks
+    wholly before each sequence's sliding window are NaN too, as if freed and reused."""
+    gen = torch.Generator().manual_seed(seed)
+    num_seqs = len(q_lens)
+    blocks_per_seq = [(c + block_size - 1) // block_size for c in context_lens]
+    table_width = max(blocks_per_seq) + 2
+    num_blocks = sum(blocks_per_seq) + 1
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(torch.bfloat16)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(torch.bfloat16)
+    nan_block = num_blocks - 1
+    k_cache[nan_block] = float("nan")
+    v_cache[nan_block] = float("nan")
+    order = torch.randperm(num_blocks - 1, generator=gen).tolist()
+    table = torch.full((num_seqs, table_width), nan_block, dtype=torch.int32)
+    for b, n in enumerate(blocks_per_seq):
+        table[b, :n] = torch.tensor(order[:n], dtype=torch.int32)
+        order = order[n:]
+        if sliding_window:
+            first_needed = max(0, context_lens[b] - q_lens[b] - sliding_window + 1) // block_size
+            for blk in table[b, :first_needed].tolist():
+                k_cache[blk] = float("nan")
+                v_cache[blk] = float("nan")
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), num_q_heads, head_dim, generator=gen).to(torch.bfloat16)
+    sinks = torch.randn(num_q_heads, generator=gen) * 2
+    args = (q, k_cache, v_cache, table, cu, torch.tensor(context_lens, dtype=torch.int32), sinks)
+    return tuple(a.to(device) for a in args) + (head_dim ** -0.5, sliding_window)
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def check(args, out=None):
+    ref = paged_attention_ref(*args)
+    out = paged_attention(*args) if out is None else out
+    assert not torch.isnan(out).any()
+    # The interpreter keeps probabilities in float32; the GPU rounds them to bf16 for the P @ V product.
+    assert rel_err(out, ref) < (2e-2 if DEVICE == "cuda" else 1e-3)
+
+
+@pytest.mark.parametrize("window", [0, 128, 5])
+def test_decode_at_window_edges_and_block_boundaries(window):
+    contexts = [127, 128, 129, 1, 16, 17, 300]
+    check(make_batch([1] * len(contexts), contexts, 8, 2, 64, 16, window, seed=window))
+
+
+@pytest.mark.parametrize("num_splits", [2, 4, 8])
+def test_decode_split_k_merges_with_the_sink(num_splits):
+    args = make_batch([1, 1, 1], [1, 200, 517], 4, 1, 32, 16, 0, seed=num_splits)
+    q, k_cache, v_cache, table, _, context_lens, sinks, sm_scale, window = args
+    check(args, paged_attention_decode(q, k_cache, v_cache, table, context_lens, sinks, sm_scale, window,
+                                       num_splits=num_splits))
+
+
+@pytest.mark.parametrize("window", [0, 128, 7])
+def test_prefill_and_chunked_prefill_with_cached_prefix(window):
+    # a fresh prompt, chunks after a cached prefix (crossing blocks and the window), and decodes, mixed
+    q_lens = [33, 20, 1, 129, 7]
+    contexts = [33, 150, 100, 300, 7]
+    check(make_batch(q_lens, contexts, 8, 2, 64, 16, window, seed=10 + window))
+
+
+def test_prefill_tiny_head_shapes_and_block_size():
+    check(make_batch([9, 40], [9, 77], 4, 2, 16, 4, 16, seed=3))
+    check(make_batch([5, 1], [5, 12], 3, 1, 16, 8, 0, seed=4))  # group of 3 query heads
+
+
+def test_sinks_only_add_mass_to_the_denominator():
+    args = list(make_batch([1, 4], [3, 4], 2, 1, 16, 16, 0, seed=5))
+    args[6] = torch.full_like(args[6], -1e4)  # negligible sinks: plain softmax attention
+    check(tuple(args))
+    args[6] = torch.full_like(args[6], 30.0)  # dominant sinks: outputs shrink toward zero
+    out = paged_attention(*args)
+    assert out.float().abs().max() < 1e-3
+    check(tuple(args), out)
+
+
+# GPU: the real head shapes and long contexts -------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", [0, 128])
+def test_attention_real_shapes_gpu(window):
+    check(make_batch([1] * 6, [1, 127, 128, 129, 4096, 8191], 64, 8, 64, 16, window, seed=20, device="cuda"))
+    check(make_batch([1000, 1, 300], [1000, 5000, 2300], 64, 8, 64, 16, window, seed=21, device="cuda"))
