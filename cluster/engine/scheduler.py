@@ -20,20 +20,21 @@ from gptoss_serve.cluster.engine.sequence import FinishReason, Sequence, Sequenc
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # per sequence, the tokens computed in this step
+    samples: list[bool]  # per sequence, whether the step ends at its last token, so it samples a new one
     preempted: list[Sequence] = dataclasses.field(default_factory=list)
-    rejected: list[Sequence] = dataclasses.field(default_factory=list)  # finished: can never fit the cache
+    rejected: list[Sequence] = dataclasses.field(default_factory=list)  # finished: larger than the whole cache
 
     def __len__(self) -> int:
         return len(self.seqs)
 
+    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new_tokens)
+        self.samples.append(seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
+
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
-
-    @property
-    def samples(self) -> list[bool]:
-        """Whether each sequence gets a new token from this step (its last known token is computed)."""
-        return [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(self.seqs, self.num_new_tokens)]
 
     @property
     def is_decode_only(self) -> bool:
@@ -70,7 +71,7 @@ class Scheduler:
 
     # The step ------------------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch([], [])
+        batch = ScheduledBatch([], [], [])
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -79,15 +80,18 @@ class Scheduler:
             while not self.block_manager.allocate(seq, num_new):
                 if num_new > 1:  # a shorter prefill chunk may fit without preempting anyone
                     num_new //= 2
-                    continue
-                victim = self.running.pop()
-                self._preempt(victim)
-                batch.preempted.append(victim)
-                if victim is seq:
+                elif len(self.running) == 1:  # alone and still short: it can never fit
+                    self.finish([seq], FinishReason.LENGTH)
+                    batch.rejected.append(seq)
                     break
+                else:
+                    victim = self.running.pop()
+                    self._preempt(victim)
+                    batch.preempted.append(victim)
+                    if victim is seq:
+                        break
             else:
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(num_new)
+                batch.add(seq, num_new)
                 budget -= num_new
                 i += 1
                 continue
@@ -109,8 +113,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
+            batch.add(seq, num_new)
             budget -= num_new
         return batch
 

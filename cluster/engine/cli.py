@@ -1,0 +1,213 @@
+"""`gptoss-serve generate` and `gptoss-serve bench offline`: argparse wiring around the engine.
+
+generate --json prints exactly one JSON line, {"token_ids": [...], "logprobs": [...], "text": "..."}, where
+logprobs[i] is the model's log-probability (log_softmax over the whole vocabulary, float32) of token_ids[i].
+Everything else (progress bars, warnings) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from gptoss_serve.model.config import PRESETS
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the embedded small model)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--kernels", choices=["torch", "triton"], default="torch", help="kernel backend")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--no-prefix-caching", action="store_true")
+
+
+def _engine_config(args: argparse.Namespace, max_model_len: int | None = None):
+    from gptoss_serve.cluster.engine.config import EngineConfig
+
+    return EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len or max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager, enable_prefix_caching=not args.no_prefix_caching)
+
+
+# generate ----------------------------------------------------------------------------------------------------
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "generate", help="complete one prompt offline",
+        description="Complete one prompt (token ids, raw text, or a harmony chat message) with the engine.")
+    _add_model_arguments(parser)
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    prompt.add_argument("--prompt", help="text, tokenized as is (see --chat)")
+    parser.add_argument("--chat", action="store_true",
+                        help="render --prompt as a harmony user message (default system message) and complete the "
+                             "assistant turn")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--min-tokens", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="don't stop on <|return|>, <|call|>, <|endoftext|>")
+    parser.add_argument("--json", action="store_true", help="print one JSON line: token_ids, logprobs, text")
+    parser.set_defaults(func=run_generate)
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from gptoss_serve.cluster.engine.llm import LLM
+    from gptoss_serve.cluster.engine.sampling_params import SamplingParams
+
+    if args.chat and args.prompt is None:
+        raise SystemExit("--chat needs --prompt")
+    llm = LLM(model=args.model, dtype=args.dtype, kernels=args.kernels, device=args.device,
+              progress=not args.json, max_num_seqs=min(args.max_num_seqs, 8),
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+              enable_prefix_caching=not args.no_prefix_caching)
+    if args.prompt_ids is not None:
+        prompt = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
+    elif args.chat:
+        prompt = _chat_prompt(args.prompt, llm.tokenizer)
+    else:
+        prompt = args.prompt
+    params = SamplingParams(
+        max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=0)
+    completion = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    if args.json:
+        logprobs = [entry[token_id] for token_id, entry in zip(completion.token_ids, completion.logprobs)]
+        print(json.dumps({"token_ids": completion.token_ids, "logprobs": logprobs, "text": completion.text}))
+    else:
+        print(completion.text if llm.tokenizer is not None else " ".join(map(str, completion.token_ids)))
+    return 0
+
+
+def _chat_prompt(text: str, tokenizer) -> list[int]:
+    from gptoss_serve.model.harmony.messages import Message, Role, SystemContent
+    from gptoss_serve.model.harmony.render import render_conversation_for_completion
+
+    if tokenizer is None:
+        raise SystemExit("--chat needs the tokenizer's vocabulary file")
+    messages = [Message(Role.SYSTEM, SystemContent()), Message(Role.USER, text)]
+    return render_conversation_for_completion(messages, tokenizer=tokenizer)
+
+
+# bench offline -----------------------------------------------------------------------------------------------
+def add_bench_offline_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers `offline` under the `bench` command's subparsers."""
+    parser = subparsers.add_parser(
+        "offline", help="offline throughput and latency benchmark",
+        description="Random prompts of fixed lengths (stop tokens ignored), all at once, through the engine; "
+                    "optionally HF transformers' generate on the same weights.")
+    _add_model_arguments(parser)
+    parser.add_argument("--preset", choices=list(PRESETS), default=None, help="model shape (with --random-weights)")
+    parser.add_argument("--random-weights", action="store_true", help="random weights made on the device, no file")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=1024)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--single-stream", action="store_true", help="also time one prompt alone, first")
+    parser.add_argument("--hf-baseline", action="store_true",
+                        help="afterwards, run transformers' generate (bf16, eager) on the same weights")
+    parser.add_argument("--hf-num-prompts", type=int, default=16, help="HF batch size")
+    parser.add_argument("--hf-output-len", type=int, default=128)
+    parser.add_argument("--json", action="store_true", help="also print all results as one JSON line")
+    parser.set_defaults(func=run_bench_offline)
+    return parser
+
+
+def run_bench_offline(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptoss_serve.cluster.engine import bench
+    from gptoss_serve.cluster.engine.llm import default_device, resolve_dtype
+    from gptoss_serve.cluster.engine.llm_engine import LLMEngine
+    from gptoss_serve.kernels.backend import get_kernels
+
+    device = args.device or default_device()
+    model = _bench_model(args, resolve_dtype(args.dtype), device, get_kernels(args.kernels))
+    engine = LLMEngine(model, _engine_config(args, max_model_len=args.input_len + args.output_len + 16))
+    bench.warm_up(engine)
+    rows, results = [], {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                         "kernels": args.kernels, "dtype": args.dtype,
+                         "cuda_graphs": engine.model_runner.graphs is not None,
+                         "num_kv_blocks": engine.stats().num_kv_blocks}
+    if args.single_stream:
+        single = bench.run_offline(engine, 1, args.input_len, args.output_len, args.temperature, args.seed)
+        rows.append(("ours, 1 stream", dataclasses.asdict(single)))
+        results["single_stream"] = dataclasses.asdict(single)
+    batch = bench.run_offline(engine, args.num_prompts, args.input_len, args.output_len, args.temperature, args.seed)
+    rows.append((f"ours, {args.num_prompts} prompts", dataclasses.asdict(batch)))
+    results["throughput"] = dataclasses.asdict(batch)
+    bench.release_engine(engine)
+    del engine
+    if args.hf_baseline:
+        from gptoss_serve.cluster.engine.hf_baseline import hf_model_from
+
+        hf = hf_model_from(model, dtype=torch.bfloat16, progress=True)
+        del model  # HF holds its own (dequantized) copy now
+        bench.release_engine(None)
+        results["hf"] = _hf_runs(hf, args, rows)
+    print(bench.format_table(rows))
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def _bench_model(args: argparse.Namespace, dtype, device: str, kernels):
+    from gptoss_serve.model.config import preset
+    from gptoss_serve.model.loader import load_model, random_model
+
+    if args.random_weights:
+        if args.preset is None:
+            raise SystemExit("--random-weights needs --preset")
+        return random_model(preset(args.preset), seed=args.seed, dtype=dtype, device=device, kernels=kernels,
+                            progress=True)
+    from gptoss_serve.model.default_model import resolve_model_dir
+
+    return load_model(resolve_model_dir(args.model), dtype, device, kernels, progress=True)
+
+
+def _hf_runs(hf, args: argparse.Namespace, rows: list) -> dict:
+    from gptoss_serve.cluster.engine import bench
+    from gptoss_serve.cluster.engine.hf_baseline import hf_generate_throughput
+
+    out = {}
+    prompts = bench.random_prompts(args.hf_num_prompts, args.input_len, args.seed)
+    if args.single_stream:
+        out["single_stream"] = hf_generate_throughput(hf, prompts[:1], args.hf_output_len)
+        rows.append(("HF transformers, 1 stream", out["single_stream"]))
+    out["batch"] = hf_generate_throughput(hf, prompts, args.hf_output_len)
+    rows.append((f"HF transformers, batch {args.hf_num_prompts}", out["batch"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (python -m gptoss_serve.cluster.engine.cli generate|bench offline ...)."""
+    parser = argparse.ArgumentParser(prog="gptoss-serve")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(subparsers)
+    bench_parser = subparsers.add_parser("bench", help="benchmarks")
+    add_bench_offline_parser(bench_parser.add_subparsers(dest="bench_command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Scheduler and block manager alone (no model): budgets, chunking, prefix hits, sliding-window freeing,
+preemption, and no block leaked after thousands of random aborts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gptoss_serve.cluster.engine.block_manager import BlockManager, BlockPool
+from gptoss_serve.cluster.engine.sampling_params import SamplingParams
+from gptoss_serve.cluster.engine.scheduler import Scheduler
+from gptoss_serve.cluster.engine.sequence import NO_BLOCK, FinishReason, Sequence
+
+BS, WINDOW = 4, 16
+
+
+def seq(n: int, request_id: str = "r", first_token: int = 0, **params) -> Sequence:
+    return Sequence(request_id, 0, list(range(first_token, first_token + n)), SamplingParams(**params))
+
+
+def fake_step(scheduler: Scheduler, next_token: int = 7):
+    """Runs a schedule as if the model sampled `next_token` for every sequence that samples."""
+    batch = scheduler.schedule()
+    scheduler.update(batch, [next_token if s else None for s in batch.samples])
+    return batch
+
+
+def held_blocks(seqs, sliding: bool) -> int:
+    return sum(sum(b != NO_BLOCK for b in (s.sliding_block_ids if sliding else s.block_ids)) for s in seqs)
+
+
+def test_pool_lru_eviction_of_cached_blocks():
+    pool = BlockPool(3)
+    a, b = pool.allocate(), pool.allocate()
+    pool.register(a, b"a")
+    pool.register(b, b"b")
+    pool.release(b)
+    pool.release(a)  # a freed last: most recently used
+    assert pool.num_free == 3 and pool.lookup(b"a") == a
+    pool.allocate()  # the never-used block first
+    pool.allocate()  # then the least recently used cached one: b
+    assert pool.lookup(b"b") is None and pool.lookup(b"a") == a
+    pool.acquire(a)
+    assert pool.num_free == 0 and pool.ref_counts[a] == 1
+
+
+def test_token_budget_mixes_decodes_with_prefill_chunks():
+    bm = BlockManager(100, BS, WINDOW, num_sliding_blocks=100)
+    scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=10)
+    scheduler.add([seq(3, "a")])
+    scheduler.add([seq(30, "b")])
+    first = fake_step(scheduler)
+    assert first.num_new_tokens == [3, 7] and first.samples == [True, False]
+    second = fake_step(scheduler)  # a decodes, b continues its prompt
+    assert second.num_new_tokens == [1, 9] and second.samples == [True, False]
+    while scheduler.running[1].num_computed_tokens < 30:
+        fake_step(scheduler)
+    assert scheduler.running[1].num_tokens == 31  # the prompt's last chunk sampled a token
+
+
+def test_sliding_blocks_behind_the_window_are_freed():
+    bm = BlockManager(100, BS, WINDOW, num_sliding_blocks=12)
+    scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=8)
+    s = seq(40)
+    scheduler.add([s])
+    for _ in range(20):
+        fake_step(scheduler)
+        first_needed = max(0, s.num_computed_tokens - WINDOW + 1) // BS
+        held = [i for i, b in enumerate(s.sliding_block_ids) if b != NO_BLOCK]
+        assert held[0] >= first_needed - 2  # freed lazily, at the next allocation
+        assert len(held) <= 7
+    assert len(s.block_ids) == -(-s.num_computed_tokens // BS)  # the full pool keeps everything
+
+
+def test_prefix_hit_needs_the_window_on_the_sliding_pool():
+    bm = BlockManager(100, BS, WINDOW, num_sliding_blocks=30)
+    scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    first = seq(41)
+    scheduler.add([first])
+    fake_step(scheduler)
+    scheduler.finish([first], FinishReason.STOP)
+    again = seq(41)
+    hit = bm.find_prefix(again)
+    assert hit.num_tokens == 40 and len(hit.full_blocks) == 10
+    assert sorted(hit.sliding_blocks) == list(range((40 - WINDOW + 1) // BS, 10))
+    bm.sliding.forget_free_cached()
+    assert bm.find_prefix(again).num_tokens == 0
+
+
+def test_preemption_frees_the_newest_and_recomputes_it():
+    bm = BlockManager(10, BS, WINDOW, enable_prefix_caching=False)
+    scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    old, new = seq(16, "old"), seq(16, "new")
+    scheduler.add([old])
+    scheduler.add([new])
+    fake_step(scheduler)  # both prefilled: 8 of 10 blocks; at 21 tokens each would need 6
+    for _ in range(5):
+        fake_step(scheduler)
+    assert scheduler.num_preemptions == 1 and new.num_preemptions == 1 and old.num_preemptions == 0
+    assert list(scheduler.waiting) == [new] and new.num_computed_tokens == 0 and not new.block_ids
+    assert new.num_tokens == 21  # its generated tokens stay, to be recomputed as if prompt
+
+
+def test_no_block_leaks_after_thousands_of_aborts():
+    rng = random.Random(0)
+    bm = BlockManager(40, BS, WINDOW, num_sliding_blocks=40)
+    scheduler = Scheduler(bm, max_num_seqs=6, max_num_batched_tokens=24)
+    live: dict[str, list[Sequence]] = {}
+    for i in range(3000):
+        n = rng.choice([1, 1, 2])
+        prompt = [rng.randrange(3) for _ in range(rng.randrange(1, 30))]  # few distinct tokens: many hits
+        params = SamplingParams(n=n, max_tokens=20)
+        seqs = [Sequence(str(i), j, prompt, params) for j in range(n)]
+        live[str(i)] = seqs
+        scheduler.add(seqs)
+        for _ in range(rng.randrange(3)):
+            fake_step(scheduler, next_token=rng.randrange(3))
+        if rng.random() < 0.7:  # abort a random request, in whatever state it is
+            victim = rng.choice(list(live))
+            scheduler.finish(live.pop(victim), FinishReason.ABORT)
+        for request_id, seqs in list(live.items()):  # finish the long ones
+            done = [s for s in seqs if s.num_output_tokens >= 20 and not s.is_finished]
+            scheduler.finish(done, FinishReason.LENGTH)
+            if all(s.is_finished for s in seqs):
+                del live[request_id]
+        everyone = [s for seqs in live.values() for s in seqs]
+        assert sum(bm.full.ref_counts) == held_blocks(everyone, sliding=False)
+        assert sum(bm.sliding.ref_counts) == held_blocks(everyone, sliding=True)
+    assert scheduler.num_preemptions > 0 and bm.num_prefix_hit_tokens > 0
+    for seqs in live.values():
+        scheduler.finish(seqs, FinishReason.ABORT)
+    assert not scheduler.has_unfinished()
+    assert bm.full.num_used == 0 and bm.sliding.num_used == 0
+    assert all(c == 0 for c in bm.full.ref_counts + bm.sliding.ref_counts)
+
+
+@pytest.mark.parametrize("sliding", [True, False])
+def test_a_sequence_larger_than_the_cache_is_rejected(sliding):
+    """The engine refuses such prompts up front; the scheduler still must not loop recomputing one."""
+    bm = BlockManager(4, BS, WINDOW, num_sliding_blocks=8 if sliding else None)
+    scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    big = seq(40)
+    scheduler.add([big])
+    rejected = []
+    for _ in range(10):
+        rejected += fake_step(scheduler).rejected
+    assert rejected == [big] and big.finish_reason == FinishReason.LENGTH
+    assert not scheduler.has_unfinished() and bm.full.num_used == 0
