@@ -148,13 +148,16 @@ def run_bench_offline(args: argparse.Namespace) -> int:
                          "kernels": args.kernels, "dtype": args.dtype,
                          "cuda_graphs": engine.model_runner.graphs is not None,
                          "num_kv_blocks": engine.stats().num_kv_blocks}
+    print(json.dumps(results), file=sys.stderr, flush=True)
     if args.single_stream:
         single = bench.run_offline(engine, 1, args.input_len, args.output_len, args.temperature, args.seed)
         rows.append(("ours, 1 stream", dataclasses.asdict(single)))
         results["single_stream"] = dataclasses.asdict(single)
+        print(json.dumps(results["single_stream"]), file=sys.stderr, flush=True)  # survives a later kill
     batch = bench.run_offline(engine, args.num_prompts, args.input_len, args.output_len, args.temperature, args.seed)
     rows.append((f"ours, {args.num_prompts} prompts", dataclasses.asdict(batch)))
     results["throughput"] = dataclasses.asdict(batch)
+    print(json.dumps(results["throughput"]), file=sys.stderr, flush=True)
     bench.release_engine(engine)
     del engine
     if args.hf_baseline:
@@ -193,6 +196,7 @@ def _hf_runs(hf, args: argparse.Namespace, rows: list) -> dict:
     if args.single_stream:
         out["single_stream"] = hf_generate_throughput(hf, prompts[:1], args.hf_output_len)
         rows.append(("HF transformers, 1 stream", out["single_stream"]))
+        print(json.dumps(out["single_stream"]), file=sys.stderr, flush=True)
     out["batch"] = hf_generate_throughput(hf, prompts, args.hf_output_len)
     rows.append((f"HF transformers, batch {args.hf_num_prompts}", out["batch"]))
     return out

@@ -100,7 +100,9 @@ class DecodeGraphs:
             rows[4, :n] = host.sliding_slot_mapping
             tables.append(host.sliding_block_tables)
         packed = np.concatenate([rows.ravel()] + [t.astype(np.int64).ravel() for t in tables])
-        staged = torch.from_numpy(packed).pin_memory().to(self.device, non_blocking=True)
+        staged = torch.from_numpy(packed)
+        if self.device.type == "cuda":
+            staged = staged.pin_memory().to(self.device, non_blocking=True)
         self.token_ids[:size].copy_(staged[0:size])
         self.positions[:size].copy_(staged[size:2 * size])
         self.context_lens[:size].copy_(staged[2 * size:3 * size])

@@ -187,3 +187,35 @@ def test_requests_that_cannot_fit_are_rejected(make_llm, random_prompts):
         llm.generate(random_prompts([40])[0], GREEDY)
     out = llm.generate(random_prompts([20])[0], GREEDY.replace(max_tokens=30))[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 12
+
+
+class _EagerReplay:
+    """Stands in for a captured CUDA graph on CPU: 'replay' runs the model on the graphs' static buffers."""
+
+    replayed: list[int] = []
+
+    def __init__(self, graphs, size: int):
+        self.graphs, self.size = graphs, size
+
+    def replay(self) -> None:
+        self.replayed.append(self.size)
+        graphs = self.graphs
+        graphs.outputs[self.size] = graphs.model(graphs._batch(self.size), graphs.kv_cache)
+
+
+def test_decode_graph_inputs_padding_and_buckets(make_llm, prompts, reference):
+    """The CUDA-graph path's static buffers, padding rows and bucket choice, checked on CPU (the GPU test
+    checks the capture itself)."""
+    from gptoss_serve.cluster.engine.cuda_graphs import DecodeGraphs
+
+    llm = make_llm()
+    runner = llm.engine.model_runner
+    graphs = DecodeGraphs(runner.model, runner.kv_cache, 4, runner.max_blocks_per_seq, runner.sliding_pool)
+    assert graphs.sizes == [1, 2, 4]
+    graphs.graphs = {size: _EagerReplay(graphs, size) for size in graphs.sizes}
+    runner.graphs = graphs
+    # 5 prompts: decode steps of 5 run eagerly, then 3 (padded to 4), ... as requests finish at different times
+    params = [GREEDY.replace(max_tokens=m) for m in (12, 3, 12, 6, 9)]
+    outputs = llm.generate(prompts, params)
+    assert tokens_of(outputs) == [r[:m] for r, m in zip(reference, (12, 3, 12, 6, 9))]
+    assert set(_EagerReplay.replayed) == {2, 4}  # 4 and 3 (padded) sequences, then 2
