@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator
 
 from gptoss_serve.cluster.serve.assistant_turn import AssistantTurn, TurnRequest
 from gptoss_serve.cluster.serve.engine_client import EngineClient
+from gptoss_serve.cluster.serve.metrics import RequestRecord
 from gptoss_serve.cluster.serve.harmony_prompt import HarmonyPrompt, build_harmony_prompt, resolve_tool_choice
 from gptoss_serve.cluster.serve.openai_protocol import ChatCompletionRequest
 from gptoss_serve.cluster.serve.response_format import JsonFormat, check
@@ -83,13 +84,15 @@ class ChatCompletions:
         self._tokenizer = tokenizer
         self._model_id = model_id
 
-    def _events(self, prepared: PreparedChat) -> AsyncIterator[tuple[int, Any]]:
-        return merge([AssistantTurn(self._engine, self._tokenizer, turn).events() for turn in prepared.turns])
+    def _events(self, prepared: PreparedChat, record: RequestRecord) -> AsyncIterator[tuple[int, Any]]:
+        return merge([AssistantTurn(self._engine, self._tokenizer, turn, record.first_token).events()
+                      for turn in prepared.turns])
 
-    async def complete(self, prepared: PreparedChat) -> dict[str, Any]:
+    async def complete(self, prepared: PreparedChat, record: RequestRecord) -> dict[str, Any]:
         choices = [_Choice() for _ in prepared.turns]
-        async for index, event in self._events(prepared):
+        async for index, event in self._events(prepared, record):
             _apply(choices[index], event)
+        _record(record, choices)
         return {
             "id": prepared.request_id, "object": "chat.completion", "created": prepared.created,
             "model": self._model_id,
@@ -98,12 +101,12 @@ class ChatCompletions:
             **_token_ids(prepared, choices),
         }
 
-    async def stream(self, prepared: PreparedChat) -> AsyncIterator[str]:
+    async def stream(self, prepared: PreparedChat, record: RequestRecord) -> AsyncIterator[str]:
         request = prepared.request
         choices = [_Choice() for _ in prepared.turns]
         for index in range(len(choices)):
             yield self._chunk(prepared, index, {"role": "assistant", "content": ""})
-        async for index, event in self._events(prepared):
+        async for index, event in self._events(prepared, record):
             choice = choices[index]
             _apply(choice, event)
             delta = _stream_delta(choice, event)
@@ -117,6 +120,7 @@ class ChatCompletions:
                     if error:
                         extra["response_format_error"] = error
                 yield self._chunk(prepared, index, {}, finish_reason=event.finish_reason, **extra)
+        _record(record, choices)
         if request.stream_options is not None and request.stream_options.include_usage:
             yield sse({"id": prepared.request_id, "object": "chat.completion.chunk", "created": prepared.created,
                        "model": self._model_id, "choices": [], "usage": _usage([c.finished for c in choices])})
@@ -181,6 +185,18 @@ def _stream_delta(choice: _Choice, event: Any) -> dict[str, Any] | None:
             return {"tool_calls": [{"index": choice.tool_call_index[event.item_index],
                                     "function": {"arguments": event.text}}]}
     return None
+
+
+def _record(record: RequestRecord, choices: list[_Choice]) -> None:
+    finished = [c.finished for c in choices if c.finished is not None]
+    usage = _usage(finished)
+    record.num_prompt_tokens, record.num_output_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+    record.num_reasoning_tokens = usage["completion_tokens_details"]["reasoning_tokens"]
+    record.num_harmony_anomalies = sum(len(f.anomalies) for f in finished)
+    reasons = [f.finish_reason for f in finished]
+    record.outcome = next((r for r in ("abort", "length", "tool_calls") if r in reasons), "stop")
+    if record.outcome == "abort":
+        record.outcome = "aborted"
 
 
 def _usage(finished: list[TurnFinished | None]) -> dict[str, Any]:

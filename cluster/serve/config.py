@@ -1,0 +1,106 @@
+"""The application's settings: the `args` of a Serve config file, or the `gptoss-serve up` flags.
+
+One frozen pydantic model, validated once where it enters (the application builder, the CLI). Unknown keys
+are refused so that a typo in a YAML file is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_APP_NAME = "gptoss"
+DEFAULT_MODEL_ID = "gpt-oss-default"  # the served name of the embedded tiny model
+# The issue that brings the sharded engine (GPU shard actors in a placement group per replica).
+SHARDING_NOT_READY = ("only 1 works today: tensor and expert parallelism arrive with the sharded engine "
+                      "(GPU shard actors behind the same engine protocol), which has not landed yet")
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    # What to serve.
+    model: str | None = None  # a checkpoint directory or a Hugging Face id; None: the embedded default model
+    model_id: str | None = None  # the name clients send as `model`; default: the HF id or the directory name
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    expert_parallel_size: int = Field(default=1, ge=1)
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    kernels: Literal["auto", "torch", "triton"] = "auto"  # auto: triton on GPU, torch on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when Ray gave the replica a GPU
+    seed: int = 0
+
+    # The engine of each replica.
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=4096, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1)
+    num_kv_blocks: int | None = Field(default=None, ge=1)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    max_queued_requests: int = Field(default=128, ge=0)  # sequences admitted beyond max_num_seqs; then 429
+
+    # Serving.
+    num_replicas: int = Field(default=1, ge=1)
+    num_ingress_replicas: int = Field(default=1, ge=1)
+    stream_batch_interval_s: float = Field(default=0.02, ge=0)  # streamed chunks within this interval travel together
+    response_store_max_items: int = Field(default=10000, ge=1)
+    ray_actor_options: dict[str, Any] | None = None  # of each model replica (num_cpus, num_gpus, resources, ...)
+    placement_group_bundles: list[dict[str, float]] | None = None  # a replica that owns GPU shard actors
+    placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "STRICT_PACK"
+
+    @model_validator(mode="after")
+    def _check(self) -> "AppConfig":
+        for name in ("tensor_parallel_size", "expert_parallel_size"):
+            if getattr(self, name) != 1:
+                raise ValueError(f"{name}={getattr(self, name)} is not supported yet; {SHARDING_NOT_READY}")
+        if self.device == "cpu" and self.kernels == "triton":
+            raise ValueError("kernels 'triton' needs device 'cuda' (or 'auto' on a GPU replica)")
+        return self
+
+    @property
+    def served_model_id(self) -> str:
+        if self.model_id:
+            return self.model_id
+        if self.model is None:
+            return DEFAULT_MODEL_ID
+        path = Path(self.model).expanduser()
+        return path.name if path.exists() else self.model
+
+    @property
+    def engine_capacity(self) -> int:
+        """Sequences a replica admits at once; more are refused with 429."""
+        return self.max_num_seqs + self.max_queued_requests
+
+    def model_replica_options(self) -> dict[str, Any]:
+        """`serve.deployment(...).options` of the model deployment."""
+        options: dict[str, Any] = {
+            "num_replicas": self.num_replicas,
+            # Room for the requests the engine refuses (answered 429 at once) and for health/metrics calls.
+            "max_ongoing_requests": self.engine_capacity + 16,
+        }
+        actor_options = dict(self.ray_actor_options or {})
+        if self.device == "cuda" and self.placement_group_bundles is None:
+            actor_options.setdefault("num_gpus", 1)
+        if actor_options:
+            options["ray_actor_options"] = actor_options
+        if self.placement_group_bundles is not None:
+            options["placement_group_bundles"] = self.placement_group_bundles
+            options["placement_group_strategy"] = self.placement_group_strategy
+        return options
+
+
+def load_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, AppConfig]]:
+    """A Serve config file (`serve run` / `serve deploy` / KubeRay serveConfigV2): the whole document checked
+    by Ray's own schema, and the validated AppConfig of each application that uses our builder."""
+    from ray.serve.schema import ServeDeploySchema
+
+    document = yaml.safe_load(Path(path).read_text())
+    ServeDeploySchema.model_validate(document)
+    configs = {}
+    for application in document.get("applications", []):
+        if application.get("import_path", "").endswith(":build_app") and "gptoss_serve" in application["import_path"]:
+            configs[application.get("name", "default")] = AppConfig.model_validate(application.get("args") or {})
+    return document, configs

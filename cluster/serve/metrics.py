@@ -1,0 +1,145 @@
+"""Prometheus series of one process (a model replica or the ingress), and merging many into one /metrics page.
+
+Each process keeps its own registry and labels its series with `replica`. A snapshot is plain data (families
+of samples) so that it can be sent to the metrics hub actor; the ingress renders the union of every replica's
+latest snapshot, so /metrics shows the whole application whichever ingress replica answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+
+from gptoss_serve.cluster.serve.engine_client import EngineStats
+
+PREFIX = "gptoss_"
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclasses.dataclass
+class RequestRecord:
+    """What a replica learned about one API request, observed once when it ends."""
+
+    endpoint: str  # "chat", "completions", "responses"
+    start_time: float = dataclasses.field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_reasoning_tokens: int = 0
+    outcome: str = "aborted"  # "stop", "length", "tool_calls", "aborted", "error"
+    num_harmony_anomalies: int = 0
+
+    def first_token(self) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+
+
+# A snapshot: [(name, type, documentation, [(sample name, labels, value)])]
+Snapshot = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
+
+
+class ReplicaMetrics:
+    """The model replica's series: requests by outcome, latencies, tokens, and the engine's load."""
+
+    def __init__(self, model_id: str, replica: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = {"model": model_id, "replica": replica}
+        self._labels = labels
+        names = list(labels)
+        self._requests = Counter(f"{PREFIX}requests", "API requests finished on this replica, by outcome",
+                                 names + ["endpoint", "outcome"], registry=self.registry)
+        self._ttft = Histogram(f"{PREFIX}time_to_first_token_seconds", "Time from arrival to the first sampled token",
+                               names + ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self._e2e = Histogram(f"{PREFIX}e2e_request_latency_seconds", "Time from arrival to the last token",
+                              names + ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self._prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests", names,
+                                      registry=self.registry)
+        self._output_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated for finished requests", names,
+                                      registry=self.registry)
+        self._reasoning_tokens = Counter(f"{PREFIX}reasoning_tokens", "Generated tokens in the analysis channel",
+                                         names, registry=self.registry)
+        self._anomalies = Counter(f"{PREFIX}harmony_anomalies", "Harmony output the parser had to repair", names,
+                                  registry=self.registry)
+        self._running = Gauge(f"{PREFIX}num_requests_running", "Sequences in the engine's running batch", names,
+                              registry=self.registry)
+        self._waiting = Gauge(f"{PREFIX}num_requests_waiting", "Sequences waiting for admission", names,
+                              registry=self.registry)
+        self._kv_usage = Gauge(f"{PREFIX}kv_cache_usage_ratio", "Fraction of KV cache blocks held by sequences", names,
+                               registry=self.registry)
+        self._kv_used = Gauge(f"{PREFIX}kv_cache_used_blocks", "KV cache blocks held by sequences", names,
+                              registry=self.registry)
+        self._kv_total = Gauge(f"{PREFIX}kv_cache_total_blocks", "KV cache blocks in the pool", names,
+                               registry=self.registry)
+        self._prefix_hit = Gauge(f"{PREFIX}prefix_cache_hit_ratio", "Prompt tokens found in the prefix cache", names,
+                                 registry=self.registry)
+
+    def observe(self, record: RequestRecord) -> None:
+        now = time.monotonic()
+        self._requests.labels(**self._labels, endpoint=record.endpoint, outcome=record.outcome).inc()
+        if record.first_token_time is not None:
+            self._ttft.labels(**self._labels, endpoint=record.endpoint).observe(record.first_token_time
+                                                                               - record.start_time)
+        if record.outcome not in ("error", "aborted"):
+            self._e2e.labels(**self._labels, endpoint=record.endpoint).observe(now - record.start_time)
+        self._prompt_tokens.labels(**self._labels).inc(record.num_prompt_tokens)
+        self._output_tokens.labels(**self._labels).inc(record.num_output_tokens)
+        self._reasoning_tokens.labels(**self._labels).inc(record.num_reasoning_tokens)
+        self._anomalies.labels(**self._labels).inc(record.num_harmony_anomalies)
+
+    def set_engine_stats(self, stats: EngineStats) -> None:
+        self._running.labels(**self._labels).set(stats.num_running)
+        self._waiting.labels(**self._labels).set(stats.num_waiting)
+        self._kv_usage.labels(**self._labels).set(stats.kv_usage)
+        self._kv_used.labels(**self._labels).set(stats.kv_blocks_used)
+        self._kv_total.labels(**self._labels).set(stats.kv_blocks_total)
+        self._prefix_hit.labels(**self._labels).set(stats.prefix_cache_hit_rate)
+
+    def snapshot(self) -> Snapshot:
+        return snapshot(self.registry)
+
+
+class IngressMetrics:
+    """The ingress's series: every HTTP request by endpoint and status, errors answered before any replica."""
+
+    def __init__(self, replica: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._replica = replica
+        self._http = Counter(f"{PREFIX}http_requests", "HTTP requests answered by the ingress",
+                             ["replica", "endpoint", "status"], registry=self.registry)
+
+    def observe(self, endpoint: str, status: int) -> None:
+        self._http.labels(replica=self._replica, endpoint=endpoint, status=str(status)).inc()
+
+    def snapshot(self) -> Snapshot:
+        return snapshot(self.registry)
+
+
+def snapshot(registry: CollectorRegistry) -> Snapshot:
+    return [(family.name, family.type, family.documentation,
+             [(sample.name, dict(sample.labels), sample.value) for sample in family.samples])
+            for family in registry.collect()]
+
+
+def render(snapshots: Iterable[Snapshot]) -> bytes:
+    """Prometheus text of the union of snapshots: samples of equal families are listed under one header."""
+    families: dict[str, Metric] = {}
+    for snap in snapshots:
+        for name, kind, documentation, samples in snap:
+            family = families.get(name)
+            if family is None:
+                family = families[name] = Metric(name, documentation, kind)
+            for sample_name, labels, value in samples:
+                family.add_sample(sample_name, labels, value)
+
+    class _Union:
+        def collect(self):
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Union())
+    return generate_latest(registry)

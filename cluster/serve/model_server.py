@@ -1,0 +1,222 @@
+"""The model deployment: each replica owns one engine and serves the OpenAI endpoints' model work.
+
+The ingress validates the HTTP request and picks the model; the replica builds the harmony prompt, admits
+the request against its engine's capacity (429 beyond it), runs it and formats the result. Each handler is
+an async generator the ingress streams from. Its first item decides the HTTP status before any byte is sent:
+
+    {"kind": "error", "error": {...APIError...}}     refused (400, 404, 429, 503)
+    {"kind": "start", "replica": "<replica id>"}      accepted; then either
+    {"kind": "body", "body": {...}}                    the whole JSON response (stream=false), or
+    {"kind": "sse", "data": "data: ...\\n\\n..."}      batches of server-sent events (stream=true)
+
+Cancelling the call (the client went away) cancels the handler, which aborts the engine request and frees its
+KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from ray import serve
+
+from gptoss_serve.cluster.serve.config import AppConfig
+from gptoss_serve.cluster.serve.engine_client import EngineClient, EngineDeadError, EngineOverloadedError
+from gptoss_serve.cluster.serve.errors import APIError, internal_error, queue_full, unavailable
+from gptoss_serve.cluster.serve.metrics import ReplicaMetrics, RequestRecord
+from gptoss_serve.cluster.serve.streaming import batched, sse
+
+logger = logging.getLogger(__name__)
+
+METRICS_PUSH_INTERVAL_S = 1.0
+
+
+class Admission:
+    """Counts the sequences a replica has admitted; refuses new requests beyond its capacity.
+
+    Checked and counted before the first await of a request, so the count is exact on the event loop.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.num_admitted = 0
+
+    def admit(self, num_seqs: int) -> None:
+        if self.num_admitted + num_seqs > self.capacity:
+            raise queue_full(f"This replica's queue is full ({self.num_admitted} sequences admitted, capacity "
+                             f"{self.capacity} = max_num_seqs + max_queued_requests); retry shortly.")
+        self.num_admitted += num_seqs
+
+    def release(self, num_seqs: int) -> None:
+        self.num_admitted -= num_seqs
+
+
+def load_engine(config: AppConfig, loop: asyncio.AbstractEventLoop) -> tuple[EngineClient, Any]:
+    """(engine client, tokenizer) for this replica. Blocking: loads the weights."""
+    import torch
+
+    from gptoss_serve.cluster.engine.llm import LLM
+    from gptoss_serve.cluster.serve.local_engine import LocalEngineClient
+    from gptoss_serve.cluster.serve.model_source import resolve_model
+    from gptoss_serve.model.tokenizer import load_tokenizer
+
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    kernels = config.kernels if config.kernels != "auto" else ("triton" if device == "cuda" else "torch")
+    model_dir = resolve_model(config.model)
+    llm = LLM(model_dir, dtype=dtype, kernels=kernels, device=device, seed=config.seed, progress=False,
+              max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+              max_model_len=config.max_model_len, kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+              enable_prefix_caching=config.enable_prefix_caching, enforce_eager=config.enforce_eager)
+    if config.num_kv_blocks is not None:
+        raise ValueError("num_kv_blocks is not settable through the LLM API yet; use kv_cache_memory_bytes")
+    tokenizer = llm.tokenizer or load_tokenizer(model_dir)
+    return LocalEngineClient(llm.engine, config.max_queued_requests, loop), tokenizer
+
+
+@serve.deployment(name="ModelServer", health_check_period_s=10, graceful_shutdown_timeout_s=30)
+class ModelServer:
+    async def __init__(self, config: AppConfig):
+        from gptoss_serve.cluster.serve.chat import ChatCompletions
+        from gptoss_serve.cluster.serve.completions import Completions
+        from gptoss_serve.cluster.serve.responses import Responses
+        from gptoss_serve.cluster.serve.shared_actors import (
+            MetricsHubActor,
+            RayResponseStore,
+            ResponseStoreActor,
+            get_or_create,
+        )
+
+        context = serve.get_replica_context()
+        self._replica_id = context.replica_tag
+        self._config = config
+        self._model_id = config.served_model_id
+        loop = asyncio.get_running_loop()
+        self._engine, self._tokenizer = await asyncio.to_thread(load_engine, config, loop)
+        self._info = self._engine.info()
+        store_actor = await get_or_create(ResponseStoreActor, context.app_name, "responses",
+                                          config.response_store_max_items)
+        self._hub = await get_or_create(MetricsHubActor, context.app_name, "metrics")
+        self._metrics = ReplicaMetrics(self._model_id, self._replica_id)
+        self._admission = Admission(config.engine_capacity)
+        self._chat = ChatCompletions(self._engine, self._tokenizer, self._model_id)
+        self._completions = Completions(self._engine, self._tokenizer, self._model_id)
+        self._responses = Responses(self._engine, self._tokenizer, self._model_id, RayResponseStore(store_actor))
+        self._store = RayResponseStore(store_actor)
+        self._push_task = asyncio.create_task(self._push_metrics())
+        logger.info("replica %s serves %s (max_model_len %d)", self._replica_id, self._model_id,
+                    self._info.max_model_len)
+
+    # Control -----------------------------------------------------------------------------------------------
+    async def ready(self) -> dict[str, Any]:
+        """What the ingress needs to list and validate the model; answering at all means the engine is up."""
+        if not self._engine.is_alive():
+            raise EngineDeadError("the engine has stopped")
+        return {"model_id": self._model_id, "max_model_len": self._info.max_model_len,
+                "replica": self._replica_id, "model": self._config.model}
+
+    async def engine_stats(self) -> dict[str, Any]:
+        return {"replica": self._replica_id, **dataclasses.asdict(self._engine.stats()),
+                "num_admitted_seqs": self._admission.num_admitted}
+
+    async def get_response(self, response_id: str) -> dict[str, Any] | None:
+        record = await self._store.get(response_id)
+        return None if record is None else record["response"]
+
+    def check_health(self) -> None:
+        if not self._engine.is_alive():
+            raise RuntimeError("the engine step loop has stopped")
+
+    async def __del__(self):
+        self._push_task.cancel()
+        await self._engine.shutdown()
+
+    async def _push_metrics(self) -> None:
+        while True:
+            try:
+                self._metrics.set_engine_stats(self._engine.stats())
+                await self._hub.push.remote(f"model:{self._replica_id}", self._metrics.snapshot())
+            except Exception:  # the hub restarting must not stop the replica
+                logger.warning("metrics push failed", exc_info=True)
+            await asyncio.sleep(METRICS_PUSH_INTERVAL_S)
+
+    # Endpoints ---------------------------------------------------------------------------------------------
+    async def chat(self, request) -> AsyncIterator[dict[str, Any]]:
+        from gptoss_serve.cluster.serve.chat import prepare_chat
+
+        def prepare():
+            return prepare_chat(request, self._tokenizer, self._info.max_model_len)
+
+        async for item in self._serve("chat", prepare, lambda p: len(p.turns), request.stream,
+                                      self._chat.stream, self._chat.complete):
+            yield item
+
+    async def completions(self, request) -> AsyncIterator[dict[str, Any]]:
+        from gptoss_serve.cluster.serve.completions import prepare_completion
+
+        def prepare():
+            return prepare_completion(request, self._tokenizer, self._info.max_model_len, self._info.vocab_size)
+
+        async for item in self._serve("completions", prepare, lambda p: p.num_sequences, request.stream,
+                                      self._completions.stream, self._completions.complete):
+            yield item
+
+    async def responses(self, request) -> AsyncIterator[dict[str, Any]]:
+        from gptoss_serve.cluster.serve.responses import prepare_response
+
+        async def prepare():
+            return await prepare_response(request, self._tokenizer, self._info.max_model_len, self._store)
+
+        async for item in self._serve("responses", prepare, lambda p: 1, request.stream,
+                                      self._responses.stream, self._responses.complete):
+            yield item
+
+    async def _serve(self, endpoint: str, prepare: Callable[[], Any], num_seqs: Callable[[Any], int], stream: bool,
+                     run_stream: Callable[..., AsyncIterator[str]],
+                     run_complete: Callable[..., Awaitable[dict]]) -> AsyncIterator[dict[str, Any]]:
+        record = RequestRecord(endpoint)
+        try:
+            prepared = prepare()
+            if asyncio.iscoroutine(prepared):
+                prepared = await prepared
+            num_admitted = num_seqs(prepared)
+            self._admission.admit(num_admitted)
+        except Exception as error:
+            api_error = _as_api_error(error, endpoint)
+            record.outcome = "rejected" if api_error.status_code == 429 else "error"
+            self._metrics.observe(record)
+            yield {"kind": "error", "error": api_error.to_dict()}
+            return
+        try:
+            yield {"kind": "start", "replica": self._replica_id}
+            if stream:
+                chunks = batched(run_stream(prepared, record), self._config.stream_batch_interval_s)
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        yield {"kind": "sse", "data": chunk}
+            else:
+                yield {"kind": "body", "body": await run_complete(prepared, record)}
+        except Exception as error:  # after the start: a streamed error event, or the error instead of the body
+            record.outcome = "error"
+            api_error = _as_api_error(error, endpoint)
+            yield {"kind": "sse", "data": sse(api_error.body())} if stream else \
+                {"kind": "error", "error": api_error.to_dict()}
+        finally:
+            self._admission.release(num_admitted)
+            self._metrics.observe(record)
+
+
+def _as_api_error(error: Exception, endpoint: str) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, EngineOverloadedError):
+        return queue_full(str(error))
+    if isinstance(error, EngineDeadError):
+        return unavailable(str(error))
+    if isinstance(error, ValueError):  # the engine refused the request's values
+        return APIError(400, str(error), "invalid_request_error")
+    logger.error("%s request failed", endpoint, exc_info=error)
+    return internal_error(f"{type(error).__name__}: {error}")
