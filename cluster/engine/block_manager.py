@@ -208,10 +208,12 @@ class BlockManager:
 
     def _free_behind_window(self, seq: Sequence, first_query_position: int) -> None:
         table = seq.sliding_block_ids
-        for i in range(min(self._first_window_block(first_query_position), len(table))):
+        end = min(self._first_window_block(first_query_position), len(table))
+        for i in range(seq.num_sliding_blocks_freed, end):  # blocks before are freed already
             if table[i] != NO_BLOCK:
                 self.sliding.release(table[i])
                 table[i] = NO_BLOCK
+        seq.num_sliding_blocks_freed = max(seq.num_sliding_blocks_freed, end)
 
     def record_admission(self, seq: Sequence, hit: PrefixHit) -> None:
         seq.num_prefix_hit_tokens = hit.num_tokens
@@ -226,7 +228,7 @@ class BlockManager:
             if block != NO_BLOCK:
                 self.sliding.release(block)
         seq.block_ids, seq.sliding_block_ids = [], []
-        seq.num_cached_blocks = 0
+        seq.num_cached_blocks = seq.num_sliding_blocks_freed = 0
 
     # Stats -------------------------------------------------------------------------------------------------
     @property

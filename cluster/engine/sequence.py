@@ -41,6 +41,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose keys and values are in the cache
         self.block_ids: list[int] = []  # full-attention pool (every layer without a sliding pool), by block index
         self.sliding_block_ids: list[int] = []  # sliding-layer pool by block index; NO_BLOCK before the window
+        self.num_sliding_blocks_freed = 0  # sliding_block_ids[:this] are all NO_BLOCK
         self.block_hashes: list[bytes] = []  # hash chain over the full blocks of token_ids
         self.num_cached_blocks = 0  # leading blocks already named in the prefix cache
         self.num_prefix_hit_tokens = 0  # tokens found in the prefix cache when it was last admitted
