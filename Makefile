@@ -14,7 +14,7 @@ $(BIN)/gptoss-serve: pyproject.toml
 
 # Serves the embedded default model (a small synthetic gpt-oss written on first use).
 serve: $(BIN)/gptoss-serve
-	$(BIN)/gptoss-serve generate --prompt "The capital of France is" --max-tokens 16
+	$(BIN)/gptoss-serve up
 
 # The test suite. pytest exits 5 when it collected no test (a filter that matched nothing): not a failure.
 test: $(BIN)/gptoss-serve
