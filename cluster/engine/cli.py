@@ -18,7 +18,8 @@ from gptoss_serve.model.config import PRESETS
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the embedded small model)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--kernels", choices=["torch", "triton"], default="torch", help="kernel backend")
+    parser.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto",
+                        help="kernel backend (auto: triton on a GPU, torch on CPU)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
@@ -136,11 +137,12 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     import torch
 
     from gptoss_serve.cluster.engine import bench
-    from gptoss_serve.cluster.engine.llm import default_device, resolve_dtype
+    from gptoss_serve.cluster.engine.llm import default_device, resolve_dtype, resolve_kernels
     from gptoss_serve.cluster.engine.llm_engine import LLMEngine
     from gptoss_serve.kernels.backend import get_kernels
 
     device = args.device or default_device()
+    args.kernels = resolve_kernels(args.kernels, device)
     model = _bench_model(args, resolve_dtype(args.dtype), device, get_kernels(args.kernels))
     engine = LLMEngine(model, _engine_config(args, max_model_len=args.input_len + args.output_len + 16))
     bench.warm_up(engine)

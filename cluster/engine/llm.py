@@ -42,6 +42,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_kernels(kernels: str, device: str | torch.device) -> str:
+    """'auto': the Triton kernels on a GPU, their torch twins on CPU."""
+    if kernels == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "torch"
+    return kernels
+
+
 def try_load_tokenizer(model_dir: str | Path | None):
     """The o200k_harmony tokenizer, or None where its vocabulary file cannot be found (text is then '')."""
     try:
@@ -55,20 +62,22 @@ def try_load_tokenizer(model_dir: str | Path | None):
 
 class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "bfloat16",
-                 kernels: str = "torch", device: str | torch.device | None = None, tokenizer=None,
+                 kernels: str = "auto", device: str | torch.device | None = None, tokenizer=None,
                  seed: int = 0, progress: bool = True, *, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 4096, max_model_len: int | None = None, block_size: int = 16,
                  gpu_memory_utilization: float = 0.90, kv_cache_memory_bytes: int | None = None,
                  enable_prefix_caching: bool = True, sliding_window_pool: bool = True,
                  enforce_eager: bool = False):
-        """model: a checkpoint directory (either layout); None: the embedded small default model."""
+        """model: a checkpoint directory (either layout); None: the embedded small default model.
+        kernels: 'torch', 'triton', or 'auto' (triton on a GPU, torch on CPU)."""
         from gptoss_serve.kernels.backend import get_kernels
         from gptoss_serve.model.default_model import resolve_model_dir
         from gptoss_serve.model.loader import load_model
 
         torch.manual_seed(seed)
         model_dir = resolve_model_dir(model)
-        gpt = load_model(model_dir, resolve_dtype(dtype), device or default_device(), get_kernels(kernels),
+        device = device or default_device()
+        gpt = load_model(model_dir, resolve_dtype(dtype), device, get_kernels(resolve_kernels(kernels, device)),
                          progress=progress)
         config = EngineConfig(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
