@@ -43,14 +43,48 @@ def random_prompts(num_prompts: int, input_len: int, seed: int) -> list[list[int
     return torch.randint(0, NUM_ORDINARY_TOKENS, (num_prompts, input_len), generator=generator).tolist()
 
 
-def warm_up(engine: LLMEngine, input_len: int = 64) -> None:
-    """Compiles kernels and fills allocator pools before timing."""
+def warm_up(engine: LLMEngine, input_len: int = 64, num_prompts: int = 8) -> None:
+    """Compiles kernels for the shapes to come (one prompt alone, then a batch) before timing."""
     params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, detokenize=False)
-    input_len = min(input_len, engine.max_model_len - 8)
-    for i, prompt in enumerate(random_prompts(2, input_len, seed=12345)):
-        engine.add_request(f"warmup-{i}", prompt, params)
-    while engine.has_unfinished_requests():
+    input_len = max(1, min(input_len, engine.max_model_len - 8))
+    for batch_size in (1, num_prompts):
+        for i, prompt in enumerate(random_prompts(batch_size, input_len, seed=12345 + batch_size)):
+            engine.add_request(f"warmup-{batch_size}-{i}", prompt, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+
+def profile_decode(engine: LLMEngine, num_seqs: int, input_len: int, num_steps: int = 20) -> dict:
+    """Decode-only steps of num_seqs sequences: wall time per step, and the GPU time per kernel under the
+    torch profiler (top 12 by self CUDA time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    max_tokens = min(3 * num_steps + 10, engine.max_model_len - input_len - 1)
+    params = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    for i, prompt in enumerate(random_prompts(num_seqs, input_len, seed=777)):
+        engine.add_request(f"profile-{i}", prompt, params)
+    while any(seq.num_computed_tokens < seq.num_prompt_tokens
+              for seq in list(engine.scheduler.waiting) + engine.scheduler.running):
         engine.step()
+    for _ in range(3):
+        engine.step()
+    _sync(engine)
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    _sync(engine)
+    step_ms = (time.perf_counter() - start) / num_steps * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            engine.step()
+        _sync(engine)
+    engine.abort_request([f"profile-{i}" for i in range(num_seqs)])
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / num_steps
+    top = [(e.key[:60], round(e.self_device_time_total / 1e3 / num_steps, 3), e.count // num_steps)
+           for e in events[:12]]
+    return {"num_seqs": num_seqs, "step_ms": step_ms, "gpu_ms_per_step": gpu_ms, "top_kernels_ms_per_step": top}
 
 
 def run_offline(engine: LLMEngine, num_prompts: int, input_len: int, output_len: int, temperature: float = 1.0,

@@ -128,6 +128,8 @@ def add_bench_offline_parser(subparsers: argparse._SubParsersAction) -> argparse
                         help="afterwards, run transformers' generate (bf16, eager) on the same weights")
     parser.add_argument("--hf-num-prompts", type=int, default=16, help="HF batch size")
     parser.add_argument("--hf-output-len", type=int, default=128)
+    parser.add_argument("--profile-decode", type=int, nargs="*", default=[], metavar="NUM_SEQS",
+                        help="afterwards, profile decode steps at these batch sizes (GPU time per kernel)")
     parser.add_argument("--json", action="store_true", help="also print all results as one JSON line")
     parser.set_defaults(func=run_bench_offline)
     return parser
@@ -145,7 +147,7 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     args.kernels = resolve_kernels(args.kernels, device)
     model = _bench_model(args, resolve_dtype(args.dtype), device, get_kernels(args.kernels))
     engine = LLMEngine(model, _engine_config(args, max_model_len=args.input_len + args.output_len + 16))
-    bench.warm_up(engine)
+    bench.warm_up(engine, args.input_len, min(args.num_prompts, 8))
     rows, results = [], {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                          "kernels": args.kernels, "dtype": args.dtype,
                          "cuda_graphs": engine.model_runner.graphs is not None,
@@ -160,6 +162,9 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     rows.append((f"ours, {args.num_prompts} prompts", dataclasses.asdict(batch)))
     results["throughput"] = dataclasses.asdict(batch)
     print(json.dumps(results["throughput"]), file=sys.stderr, flush=True)
+    for num_seqs in args.profile_decode:
+        results.setdefault("profile_decode", []).append(bench.profile_decode(engine, num_seqs, args.input_len))
+        print(json.dumps(results["profile_decode"][-1]), file=sys.stderr, flush=True)
     bench.release_engine(engine)
     del engine
     if args.hf_baseline:
