@@ -8,7 +8,9 @@ rows of one tile (rows = token * BLOCK_G + head in group), so each key/value row
 Program ids map to (sequence, query tile) on the device from cu_seqlens_q, against a grid sized by the static
 bound sum over b of ceil(q_len_b / BLOCK_Q) <= (num_tokens + num_seqs * (BLOCK_Q - 1)) / BLOCK_Q: no host
 sync. The running max starts at the head's sink logit and the normaliser at 1 (l + exp(sink - m) in flash
-form). With a sliding window, keys older than the window of the tile's first query are never loaded.
+form). With a sliding window, keys older than the window of the tile's first query are never loaded. Key
+blocks that every row of the tile sees whole (before the tile's first position, inside every row's window)
+skip the masks; only the blocks at the diagonal and at the window's far edge are masked.
 """
 
 from __future__ import annotations
@@ -17,9 +19,50 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2
+from gptoss_serve.kernels.triton_utils import cast_rne, device_function, emulate_bf16, launch, next_pow2
 
 LOG2E = 1.4426950408889634
+
+
+@device_function
+def _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, positions, d, in_d,
+            key_lo, key_hi, block_size, stride_cache_block, stride_cache_slot, scale_log2, sliding_window,
+            MASKED: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Online softmax over keys [key_lo, key_hi); MASKED applies bounds, causality and the window per row."""
+    for key0 in range(key_lo, key_hi, BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_keys = keys < key_hi
+            page = tl.load(table_row + keys // block_size, mask=in_keys, other=0).to(tl.int64)
+        else:
+            page = tl.load(table_row + keys // block_size).to(tl.int64)
+        row = page * stride_cache_block + (keys % block_size) * stride_cache_slot + head_offset  # [BLOCK_N]
+        if MASKED:
+            kv_mask = in_keys[:, None] & in_d[None, :]
+            k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=in_d[None, :], other=0.0)
+            v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=in_d[None, :], other=0.0)
+        if EMULATE_BF16:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [ROWS, BLOCK_N], log2 units
+        if MASKED:
+            visible = in_keys[None, :] & (keys[None, :] <= positions[:, None])
+            if sliding_window > 0:
+                visible &= keys[None, :] > positions[:, None] - sliding_window
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: it starts at the sink
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if EMULATE_BF16:
+            acc = acc * alpha[:, None] + tl.dot(p, v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -70,36 +113,23 @@ def _prefill_kernel(
     first_pos = context_len - q_len + tile_in_seq * BLOCK_Q
     last_pos = tl.minimum(first_pos + BLOCK_Q, context_len) - 1
     key_start = 0
+    full_start = 0  # keys from here up to first_pos are visible to every row of the tile
     if sliding_window > 0:
         key_start = tl.maximum(first_pos - sliding_window + 1, 0)
-    key_end = last_pos + 1
+        full_start = tl.maximum(last_pos - sliding_window + 1, 0)
+    full_start = tl.minimum(full_start, first_pos)
+    full_end = full_start + (first_pos - full_start) // BLOCK_N * BLOCK_N
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_tables
     head_offset = kv_head * stride_cache_head
-    for key0 in range(key_start, key_end, BLOCK_N):
-        keys = key0 + tl.arange(0, BLOCK_N)
-        in_keys = keys < key_end
-        page = tl.load(table_row + keys // block_size, mask=in_keys, other=0).to(tl.int64)
-        row = page * stride_cache_block + (keys % block_size) * stride_cache_slot + head_offset  # [BLOCK_N]
-        kv_mask = in_keys[:, None] & in_d[None, :]
-        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if EMULATE_BF16:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [ROWS, BLOCK_N], log2 units
-        visible = in_keys[None, :] & (keys[None, :] <= positions[:, None])
-        if sliding_window > 0:
-            visible &= keys[None, :] > positions[:, None] - sliding_window
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: it starts at the sink
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if EMULATE_BF16:
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, positions, d,
+                            in_d, key_start, full_start, block_size, stride_cache_block, stride_cache_slot,
+                            scale_log2, sliding_window, True, BLOCK_N, EMULATE_BF16)
+    m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, positions, d,
+                            in_d, full_start, full_end, block_size, stride_cache_block, stride_cache_slot,
+                            scale_log2, sliding_window, False, BLOCK_N, EMULATE_BF16)
+    m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, positions, d,
+                            in_d, full_end, last_pos + 1, block_size, stride_cache_block, stride_cache_slot,
+                            scale_log2, sliding_window, True, BLOCK_N, EMULATE_BF16)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_out_token + heads[:, None] * stride_out_head + d[None, :],
@@ -116,6 +146,7 @@ def paged_attention_prefill(
     sinks: torch.Tensor,  # [num_q_heads] float32
     sm_scale: float,
     sliding_window: int = 0,
+    config: dict | None = None,  # BLOCK_ROWS (query tokens x group heads), BLOCK_N, num_warps, num_stages
 ) -> torch.Tensor:  # [num_tokens, num_q_heads, head_dim]
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -126,8 +157,9 @@ def paged_attention_prefill(
         return out
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("q and the caches need head_dim contiguous, and k and v caches one layout")
+    config = dict(BLOCK_ROWS=128, BLOCK_N=64, num_warps=8, num_stages=2) | (config or {})
     block_g = next_pow2(queries_per_kv)
-    block_q = max(1, 128 // block_g)
+    block_q = max(1, config["BLOCK_ROWS"] // block_g)
     max_tiles = (num_tokens + num_seqs * (block_q - 1)) // block_q
     launch(_prefill_kernel, (max_tiles, num_kv_heads),
            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, out,
@@ -135,6 +167,6 @@ def paged_attention_prefill(
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            block_tables.stride(0), out.stride(0), out.stride(1),
            QUERIES_PER_KV=queries_per_kv, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_D=next_pow2(head_dim),
-           BLOCK_N=64, BLOCK_SEQS=next_pow2(num_seqs + 1), EMULATE_BF16=emulate_bf16(),
-           num_warps=8, num_stages=2)
+           BLOCK_N=config["BLOCK_N"], BLOCK_SEQS=next_pow2(num_seqs + 1), EMULATE_BF16=emulate_bf16(),
+           num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out

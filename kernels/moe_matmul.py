@@ -5,12 +5,16 @@ the row block of one expert (see moe_routing.group_by_expert). The weight tile i
 is produced in registers (FP4 nibbles -> float -> bf16) and the pairs' activations are the small right operand;
 with few tokens one program per (expert, row tile) reads each weight byte exactly once.
 
-MXFP4 in registers: a 16-byte block holds 32 values, element 2j in the low nibble of byte j and 2j+1 in the
-high one. Rather than interleaving the two halves back into order, the kernel multiplies the low nibbles by the
-even columns of A and the high nibbles by the odd ones (two dots over BLOCK_K/2). A nibble s|e1 e0|m is moved
-into the bits of a float8 e4m3 number (sign to bit 7, magnitude to bits 4..2): e4m3 has the same mantissa bit
-and, for e1 e0 = 0, subnormals that give exactly 0 and 0.5, all scaled by 2^-6; so the value is
-fp8(bits) * 2^(scale - 127 + 6), the hardware converting fp8 to float. Exact for scale bytes up to 248.
+MXFP4 in registers: a 16-byte block holds 32 values, two per byte. The kernel dequantizes the low nibbles and
+the high nibbles of a byte tile separately and multiplies them by the matching columns of A (two dots over
+BLOCK_K/2), so nothing is interleaved in registers. In the checkpoint's layout byte j holds elements 2j and
+2j+1 (A read with stride 2); `split_nibbles` (done once at load by TritonKernels.prepare_weights) re-lays each
+block out so that byte j holds elements j and j+16, and A is read in contiguous runs of 16.
+Nibble s|e1 e0|m to bf16, on the GPU (inline PTX, four nibbles at a time): the bits go to bf16 sign and to the
+low exponent bits and top mantissa bit, giving value * 2^-126 exactly (e1 e0 = 0 lands on bf16 subnormals,
+which are exactly 0 and 0.5 * 2^-126); two bf16x2 multiplies apply 2^126 and the E8M0 scale 2^(s - 127).
+Under the interpreter (no inline asm there) the same nibble goes into float8 e4m3 bits, whose subnormals give
+0 and 0.5 the same way, scaled by 2^(s - 121) in float32. Both are exact for every scale byte below 249.
 
 Epilogues: the first matmul (w1, gate and linear rows interleaved) adds its bias and applies the clamped SwiGLU,
 storing the activation rows in grouped order; the second (w2) adds its bias, multiplies by the routing weight
@@ -27,6 +31,36 @@ import triton.language as tl
 from gptoss_serve.kernels.moe_routing import ExpertGroups, group_by_expert
 from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE, MXFP4_BYTES_PER_BLOCK
 from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2
+
+
+# Four nibbles -> four bf16, times the scale: $2 holds four bytes, $3 and $4 the scales of elements (0, 1) and
+# (2, 3) as bf16x2, $0 and $1 receive the values of elements (0, 1) and (2, 3). prmt spreads bytes 0, 1 (and
+# 2, 3) to the two 16-bit halves; shifts and masks put magnitude bits at bf16 bits 8..6 and the sign at bit 15.
+_NIBBLES_TO_BF16_ASM = """
+{{
+.reg .b32 z, k, t0, t1, m0, m1, s0, s1;
+mov.b32 z, 0;
+mov.b32 k, 0x7E807E80;
+prmt.b32 t0, $2, z, 0x4140;
+prmt.b32 t1, $2, z, 0x4342;
+shl.b32 m0, t0, {mag_shift};
+shl.b32 m1, t1, {mag_shift};
+shl.b32 s0, t0, {sign_shift};
+shl.b32 s1, t1, {sign_shift};
+and.b32 m0, m0, 0x01C001C0;
+and.b32 m1, m1, 0x01C001C0;
+and.b32 s0, s0, 0x80008000;
+and.b32 s1, s1, 0x80008000;
+or.b32 m0, m0, s0;
+or.b32 m1, m1, s1;
+mul.rn.bf16x2 m0, m0, k;
+mul.rn.bf16x2 m1, m1, k;
+mul.rn.bf16x2 $0, m0, $3;
+mul.rn.bf16x2 $1, m1, $4;
+}}
+"""
+LOW_NIBBLES_ASM = tl.constexpr(_NIBBLES_TO_BF16_ASM.format(mag_shift=6, sign_shift=12))  # bits 2..0 -> 8..6, 3 -> 15
+HIGH_NIBBLES_ASM = tl.constexpr(_NIBBLES_TO_BF16_ASM.format(mag_shift=2, sign_shift=8))  # bits 6..4 -> 8..6, 7 -> 15
 
 
 @triton.jit
@@ -84,21 +118,32 @@ def _moe_matmul_kernel(
         w_bytes = tl.load(w_tile_ptr + blk * 16, mask=w_mask, other=0)  # [BLOCK_N, NUM_SCALES, 16] uint8
         s_mask = in_n[:, None] & (tl.arange(0, NUM_SCALES)[None, :] + blk < num_blocks_k)
         scale_bytes = tl.load(s_tile_ptr + blk, mask=s_mask, other=0).to(tl.int32)
-        # 2^(scale - 121) as float32 bits: the E8M0 scale times the 2^6 that e4m3 leaves out.
-        scale = ((scale_bytes + 6) << 23).to(tl.float32, bitcast=True)[:, :, None]
-        low = (((w_bytes & 0x07) << 2) | ((w_bytes & 0x08) << 4)).to(tl.float8e4nv, bitcast=True)
-        high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
-        w_low = tl.reshape(low.to(tl.float32) * scale, [BLOCK_N, HALF_K])
-        w_high = tl.reshape(high.to(tl.float32) * scale, [BLOCK_N, HALF_K])
+        if EMULATE_BF16:
+            # 2^(scale - 121) as float32 bits: the E8M0 scale times the 2^6 that e4m3 leaves out.
+            scale = ((scale_bytes + 6) << 23).to(tl.float32, bitcast=True)[:, :, None]
+            low = (((w_bytes & 0x07) << 2) | ((w_bytes & 0x08) << 4)).to(tl.float8e4nv, bitcast=True)
+            high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
+            w_low = tl.reshape(low.to(tl.float32) * scale, [BLOCK_N, HALF_K])
+            w_high = tl.reshape(high.to(tl.float32) * scale, [BLOCK_N, HALF_K])
+        else:
+            # 2^(scale - 127) as bf16 bits (byte 0 is the subnormal 2^-127).
+            scale = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            scale = tl.broadcast_to(scale[:, :, None], [BLOCK_N, NUM_SCALES, 16])
+            w_low = tl.inline_asm_elementwise(LOW_NIBBLES_ASM, "=r,=r,r,r,r", [w_bytes, scale],
+                                              dtype=tl.bfloat16, is_pure=True, pack=4)
+            w_high = tl.inline_asm_elementwise(HIGH_NIBBLES_ASM, "=r,=r,r,r,r", [w_bytes, scale],
+                                               dtype=tl.bfloat16, is_pure=True, pack=4)
+            w_low = tl.reshape(w_low, [BLOCK_N, HALF_K])
+            w_high = tl.reshape(w_high, [BLOCK_N, HALF_K])
         a_mask = in_rows[None, :] & (k0 + k_low[:, None] < K)
         a_low = tl.load(a_tile_ptr + (k0 + k_low[:, None]), mask=a_mask, other=0.0)  # [HALF_K, BLOCK_M]
         a_high = tl.load(a_tile_ptr + (k0 + k_high[:, None]), mask=a_mask, other=0.0)
-        if EMULATE_BF16 or a_ptr.dtype.element_ty == tl.float32:
+        if EMULATE_BF16:
             acc = tl.dot(w_low, a_low.to(tl.float32), acc, input_precision="ieee")
             acc = tl.dot(w_high, a_high.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(w_low.to(a_ptr.dtype.element_ty), a_low, acc)
-            acc = tl.dot(w_high.to(a_ptr.dtype.element_ty), a_high, acc)
+            acc = tl.dot(w_low, a_low, acc)
+            acc = tl.dot(w_high, a_high, acc)
 
     # The torch twin rounds the matmul, and the bias sum, to the activation dtype: do the same.
     act_dtype = a_ptr.dtype.element_ty
@@ -139,16 +184,18 @@ def _combine_kernel(
     tl.store(out_ptr + token * stride_out + cols, cast_rne(total, out_ptr.dtype.element_ty, EMULATE_BF16), mask=in_cols)
 
 
-def _tile_config(num_tokens: int, num_pairs: int, num_local_experts: int, swiglu: bool) -> dict:
+def _tile_config(num_tokens: int, num_pairs: int, num_local_experts: int) -> dict:
     """Tile shapes by heuristic (no autotuning: nothing to time during graph capture, same choice every run).
 
-    Decode (few tokens): one row block per expert, so each weight byte is read once; small weight tiles so
-    that a handful of experts still spreads over every SM; long K steps so that many bytes are in flight.
-    Prefill: large tiles for the tensor cores.
+    Decode (few tokens): row blocks about as tall as an expert's share of the pairs (the tensor cores work on
+    every row of a block, used or not), small weight tiles so that a handful of experts still spreads over every
+    SM. An expert with more pairs than a block gets a second block, which finds its weight tiles in L2 (the
+    programs of one expert's blocks run side by side). Prefill: large tiles for the tensor cores.
     """
-    if num_tokens <= 64:
-        return dict(BLOCK_M=max(16, next_pow2(num_tokens)), BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     pairs_per_expert = num_pairs / max(1, num_local_experts)
+    if num_tokens <= 64:
+        block_m = min(64, max(16, next_pow2(int(2 * pairs_per_expert))))
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     block_m = 64 if pairs_per_expert < 96 else 128
     return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
@@ -205,7 +252,8 @@ def moe_experts(
     swiglu_alpha: float,
     swiglu_limit: float,
     first_expert: int = 0,
-    split_nibbles: bool = False,  # weights in the re-laid-out nibble order (see prepare_expert_weights)
+    split_nibbles: bool = False,  # weights re-laid out by `split_nibbles` (TritonKernels.prepare_weights)
+    config: dict | None = None,  # tile shapes; None = by heuristic
 ) -> torch.Tensor:  # [num_tokens, hidden] in x's dtype
     num_tokens, hidden = x.shape
     top_k = expert_ids.shape[1]
@@ -215,7 +263,9 @@ def moe_experts(
     out = torch.empty_like(x)
     if num_tokens == 0:
         return out
-    config = _tile_config(num_tokens, num_pairs, num_local_experts, swiglu=True)
+    if x.dtype != torch.bfloat16 and not emulate_bf16():
+        raise ValueError(f"the MoE kernels take bf16 activations, got {x.dtype}")
+    config = _tile_config(num_tokens, num_pairs, num_local_experts) if config is None else config
     groups = group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_M"])
     act = torch.empty((num_pairs, intermediate), dtype=x.dtype, device=x.device)  # grouped order
     moe_matmul(x, w1_blocks, w1_scales, b1, groups, top_k, act, config,
@@ -231,8 +281,9 @@ def moe_experts(
 
 
 def split_nibbles(blocks: torch.Tensor) -> torch.Tensor:
-    """Re-lays out MXFP4 bytes so that byte j of each 16-byte block holds elements j (low) and j + 16 (high)
-    instead of 2j and 2j + 1; the kernel then reads 16 consecutive activations per nibble half. Same size."""
+    """Re-lays out MXFP4 bytes [..., 16] so that byte j of each block holds elements j (low nibble) and j + 16
+    (high) instead of 2j and 2j + 1: the kernels then read activations in contiguous runs. Same size, same
+    scales: still MXFP4, 4.25 bits a weight."""
     low, high = blocks & 0x0F, blocks >> 4  # elements 0, 2, 4, ... and 1, 3, 5, ... of each block
     values = torch.stack((low, high), dim=-1).flatten(-2)  # [..., 32] nibbles in element order
     return (values[..., :16] | (values[..., 16:] << 4)).contiguous()
