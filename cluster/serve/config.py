@@ -46,6 +46,7 @@ class AppConfig(BaseModel):
     num_replicas: int = Field(default=1, ge=1)
     num_ingress_replicas: int = Field(default=1, ge=1)
     stream_batch_interval_s: float = Field(default=0.02, ge=0)  # streamed chunks within this interval travel together
+    graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0)  # for a stopping replica's streams to finish
     response_store_max_items: int = Field(default=10000, ge=1)
     ray_actor_options: dict[str, Any] | None = None  # of each model replica (num_cpus, num_gpus, resources, ...)
     placement_group_bundles: list[dict[str, float]] | None = None  # a replica that owns GPU shard actors
@@ -80,6 +81,7 @@ class AppConfig(BaseModel):
             "num_replicas": self.num_replicas,
             # Room for the requests the engine refuses (answered 429 at once) and for health/metrics calls.
             "max_ongoing_requests": self.engine_capacity + 16,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
         actor_options = dict(self.ray_actor_options or {})
         if self.device == "cuda" and self.placement_group_bundles is None:

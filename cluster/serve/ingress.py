@@ -37,7 +37,8 @@ from gptoss_serve.cluster.serve.openai_protocol import (
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0  # a ready() call that takes longer means no replica is up
-PROBE_INTERVAL_S = 1.0  # while a model is not ready yet
+PROBE_INTERVAL_S = 1.0  # while a model is not ready
+HEALTHY_PROBE_INTERVAL_S = 5.0
 METRICS_MAX_AGE_S = 15.0  # snapshots older than this belong to replicas that went away
 
 app = FastAPI(title="gptoss-serve", docs_url=None, redoc_url=None)
@@ -80,9 +81,10 @@ class OpenAIIngress:
         self._replica_id = context.replica_tag
         self._servers = servers
         self._model_info: dict[str, dict[str, Any]] = {}  # model id -> ready() answer, once a replica is up
+        self._healthy: dict[str, bool] = {}  # model id -> whether the last probe was answered
         self._metrics = IngressMetrics(self._replica_id)
         self._hub = await get_or_create(MetricsHubActor, context.app_name, "metrics")
-        self._probe_task = asyncio.create_task(self._probe_until_ready())
+        self._monitor_task = asyncio.create_task(self._monitor())
         self._push_task = asyncio.create_task(self._push_metrics())
 
     # Readiness ---------------------------------------------------------------------------------------------
@@ -95,27 +97,28 @@ class OpenAIIngress:
             response.cancel()
             return None
 
-    async def _probe_until_ready(self) -> None:
-        while len(self._model_info) < len(self._servers):
-            for model_id in self._servers:
-                if model_id not in self._model_info:
-                    info = await self._probe(model_id)
-                    if info is not None:
-                        self._model_info[model_id] = info
-            await asyncio.sleep(PROBE_INTERVAL_S)
+    async def _monitor(self) -> None:
+        """Keeps each model's readiness current, so that /health and refusals answer at once."""
+        while True:
+            infos = await asyncio.gather(*(self._probe(model_id) for model_id in self._servers))
+            for model_id, info in zip(self._servers, infos):
+                self._healthy[model_id] = info is not None
+                if info is not None:
+                    self._model_info[model_id] = info
+            await asyncio.sleep(PROBE_INTERVAL_S if not all(self._healthy.values()) else HEALTHY_PROBE_INTERVAL_S)
 
     def _server(self, model_id: str) -> DeploymentHandle:
         if model_id not in self._servers:
             raise model_not_found(model_id, list(self._servers))
-        if model_id not in self._model_info:
-            raise unavailable(f"The model {model_id!r} is starting: none of its replicas is ready yet.")
+        if not self._healthy.get(model_id):
+            state = "is starting" if model_id not in self._model_info else "is not answering"
+            raise unavailable(f"The model {model_id!r} {state}: no replica of it is ready.")
         return self._servers[model_id]
 
     # Routes ------------------------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> Response:
-        infos = await asyncio.gather(*(self._probe(model_id) for model_id in self._servers))
-        not_ready = [model_id for model_id, info in zip(self._servers, infos) if info is None]
+        not_ready = [model_id for model_id in self._servers if not self._healthy.get(model_id)]
         if not_ready:
             return JSONResponse({"status": "starting", "not_ready": not_ready}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -123,7 +126,7 @@ class OpenAIIngress:
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         data = [{"id": model_id, "object": "model", "created": 0, "owned_by": "gptoss-serve",
-                 "max_model_len": info.get("max_model_len"), "ready": model_id in self._model_info}
+                 "max_model_len": info.get("max_model_len"), "ready": bool(self._healthy.get(model_id))}
                 for model_id, info in ((m, self._model_info.get(m, {})) for m in self._servers)]
         return {"object": "list", "data": data}
 

@@ -77,7 +77,7 @@ def load_engine(config: AppConfig, loop: asyncio.AbstractEventLoop) -> tuple[Eng
     return LocalEngineClient(llm.engine, config.max_queued_requests, loop), tokenizer
 
 
-@serve.deployment(name="ModelServer", health_check_period_s=10, graceful_shutdown_timeout_s=30)
+@serve.deployment(name="ModelServer", health_check_period_s=10)
 class ModelServer:
     async def __init__(self, config: AppConfig):
         from gptoss_serve.cluster.serve.chat import ChatCompletions
