@@ -10,6 +10,7 @@ larger or mixed steps run eagerly.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 
 import numpy as np
@@ -61,9 +62,12 @@ def build_host_batch(batch: ScheduledBatch, block_size: int, sliding_pool: bool)
     positions = starts[seq_of_token] + np.arange(num_tokens) - cu[seq_of_token]
 
     def table_and_slots(tables: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        table = np.zeros((num_seqs, max(len(t) for t in tables)), dtype=np.int32)
-        for i, blocks in enumerate(tables):
-            table[i, :len(blocks)] = blocks
+        lengths = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
+        flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum()))
+        row_starts = np.cumsum(lengths) - lengths
+        rows = np.repeat(np.arange(num_seqs), lengths)
+        table = np.zeros((num_seqs, int(lengths.max())), dtype=np.int32)
+        table[rows, np.arange(flat.size) - row_starts[rows]] = flat
         slots = table[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
         np.maximum(table, 0, out=table)  # freed sliding entries (never read) point at a real block
         return table, slots
