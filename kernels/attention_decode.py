@@ -142,10 +142,10 @@ def paged_attention_decode(
     max_keys = block_tables.shape[1] * block_size  # static bound on the context
     if sliding_window:
         max_keys = min(max_keys, sliding_window)
-    if num_splits is None:
+    if num_splits is None:  # about four programs per SM, slices of at least two key blocks
         programs = num_seqs * num_kv_heads
-        wanted = triton.cdiv(2 * _num_sms(q.device), programs)
-        num_splits = max(1, min(wanted, triton.cdiv(max_keys, 4 * block_n), 64))
+        wanted = triton.cdiv(4 * _num_sms(q.device), programs)
+        num_splits = max(1, min(wanted, triton.cdiv(max_keys, 2 * block_n), 64))
     num_splits = next_pow2(num_splits)
     partition = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
     block_d = next_pow2(head_dim)

@@ -112,12 +112,18 @@ def _moe_matmul_kernel(
     num_blocks_k = K // 32
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    # Scale rows are K/32 bytes apart, too narrow for asynchronous copies: load each step's scales one step
+    # ahead, so their latency hides behind the current step instead of stalling it.
+    scale_cols = tl.arange(0, NUM_SCALES)[None, :]
+    next_scales = tl.load(s_tile_ptr, mask=in_n[:, None] & (scale_cols < num_blocks_k), other=0)
     for k0 in range(0, K, BLOCK_K):
         blk = k0 // 32
         w_mask = in_n[:, None, None] & (blk3 + blk < num_blocks_k)
         w_bytes = tl.load(w_tile_ptr + blk * 16, mask=w_mask, other=0)  # [BLOCK_N, NUM_SCALES, 16] uint8
-        s_mask = in_n[:, None] & (tl.arange(0, NUM_SCALES)[None, :] + blk < num_blocks_k)
-        scale_bytes = tl.load(s_tile_ptr + blk, mask=s_mask, other=0).to(tl.int32)
+        scale_bytes = next_scales.to(tl.int32)
+        next_blk = blk + NUM_SCALES
+        next_scales = tl.load(s_tile_ptr + next_blk, mask=in_n[:, None] & (scale_cols + next_blk < num_blocks_k),
+                              other=0)
         if EMULATE_BF16:
             # 2^(scale - 121) as float32 bits: the E8M0 scale times the 2^6 that e4m3 leaves out.
             scale = ((scale_bytes + 6) << 23).to(tl.float32, bitcast=True)[:, :, None]
