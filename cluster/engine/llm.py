@@ -110,12 +110,16 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
         order = {}
-        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
-            token_ids, text = self._tokenize(prompt)
-            request_id = f"generate-{next(self._request_ids)}"
-            order[request_id] = i
-            self.engine.add_request(request_id, token_ids, params.replace(output_kind=OutputKind.FINAL_ONLY),
-                                    prompt=text)
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+                token_ids, text = self._tokenize(prompt)
+                request_id = f"generate-{next(self._request_ids)}"
+                self.engine.add_request(request_id, token_ids, params.replace(output_kind=OutputKind.FINAL_ONLY),
+                                        prompt=text)
+                order[request_id] = i
+        except Exception:  # a bad prompt: none of this call's requests stay behind in the engine
+            self.engine.abort_request(list(order))
+            raise
         results: list[RequestOutput | None] = [None] * len(prompts)
         show = self.progress if use_tqdm is None else use_tqdm
         with tqdm(total=len(prompts), desc="Generating", unit="prompt", disable=not show or len(prompts) < 2,

@@ -91,7 +91,7 @@ class Sampler:
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the better tokens
-        drop = mass_before >= top_p[:, None]  # the first token is always kept
+        drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # the first token is always kept
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 

@@ -14,6 +14,16 @@ from gptoss_serve.model.loader import random_model
 ENGINE_DEFAULTS = dict(block_size=4, num_kv_blocks=256, max_num_seqs=16, max_num_batched_tokens=256)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny model's ops are too small to share out; with other jobs on the machine, more threads than
+    free cores make them spin and wait (ten times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return random_model(preset("tiny"), seed=0, dtype=torch.float32)

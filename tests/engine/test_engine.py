@@ -219,3 +219,10 @@ def test_decode_graph_inputs_padding_and_buckets(make_llm, prompts, reference):
     outputs = llm.generate(prompts, params)
     assert tokens_of(outputs) == [r[:m] for r, m in zip(reference, (12, 3, 12, 6, 9))]
     assert set(_EagerReplay.replayed) == {2, 4}  # 4 and 3 (padded) sequences, then 2
+
+
+def test_a_bad_prompt_leaves_no_request_behind(make_llm, prompts):
+    llm = make_llm()
+    with pytest.raises(ValueError):
+        llm.generate([prompts[0], [-1]], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
