@@ -372,6 +372,11 @@ def test_disconnect_aborts_and_frees_kv_blocks(base_url):
             assert wait_for(lambda: sum(used().values()) > 0), "the request never held KV blocks"
         # Leaving the block closed the connection mid-stream.
     assert wait_for(lambda: sum(used().values()) == 0), f"KV blocks still held after disconnect: {used()}"
+
+    # A client that stops waiting for a non-streamed answer is no different.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/chat/completions", json={**body, "stream": False}, timeout=2)
+    assert wait_for(lambda: sum(used().values()) == 0), f"KV blocks still held after a timeout: {used()}"
     requests = httpx.get(f"{base_url}/metrics").text
     assert re.search(r'gptoss_requests_total\{[^}]*outcome="aborted"[^}]*\} [1-9]', requests)
     assert sum(metric_values(base_url, "gptoss_requests_total").values()) > aborted_before

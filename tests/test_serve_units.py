@@ -66,6 +66,8 @@ def test_model_source_errors_are_clear(tmp_path):
     assert resolve_model(str(tmp_path)) == tmp_path
     with pytest.raises(ModelSourceError, match="not a Hugging Face id"):
         resolve_model(str(tmp_path / "missing" / "dir"))
+    with pytest.raises(ModelSourceError, match="could not download gptoss-serve-tests/no-such-model.*--model DIR"):
+        resolve_model("gptoss-serve-tests/no-such-model")  # offline here; a missing repository where online
 
 
 # Requests ------------------------------------------------------------------------------------------------------

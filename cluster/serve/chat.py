@@ -13,8 +13,8 @@ from typing import Any, AsyncIterator
 
 from gptoss_serve.cluster.serve.assistant_turn import AssistantTurn, TurnRequest
 from gptoss_serve.cluster.serve.engine_client import EngineClient
-from gptoss_serve.cluster.serve.metrics import RequestRecord
 from gptoss_serve.cluster.serve.harmony_prompt import HarmonyPrompt, build_harmony_prompt, resolve_tool_choice
+from gptoss_serve.cluster.serve.metrics import RequestRecord
 from gptoss_serve.cluster.serve.openai_protocol import ChatCompletionRequest
 from gptoss_serve.cluster.serve.response_format import JsonFormat, check
 from gptoss_serve.cluster.serve.sampling import resolve_max_tokens, sampling_params, stop_strings

@@ -12,13 +12,13 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+from gptoss_serve.cluster.engine.sampling_params import SamplingParams
 from gptoss_serve.cluster.serve.engine_client import EngineClient, GenerationDelta
 from gptoss_serve.cluster.serve.errors import invalid_request
 from gptoss_serve.cluster.serve.metrics import RequestRecord
 from gptoss_serve.cluster.serve.openai_protocol import CompletionRequest
 from gptoss_serve.cluster.serve.sampling import resolve_max_tokens, sampling_params, stop_strings
 from gptoss_serve.cluster.serve.streaming import SSE_DONE, merge, sse
-from gptoss_serve.cluster.engine.sampling_params import SamplingParams
 from gptoss_serve.model.tokenizer import Tokenizer
 
 

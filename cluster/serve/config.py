@@ -37,7 +37,6 @@ class AppConfig(BaseModel):
     max_num_batched_tokens: int = Field(default=4096, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
     kv_cache_memory_bytes: int | None = Field(default=None, ge=1)
-    num_kv_blocks: int | None = Field(default=None, ge=1)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     max_queued_requests: int = Field(default=128, ge=0)  # sequences admitted beyond max_num_seqs; then 429

@@ -33,6 +33,7 @@ from gptoss_serve.cluster.serve.openai_protocol import (
     ResponsesRequest,
     parse_request,
 )
+from gptoss_serve.cluster.serve.shared_actors import MetricsHubActor, get_or_create
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ async def _sse_body(call) -> AsyncIterator[str]:
 @serve.ingress(app)
 class OpenAIIngress:
     async def __init__(self, servers: dict[str, DeploymentHandle]):
-        from gptoss_serve.cluster.serve.shared_actors import MetricsHubActor, get_or_create
-
         context = serve.get_replica_context()
         self._replica_id = context.replica_tag
         self._servers = servers
@@ -187,10 +186,11 @@ class OpenAIIngress:
             raise
         except BackPressureError as error:
             raise queue_full(f"The model's request queue is full: {error}") from None
-        except (asyncio.CancelledError, Exception) as error:
-            call.cancel()  # the client went away (or the replica failed): stop the generation
-            if isinstance(error, asyncio.CancelledError):
-                raise
+        except asyncio.CancelledError:
+            call.cancel()  # the client went away: stop the generation and free its KV blocks
+            raise
+        except Exception as error:
+            call.cancel()
             logger.exception("%s: replica call failed", endpoint)
             raise internal_error(f"{type(error).__name__}: {error}") from None
 

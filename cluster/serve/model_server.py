@@ -23,10 +23,15 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ray import serve
 
+from gptoss_serve.cluster.serve.chat import ChatCompletions, prepare_chat
+from gptoss_serve.cluster.serve.completions import Completions, prepare_completion
 from gptoss_serve.cluster.serve.config import AppConfig
 from gptoss_serve.cluster.serve.engine_client import EngineClient, EngineDeadError, EngineOverloadedError
 from gptoss_serve.cluster.serve.errors import APIError, internal_error, queue_full, unavailable
 from gptoss_serve.cluster.serve.metrics import ReplicaMetrics, RequestRecord
+from gptoss_serve.cluster.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from gptoss_serve.cluster.serve.responses import Responses, prepare_response
+from gptoss_serve.cluster.serve.shared_actors import MetricsHubActor, RayResponseStore, ResponseStoreActor, get_or_create
 from gptoss_serve.cluster.serve.streaming import batched, sse
 
 logger = logging.getLogger(__name__)
@@ -71,8 +76,6 @@ def load_engine(config: AppConfig, loop: asyncio.AbstractEventLoop) -> tuple[Eng
               max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
               max_model_len=config.max_model_len, kv_cache_memory_bytes=config.kv_cache_memory_bytes,
               enable_prefix_caching=config.enable_prefix_caching, enforce_eager=config.enforce_eager)
-    if config.num_kv_blocks is not None:
-        raise ValueError("num_kv_blocks is not settable through the LLM API yet; use kv_cache_memory_bytes")
     tokenizer = llm.tokenizer or load_tokenizer(model_dir)
     return LocalEngineClient(llm.engine, config.max_queued_requests, loop), tokenizer
 
@@ -80,16 +83,6 @@ def load_engine(config: AppConfig, loop: asyncio.AbstractEventLoop) -> tuple[Eng
 @serve.deployment(name="ModelServer", health_check_period_s=10)
 class ModelServer:
     async def __init__(self, config: AppConfig):
-        from gptoss_serve.cluster.serve.chat import ChatCompletions
-        from gptoss_serve.cluster.serve.completions import Completions
-        from gptoss_serve.cluster.serve.responses import Responses
-        from gptoss_serve.cluster.serve.shared_actors import (
-            MetricsHubActor,
-            RayResponseStore,
-            ResponseStoreActor,
-            get_or_create,
-        )
-
         context = serve.get_replica_context()
         self._replica_id = context.replica_tag
         self._config = config
@@ -104,8 +97,8 @@ class ModelServer:
         self._admission = Admission(config.engine_capacity)
         self._chat = ChatCompletions(self._engine, self._tokenizer, self._model_id)
         self._completions = Completions(self._engine, self._tokenizer, self._model_id)
-        self._responses = Responses(self._engine, self._tokenizer, self._model_id, RayResponseStore(store_actor))
         self._store = RayResponseStore(store_actor)
+        self._responses = Responses(self._engine, self._tokenizer, self._model_id, self._store)
         self._push_task = asyncio.create_task(self._push_metrics())
         logger.info("replica %s serves %s (max_model_len %d)", self._replica_id, self._model_id,
                     self._info.max_model_len)
@@ -144,9 +137,7 @@ class ModelServer:
             await asyncio.sleep(METRICS_PUSH_INTERVAL_S)
 
     # Endpoints ---------------------------------------------------------------------------------------------
-    async def chat(self, request) -> AsyncIterator[dict[str, Any]]:
-        from gptoss_serve.cluster.serve.chat import prepare_chat
-
+    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
         def prepare():
             return prepare_chat(request, self._tokenizer, self._info.max_model_len)
 
@@ -154,9 +145,7 @@ class ModelServer:
                                       self._chat.stream, self._chat.complete):
             yield item
 
-    async def completions(self, request) -> AsyncIterator[dict[str, Any]]:
-        from gptoss_serve.cluster.serve.completions import prepare_completion
-
+    async def completions(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
         def prepare():
             return prepare_completion(request, self._tokenizer, self._info.max_model_len, self._info.vocab_size)
 
@@ -164,9 +153,7 @@ class ModelServer:
                                       self._completions.stream, self._completions.complete):
             yield item
 
-    async def responses(self, request) -> AsyncIterator[dict[str, Any]]:
-        from gptoss_serve.cluster.serve.responses import prepare_response
-
+    async def responses(self, request: ResponsesRequest) -> AsyncIterator[dict[str, Any]]:
         async def prepare():
             return await prepare_response(request, self._tokenizer, self._info.max_model_len, self._store)
 

@@ -41,7 +41,8 @@ def download_from_hub(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS))
     except Exception as error:
+        reason = " ".join(str(error).split())
         raise ModelSourceError(
-            f"could not download {repo_id} from the Hugging Face Hub ({type(error).__name__}: {error}). "
+            f"could not download {repo_id} from the Hugging Face Hub ({type(error).__name__}: {reason}). "
             f"Check the id and the network (or HF_ENDPOINT / HF_TOKEN), or download the checkpoint where the "
             f"network allows and pass its directory with --model DIR.") from error
