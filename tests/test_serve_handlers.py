@@ -279,3 +279,25 @@ def test_responses_stream_events_and_previous_response():
     asyncio.run(stream({"model": "m", "input": "And tomorrow?", "previous_response_id": response["id"]}))
     follow_up_prompt = TOKENIZER.decode(engine.prompts[-1])
     assert "Weather?" in follow_up_prompt and "It is sunny." in follow_up_prompt and "And tomorrow?" in follow_up_prompt
+
+
+def test_random_token_soup_never_raises():
+    """Whatever ids the engine returns (harmony specials in any order, reserved ids, text), every answer mode
+    still produces a well-formed response."""
+    import random
+
+    rng = random.Random(0)
+    specials = [200002, 200003, 200005, 200006, 200007, 200008, 200012, 199999, 200100]
+    pieces = specials + ids("analysis final commentary to=functions.get_weather json {\"a\": 1} hello é")
+
+    for trial in range(60):
+        soup = [rng.choice(pieces) for _ in range(rng.randint(0, 40))]
+        text = TOKENIZER.decode(soup)
+        mode = [{}, {"tools": TOOLS}, {"tools": TOOLS, "tool_choice": "required"},
+                {"response_format": {"type": "json_object"}}, {"stop": ["a"]}][trial % 5]
+        engine = ScriptedEngine(lambda prompt, text=text: text)
+        out = run_chat(engine, max_tokens=30, logprobs=True, **mode)
+        assert out["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+        assert 0 <= out["usage"]["completion_tokens_details"]["reasoning_tokens"] <= out["usage"]["completion_tokens"]
+        chunks = stream_chat(ScriptedEngine(lambda prompt, text=text: text), max_tokens=30, **mode)
+        assert chunks[-1]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
