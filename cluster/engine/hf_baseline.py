@@ -57,12 +57,28 @@ def hf_model_from(model: GptOssModel, dtype: torch.dtype = torch.bfloat16, devic
         ]
         for param, value in pairs:
             param.copy_(value)
+        w1, w2 = ours.mlp.mlp1_weight, ours.mlp.mlp2_weight
+        w1_relaid, w2_relaid = _is_relaid_out(model, w1.blocks), _is_relaid_out(model, w2.blocks)
         for e in range(config.num_experts):  # one expert at a time: no layer-sized float temporaries
-            w1 = dequantize_mxfp4(ours.mlp.mlp1_weight.blocks[e], ours.mlp.mlp1_weight.scales[e], dtype)
-            mlp.experts.gate_up_proj[e].copy_(w1.T)  # [2I, H] -> [H, 2I]
-            w2 = dequantize_mxfp4(ours.mlp.mlp2_weight.blocks[e], ours.mlp.mlp2_weight.scales[e], dtype)
-            mlp.experts.down_proj[e].copy_(w2.T)  # [H, I] -> [I, H]
+            blocks = merge_nibbles(w1.blocks[e]) if w1_relaid else w1.blocks[e]
+            mlp.experts.gate_up_proj[e].copy_(dequantize_mxfp4(blocks, w1.scales[e], dtype).T)  # -> [H, 2I]
+            blocks = merge_nibbles(w2.blocks[e]) if w2_relaid else w2.blocks[e]
+            mlp.experts.down_proj[e].copy_(dequantize_mxfp4(blocks, w2.scales[e], dtype).T)  # -> [I, H]
     return hf
+
+
+def _is_relaid_out(model: GptOssModel, blocks: torch.Tensor) -> bool:
+    """Whether the kernel backend re-laid these expert bytes out in place when it prepared the weights (the
+    triton backend does; it has no public way to ask yet)."""
+    is_split = getattr(model.kernels, "_is_split", None)
+    return bool(is_split is not None and is_split(blocks))
+
+
+def merge_nibbles(blocks: torch.Tensor) -> torch.Tensor:
+    """The inverse of kernels.moe_matmul.split_nibbles: byte j of a block back to elements 2j (low nibble) and
+    2j + 1 (high), the checkpoint's order, from j and j + 16."""
+    values = torch.cat((blocks & 0x0F, blocks >> 4), dim=-1)  # [..., 32] nibbles in element order
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).contiguous()
 
 
 @torch.inference_mode()
