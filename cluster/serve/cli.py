@@ -116,9 +116,9 @@ def run_up(args: argparse.Namespace) -> int:
     _write_state({"address": address, "head_pid": head_pid, "app_name": args.app_name})
     ray.init(address=address, namespace="gptoss_serve", log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"deploying {config.served_model_id} ({config.num_replicas} replica(s)) ...", flush=True)
     serve.run(build_app(config), name=args.app_name, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    print(f"deploying {config.served_model_id} ({config.num_replicas} replica(s)) ...", flush=True)
     if not _wait_healthy(url, args.app_name):
         print("gptoss-serve up: the application did not become healthy; see `serve status` and the Ray logs",
               file=sys.stderr)
