@@ -62,7 +62,7 @@ def _moe_layer(num_experts: int, gen: torch.Generator, hidden: int, intermediate
 
 
 def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], torch_max_tokens: int) -> list[dict]:
-    from gptoss_serve.kernels.moe_matmul import moe_experts
+    from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles
     from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref, swiglu_ref
     from gptoss_serve.kernels.mxfp4 import dequantize_mxfp4
 
@@ -71,12 +71,15 @@ def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], tor
     for num_experts in expert_counts:
         gen = torch.Generator().manual_seed(num_experts)
         layers = [_moe_layer(num_experts, gen, h, i) for _ in range(NUM_COPIES)]
+        # The serving layout, as TritonKernels.prepare_weights leaves it; the torch twins read `layers`.
+        prepared = [[split_nibbles(t) if j in (0, 3) else t for j, t in enumerate(w)] for w in layers]
         bytes_per_expert = sum(t[0].numel() * t.element_size() for t in layers[0])
         for num_tokens in token_counts:
             x = torch.randn(num_tokens, h, generator=gen).to(torch.bfloat16).cuda()
             weights, ids = route_ref(torch.randn(num_tokens, num_experts, generator=gen).cuda(), k)
             num_active = torch.unique(ids).numel()
-            ms = _bench(lambda: [moe_experts(x, weights, ids, *w, 1.702, 7.0) for w in layers]) / NUM_COPIES
+            ms = _bench(lambda: [moe_experts(x, weights, ids, *w, 1.702, 7.0, split_nibbles=True)
+                                 for w in prepared]) / NUM_COPIES
             nbytes = num_active * bytes_per_expert + x.numel() * 2 * 2
             flops = 2 * num_tokens * k * (h * 2 * i + i * h)
             row = dict(op=f"MoE {'20b' if num_experts == 32 else '120b' if num_experts == 128 else num_experts}",
@@ -103,7 +106,7 @@ def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], tor
                 row["torch_path"] = "bf16 weights dequantized once"
                 del deq
             rows.append(row)
-        del layers
+        del layers, prepared
         torch.cuda.empty_cache()
     return rows
 

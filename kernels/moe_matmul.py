@@ -202,7 +202,7 @@ def _tile_config(num_tokens: int, num_pairs: int, num_local_experts: int) -> dic
     if num_tokens <= 64:
         block_m = min(64, max(16, next_pow2(int(2 * pairs_per_expert))))
         return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
-    block_m = 64 if pairs_per_expert < 96 else 128
+    block_m = 64 if pairs_per_expert < 96 else 128 if pairs_per_expert < 384 else 256
     return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
