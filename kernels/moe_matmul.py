@@ -2,8 +2,10 @@
 
 Each program computes one tile out^T[BLOCK_N weight rows, BLOCK_M pairs] = W_e[rows, :] @ A[pairs, :]^T for
 the row block of one expert (see moe_routing.group_by_expert). The weight tile is the left operand because it
-is produced in registers (FP4 nibbles -> float -> bf16) and the pairs' activations are the small right operand;
-with few tokens one program per (expert, row tile) reads each weight byte exactly once.
+is produced in registers (FP4 nibbles -> bf16) and the pairs' activations are the small right operand. With few
+tokens each expert's weight tiles are read from HBM once per step; an expert with more pairs than a row block
+(BLOCK_M, chosen from the average pairs per expert) gets a second block whose programs run beside the first's
+and mostly find the tiles in L2.
 
 MXFP4 in registers: a 16-byte block holds 32 values, two per byte. The kernel dequantizes the low nibbles and
 the high nibbles of a byte tile separately and multiplies them by the matching columns of A (two dots over
