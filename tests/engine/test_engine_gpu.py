@@ -16,7 +16,10 @@ from gptoss_serve.model.loader import random_model
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.float32, marks=pytest.mark.skip(reason="the triton MoE kernels take bf16 activations only "
+                                                              "(since 7d47f4a); passed on an H100 before that")),
+    torch.bfloat16])
 def test_cuda_graph_decode_equals_eager(dtype, random_prompts):
     model = random_model(preset("tiny"), seed=0, dtype=dtype, device="cuda", kernels=get_kernels("triton"))
     config = dict(block_size=16, num_kv_blocks=512, max_num_seqs=32, max_num_batched_tokens=128)
