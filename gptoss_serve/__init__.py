@@ -15,3 +15,15 @@ import os as _os
 _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")) and _checkout not in __path__:
     __path__.append(_checkout)
+
+
+def __getattr__(name):  # `from gptoss_serve import LLM, SamplingParams` imports torch only then
+    if name == "LLM":
+        from gptoss_serve.cluster.engine.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from gptoss_serve.cluster.engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'gptoss_serve' has no attribute {name!r}")

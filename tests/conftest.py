@@ -1,6 +1,6 @@
 """One local Ray cluster per test session, shared by every test that needs Ray (starting Ray is slow).
 
-The cluster is CPU-only and bound to 127.0.0.1, with more logical CPUs than the machine has so that several
+The cluster is bound to 127.0.0.1, with more logical CPUs than the machine has so that several
 Serve replicas fit; token auth is off as for any local cluster. Serve's HTTP proxy is started on a free port
 the first time a test asks for `serve_http`.
 """
@@ -13,6 +13,8 @@ import socket
 import pytest
 
 NUM_LOGICAL_CPUS = 16
+# Logical GPUs only: sharded replicas place one worker per "GPU", which runs on the CPU with gloo here.
+NUM_FAKE_GPUS = 4
 
 
 def free_port() -> int:
@@ -26,7 +28,7 @@ def ray_cluster():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    ray.init(address="local", num_cpus=NUM_LOGICAL_CPUS, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=NUM_LOGICAL_CPUS, num_gpus=NUM_FAKE_GPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
              namespace="gptoss_tests", log_to_driver=False, configure_logging=False)
     yield ray
     try:

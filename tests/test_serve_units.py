@@ -27,15 +27,20 @@ def test_example_serve_config_loads_and_builds():
     build_app(document["applications"][0]["args"])  # what `serve run` / `serve deploy` call
 
 
-def test_config_refuses_typos_and_sharding_for_now():
+def test_config_refuses_typos_and_places_sharded_replicas():
     from pydantic import ValidationError
 
     from gptoss_serve.cluster.serve.config import AppConfig
 
     with pytest.raises(ValidationError, match="extra"):
         AppConfig(max_num_seq=4)
-    with pytest.raises(ValidationError, match="sharded engine"):
-        AppConfig(tensor_parallel_size=2)
+    with pytest.raises(ValidationError, match="multiple of the smaller"):
+        AppConfig(tensor_parallel_size=2, expert_parallel_size=3)
+    with pytest.raises(ValidationError, match="either model or random_weights"):
+        AppConfig(model="x", random_weights="gpt-oss-120b")
+    sharded = AppConfig(tensor_parallel_size=2, expert_parallel_size=2).model_replica_options()
+    assert sharded["placement_group_bundles"] == [{"CPU": 1}, {"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
+    assert sharded["ray_actor_options"] == {"num_cpus": 1}
     gpu = AppConfig(device="cuda").model_replica_options()
     assert gpu["ray_actor_options"] == {"num_gpus": 1}
     bundles = [{"CPU": 1}, {"CPU": 1, "GPU": 1}]
@@ -54,10 +59,12 @@ def test_cli_flags():
     config = app_config_from_args(args)
     assert (config.num_replicas, config.max_num_seqs, config.dtype, config.model) == (2, 8, "float32", None)
     assert args.func is run_up and (args.host, args.port) == ("127.0.0.1", 8000)
-    with pytest.raises(ValueError, match="--tp 2 is not supported yet.*only 1 works"):
-        app_config_from_args(parser.parse_args(["up", "--tp", "2"]))
-    with pytest.raises(ValueError, match="--ep 4"):
-        app_config_from_args(parser.parse_args(["up", "--ep", "4"]))
+    sharded = app_config_from_args(parser.parse_args(["up", "--tp", "2", "--ep", "4"]))
+    assert (sharded.tensor_parallel_size, sharded.expert_parallel_size, sharded.world_size) == (2, 4, 4)
+    with pytest.raises(ValueError, match="multiple of the smaller"):
+        app_config_from_args(parser.parse_args(["up", "--tp", "2", "--ep", "3"]))
+    random = app_config_from_args(parser.parse_args(["up", "--random-weights", "gpt-oss-120b", "--tp", "2"]))
+    assert random.served_model_id == "gpt-oss-120b-random"
 
 
 def test_model_source_errors_are_clear(tmp_path):

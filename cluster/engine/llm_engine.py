@@ -13,12 +13,13 @@ from typing import Iterable
 
 from gptoss_serve.cluster.engine.block_manager import BlockManager
 from gptoss_serve.cluster.engine.config import EngineConfig
-from gptoss_serve.cluster.engine.kv_plan import plan_kv_cache
+from gptoss_serve.cluster.engine.kv_plan import KVPlan, plan_kv_cache
 from gptoss_serve.cluster.engine.model_runner import ModelRunner
 from gptoss_serve.cluster.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from gptoss_serve.cluster.engine.sampling_params import OutputKind, SamplingParams
 from gptoss_serve.cluster.engine.scheduler import Scheduler
 from gptoss_serve.cluster.engine.sequence import FinishReason, Sequence
+from gptoss_serve.cluster.engine.step_broadcast import StepBroadcaster, agree_kv_plan
 from gptoss_serve.cluster.engine.stop import TextState, check_token_stop
 from gptoss_serve.model.batch import KVCache
 from gptoss_serve.model.transformer import GptOssModel
@@ -39,25 +40,42 @@ class _Request:
         return all(seq.is_finished for seq in self.seqs)
 
 
+def build_model_runner(model: GptOssModel, config: EngineConfig, broadcaster: StepBroadcaster | None = None
+                       ) -> tuple[KVPlan, int, ModelRunner]:
+    """(KV plan, max_model_len, runner): the device side of an engine. Every rank of a sharded model builds it at
+    the same time (planning and graph capture run collectives) and agrees on the smallest plan."""
+    plan = agree_kv_plan(plan_kv_cache(model, config), broadcaster)
+    device = next(model.parameters()).device
+    kv_cache = KVCache.allocate(model.config, plan.num_blocks, config.block_size, model.dtype, device,
+                                num_kv_heads=model.layout.num_kv_heads(model.config),
+                                num_sliding_blocks=plan.num_sliding_blocks)
+    max_model_len = min(config.max_model_len or model.config.max_context_length, plan.num_blocks * config.block_size)
+    runner = ModelRunner(model, kv_cache, config.max_num_seqs, max_model_len, use_cuda_graphs=not config.enforce_eager,
+                         max_graph_batch_size=config.max_graph_batch_size, broadcaster=broadcaster)
+    return plan, max_model_len, runner
+
+
+def run_follower(model: GptOssModel, config: EngineConfig, broadcaster: StepBroadcaster) -> int:
+    """The loop of every rank but the engine's in a sharded replica: runs the steps it receives until told to
+    stop; returns the number of steps."""
+    _, _, runner = build_model_runner(model, config, broadcaster)
+    return runner.follow()
+
+
 class LLMEngine:
-    def __init__(self, model: GptOssModel, config: EngineConfig | None = None, tokenizer=None):
-        """model: a loaded GptOssModel (on its device); tokenizer: for text and stop strings (None: token ids
+    def __init__(self, model: GptOssModel, config: EngineConfig | None = None, tokenizer=None,
+                 broadcaster: StepBroadcaster | None = None):
+        """model: a loaded GptOssModel (on its device), or this rank's shard of one, whose other ranks run
+        run_follower() with `broadcaster`'s group; tokenizer: for text and stop strings (None: token ids
         only, text is '')."""
         self.model = model
         self.config = config = config or EngineConfig()
         self.tokenizer = tokenizer
-        plan = plan_kv_cache(model, config)
-        device = next(model.parameters()).device
-        self.kv_cache = KVCache.allocate(model.config, plan.num_blocks, config.block_size, model.dtype, device,
-                                         num_sliding_blocks=plan.num_sliding_blocks)
-        self.max_model_len = min(config.max_model_len or model.config.max_context_length,
-                                 plan.num_blocks * config.block_size)
+        plan, self.max_model_len, self.model_runner = build_model_runner(model, config, broadcaster)
+        self.kv_cache = self.model_runner.kv_cache
         self.block_manager = BlockManager(plan.num_blocks, config.block_size, model.config.sliding_window,
                                           plan.num_sliding_blocks, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.model_runner = ModelRunner(model, self.kv_cache, config.max_num_seqs, self.max_model_len,
-                                        use_cuda_graphs=not config.enforce_eager,
-                                        max_graph_batch_size=config.max_graph_batch_size)
         self.requests: dict[str, _Request] = {}
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0

@@ -18,6 +18,7 @@ import torch
 
 from gptoss_serve.cluster.engine.sampler import Sampler, SamplerOutput
 from gptoss_serve.cluster.engine.scheduler import ScheduledBatch
+from gptoss_serve.cluster.engine.step_broadcast import StepBroadcaster, StepKind
 from gptoss_serve.model.batch import ForwardBatch, KVCache
 from gptoss_serve.model.transformer import GptOssModel
 
@@ -86,8 +87,11 @@ def build_host_batch(batch: ScheduledBatch, block_size: int, sliding_pool: bool)
 
 class ModelRunner:
     def __init__(self, model: GptOssModel, kv_cache: KVCache, max_num_seqs: int, max_model_len: int,
-                 use_cuda_graphs: bool = True, max_graph_batch_size: int = 256):
+                 use_cuda_graphs: bool = True, max_graph_batch_size: int = 256,
+                 broadcaster: StepBroadcaster | None = None):
+        """broadcaster: with a sharded model, sends each step to the other ranks (see follow())."""
         self.model = model
+        self.broadcaster = broadcaster
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.sliding_pool = kv_cache.num_sliding_blocks is not None
@@ -107,18 +111,37 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         host = build_host_batch(batch, self.block_size, self.sliding_pool)
         samples = batch.samples
-        if self.graphs is not None and batch.is_decode_only and self.graphs.fits(len(batch)):
-            hidden = self.graphs.run(host)  # a row per sequence: keep those that sample
-            if not all(samples):
-                hidden = hidden[torch.tensor(samples, device=self.device)]
-        else:
-            hidden = self.model(self._to_device(host), self.kv_cache)  # [num_sampling, hidden]
+        use_graph = self.graphs is not None and batch.is_decode_only and self.graphs.fits(len(batch))
+        kind = StepKind.GRAPH if use_graph else StepKind.EAGER
+        if self.broadcaster is not None:
+            self.broadcaster.send(host, kind)
+        hidden = self._forward(host, kind)
+        if use_graph and not all(samples):  # graphs give a row per sequence: keep those that sample
+            hidden = hidden[torch.tensor(samples, device=self.device)]
         sampling_seqs = [seq for seq, s in zip(batch.seqs, samples) if s]
         if not sampling_seqs:
             return StepOutput([None] * len(batch), [None] * len(batch))
         logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] float32
         out = self.sampler(logits, sampling_seqs)
         return _spread(out, samples)
+
+    def _forward(self, host: HostBatch, kind: StepKind) -> torch.Tensor:
+        if kind == StepKind.GRAPH:
+            return self.graphs.run(host)  # [num_seqs, hidden]
+        return self.model(self._to_device(host), self.kv_cache)  # [num_sampling, hidden]
+
+    @torch.inference_mode()
+    def follow(self) -> int:
+        """On the other ranks of a sharded model: runs every step the engine's rank sends, the same way (eager or
+        the same graph bucket) so the collectives inside the model line up, until it sends STOP. Returns the
+        number of steps run."""
+        num_steps = 0
+        while True:
+            kind, host = self.broadcaster.receive()
+            if kind == StepKind.STOP:
+                return num_steps
+            self._forward(host, kind)
+            num_steps += 1
 
     def _to_device(self, host: HostBatch) -> ForwardBatch:
         """Every field packed into one int64 buffer: one pinned host-to-device copy per step."""

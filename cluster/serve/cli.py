@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gptoss_serve.cluster.serve.config import DEFAULT_APP_NAME, SHARDING_NOT_READY
+from gptoss_serve.cluster.serve.config import DEFAULT_APP_NAME
 
 HEALTH_TIMEOUT_S = 1800  # loading 120b from a cold disk takes a while
 _LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled"}  # a cluster bound to 127.0.0.1, for this user only
@@ -42,8 +42,12 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
                     "until it is healthy. With no --model, serves the embedded small default model on CPU.")
     parser.add_argument("--model", help="checkpoint directory or Hugging Face id (e.g. openai/gpt-oss-20b)")
     parser.add_argument("--model-id", help="name clients send as `model` (default: the HF id or directory name)")
-    parser.add_argument("--tp", type=int, default=1, help=f"tensor-parallel GPUs per replica ({SHARDING_NOT_READY})")
-    parser.add_argument("--ep", type=int, default=1, help="expert-parallel GPUs per replica (likewise only 1)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel attention: heads split over this many GPUs of a replica")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel MoE: experts split over this many GPUs (a replica has max(tp, ep))")
+    parser.add_argument("--random-weights", metavar="PRESET",
+                        help="serve random weights of a preset (e.g. gpt-oss-120b) made on each GPU: benchmarks")
     parser.add_argument("--replicas", type=int, default=1, help="model replicas, each with its own engine")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                         help="auto: bfloat16 on GPU, float32 on CPU")
@@ -79,11 +83,8 @@ def app_config_from_args(args: argparse.Namespace):
 
     from gptoss_serve.cluster.serve.config import AppConfig
 
-    for flag, value in (("--tp", args.tp), ("--ep", args.ep)):
-        if value != 1:
-            raise ValueError(f"{flag} {value} is not supported yet: {SHARDING_NOT_READY}.")
     try:
-        return AppConfig(model=args.model, model_id=args.model_id, tensor_parallel_size=args.tp,
+        return AppConfig(model=args.model, model_id=args.model_id, random_weights=args.random_weights, tensor_parallel_size=args.tp,
                          expert_parallel_size=args.ep, num_replicas=args.replicas, dtype=args.dtype,
                          kernels=args.kernels, device=args.device, max_num_seqs=args.max_num_seqs,
                          max_queued_requests=args.max_queued_requests, max_model_len=args.max_model_len)
@@ -146,8 +147,9 @@ def _resolve_locally(config):
     """Fetch the weights here, with a visible progress bar, before any replica starts; pick the device."""
     from gptoss_serve.cluster.serve.model_source import resolve_model
 
-    model_dir = resolve_model(config.model)
-    changes = {"model": str(model_dir), "model_id": config.served_model_id}
+    changes = {"model_id": config.served_model_id}
+    if config.random_weights is None:
+        changes["model"] = str(resolve_model(config.model))
     if config.device == "auto":
         import torch
 

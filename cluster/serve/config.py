@@ -14,9 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_APP_NAME = "gptoss"
 DEFAULT_MODEL_ID = "gpt-oss-default"  # the served name of the embedded tiny model
-# The issue that brings the sharded engine (GPU shard actors in a placement group per replica).
-SHARDING_NOT_READY = ("only 1 works today: tensor and expert parallelism arrive with the sharded engine "
-                      "(GPU shard actors behind the same engine protocol), which has not landed yet")
 
 
 class AppConfig(BaseModel):
@@ -24,6 +21,7 @@ class AppConfig(BaseModel):
 
     # What to serve.
     model: str | None = None  # a checkpoint directory or a Hugging Face id; None: the embedded default model
+    random_weights: str | None = None  # instead of `model`: random weights of this preset made on each device
     model_id: str | None = None  # the name clients send as `model`; default: the HF id or the directory name
     tensor_parallel_size: int = Field(default=1, ge=1)
     expert_parallel_size: int = Field(default=1, ge=1)
@@ -53,9 +51,14 @@ class AppConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":
-        for name in ("tensor_parallel_size", "expert_parallel_size"):
-            if getattr(self, name) != 1:
-                raise ValueError(f"{name}={getattr(self, name)} is not supported yet; {SHARDING_NOT_READY}")
+        world = self.world_size
+        if world % self.tensor_parallel_size or world % self.expert_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} and expert_parallel_size "
+                f"{self.expert_parallel_size}: the larger must be a multiple of the smaller (a replica has "
+                f"max(tp, ep) ranks, one per GPU)")
+        if self.random_weights is not None and self.model is not None:
+            raise ValueError("give either model or random_weights, not both")
         if self.device == "cpu" and self.kernels == "triton":
             raise ValueError("kernels 'triton' needs device 'cuda' (or 'auto' on a GPU replica)")
         return self
@@ -64,10 +67,17 @@ class AppConfig(BaseModel):
     def served_model_id(self) -> str:
         if self.model_id:
             return self.model_id
+        if self.random_weights is not None:
+            return f"{self.random_weights}-random"
         if self.model is None:
             return DEFAULT_MODEL_ID
         path = Path(self.model).expanduser()
         return path.name if path.exists() else self.model
+
+    @property
+    def world_size(self) -> int:
+        """Ranks (GPUs) of one replica."""
+        return max(self.tensor_parallel_size, self.expert_parallel_size)
 
     @property
     def engine_capacity(self) -> int:
@@ -83,13 +93,19 @@ class AppConfig(BaseModel):
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
         actor_options = dict(self.ray_actor_options or {})
-        if self.device == "cuda" and self.placement_group_bundles is None:
+        bundles = self.placement_group_bundles
+        if bundles is None and self.world_size > 1:
+            from gptoss_serve.cluster.shard.engine_client import shard_bundles
+
+            bundles = shard_bundles(self.world_size, use_gpus=self.device != "cpu")
+        if self.device == "cuda" and bundles is None:
             actor_options.setdefault("num_gpus", 1)
+        if bundles is not None:  # the replica itself runs in bundle 0; its shard workers take the others
+            actor_options.setdefault("num_cpus", bundles[0].get("CPU", 1))
+            options["placement_group_bundles"] = bundles
+            options["placement_group_strategy"] = self.placement_group_strategy
         if actor_options:
             options["ray_actor_options"] = actor_options
-        if self.placement_group_bundles is not None:
-            options["placement_group_bundles"] = self.placement_group_bundles
-            options["placement_group_strategy"] = self.placement_group_strategy
         return options
 
 

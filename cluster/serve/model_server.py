@@ -61,6 +61,8 @@ class Admission:
 
 def load_engine(config: AppConfig, loop: asyncio.AbstractEventLoop) -> tuple[EngineClient, Any]:
     """(engine client, tokenizer) for this replica. Blocking: loads the weights."""
+    if config.world_size > 1 or config.random_weights is not None:
+        return load_sharded_engine(config, loop)
     import torch
 
     from gptoss_serve.cluster.engine.llm import LLM
@@ -78,6 +80,30 @@ def load_engine(config: AppConfig, loop: asyncio.AbstractEventLoop) -> tuple[Eng
               enable_prefix_caching=config.enable_prefix_caching, enforce_eager=config.enforce_eager)
     tokenizer = llm.tokenizer or load_tokenizer(model_dir)
     return LocalEngineClient(llm.engine, config.max_queued_requests, loop), tokenizer
+
+
+def load_sharded_engine(config: AppConfig, loop: asyncio.AbstractEventLoop) -> tuple[EngineClient, Any]:
+    """A replica over several GPUs: one shard worker per GPU in this replica's placement group, the engine on
+    rank 0 (also used for random weights, which are made on the workers' devices)."""
+    from ray.util import get_current_placement_group
+
+    from gptoss_serve.cluster.engine.config import EngineConfig
+    from gptoss_serve.cluster.serve.model_source import resolve_model
+    from gptoss_serve.cluster.shard.engine_client import ShardedEngineClient
+    from gptoss_serve.cluster.shard.worker import ShardSpec
+    from gptoss_serve.model.tokenizer import load_tokenizer
+
+    model_dir = None if config.random_weights is not None else str(resolve_model(config.model))
+    engine_config = EngineConfig(
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=config.max_model_len, kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+        enable_prefix_caching=config.enable_prefix_caching, enforce_eager=config.enforce_eager)
+    spec = ShardSpec(model_dir=model_dir, preset=config.random_weights, seed=config.seed, dtype=config.dtype,
+                     kernels=config.kernels, tp=config.tensor_parallel_size, ep=config.expert_parallel_size,
+                     engine_config=engine_config, max_queued_requests=config.max_queued_requests)
+    client = ShardedEngineClient.start(spec, model_dir, loop, get_current_placement_group(),
+                                       use_gpus=config.device != "cpu")
+    return client, load_tokenizer(model_dir)
 
 
 @serve.deployment(name="ModelServer", health_check_period_s=10)

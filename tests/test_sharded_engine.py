@@ -1,0 +1,100 @@
+"""The sharded engine on Ray: one ShardWorker actor per (logical) GPU, gloo on CPU, against the unsharded engine.
+
+The session's Ray cluster has fake GPU resources, so placement works as on a GPU node while each worker
+computes on the CPU. Greedy tokens and float32 logprobs must equal the unsharded model's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from gptoss_serve.cluster.engine.config import EngineConfig
+from gptoss_serve.cluster.engine.llm import LLM
+from gptoss_serve.cluster.engine.sampling_params import SamplingParams
+from gptoss_serve.cluster.serve.engine_client import EngineDeadError
+from gptoss_serve.model.checkpoint_writer import write_checkpoint
+from gptoss_serve.model.config import preset
+
+CONFIG = preset("tiny").with_overrides(num_hidden_layers=3)
+ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, kv_cache_memory_bytes=8 * 2**20)
+PROMPTS = [[5, 17, 300, 2, 99, 1000, 7] * 5, [42, 43], list(range(100, 160))]
+PARAMS = SamplingParams(temperature=0.0, max_tokens=12, logprobs=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sharded") / "ckpt"
+    write_checkpoint(CONFIG, path, layout="original", seed=7)
+    return path
+
+
+@pytest.fixture(scope="module")
+def unsharded(checkpoint):
+    llm = LLM(str(checkpoint), dtype="float32", kernels="torch", device="cpu", progress=False,
+              max_num_seqs=8, max_num_batched_tokens=64, kv_cache_memory_bytes=8 * 2**20)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(PROMPTS, PARAMS)]
+
+
+def _spec(checkpoint, tp: int, ep: int):
+    from gptoss_serve.cluster.shard.worker import ShardSpec
+
+    return ShardSpec(model_dir=str(checkpoint), preset=None, seed=0, dtype="float32", kernels="torch", tp=tp, ep=ep,
+                     engine_config=ENGINE, max_queued_requests=16)
+
+
+async def _collect(client, request_id: str, prompt: list[int]):
+    token_ids, logprobs = [], []
+    async for delta in client.generate(request_id, prompt, PARAMS):
+        token_ids += delta.token_ids
+        logprobs += delta.logprobs
+    return token_ids, logprobs
+
+
+async def _run_sharded(checkpoint, tp: int, ep: int):
+    from gptoss_serve.cluster.shard.engine_client import ShardedEngineClient
+
+    loop = asyncio.get_running_loop()
+    client = await asyncio.to_thread(ShardedEngineClient.start, _spec(checkpoint, tp, ep), None, loop, None, True)
+    try:
+        return await asyncio.gather(*(_collect(client, f"r{i}", p) for i, p in enumerate(PROMPTS)))
+    finally:
+        await client.shutdown()
+
+
+@pytest.mark.parametrize("tp, ep", [(2, 1), (1, 2), (2, 2), (1, 4)])
+def test_sharded_layouts_match_the_unsharded_engine(ray_cluster, checkpoint, unsharded, tp, ep):
+    results = asyncio.run(_run_sharded(checkpoint, tp, ep))
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(results, unsharded):
+        assert tokens == want_tokens
+        got = torch.tensor([lp[t] for lp, t in zip(logprobs, tokens)])
+        want = torch.tensor([lp[t] for lp, t in zip(want_logprobs, want_tokens)])
+        assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_a_dead_worker_fails_its_requests_instead_of_hanging(ray_cluster, checkpoint):
+    import ray
+
+    from gptoss_serve.cluster.shard.engine_client import ShardedEngineClient
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        client = await asyncio.to_thread(ShardedEngineClient.start, _spec(checkpoint, 2, 1), None, loop, None, True)
+        long_params = PARAMS.replace(max_tokens=10_000, logprobs=None)
+        stream = client.generate("long", PROMPTS[0], long_params)
+        await stream.__anext__()  # the request is running
+        ray.kill(client._workers[1])  # a follower dies mid-request
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match="shard worker 1"):
+            async for _ in stream:
+                pass
+        assert time.monotonic() - started < 30
+        assert not client.is_alive()
+        with pytest.raises(EngineDeadError):
+            await client.generate("after", PROMPTS[1], PARAMS).__anext__()
+        await client.shutdown()
+
+    asyncio.run(scenario())
