@@ -119,6 +119,61 @@ class IngressMetrics:
         return snapshot(self.registry)
 
 
+class RouterMetrics:
+    """A model deployment's request router (one in each process holding a handle): its decisions by reason."""
+
+    def __init__(self, deployment: str, router: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._labels = {"deployment": deployment, "router": router}
+        names = list(self._labels)
+        self._decisions = Counter(f"{PREFIX}router_decisions", "Requests routed to a model replica, by reason "
+                                  "(prefix_affinity, conversation_affinity, least_loaded, affinity_overloaded, "
+                                  "fallback)", names + ["reason"], registry=self.registry)
+        self._prompt_tokens = Counter(f"{PREFIX}router_prompt_tokens", "Prompt tokens of routed requests, in full "
+                                      "routing blocks", names, registry=self.registry)
+        self._matched_tokens = Counter(f"{PREFIX}router_prefix_matched_tokens", "Prompt tokens the chosen replica "
+                                       "was expected to hold in its prefix cache", names, registry=self.registry)
+        self._replicas = Gauge(f"{PREFIX}router_replicas", "Model replicas the router chooses from", names,
+                               registry=self.registry)
+
+    def observe(self, reason: str, num_prompt_tokens: int, num_matched_tokens: int) -> None:
+        self._decisions.labels(**self._labels, reason=reason).inc()
+        self._prompt_tokens.labels(**self._labels).inc(num_prompt_tokens)
+        self._matched_tokens.labels(**self._labels).inc(num_matched_tokens)
+
+    def set_num_replicas(self, num_replicas: int) -> None:
+        self._replicas.labels(**self._labels).set(num_replicas)
+
+    def snapshot(self) -> Snapshot:
+        return snapshot(self.registry)
+
+
+class AutoscalerMetrics:
+    """The model deployment's autoscaling policy (in Serve's controller): replicas running, targeted, and asked
+    for by each signal before delays and bounds."""
+
+    def __init__(self, deployment: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._labels = {"deployment": deployment}
+        names = list(self._labels)
+        self._running = Gauge(f"{PREFIX}autoscaler_running_replicas", "Model replicas running", names,
+                              registry=self.registry)
+        self._target = Gauge(f"{PREFIX}autoscaler_target_replicas", "Model replicas the autoscaler targets", names,
+                             registry=self.registry)
+        self._desired = Gauge(f"{PREFIX}autoscaler_desired_replicas", "Replicas each signal asks for (requests, "
+                              "queue_depth, kv_cache, ttft), before delays and bounds", names + ["signal"],
+                              registry=self.registry)
+
+    def set(self, num_running: int, num_target: int, desired_by_signal: dict[str, float]) -> None:
+        self._running.labels(**self._labels).set(num_running)
+        self._target.labels(**self._labels).set(num_target)
+        for signal, desired in desired_by_signal.items():
+            self._desired.labels(**self._labels, signal=signal).set(desired)
+
+    def snapshot(self) -> Snapshot:
+        return snapshot(self.registry)
+
+
 def snapshot(registry: CollectorRegistry) -> Snapshot:
     return [(family.name, family.type, family.documentation,
              [(sample.name, dict(sample.labels), sample.value) for sample in family.samples])
