@@ -7,6 +7,7 @@ computes on the CPU. Greedy tokens and float32 logprobs must equal the unsharded
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -98,3 +99,16 @@ def test_a_dead_worker_fails_its_requests_instead_of_hanging(ray_cluster, checkp
         await client.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_generate_cli_with_tp_and_ep_prints_the_unsharded_completion(ray_cluster, checkpoint, capsys):
+    from gptoss_serve.cli import main
+
+    argv = ["generate", "--model", str(checkpoint), "--prompt-ids", "5,17,300,2,99", "--max-tokens", "6",
+            "--temperature", "0", "--dtype", "float32", "--json"]
+    assert main(argv) == 0
+    unsharded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(argv + ["--tp", "2", "--ep", "2"]) == 0  # on the session's Ray cluster
+    sharded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sharded["token_ids"] == unsharded["token_ids"] and sharded["text"] == unsharded["text"]
+    assert sharded["logprobs"] == pytest.approx(unsharded["logprobs"], abs=1e-4)

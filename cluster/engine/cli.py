@@ -63,16 +63,19 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="don't stop on <|return|>, <|call|>, <|endoftext|>")
     parser.add_argument("--json", action="store_true", help="print one JSON line: token_ids, logprobs, text")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel attention over this many GPUs (Ray)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel MoE over this many GPUs (Ray)")
     parser.set_defaults(func=run_generate)
     return parser
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from gptoss_serve.cluster.engine.llm import LLM
-    from gptoss_serve.cluster.engine.sampling_params import SamplingParams
 
     if args.chat and args.prompt is None:
         raise SystemExit("--chat needs --prompt")
+    if max(args.tp, args.ep) > 1:
+        return _run_generate_sharded(args)
     llm = LLM(model=args.model, dtype=args.dtype, kernels=args.kernels, device=args.device,
               progress=not args.json, max_num_seqs=min(args.max_num_seqs, 8),
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
@@ -84,17 +87,48 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt = _chat_prompt(args.prompt, llm.tokenizer)
     else:
         prompt = args.prompt
-    params = SamplingParams(
+    completion = llm.generate(prompt, _sampling_params(args), use_tqdm=False)[0].outputs[0]
+    _print_completion(args, completion.token_ids, completion.logprobs, completion.text, llm.tokenizer is not None)
+    return 0
+
+
+def _sampling_params(args: argparse.Namespace):
+    from gptoss_serve.cluster.engine.sampling_params import SamplingParams
+
+    return SamplingParams(
         max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty, seed=args.seed,
         stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=0)
-    completion = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+
+
+def _print_completion(args: argparse.Namespace, token_ids, logprobs, text: str, has_tokenizer: bool) -> None:
     if args.json:
-        logprobs = [entry[token_id] for token_id, entry in zip(completion.token_ids, completion.logprobs)]
-        print(json.dumps({"token_ids": completion.token_ids, "logprobs": logprobs, "text": completion.text}))
+        token_logprobs = [entry[token_id] for token_id, entry in zip(token_ids, logprobs)]
+        print(json.dumps({"token_ids": list(token_ids), "logprobs": token_logprobs, "text": text}))
     else:
-        print(completion.text if llm.tokenizer is not None else " ".join(map(str, completion.token_ids)))
+        print(text if has_tokenizer else " ".join(map(str, token_ids)))
+
+
+def _run_generate_sharded(args: argparse.Namespace) -> int:
+    """The same completion through shard workers on a local Ray cluster (imported only here: the engine
+    itself knows nothing of Ray)."""
+    from gptoss_serve.cluster.shard.offline import generate_sharded, sharded_spec
+    from gptoss_serve.model.default_model import resolve_model_dir
+    from gptoss_serve.model.tokenizer import load_tokenizer
+
+    model_dir = str(resolve_model_dir(args.model))
+    tokenizer = load_tokenizer(model_dir)
+    if args.prompt_ids is not None:
+        prompt = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
+    elif args.chat:
+        prompt = _chat_prompt(args.prompt, tokenizer)
+    else:
+        prompt = tokenizer.encode(args.prompt)
+    engine_config = dataclasses.replace(_engine_config(args), max_num_seqs=min(args.max_num_seqs, 8))
+    spec = sharded_spec(model_dir, args.dtype, args.kernels, args.tp, args.ep, engine_config)
+    token_ids, logprobs, text = generate_sharded(spec, prompt, _sampling_params(args))
+    _print_completion(args, token_ids, logprobs, text, True)
     return 0
 
 
