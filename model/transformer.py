@@ -123,9 +123,10 @@ class GptOssModel(nn.Module):
         residual = None
         for n, block in enumerate(self.block):
             x, residual = self.kernels.rmsnorm(h, block.attn.norm.scale, eps, residual)
-            h = all_reduce(block.attn(x, batch, kv_cache.k[n], kv_cache.v[n], rope, self.kernels), self.groups.attn)
+            h = all_reduce(block.attn(x, batch, kv_cache.k[n], kv_cache.v[n], rope, self.kernels), self.groups.attn,
+                           self.groups.fast_attn)
             x, residual = self.kernels.rmsnorm(h, block.mlp.norm.scale, eps, residual)
-            h = all_reduce(block.mlp(x, self.kernels), self.groups.world)
+            h = all_reduce(block.mlp(x, self.kernels), self.groups.world, self.groups.fast_world)
         h = h[batch.logits_indices]
         residual = residual[batch.logits_indices]
         x, _ = self.kernels.rmsnorm(h, self.norm.scale, eps, residual)

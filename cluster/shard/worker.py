@@ -83,13 +83,14 @@ class ShardWorker:
         groups = ShardGroups.create(layout)
         dtype = getattr(torch, spec.dtype if spec.dtype != "auto" else
                         ("bfloat16" if self.device.type == "cuda" else "float32"))
+        fast_all_reduce = groups.enable_fast_all_reduce(self.device, dtype)
         kernels = self._kernels()
         if spec.model_dir is not None:
             self.model = load_model(spec.model_dir, dtype, self.device, kernels, layout=layout, groups=groups)
         else:
             self.model = random_model(preset(spec.preset), spec.seed, dtype, self.device, kernels, layout=layout,
                                       groups=groups)
-        return {"rank": self.rank, "device": str(self.device), "backend": backend,
+        return {"rank": self.rank, "device": str(self.device), "backend": backend, "fast_all_reduce": fast_all_reduce,
                 "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None}
 
     def _kernels(self):
@@ -152,6 +153,9 @@ class ShardWorker:
 
     async def abort(self, request_id: str) -> None:
         await self.client.abort(request_id)
+
+    async def expert_token_counts(self) -> Any:
+        return await self.client.expert_token_counts()
 
     def is_alive(self) -> bool:
         return self.client is None or self.client.is_alive()
