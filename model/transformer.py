@@ -79,9 +79,14 @@ class MLPBlock(nn.Module):
         self.mlp1_bias = nn.Parameter(torch.empty(e, 2 * i, dtype=dtype))
         self.mlp2_weight = MXFP4Weight(e, h, i)
         self.mlp2_bias = nn.Parameter(torch.empty(e, h, dtype=dtype))
+        self.expert_token_counts: torch.Tensor | None = None  # [num_experts] int64, see count_expert_tokens()
 
-    def forward(self, x: torch.Tensor, kernels) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels, counted_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """counted_tokens: [num_tokens] int64, 1 for the tokens whose routing is added to expert_token_counts."""
         expert_weights, expert_ids = kernels.route(self.gate(x), self.experts_per_token)  # [num_tokens, top_k]
+        if counted_tokens is not None:
+            self.expert_token_counts.index_add_(
+                0, expert_ids.reshape(-1), counted_tokens.repeat_interleave(self.experts_per_token))
         return kernels.moe_experts(
             x, expert_weights, expert_ids, self.mlp1_weight.blocks, self.mlp1_weight.scales, self.mlp1_bias,
             self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias, self.swiglu_alpha, self.swiglu_limit,
@@ -112,6 +117,19 @@ class GptOssModel(nn.Module):
         self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         inv_freq, self.rope_concentration = yarn_inv_freq_and_concentration(config)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # [head_dim // 2] float32
+        self.expert_token_counts: torch.Tensor | None = None  # [num_layers, num_experts] int64 once counting
+
+    def count_expert_tokens(self) -> torch.Tensor:
+        """From now on, every forward adds the tokens the router sends to each expert of each layer to the
+        returned [num_layers, num_experts] int64 counts on the model's device (MoE load; no host sync, so CUDA
+        graphs captured afterwards count too). The caller reads and zeroes it between steps."""
+        if self.expert_token_counts is None:
+            device = self.rope_inv_freq.device
+            self.expert_token_counts = torch.zeros(len(self.block), self.config.num_experts, dtype=torch.int64,
+                                                   device=device)
+            for n, block in enumerate(self.block):
+                block.mlp.expert_token_counts = self.expert_token_counts[n]
+        return self.expert_token_counts
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
@@ -120,13 +138,15 @@ class GptOssModel(nn.Module):
         eps = self.config.rms_norm_eps
         rope = (self.rope_inv_freq, self.rope_concentration)
         h = self.embedding(batch.token_ids)  # [num_tokens, hidden]
+        # CUDA-graph padding rows store no key (slot -1): only real tokens count towards the expert load.
+        counted = (batch.slot_mapping >= 0).long() if self.expert_token_counts is not None else None
         residual = None
         for n, block in enumerate(self.block):
             x, residual = self.kernels.rmsnorm(h, block.attn.norm.scale, eps, residual)
             h = all_reduce(block.attn(x, batch, kv_cache.k[n], kv_cache.v[n], rope, self.kernels), self.groups.attn,
                            self.groups.fast_attn)
             x, residual = self.kernels.rmsnorm(h, block.mlp.norm.scale, eps, residual)
-            h = all_reduce(block.mlp(x, self.kernels), self.groups.world, self.groups.fast_world)
+            h = all_reduce(block.mlp(x, self.kernels, counted), self.groups.world, self.groups.fast_world)
         h = h[batch.logits_indices]
         residual = residual[batch.logits_indices]
         x, _ = self.kernels.rmsnorm(h, self.norm.scale, eps, residual)

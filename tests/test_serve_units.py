@@ -165,7 +165,7 @@ def test_metrics_render_unions_replicas():
 
     replicas = [ReplicaMetrics("m", name) for name in ("r1", "r2")]
     record = RequestRecord("chat", outcome="stop", num_output_tokens=5)
-    record.first_token()
+    record.tokens_arrived()
     replicas[0].observe(record)
     replicas[1].set_engine_stats(EngineStats(num_running=3, kv_blocks_used=4, kv_blocks_total=8))
     text = render(r.snapshot() for r in replicas).decode()

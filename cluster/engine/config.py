@@ -19,6 +19,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
     max_graph_batch_size: int = 256  # larger decode steps run eagerly
+    count_expert_tokens: bool = False  # count the tokens routed to each expert of each layer (MoE load metrics)
 
     def __post_init__(self) -> None:
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_graph_batch_size")

@@ -11,6 +11,9 @@ import dataclasses
 import time
 from typing import Iterable
 
+import numpy as np
+import torch
+
 from gptoss_serve.cluster.engine.block_manager import BlockManager
 from gptoss_serve.cluster.engine.config import EngineConfig
 from gptoss_serve.cluster.engine.kv_plan import KVPlan, plan_kv_cache
@@ -71,6 +74,8 @@ class LLMEngine:
         self.model = model
         self.config = config = config or EngineConfig()
         self.tokenizer = tokenizer
+        # Before the runner captures CUDA graphs, so that graph replays count too.
+        self._expert_token_counts = model.count_expert_tokens() if config.count_expert_tokens else None
         plan, self.max_model_len, self.model_runner = build_model_runner(model, config, broadcaster)
         self.kv_cache = self.model_runner.kv_cache
         self.block_manager = BlockManager(plan.num_blocks, config.block_size, model.config.sliding_window,
@@ -79,6 +84,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
+        self.last_step_num_seqs = 0  # sequences in the latest step's batch
+        self.last_step_num_tokens = 0  # tokens it computed (decodes plus prefill chunks)
 
     # Requests ------------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -121,6 +128,7 @@ class LLMEngine:
     # The step ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        self.last_step_num_seqs, self.last_step_num_tokens = len(batch), batch.num_tokens
         touched = {seq.request_id: self.requests[seq.request_id] for seq in batch.rejected}
         if len(batch):
             result = self.model_runner.execute(batch)
@@ -208,3 +216,13 @@ class LLMEngine:
             prefix_cache_hit_rate=bm.prefix_hit_rate, num_preemptions=self.scheduler.num_preemptions,
             num_kv_blocks=bm.full.num_blocks, num_sliding_kv_blocks=bm.sliding.num_blocks if bm.sliding else None,
             num_prompt_tokens=self.num_prompt_tokens, num_generated_tokens=self.num_generated_tokens)
+
+    def take_expert_token_counts(self) -> np.ndarray | None:
+        """Tokens the router sent to each expert of each layer since the previous call, [num_layers, num_experts]
+        int64; None unless config.count_expert_tokens. Waits for the device: call it now and then, not per step."""
+        if self._expert_token_counts is None:
+            return None
+        with torch.inference_mode():
+            counts = self._expert_token_counts.to("cpu", copy=True).numpy()
+            self._expert_token_counts.zero_()
+        return counts

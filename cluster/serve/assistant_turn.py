@@ -68,9 +68,10 @@ class TurnRequest:
 
 class AssistantTurn:
     def __init__(self, engine: EngineClient, tokenizer: Tokenizer, request: TurnRequest,
-                 on_first_token: Callable[[], None] | None = None):
+                 on_tokens: Callable[[], None] | None = None):
+        """on_tokens: called for each engine delta that carries tokens (latency metrics)."""
         self._engine = engine
-        self._on_first_token = on_first_token
+        self._on_tokens = on_tokens
         self._tokenizer = tokenizer
         self._request = request
         self._parser = self._new_parser()
@@ -184,8 +185,8 @@ class AssistantTurn:
         self._engine_finish_reason = None
         async with contextlib.aclosing(self._engine.generate(engine_request_id, prompt, params)) as deltas:
             async for delta in deltas:
-                if delta.token_ids and self._on_first_token is not None:
-                    self._on_first_token()
+                if delta.token_ids and self._on_tokens is not None:
+                    self._on_tokens()
                 if not self._output_ids and not self._num_cached_prompt_tokens:
                     self._num_cached_prompt_tokens = delta.num_cached_prompt_tokens
                 for event in self._feed(delta.token_ids, delta.logprobs):

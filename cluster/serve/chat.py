@@ -7,6 +7,7 @@ The reasoning comes back apart from the answer as `reasoning_content` (as vLLM r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -85,8 +86,8 @@ class ChatCompletions:
         self._model_id = model_id
 
     def _events(self, prepared: PreparedChat, record: RequestRecord) -> AsyncIterator[tuple[int, Any]]:
-        return merge([AssistantTurn(self._engine, self._tokenizer, turn, record.first_token).events()
-                      for turn in prepared.turns])
+        return merge([AssistantTurn(self._engine, self._tokenizer, turn, functools.partial(record.tokens_arrived, i))
+                      .events() for i, turn in enumerate(prepared.turns)])
 
     async def complete(self, prepared: PreparedChat, record: RequestRecord) -> dict[str, Any]:
         choices = [_Choice() for _ in prepared.turns]

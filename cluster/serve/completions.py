@@ -98,7 +98,8 @@ class Completions:
         n = prepared.request.n
         choices = [_Choice() for _ in range(prepared.num_sequences)]
         async for prompt_index, delta in self._deltas(prepared):
-            record.first_token()
+            if delta.token_ids:
+                record.tokens_arrived(prompt_index * n + delta.index)
             choice = choices[prompt_index * n + delta.index]
             _apply(choice, delta)
         bodies = []
@@ -122,8 +123,9 @@ class Completions:
             yield self._chunk(prepared, {"index": i, "text": self._echo(prepared, i // n), "logprobs": None,
                                          "finish_reason": None})
         async for prompt_index, delta in self._deltas(prepared):
-            record.first_token()
             index = prompt_index * n + delta.index
+            if delta.token_ids:
+                record.tokens_arrived(index)
             _apply(choices[index], delta)
             body = {"index": index, "text": delta.text, "finish_reason": delta.finish_reason,
                     "stop_reason": delta.stop_reason,

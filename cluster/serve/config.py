@@ -38,6 +38,7 @@ class AppConfig(BaseModel):
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     max_queued_requests: int = Field(default=128, ge=0)  # sequences admitted beyond max_num_seqs; then 429
+    expert_load_metrics: bool = True  # count tokens per expert per layer for gptoss_expert_tokens_total
 
     # Serving.
     num_replicas: int = Field(default=1, ge=1)

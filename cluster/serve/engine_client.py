@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from gptoss_serve.cluster.engine.sampling_params import SamplingParams
 
@@ -43,8 +43,27 @@ class EngineInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class CountHistogram:
+    """A cumulative histogram of a per-step count, in Prometheus' shape (observations <= each bound)."""
+
+    bounds: tuple[float, ...] = ()
+    bucket_counts: tuple[int, ...] = ()  # per bound, the observations <= it
+    count: int = 0  # all observations (the +Inf bucket)
+    total: float = 0.0  # their sum
+
+    @staticmethod
+    def empty(bounds: tuple[float, ...]) -> "CountHistogram":
+        return CountHistogram(bounds, (0,) * len(bounds))
+
+    def add(self, value: float) -> "CountHistogram":
+        counts = tuple(c + (value <= b) for b, c in zip(self.bounds, self.bucket_counts))
+        return CountHistogram(self.bounds, counts, self.count + 1, self.total + value)
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineStats:
-    """A snapshot of the engine's load, taken between steps."""
+    """A snapshot of the engine's load, taken between steps. Counts named num_* without `running`/`waiting`
+    are cumulative since the engine started."""
 
     num_running: int = 0  # sequences in the running batch
     num_waiting: int = 0  # sequences waiting for admission
@@ -52,8 +71,15 @@ class EngineStats:
     kv_blocks_used: int = 0  # blocks held by sequences (free prefix-cache blocks do not count)
     kv_blocks_total: int = 0
     prefix_cache_hit_rate: float = 0.0
+    num_prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    num_prefix_hit_tokens: int = 0  # of those, found there
     num_preemptions: int = 0
     num_steps: int = 0
+    batch_size: CountHistogram = CountHistogram()  # sequences per step
+    tokens_per_step: CountHistogram = CountHistogram()  # tokens computed per step
+    device: str = ""  # where the engine's model lives ("cuda:0", "cpu")
+    device_memory_used_bytes: int = 0  # the whole GPU's (every process), or this process's resident memory on CPU
+    device_memory_total_bytes: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -96,6 +122,11 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> EngineStats:
         ...
+
+    async def expert_token_counts(self) -> Any:
+        """Tokens routed to each expert of each layer since the engine started, a [num_layers, num_experts]
+        int64 numpy array, refreshed about once a second; None when the engine does not count them."""
+        return None
 
     @abc.abstractmethod
     def is_alive(self) -> bool:

@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import queue
 import threading
-from typing import AsyncIterator, Sequence
+import time
+from typing import Any, AsyncIterator, Sequence
+
+import torch
 
 from gptoss_serve.cluster.engine.llm_engine import LLMEngine
 from gptoss_serve.cluster.engine.outputs import RequestOutput
 from gptoss_serve.cluster.engine.sampling_params import OutputKind, SamplingParams
 from gptoss_serve.cluster.serve.engine_client import (
+    CountHistogram,
     EngineClient,
     EngineDeadError,
     EngineInfo,
@@ -29,6 +34,9 @@ from gptoss_serve.cluster.serve.engine_client import (
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 1.0  # an idle engine thread still wakes now and then to publish stats
+_SLOW_STATS_INTERVAL_S = 1.0  # expert counts and device memory wait for the device: read them this often
+BATCH_SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKENS_PER_STEP_BOUNDS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +73,13 @@ class LocalEngineClient(EngineClient):
         # Loop-thread state: the queue of each request in flight and the sequences they hold.
         self._streams: dict[str, asyncio.Queue] = {}
         self._num_in_flight_seqs = 0
-        self._stats = EngineStats()  # replaced whole by the engine thread after each step
+        # Written by the engine thread only, by replacing whole objects that are never mutated once shared.
+        self._stats = EngineStats(batch_size=CountHistogram.empty(BATCH_SIZE_BOUNDS),
+                                  tokens_per_step=CountHistogram.empty(TOKENS_PER_STEP_BOUNDS))
+        self._expert_token_totals = None  # [num_layers, num_experts] int64 numpy, when the engine counts
+        self._device = next(engine.model.parameters()).device
+        self._device_memory = (0, 0)  # (used, total) bytes
+        self._slow_stats_time = float("-inf")
         self._thread = threading.Thread(target=self._run, name="gptoss-engine", daemon=True)
         self._thread.start()
 
@@ -75,6 +89,9 @@ class LocalEngineClient(EngineClient):
 
     def stats(self) -> EngineStats:
         return dataclasses.replace(self._stats, num_in_flight_requests=len(self._streams))
+
+    async def expert_token_counts(self) -> Any:
+        return self._expert_token_totals
 
     def is_alive(self) -> bool:
         return self._error is None and self._thread.is_alive()
@@ -177,15 +194,45 @@ class LocalEngineClient(EngineClient):
                 self._call_in_loop(self._fail, [command.request_id], error)
 
     def _publish_stats(self, stepped: bool) -> None:
-        stats = self._engine.stats()
+        engine, previous = self._engine, self._stats
+        stats = engine.stats()
+        batch_size, tokens_per_step = previous.batch_size, previous.tokens_per_step
+        if stepped:
+            batch_size = batch_size.add(engine.last_step_num_seqs)
+            tokens_per_step = tokens_per_step.add(engine.last_step_num_tokens)
+        if time.monotonic() - self._slow_stats_time >= _SLOW_STATS_INTERVAL_S:
+            self._read_slow_stats()
         self._stats = EngineStats(
             num_running=stats.num_running, num_waiting=stats.num_waiting,
             kv_blocks_used=round(stats.kv_cache_usage * stats.num_kv_blocks), kv_blocks_total=stats.num_kv_blocks,
-            prefix_cache_hit_rate=stats.prefix_cache_hit_rate, num_preemptions=stats.num_preemptions,
-            num_steps=self._stats.num_steps + stepped)
+            prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+            num_prefix_queried_tokens=engine.block_manager.num_prefix_queried_tokens,
+            num_prefix_hit_tokens=engine.block_manager.num_prefix_hit_tokens, num_preemptions=stats.num_preemptions,
+            num_steps=previous.num_steps + stepped, batch_size=batch_size, tokens_per_step=tokens_per_step,
+            device=str(self._device), device_memory_used_bytes=self._device_memory[0],
+            device_memory_total_bytes=self._device_memory[1])
+
+    def _read_slow_stats(self) -> None:
+        self._slow_stats_time = time.monotonic()
+        counts = self._engine.take_expert_token_counts()
+        if counts is not None:
+            totals = self._expert_token_totals
+            self._expert_token_totals = counts if totals is None else totals + counts
+        self._device_memory = device_memory(self._device)
 
     def _call_in_loop(self, callback, *args) -> None:
         try:
             self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the loop is closed: the replica is going away
             pass
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(used, total) bytes: of the whole GPU, or on CPU this process's resident memory and the host's."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total - free, total
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return resident_pages * page_size, os.sysconf("SC_PHYS_PAGES") * page_size

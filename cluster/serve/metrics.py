@@ -7,18 +7,25 @@ latest snapshot, so /metrics shows the whole application whichever ingress repli
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import time
-from typing import Iterable
+from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
-from gptoss_serve.cluster.serve.engine_client import EngineStats
+from gptoss_serve.cluster.serve.engine_client import CountHistogram, EngineStats
 
 PREFIX = "gptoss_"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
 
 @dataclasses.dataclass
@@ -33,10 +40,19 @@ class RequestRecord:
     num_reasoning_tokens: int = 0
     outcome: str = "aborted"  # "stop", "length", "tool_calls", "aborted", "error"
     num_harmony_anomalies: int = 0
+    # Seconds between consecutive token deltas of one sample (one token each: the engine steps one at a time).
+    inter_token_latencies_s: array.array = dataclasses.field(default_factory=lambda: array.array("d"))
+    _last_token_time: dict[int, float] = dataclasses.field(default_factory=dict)  # per sample
 
-    def first_token(self) -> None:
+    def tokens_arrived(self, sample: int = 0) -> None:
+        """Called for each delta that carries tokens, of the request's sample `sample`."""
+        now = time.monotonic()
         if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
+            self.first_token_time = now
+        last = self._last_token_time.get(sample)
+        if last is not None:
+            self.inter_token_latencies_s.append(now - last)
+        self._last_token_time[sample] = now
 
 
 # A snapshot: [(name, type, documentation, [(sample name, labels, value)])]
@@ -57,6 +73,11 @@ class ReplicaMetrics:
                                names + ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self._e2e = Histogram(f"{PREFIX}e2e_request_latency_seconds", "Time from arrival to the last token",
                               names + ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self._tpot = Histogram(f"{PREFIX}time_per_output_token_seconds",
+                               "Mean time between output tokens of a request, after the first",
+                               names + ["endpoint"], buckets=TOKEN_LATENCY_BUCKETS_S, registry=self.registry)
+        self._itl = Histogram(f"{PREFIX}inter_token_latency_seconds", "Time between consecutive output tokens",
+                              names + ["endpoint"], buckets=TOKEN_LATENCY_BUCKETS_S, registry=self.registry)
         self._prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests", names,
                                       registry=self.registry)
         self._output_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated for finished requests", names,
@@ -77,6 +98,8 @@ class ReplicaMetrics:
                                registry=self.registry)
         self._prefix_hit = Gauge(f"{PREFIX}prefix_cache_hit_ratio", "Prompt tokens found in the prefix cache", names,
                                  registry=self.registry)
+        self._engine = _EngineCollector(labels)
+        self.registry.register(self._engine)
 
     def observe(self, record: RequestRecord) -> None:
         now = time.monotonic()
@@ -86,6 +109,12 @@ class ReplicaMetrics:
                                                                                - record.start_time)
         if record.outcome not in ("error", "aborted"):
             self._e2e.labels(**self._labels, endpoint=record.endpoint).observe(now - record.start_time)
+        gaps = record.inter_token_latencies_s
+        if gaps:
+            self._tpot.labels(**self._labels, endpoint=record.endpoint).observe(sum(gaps) / len(gaps))
+            itl = self._itl.labels(**self._labels, endpoint=record.endpoint)
+            for gap in gaps:
+                itl.observe(gap)
         self._prompt_tokens.labels(**self._labels).inc(record.num_prompt_tokens)
         self._output_tokens.labels(**self._labels).inc(record.num_output_tokens)
         self._reasoning_tokens.labels(**self._labels).inc(record.num_reasoning_tokens)
@@ -98,6 +127,11 @@ class ReplicaMetrics:
         self._kv_used.labels(**self._labels).set(stats.kv_blocks_used)
         self._kv_total.labels(**self._labels).set(stats.kv_blocks_total)
         self._prefix_hit.labels(**self._labels).set(stats.prefix_cache_hit_rate)
+        self._engine.stats = stats
+
+    def set_expert_token_counts(self, counts: Any) -> None:
+        """[num_layers, num_experts] tokens routed to each expert since the engine started (None: not counted)."""
+        self._engine.expert_token_counts = counts
 
     def snapshot(self) -> Snapshot:
         return snapshot(self.registry)
@@ -117,6 +151,60 @@ class IngressMetrics:
 
     def snapshot(self) -> Snapshot:
         return snapshot(self.registry)
+
+
+class _EngineCollector:
+    """Series read from the engine's cumulative stats when collected: steps, batch sizes, preemptions, prefix
+    cache lookups, device memory, MoE load, and the replica itself."""
+
+    def __init__(self, labels: dict[str, str]):
+        self._labels = labels
+        self.stats = EngineStats()
+        self.expert_token_counts = None  # [num_layers, num_experts] int64 numpy
+
+    def collect(self):
+        names, values = list(self._labels), list(self._labels.values())
+        stats = self.stats
+
+        def family(cls, name, documentation, value, extra: dict[str, str] | None = None):
+            metric = cls(PREFIX + name, documentation, labels=names + list(extra or {}))
+            metric.add_metric(values + list((extra or {}).values()), value)
+            return metric
+
+        yield family(GaugeMetricFamily, "replica_up", "1 for each model replica that reports metrics", 1)
+        yield family(CounterMetricFamily, "engine_steps", "Engine steps run", stats.num_steps)
+        yield family(CounterMetricFamily, "num_preemptions", "Sequences preempted (blocks freed, recomputed later)",
+                     stats.num_preemptions)
+        yield family(CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                     stats.num_prefix_queried_tokens)
+        yield family(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                     stats.num_prefix_hit_tokens)
+        yield _histogram(PREFIX + "batch_size", "Sequences per engine step", names, values, stats.batch_size)
+        yield _histogram(PREFIX + "tokens_per_step", "Tokens computed per engine step (decodes plus prefill chunks)",
+                         names, values, stats.tokens_per_step)
+        if stats.device:
+            device = {"device": stats.device}
+            yield family(GaugeMetricFamily, "device_memory_used_bytes",
+                         "Memory in use on the engine's device: the whole GPU, or the replica process on CPU",
+                         stats.device_memory_used_bytes, device)
+            yield family(GaugeMetricFamily, "device_memory_total_bytes", "Memory of the engine's device",
+                         stats.device_memory_total_bytes, device)
+        counts = self.expert_token_counts
+        if counts is not None:
+            experts = CounterMetricFamily(PREFIX + "expert_tokens", "Tokens routed to each expert of each layer",
+                                          labels=names + ["layer", "expert"])
+            for layer, row in enumerate(counts.tolist()):
+                for expert, count in enumerate(row):
+                    experts.add_metric(values + [str(layer), str(expert)], count)
+            yield experts
+
+
+def _histogram(name: str, documentation: str, names: list[str], values: list[str],
+               histogram: CountHistogram) -> HistogramMetricFamily:
+    metric = HistogramMetricFamily(name, documentation, labels=names)
+    buckets = [(str(float(b)), c) for b, c in zip(histogram.bounds, histogram.bucket_counts)]
+    metric.add_metric(values, buckets + [("+Inf", histogram.count)], histogram.total)
+    return metric
 
 
 class RouterMetrics:

@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ray import serve
 
+from gptoss_serve.cluster.observability.ray_export import RayMetricsMirror
 from gptoss_serve.cluster.serve.chat import ChatCompletions, prepare_chat
 from gptoss_serve.cluster.serve.completions import Completions, prepare_completion
 from gptoss_serve.cluster.serve.config import AppConfig
@@ -77,7 +78,8 @@ def load_engine(config: AppConfig, loop: asyncio.AbstractEventLoop) -> tuple[Eng
     llm = LLM(model_dir, dtype=dtype, kernels=kernels, device=device, seed=config.seed, progress=False,
               max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
               max_model_len=config.max_model_len, kv_cache_memory_bytes=config.kv_cache_memory_bytes,
-              enable_prefix_caching=config.enable_prefix_caching, enforce_eager=config.enforce_eager)
+              enable_prefix_caching=config.enable_prefix_caching, enforce_eager=config.enforce_eager,
+              count_expert_tokens=config.expert_load_metrics)
     tokenizer = llm.tokenizer or load_tokenizer(model_dir)
     return LocalEngineClient(llm.engine, config.max_queued_requests, loop), tokenizer
 
@@ -97,7 +99,8 @@ def load_sharded_engine(config: AppConfig, loop: asyncio.AbstractEventLoop) -> t
     engine_config = EngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len, kv_cache_memory_bytes=config.kv_cache_memory_bytes,
-        enable_prefix_caching=config.enable_prefix_caching, enforce_eager=config.enforce_eager)
+        enable_prefix_caching=config.enable_prefix_caching, enforce_eager=config.enforce_eager,
+        count_expert_tokens=config.expert_load_metrics)
     spec = ShardSpec(model_dir=model_dir, preset=config.random_weights, seed=config.seed, dtype=config.dtype,
                      kernels=config.kernels, tp=config.tensor_parallel_size, ep=config.expert_parallel_size,
                      engine_config=engine_config, max_queued_requests=config.max_queued_requests)
@@ -120,6 +123,7 @@ class ModelServer:
                                           config.response_store_max_items)
         self._hub = await get_or_create(MetricsHubActor, context.app_name, "metrics")
         self._metrics = ReplicaMetrics(self._model_id, self._replica_id)
+        self._ray_metrics = RayMetricsMirror()
         self._admission = Admission(config.engine_capacity)
         self._chat = ChatCompletions(self._engine, self._tokenizer, self._model_id)
         self._completions = Completions(self._engine, self._tokenizer, self._model_id)
@@ -157,7 +161,10 @@ class ModelServer:
         while True:
             try:
                 self._metrics.set_engine_stats(self._engine.stats())
-                await self._hub.push.remote(f"model:{self._replica_id}", self._metrics.snapshot())
+                self._metrics.set_expert_token_counts(await self._engine.expert_token_counts())
+                snapshot = self._metrics.snapshot()
+                self._ray_metrics.update(snapshot)
+                await self._hub.push.remote(f"model:{self._replica_id}", snapshot)
             except Exception:  # the hub restarting must not stop the replica
                 logger.warning("metrics push failed", exc_info=True)
             await asyncio.sleep(METRICS_PUSH_INTERVAL_S)

@@ -203,7 +203,7 @@ class Responses:
 
     async def _run(self, prepared: PreparedResponse, record: RequestRecord,
                    builder: _ResponseBuilder) -> AsyncIterator[dict[str, Any]]:
-        turn = AssistantTurn(self._engine, self._tokenizer, prepared.turn, record.first_token)
+        turn = AssistantTurn(self._engine, self._tokenizer, prepared.turn, record.tokens_arrived)
         async for event in turn.events():
             for stream_event in builder.on_turn_event(event):
                 yield stream_event

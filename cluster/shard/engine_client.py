@@ -90,6 +90,9 @@ class ShardedEngineClient(EngineClient):
     def is_alive(self) -> bool:
         return self._error is None
 
+    async def expert_token_counts(self) -> Any:
+        return None if self._error is not None else await self._workers[0].expert_token_counts.remote()
+
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        params: SamplingParams) -> AsyncIterator[GenerationDelta]:
         if self._error is not None:
