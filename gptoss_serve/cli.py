@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_offline_parser(bench_subparsers)
     # Listed for --help only: main() hands `bench kernels ...` to the kernel benchmark's own parser.
     bench_subparsers.add_parser("kernels", help="Triton kernels against the HBM and tensor-core ceilings (GPU)")
+    bench_subparsers.add_parser("sharded", help="a sharded replica: control path, all-reduce, layouts, engine")
     return parser
 
 
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from gptoss_serve.kernels.bench import main as bench_kernels
 
         return bench_kernels(argv[2:])
+    if argv[:2] == ["bench", "sharded"]:
+        from gptoss_serve.cluster.shard.bench import main as bench_sharded
+
+        return bench_sharded(argv[2:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -1,0 +1,238 @@
+"""`gptoss-serve bench sharded`: a replica's parts over 2 GPUs (or 2 CPU processes with gloo), in one run.
+
+1. collectives: the per-step control path (one step-metadata broadcast) and a decode-sized all-reduce, NCCL
+   against the one-shot symmetric-memory path, eager and inside a CUDA graph;
+2. layouts: the same random model unsharded, with --tp 2 and with --ep 2; greedy tokens and logits compared;
+3. engine: the sharded engine on Ray (random weights of --preset): single-stream decode and a concurrent batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _timed(fn, device: torch.device, iters: int = 200) -> float:
+    """Median µs of fn() (a CUDA graph replay or eager call), after warm-up."""
+    for _ in range(10):
+        fn()
+    samples = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(samples)
+
+
+def _collectives(rank: int, device: torch.device, results: dict) -> None:
+    from gptoss_serve.cluster.engine.model_runner import HostBatch
+    from gptoss_serve.cluster.engine.step_broadcast import StepBroadcaster, StepKind
+    from gptoss_serve.model.parallel import ShardGroups
+
+    world = dist.group.WORLD
+    broadcaster = StepBroadcaster(world, device)
+    for batch in (1, 64, 256):
+        blocks = 64  # a 1k-token context at 16 tokens a block
+        host = HostBatch(np.arange(batch), np.full(batch, 1000), np.arange(batch + 1, dtype=np.int32),
+                         np.full(batch, 1001, dtype=np.int32), np.zeros((batch, blocks), dtype=np.int32),
+                         np.arange(batch), np.arange(batch), np.zeros((batch, 10), dtype=np.int32), np.arange(batch))
+        step = (lambda: broadcaster.send(host, StepKind.EAGER)) if rank == 0 else broadcaster.receive
+        results[f"step broadcast, decode batch {batch} (µs)"] = _timed(step, device, 100)
+    if device.type != "cuda":
+        x = torch.randn(8, 2880)
+        results["all-reduce gloo 8x2880 fp32 (µs)"] = _timed(lambda: dist.all_reduce(x), device, 100)
+        return
+    groups = ShardGroups(attn=None, world=world)
+    fast = groups.enable_fast_all_reduce(device, torch.bfloat16)
+    for tokens in (8, 64):
+        x = torch.randn(tokens, 2880, device=device, dtype=torch.bfloat16)
+        want = x.float() * WORLD
+        label = f"{tokens}x2880 bf16 ({tokens * 2880 * 2 // 1024} KiB)"
+        results[f"all-reduce NCCL eager {label} (µs)"] = _timed(lambda: dist.all_reduce(x.clone()), device)
+        graph = torch.cuda.CUDAGraph()
+        y = x.clone()
+        dist.all_reduce(y)
+        with torch.cuda.graph(graph):
+            dist.all_reduce(y)
+        results[f"all-reduce NCCL in graph {label} (µs)"] = _timed(graph.replay, device)
+        if fast:
+            out = groups.fast_world(x)
+            results[f"one-shot equals NCCL {label}"] = bool(torch.allclose(out.float(), want, rtol=1e-2, atol=1e-2))
+            results[f"all-reduce one-shot eager {label} (µs)"] = _timed(lambda: groups.fast_world(x), device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                groups.fast_world(x)
+            results[f"all-reduce one-shot in graph {label} (µs)"] = _timed(graph.replay, device)
+
+
+def _layouts(rank: int, device: torch.device, preset_name: str, results: dict) -> None:
+    """Greedy decode of one prompt with each layout; rank 0 records the tokens and the logits' distance."""
+    from gptoss_serve.kernels.backend import get_kernels
+    from gptoss_serve.model.batch import KVCache, build_forward_batch
+    from gptoss_serve.model.config import preset
+    from gptoss_serve.model.loader import random_model
+    from gptoss_serve.model.parallel import ShardGroups, ShardLayout
+
+    config = preset(preset_name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kernels = get_kernels("triton" if device.type == "cuda" else "torch")
+    prompt = torch.randint(0, config.vocab_size, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def run(layout: ShardLayout, groups: ShardGroups | None) -> tuple[list[int], torch.Tensor]:
+        model = random_model(config, seed=1, dtype=dtype, device=device, kernels=kernels, layout=layout, groups=groups)
+        cache = KVCache.allocate(config, 32, 16, dtype, device, num_kv_heads=layout.num_kv_heads(config))
+        tokens, logits = list(prompt), []
+        for step in range(16):
+            new = tokens if step == 0 else tokens[-1:]
+            batch = build_forward_batch([new], [len(tokens) - len(new)], [list(range(32))], 16).to(device)
+            step_logits = model.compute_logits(model(batch, cache))[-1]
+            logits.append(step_logits.float().cpu())
+            tokens.append(int(step_logits.argmax()))
+        del model, cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return tokens[len(prompt):], torch.stack(logits)
+
+    if rank == 0:
+        reference = run(ShardLayout(), None)
+    dist.barrier()
+    for name, tp, ep in (("tp2", 2, 1), ("ep2", 1, 2)):
+        layout = ShardLayout(tp=tp, ep=ep, rank=rank)
+        groups = ShardGroups.create(layout)
+        groups.enable_fast_all_reduce(device, dtype)
+        tokens, logits = run(layout, groups)
+        if rank == 0:
+            results[f"{name}: greedy tokens equal unsharded"] = tokens == reference[0]
+            results[f"{name}: max |logit diff| / max |logit|"] = float(
+                (logits - reference[1]).abs().max() / reference[1].abs().max())
+        dist.barrier()
+
+
+def _rank_main(rank: int, sections: list[str], preset_name: str, init_file: str, out_file: str) -> None:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, device_id=device if cuda else None)
+    results: dict = {}
+    try:
+        if "collectives" in sections:
+            _collectives(rank, device, results)
+        if "layouts" in sections:
+            _layouts(rank, device, preset_name, results)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(results, f)
+
+
+def _engine(preset_name: str, tp: int, ep: int, prompts: int, input_len: int, output_len: int) -> dict:
+    """The sharded engine on Ray with random weights: decode tok/s of one stream, then of a batch."""
+    import ray
+
+    from gptoss_serve.cluster.engine.config import EngineConfig
+    from gptoss_serve.cluster.engine.sampling_params import SamplingParams
+    from gptoss_serve.cluster.shard.engine_client import ShardedEngineClient, shard_bundles
+    from gptoss_serve.cluster.shard.worker import ShardSpec
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=8)
+    use_gpus = torch.cuda.is_available()
+    group = ray.util.placement_group(shard_bundles(max(tp, ep), use_gpus), strategy="STRICT_PACK")
+    ray.get(group.ready(), timeout=120)
+    spec = ShardSpec(model_dir=None, preset=preset_name, seed=0, dtype="auto", kernels="auto", tp=tp, ep=ep,
+                     engine_config=EngineConfig(max_num_seqs=max(prompts, 1), max_num_batched_tokens=4096,
+                                                max_model_len=input_len + output_len + 16,
+                                                max_graph_batch_size=max(prompts, 1)),
+                     max_queued_requests=prompts)
+    params = SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True)
+    rng = np.random.default_rng(0)
+
+    async def stream(client, request_id: str) -> tuple[float, float, int]:
+        prompt = rng.integers(0, 200000, input_len).tolist()
+        start, first, count = time.perf_counter(), None, 0
+        async for delta in client.generate(request_id, prompt, params):
+            first = first or time.perf_counter()
+            count += len(delta.token_ids)
+        return start, first, count
+
+    async def run() -> dict:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        client = await asyncio.to_thread(ShardedEngineClient.start, spec, None, loop, group, use_gpus)
+        out = {"load and capture (s)": round(time.perf_counter() - started, 1)}
+        try:
+            await stream(client, "warm-up")
+            start, first, count = await stream(client, "single")
+            out["single stream decode tok/s"] = round((count - 1) / (time.perf_counter() - first), 1)
+            out["single stream TTFT (ms)"] = round((first - start) * 1e3, 1)
+            if prompts > 1:
+                begin = time.perf_counter()
+                runs = await asyncio.gather(*(stream(client, f"batch-{i}") for i in range(prompts)))
+                wall = time.perf_counter() - begin
+                out[f"{prompts} prompts output tok/s"] = round(sum(r[2] for r in runs) / wall, 1)
+        finally:
+            await client.shutdown()
+        return out
+
+    try:
+        return asyncio.run(run())
+    finally:
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gptoss-serve bench sharded", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="collectives,layouts,engine")
+    parser.add_argument("--preset", default="tiny", help="model shape for layouts (e.g. gpt-oss-20b)")
+    parser.add_argument("--engine-preset", default=None, help="model shape for the engine (default: --preset)")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=256)
+    args = parser.parse_args(argv)
+    sections = args.sections.split(",")
+    results: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (gloo)"}
+    rank_sections = [s for s in sections if s in ("collectives", "layouts")]
+    if rank_sections:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out_file = os.path.join(tmp, "results.json")
+            mp.start_processes(_rank_main, args=(rank_sections, args.preset, os.path.join(tmp, "init"), out_file),
+                               nprocs=WORLD, join=True, start_method="spawn")
+            with open(out_file) as f:
+                results.update(json.load(f))
+        print(json.dumps(results, indent=1), flush=True)
+    if "engine" in sections:
+        engine = _engine(args.engine_preset or args.preset, args.tp, args.ep, args.prompts, args.input_len,
+                         args.output_len)
+        results.update({f"engine {args.engine_preset or args.preset} tp{args.tp} ep{args.ep}: {k}": v
+                        for k, v in engine.items()})
+    width = max(len(k) for k in results)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in results.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
