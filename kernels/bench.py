@@ -111,6 +111,97 @@ def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], tor
     return rows
 
 
+def bench_moe_paths(ceil: dict, token_counts: list[int], expert_counts: list[int], sweep: bool) -> list[dict]:
+    """The decode (split-K) path against the grouped path with fused epilogues, on the serving layout; with
+    `sweep`, also split targets, tile widths and a K-major scale layout at 1 and 8 tokens. Both paths also on
+    the tiled-row layout (`tile_rows`, 64 rows). Each variant is checked against the grouped path's output."""
+    from gptoss_serve.kernels.moe_matmul import (_num_sms, _splitk_config, _tile_config, moe_experts, split_nibbles,
+                                                 tile_rows)
+
+    from gptoss_serve.kernels.moe_ref import route_ref
+
+    TILE = 64  # rows per tile of the tiled-row layout
+
+    h, i, k = GPT_OSS["hidden"], GPT_OSS["intermediate"], GPT_OSS["top_k"]
+    sms = _num_sms(torch.device("cuda"))
+    rows = []
+    for num_experts in expert_counts:
+        gen = torch.Generator(device="cuda").manual_seed(num_experts)
+
+        def mxfp4(r, c):
+            b = torch.randint(0, 256, (num_experts, r, c // 32, 16), dtype=torch.uint8, device="cuda", generator=gen)
+            sc = torch.randint(116, 124, (num_experts, r, c // 32), dtype=torch.uint8, device="cuda", generator=gen)
+            return split_nibbles(b), sc
+
+        layers = []
+        for _ in range(NUM_COPIES):
+            w1b, w1s = mxfp4(2 * i, h)
+            w2b, w2s = mxfp4(h, i)
+            b1 = torch.randn(num_experts, 2 * i, device="cuda", generator=gen).to(torch.bfloat16)
+            b2 = torch.randn(num_experts, h, device="cuda", generator=gen).to(torch.bfloat16)
+            layers.append([w1b, w1s, b1, w2b, w2s, b2])
+        tiled = [[tile_rows(t, TILE) if j in (0, 3) else t for j, t in enumerate(w)] for w in layers]
+        tiled_k_major = [[t.transpose(1, 2).contiguous().transpose(1, 2) if j in (1, 4) else t
+                          for j, t in enumerate(w)] for w in tiled]
+        bytes_per_expert = sum(t[0].numel() for j, t in enumerate(layers[0]) if j in (0, 1, 3, 4)) \
+            + 2 * (2 * i + h)
+        name = "20b" if num_experts == 32 else "120b" if num_experts == 128 else str(num_experts)
+        for num_tokens in token_counts:
+            x = torch.randn(num_tokens, h, device="cuda", generator=gen).to(torch.bfloat16)
+            weights, ids = route_ref(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), k)
+            num_active = torch.unique(ids).numel()
+            nbytes = num_active * bytes_per_expert + x.numel() * 2 * 2
+            old_cfg = _tile_config(num_tokens, num_tokens * k, num_experts)
+            new_cfg = _splitk_config(num_tokens, x.device) if num_tokens <= 8 else \
+                dict(old_cfg, target_programs=8 * sms)
+            variants = [("grouped (old)", old_cfg, layers, 1), ("grouped, tiled rows", old_cfg, tiled, TILE),
+                        ("split-K (new)", new_cfg, layers, 1), ("split-K, tiled rows", new_cfg, tiled, TILE)]
+            if sweep and num_tokens == 1:
+                variants.append(("split-K, tiled, BLOCK_N 32", dict(new_cfg, BLOCK_N=32), tiled, TILE))
+                variants.append(("split-K, tiled, 4 programs/SM", dict(new_cfg, target_programs=4 * sms), tiled, TILE))
+                variants.append(("split-K, tiled, tensor cores", dict(new_cfg, BLOCK_M=16, num_stages=3), tiled, TILE))
+                variants.append(("split-K, tiled, K-major scales", new_cfg, tiled_k_major, TILE))
+            if sweep and num_tokens == 8:
+                variants.append(("split-K, tiled, 2 splits", dict(new_cfg, splits=2), tiled, TILE))
+                variants.append(("split-K, tiled, K-major scales", new_cfg, tiled_k_major, TILE))
+            ref = moe_experts(x, weights, ids, *layers[0], 1.702, 7.0, split_nibbles=True, config=old_cfg)
+            for label, cfg, ws, tile_n in variants:
+                try:
+                    out = moe_experts(x, weights, ids, *ws[0], 1.702, 7.0, split_nibbles=True, config=cfg,
+                                      tile_n=tile_n)
+                    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                    ms = _bench(lambda: [moe_experts(x, weights, ids, *w, 1.702, 7.0, split_nibbles=True, config=cfg,
+                                                     tile_n=tile_n) for w in ws]) / NUM_COPIES
+                except Exception as e:  # a variant that fails to compile must not cost the rest of the run
+                    print(f"{name} {num_tokens} tok {label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                rows.append(dict(model=name, tokens=num_tokens, active=num_active, variant=label, ms=ms,
+                                 gbs=nbytes / ms / 1e6, err=err))
+                print(f"{name} {num_tokens:>3} tok {num_active:>3} exp | {label:<30} | {ms * 1e3:8.1f} us | "
+                      f"{100 * nbytes / ms / 1e6 / ceil['copy_gbs']:4.0f}% HBM | err vs old {err:.1e}", flush=True)
+        del layers, tiled, tiled_k_major
+        torch.cuda.empty_cache()
+    return rows
+
+
+def format_paths_table(ceil: dict, rows: list[dict]) -> str:
+    labels = ["grouped (old)", "grouped, tiled rows", "split-K (new)", "split-K, tiled rows"]
+    lines = ["| model | tokens | experts hit | " + " | ".join(f"{l} µs" for l in labels) + " | best vs old | best % HBM |",
+             "| --- | ---: | ---: | " + " | ".join("---:" for _ in labels) + " | ---: | ---: |"]
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["model"], r["tokens"]), {})[r["variant"]] = r
+    for (model, tokens), v in by_key.items():
+        old = v.get("grouped (old)")
+        if not old:
+            continue
+        best = min(v.values(), key=lambda r: r["ms"])
+        cells = [f"{v[l]['ms'] * 1e3:.1f}" if l in v else "—" for l in labels]
+        lines.append(f"| {model} | {tokens} | {old['active']} | " + " | ".join(cells) +
+                     f" | {old['ms'] / best['ms']:.2f}x ({best['variant']}) | {100 * best['gbs'] / ceil['copy_gbs']:.0f}% |")
+    return "\n".join(lines)
+
+
 # Attention -------------------------------------------------------------------------------------------------------
 def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator):
     hkv, d = GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
@@ -231,7 +322,8 @@ def format_table(ceil: dict, rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gptoss-serve bench kernels", description=__doc__)
     parser.add_argument("--sections", default="moe,decode,prefill,norm",
-                        help="comma-separated: moe, decode, prefill, norm")
+                        help="comma-separated: moe, decode, prefill, norm, moe-paths (split-K vs grouped MoE)")
+    parser.add_argument("--sweep", action="store_true", help="moe-paths: also sweep split-K variants")
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
@@ -246,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         tokens = [1, 64] if args.quick else [1, 8, 64, 512, 4096]
         rows += bench_moe(ceil, tokens, [32, 128], torch_max_tokens=64)
         print(format_table(ceil, rows), flush=True)
+    if "moe-paths" in sections:
+        path_rows = bench_moe_paths(ceil, [1, 2, 4, 8, 64], [32, 128], args.sweep)
+        print(format_paths_table(ceil, path_rows), flush=True)
+        rows += [dict(r, op=f"MoE {r['model']} {r['variant']}", shape=f"{r['tokens']} tok") for r in path_rows]
     if "decode" in sections:
         rows += bench_decode(ceil, [1, 32] if args.quick else [1, 32, 128], [1024, 8192] if args.quick else
                              [1024, 8192, 32768], torch_max_tokens=32 * 8192)
@@ -253,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_prefill(ceil, [1024] if args.quick else [1024, 8192], torch_max_tokens=1024)
     if "norm" in sections:
         rows += bench_norm_rope(ceil)
-    print(format_table(ceil, rows))
+    if sections - {"moe-paths"}:
+        print(format_table(ceil, rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), ceilings=ceil, rows=rows), f, indent=1)

@@ -12,7 +12,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported; the kernels re-read it at launch too
 
-from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles  # noqa: E402
+from gptoss_serve.kernels.moe_matmul import (SPLITK_MAX_TOKENS, _tile_config, moe_experts,  # noqa: E402
+                                             moe_experts_splitk, split_nibbles, tile_rows)
 from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref  # noqa: E402
 from gptoss_serve.kernels.moe_routing import group_by_expert, max_row_blocks, route  # noqa: E402
 
@@ -122,11 +123,72 @@ def test_split_nibble_layout_gives_the_same_result():
     torch.testing.assert_close(out, moe_experts(*args), rtol=0, atol=0)
 
 
+# Split-K decode path ------------------------------------------------------------------------------------------
+def splitk_config(num_tokens: int, splits: int) -> dict:
+    """Small tiles so that the interpreter's K of 64-96 still gives several splits and K steps."""
+    block_m = 16 if num_tokens > 2 else 1 if num_tokens == 1 else 2
+    return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1, splits=splits)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,hidden,intermediate,first_expert,num_local,has_b2,splits", [
+    (1, 8, 64, 96, 0, 8, True, 3),        # CUDA-core path, one row per expert, K split 2 and 3 ways
+    (2, 8, 64, 64, 0, 8, True, 2),        # two rows, some experts shared by both tokens
+    (7, 32, 64, 96, 0, 32, True, 3),      # tensor-core path, most experts get no token
+    (7, 16, 96, 64, 4, 8, True, 2),       # expert parallelism: pairs routed outside [4, 12) skipped
+    (2, 8, 64, 32, 0, 8, False, 1),       # tensor parallelism: a slice of the intermediate, no w2 bias
+    (1, 8, 64, 64, 2, 4, True, 2),        # the token may have no expert on this rank at all
+])
+def test_moe_experts_splitk_matches_ref(num_tokens, num_experts, hidden, intermediate, first_expert, num_local,
+                                        has_b2, splits):
+    args = make_moe(num_tokens, num_experts, hidden, intermediate, 4, first_expert, num_local, has_b2,
+                    seed=10 + num_tokens)
+    ref = moe_experts_ref(*args)
+    for config in (splitk_config(num_tokens, splits), None):  # fixed splits; the default decode tiles
+        out = moe_experts_splitk(*args, config=config)
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        assert rel_err(out, ref) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
+def test_moe_experts_splitk_is_the_decode_default_and_equals_the_grouped_path():
+    args = make_moe(SPLITK_MAX_TOKENS, 8, 64, 64, 4, 0, 8, True, seed=20)
+    old = moe_experts(*args, config=_tile_config(SPLITK_MAX_TOKENS, 4 * SPLITK_MAX_TOKENS, 8))
+    new = moe_experts(*args)  # the dispatch picks split-K here
+    if DEVICE == "cpu":  # the interpreter sums these short Ks exactly: both paths give the twin's roundings
+        torch.testing.assert_close(new, old, rtol=0, atol=0)
+    assert rel_err(new, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
+def test_moe_experts_splitk_split_nibbles_and_strided_scales():
+    args = make_moe(2, 8, 64, 64, 4, 0, 8, True, seed=21)
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    ref = moe_experts_ref(*args)
+    t1s = w1s.transpose(1, 2).contiguous().transpose(1, 2)  # same values, scale blocks of one K step adjacent
+    t2s = w2s.transpose(1, 2).contiguous().transpose(1, 2)
+    for config in (splitk_config(2, 2), splitk_config(8, 2)):
+        out = moe_experts_splitk(x, w, ids, split_nibbles(w1b), t1s, b1, split_nibbles(w2b), t2s, b2, alpha, limit,
+                                 first, split_nibbles=True, config=config)
+        assert rel_err(out, ref) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
+@pytest.mark.parametrize("num_tokens,tile_n", [(1, 16), (3, 32), (40, 16)])
+def test_tiled_row_layout_gives_the_same_result(num_tokens, tile_n):
+    # Both paths (split-K at 1 and 3 tokens, grouped at 40) on split-nibble bytes re-laid out by tile_rows.
+    args = make_moe(num_tokens, 8, 64, 64, 4, 0, 8, True, seed=22)
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    tiled = tile_rows(w1b, tile_n)
+    assert tiled.shape == w1b.shape
+    assert torch.equal(tiled.reshape(8, 128 // tile_n, 2, tile_n, 16)[:, 1, :, 3], w1b[:, tile_n + 3])
+    config = splitk_config(num_tokens, 2) if num_tokens <= SPLITK_MAX_TOKENS else None
+    out = moe_experts(x, w, ids, tile_rows(split_nibbles(w1b), tile_n), w1s, b1, tile_rows(split_nibbles(w2b), tile_n),
+                      w2s, b2, alpha, limit, first, split_nibbles=True, config=config, tile_n=tile_n)
+    assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
 # GPU: the real shapes ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("num_experts", [32, 128])
-@pytest.mark.parametrize("num_tokens", [1, 64, 512])
+@pytest.mark.parametrize("num_tokens", [1, 2, 4, 7, 8, 64, 512])
 def test_moe_experts_real_shapes_gpu(num_experts, num_tokens):
     args = make_moe(num_tokens, num_experts, 2880, 2880, 4, 0, num_experts, True, seed=num_tokens, device="cuda")
     assert rel_err(moe_experts(*args), moe_experts_ref(*args)) < 1e-2
@@ -140,3 +202,37 @@ def test_moe_experts_expert_and_tensor_parallel_slices_gpu():
     assert rel_err(moe_experts(*args), moe_experts_ref(*args)) < 1e-2
     args = make_moe(64, 32, 2880, 1440, 4, 0, 32, False, seed=8, device="cuda")
     assert rel_err(moe_experts(*args), moe_experts_ref(*args)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_tokens", [1, 2, 7])
+def test_moe_experts_splitk_slices_gpu(num_tokens):
+    # Decode sizes on the split-K path: 120b by experts (rank 1 of 4), 20b's intermediate split in two (no b2).
+    args = make_moe(num_tokens, 128, 2880, 2880, 4, 32, 32, True, seed=30 + num_tokens, device="cuda")
+    assert rel_err(moe_experts(*args), moe_experts_ref(*args)) < 1e-2
+    args = make_moe(num_tokens, 32, 2880, 1440, 4, 0, 32, False, seed=40 + num_tokens, device="cuda")
+    assert rel_err(moe_experts(*args), moe_experts_ref(*args)) < 1e-2
+
+
+def test_triton_backend_relays_out_experts_and_gives_checkpoint_bytes_back():
+    from gptoss_serve.kernels.triton_backend import TritonKernels
+
+    args = make_moe(1, 8, 64, 64, 4, 0, 8, True, seed=23)
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    ref = moe_experts_ref(*args)
+    kernels = TritonKernels()
+    layer = torch.nn.Module()
+    layer.mlp = torch.nn.Module()
+    layer.mlp.mlp1_weight, layer.mlp.mlp2_weight = torch.nn.Module(), torch.nn.Module()
+    w1, w2 = w1b.clone(), w2b.clone()
+    layer.mlp.mlp1_weight.blocks, layer.mlp.mlp2_weight.blocks = w1, w2
+    model = torch.nn.Module()
+    model.block = [layer]
+    kernels.prepare_weights(model)
+    kernels.prepare_weights(model)  # a second call leaves prepared weights alone
+    assert kernels._layout(w1) == kernels._layout(w2) == 64 and not torch.equal(w1, w1b)
+    assert all(torch.equal(kernels.checkpoint_blocks(w1, e), w1b[e]) for e in range(8))
+    assert torch.equal(kernels.checkpoint_blocks(w2, 3), w2b[3])
+    out = kernels.moe_experts(x, w, ids, w1, w1s, b1, w2, w2s, b2, alpha, limit, first)
+    assert rel_err(out, ref) < (1e-2 if DEVICE == "cuda" else 1e-3)

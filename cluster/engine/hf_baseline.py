@@ -58,13 +58,21 @@ def hf_model_from(model: GptOssModel, dtype: torch.dtype = torch.bfloat16, devic
         for param, value in pairs:
             param.copy_(value)
         w1, w2 = ours.mlp.mlp1_weight, ours.mlp.mlp2_weight
-        w1_relaid, w2_relaid = _is_relaid_out(model, w1.blocks), _is_relaid_out(model, w2.blocks)
         for e in range(config.num_experts):  # one expert at a time: no layer-sized float temporaries
-            blocks = merge_nibbles(w1.blocks[e]) if w1_relaid else w1.blocks[e]
+            blocks = _checkpoint_blocks(model, w1.blocks, e)
             mlp.experts.gate_up_proj[e].copy_(dequantize_mxfp4(blocks, w1.scales[e], dtype).T)  # -> [H, 2I]
-            blocks = merge_nibbles(w2.blocks[e]) if w2_relaid else w2.blocks[e]
+            blocks = _checkpoint_blocks(model, w2.blocks, e)
             mlp.experts.down_proj[e].copy_(dequantize_mxfp4(blocks, w2.scales[e], dtype).T)  # -> [I, H]
     return hf
+
+
+def _checkpoint_blocks(model: GptOssModel, blocks: torch.Tensor, expert: int) -> torch.Tensor:
+    """One expert's bytes in the checkpoint's layout: the kernel backend undoes its own re-layout where it has
+    one (the triton backend's `checkpoint_blocks`: nibble split and row tiles)."""
+    undo = getattr(model.kernels, "checkpoint_blocks", None)
+    if undo is not None:
+        return undo(blocks, expert)
+    return merge_nibbles(blocks[expert]) if _is_relaid_out(model, blocks) else blocks[expert]
 
 
 def _is_relaid_out(model: GptOssModel, blocks: torch.Tensor) -> bool:
