@@ -109,18 +109,24 @@ class ShardLayout:
 
 
 class SymmetricAllReduce:
-    """A one-shot all-reduce through peer GPU memory (torch symmetric memory over NVLink) for decode-sized
-    tensors: each rank copies its part into a buffer every rank can read, then each sums all parts itself.
-    One kernel instead of NCCL's ring protocol: a few microseconds where NCCL takes tens (measured numbers in
-    docs/PERFORMANCE.md). Larger tensors, and any dtype but the buffer's, go through NCCL."""
+    """An all-reduce through peer GPU memory (torch symmetric memory over NVLink) for decode-sized tensors: each
+    rank copies its part into a buffer every rank can read, and one kernel sums the parts, where NCCL runs its
+    ring protocol. `mode` is "two_shot" (in place, reduce-scatter then all-gather, barriers on both ends) or
+    "one_shot". Larger tensors, and any dtype but the buffer's, go through NCCL.
+
+    Off by default (GPTOSS_FAST_ALLREDUCE=two_shot|one_shot turns it on): on 2 x H200 a one-shot all-reduce
+    that reused its buffer across a forward pass gave wrong sums (docs/PERFORMANCE.md), so no path is enabled
+    until `gptoss-serve bench sharded` shows it equal to NCCL over many consecutive calls.
+    """
 
     MAX_BYTES = 1 << 20
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype):
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, mode: str = "two_shot"):
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.group_name = group.group_name
-        self.dtype = dtype
+        if mode not in ("one_shot", "two_shot"):
+            raise ValueError(f"unknown symmetric all-reduce mode {mode!r}")
+        self.group_name, self.dtype, self.mode = group.group_name, dtype, mode
         self.buffer = symm_mem.empty(self.MAX_BYTES // dtype.itemsize, device=device, dtype=dtype)
         symm_mem.rendezvous(self.buffer, self.group_name)  # collective: every rank of the group
 
@@ -131,7 +137,11 @@ class SymmetricAllReduce:
         staged = self.buffer[:x.numel()]
         staged.copy_(x.view(-1))
         out = torch.empty_like(x)
-        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out.view(-1))
+        if self.mode == "one_shot":
+            torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out.view(-1))
+        else:
+            torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", self.group_name)
+            out.view(-1).copy_(staged)
         return out
 
 
@@ -145,15 +155,17 @@ class ShardGroups:
     fast_attn: SymmetricAllReduce | None = None
     fast_world: SymmetricAllReduce | None = None
 
-    def enable_fast_all_reduce(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """Collective. Sets up the one-shot path on every group (False, and NCCL only, where it cannot be)."""
-        if device.type != "cuda" or os.environ.get("GPTOSS_FAST_ALLREDUCE", "1") == "0":
+    def enable_fast_all_reduce(self, device: torch.device, dtype: torch.dtype, mode: str | None = None) -> bool:
+        """Collective. Sets up the symmetric-memory path (mode, else $GPTOSS_FAST_ALLREDUCE: off by default) on
+        every group; False, and NCCL only, where it is off or cannot be set up."""
+        mode = mode or os.environ.get("GPTOSS_FAST_ALLREDUCE", "0")
+        if device.type != "cuda" or mode == "0":
             return False
         try:
             if self.attn is not None:
-                self.fast_attn = SymmetricAllReduce(self.attn, device, dtype)
+                self.fast_attn = SymmetricAllReduce(self.attn, device, dtype, mode)
             if self.world is not None:
-                self.fast_world = SymmetricAllReduce(self.world, device, dtype)
+                self.fast_world = SymmetricAllReduce(self.world, device, dtype, mode)
         except Exception as error:  # an older torch, no peer access: NCCL still works
             logger.warning("one-shot all-reduce unavailable, using NCCL: %s", error)
             self.fast_attn = self.fast_world = None

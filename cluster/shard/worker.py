@@ -120,7 +120,11 @@ class ShardWorker:
         from gptoss_serve.cluster.serve.local_engine import LocalEngineClient
         from gptoss_serve.model.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(tokenizer_dir)
+        try:
+            tokenizer = load_tokenizer(tokenizer_dir)
+        except (ImportError, OSError) as error:  # random weights on a machine without the vocabulary: ids only
+            logger.warning("no tokenizer (%s): the engine returns token ids and no text", error)
+            tokenizer = None
         engine = await asyncio.to_thread(LLMEngine, self.model, self.spec.engine_config, tokenizer,
                                          self._broadcaster())
         self.client = LocalEngineClient(engine, self.spec.max_queued_requests, asyncio.get_running_loop())
