@@ -36,8 +36,11 @@ def base_url(serve_http) -> str:
 
     from gptoss_serve.cluster.serve.app import build_app
 
+    # Serve's default router: a previous_response_id follow-up must reach the other replica to show that the
+    # response store is shared (ours would keep it with its conversation; test_router.py covers that).
     app = build_app({"num_replicas": 2, "dtype": "float32", "kernels": "torch", "device": "cpu",
-                     "max_num_seqs": 32, "max_queued_requests": 32, "kv_cache_memory_bytes": KV_CACHE_BYTES})
+                     "max_num_seqs": 32, "max_queued_requests": 32, "kv_cache_memory_bytes": KV_CACHE_BYTES,
+                     "router": {"policy": "serve_default"}})
     serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}")
     url = f"{serve_http}/{APP_NAME}"
     deadline = time.monotonic() + 120

@@ -18,4 +18,6 @@ from gptoss_serve.cluster.serve.model_server import ModelServer
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     server = ModelServer.options(**config.model_replica_options()).bind(config)
-    return OpenAIIngress.options(num_replicas=config.num_ingress_replicas).bind({config.served_model_id: server})
+    routing_hints = config.router.policy == "prefix_affinity"
+    return OpenAIIngress.options(num_replicas=config.num_ingress_replicas).bind({config.served_model_id: server},
+                                                                               routing_hints=routing_hints)

@@ -64,8 +64,43 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     parser.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
     parser.add_argument("--app-name", default=DEFAULT_APP_NAME, help="Serve application name")
     parser.add_argument("--detach", action="store_true", help="return once healthy; stop later with `down`")
+    _add_scaling_arguments(parser)
     parser.set_defaults(func=run_up)
     return parser
+
+
+def _add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("routing and autoscaling (docs/serving.md)")
+    group.add_argument("--router", choices=["prefix_affinity", "serve_default"], default="prefix_affinity",
+                       help="prefix_affinity: prefix-cache and conversation affinity, else the less loaded of two "
+                            "replicas; serve_default: Serve's power of two choices (default %(default)s)")
+    group.add_argument("--min-replicas", type=int, help="autoscale the model replicas from this many (default 1)")
+    group.add_argument("--max-replicas", type=int, help="... up to this many; giving either turns autoscaling on")
+    group.add_argument("--target-ongoing-requests", type=float,
+                       help="queued and running requests per replica to aim for (default: --max-num-seqs / 2)")
+    group.add_argument("--upscale-delay-s", type=float, default=10.0, help="(default %(default)s)")
+    group.add_argument("--downscale-delay-s", type=float, default=120.0, help="(default %(default)s)")
+    group.add_argument("--target-queue-depth", type=float, default=4.0,
+                       help="engine-queued sequences per replica to aim for (default %(default)s)")
+    group.add_argument("--target-kv-cache-usage", type=float, default=0.8, help="(default %(default)s)")
+    group.add_argument("--target-ttft-s", type=float, help="time to first token to aim for (default: not weighed)")
+    group.add_argument("--autoscaling-policy", choices=["gptoss", "serve_default"], default="gptoss",
+                       help="gptoss: also weigh queue depth, KV-cache use and TTFT (default %(default)s)")
+
+
+def _scaling_options(args: argparse.Namespace) -> dict:
+    """The AppConfig fields of the routing and autoscaling flags."""
+    options: dict = {"router": {"policy": args.router}}
+    if args.min_replicas is not None or args.max_replicas is not None:
+        min_replicas = 1 if args.min_replicas is None else args.min_replicas
+        options["autoscaling"] = {
+            "min_replicas": min_replicas,
+            "max_replicas": min_replicas if args.max_replicas is None else args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing_requests, "upscale_delay_s": args.upscale_delay_s,
+            "downscale_delay_s": args.downscale_delay_s, "target_queue_depth": args.target_queue_depth,
+            "target_kv_cache_usage": args.target_kv_cache_usage, "target_ttft_s": args.target_ttft_s,
+            "policy": args.autoscaling_policy}
+    return options
 
 
 def add_down_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -84,7 +119,7 @@ def app_config_from_args(args: argparse.Namespace):
     from gptoss_serve.cluster.serve.config import AppConfig
 
     try:
-        return AppConfig(model=args.model, model_id=args.model_id, random_weights=args.random_weights, tensor_parallel_size=args.tp,
+        return AppConfig(**_scaling_options(args), model=args.model, model_id=args.model_id, random_weights=args.random_weights, tensor_parallel_size=args.tp,
                          expert_parallel_size=args.ep, num_replicas=args.replicas, dtype=args.dtype,
                          kernels=args.kernels, device=args.device, max_num_seqs=args.max_num_seqs,
                          max_queued_requests=args.max_queued_requests, max_model_len=args.max_model_len)
@@ -108,7 +143,7 @@ def run_up(args: argparse.Namespace) -> int:
     head_pid = None
     if args.address is None:
         try:
-            address, head_pid = _start_local_ray(num_cpus=config.num_replicas + config.num_ingress_replicas)
+            address, head_pid = _start_local_ray(num_cpus=config.max_num_model_replicas + config.num_ingress_replicas)
         except (RuntimeError, OSError) as error:
             print(f"gptoss-serve up: {error}", file=sys.stderr)
             return 1

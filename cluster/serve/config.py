@@ -16,6 +16,74 @@ DEFAULT_APP_NAME = "gptoss"
 DEFAULT_MODEL_ID = "gpt-oss-default"  # the served name of the embedded tiny model
 
 
+class RouterSettings(BaseModel):
+    """Which model replica takes each request (cluster/serve/router.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    policy: Literal["prefix_affinity", "serve_default"] = "prefix_affinity"  # serve_default: Serve's power of two
+    stats_period_s: float = Field(default=1.0, gt=0)  # how often replicas report load and cached prefixes
+    imbalance_threshold: float = Field(default=8.0, ge=0)  # affinity yields to a replica this much less loaded
+    min_prefix_match_tokens: int = Field(default=64, ge=1)  # a shorter advantage in cached prefix decides nothing
+    kv_pressure_weight: float = Field(default=8.0, ge=0)  # a full KV cache weighs like this many queued requests
+
+    def serve_config(self) -> dict[str, Any]:
+        """The deployment's `request_router_config`."""
+        config: dict[str, Any] = {"request_routing_stats_period_s": self.stats_period_s}
+        if self.policy == "prefix_affinity":
+            config["request_router_class"] = "gptoss_serve.cluster.serve.router:PrefixAffinityRouter"
+            config["request_router_kwargs"] = {
+                "imbalance_threshold": self.imbalance_threshold,
+                "min_prefix_match_tokens": self.min_prefix_match_tokens,
+                "kv_pressure_weight": self.kv_pressure_weight}
+        return config
+
+
+class AutoscalingSettings(BaseModel):
+    """Serve autoscaling of the model deployment (cluster/serve/autoscaling.py); replaces num_replicas."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # At least 1: the ingress answers 503 while no replica is up, so a request would never wake one.
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=4, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=1)
+    target_ongoing_requests: float | None = Field(default=None, gt=0)  # per replica; None: max_num_seqs / 2
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=120.0, ge=0)
+    look_back_period_s: float = Field(default=10.0, gt=0)  # metrics are averaged over this window
+    metrics_interval_s: float = Field(default=2.0, gt=0)  # how often replicas and handles report to Serve
+    policy: Literal["gptoss", "serve_default"] = "gptoss"  # serve_default: ongoing requests only
+    target_queue_depth: float = Field(default=4.0, gt=0)  # engine-queued sequences per replica
+    target_kv_cache_usage: float = Field(default=0.8, gt=0, le=1)
+    target_ttft_s: float | None = Field(default=None, gt=0)  # None: time to first token is not weighed
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoscalingSettings":
+        if not self.min_replicas <= (self.initial_replicas or self.min_replicas) <= self.max_replicas:
+            raise ValueError(f"need min_replicas ({self.min_replicas}) <= initial_replicas "
+                             f"({self.initial_replicas}) <= max_replicas ({self.max_replicas})")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must exceed metrics_interval_s (a window of several reports)")
+        return self
+
+    def serve_config(self, default_target_ongoing_requests: float) -> dict[str, Any]:
+        """The deployment's `autoscaling_config`."""
+        config: dict[str, Any] = {
+            "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+            "initial_replicas": self.initial_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests or default_target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s, "metrics_interval_s": self.metrics_interval_s}
+        if self.policy == "gptoss":
+            config["policy"] = {
+                "policy_function": "gptoss_serve.cluster.serve.autoscaling:GptossAutoscalingPolicy",
+                "policy_kwargs": {"target_queue_depth": self.target_queue_depth,
+                                  "target_kv_cache_usage": self.target_kv_cache_usage,
+                                  "target_ttft_s": self.target_ttft_s}}
+        return config
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
@@ -49,6 +117,8 @@ class AppConfig(BaseModel):
     ray_actor_options: dict[str, Any] | None = None  # of each model replica (num_cpus, num_gpus, resources, ...)
     placement_group_bundles: list[dict[str, float]] | None = None  # a replica that owns GPU shard actors
     placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "STRICT_PACK"
+    router: RouterSettings = RouterSettings()
+    autoscaling: AutoscalingSettings | None = None  # None: a fixed num_replicas
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":
@@ -81,6 +151,10 @@ class AppConfig(BaseModel):
         return max(self.tensor_parallel_size, self.expert_parallel_size)
 
     @property
+    def max_num_model_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
+
+    @property
     def engine_capacity(self) -> int:
         """Sequences a replica admits at once; more are refused with 429."""
         return self.max_num_seqs + self.max_queued_requests
@@ -92,7 +166,11 @@ class AppConfig(BaseModel):
             # Room for the requests the engine refuses (answered 429 at once) and for health/metrics calls.
             "max_ongoing_requests": self.engine_capacity + 16,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "request_router_config": self.router.serve_config(),
         }
+        if self.autoscaling is not None:  # Serve takes one or the other
+            del options["num_replicas"]
+            options["autoscaling_config"] = self.autoscaling.serve_config(max(1, self.max_num_seqs // 2))
         actor_options = dict(self.ray_actor_options or {})
         bundles = self.placement_group_bundles
         if bundles is None and self.world_size > 1:

@@ -33,6 +33,7 @@ from gptoss_serve.cluster.serve.openai_protocol import (
     ResponsesRequest,
     parse_request,
 )
+from gptoss_serve.cluster.serve.routing_hint import ROUTING_KWARG, routing_hint
 from gptoss_serve.cluster.serve.shared_actors import MetricsHubActor, get_or_create
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,13 @@ async def _resolve(response):
     return await response
 
 
+def _load_tokenizer():
+    """o200k_harmony, the same for every gpt-oss model: for rendering prompts into routing hints."""
+    from gptoss_serve.model.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
 async def _sse_body(call) -> AsyncIterator[str]:
     """The replica's SSE batches; if the client disconnects, Starlette cancels this and the call is cancelled."""
     try:
@@ -75,7 +83,8 @@ async def _sse_body(call) -> AsyncIterator[str]:
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=1024)
 @serve.ingress(app)
 class OpenAIIngress:
-    async def __init__(self, servers: dict[str, DeploymentHandle]):
+    async def __init__(self, servers: dict[str, DeploymentHandle], routing_hints: bool = False):
+        """routing_hints: pass each request's prompt-prefix hint to the model replicas' router (router.py)."""
         context = serve.get_replica_context()
         self._replica_id = context.replica_tag
         self._servers = servers
@@ -83,6 +92,7 @@ class OpenAIIngress:
         self._healthy: dict[str, bool] = {}  # model id -> whether the last probe was answered
         self._metrics = IngressMetrics(self._replica_id)
         self._hub = await get_or_create(MetricsHubActor, context.app_name, "metrics")
+        self._tokenizer = await asyncio.to_thread(_load_tokenizer) if routing_hints else None
         self._monitor_task = asyncio.create_task(self._monitor())
         self._push_task = asyncio.create_task(self._push_metrics())
 
@@ -166,7 +176,11 @@ class OpenAIIngress:
         return response
 
     async def _forward(self, endpoint: str, request) -> Response:
-        call = getattr(self._server(request.model), endpoint).options(stream=True).remote(request)
+        server = self._server(request.model)
+        kwargs = {}
+        if self._tokenizer is not None:
+            kwargs[ROUTING_KWARG] = await routing_hint(endpoint, request, self._tokenizer)
+        call = getattr(server, endpoint).options(stream=True).remote(request, **kwargs)
         try:
             first = await call.__anext__()
             if first["kind"] == "error":

@@ -19,11 +19,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ray import serve
 
 from gptoss_serve.cluster.observability.ray_export import RayMetricsMirror
+from gptoss_serve.cluster.serve.autoscaling import TtftWindow, replica_autoscaling_stats
 from gptoss_serve.cluster.serve.chat import ChatCompletions, prepare_chat
 from gptoss_serve.cluster.serve.completions import Completions, prepare_completion
 from gptoss_serve.cluster.serve.config import AppConfig
@@ -31,13 +33,16 @@ from gptoss_serve.cluster.serve.engine_client import EngineClient, EngineDeadErr
 from gptoss_serve.cluster.serve.errors import APIError, internal_error, queue_full, unavailable
 from gptoss_serve.cluster.serve.metrics import ReplicaMetrics, RequestRecord
 from gptoss_serve.cluster.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from gptoss_serve.cluster.serve.prefix_summary import PrefixSummary, key_hash
 from gptoss_serve.cluster.serve.responses import Responses, prepare_response
+from gptoss_serve.cluster.serve.routing_hint import RoutingHint
 from gptoss_serve.cluster.serve.shared_actors import MetricsHubActor, RayResponseStore, ResponseStoreActor, get_or_create
 from gptoss_serve.cluster.serve.streaming import batched, sse
 
 logger = logging.getLogger(__name__)
 
 METRICS_PUSH_INTERVAL_S = 1.0
+PREFIX_SUMMARY_MAX_KEYS = 1 << 14  # prefix blocks in the router's summary: 256k tokens, a 20 kB Bloom filter
 
 
 class Admission:
@@ -125,6 +130,9 @@ class ModelServer:
         self._metrics = ReplicaMetrics(self._model_id, self._replica_id)
         self._ray_metrics = RayMetricsMirror()
         self._admission = Admission(config.engine_capacity)
+        self._prefixes = PrefixSummary(PREFIX_SUMMARY_MAX_KEYS)  # resized to the KV cache in record_routing_stats
+        self._ttft = TtftWindow()
+        self._in_flight: dict[int, RequestRecord] = {}  # admitted requests, by id(record)
         self._chat = ChatCompletions(self._engine, self._tokenizer, self._model_id)
         self._completions = Completions(self._engine, self._tokenizer, self._model_id)
         self._store = RayResponseStore(store_actor)
@@ -154,8 +162,34 @@ class ModelServer:
             raise RuntimeError("the engine step loop has stopped")
 
     async def __del__(self):
+        """Serve stops routing here and waits for ongoing calls first; this also waits (within
+        graceful_shutdown_timeout_s) for what the engine still runs, so that scaling down cuts nothing off."""
+        deadline = time.monotonic() + self._config.graceful_shutdown_timeout_s
+        while self._admission.num_admitted and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         self._push_task.cancel()
         await self._engine.shutdown()
+
+    # Routing and autoscaling (Serve polls these) ----------------------------------------------------------
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Load and a Bloom filter of the prefixes served lately, for the router (router.py)."""
+        stats = self._engine.stats()
+        if stats.kv_blocks_total:
+            self._prefixes.capacity = min(stats.kv_blocks_total, PREFIX_SUMMARY_MAX_KEYS)
+        return {"num_running": stats.num_running, "num_waiting": stats.num_waiting, "kv_usage": stats.kv_usage,
+                "prefix_bloom": self._prefixes.bloom().bits if len(self._prefixes) else b""}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Queue depth, KV-cache use and time to first token, for the autoscaling policy (autoscaling.py)."""
+        stats, now = self._engine.stats(), time.monotonic()
+        waiting_ages_s = [now - r.start_time for r in self._in_flight.values() if r.first_token_time is None]
+        return replica_autoscaling_stats(stats.num_waiting, stats.kv_usage, self._ttft.take(waiting_ages_s))
+
+    def _remember(self, routing: RoutingHint | None) -> None:
+        if routing is not None:
+            self._prefixes.add_prompt(routing.prefix_hashes)
+            if routing.response_id is not None:
+                self._prefixes.add([key_hash(routing.response_id)])
 
     async def _push_metrics(self) -> None:
         while True:
@@ -170,33 +204,38 @@ class ModelServer:
             await asyncio.sleep(METRICS_PUSH_INTERVAL_S)
 
     # Endpoints ---------------------------------------------------------------------------------------------
-    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    async def chat(self, request: ChatCompletionRequest,
+                   routing: RoutingHint | None = None) -> AsyncIterator[dict[str, Any]]:
         def prepare():
             return prepare_chat(request, self._tokenizer, self._info.max_model_len)
 
         async for item in self._serve("chat", prepare, lambda p: len(p.turns), request.stream,
-                                      self._chat.stream, self._chat.complete):
+                                      self._chat.stream, self._chat.complete, routing):
             yield item
 
-    async def completions(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    async def completions(self, request: CompletionRequest,
+                          routing: RoutingHint | None = None) -> AsyncIterator[dict[str, Any]]:
         def prepare():
             return prepare_completion(request, self._tokenizer, self._info.max_model_len, self._info.vocab_size)
 
         async for item in self._serve("completions", prepare, lambda p: p.num_sequences, request.stream,
-                                      self._completions.stream, self._completions.complete):
+                                      self._completions.stream, self._completions.complete, routing):
             yield item
 
-    async def responses(self, request: ResponsesRequest) -> AsyncIterator[dict[str, Any]]:
+    async def responses(self, request: ResponsesRequest,
+                        routing: RoutingHint | None = None) -> AsyncIterator[dict[str, Any]]:
         async def prepare():
-            return await prepare_response(request, self._tokenizer, self._info.max_model_len, self._store)
+            return await prepare_response(request, self._tokenizer, self._info.max_model_len, self._store,
+                                          response_id=routing.response_id if routing is not None else None)
 
         async for item in self._serve("responses", prepare, lambda p: 1, request.stream,
-                                      self._responses.stream, self._responses.complete):
+                                      self._responses.stream, self._responses.complete, routing):
             yield item
 
     async def _serve(self, endpoint: str, prepare: Callable[[], Any], num_seqs: Callable[[Any], int], stream: bool,
                      run_stream: Callable[..., AsyncIterator[str]],
-                     run_complete: Callable[..., Awaitable[dict]]) -> AsyncIterator[dict[str, Any]]:
+                     run_complete: Callable[..., Awaitable[dict]],
+                     routing: RoutingHint | None = None) -> AsyncIterator[dict[str, Any]]:
         record = RequestRecord(endpoint)
         try:
             prepared = prepare()
@@ -210,6 +249,8 @@ class ModelServer:
             self._metrics.observe(record)
             yield {"kind": "error", "error": api_error.to_dict()}
             return
+        self._remember(routing)
+        self._in_flight[id(record)] = record
         try:
             yield {"kind": "start", "replica": self._replica_id}
             if stream:
@@ -226,6 +267,9 @@ class ModelServer:
                 {"kind": "error", "error": api_error.to_dict()}
         finally:
             self._admission.release(num_admitted)
+            del self._in_flight[id(record)]
+            if record.first_token_time is not None:
+                self._ttft.observe(record.first_token_time - record.start_time)
             self._metrics.observe(record)
 
 

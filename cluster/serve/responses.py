@@ -54,7 +54,8 @@ class PreparedResponse:
 
 
 async def prepare_response(request: ResponsesRequest, tokenizer: Tokenizer, max_model_len: int,
-                           store: ResponseStore) -> PreparedResponse:
+                           store: ResponseStore, response_id: str | None = None) -> PreparedResponse:
+    """response_id: the id to store the result under (the ingress picks it for routing); None: a new one."""
     items = []
     if request.previous_response_id is not None:
         previous = await store.get(request.previous_response_id)
@@ -74,7 +75,7 @@ async def prepare_response(request: ResponsesRequest, tokenizer: Tokenizer, max_
     prompt = build_harmony_prompt(tokenizer, messages, tools, tool_choice, effort, _json_format(request))
     max_tokens = resolve_max_tokens(request.max_output_tokens, len(prompt.prompt_token_ids), max_model_len,
                                     "max_output_tokens")
-    response_id = new_id("resp")
+    response_id = response_id or new_id("resp")
     turn = TurnRequest(response_id, prompt.prompt_token_ids, sampling_params(request, max_tokens),
                        prompt.constraint)
     return PreparedResponse(request, response_id, items, prompt, turn, int(time.time()))
