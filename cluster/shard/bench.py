@@ -98,7 +98,7 @@ def _layouts(rank: int, device: torch.device, preset_name: str, kernels_name: st
     from gptoss_serve.model.parallel import ShardGroups, ShardLayout
 
     config = preset(preset_name)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, os.environ.get("GPTOSS_BENCH_DTYPE", "bfloat16" if device.type == "cuda" else "float32"))
     kernels = get_kernels(kernels_name if device.type == "cuda" else "torch")
     prompt = torch.randint(0, config.vocab_size, (300,), generator=torch.Generator().manual_seed(0)).tolist()
 
