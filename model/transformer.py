@@ -85,8 +85,8 @@ class MLPBlock(nn.Module):
         """counted_tokens: [num_tokens] int64, 1 for the tokens whose routing is added to expert_token_counts."""
         expert_weights, expert_ids = kernels.route(self.gate(x), self.experts_per_token)  # [num_tokens, top_k]
         if counted_tokens is not None:
-            self.expert_token_counts.index_add_(
-                0, expert_ids.reshape(-1), counted_tokens.repeat_interleave(self.experts_per_token))
+            counted_pairs = counted_tokens[:, None].expand(expert_ids.shape)  # [num_tokens, top_k]
+            self.expert_token_counts.index_add_(0, expert_ids.reshape(-1), counted_pairs.reshape(-1))
         return kernels.moe_experts(
             x, expert_weights, expert_ids, self.mlp1_weight.blocks, self.mlp1_weight.scales, self.mlp1_bias,
             self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias, self.swiglu_alpha, self.swiglu_limit,

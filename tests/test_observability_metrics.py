@@ -52,7 +52,6 @@ def test_model_counts_routed_tokens_but_not_padding_rows():
 def test_engine_snapshots_and_resets_expert_counts(counting_llm):
     engine = counting_llm.engine
     config = engine.model.config
-    engine.take_expert_token_counts()
     counting_llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     counts = engine.take_expert_token_counts()
     # 5 prompt tokens and 5 fed-back samples pass every layer; the 6th sample is never computed.
@@ -60,6 +59,30 @@ def test_engine_snapshots_and_resets_expert_counts(counting_llm):
     assert (counts.sum(axis=1) == 10 * config.experts_per_token).all()
     assert engine.take_expert_token_counts().sum() == 0
     assert (engine.last_step_num_seqs, engine.last_step_num_tokens) == (1, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_count_experts_without_padding_rows():
+    from gptoss_serve.cluster.engine.config import EngineConfig
+    from gptoss_serve.cluster.engine.llm import LLM
+    from gptoss_serve.kernels.backend import get_kernels
+    from gptoss_serve.model.config import preset
+    from gptoss_serve.model.loader import random_model
+
+    config = preset("tiny")
+    model = random_model(config, seed=0, dtype=torch.bfloat16, device="cuda", kernels=get_kernels("triton"))
+    engine_config = dict(block_size=16, num_kv_blocks=256, max_num_seqs=8, max_num_batched_tokens=128,
+                         enable_prefix_caching=False, count_expert_tokens=True)
+    prompts = [[(7 * i + j) % config.vocab_size for j in range(n)] for i, n in enumerate((5, 17, 30))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    computed_tokens = sum(len(p) + params.max_tokens - 1 for p in prompts)  # the last sample is never fed back
+    for enforce_eager in (True, False):
+        llm = LLM.from_model(model, config=EngineConfig(enforce_eager=enforce_eager, **engine_config))
+        assert (llm.engine.model_runner.graphs is None) == enforce_eager
+        llm.generate(prompts, params)  # decodes of 3 sequences replay the 4-row graph: one padding row each
+        counts = llm.engine.take_expert_token_counts()
+        assert (counts.sum(axis=1) == computed_tokens * config.experts_per_token).all(), (enforce_eager, counts)
 
 
 def test_engine_without_counting_has_no_counts():

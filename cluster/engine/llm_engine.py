@@ -77,6 +77,7 @@ class LLMEngine:
         # Before the runner captures CUDA graphs, so that graph replays count too.
         self._expert_token_counts = model.count_expert_tokens() if config.count_expert_tokens else None
         plan, self.max_model_len, self.model_runner = build_model_runner(model, config, broadcaster)
+        self.take_expert_token_counts()  # drops the memory-profiling forward's dummy tokens
         self.kv_cache = self.model_runner.kv_cache
         self.block_manager = BlockManager(plan.num_blocks, config.block_size, model.config.sliding_window,
                                           plan.num_sliding_blocks, config.enable_prefix_caching)
