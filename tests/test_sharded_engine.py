@@ -112,3 +112,37 @@ def test_generate_cli_with_tp_and_ep_prints_the_unsharded_completion(ray_cluster
     sharded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sharded["token_ids"] == unsharded["token_ids"] and sharded["text"] == unsharded["text"]
     assert sharded["logprobs"] == pytest.approx(unsharded["logprobs"], abs=1e-4)
+
+
+def test_a_sharded_replica_serves_http(serve_http):
+    """--tp 2 --ep 2 behind the real Serve app: the replica's placement group holds its two shard workers
+    (logical GPUs), and /v1/completions returns the unsharded engine's greedy tokens and logprobs."""
+    import httpx
+    from ray import serve
+
+    from gptoss_serve.cluster.serve.app import build_app
+
+    name = "sharded_test"
+    kv_bytes = 16 * 2**20
+    app = build_app({"tensor_parallel_size": 2, "expert_parallel_size": 2, "dtype": "float32", "kernels": "torch",
+                     "max_num_seqs": 8, "max_queued_requests": 8, "kv_cache_memory_bytes": kv_bytes})
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    url = f"{serve_http}/{name}"
+    try:
+        deadline = time.monotonic() + 180
+        while httpx.get(f"{url}/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the sharded application never became healthy"
+            time.sleep(0.5)
+        body = {"model": "gpt-oss-default", "prompt": [5, 17, 300, 2, 99], "max_tokens": 6, "temperature": 0,
+                "logprobs": 1}
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        offline = LLM(None, dtype="float32", kernels="torch", device="cpu", progress=False,
+                      kv_cache_memory_bytes=kv_bytes).generate(
+            [[5, 17, 300, 2, 99]], SamplingParams(temperature=0.0, max_tokens=6, logprobs=0))[0].outputs[0]
+        assert choice["text"] == offline.text
+        want = [lp[t] for lp, t in zip(offline.logprobs, offline.token_ids)]
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(want, abs=1e-4)
+    finally:
+        serve.delete(name)
