@@ -15,9 +15,11 @@ any replica per request). Then, in order:
    since this router last sent it a request (so equal replicas take turns).
 
 Affinity yields when its replica is busier than the least loaded one by more than `imbalance_threshold`
-(reason `affinity_overloaded`): a cache hit is not worth a queue. Load is the replica's queued and running
-requests plus `kv_pressure_weight` times its KV-cache use. If the chosen replica refuses (full), Serve tries
-the others, least loaded first.
+(reason `affinity_overloaded`): a cache hit is not worth a queue. Load is the replica's ongoing requests (Serve's
+own count, fresh at every send), plus the requests this router has just decided to send it (so that requests
+routed at the same moment see each other), plus up to `kv_pressure_weight` as its KV cache fills past half (from
+the stats, which are up to a period old: below half they would only add noise). If the chosen replica refuses
+(full), Serve tries the others, least loaded first.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ REASON_OVERLOADED = "affinity_overloaded"  # affinity known, but its replica was
 REASON_FALLBACK = "fallback"  # the chosen replica refused; another took the request
 METRICS_PUSH_INTERVAL_S = 2.0
 MAX_PENDING_DECISIONS = 10000
+DECISION_VISIBLE_S = 2.0  # a decision counts as load until Serve's queue length has it
+KV_PRESSURE_KNEE = 0.5  # KV-cache use below this adds no load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +64,7 @@ class ReplicaView:
     """What the policy knows of one replica when a request is routed."""
 
     replica: Hashable
-    load: float  # queued + running requests, plus kv_pressure_weight * KV-cache use
+    load: float  # ongoing requests (and those being sent), plus KV-cache pressure
     matched_blocks: int = 0  # leading blocks of the prompt it holds
     holds_conversation: bool = False  # it stored the previous response of this conversation
     last_routed_s: float = 0.0  # when this router last sent it a request (monotonic clock; 0: never)
@@ -91,7 +95,7 @@ class RoutingPolicy:
             if best.load <= least_load + self.imbalance_threshold:
                 return self._decision(best, reason, views)
             overloaded = True
-        sampled = self._rng.sample(list(views), 2) if len(views) > 2 else views
+        sampled = self._rng.sample(list(views), min(2, len(views)))  # random order: ties go either way
         best = min(sampled, key=_load_key)
         return self._decision(best, REASON_OVERLOADED if overloaded else REASON_LEAST_LOADED, views)
 
@@ -127,8 +131,9 @@ class PrefixAffinityRouter(RequestRouter):
         self._kv_pressure_weight = kv_pressure_weight
         self._memory = RoutedPrefixes(memory_max_blocks, memory_ttl_s)
         self._last_routed_s: dict[ReplicaID, float] = {}
-        # Decisions of requests not routed yet, by internal request id (the request may retry, or be cancelled).
-        self._pending: collections.OrderedDict[str, Decision] = collections.OrderedDict()
+        # Decisions of requests not routed yet and when they were made, by internal request id, oldest first
+        # (a request may be decided again after a refusal, or be cancelled before it is sent).
+        self._pending: collections.OrderedDict[str, tuple[Decision, float]] = collections.OrderedDict()
         self._metrics = RouterMetrics(self._deployment_id.name, f"{self._handle_source.value}:{os.getpid()}")
         self._push_task: asyncio.Task | None = None
 
@@ -139,10 +144,13 @@ class PrefixAffinityRouter(RequestRouter):
         if self._push_task is None:
             self._push_task = self._event_loop.create_task(self._push_metrics())
         hint = _hint_of(pending_request)
-        views = [self._view(replica, hint) for replica in candidate_replicas]
+        num_deciding = self._num_deciding()
+        views = [self._view(replica, hint, num_deciding[replica.replica_id]) for replica in candidate_replicas]
         decision = self._policy.choose(views, hint)
-        if pending_request is not None and hint is not None:
-            self._pending[pending_request.metadata.internal_request_id] = decision
+        if pending_request is not None:
+            request_id = pending_request.metadata.internal_request_id
+            self._pending.pop(request_id, None)
+            self._pending[request_id] = (decision, time.monotonic())
             while len(self._pending) > MAX_PENDING_DECISIONS:
                 self._pending.popitem(last=False)
         by_id = {replica.replica_id: replica for replica in candidate_replicas}
@@ -154,7 +162,7 @@ class PrefixAffinityRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         self._last_routed_s[replica_id] = time.monotonic()
         hint = _hint_of(pending_request)
-        decision = self._pending.pop(pending_request.metadata.internal_request_id, None)
+        decision, _ = self._pending.pop(pending_request.metadata.internal_request_id, (None, 0.0))
         if hint is None or decision is None:
             return
         keys = [key_hash(hint.response_id)] if hint.response_id else []
@@ -169,11 +177,22 @@ class PrefixAffinityRouter(RequestRouter):
         self._metrics.set_num_replicas(len(replicas))
 
     # Views -------------------------------------------------------------------------------------------------
-    def _view(self, replica: RunningReplica, hint: RoutingHint | None) -> ReplicaView:
+    def _num_deciding(self) -> collections.Counter:
+        """Requests decided for each replica a moment ago, not yet in Serve's queue lengths."""
+        now, counts = time.monotonic(), collections.Counter()
+        for decision, decided_s in reversed(self._pending.values()):
+            if now - decided_s > DECISION_VISIBLE_S:
+                break
+            counts[decision.replica] += 1
+        return counts
+
+    def _view(self, replica: RunningReplica, hint: RoutingHint | None, num_deciding: int) -> ReplicaView:
         stats = replica.routing_stats or {}
-        queue_len = self._replica_queue_len_cache.get(replica.replica_id) or 0  # ongoing calls, as Serve counts
-        num_requests = max(queue_len, stats.get("num_running", 0) + stats.get("num_waiting", 0))
-        load = num_requests + self._kv_pressure_weight * stats.get("kv_usage", 0.0)
+        num_ongoing = self._replica_queue_len_cache.get(replica.replica_id)  # None without Serve's cache
+        if num_ongoing is None:
+            num_ongoing = stats.get("num_running", 0) + stats.get("num_waiting", 0)
+        kv_pressure = max(0.0, stats.get("kv_usage", 0.0) - KV_PRESSURE_KNEE) / (1 - KV_PRESSURE_KNEE)
+        load = num_ongoing + num_deciding + self._kv_pressure_weight * kv_pressure
         view = ReplicaView(replica.replica_id, load, last_routed_s=self._last_routed_s.get(replica.replica_id, 0.0))
         if hint is None:
             return view
