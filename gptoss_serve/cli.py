@@ -8,6 +8,8 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from gptoss_serve.cluster.engine.cli import add_bench_offline_parser, add_generate_parser
+    from gptoss_serve.cluster.observability.dashboards import add_dashboards_parser
+    from gptoss_serve.cluster.serve.bench_router import add_bench_router_parser
     from gptoss_serve.cluster.serve.cli import add_down_parser, add_up_parser
     from gptoss_serve.model.checkpoint_writer import add_make_checkpoint_parser
 
@@ -18,9 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_down_parser(subparsers)
     add_generate_parser(subparsers)
     add_make_checkpoint_parser(subparsers)
+    add_dashboards_parser(subparsers)
     bench = subparsers.add_parser("bench", help="benchmarks (offline engine, kernels)")
     bench_subparsers = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     add_bench_offline_parser(bench_subparsers)
+    add_bench_router_parser(bench_subparsers)
     # Listed for --help only: main() hands `bench kernels ...` to the kernel benchmark's own parser.
     bench_subparsers.add_parser("kernels", help="Triton kernels against the HBM and tensor-core ceilings (GPU)")
     bench_subparsers.add_parser("sharded", help="a sharded replica: control path, all-reduce, layouts, engine")
