@@ -94,6 +94,9 @@ def test_policy_prefers_the_longest_prefix_unless_much_busier():
     assert policy.choose(same, _hint()).reason == REASON_LEAST_LOADED
     short = [ReplicaView("A", load=0, matched_blocks=6), ReplicaView("B", load=0, matched_blocks=3)]
     assert policy.choose(short, _hint()).reason == REASON_LEAST_LOADED  # 48 tokens ahead: below 64
+    template = [ReplicaView("A", load=0, matched_blocks=8), ReplicaView("B", load=0, matched_blocks=0)]
+    assert policy.choose(template, _hint()).reason == REASON_LEAST_LOADED  # 8 of 20 blocks: below half
+    assert policy.choose(template, _hint(num_blocks=16)).reason == REASON_PREFIX
 
 
 def test_policy_follows_the_conversation_then_balances():

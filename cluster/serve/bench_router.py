@@ -8,7 +8,9 @@ format and sent as token ids to /v1/completions, which streams each token as it 
 streams parsed harmony text, which the embedded random-weight model never produces in order), so the time to
 the first streamed event is the time to first token. Per router: mean, p50 and p99 TTFT (all turns and
 follow-ups only), follow-ups served by the replica of the previous turn, and the engines' prefix-cache hit rate
-(tokens found in the cache over prompt tokens, from the replicas' metrics).
+(tokens found in the cache over prompt tokens, from the replicas' metrics). With `--rounds`, the routers take
+turns (A B, B A, ...) on fresh replicas, and each router's turns of all rounds are pooled: a busy machine then
+weighs on both alike.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def run_conversation(base_url: str, model_id: str, index: int, conversation: Con
 
 
 def bench_one_router(policy: str, args: argparse.Namespace, conversations: list[Conversation],
-                     http_url: str) -> dict[str, Any]:
+                     http_url: str) -> tuple[list[TurnResult], float, float]:
+    """(turns, wall seconds, engine prefix-cache hit rate) of one run on fresh replicas."""
     import httpx
     from ray import serve
 
@@ -139,7 +142,7 @@ def bench_one_router(policy: str, args: argparse.Namespace, conversations: list[
     finally:
         serve.delete(app_name)
         kill_shared_actors(app_name)
-    return summarize(policy, turns, wall_s, hit_rate)
+    return turns, wall_s, hit_rate
 
 
 def engine_prefix_hit_rate(page: str) -> float:
@@ -154,22 +157,27 @@ def engine_prefix_hit_rate(page: str) -> float:
     return sum(ratio * tokens.get(replica, 0.0) for replica, ratio in ratios.items()) / total if total else 0.0
 
 
-def summarize(policy: str, turns: list[TurnResult], wall_s: float, hit_rate: float) -> dict[str, Any]:
-    by_conversation: dict[int, list[TurnResult]] = {}
-    for turn in turns:
-        by_conversation.setdefault(turn.conversation, []).append(turn)
+def summarize(policy: str, runs: list[tuple[list[TurnResult], float, float]]) -> dict[str, Any]:
+    by_conversation: dict[tuple[int, int], list[TurnResult]] = {}
+    for run, (run_turns, _, _) in enumerate(runs):
+        for turn in run_turns:
+            by_conversation.setdefault((run, turn.conversation), []).append(turn)
+    turns = [turn for run_turns, _, _ in runs for turn in run_turns]
+    wall_s = sum(run[1] for run in runs)
+    hit_rate = statistics.fmean(run[2] for run in runs)
     pairs = [(a, b) for results in by_conversation.values() for a, b in zip(results, results[1:])]
     follow_ups = [b.ttft_s for _, b in pairs]
     ttfts = [turn.ttft_s for turn in turns]
     return {
-        "router": policy, "num_requests": len(turns), "wall_s": wall_s,
+        "router": policy, "num_rounds": len(runs), "num_requests": len(turns), "wall_s": wall_s,
+        "ttft_mean_s_per_round": [statistics.fmean(t.ttft_s for t in run[0]) for run in runs],
         "ttft_mean_s": statistics.fmean(ttfts), "ttft_p50_s": _percentile(ttfts, 50),
         "ttft_p99_s": _percentile(ttfts, 99),
         "follow_up_ttft_mean_s": statistics.fmean(follow_ups) if follow_ups else 0.0,
         "follow_up_ttft_p99_s": _percentile(follow_ups, 99) if follow_ups else 0.0,
         "follow_ups_on_previous_replica": sum(a.replica == b.replica for a, b in pairs) / len(pairs) if pairs else 0.0,
         "prefix_cache_hit_rate": hit_rate,
-        "requests_per_replica": dict(sorted(_count(turn.replica for turn in turns).items())),
+        "requests_per_replica_per_round": [sorted(_count(t.replica for t in run[0]).values()) for run in runs],
         "mean_prompt_tokens": statistics.fmean(turn.num_prompt_tokens for turn in turns),
     }
 
@@ -213,7 +221,7 @@ def add_bench_router_parser(bench_subparsers: argparse._SubParsersAction) -> arg
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=4, help="turns per conversation (default %(default)s)")
-    parser.add_argument("--context-words", type=int, default=1000,
+    parser.add_argument("--context-words", type=int, default=2000,
                         help="words in each conversation's opening document (default %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn")
     parser.add_argument("--concurrency", type=int, default=8, help="users, each in one conversation at a time")
@@ -222,6 +230,7 @@ def add_bench_router_parser(bench_subparsers: argparse._SubParsersAction) -> arg
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--kv-cache-mib", type=int, default=64, help="KV cache of each replica, MiB")
     parser.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated, run in this order")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per router, taking turns (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     parser.add_argument("--json", help="also write the results here")
@@ -247,8 +256,12 @@ def run_bench_router(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     conversations = make_conversations(args.conversations, args.turns, args.context_words, args.think_time_s,
                                        args.seed)
+    runs: dict[str, list] = {policy: [] for policy in routers}
     try:
-        results = [bench_one_router(policy, args, conversations, f"http://127.0.0.1:{port}") for policy in routers]
+        for round_index in range(args.rounds):
+            for policy in routers if round_index % 2 == 0 else routers[::-1]:
+                runs[policy].append(bench_one_router(policy, args, conversations, f"http://127.0.0.1:{port}"))
+        results = [summarize(policy, policy_runs) for policy, policy_runs in runs.items()]
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -24,7 +24,8 @@ class RouterSettings(BaseModel):
     policy: Literal["prefix_affinity", "serve_default"] = "prefix_affinity"  # serve_default: Serve's power of two
     stats_period_s: float = Field(default=1.0, gt=0)  # how often replicas report load and cached prefixes
     imbalance_threshold: float = Field(default=8.0, ge=0)  # affinity yields to a replica this much less loaded
-    min_prefix_match_tokens: int = Field(default=64, ge=1)  # a shorter advantage in cached prefix decides nothing
+    min_prefix_match_tokens: int = Field(default=64, ge=1)  # a shorter lead in cached prefix decides nothing
+    min_prefix_match_ratio: float = Field(default=0.5, ge=0, le=1)  # ... and one below this part of the prompt
     kv_pressure_weight: float = Field(default=8.0, ge=0)  # a full KV cache weighs like this many queued requests
 
     def serve_config(self) -> dict[str, Any]:
@@ -35,6 +36,7 @@ class RouterSettings(BaseModel):
             config["request_router_kwargs"] = {
                 "imbalance_threshold": self.imbalance_threshold,
                 "min_prefix_match_tokens": self.min_prefix_match_tokens,
+                "min_prefix_match_ratio": self.min_prefix_match_ratio,
                 "kv_pressure_weight": self.kv_pressure_weight}
         return config
 

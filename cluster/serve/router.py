@@ -8,9 +8,10 @@ any replica per request). Then, in order:
 
 1. conversation: a Responses follow-up (`previous_response_id`) goes to the replica that stored the previous
    response, whose prefix cache holds the conversation;
-2. prefix: the replica holding the longest prefix of the prompt, if that prefix is at least
-   `min_prefix_match_tokens` longer than what every replica holds (a shared system prompt alone decides
-   nothing), among equals the least loaded;
+2. prefix: the replica holding the longest prefix of the prompt, if its lead over the replica holding the least
+   is at least `min_prefix_match_tokens` and `min_prefix_match_ratio` of the prompt (a shared system prompt or
+   template decides nothing: otherwise every new conversation would follow it to the replicas that served one,
+   and a replica without it would never get one), among equals the least loaded;
 3. least loaded of two replicas sampled at random (power of two choices), ties to the one that waited longest
    since this router last sent it a request (so equal replicas take turns).
 
@@ -82,9 +83,11 @@ class RoutingPolicy:
     """The decision itself, on plain data (no Ray): see the module docstring."""
 
     def __init__(self, imbalance_threshold: float = 8.0, min_prefix_match_tokens: int = 64,
-                 block_tokens: int = ROUTING_BLOCK_TOKENS, rng: random.Random | None = None):
+                 min_prefix_match_ratio: float = 0.5, block_tokens: int = ROUTING_BLOCK_TOKENS,
+                 rng: random.Random | None = None):
         self.imbalance_threshold = imbalance_threshold
         self.min_prefix_match_blocks = max(1, -(-min_prefix_match_tokens // block_tokens))
+        self.min_prefix_match_ratio = min_prefix_match_ratio
         self._rng = rng or random.Random()
 
     def choose(self, views: Sequence[ReplicaView], hint: RoutingHint | None) -> Decision:
@@ -108,7 +111,8 @@ class RoutingPolicy:
             yield REASON_CONVERSATION, holders
         longest = max(view.matched_blocks for view in views)
         shortest = min(view.matched_blocks for view in views)
-        if longest - shortest >= self.min_prefix_match_blocks:
+        lead_needed = max(self.min_prefix_match_blocks, self.min_prefix_match_ratio * len(hint.prefix_hashes))
+        if longest - shortest >= lead_needed:
             yield REASON_PREFIX, [view for view in views if view.matched_blocks == longest]
 
     @staticmethod
@@ -125,9 +129,9 @@ class PrefixAffinityRouter(RequestRouter):
     """Serve's request-router plug-in around `RoutingPolicy`; kwargs come from `request_router_kwargs`."""
 
     def initialize_state(self, imbalance_threshold: float = 8.0, min_prefix_match_tokens: int = 64,
-                         kv_pressure_weight: float = 8.0, memory_ttl_s: float = 30.0,
-                         memory_max_blocks: int = 1 << 17, **_: Any) -> None:
-        self._policy = RoutingPolicy(imbalance_threshold, min_prefix_match_tokens)
+                         min_prefix_match_ratio: float = 0.5, kv_pressure_weight: float = 8.0,
+                         memory_ttl_s: float = 30.0, memory_max_blocks: int = 1 << 17, **_: Any) -> None:
+        self._policy = RoutingPolicy(imbalance_threshold, min_prefix_match_tokens, min_prefix_match_ratio)
         self._kv_pressure_weight = kv_pressure_weight
         self._memory = RoutedPrefixes(memory_max_blocks, memory_ttl_s)
         self._last_routed_s: dict[ReplicaID, float] = {}
