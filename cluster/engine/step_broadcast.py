@@ -1,9 +1,11 @@
 """One broadcast per step carries the step's metadata from the engine (rank 0) to the other ranks of a replica.
 
 The engine schedules, builds the step's HostBatch and sends it; every other rank receives it and runs the same
-forward (eager, or the same CUDA graph bucket), so the collectives inside the model line up. The message is two
-collectives on the model's process group: a fixed-size header (sizes and flags), then every int field packed
-into one int64 tensor. On GPUs both are NCCL broadcasts enqueued on the stream, so rank 0 never waits for them.
+forward (eager, or the same CUDA graph bucket), so the collectives inside the model line up. The message is a
+fixed-size buffer (a header of sizes and flags, then every int field packed as int64), so that a step is one
+collective; a step whose metadata outgrows the buffer sends the rest in a second one. Rank 0 stages the
+message in a pinned buffer allocated once, and on GPUs the copy and the NCCL broadcast are enqueued on the
+stream, so rank 0 does not wait for the other ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ if TYPE_CHECKING:  # model_runner imports this module
     from gptoss_serve.cluster.engine.model_runner import HostBatch
 
 HEADER_SIZE = 8
+# int64 entries after the header. On GPUs a decode step of 256 sequences with 1k-token contexts (about 19k)
+# fits; over gloo (CPU ranks, tests) a smaller message is cheaper and big steps take the second broadcast.
+PAYLOAD_CAPACITY = {"cuda": 1 << 15, "cpu": 1 << 12}
 
 
 class StepKind(enum.IntEnum):
@@ -33,50 +38,64 @@ class StepBroadcaster:
         self.group = group
         self.device = device
         self.rank = dist.get_rank(group) if group is not None else 0
-        self._header = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=device)
+        self._src = dist.get_global_rank(group, 0) if group is not None else 0
+        self.capacity = PAYLOAD_CAPACITY["cuda" if device.type == "cuda" else "cpu"]
+        size = HEADER_SIZE + self.capacity
+        self._message = torch.zeros(size, dtype=torch.int64, device=device)  # [header | payload]
+        cuda = device.type == "cuda"
+        self._staging = torch.zeros(size, dtype=torch.int64, pin_memory=cuda) if cuda else self._message
+        self._staged = torch.cuda.Event() if cuda else None  # the last copy out of _staging
 
     def send(self, host: "HostBatch", kind: StepKind) -> None:
         """Rank 0: sends the step. A no-op without other ranks."""
         if self.group is None:
             return
         payload = pack(host)
-        num_tokens, num_seqs = host.token_ids.shape[0], host.context_lens.shape[0]
         sliding_width = -1 if host.sliding_block_tables is None else host.sliding_block_tables.shape[1]
-        header = torch.tensor([kind, num_tokens, num_seqs, host.block_tables.shape[1],
-                               host.logits_indices.shape[0], sliding_width, payload.shape[0], 0], dtype=torch.int64)
-        self._broadcast(header)
-        self._broadcast(payload)
+        header = (kind, host.token_ids.shape[0], host.context_lens.shape[0], host.block_tables.shape[1],
+                  host.logits_indices.shape[0], sliding_width, payload.shape[0], 0)
+        self._send(header, payload)
 
     def send_stop(self) -> None:
         if self.group is not None:
-            self._broadcast(torch.tensor([StepKind.STOP] + [0] * (HEADER_SIZE - 1), dtype=torch.int64))
+            self._send((StepKind.STOP,) + (0,) * (HEADER_SIZE - 1), np.zeros(0, dtype=np.int64))
 
     def receive(self) -> tuple[StepKind, "HostBatch | None"]:
         """Other ranks: waits for the next step."""
-        self._header.zero_()
-        dist.broadcast(self._header, src=dist.get_global_rank(self.group, 0), group=self.group)
-        kind, num_tokens, num_seqs, max_blocks, num_logits, sliding_width, size, _ = self._header.tolist()
+        dist.broadcast(self._message, src=self._src, group=self.group)
+        message = self._message.cpu().numpy() if self.device.type == "cuda" else self._message.numpy().copy()
+        kind, num_tokens, num_seqs, max_blocks, num_logits, sliding_width, size, _ = message[:HEADER_SIZE].tolist()
         if kind == StepKind.STOP:
             return StepKind.STOP, None
-        payload = torch.empty(size, dtype=torch.int64, device=self.device)
-        dist.broadcast(payload, src=dist.get_global_rank(self.group, 0), group=self.group)
-        return StepKind(kind), unpack(payload.cpu().numpy(), num_tokens, num_seqs, max_blocks, num_logits,
-                                      sliding_width)
+        payload = message[HEADER_SIZE:HEADER_SIZE + min(size, self.capacity)]
+        if size > self.capacity:
+            rest = torch.empty(size - self.capacity, dtype=torch.int64, device=self.device)
+            dist.broadcast(rest, src=self._src, group=self.group)
+            payload = np.concatenate([payload, rest.cpu().numpy()])
+        return StepKind(kind), unpack(payload, num_tokens, num_seqs, max_blocks, num_logits, sliding_width)
 
-    def _broadcast(self, host_tensor: torch.Tensor) -> None:
-        tensor = host_tensor
-        if self.device.type == "cuda":
-            tensor = host_tensor.pin_memory().to(self.device, non_blocking=True)
-        dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0), group=self.group)
+    def _send(self, header: tuple[int, ...], payload: np.ndarray) -> None:
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous step's copy out of the staging buffer has finished
+        staging = self._staging.numpy()
+        first = min(payload.shape[0], self.capacity)
+        staging[:HEADER_SIZE] = header
+        staging[HEADER_SIZE:HEADER_SIZE + first] = payload[:first]
+        if self._staged is not None:
+            self._message.copy_(self._staging, non_blocking=True)
+            self._staged.record()
+        dist.broadcast(self._message, src=self._src, group=self.group)
+        if payload.shape[0] > first:
+            rest = torch.from_numpy(payload[first:])
+            dist.broadcast(rest.to(self.device), src=self._src, group=self.group)
 
-
-def pack(host: "HostBatch") -> torch.Tensor:
-    """Every field, flattened in a fixed order, as one int64 tensor [payload]."""
+def pack(host: "HostBatch") -> np.ndarray:
+    """Every field, flattened in a fixed order, as one int64 array [payload]."""
     parts = [host.token_ids, host.positions, host.cu_seqlens_q, host.context_lens, host.block_tables,
              host.slot_mapping, host.logits_indices]
     if host.sliding_block_tables is not None:
         parts += [host.sliding_block_tables, host.sliding_slot_mapping]
-    return torch.from_numpy(np.concatenate([p.reshape(-1).astype(np.int64, copy=False) for p in parts]))
+    return np.concatenate([p.reshape(-1).astype(np.int64, copy=False) for p in parts])
 
 
 def unpack(payload: np.ndarray, num_tokens: int, num_seqs: int, max_blocks: int, num_logits: int,

@@ -1,0 +1,65 @@
+"""The per-step metadata broadcast between the engine's rank and the others (gloo, two processes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gptoss_serve.cluster.engine.model_runner import HostBatch
+from gptoss_serve.cluster.engine.step_broadcast import PAYLOAD_CAPACITY, StepBroadcaster, StepKind
+
+
+def host_batch(num_seqs: int, num_blocks: int, sliding: bool) -> HostBatch:
+    rng = np.random.default_rng(num_seqs)
+    tokens = 3 * num_seqs
+
+    def ints(*shape):
+        return rng.integers(0, 1 << 40, shape)
+
+    return HostBatch(
+        token_ids=ints(tokens), positions=ints(tokens), cu_seqlens_q=np.arange(0, tokens + 1, 3, dtype=np.int32),
+        context_lens=ints(num_seqs).astype(np.int32) % 1000, block_tables=(ints(num_seqs, num_blocks) % 999).astype(
+            np.int32), slot_mapping=ints(tokens), logits_indices=ints(num_seqs),
+        sliding_block_tables=(ints(num_seqs, 5) % 77).astype(np.int32) if sliding else None,
+        sliding_slot_mapping=ints(tokens) if sliding else None)
+
+
+# Small, with and without a sliding pool, and one larger than the single message holds.
+STEPS = [(1, 4, False), (7, 9, True), (64, PAYLOAD_CAPACITY["cpu"] // 32, True)]
+
+
+def _rank(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    broadcaster = StepBroadcaster(dist.group.WORLD, torch.device("cpu"))
+    received = []
+    for i, spec in enumerate(STEPS):
+        if rank == 0:
+            broadcaster.send(host_batch(*spec), StepKind(i % 2))
+        else:
+            received.append(broadcaster.receive())
+    if rank == 0:
+        broadcaster.send_stop()
+    else:
+        received.append(broadcaster.receive())
+        torch.save(received, os.path.join(out_dir, "received.pt"))
+    dist.destroy_process_group()
+
+
+def test_each_step_arrives_whole(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # spawned ranks import this module
+    mp.start_processes(_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    received = torch.load(tmp_path / "received.pt", weights_only=False)
+    assert received[-1] == (StepKind.STOP, None)
+    assert len(host_batch(*STEPS[-1]).block_tables.ravel()) > PAYLOAD_CAPACITY["cpu"]  # takes the second message
+    for i, spec in enumerate(STEPS):
+        kind, got = received[i]
+        want = host_batch(*spec)
+        assert kind == StepKind(i % 2)
+        for field in HostBatch.__dataclass_fields__:
+            a, b = getattr(got, field), getattr(want, field)
+            assert (a is None and b is None) or (np.array_equal(a, b) and a.dtype == b.dtype), field
