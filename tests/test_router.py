@@ -25,6 +25,7 @@ from gptoss_serve.cluster.serve.router import (
     REASON_LEAST_LOADED,
     REASON_OVERLOADED,
     REASON_PREFIX,
+    DecayingCounts,
     ReplicaView,
     RoutingPolicy,
 )
@@ -104,11 +105,23 @@ def test_policy_follows_the_conversation_then_balances():
     views = [ReplicaView("A", load=2), ReplicaView("B", load=0, holds_conversation=True), ReplicaView("C", load=1)]
     assert policy.choose(views, _hint(0, "resp_x")).replica == "B"
     assert policy.choose(views, _hint(0, "resp_x")).reason == REASON_CONVERSATION
-    # Power of two choices: never the busiest of three; equal loads take turns (the longest idle first).
+    # Power of two choices: never the busiest of three; equal loads go to the one sent fewer requests lately.
     counts = collections.Counter(policy.choose(views, None).replica for _ in range(300))
     assert counts["A"] == 0 and counts["B"] > counts["C"] > 0
-    idle = [ReplicaView(r, load=0, last_routed_s=t) for r, t in (("A", 3.0), ("B", 1.0), ("C", 2.0))]
+    idle = [ReplicaView(r, load=0, recent_requests=n) for r, n in (("A", 3.0), ("B", 1.0), ("C", 2.0))]
     assert policy.choose(idle[1:], None).replica == "B"
+
+
+def test_decaying_counts_halve_every_half_life():
+    clock = [0.0]
+    counts = DecayingCounts(half_life_s=10, clock=lambda: clock[0])
+    counts.add("A")
+    counts.add("A")
+    clock[0] = 10
+    assert counts.get("A") == pytest.approx(1.0) and counts.get("B") == 0.0
+    counts.add("A")
+    clock[0] = 20
+    assert counts.get("A") == pytest.approx(1.0)
 
 
 # On Serve -------------------------------------------------------------------------------------------------------

@@ -3,10 +3,10 @@ router in the same run, on the same conversations.
 
 Each conversation opens with a long user message of its own (a document), then asks short follow-ups after a
 think time (the user reads the answer); every turn sends the whole conversation so far, as chat clients do.
-`--concurrency` users each hold one conversation at a time. The prompts are rendered here with the harmony chat
-format and sent as token ids to /v1/completions, which streams each token as it is sampled (the chat endpoint
-streams parsed harmony text, which the embedded random-weight model never produces in order), so the time to
-the first streamed event is the time to first token. Per router: mean, p50 and p99 TTFT (all turns and
+`--concurrency` users each hold one conversation at a time; they arrive one by one over `--ramp-s`. The prompts
+are rendered here with the harmony chat format and sent as token ids to /v1/completions, which streams each
+token as it is sampled (the chat endpoint streams parsed harmony text, which the embedded random-weight model
+never produces in order), so the time to the first streamed event is the time to first token. Per router: mean, p50 and p99 TTFT (all turns and
 follow-ups only), follow-ups served by the replica of the previous turn, and the engines' prefix-cache hit rate
 (tokens found in the cache over prompt tokens, from the replicas' metrics). With `--rounds`, the routers take
 turns (A B, B A, ...) on fresh replicas, and each router's turns of all rounds are pooled: a busy machine then
@@ -43,6 +43,7 @@ class Conversation:
     opening: str  # the first user message: a document of its own and a question
     follow_ups: tuple[str, ...]
     think_times_s: tuple[float, ...]  # before each follow-up
+    start_delay_s: float = 0.0  # before the opening: the first users arrive one by one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ class TurnResult:
 
 
 def make_conversations(num_conversations: int, num_turns: int, context_words: int, think_time_s: float,
-                       seed: int) -> list[Conversation]:
+                       num_users: int, ramp_s: float, seed: int) -> list[Conversation]:
     rng = random.Random(seed)
     conversations = []
     for i in range(num_conversations):
@@ -63,8 +64,9 @@ def make_conversations(num_conversations: int, num_turns: int, context_words: in
         follow_ups = tuple(f"Now tell me about point {j}: " + " ".join(rng.choice(_WORDS) for _ in range(12))
                            for j in range(1, num_turns))
         think_times_s = tuple(think_time_s * rng.uniform(0.5, 1.5) for _ in follow_ups)
+        start_delay_s = i * ramp_s / num_users if i < num_users else 0.0
         conversations.append(Conversation(f"Document {i}:\n{document}\n\nSummarize the document.", follow_ups,
-                                          think_times_s))
+                                          think_times_s, start_delay_s))
     return conversations
 
 
@@ -78,6 +80,7 @@ def run_conversation(base_url: str, model_id: str, index: int, conversation: Con
     messages = [{"role": "system", "content": "You are a careful assistant who answers from the document."},
                 {"role": "user", "content": conversation.opening}]
     results = []
+    time.sleep(conversation.start_delay_s)
     with httpx.Client(base_url=base_url, timeout=600) as client:
         for turn in range(1 + len(conversation.follow_ups)):
             prompt = render_conversation_for_completion(conversation_from_chat(messages), tokenizer=tokenizer)
@@ -102,8 +105,9 @@ def run_conversation(base_url: str, model_id: str, index: int, conversation: Con
 
 
 def bench_one_router(policy: str, args: argparse.Namespace, conversations: list[Conversation],
-                     http_url: str) -> tuple[list[TurnResult], float, float]:
-    """(turns, wall seconds, engine prefix-cache hit rate) of one run on fresh replicas."""
+                     http_url: str) -> tuple[list[TurnResult], float, float, dict[str, float]]:
+    """(turns, wall seconds, engine prefix-cache hit rate, router decisions by reason) of one run on fresh
+    replicas."""
     import httpx
     from ray import serve
 
@@ -137,12 +141,13 @@ def bench_one_router(policy: str, args: argparse.Namespace, conversations: list[
                 lambda item: run_conversation(base_url, model_id, item[0], item[1], args.max_tokens, tokenizer),
                 enumerate(conversations)) for turn in result]
         wall_s = time.perf_counter() - start
-        time.sleep(2.5)  # the replicas push their metrics every second
-        hit_rate = engine_prefix_hit_rate(httpx.get(f"{base_url}/metrics").text)
+        time.sleep(2.5)  # the replicas push their metrics every second, the router every 2 s
+        page = httpx.get(f"{base_url}/metrics").text
+        hit_rate, decisions = engine_prefix_hit_rate(page), router_decisions(page)
     finally:
         serve.delete(app_name)
         kill_shared_actors(app_name)
-    return turns, wall_s, hit_rate
+    return turns, wall_s, hit_rate, decisions
 
 
 def engine_prefix_hit_rate(page: str) -> float:
@@ -157,12 +162,20 @@ def engine_prefix_hit_rate(page: str) -> float:
     return sum(ratio * tokens.get(replica, 0.0) for replica, ratio in ratios.items()) / total if total else 0.0
 
 
-def summarize(policy: str, runs: list[tuple[list[TurnResult], float, float]]) -> dict[str, Any]:
+def router_decisions(page: str) -> dict[str, float]:
+    """Our router's decisions by reason (none under Serve's default router); warm-up and probes included."""
+    decisions: dict[str, float] = {}
+    for reason, value in re.findall(r'^gptoss_router_decisions_total\{[^}]*reason="([^"]+)"[^}]*\} (\S+)$', page, re.M):
+        decisions[reason] = decisions.get(reason, 0.0) + float(value)
+    return decisions
+
+
+def summarize(policy: str, runs: list[tuple[list[TurnResult], float, float, dict[str, float]]]) -> dict[str, Any]:
     by_conversation: dict[tuple[int, int], list[TurnResult]] = {}
-    for run, (run_turns, _, _) in enumerate(runs):
-        for turn in run_turns:
-            by_conversation.setdefault((run, turn.conversation), []).append(turn)
-    turns = [turn for run_turns, _, _ in runs for turn in run_turns]
+    for run_index, run in enumerate(runs):
+        for turn in run[0]:
+            by_conversation.setdefault((run_index, turn.conversation), []).append(turn)
+    turns = [turn for run in runs for turn in run[0]]
     wall_s = sum(run[1] for run in runs)
     hit_rate = statistics.fmean(run[2] for run in runs)
     pairs = [(a, b) for results in by_conversation.values() for a, b in zip(results, results[1:])]
@@ -178,6 +191,7 @@ def summarize(policy: str, runs: list[tuple[list[TurnResult], float, float]]) ->
         "follow_ups_on_previous_replica": sum(a.replica == b.replica for a, b in pairs) / len(pairs) if pairs else 0.0,
         "prefix_cache_hit_rate": hit_rate,
         "requests_per_replica_per_round": [sorted(_count(t.replica for t in run[0]).values()) for run in runs],
+        "router_decisions_per_round": [run[3] for run in runs],
         "mean_prompt_tokens": statistics.fmean(turn.num_prompt_tokens for turn in turns),
     }
 
@@ -227,6 +241,8 @@ def add_bench_router_parser(bench_subparsers: argparse._SubParsersAction) -> arg
     parser.add_argument("--concurrency", type=int, default=8, help="users, each in one conversation at a time")
     parser.add_argument("--think-time-s", type=float, default=1.0,
                         help="mean pause before each follow-up, uniform in [0.5, 1.5] x this (default %(default)s)")
+    parser.add_argument("--ramp-s", type=float, default=4.0,
+                        help="the users arrive evenly over this many seconds (default %(default)s)")
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--kv-cache-mib", type=int, default=64, help="KV cache of each replica, MiB")
     parser.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated, run in this order")
@@ -255,7 +271,7 @@ def run_bench_router(args: argparse.Namespace) -> int:
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     conversations = make_conversations(args.conversations, args.turns, args.context_words, args.think_time_s,
-                                       args.seed)
+                                       args.concurrency, args.ramp_s, args.seed)
     runs: dict[str, list] = {policy: [] for policy in routers}
     try:
         for round_index in range(args.rounds):

@@ -12,8 +12,10 @@ any replica per request). Then, in order:
    is at least `min_prefix_match_tokens` and `min_prefix_match_ratio` of the prompt (a shared system prompt or
    template decides nothing: otherwise every new conversation would follow it to the replicas that served one,
    and a replica without it would never get one), among equals the least loaded;
-3. least loaded of two replicas sampled at random (power of two choices), ties to the one that waited longest
-   since this router last sent it a request (so equal replicas take turns).
+3. least loaded of two replicas sampled at random (power of two choices), ties to the one this router sent
+   fewer requests lately (a count decaying with a `recent_half_life_s` half-life): with think time between
+   turns the instantaneous loads are mostly equal, and a new conversation brings its follow-ups along, so
+   recent traffic is what keeps conversations, and so later load, evenly spread.
 
 Affinity yields when its replica is busier than the least loaded one by more than `imbalance_threshold`
 (reason `affinity_overloaded`): a cache hit is not worth a queue. Load is the replica's ongoing requests (Serve's
@@ -68,7 +70,7 @@ class ReplicaView:
     load: float  # ongoing requests (and those being sent), plus KV-cache pressure
     matched_blocks: int = 0  # leading blocks of the prompt it holds
     holds_conversation: bool = False  # it stored the previous response of this conversation
-    last_routed_s: float = 0.0  # when this router last sent it a request (monotonic clock; 0: never)
+    recent_requests: float = 0.0  # requests this router sent it lately (a decaying count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +124,23 @@ class RoutingPolicy:
 
 
 def _load_key(view: ReplicaView) -> tuple[float, float]:
-    return view.load, view.last_routed_s
+    return view.load, view.recent_requests
+
+
+class DecayingCounts:
+    """Events per key, each counting 0.5 ** (age / half_life_s)."""
+
+    def __init__(self, half_life_s: float, clock=time.monotonic):
+        self.half_life_s = half_life_s
+        self._clock = clock
+        self._counts: dict[Hashable, tuple[float, float]] = {}  # key -> (count, as of when)
+
+    def add(self, key: Hashable) -> None:
+        self._counts[key] = (self.get(key) + 1.0, self._clock())
+
+    def get(self, key: Hashable) -> float:
+        count, since = self._counts.get(key, (0.0, 0.0))
+        return count * 0.5 ** ((self._clock() - since) / self.half_life_s) if count else 0.0
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -130,11 +148,12 @@ class PrefixAffinityRouter(RequestRouter):
 
     def initialize_state(self, imbalance_threshold: float = 8.0, min_prefix_match_tokens: int = 64,
                          min_prefix_match_ratio: float = 0.5, kv_pressure_weight: float = 8.0,
-                         memory_ttl_s: float = 30.0, memory_max_blocks: int = 1 << 17, **_: Any) -> None:
+                         memory_ttl_s: float = 30.0, memory_max_blocks: int = 1 << 17,
+                         recent_half_life_s: float = 30.0, **_: Any) -> None:
         self._policy = RoutingPolicy(imbalance_threshold, min_prefix_match_tokens, min_prefix_match_ratio)
         self._kv_pressure_weight = kv_pressure_weight
         self._memory = RoutedPrefixes(memory_max_blocks, memory_ttl_s)
-        self._last_routed_s: dict[ReplicaID, float] = {}
+        self._recent = DecayingCounts(recent_half_life_s)
         # Decisions of requests not routed yet and when they were made, by internal request id, oldest first
         # (a request may be decided again after a refusal, or be cancelled before it is sent).
         self._pending: collections.OrderedDict[str, tuple[Decision, float]] = collections.OrderedDict()
@@ -164,7 +183,7 @@ class PrefixAffinityRouter(RequestRouter):
         return ranks
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        self._last_routed_s[replica_id] = time.monotonic()
+        self._recent.add(replica_id)
         hint = _hint_of(pending_request)
         decision, _ = self._pending.pop(pending_request.metadata.internal_request_id, (None, 0.0))
         if hint is None or decision is None:
@@ -197,7 +216,7 @@ class PrefixAffinityRouter(RequestRouter):
             num_ongoing = stats.get("num_running", 0) + stats.get("num_waiting", 0)
         kv_pressure = max(0.0, stats.get("kv_usage", 0.0) - KV_PRESSURE_KNEE) / (1 - KV_PRESSURE_KNEE)
         load = num_ongoing + num_deciding + self._kv_pressure_weight * kv_pressure
-        view = ReplicaView(replica.replica_id, load, last_routed_s=self._last_routed_s.get(replica.replica_id, 0.0))
+        view = ReplicaView(replica.replica_id, load, recent_requests=self._recent.get(replica.replica_id))
         if hint is None:
             return view
         bloom = BloomFilter(stats["prefix_bloom"]) if stats.get("prefix_bloom") else None
