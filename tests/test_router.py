@@ -56,6 +56,13 @@ def test_bloom_filter_has_no_false_negatives_and_few_false_positives():
     assert BloomFilter(bloom.bits).bits == bloom.bits  # what crosses the wire is the bytes
 
 
+def test_prefix_match_survives_a_false_positive():
+    hashes = list(range(100))
+    held = set(hashes[:10]) | {hashes[50]}  # a false positive where the binary search looks first
+    assert matched_blocks(hashes, held.__contains__) == 10
+    assert matched_blocks(hashes, set(hashes).__contains__) == 100 and matched_blocks([], held.__contains__) == 0
+
+
 def test_summary_evicts_a_prompt_from_its_tail():
     first = prefix_block_hashes(list(range(640)))  # 40 blocks
     summary = PrefixSummary(capacity=50)

@@ -48,7 +48,10 @@ def key_hash(key: str) -> int:
 
 
 def matched_blocks(hashes: Sequence[int], contains: Callable[[int], bool]) -> int:
-    """How many leading blocks `contains` holds, assuming the held blocks of a prompt form a prefix of it."""
+    """How many leading blocks `contains` holds, assuming the held blocks of a prompt form a prefix of it.
+
+    A binary search, then a check of eight blocks it skipped: a Bloom filter's false positive can send the search
+    past the end of the held prefix, and then a scan from block 0 finds the end instead."""
     low, high = 0, len(hashes)  # blocks [0, low) are held; [high, len) are not
     while low < high:
         middle = (low + high) // 2
@@ -56,7 +59,9 @@ def matched_blocks(hashes: Sequence[int], contains: Callable[[int], bool]) -> in
             low = middle + 1
         else:
             high = middle
-    return low
+    if all(contains(hashes[low * j // 8]) for j in range(8) if low):
+        return low
+    return next((i for i, block_hash in enumerate(hashes) if not contains(block_hash)), len(hashes))
 
 
 class BloomFilter:
