@@ -6,9 +6,11 @@ think time (the user reads the answer); every turn sends the whole conversation 
 `--concurrency` users each hold one conversation at a time; they arrive one by one over `--ramp-s`. The prompts
 are rendered here with the harmony chat format and sent as token ids to /v1/completions, which streams each
 token as it is sampled (the chat endpoint streams parsed harmony text, which the embedded random-weight model
-never produces in order), so the time to the first streamed event is the time to first token. Per router: mean, p50 and p99 TTFT (all turns and
-follow-ups only), follow-ups served by the replica of the previous turn, and the engines' prefix-cache hit rate
-(tokens found in the cache over prompt tokens, from the replicas' metrics). With `--rounds`, the routers take
+never produces in order), so the time to the first streamed event is the time to first token.
+
+Per router: mean, p50 and p99 TTFT (all turns, and follow-ups only), follow-ups served by the replica of the
+previous turn, and the engines' prefix-cache hit rate (tokens found in the cache over prompt tokens, from the
+replicas' metrics). With `--rounds`, the routers take
 turns (A B, B A, ...) on fresh replicas, and each router's turns of all rounds are pooled: a busy machine then
 weighs on both alike.
 """

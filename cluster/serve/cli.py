@@ -119,7 +119,8 @@ def app_config_from_args(args: argparse.Namespace):
     from gptoss_serve.cluster.serve.config import AppConfig
 
     try:
-        return AppConfig(**_scaling_options(args), model=args.model, model_id=args.model_id, random_weights=args.random_weights, tensor_parallel_size=args.tp,
+        return AppConfig(**_scaling_options(args), model=args.model, model_id=args.model_id,
+                         random_weights=args.random_weights, tensor_parallel_size=args.tp,
                          expert_parallel_size=args.ep, num_replicas=args.replicas, dtype=args.dtype,
                          kernels=args.kernels, device=args.device, max_num_seqs=args.max_num_seqs,
                          max_queued_requests=args.max_queued_requests, max_model_len=args.max_model_len)

@@ -168,7 +168,9 @@ class PrefixAffinityRouter(RequestRouter):
             self._push_task = self._event_loop.create_task(self._push_metrics())
         hint = _hint_of(pending_request)
         num_deciding = self._num_deciding()
-        views = [self._view(replica, hint, num_deciding[replica.replica_id]) for replica in candidate_replicas]
+        remembered = self._memory.matched_blocks(hint.prefix_hashes) if hint is not None else {}
+        views = [self._view(replica, hint, num_deciding[replica.replica_id], remembered.get(replica.replica_id, 0))
+                 for replica in candidate_replicas]
         decision = self._policy.choose(views, hint)
         if pending_request is not None:
             request_id = pending_request.metadata.internal_request_id
@@ -209,7 +211,9 @@ class PrefixAffinityRouter(RequestRouter):
             counts[decision.replica] += 1
         return counts
 
-    def _view(self, replica: RunningReplica, hint: RoutingHint | None, num_deciding: int) -> ReplicaView:
+    def _view(self, replica: RunningReplica, hint: RoutingHint | None, num_deciding: int,
+              num_remembered_blocks: int) -> ReplicaView:
+        """num_remembered_blocks: leading prompt blocks this router itself sent to the replica lately."""
         stats = replica.routing_stats or {}
         num_ongoing = self._replica_queue_len_cache.get(replica.replica_id)  # None without Serve's cache
         if num_ongoing is None:
@@ -220,7 +224,7 @@ class PrefixAffinityRouter(RequestRouter):
         if hint is None:
             return view
         bloom = BloomFilter(stats["prefix_bloom"]) if stats.get("prefix_bloom") else None
-        num_matched = self._memory.matched_blocks(hint.prefix_hashes).get(replica.replica_id, 0)
+        num_matched = num_remembered_blocks
         if bloom is not None:
             num_matched = max(num_matched, matched_blocks(hint.prefix_hashes, bloom.__contains__))
         holds_conversation = False
