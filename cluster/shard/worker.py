@@ -55,6 +55,7 @@ class ShardWorker:
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.model = None
         self.client = None  # rank 0: a LocalEngineClient over the engine
+        self.broadcaster = None  # rank 0: sends each step to the other ranks
         self._outbox: list[tuple[str, Any]] = []
         self._outbox_ready = asyncio.Event()
 
@@ -125,8 +126,8 @@ class ShardWorker:
         except (ImportError, OSError) as error:  # random weights on a machine without the vocabulary: ids only
             logger.warning("no tokenizer (%s): the engine returns token ids and no text", error)
             tokenizer = None
-        engine = await asyncio.to_thread(LLMEngine, self.model, self.spec.engine_config, tokenizer,
-                                         self._broadcaster())
+        self.broadcaster = self._broadcaster()
+        engine = await asyncio.to_thread(LLMEngine, self.model, self.spec.engine_config, tokenizer, self.broadcaster)
         self.client = LocalEngineClient(engine, self.spec.max_queued_requests, asyncio.get_running_loop())
         return dataclasses.asdict(self.client.info())
 
@@ -167,5 +168,5 @@ class ShardWorker:
     async def shutdown(self) -> None:
         """Stops the step loop and releases the followers (rank 0)."""
         if self.client is not None:
-            await self.client.shutdown()
-            self.client._engine.model_runner.broadcaster.send_stop()
+            await self.client.shutdown()  # the step loop has stopped: no step is being sent any more
+            self.broadcaster.send_stop()
