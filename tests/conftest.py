@@ -7,6 +7,7 @@ the first time a test asks for `serve_http`.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 
@@ -47,3 +48,29 @@ def serve_http(ray_cluster) -> str:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def deploy_app(serve_http):
+    """deploy_app(app, name, timeout_s=180) -> base URL: runs a Serve application under /name on the session's
+    cluster and waits until its /health says ready."""
+    return functools.partial(_run_app, serve_http)
+
+
+def _run_app(serve_http: str, app, name: str, timeout_s: float = 180) -> str:
+    import time
+
+    import httpx
+    from ray import serve
+
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    url = f"{serve_http}/{name}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
+                return url
+        except httpx.TimeoutException:  # a loaded machine: ask again
+            pass
+        assert time.monotonic() < deadline, f"application {name} never became healthy"
+        time.sleep(0.5)

@@ -76,7 +76,7 @@ def test_cli_flags_set_autoscaling_and_router():
 
 # On Serve -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def base_url(serve_http) -> str:
+def base_url(deploy_app) -> str:
     from ray import serve
 
     from gptoss_serve.cluster.serve.app import build_app
@@ -86,12 +86,7 @@ def base_url(serve_http) -> str:
         "kv_cache_memory_bytes": 32 * 2 ** 20, "graceful_shutdown_timeout_s": 60,
         "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4, "upscale_delay_s": 0.5,
                         "downscale_delay_s": 4, "look_back_period_s": 1.5, "metrics_interval_s": 0.5}})
-    serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}")
-    url = f"{serve_http}/{APP_NAME}"
-    deadline = time.monotonic() + 180
-    while httpx.get(f"{url}/health", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "the application never became healthy"
-        time.sleep(0.5)
+    url = deploy_app(app, APP_NAME, timeout_s=180)
     yield url
     serve.delete(APP_NAME)
 

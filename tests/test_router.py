@@ -133,7 +133,7 @@ def test_decaying_counts_halve_every_half_life():
 
 # On Serve -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def base_url(serve_http) -> str:
+def base_url(deploy_app) -> str:
     from ray import serve
 
     from gptoss_serve.cluster.serve.app import build_app
@@ -141,12 +141,7 @@ def base_url(serve_http) -> str:
     app = build_app({"num_replicas": NUM_REPLICAS, "dtype": "float32", "kernels": "torch", "device": "cpu",
                      "max_num_seqs": 16, "max_queued_requests": 16, "kv_cache_memory_bytes": 32 * 2 ** 20,
                      "router": {"stats_period_s": 0.5}})
-    serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}")
-    url = f"{serve_http}/{APP_NAME}"
-    deadline = time.monotonic() + 180
-    while httpx.get(f"{url}/health", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "the application never became healthy"
-        time.sleep(0.5)
+    url = deploy_app(app, APP_NAME, timeout_s=180)
     yield url
     serve.delete(APP_NAME)
 

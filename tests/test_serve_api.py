@@ -31,7 +31,7 @@ TOOLS = [
 
 
 @pytest.fixture(scope="module")
-def base_url(serve_http) -> str:
+def base_url(deploy_app) -> str:
     from ray import serve
 
     from gptoss_serve.cluster.serve.app import build_app
@@ -41,12 +41,7 @@ def base_url(serve_http) -> str:
     app = build_app({"num_replicas": 2, "dtype": "float32", "kernels": "torch", "device": "cpu",
                      "max_num_seqs": 32, "max_queued_requests": 32, "kv_cache_memory_bytes": KV_CACHE_BYTES,
                      "router": {"policy": "serve_default"}})
-    serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}")
-    url = f"{serve_http}/{APP_NAME}"
-    deadline = time.monotonic() + 120
-    while httpx.get(f"{url}/health", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "the application never became healthy"
-        time.sleep(0.5)
+    url = deploy_app(app, APP_NAME, timeout_s=120)
     yield url
     serve.delete(APP_NAME)
 

@@ -114,7 +114,7 @@ def test_generate_cli_with_tp_and_ep_prints_the_unsharded_completion(ray_cluster
     assert sharded["logprobs"] == pytest.approx(unsharded["logprobs"], abs=1e-4)
 
 
-def test_a_sharded_replica_serves_http(serve_http):
+def test_a_sharded_replica_serves_http(deploy_app):
     """--tp 2 --ep 2 behind the real Serve app: the replica's placement group holds its two shard workers
     (logical GPUs), and /v1/completions returns the unsharded engine's greedy tokens and logprobs."""
     import httpx
@@ -126,13 +126,8 @@ def test_a_sharded_replica_serves_http(serve_http):
     kv_bytes = 16 * 2**20
     app = build_app({"tensor_parallel_size": 2, "expert_parallel_size": 2, "dtype": "float32", "kernels": "torch",
                      "max_num_seqs": 8, "max_queued_requests": 8, "kv_cache_memory_bytes": kv_bytes})
-    serve.run(app, name=name, route_prefix=f"/{name}")
-    url = f"{serve_http}/{name}"
     try:
-        deadline = time.monotonic() + 180
-        while httpx.get(f"{url}/health", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "the sharded application never became healthy"
-            time.sleep(0.5)
+        url = deploy_app(app, name)
         body = {"model": "gpt-oss-default", "prompt": [5, 17, 300, 2, 99], "max_tokens": 6, "temperature": 0,
                 "logprobs": 1}
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
