@@ -11,6 +11,7 @@ from typing import Any
 
 from gptoss_serve.cluster.serve.errors import invalid_request
 from gptoss_serve.cluster.serve.turn_events import ItemKind
+from gptoss_serve.model.harmony.chat import ChatFormatError, content_text
 
 _TEXT_PART_TYPES = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
@@ -66,19 +67,10 @@ def _require_strings(item: dict[str, Any], keys: tuple[str, ...], where: str) ->
 
 
 def _text(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") in _TEXT_PART_TYPES and isinstance(part.get("text"), str)):
-                raise invalid_request(f"{where}: only text content parts are supported, got {part!r}.",
-                                      param=f"{where}.content")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise invalid_request(f"{where}: content must be a string or a list of text parts.", param=f"{where}.content")
+    try:
+        return content_text(content, where, _TEXT_PART_TYPES)
+    except ChatFormatError as error:
+        raise invalid_request(f"{error}.", param=f"{where}.content") from None
 
 
 def function_tools_as_chat(tools: list[Any] | None) -> list[dict[str, Any]]:

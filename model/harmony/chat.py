@@ -37,8 +37,8 @@ class ChatFormatError(ValueError):
     """A chat request that cannot be expressed in harmony (bad role, unknown tool call id, image parts...)."""
 
 
-def _content_text(content: Any, where: str) -> str:
-    """A message's text: a string, None, or a list of text parts (joined by newlines)."""
+def content_text(content: Any, where: str, part_types: Sequence[str] = ("text",)) -> str:
+    """A message's text: a string, None, or a list of text parts of `part_types` (joined by newlines)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -46,7 +46,7 @@ def _content_text(content: Any, where: str) -> str:
     if isinstance(content, list):
         texts = []
         for part in content:
-            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            if not (isinstance(part, Mapping) and part.get("type") in part_types and isinstance(part.get("text"), str)):
                 raise ChatFormatError(f"{where}: only text content parts are supported, got {part!r}")
             texts.append(part["text"])
         return "\n".join(texts)
@@ -70,9 +70,9 @@ def _assistant_messages(chat_message: Mapping[str, Any], where: str, names_by_ca
     messages = []
     reasoning = chat_message.get("reasoning_content") or chat_message.get("reasoning")
     if reasoning:
-        messages.append(Message(Role.ASSISTANT, _content_text(reasoning, where), channel="analysis"))
+        messages.append(Message(Role.ASSISTANT, content_text(reasoning, where), channel="analysis"))
     calls = chat_message.get("tool_calls") or []
-    text = _content_text(chat_message.get("content"), where)
+    text = content_text(chat_message.get("content"), where)
     if text:
         messages.append(Message(Role.ASSISTANT, text, channel="commentary" if calls else "final"))
     for index, call in enumerate(calls):
@@ -90,7 +90,7 @@ def _tool_result_message(chat_message: Mapping[str, Any], where: str, names_by_c
     name = chat_message.get("name") or names_by_call_id.get(chat_message.get("tool_call_id"))
     if not name:
         raise ChatFormatError(f"{where}: tool message whose tool_call_id matches no earlier tool call")
-    return tool_result(name, _content_text(chat_message.get("content"), where))
+    return tool_result(name, content_text(chat_message.get("content"), where))
 
 
 def conversation_from_chat(
@@ -116,7 +116,7 @@ def conversation_from_chat(
             break
         num_leading_instructions += 1
     instructions = [
-        _content_text(chat_messages[index].get("content"), f"messages[{index}]")
+        content_text(chat_messages[index].get("content"), f"messages[{index}]")
         for index in range(num_leading_instructions)
     ]
     namespaces = (function_tools(tools),) if tools else ()
@@ -129,10 +129,10 @@ def conversation_from_chat(
         chat_message, where = chat_messages[index], f"messages[{index}]"
         role = chat_message.get("role")
         if role in _INSTRUCTION_ROLES:
-            later_instructions = DeveloperContent(instructions=_content_text(chat_message.get("content"), where))
+            later_instructions = DeveloperContent(instructions=content_text(chat_message.get("content"), where))
             messages.append(Message(Role.DEVELOPER, later_instructions))
         elif role == "user":
-            messages.append(Message(Role.USER, _content_text(chat_message.get("content"), where)))
+            messages.append(Message(Role.USER, content_text(chat_message.get("content"), where)))
         elif role == "assistant":
             messages += _assistant_messages(chat_message, where, names_by_call_id)
         elif role == "tool":
