@@ -17,6 +17,9 @@ import sys
 
 import torch
 
+import triton
+import triton.language as tl
+
 GPT_OSS = dict(hidden=2880, intermediate=2880, top_k=4, num_q_heads=64, num_kv_heads=8, head_dim=64)
 NUM_COPIES = 4  # layers' worth of distinct weights or caches in one timed graph
 
@@ -62,7 +65,7 @@ def _moe_layer(num_experts: int, gen: torch.Generator, hidden: int, intermediate
 
 
 def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], torch_max_tokens: int) -> list[dict]:
-    from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles
+    from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles, swizzle_bits, tile_rows
     from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref, swiglu_ref
     from gptoss_serve.kernels.mxfp4 import dequantize_mxfp4
 
@@ -72,14 +75,15 @@ def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], tor
         gen = torch.Generator().manual_seed(num_experts)
         layers = [_moe_layer(num_experts, gen, h, i) for _ in range(NUM_COPIES)]
         # The serving layout, as TritonKernels.prepare_weights leaves it; the torch twins read `layers`.
-        prepared = [[split_nibbles(t) if j in (0, 3) else t for j, t in enumerate(w)] for w in layers]
+        prepared = [[tile_rows(swizzle_bits(split_nibbles(t)), 64) if j in (0, 3) else t for j, t in enumerate(w)]
+                    for w in layers]
         bytes_per_expert = sum(t[0].numel() * t.element_size() for t in layers[0])
         for num_tokens in token_counts:
             x = torch.randn(num_tokens, h, generator=gen).to(torch.bfloat16).cuda()
             weights, ids = route_ref(torch.randn(num_tokens, num_experts, generator=gen).cuda(), k)
             num_active = torch.unique(ids).numel()
-            ms = _bench(lambda: [moe_experts(x, weights, ids, *w, 1.702, 7.0, split_nibbles=True)
-                                 for w in prepared]) / NUM_COPIES
+            ms = _bench(lambda: [moe_experts(x, weights, ids, *w, 1.702, 7.0, split_nibbles=True, swizzled=True,
+                                             fold_scales=True, tile_n=64) for w in prepared]) / NUM_COPIES
             nbytes = num_active * bytes_per_expert + x.numel() * 2 * 2
             flops = 2 * num_tokens * k * (h * 2 * i + i * h)
             row = dict(op=f"MoE {'20b' if num_experts == 32 else '120b' if num_experts == 128 else num_experts}",
@@ -202,6 +206,101 @@ def format_paths_table(ceil: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@triton.jit
+def _read_floor_kernel(src_ptr, out_ptr, num_words, WORDS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
+    """Reads WORDS_PER_PROGRAM int32 words (16 bytes a thread per load) and keeps one value so that nothing is
+    optimised away: what a kernel that only streams the weights' bytes achieves."""
+    start = tl.program_id(0) * WORDS_PER_PROGRAM
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for w in range(start, start + WORDS_PER_PROGRAM, BLOCK):
+        offs = w + tl.arange(0, BLOCK)
+        acc ^= tl.load(src_ptr + offs, mask=offs < num_words, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[int]) -> list[dict]:
+    """Where one MoE layer's time goes: the whole layer as the model runs it (router matmul, top-k, grouping,
+    both expert matmuls, epilogue and combine kernels) captured in a CUDA graph over 4 layers' weights, then
+    the torch profiler's GPU time per kernel over replays. Beside it, the read floor: a kernel that only reads
+    the active experts' bytes, over as many programs as the two matmuls run together."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles, swizzle_bits, tile_rows
+    from gptoss_serve.kernels.moe_routing import route
+
+    h, i, k = GPT_OSS["hidden"], GPT_OSS["intermediate"], GPT_OSS["top_k"]
+    rows = []
+    for num_experts in expert_counts:
+        gen = torch.Generator(device="cuda").manual_seed(num_experts + 1)
+        layers = []
+        for _ in range(NUM_COPIES):
+            w = []
+            for r, c in ((2 * i, h), (h, i)):
+                blocks = torch.randint(0, 256, (num_experts, r, c // 32, 16), dtype=torch.uint8, device="cuda",
+                                       generator=gen)
+                w += [tile_rows(swizzle_bits(split_nibbles(blocks)), 64),
+                      torch.randint(116, 124, (num_experts, r, c // 32), dtype=torch.uint8, device="cuda", generator=gen),
+                      torch.randn(num_experts, r, device="cuda", generator=gen).to(torch.bfloat16)]
+            gate = torch.nn.Linear(h, num_experts, dtype=torch.bfloat16, device="cuda")
+            layers.append((gate, w))
+        name = "20b" if num_experts == 32 else "120b" if num_experts == 128 else str(num_experts)
+        bytes_per_expert = sum(t[0].numel() * t.element_size() for t in layers[0][1])
+        for num_tokens in token_counts:
+            x = torch.randn(num_tokens, h, device="cuda", generator=gen).to(torch.bfloat16)
+
+            def layer(gate, w):
+                weights, ids = route(gate(x), k)
+                return moe_experts(x, weights, ids, w[0], w[1], w[2], w[3], w[4], w[5], 1.702, 7.0,
+                                   split_nibbles=True, swizzled=True, fold_scales=True, tile_n=64)
+
+            _, ids = route(layers[0][0](x), k)
+            num_active = torch.unique(ids).numel()
+            ms = _bench(lambda: [layer(g, w) for g, w in layers]) / NUM_COPIES
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for gl, w in layers:
+                    layer(gl, w)
+            replays = 20
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(replays):
+                    g.replay()
+                torch.cuda.synchronize()
+            per_kernel = {}
+            for e in prof.key_averages():
+                if e.self_device_time_total > 0:
+                    per_kernel[e.key[:70]] = (e.self_device_time_total / replays / NUM_COPIES,
+                                              e.count / replays / NUM_COPIES)
+            # Read floor: the same bytes (active experts' w1 and w2 blocks, scales, biases) in one pass.
+            nbytes = num_active * bytes_per_expert
+            words = torch.randint(0, 2 ** 30, (NUM_COPIES, nbytes // 4), dtype=torch.int32, device="cuda", generator=gen)
+            sink = torch.empty(1 << 16, dtype=torch.int32, device="cuda")
+            floors = {}
+            for programs in (132, 528, 1056, 2112):
+                per_program = triton.cdiv(triton.cdiv(words.shape[1], programs), 512) * 512
+                grid = (triton.cdiv(words.shape[1], per_program),)
+                floors[programs] = _bench(lambda: [_read_floor_kernel[grid](words[c], sink, words.shape[1],
+                                                                           WORDS_PER_PROGRAM=per_program, BLOCK=512)
+                                                   for c in range(NUM_COPIES)]) / NUM_COPIES
+            del words
+            best_floor = min(floors.values())
+            row = dict(model=name, tokens=num_tokens, active=num_active, ms=ms, gbs=nbytes / ms / 1e6,
+                       floor_ms=best_floor, floor_gbs=nbytes / best_floor / 1e6,
+                       floors_us={p: round(t * 1e3, 1) for p, t in floors.items()},
+                       kernels_us={n: (round(t, 1), c) for n, (t, c) in
+                                   sorted(per_kernel.items(), key=lambda kv: -kv[1][0])})
+            rows.append(row)
+            print(f"\nMoE {name}, {num_tokens} tokens, {num_active}/{num_experts} experts, {nbytes / 1e6:.1f} MB: "
+                  f"layer {ms * 1e3:.1f} us ({100 * row['gbs'] / ceil['copy_gbs']:.0f}% HBM); read floor "
+                  f"{best_floor * 1e3:.1f} us ({100 * row['floor_gbs'] / ceil['copy_gbs']:.0f}% HBM; by programs "
+                  f"{row['floors_us']})", flush=True)
+            print("| kernel | µs per layer | launches per layer |\n| --- | ---: | ---: |")
+            for n, (t, c) in row["kernels_us"].items():
+                print(f"| {n} | {t} | {c:g} |", flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    return rows
+
+
 # Attention -------------------------------------------------------------------------------------------------------
 def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator):
     hkv, d = GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
@@ -322,7 +421,8 @@ def format_table(ceil: dict, rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gptoss-serve bench kernels", description=__doc__)
     parser.add_argument("--sections", default="moe,decode,prefill,norm",
-                        help="comma-separated: moe, decode, prefill, norm, moe-paths (split-K vs grouped MoE)")
+                        help="comma-separated: moe, decode, prefill, norm, moe-paths (split-K vs grouped MoE), "
+                             "moe-launches (one MoE layer's time per kernel, and the read floor)")
     parser.add_argument("--sweep", action="store_true", help="moe-paths: also sweep split-K variants")
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--json", help="also write the rows to this file")
@@ -342,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         path_rows = bench_moe_paths(ceil, [1, 2, 4, 8, 64], [32, 128], args.sweep)
         print(format_paths_table(ceil, path_rows), flush=True)
         rows += [dict(r, op=f"MoE {r['model']} {r['variant']}", shape=f"{r['tokens']} tok") for r in path_rows]
+    if "moe-launches" in sections:
+        rows += [dict(r, op=f"MoE {r['model']} layer by launch", shape=f"{r['tokens']} tok")
+                 for r in bench_moe_launches(ceil, [1, 8, 64] if args.quick else [1, 2, 8, 64, 256],
+                                             [32] if args.quick else [32, 128])]
     if "decode" in sections:
         rows += bench_decode(ceil, [1, 32] if args.quick else [1, 32, 128], [1024, 8192] if args.quick else
                              [1024, 8192, 32768], torch_max_tokens=32 * 8192)
@@ -349,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_prefill(ceil, [1024] if args.quick else [1024, 8192], torch_max_tokens=1024)
     if "norm" in sections:
         rows += bench_norm_rope(ceil)
-    if sections - {"moe-paths"}:
+    if sections - {"moe-paths", "moe-launches"}:
         print(format_table(ceil, rows))
     if args.json:
         with open(args.json, "w") as f:

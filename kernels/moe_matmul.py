@@ -69,6 +69,56 @@ mul.rn.bf16x2 $1, m1, $4;
 LOW_NIBBLES_ASM = tl.constexpr(_NIBBLES_TO_BF16_ASM.format(mag_shift=6, sign_shift=12))  # bits 2..0 -> 8..6, 3 -> 15
 HIGH_NIBBLES_ASM = tl.constexpr(_NIBBLES_TO_BF16_ASM.format(mag_shift=2, sign_shift=8))  # bits 6..4 -> 8..6, 7 -> 15
 
+# The swizzled layout (`swizzle_bits`, done once at load after `split_nibbles`): the 8 nibbles of each 4-byte word
+# of a block (L0..L3, the low nibbles of its bytes: elements 4g..4g+3; H0..H3, the high ones: elements 4g+16..)
+# have their bits scattered so that each pair of values lands on bf16 bit places (sign 15/31, magnitude 8..6 /
+# 24..22) with at most a shift and an AND: (L0, L1) an AND, (L2, L3) and (H0, H1) a shift and an AND, (H2, H3)
+# three of each. One multiply per pair then applies 2^126 (bf16 subnormals -> values, as above) and the scale:
+# folded into one multiplier 2^(s - 1) where every scale byte of the weight is at most 128, else two multiplies.
+# About 2 instructions a weight instead of 4 for the split layout's asm above.
+SWIZZLE_POSITIONS = (  # nibble slot (L0..L3, H0..H3) -> bit places of its (mantissa, e0, e1, sign) in the word
+    (6, 7, 8, 15), (22, 23, 24, 31), (3, 4, 5, 12), (19, 20, 21, 28),
+    (0, 1, 2, 9), (16, 17, 18, 25), (13, 10, 11, 14), (29, 26, 27, 30))
+# One word in ($8), its block's multiplier as bf16 ($9); out: the bf16 values of slots L0..L3, H0..H3 ($0..$7).
+_SWIZZLED_TO_BF16_ASM = """
+{{
+.reg .b32 m, p0, p1, p2, p3, t, u, v;
+mov.b32 m, {{$9, $9}};
+and.b32 p0, $8, 0x81C081C0;
+shl.b32 t, $8, 3;
+and.b32 p1, t, 0x81C081C0;
+shl.b32 t, $8, 6;
+and.b32 p2, t, 0x81C081C0;
+shl.b32 t, $8, 1;
+and.b32 t, t, 0x80008000;
+shr.b32 u, $8, 3;
+and.b32 u, u, 0x01800180;
+shr.b32 v, $8, 7;
+and.b32 v, v, 0x00400040;
+or.b32 t, t, u;
+or.b32 p3, t, v;
+{unbias}
+mul.rn.bf16x2 p0, p0, m;
+mul.rn.bf16x2 p1, p1, m;
+mul.rn.bf16x2 p2, p2, m;
+mul.rn.bf16x2 p3, p3, m;
+mov.b32 {{$0, $1}}, p0;
+mov.b32 {{$2, $3}}, p1;
+mov.b32 {{$4, $5}}, p2;
+mov.b32 {{$6, $7}}, p3;
+}}
+"""
+_UNBIAS = """.reg .b32 k;
+mov.b32 k, 0x7E807E80;
+mul.rn.bf16x2 p0, p0, k;
+mul.rn.bf16x2 p1, p1, k;
+mul.rn.bf16x2 p2, p2, k;
+mul.rn.bf16x2 p3, p3, k;"""
+SWIZZLED_FOLDED_ASM = tl.constexpr(_SWIZZLED_TO_BF16_ASM.format(unbias=""))  # $9 = 2^(s - 1): 2^126 folded in
+SWIZZLED_ASM = tl.constexpr(_SWIZZLED_TO_BF16_ASM.format(unbias=_UNBIAS))  # $9 = 2^(s - 127)
+FOLD_MAX_SCALE = 128  # 2^(s - 1) is a normal bf16 up to this scale byte
+SWIZZLED_MIN_BLOCK_K = 128  # the tensor-core paths on the swizzled layout: dots of K = BLOCK_K / 8
+
 
 @triton.jit
 def _moe_matmul_kernel(
@@ -78,7 +128,7 @@ def _moe_matmul_kernel(
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert, stride_out,
     swiglu_alpha, swiglu_limit,
     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER_TOKENS: tl.constexpr, SPLIT_NIBBLES: tl.constexpr,
-    TILE_N: tl.constexpr,
+    SWIZZLED: tl.constexpr, FOLD_SCALES: tl.constexpr, TILE_N: tl.constexpr,
     EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -130,40 +180,40 @@ def _moe_matmul_kernel(
     # ahead, so their latency hides behind the current step instead of stalling it.
     scale_cols = tl.arange(0, NUM_SCALES)[None, :]
     next_scales = tl.load(s_tile_ptr, mask=in_n[:, None] & (scale_cols < num_blocks_k), other=0)
-    for k0 in range(0, K, BLOCK_K):
-        blk = k0 // 32
-        w_mask = in_n[:, None, None] & (blk3 + blk < num_blocks_k)
-        w_bytes = tl.load(w_tile_ptr + blk * W_BLK, mask=w_mask, other=0)  # [BLOCK_N, NUM_SCALES, 16] uint8
-        scale_bytes = next_scales.to(tl.int32)
-        next_blk = blk + NUM_SCALES
-        next_scales = tl.load(s_tile_ptr + next_blk, mask=in_n[:, None] & (scale_cols + next_blk < num_blocks_k),
-                              other=0)
-        if EMULATE_BF16:
-            # 2^(scale - 121) as float32 bits: the E8M0 scale times the 2^6 that e4m3 leaves out.
-            scale = ((scale_bytes + 6) << 23).to(tl.float32, bitcast=True)[:, :, None]
-            low = (((w_bytes & 0x07) << 2) | ((w_bytes & 0x08) << 4)).to(tl.float8e4nv, bitcast=True)
-            high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
-            w_low = tl.reshape(low.to(tl.float32) * scale, [BLOCK_N, HALF_K])
-            w_high = tl.reshape(high.to(tl.float32) * scale, [BLOCK_N, HALF_K])
-        else:
-            # 2^(scale - 127) as bf16 bits (byte 0 is the subnormal 2^-127).
-            scale = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            scale = tl.broadcast_to(scale[:, :, None], [BLOCK_N, NUM_SCALES, 16])
-            w_low = tl.inline_asm_elementwise(LOW_NIBBLES_ASM, "=r,=r,r,r,r", [w_bytes, scale],
-                                              dtype=tl.bfloat16, is_pure=True, pack=4)
-            w_high = tl.inline_asm_elementwise(HIGH_NIBBLES_ASM, "=r,=r,r,r,r", [w_bytes, scale],
-                                               dtype=tl.bfloat16, is_pure=True, pack=4)
+    WORDS: tl.constexpr = BLOCK_K // 8
+    if SWIZZLED:  # words, eight dots a step (see _swizzled_dot_step)
+        w_off, s_off, k_word = _swizzled_word_offsets(expert, n, 0, stride_w_expert, stride_w_row, stride_s_expert,
+                                                      stride_s_row, 1, TILE_N, WORDS)
+        w_words = w_ptr.to(tl.pointer_type(tl.int32)) + w_off
+        word_blk = tl.arange(0, WORDS) // 4
+        for k0 in range(0, K, BLOCK_K):
+            blk = k0 // 32
+            w_mask = in_n[:, None] & (word_blk[None, :] + blk < num_blocks_k)
+            a_mask = in_rows[None, :] & (k0 + k_word[:, None] < K)
+            acc = _swizzled_dot_step(acc, w_words + blk * (4 * TILE_N), scales_ptr + s_off + blk, w_mask,
+                                     a_tile_ptr + (k0 + k_word[:, None]), a_mask, EMULATE_BF16, FOLD_SCALES)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            blk = k0 // 32
+            w_mask = in_n[:, None, None] & (blk3 + blk < num_blocks_k)
+            w_bytes = tl.load(w_tile_ptr + blk * W_BLK, mask=w_mask, other=0)  # [BLOCK_N, NUM_SCALES, 16] uint8
+            scale_bytes = next_scales.to(tl.int32)
+            next_blk = blk + NUM_SCALES
+            next_scales = tl.load(s_tile_ptr + next_blk, mask=in_n[:, None] & (scale_cols + next_blk < num_blocks_k),
+                                  other=0)
+            w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N, NUM_SCALES, EMULATE_BF16, SWIZZLED,
+                                                FOLD_SCALES)
             w_low = tl.reshape(w_low, [BLOCK_N, HALF_K])
             w_high = tl.reshape(w_high, [BLOCK_N, HALF_K])
-        a_mask = in_rows[None, :] & (k0 + k_low[:, None] < K)
-        a_low = tl.load(a_tile_ptr + (k0 + k_low[:, None]), mask=a_mask, other=0.0)  # [HALF_K, BLOCK_M]
-        a_high = tl.load(a_tile_ptr + (k0 + k_high[:, None]), mask=a_mask, other=0.0)
-        if EMULATE_BF16:
-            acc = tl.dot(w_low, a_low.to(tl.float32), acc, input_precision="ieee")
-            acc = tl.dot(w_high, a_high.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w_low, a_low, acc)
-            acc = tl.dot(w_high, a_high, acc)
+            a_mask = in_rows[None, :] & (k0 + k_low[:, None] < K)
+            a_low = tl.load(a_tile_ptr + (k0 + k_low[:, None]), mask=a_mask, other=0.0)  # [HALF_K, BLOCK_M]
+            a_high = tl.load(a_tile_ptr + (k0 + k_high[:, None]), mask=a_mask, other=0.0)
+            if EMULATE_BF16:
+                acc = tl.dot(w_low, a_low.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(w_high, a_high.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w_low, a_low, acc)
+                acc = tl.dot(w_high, a_high, acc)
 
     # The torch twin rounds the matmul, and the bias sum, to the activation dtype: do the same.
     act_dtype = a_ptr.dtype.element_ty
@@ -205,16 +255,49 @@ def _combine_kernel(
 
 
 @device_function
+def _pick4(j, v0, v1, v2, v3):
+    """v0, v1, v2 or v3 as j (a tensor of 0..3) says."""
+    return tl.where(j == 0, v0, tl.where(j == 1, v1, tl.where(j == 2, v2, v3)))
+
+
+@device_function
+def _swizzled_value(word, j, LOW: tl.constexpr):
+    """The FP4 value (float32, unscaled) of nibble slot L_j (LOW) or H_j of each swizzled word; word and j
+    broadcast together. The interpreter's decoding of the layout that SWIZZLED_ASM reads."""
+    if LOW:
+        m_at, e0_at, e1_at, s_at = _pick4(j, 6, 22, 3, 19), _pick4(j, 7, 23, 4, 20), _pick4(j, 8, 24, 5, 21), \
+            _pick4(j, 15, 31, 12, 28)
+    else:
+        m_at, e0_at, e1_at, s_at = _pick4(j, 0, 16, 13, 29), _pick4(j, 1, 17, 10, 26), _pick4(j, 2, 18, 11, 27), \
+            _pick4(j, 9, 25, 14, 30)
+    m = ((word >> m_at) & 1).to(tl.float32)
+    e = ((word >> e0_at) & 1) + 2 * ((word >> e1_at) & 1)
+    magnitude = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * (1 << e).to(tl.float32) * 0.5)
+    return tl.where(((word >> s_at) & 1) == 1, -magnitude, magnitude)
+
+
+@device_function
 def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES: tl.constexpr,
-                        EMULATE_BF16: tl.constexpr):
+                        EMULATE_BF16: tl.constexpr, SWIZZLED: tl.constexpr, FOLD_SCALES: tl.constexpr):
     """Byte tile [BLOCK_N, NUM_SCALES, 16] and its scale bytes [BLOCK_N, NUM_SCALES] (int32) -> the low- and
-    high-nibble values, each [BLOCK_N, NUM_SCALES, 16]: bf16 on a GPU, float32 under the interpreter."""
+    high-nibble values, each [BLOCK_N, NUM_SCALES, 16]: bf16 on a GPU, float32 under the interpreter.
+    SWIZZLED: bytes in `swizzle_bits`' layout, interpreter only (on a GPU the swizzled paths read words)."""
     if EMULATE_BF16:
-        scale = ((scale_bytes + 6) << 23).to(tl.float32, bitcast=True)[:, :, None]
-        low = (((w_bytes & 0x07) << 2) | ((w_bytes & 0x08) << 4)).to(tl.float8e4nv, bitcast=True)
-        high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
-        w_low = low.to(tl.float32) * scale
-        w_high = high.to(tl.float32) * scale
+        if SWIZZLED:  # the CUDA-core split-K path (the tensor-core paths read words: _swizzled_dot_step)
+            words = tl.reshape(w_bytes.to(tl.int32), [BLOCK_N, NUM_SCALES, 4, 4])  # [.., word, byte]
+            byte_at = tl.arange(0, 4)[None, None, None, :]
+            words = tl.sum(words << (8 * byte_at), axis=3)[:, :, :, None]  # little-endian, [.., word, 1]
+            # 2^(scale - 127) in float32 (scale byte 0: the subnormal 2^-127).
+            scale = tl.where(scale_bytes == 0, 0x00400000, scale_bytes << 23).to(tl.float32, bitcast=True)
+            scale = scale[:, :, None]
+            w_low = tl.reshape(_swizzled_value(words, byte_at, True), [BLOCK_N, NUM_SCALES, 16]) * scale
+            w_high = tl.reshape(_swizzled_value(words, byte_at, False), [BLOCK_N, NUM_SCALES, 16]) * scale
+        else:
+            scale = ((scale_bytes + 6) << 23).to(tl.float32, bitcast=True)[:, :, None]
+            low = (((w_bytes & 0x07) << 2) | ((w_bytes & 0x08) << 4)).to(tl.float8e4nv, bitcast=True)
+            high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
+            w_low = low.to(tl.float32) * scale
+            w_high = high.to(tl.float32) * scale
     else:
         scale = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
         scale = tl.broadcast_to(scale[:, :, None], [BLOCK_N, NUM_SCALES, 16])
@@ -225,13 +308,99 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
     return w_low, w_high
 
 
+@device_function
+def _swizzled_slot(words, M_AT: tl.constexpr, E0_AT: tl.constexpr, E1_AT: tl.constexpr, S_AT: tl.constexpr):
+    """The unscaled FP4 value (float32) of one nibble slot of each swizzled word (interpreter)."""
+    m = ((words >> M_AT) & 1).to(tl.float32)
+    e = ((words >> E0_AT) & 1) + 2 * ((words >> E1_AT) & 1)
+    magnitude = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * (1 << e).to(tl.float32) * 0.5)
+    return tl.where(((words >> S_AT) & 1) == 1, -magnitude, magnitude)
+
+
+@device_function
+def _dequant_swizzled_words(words, scale_bytes, EMULATE_BF16: tl.constexpr, FOLD_SCALES: tl.constexpr):
+    """Word tile [BLOCK_N, WORDS] int32 of the swizzled layout and each word's scale byte (int32) -> the values
+    of its slots L0..L3, H0..H3, eight tiles [BLOCK_N, WORDS]: bf16 on a GPU (one asm per word, so the result
+    does not depend on how the tile is spread over threads), float32 under the interpreter."""
+    if EMULATE_BF16:
+        scale = tl.where(scale_bytes == 0, 0x00400000, scale_bytes << 23).to(tl.float32, bitcast=True)
+        l0 = _swizzled_slot(words, 6, 7, 8, 15) * scale
+        l1 = _swizzled_slot(words, 22, 23, 24, 31) * scale
+        l2 = _swizzled_slot(words, 3, 4, 5, 12) * scale
+        l3 = _swizzled_slot(words, 19, 20, 21, 28) * scale
+        h0 = _swizzled_slot(words, 0, 1, 2, 9) * scale
+        h1 = _swizzled_slot(words, 16, 17, 18, 25) * scale
+        h2 = _swizzled_slot(words, 13, 10, 11, 14) * scale
+        h3 = _swizzled_slot(words, 29, 26, 27, 30) * scale
+    else:
+        if FOLD_SCALES:  # 2^(scale - 1) = 2^126 * 2^(scale - 127): a normal bf16 for scale bytes 0..128
+            mult = ((scale_bytes + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
+                SWIZZLED_FOLDED_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, mult], dtype=(tl.bfloat16,) * 8,
+                is_pure=True, pack=1)
+        else:
+            mult = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
+                SWIZZLED_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, mult], dtype=(tl.bfloat16,) * 8,
+                is_pure=True, pack=1)
+    return l0, l1, l2, l3, h0, h1, h2, h3
+
+
+@device_function
+def _dot_columns(acc, w, a_ptrs, a_mask, EMULATE_BF16: tl.constexpr):
+    """acc += w [BLOCK_N, WORDS] @ A[columns of a_ptrs [WORDS, BLOCK_M]]."""
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+    if EMULATE_BF16:
+        return tl.dot(w, a.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(w, a, acc)
+
+
+@device_function
+def _swizzled_dot_step(acc, w_words_ptr, s_words_ptr, w_mask, a_ptrs, a_mask, EMULATE_BF16: tl.constexpr,
+                       FOLD_SCALES: tl.constexpr):
+    """One K step of a tensor-core matmul on the swizzled layout. w_words_ptr / s_words_ptr [BLOCK_N, WORDS]:
+    word c of the step is word c % 4 of its K block c // 4, with that block's scale byte; a_ptrs [WORDS,
+    BLOCK_M]: the activation of each word's slot L0 (element 32 (c // 4) + 4 (c % 4)); the other slots are
+    1, 2, 3 and 16..19 further. Eight dots of K = WORDS, one per slot."""
+    words = tl.load(w_words_ptr, mask=w_mask, other=0)
+    scale_bytes = tl.load(s_words_ptr, mask=w_mask, other=0).to(tl.int32)
+    l0, l1, l2, l3, h0, h1, h2, h3 = _dequant_swizzled_words(words, scale_bytes, EMULATE_BF16, FOLD_SCALES)
+    acc = _dot_columns(acc, l0, a_ptrs, a_mask, EMULATE_BF16)
+    acc = _dot_columns(acc, l1, a_ptrs + 1, a_mask, EMULATE_BF16)
+    acc = _dot_columns(acc, l2, a_ptrs + 2, a_mask, EMULATE_BF16)
+    acc = _dot_columns(acc, l3, a_ptrs + 3, a_mask, EMULATE_BF16)
+    acc = _dot_columns(acc, h0, a_ptrs + 16, a_mask, EMULATE_BF16)
+    acc = _dot_columns(acc, h1, a_ptrs + 17, a_mask, EMULATE_BF16)
+    acc = _dot_columns(acc, h2, a_ptrs + 18, a_mask, EMULATE_BF16)
+    acc = _dot_columns(acc, h3, a_ptrs + 19, a_mask, EMULATE_BF16)
+    return acc
+
+
+@device_function
+def _swizzled_word_offsets(expert, n, blk0, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row,
+                           stride_s_k, TILE_N: tl.constexpr, WORDS: tl.constexpr):
+    """Word offsets (int32 units) [BLOCK_N, WORDS] of K step 0 (blocks blk0..) of rows n, the matching scale
+    byte offsets, and each word column's first element (relative to the step's first element) [WORDS]."""
+    c = tl.arange(0, WORDS)
+    blk = blk0 + c // 4
+    n2 = n[:, None].to(tl.int64)
+    if TILE_N == 1:
+        byte = expert.to(tl.int64) * stride_w_expert + n2 * stride_w_row + blk[None, :] * 16 + (c % 4)[None, :] * 4
+    else:
+        byte = expert.to(tl.int64) * stride_w_expert + (n2 // TILE_N) * (stride_w_row * TILE_N) \
+            + (n2 % TILE_N) * 16 + blk[None, :] * (16 * TILE_N) + (c % 4)[None, :] * 4
+    scale = expert.to(tl.int64) * stride_s_expert + n2 * stride_s_row + blk[None, :].to(tl.int64) * stride_s_k
+    return byte // 4, scale, (c // 4) * 32 + (c % 4) * 4
+
+
 @triton.jit
 def _moe_matmul_splitk_kernel(
     a_ptr, w_ptr, scales_ptr, ws_ptr,
     sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
-    N, K, a_row_div, num_n_tiles, num_splits, blocks_per_split,
+    N, K, a_row_div, num_n_tiles, num_splits, blocks_per_split, first_expert, num_local_experts,
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_s_k, stride_ws_split,
-    USE_DOT: tl.constexpr, SPLIT_NIBBLES: tl.constexpr, TILE_N: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    USE_DOT: tl.constexpr, SPLIT_NIBBLES: tl.constexpr, SWIZZLED: tl.constexpr, FOLD_SCALES: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr, TILE_N: tl.constexpr, EMULATE_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Decode twin of _moe_matmul_kernel: one program = one row block x one BLOCK_N tile x one K range (split).
@@ -239,19 +408,32 @@ def _moe_matmul_splitk_kernel(
     Stores the float32 partial sums of its K range, unrounded, at ws[split, pair, n] (by pair index); the
     follow-up kernels sum the splits in a fixed order and apply the epilogues. USE_DOT: tensor cores (BLOCK_M
     >= 16); else BLOCK_M is 1 or 2 and the products are summed on the CUDA cores (no shared memory, no
-    tensor-core waits, the next step's bytes loaded one step ahead in registers)."""
+    tensor-core waits, the next step's bytes loaded one step ahead in registers).
+
+    PAIR_BLOCKS (one token: its top_k experts are distinct): row block b is pair b, its expert read straight from
+    the routing (block_expert_ptr = the expert ids), so no grouping kernel runs."""
     pid = tl.program_id(0)
     split = pid % num_splits  # the splits of one tile are neighbours: together they read its rows end to end
     pid_n = (pid // num_splits) % num_n_tiles
     pid_m = pid // (num_splits * num_n_tiles)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:  # beyond the last row block: the grid is the static worst case
-        return
-    row_start = tl.load(block_row_start_ptr + pid_m)
-    row_end = tl.load(block_row_end_ptr + pid_m)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    in_rows = rows < row_end
-    pairs = tl.load(sorted_pairs_ptr + rows, mask=in_rows, other=0)
+    if PAIR_BLOCKS:
+        expert = tl.load(block_expert_ptr + pid_m) - first_expert
+        if (expert < 0) | (expert >= num_local_experts):  # routed to another rank's expert
+            return
+        row_start = pid_m
+        row_end = pid_m + 1
+        rows = row_start + tl.arange(0, BLOCK_M)
+        in_rows = rows < row_end
+        pairs = rows
+    else:
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:  # beyond the last row block: the grid is the static worst case
+            return
+        row_start = tl.load(block_row_start_ptr + pid_m)
+        row_end = tl.load(block_row_end_ptr + pid_m)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        in_rows = rows < row_end
+        pairs = tl.load(sorted_pairs_ptr + rows, mask=in_rows, other=0)
 
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = n < N
@@ -287,26 +469,40 @@ def _moe_matmul_splitk_kernel(
         a_rows = (pairs // a_row_div).to(tl.int64)
         a_tile_ptr = a_ptr + a_rows[None, :] * stride_a  # [1, BLOCK_M]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for blk in range(blk_begin, blk_end, NUM_SCALES):
-            w_mask = in_n[:, None, None] & (blk3 + blk < blk_end)
-            w_bytes = tl.load(w_tile_ptr + blk * W_BLK, mask=w_mask, other=0)
-            scale_bytes = next_scales.to(tl.int32)
-            next_blk = blk + NUM_SCALES
-            next_scales = tl.load(s_tile_ptr + next_blk * stride_s_k,
-                                  mask=in_n[:, None] & (scale_cols + next_blk < blk_end), other=0)
-            w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N, NUM_SCALES, EMULATE_BF16)
-            w_low = tl.reshape(w_low, [BLOCK_N, HALF_K])
-            w_high = tl.reshape(w_high, [BLOCK_N, HALF_K])
-            k0 = blk * 32
-            a_mask = in_rows[None, :] & (k0 + k_low[:, None] < blk_end * 32)
-            a_low = tl.load(a_tile_ptr + (k0 + k_low[:, None]), mask=a_mask, other=0.0)  # [HALF_K, BLOCK_M]
-            a_high = tl.load(a_tile_ptr + (k0 + k_high[:, None]), mask=a_mask, other=0.0)
-            if EMULATE_BF16:
-                acc = tl.dot(w_low, a_low.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(w_high, a_high.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w_low, a_low, acc)
-                acc = tl.dot(w_high, a_high, acc)
+        WORDS: tl.constexpr = BLOCK_K // 8
+        if SWIZZLED:  # words, eight dots a step (see _swizzled_dot_step)
+            w_off, s_off, k_word = _swizzled_word_offsets(expert, n, 0, stride_w_expert, stride_w_row,
+                                                          stride_s_expert, stride_s_row, stride_s_k, TILE_N, WORDS)
+            w_words = w_ptr.to(tl.pointer_type(tl.int32)) + w_off
+            word_blk = tl.arange(0, WORDS) // 4
+            for blk in range(blk_begin, blk_end, NUM_SCALES):
+                w_mask = in_n[:, None] & (word_blk[None, :] + blk < blk_end)
+                a_mask = in_rows[None, :] & (blk * 32 + k_word[:, None] < blk_end * 32)
+                acc = _swizzled_dot_step(acc, w_words + blk * (4 * TILE_N), scales_ptr + s_off + blk * stride_s_k,
+                                         w_mask, a_tile_ptr + (blk * 32 + k_word[:, None]), a_mask, EMULATE_BF16,
+                                         FOLD_SCALES)
+        else:
+            for blk in range(blk_begin, blk_end, NUM_SCALES):
+                w_mask = in_n[:, None, None] & (blk3 + blk < blk_end)
+                w_bytes = tl.load(w_tile_ptr + blk * W_BLK, mask=w_mask, other=0)
+                scale_bytes = next_scales.to(tl.int32)
+                next_blk = blk + NUM_SCALES
+                next_scales = tl.load(s_tile_ptr + next_blk * stride_s_k,
+                                      mask=in_n[:, None] & (scale_cols + next_blk < blk_end), other=0)
+                w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N, NUM_SCALES, EMULATE_BF16, SWIZZLED,
+                                                    FOLD_SCALES)
+                w_low = tl.reshape(w_low, [BLOCK_N, HALF_K])
+                w_high = tl.reshape(w_high, [BLOCK_N, HALF_K])
+                k0 = blk * 32
+                a_mask = in_rows[None, :] & (k0 + k_low[:, None] < blk_end * 32)
+                a_low = tl.load(a_tile_ptr + (k0 + k_low[:, None]), mask=a_mask, other=0.0)  # [HALF_K, BLOCK_M]
+                a_high = tl.load(a_tile_ptr + (k0 + k_high[:, None]), mask=a_mask, other=0.0)
+                if EMULATE_BF16:
+                    acc = tl.dot(w_low, a_low.to(tl.float32), acc, input_precision="ieee")
+                    acc = tl.dot(w_high, a_high.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(w_low, a_low, acc)
+                    acc = tl.dot(w_high, a_high, acc)
     else:
         # Columns of A met by the low and high nibbles, as a [NUM_SCALES, 16] tile like the bytes'.
         blk2 = tl.arange(0, NUM_SCALES)[:, None]
@@ -317,7 +513,10 @@ def _moe_matmul_splitk_kernel(
         else:
             k_low2 = blk2 * 32 + byte2 * 2
             k_high2 = k_low2 + 1
-        a_row0 = (tl.load(sorted_pairs_ptr + row_start) // a_row_div).to(tl.int64)
+        if PAIR_BLOCKS:
+            a_row0 = (row_start // a_row_div).to(tl.int64)
+        else:
+            a_row0 = (tl.load(sorted_pairs_ptr + row_start) // a_row_div).to(tl.int64)
         a_row1 = a_row0
         if BLOCK_M == 2:
             a_row1 = (tl.load(sorted_pairs_ptr + row_start + 1, mask=row_start + 1 < row_end, other=0)
@@ -336,7 +535,8 @@ def _moe_matmul_splitk_kernel(
                                  mask=in_n[:, None, None] & (blk3 + next_blk < blk_end), other=0)
             next_scales = tl.load(s_tile_ptr + next_blk * stride_s_k,
                                   mask=in_n[:, None] & (scale_cols + next_blk < blk_end), other=0)
-            w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N, NUM_SCALES, EMULATE_BF16)
+            w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N, NUM_SCALES, EMULATE_BF16, SWIZZLED,
+                                                FOLD_SCALES)
             w_low = w_low.to(tl.float32)
             w_high = w_high.to(tl.float32)
             k0 = blk * 32
@@ -447,6 +647,8 @@ def moe_matmul(
     pair_weights: torch.Tensor | None = None,  # [num_pairs] float32: the second matmul's routing weights
     split_nibbles: bool = False,
     tile_n: int = 1,  # blocks re-laid out by `tile_rows(blocks, tile_n)`; 1 = rows one after the other
+    swizzled: bool = False,  # bits re-laid out by `swizzle_bits` (after split_nibbles)
+    fold_scales: bool = False,  # every scale byte <= FOLD_MAX_SCALE (swizzled only)
 ) -> None:
     num_local_experts, n_rows, num_k_blocks, block_bytes = blocks.shape
     k = num_k_blocks * MXFP4_BLOCK_SIZE
@@ -458,6 +660,8 @@ def moe_matmul(
         raise ValueError(f"activations have {a.shape[1]} columns, the weights {k}")
     if n_rows % tile_n:
         raise ValueError(f"{n_rows} weight rows are not whole tiles of {tile_n}")
+    if swizzled:  # eight dots of K = BLOCK_K / 8 a step: the tensor cores need K >= 16
+        config = dict(config, BLOCK_K=max(config["BLOCK_K"], SWIZZLED_MIN_BLOCK_K))
     block_n = config["BLOCK_N"]
     num_n_tiles = triton.cdiv(n_rows, block_n)
     grid = (groups.block_expert.numel() * num_n_tiles,)
@@ -471,7 +675,8 @@ def moe_matmul(
            bias.stride(0) if bias is not None else 0, out.stride(0),
            float(swiglu[0]) if swiglu else 0.0, float(swiglu[1]) if swiglu else 0.0,
            SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None,
-           SPLIT_NIBBLES=split_nibbles, TILE_N=tile_n, EMULATE_BF16=emulate_bf16(),
+           SPLIT_NIBBLES=split_nibbles or swizzled, SWIZZLED=swizzled, FOLD_SCALES=swizzled and fold_scales,
+           TILE_N=tile_n, EMULATE_BF16=emulate_bf16(),
            BLOCK_N=block_n, BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"],
            num_warps=config["num_warps"], num_stages=config["num_stages"])
 
@@ -524,6 +729,9 @@ def moe_matmul_splitk(
     config: dict,
     split_nibbles: bool = False,
     tile_n: int = 1,
+    swizzled: bool = False,
+    fold_scales: bool = False,
+    pair_blocks: tuple[torch.Tensor, int] | None = None,  # (expert ids [num_pairs], first_expert): one token
 ) -> torch.Tensor:  # [splits, num_pairs, N] float32 partial sums by pair index (rows of other ranks' pairs unset)
     num_local_experts, n_rows, num_k_blocks, block_bytes = blocks.shape
     if block_bytes != MXFP4_BYTES_PER_BLOCK or blocks.stride(3) != 1 or blocks.stride(2) != MXFP4_BYTES_PER_BLOCK:
@@ -532,12 +740,14 @@ def moe_matmul_splitk(
         raise ValueError(f"activations [{a.shape[0]}, {a.shape[1]}] with unit stride along K expected")
     if n_rows % tile_n:
         raise ValueError(f"{n_rows} weight rows are not whole tiles of {tile_n}")
+    use_dot = config["BLOCK_M"] >= 16
+    if swizzled and use_dot:  # eight dots of K = BLOCK_K / 8 a step: the tensor cores need K >= 16
+        config = dict(config, BLOCK_K=max(config["BLOCK_K"], SWIZZLED_MIN_BLOCK_K))
     block_n, block_m, block_k = config["BLOCK_N"], config["BLOCK_M"], config["BLOCK_K"]
-    use_dot = block_m >= 16
     if not use_dot and block_m not in (1, 2):
         raise ValueError("the split-K kernel takes BLOCK_M 1 or 2 (CUDA cores) or >= 16 (tensor cores)")
     num_n_tiles = triton.cdiv(n_rows, block_n)
-    num_blocks = groups.block_expert.numel()
+    num_blocks = num_pairs if pair_blocks is not None else groups.block_expert.numel()
     if "splits" in config:  # fixed (tests, sweeps)
         blocks_per_split = triton.cdiv(triton.cdiv(num_k_blocks, block_k // 32), config["splits"]) * (block_k // 32)
         splits = triton.cdiv(num_k_blocks, blocks_per_split)
@@ -545,13 +755,21 @@ def moe_matmul_splitk(
         splits, blocks_per_split = _num_splits(num_blocks * num_n_tiles, num_k_blocks, block_k // 32,
                                                config["target_programs"])
     ws = torch.empty((splits, max(num_pairs, 1), n_rows), dtype=torch.float32, device=a.device)
+    if pair_blocks is not None:  # row block b = pair b, its expert from the routing itself
+        ids, first_expert = pair_blocks
+        table = (ids, ids, ids, ids)  # only the first is read
+    else:
+        first_expert = 0
+        table = (groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end)
     launch(_moe_matmul_splitk_kernel, (num_blocks * num_n_tiles * splits,),
-           a, blocks, scales, ws,
-           groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end,
+           a, blocks, scales, ws, *table,
            n_rows, num_k_blocks * MXFP4_BLOCK_SIZE, a_row_div, num_n_tiles, splits, blocks_per_split,
+           first_expert, num_local_experts,
            a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), scales.stride(2),
            ws.stride(0),
-           USE_DOT=use_dot, SPLIT_NIBBLES=split_nibbles, TILE_N=tile_n, EMULATE_BF16=emulate_bf16(),
+           USE_DOT=use_dot, SPLIT_NIBBLES=split_nibbles or swizzled, SWIZZLED=swizzled,
+           FOLD_SCALES=swizzled and fold_scales, PAIR_BLOCKS=pair_blocks is not None, TILE_N=tile_n,
+           EMULATE_BF16=emulate_bf16(),
            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
            num_warps=config["num_warps"], num_stages=config["num_stages"])
     return ws
@@ -559,11 +777,11 @@ def moe_matmul_splitk(
 
 def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
                        swiglu_alpha, swiglu_limit, first_expert=0, split_nibbles=False, config=None,
-                       tile_n=1) -> torch.Tensor:
+                       tile_n=1, swizzled=False, fold_scales=False) -> torch.Tensor:
     """moe_experts for a few tokens (decode): split-K matmuls into float32 workspaces, then one kernel that
     sums the splits, adds the bias and applies SwiGLU (by pair), and one that sums the splits of the second
-    matmul, adds its bias, weights and combines a token's slots. Same roundings as moe_experts; five launches,
-    all grids from shapes only."""
+    matmul, adds its bias, weights and combines a token's slots. Same roundings as moe_experts; five launches
+    (four for one token: its pairs need no grouping), all grids from shapes only."""
     num_tokens, hidden = x.shape
     top_k = expert_ids.shape[1]
     num_local_experts = w1_blocks.shape[0]
@@ -576,21 +794,27 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
     if x.dtype != torch.bfloat16 and not emulate_bf16():
         raise ValueError(f"the MoE kernels take bf16 activations, got {x.dtype}")
     config = _splitk_config(num_tokens, x.device) if config is None else config
-    groups = group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_M"])
     ids = expert_ids.reshape(-1)
-    ws1 = moe_matmul_splitk(x, w1_blocks, w1_scales, groups, top_k, num_pairs, config, split_nibbles, tile_n)
+    if num_tokens == 1:  # the pairs are the row blocks (a token's experts are distinct)
+        groups, pair_blocks = None, (ids, first_expert)
+    else:
+        groups, pair_blocks = group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_M"]), None
+    layout = dict(split_nibbles=split_nibbles, tile_n=tile_n, swizzled=swizzled, fold_scales=fold_scales,
+                  pair_blocks=pair_blocks)
+    ws1 = moe_matmul_splitk(x, w1_blocks, w1_scales, groups, top_k, num_pairs, config, **layout)
     act = torch.empty((num_pairs, intermediate), dtype=x.dtype, device=x.device)  # by pair index
-    block = min(1024, next_pow2(intermediate))
+    # Small blocks: a few pairs' rows still spread over many SMs (these kernels are latency-bound).
+    block = min(256, next_pow2(intermediate))
     launch(_splitk_swiglu_kernel, (num_pairs, triton.cdiv(intermediate, block)),
            ws1, ids, b1, act, ws1.shape[0], n1, first_expert, num_local_experts,
            ws1.stride(0), b1.stride(0), act.stride(0), float(swiglu_alpha), float(swiglu_limit),
-           HAS_BIAS=True, EMULATE_BF16=emulate_bf16(), BLOCK=block, num_warps=4)
-    ws2 = moe_matmul_splitk(act, w2_blocks, w2_scales, groups, 1, num_pairs, config, split_nibbles, tile_n)
-    block_h = min(1024, next_pow2(hidden))
+           HAS_BIAS=True, EMULATE_BF16=emulate_bf16(), BLOCK=block, num_warps=2)
+    ws2 = moe_matmul_splitk(act, w2_blocks, w2_scales, groups, 1, num_pairs, config, **layout)
+    block_h = min(256, next_pow2(hidden))
     launch(_splitk_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
            ws2, ids, expert_weights.reshape(-1), b2 if b2 is not None else ws2, out, ws2.shape[0], hidden,
            first_expert, num_local_experts, ws2.stride(0), b2.stride(0) if b2 is not None else 0, out.stride(0),
-           TOP_K=top_k, HAS_BIAS=b2 is not None, EMULATE_BF16=emulate_bf16(), BLOCK_H=block_h, num_warps=4)
+           TOP_K=top_k, HAS_BIAS=b2 is not None, EMULATE_BF16=emulate_bf16(), BLOCK_H=block_h, num_warps=2)
     return out
 
 
@@ -610,6 +834,8 @@ def moe_experts(
     split_nibbles: bool = False,  # weights re-laid out by `split_nibbles` (TritonKernels.prepare_weights)
     config: dict | None = None,  # tile shapes; None = by heuristic
     tile_n: int = 1,  # w1 and w2 blocks re-laid out by `tile_rows(blocks, tile_n)`
+    swizzled: bool = False,  # bits re-laid out by `swizzle_bits` after `split_nibbles`
+    fold_scales: bool = False,  # every scale byte of w1 and w2 <= FOLD_MAX_SCALE (with swizzled)
 ) -> torch.Tensor:  # [num_tokens, hidden] in x's dtype
     """The MoE layer's experts for this rank. Up to SPLITK_MAX_TOKENS tokens (decode), or with a config that
     names `target_programs` or `splits`, the split-K path (moe_experts_splitk); else grouped matmuls with fused
@@ -618,7 +844,8 @@ def moe_experts(
     if (config is None and num_tokens <= SPLITK_MAX_TOKENS) or (config is not None and (
             "target_programs" in config or "splits" in config)):
         return moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales,
-                                  b2, swiglu_alpha, swiglu_limit, first_expert, split_nibbles, config, tile_n)
+                                  b2, swiglu_alpha, swiglu_limit, first_expert, split_nibbles, config, tile_n,
+                                  swizzled, fold_scales)
     top_k = expert_ids.shape[1]
     num_local_experts = w1_blocks.shape[0]
     intermediate = w1_blocks.shape[1] // 2
@@ -631,11 +858,12 @@ def moe_experts(
     config = _tile_config(num_tokens, num_pairs, num_local_experts) if config is None else config
     groups = group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_M"])
     act = torch.empty((num_pairs, intermediate), dtype=x.dtype, device=x.device)  # grouped order
-    moe_matmul(x, w1_blocks, w1_scales, b1, groups, top_k, act, config,
-               swiglu=(swiglu_alpha, swiglu_limit), split_nibbles=split_nibbles, tile_n=tile_n)
+    layout = dict(split_nibbles=split_nibbles, tile_n=tile_n, swizzled=swizzled, fold_scales=fold_scales)
+    moe_matmul(x, w1_blocks, w1_scales, b1, groups, top_k, act, config, swiglu=(swiglu_alpha, swiglu_limit),
+               **layout)
     y = torch.empty((num_pairs, hidden), dtype=torch.float32, device=x.device)  # by (token, slot)
     moe_matmul(act, w2_blocks, w2_scales, b2, groups, top_k, y, config,
-               pair_weights=expert_weights.reshape(-1), split_nibbles=split_nibbles, tile_n=tile_n)
+               pair_weights=expert_weights.reshape(-1), **layout)
     block_h = min(1024, next_pow2(hidden))
     launch(_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
            y, expert_ids, out, hidden, first_expert, num_local_experts, y.stride(0), out.stride(0),
@@ -650,6 +878,30 @@ def split_nibbles(blocks: torch.Tensor) -> torch.Tensor:
     low, high = blocks & 0x0F, blocks >> 4  # elements 0, 2, 4, ... and 1, 3, 5, ... of each block
     values = torch.stack((low, high), dim=-1).flatten(-2)  # [..., 32] nibbles in element order
     return (values[..., :16] | (values[..., 16:] << 4)).contiguous()
+
+
+def swizzle_bits(blocks: torch.Tensor) -> torch.Tensor:
+    """Re-lays out split-layout MXFP4 bytes [..., 16] (`split_nibbles`) bit by bit within each 4-byte word as
+    SWIZZLE_POSITIONS says, for the cheaper dequantization of SWIZZLED_ASM. Same bytes count, same values and
+    element order for the kernels, same scales."""
+    words = blocks.reshape(*blocks.shape[:-1], 4, 4).to(torch.int64)  # [..., word, byte]
+    out = torch.zeros(words.shape[:-1], dtype=torch.int64, device=blocks.device)
+    for slot, places in enumerate(SWIZZLE_POSITIONS):
+        nibble = (words[..., slot % 4] >> (4 * (slot // 4))) & 0x0F  # L_j: low nibble of byte j; H_j: high
+        for bit, place in enumerate(places):
+            out |= ((nibble >> bit) & 1) << place
+    return torch.stack([(out >> (8 * b)) & 0xFF for b in range(4)], dim=-1).to(torch.uint8).reshape(blocks.shape)
+
+
+def unswizzle_bits(blocks: torch.Tensor) -> torch.Tensor:
+    """The inverse of `swizzle_bits`."""
+    parts = blocks.reshape(*blocks.shape[:-1], 4, 4).to(torch.int64)
+    words = sum(parts[..., b] << (8 * b) for b in range(4))  # [..., word]
+    out = torch.zeros_like(parts)
+    for slot, places in enumerate(SWIZZLE_POSITIONS):
+        nibble = sum(((words >> place) & 1) << bit for bit, place in enumerate(places))
+        out[..., slot % 4] |= nibble << (4 * (slot // 4))
+    return out.to(torch.uint8).reshape(blocks.shape)
 
 
 def tile_rows(blocks: torch.Tensor, tile_n: int) -> torch.Tensor:

@@ -13,7 +13,8 @@ import torch
 from gptoss_serve.kernels.attention_decode import paged_attention_decode
 from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
 from gptoss_serve.kernels.backend import register_backend
-from gptoss_serve.kernels.moe_matmul import merge_nibbles, moe_experts, split_nibbles, tile_rows, untile_rows
+from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, merge_nibbles, moe_experts, split_nibbles,
+                                             swizzle_bits, tile_rows, unswizzle_bits, untile_rows)
 from gptoss_serve.kernels.moe_routing import route
 from gptoss_serve.kernels.rmsnorm import rmsnorm
 from gptoss_serve.kernels.rope import rope_and_cache_write
@@ -55,33 +56,41 @@ class TritonKernels:
     ROW_TILE = 64
 
     def __init__(self) -> None:
-        # Expert weight buffers that prepare_weights re-laid out, by identity, with their row tile: moe_experts
-        # must know which layout it is handed (tests pass checkpoint-layout tensors too).
-        self._split_blocks: dict[int, tuple[weakref.ref, int]] = {}
+        # Expert weight buffers that prepare_weights re-laid out, by identity, with their row tile and whether
+        # their layer's scale bytes all allow the folded multiplier: moe_experts must know which layout it is
+        # handed (tests pass checkpoint-layout tensors too).
+        self._split_blocks: dict[int, tuple[weakref.ref, int, bool]] = {}
 
     def prepare_weights(self, model: torch.nn.Module) -> None:
-        """Re-lays out every expert weight's MXFP4 bytes in place (`split_nibbles`, then `tile_rows` where both
-        of a layer's weights have whole tiles: same bytes, so the weights stay MXFP4 and no second copy is
-        kept), one expert at a time to keep the temporary small.
+        """Re-lays out every expert weight's MXFP4 bytes in place (`split_nibbles`, `swizzle_bits`, then
+        `tile_rows` where both of a layer's weights have whole tiles: same bytes, so the weights stay MXFP4 and
+        no second copy is kept), one expert at a time to keep the temporary small.
 
         Call it once the model is on its device (the loaders do): moving the model afterwards makes new
         tensors that this backend no longer recognises as re-laid out. The torch backend cannot read them;
         `checkpoint_blocks` gives an expert's bytes back in the checkpoint's layout."""
         for block in getattr(model, "block", []):
-            pair = (block.mlp.mlp1_weight.blocks, block.mlp.mlp2_weight.blocks)
+            mlp = block.mlp
+            pair = (mlp.mlp1_weight.blocks, mlp.mlp2_weight.blocks)
             tile = self.ROW_TILE if all(b.shape[1] % self.ROW_TILE == 0 for b in pair) else 1
+            scales = (mlp.mlp1_weight.scales, mlp.mlp2_weight.scales)
+            fold = all(s.numel() == 0 or int(s.max()) <= FOLD_MAX_SCALE for s in scales)
             for blocks in pair:
                 if self._is_split(blocks):
                     continue
                 with torch.no_grad():
                     for e in range(blocks.shape[0]):
-                        blocks[e].copy_(tile_rows(split_nibbles(blocks[e]), tile))
-                self._split_blocks[id(blocks)] = (weakref.ref(blocks), tile)
+                        blocks[e].copy_(tile_rows(swizzle_bits(split_nibbles(blocks[e])), tile))
+                self._split_blocks[id(blocks)] = (weakref.ref(blocks), tile, fold)
+
+    def _entry(self, blocks: torch.Tensor) -> tuple[weakref.ref, int, bool] | None:
+        entry = self._split_blocks.get(id(blocks))
+        return entry if entry is not None and entry[0]() is blocks else None
 
     def _layout(self, blocks: torch.Tensor) -> int | None:
         """The row tile of blocks that prepare_weights re-laid out, else None (the checkpoint's layout)."""
-        entry = self._split_blocks.get(id(blocks))
-        return entry[1] if entry is not None and entry[0]() is blocks else None
+        entry = self._entry(blocks)
+        return entry[1] if entry is not None else None
 
     def _is_split(self, blocks: torch.Tensor) -> bool:
         return self._layout(blocks) is not None
@@ -91,16 +100,17 @@ class TritonKernels:
         tile = self._layout(blocks)
         if tile is None:
             return blocks[expert]
-        return merge_nibbles(untile_rows(blocks[expert], tile))
+        return merge_nibbles(unswizzle_bits(untile_rows(blocks[expert], tile)))
 
     def moe_experts(self, x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
                     swiglu_alpha, swiglu_limit, first_expert=0):
-        tile = self._layout(w1_blocks)
-        if tile != self._layout(w2_blocks):
+        entry, entry2 = self._entry(w1_blocks), self._entry(w2_blocks)
+        if (entry is None) != (entry2 is None) or (entry is not None and entry[1:] != entry2[1:]):
             raise ValueError("w1 and w2 blocks must both be in the checkpoint layout or both re-laid out")
+        prepared = entry is not None
         return moe_experts(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
-                           swiglu_alpha, swiglu_limit, first_expert, split_nibbles=tile is not None,
-                           tile_n=tile or 1)
+                           swiglu_alpha, swiglu_limit, first_expert, split_nibbles=prepared,
+                           tile_n=entry[1] if prepared else 1, swizzled=prepared, fold_scales=prepared and entry[2])
 
 
 register_backend("triton", TritonKernels)

@@ -12,8 +12,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported; the kernels re-read it at launch too
 
-from gptoss_serve.kernels.moe_matmul import (SPLITK_MAX_TOKENS, _tile_config, moe_experts,  # noqa: E402
-                                             moe_experts_splitk, split_nibbles, tile_rows)
+from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, SPLITK_MAX_TOKENS, _tile_config,  # noqa: E402
+                                             moe_experts, moe_experts_splitk, split_nibbles, swizzle_bits,
+                                             tile_rows, unswizzle_bits)
 from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref  # noqa: E402
 from gptoss_serve.kernels.moe_routing import group_by_expert, max_row_blocks, route  # noqa: E402
 
@@ -184,6 +185,53 @@ def test_tiled_row_layout_gives_the_same_result(num_tokens, tile_n):
     assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
 
 
+def serving_layout(blocks: torch.Tensor, tile_n: int) -> torch.Tensor:
+    """What TritonKernels.prepare_weights makes of checkpoint bytes."""
+    return tile_rows(swizzle_bits(split_nibbles(blocks)), tile_n)
+
+
+def test_swizzle_bits_is_a_bit_permutation_within_each_word():
+    gen = torch.Generator().manual_seed(24)
+    blocks = torch.randint(0, 256, (3, 5, 2, 16), dtype=torch.uint8, generator=gen)
+    swizzled = swizzle_bits(blocks)
+    assert torch.equal(unswizzle_bits(swizzled), blocks)
+    popcount = lambda t: sum(((t.reshape(-1, 4).long() >> b) & 1).sum(1) for b in range(8))  # noqa: E731
+    assert torch.equal(popcount(swizzled), popcount(blocks))  # bits move only within their 4-byte word
+    one = torch.zeros(16, dtype=torch.uint8)
+    one[1] = 0x02  # L1 = element 1 of the block, nibble 0b0010: e0 set -> bit 23 of word 0
+    assert swizzle_bits(one)[2] == 0x80 and int(swizzle_bits(one).count_nonzero()) == 1
+
+
+@pytest.mark.parametrize("num_tokens,fold,config", [
+    (1, True, None),                       # the decode default: pairs as row blocks, no grouping kernel
+    (1, False, "cuda-cores"),              # scale bytes beyond the folded multiplier's range
+    (1, True, "tensor-cores"),
+    (3, True, None),                       # split-K with grouping
+    (40, False, None),                     # grouped path
+    (40, True, None),
+])
+def test_swizzled_layout_gives_the_same_result(num_tokens, fold, config):
+    args = make_moe(num_tokens, 8, 64, 64, 4, 0, 8, True, seed=25 + num_tokens)
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    gen = torch.Generator().manual_seed(26)
+    # Edge scale bytes: 0 (the subnormal 2^-127) and the largest the folded multiplier takes, or beyond it.
+    high = FOLD_MAX_SCALE if fold else 140
+    for scales in (w1s, w2s):
+        edges = torch.randint(0, 4, scales.shape, generator=gen).to(scales.device)
+        scales[edges == 0] = 0
+        scales[edges == 1] = high
+    args[4], args[7] = w1s, w2s
+    ref = moe_experts_ref(*args)
+    cfg = {"cuda-cores": splitk_config(1, 2), "tensor-cores": dict(splitk_config(7, 2)), None: None}[config]
+    out = moe_experts(x, w, ids, serving_layout(w1b, 16), w1s, b1, serving_layout(w2b, 16), w2s, b2, alpha, limit,
+                      first, split_nibbles=True, swizzled=True, fold_scales=fold, tile_n=16, config=cfg)
+    assert rel_err(out, ref) < (1e-2 if DEVICE == "cuda" else 1e-3)
+    if DEVICE == "cpu" and num_tokens == 1 and config != "tensor-cores":
+        # The CUDA-core path sums in the same order on both layouts (the tensor-core paths do eight dots a step
+        # on this layout instead of two, so their float32 sums may round differently).
+        torch.testing.assert_close(out, moe_experts(*args, config=cfg), rtol=0, atol=0)
+
+
 # GPU: the real shapes ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -227,6 +275,7 @@ def test_triton_backend_relays_out_experts_and_gives_checkpoint_bytes_back():
     layer.mlp.mlp1_weight, layer.mlp.mlp2_weight = torch.nn.Module(), torch.nn.Module()
     w1, w2 = w1b.clone(), w2b.clone()
     layer.mlp.mlp1_weight.blocks, layer.mlp.mlp2_weight.blocks = w1, w2
+    layer.mlp.mlp1_weight.scales, layer.mlp.mlp2_weight.scales = w1s, w2s
     model = torch.nn.Module()
     model.block = [layer]
     kernels.prepare_weights(model)
@@ -236,3 +285,17 @@ def test_triton_backend_relays_out_experts_and_gives_checkpoint_bytes_back():
     assert torch.equal(kernels.checkpoint_blocks(w2, 3), w2b[3])
     out = kernels.moe_experts(x, w, ids, w1, w1s, b1, w2, w2s, b2, alpha, limit, first)
     assert rel_err(out, ref) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_experts", [32, 128])
+@pytest.mark.parametrize("num_tokens", [1, 2, 8, 64, 512])
+@pytest.mark.parametrize("fold", [True, False])
+def test_serving_layout_real_shapes_gpu(num_experts, num_tokens, fold):
+    # The swizzled, tiled layout TritonKernels.prepare_weights makes, folded and two-multiply dequantization.
+    args = make_moe(num_tokens, num_experts, 2880, 2880, 4, 0, num_experts, True, seed=50 + num_tokens, device="cuda")
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    out = moe_experts(x, w, ids, serving_layout(w1b, 64), w1s, b1, serving_layout(w2b, 64), w2s, b2, alpha, limit,
+                      first, split_nibbles=True, swizzled=True, fold_scales=fold, tile_n=64)
+    assert rel_err(out, moe_experts_ref(*args)) < 1e-2

@@ -43,6 +43,10 @@ def test_config_refuses_typos_and_places_sharded_replicas():
     assert sharded["ray_actor_options"] == {"num_cpus": 1}
     gpu = AppConfig(device="cuda").model_replica_options()
     assert gpu["ray_actor_options"] == {"num_gpus": 1}
+    # Random weights are made by a shard worker on its own GPU: the replica holds a group, not a GPU itself.
+    random_gpu = AppConfig(device="cuda", random_weights="gpt-oss-20b").model_replica_options()
+    assert random_gpu["placement_group_bundles"] == [{"CPU": 1}, {"CPU": 1, "GPU": 1}]
+    assert random_gpu["ray_actor_options"] == {"num_cpus": 1}
     bundles = [{"CPU": 1}, {"CPU": 1, "GPU": 1}]
     grouped = AppConfig(placement_group_bundles=bundles).model_replica_options()
     assert grouped["placement_group_bundles"] == bundles and grouped["placement_group_strategy"] == "STRICT_PACK"

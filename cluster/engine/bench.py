@@ -56,7 +56,7 @@ def warm_up(engine: LLMEngine, input_len: int = 64, num_prompts: int = 8) -> Non
 
 def profile_decode(engine: LLMEngine, num_seqs: int, input_len: int, num_steps: int = 20) -> dict:
     """Decode-only steps of num_seqs sequences: wall time per step, and the GPU time per kernel under the
-    torch profiler (top 12 by self CUDA time)."""
+    torch profiler (top 40 by self CUDA time)."""
     from torch.profiler import ProfilerActivity, profile
 
     max_tokens = min(3 * num_steps + 10, engine.max_model_len - input_len - 1)
@@ -82,8 +82,8 @@ def profile_decode(engine: LLMEngine, num_seqs: int, input_len: int, num_steps: 
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / num_steps
-    top = [(e.key[:60], round(e.self_device_time_total / 1e3 / num_steps, 3), e.count // num_steps)
-           for e in events[:12]]
+    top = [(e.key[:90], round(e.self_device_time_total / 1e3 / num_steps, 3), e.count // num_steps)
+           for e in events[:40]]
     return {"num_seqs": num_seqs, "step_ms": step_ms, "gpu_ms_per_step": gpu_ms, "top_kernels_ms_per_step": top}
 
 

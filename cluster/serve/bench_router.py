@@ -123,6 +123,8 @@ def bench_one_router(policy: str, args: argparse.Namespace, conversations: list[
               "router": {"policy": policy}}
     if args.model is not None:
         config["model"] = args.model
+    if args.random_weights is not None:
+        config["random_weights"] = args.random_weights
     serve.run(build_app(config), name=app_name, route_prefix=f"/{app_name}")
     base_url = f"{http_url}/{app_name}"
     try:
@@ -232,6 +234,9 @@ def add_bench_router_parser(bench_subparsers: argparse._SubParsersAction) -> arg
         "router", help="multi-turn chats: our prefix-affinity router vs Serve's default router, one run",
         description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory or HF id (default: the embedded tiny model)")
+    parser.add_argument("--random-weights", metavar="PRESET", default=None,
+                        help="instead of --model: random weights of this shape made on each replica's GPU "
+                             "(e.g. gpt-oss-20b)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     parser.add_argument("--replicas", type=int, default=2)

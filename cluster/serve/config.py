@@ -175,7 +175,8 @@ class AppConfig(BaseModel):
             options["autoscaling_config"] = self.autoscaling.serve_config(max(1, self.max_num_seqs // 2))
         actor_options = dict(self.ray_actor_options or {})
         bundles = self.placement_group_bundles
-        if bundles is None and self.world_size > 1:
+        if bundles is None and (self.world_size > 1 or self.random_weights is not None):
+            # The replica drives shard workers (several GPUs, or weights made on the workers' devices).
             from gptoss_serve.cluster.shard.engine_client import shard_bundles
 
             bundles = shard_bundles(self.world_size, use_gpus=self.device != "cpu")

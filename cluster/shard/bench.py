@@ -154,8 +154,10 @@ def _rank_main(rank: int, sections: list[str], preset_name: str, kernels_name: s
             json.dump(results, f)
 
 
-def _engine(preset_name: str, tp: int, ep: int, prompts: int, input_len: int, output_len: int) -> dict:
-    """The sharded engine on Ray with random weights: decode tok/s of one stream, then of a batch."""
+def _engine(preset_name: str, tp: int, ep: int, prompt_counts: list[int], input_len: int, output_len: int) -> dict:
+    """The sharded engine on Ray with random weights: decode tok/s of one stream, then output tok/s of each
+    batch of concurrent prompts (all arriving at once), on one set of workers."""
+    prompts = max(prompt_counts)
     import ray
 
     from gptoss_serve.cluster.engine.config import EngineConfig
@@ -194,11 +196,15 @@ def _engine(preset_name: str, tp: int, ep: int, prompts: int, input_len: int, ou
             start, first, count = await stream(client, "single")
             out["single stream decode tok/s"] = round((count - 1) / (time.perf_counter() - first), 1)
             out["single stream TTFT (ms)"] = round((first - start) * 1e3, 1)
-            if prompts > 1:
+            for count in prompt_counts:
+                if count <= 1:
+                    continue
                 begin = time.perf_counter()
-                runs = await asyncio.gather(*(stream(client, f"batch-{i}") for i in range(prompts)))
+                runs = await asyncio.gather(*(stream(client, f"batch-{count}-{i}") for i in range(count)))
                 wall = time.perf_counter() - begin
-                out[f"{prompts} prompts output tok/s"] = round(sum(r[2] for r in runs) / wall, 1)
+                out[f"{count} prompts output tok/s"] = round(sum(r[2] for r in runs) / wall, 1)
+                out[f"{count} prompts TTFT median (ms)"] = round(
+                    1e3 * float(np.median([first - start for start, first, _ in runs])), 1)
         finally:
             await client.shutdown()
         return out
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default="triton", help="kernel backend of the layouts section on GPUs")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=2)
-    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompts", type=int, nargs="+", default=[64],
+                        help="concurrent prompts of each engine batch run (e.g. 64 256)")
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=256)
     args = parser.parse_args(argv)
