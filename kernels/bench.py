@@ -24,6 +24,21 @@ GPT_OSS = dict(hidden=2880, intermediate=2880, top_k=4, num_q_heads=64, num_kv_h
 NUM_COPIES = 4  # layers' worth of distinct weights or caches in one timed graph
 
 
+def serving_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """MXFP4 bytes in the layout TritonKernels.prepare_weights serves (rows of 64 tiled; swizzled if SWIZZLE)."""
+    from gptoss_serve.kernels.moe_matmul import split_nibbles, swizzle_bits, tile_rows
+    from gptoss_serve.kernels.triton_backend import TritonKernels
+
+    split = split_nibbles(blocks)
+    return tile_rows(swizzle_bits(split) if TritonKernels.SWIZZLE else split, TritonKernels.ROW_TILE)
+
+
+def serving_layout_args() -> dict:
+    from gptoss_serve.kernels.triton_backend import TritonKernels
+
+    return dict(split_nibbles=True, swizzled=TritonKernels.SWIZZLE, fold_scales=True, tile_n=TritonKernels.ROW_TILE)
+
+
 def _bench(fn, graph: bool = True) -> float:
     """Median milliseconds of fn(); captured in a CUDA graph first when `graph`."""
     import triton.testing
@@ -65,7 +80,7 @@ def _moe_layer(num_experts: int, gen: torch.Generator, hidden: int, intermediate
 
 
 def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], torch_max_tokens: int) -> list[dict]:
-    from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles, swizzle_bits, tile_rows
+    from gptoss_serve.kernels.moe_matmul import moe_experts
     from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref, swiglu_ref
     from gptoss_serve.kernels.mxfp4 import dequantize_mxfp4
 
@@ -75,15 +90,14 @@ def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], tor
         gen = torch.Generator().manual_seed(num_experts)
         layers = [_moe_layer(num_experts, gen, h, i) for _ in range(NUM_COPIES)]
         # The serving layout, as TritonKernels.prepare_weights leaves it; the torch twins read `layers`.
-        prepared = [[tile_rows(swizzle_bits(split_nibbles(t)), 64) if j in (0, 3) else t for j, t in enumerate(w)]
-                    for w in layers]
+        prepared = [[serving_blocks(t) if j in (0, 3) else t for j, t in enumerate(w)] for w in layers]
         bytes_per_expert = sum(t[0].numel() * t.element_size() for t in layers[0])
         for num_tokens in token_counts:
             x = torch.randn(num_tokens, h, generator=gen).to(torch.bfloat16).cuda()
             weights, ids = route_ref(torch.randn(num_tokens, num_experts, generator=gen).cuda(), k)
             num_active = torch.unique(ids).numel()
-            ms = _bench(lambda: [moe_experts(x, weights, ids, *w, 1.702, 7.0, split_nibbles=True, swizzled=True,
-                                             fold_scales=True, tile_n=64) for w in prepared]) / NUM_COPIES
+            ms = _bench(lambda: [moe_experts(x, weights, ids, *w, 1.702, 7.0, **serving_layout_args())
+                                 for w in prepared]) / NUM_COPIES
             nbytes = num_active * bytes_per_expert + x.numel() * 2 * 2
             flops = 2 * num_tokens * k * (h * 2 * i + i * h)
             row = dict(op=f"MoE {'20b' if num_experts == 32 else '120b' if num_experts == 128 else num_experts}",
@@ -225,7 +239,7 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
     the active experts' bytes, over as many programs as the two matmuls run together."""
     from torch.profiler import ProfilerActivity, profile
 
-    from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles, swizzle_bits, tile_rows
+    from gptoss_serve.kernels.moe_matmul import moe_experts
     from gptoss_serve.kernels.moe_routing import route
 
     h, i, k = GPT_OSS["hidden"], GPT_OSS["intermediate"], GPT_OSS["top_k"]
@@ -238,7 +252,7 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
             for r, c in ((2 * i, h), (h, i)):
                 blocks = torch.randint(0, 256, (num_experts, r, c // 32, 16), dtype=torch.uint8, device="cuda",
                                        generator=gen)
-                w += [tile_rows(swizzle_bits(split_nibbles(blocks)), 64),
+                w += [serving_blocks(blocks),
                       torch.randint(116, 124, (num_experts, r, c // 32), dtype=torch.uint8, device="cuda", generator=gen),
                       torch.randn(num_experts, r, device="cuda", generator=gen).to(torch.bfloat16)]
             gate = torch.nn.Linear(h, num_experts, dtype=torch.bfloat16, device="cuda")
@@ -251,7 +265,7 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
             def layer(gate, w):
                 weights, ids = route(gate(x), k)
                 return moe_experts(x, weights, ids, w[0], w[1], w[2], w[3], w[4], w[5], 1.702, 7.0,
-                                   split_nibbles=True, swizzled=True, fold_scales=True, tile_n=64)
+                                   **serving_layout_args())
 
             _, ids = route(layers[0][0](x), k)
             num_active = torch.unique(ids).numel()

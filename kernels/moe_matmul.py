@@ -116,6 +116,40 @@ mul.rn.bf16x2 p2, p2, k;
 mul.rn.bf16x2 p3, p3, k;"""
 SWIZZLED_FOLDED_ASM = tl.constexpr(_SWIZZLED_TO_BF16_ASM.format(unbias=""))  # $9 = 2^(s - 1): 2^126 folded in
 SWIZZLED_ASM = tl.constexpr(_SWIZZLED_TO_BF16_ASM.format(unbias=_UNBIAS))  # $9 = 2^(s - 127)
+# The same on a byte tile (pack=4: $4 = one word's four bytes, $5/$6 = the multiplier; $0,$1 = the low slots
+# (L0, L1), (L2, L3), $2,$3 = the high ones). Right only where each thread holds whole words in register order,
+# as in the CUDA-core split-K path (16 bytes a thread, no dot to change the layout); measured right on an H200.
+_SWIZZLED_BYTES_ASM = """
+{{
+.reg .b32 t, u, v;
+and.b32 $0, $4, 0x81C081C0;
+shl.b32 t, $4, 3;
+and.b32 $1, t, 0x81C081C0;
+shl.b32 t, $4, 6;
+and.b32 $2, t, 0x81C081C0;
+shl.b32 t, $4, 1;
+and.b32 t, t, 0x80008000;
+shr.b32 u, $4, 3;
+and.b32 u, u, 0x01800180;
+shr.b32 v, $4, 7;
+and.b32 v, v, 0x00400040;
+or.b32 t, t, u;
+or.b32 $3, t, v;
+{unbias}
+mul.rn.bf16x2 $0, $0, $5;
+mul.rn.bf16x2 $1, $1, $5;
+mul.rn.bf16x2 $2, $2, $5;
+mul.rn.bf16x2 $3, $3, $5;
+}}
+"""
+_BYTES_UNBIAS = """.reg .b32 k;
+mov.b32 k, 0x7E807E80;
+mul.rn.bf16x2 $0, $0, k;
+mul.rn.bf16x2 $1, $1, k;
+mul.rn.bf16x2 $2, $2, k;
+mul.rn.bf16x2 $3, $3, k;"""
+SWIZZLED_BYTES_FOLDED_ASM = tl.constexpr(_SWIZZLED_BYTES_ASM.format(unbias=""))
+SWIZZLED_BYTES_ASM = tl.constexpr(_SWIZZLED_BYTES_ASM.format(unbias=_BYTES_UNBIAS))
 FOLD_MAX_SCALE = 128  # 2^(s - 1) is a normal bf16 up to this scale byte
 SWIZZLED_MIN_BLOCK_K = 128  # the tensor-core paths on the swizzled layout: dots of K = BLOCK_K / 8
 
@@ -281,7 +315,7 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
                         EMULATE_BF16: tl.constexpr, SWIZZLED: tl.constexpr, FOLD_SCALES: tl.constexpr):
     """Byte tile [BLOCK_N, NUM_SCALES, 16] and its scale bytes [BLOCK_N, NUM_SCALES] (int32) -> the low- and
     high-nibble values, each [BLOCK_N, NUM_SCALES, 16]: bf16 on a GPU, float32 under the interpreter.
-    SWIZZLED: bytes in `swizzle_bits`' layout, interpreter only (on a GPU the swizzled paths read words)."""
+    SWIZZLED: bytes in `swizzle_bits`' layout, for the CUDA-core path (the tensor-core paths read words)."""
     if EMULATE_BF16:
         if SWIZZLED:  # the CUDA-core split-K path (the tensor-core paths read words: _swizzled_dot_step)
             words = tl.reshape(w_bytes.to(tl.int32), [BLOCK_N, NUM_SCALES, 4, 4])  # [.., word, byte]
@@ -298,6 +332,17 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
             high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
             w_low = low.to(tl.float32) * scale
             w_high = high.to(tl.float32) * scale
+    elif SWIZZLED:  # the CUDA-core split-K path only (see _SWIZZLED_BYTES_ASM)
+        if FOLD_SCALES:  # 2^(scale - 1) = 2^126 * 2^(scale - 127): a normal bf16 for scale bytes 0..128
+            mult = ((scale_bytes + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            mult = tl.broadcast_to(mult[:, :, None], [BLOCK_N, NUM_SCALES, 16])
+            w_low, w_high = tl.inline_asm_elementwise(SWIZZLED_BYTES_FOLDED_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
+                                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            mult = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            mult = tl.broadcast_to(mult[:, :, None], [BLOCK_N, NUM_SCALES, 16])
+            w_low, w_high = tl.inline_asm_elementwise(SWIZZLED_BYTES_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
+                                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
         scale = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
         scale = tl.broadcast_to(scale[:, :, None], [BLOCK_N, NUM_SCALES, 16])

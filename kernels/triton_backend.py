@@ -54,6 +54,11 @@ class TritonKernels:
     # run of bytes. H200, 2026-11-22: 3-5% off the grouped matmuls at 2-64 tokens, and with it the 1-token
     # split-K path goes from 77 to 71 us (20b).
     ROW_TILE = 64
+    # The swizzled bit layout (`swizzle_bits`): dequantizes in ~2 instructions a weight instead of ~4. H200,
+    # 2026-11-22: one token's MoE layer 69 -> 61 us (CUDA cores), but the tensor-core paths, which must read it
+    # as whole words (eight dots of K = BLOCK_K / 8 a step), ran 2x slower at 8-4096 tokens (201 -> 416 us at
+    # 8, 3.05 -> 6.04 ms at 4096). Off until the tensor-core paths read it as fast.
+    SWIZZLE = False
 
     def __init__(self) -> None:
         # Expert weight buffers that prepare_weights re-laid out, by identity, with their row tile and whether
@@ -62,7 +67,7 @@ class TritonKernels:
         self._split_blocks: dict[int, tuple[weakref.ref, int, bool]] = {}
 
     def prepare_weights(self, model: torch.nn.Module) -> None:
-        """Re-lays out every expert weight's MXFP4 bytes in place (`split_nibbles`, `swizzle_bits`, then
+        """Re-lays out every expert weight's MXFP4 bytes in place (`split_nibbles`, `swizzle_bits` if SWIZZLE, then
         `tile_rows` where both of a layer's weights have whole tiles: same bytes, so the weights stay MXFP4 and
         no second copy is kept), one expert at a time to keep the temporary small.
 
@@ -80,7 +85,8 @@ class TritonKernels:
                     continue
                 with torch.no_grad():
                     for e in range(blocks.shape[0]):
-                        blocks[e].copy_(tile_rows(swizzle_bits(split_nibbles(blocks[e])), tile))
+                        split = split_nibbles(blocks[e])
+                        blocks[e].copy_(tile_rows(swizzle_bits(split) if self.SWIZZLE else split, tile))
                 self._split_blocks[id(blocks)] = (weakref.ref(blocks), tile, fold)
 
     def _entry(self, blocks: torch.Tensor) -> tuple[weakref.ref, int, bool] | None:
@@ -100,7 +106,8 @@ class TritonKernels:
         tile = self._layout(blocks)
         if tile is None:
             return blocks[expert]
-        return merge_nibbles(unswizzle_bits(untile_rows(blocks[expert], tile)))
+        untiled = untile_rows(blocks[expert], tile)
+        return merge_nibbles(unswizzle_bits(untiled) if self.SWIZZLE else untiled)
 
     def moe_experts(self, x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
                     swiglu_alpha, swiglu_limit, first_expert=0):
@@ -110,7 +117,8 @@ class TritonKernels:
         prepared = entry is not None
         return moe_experts(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
                            swiglu_alpha, swiglu_limit, first_expert, split_nibbles=prepared,
-                           tile_n=entry[1] if prepared else 1, swizzled=prepared, fold_scales=prepared and entry[2])
+                           tile_n=entry[1] if prepared else 1, swizzled=prepared and self.SWIZZLE,
+                           fold_scales=prepared and entry[2])
 
 
 register_backend("triton", TritonKernels)

@@ -263,13 +263,16 @@ def test_moe_experts_splitk_slices_gpu(num_tokens):
     assert rel_err(moe_experts(*args), moe_experts_ref(*args)) < 1e-2
 
 
-def test_triton_backend_relays_out_experts_and_gives_checkpoint_bytes_back():
+@pytest.mark.parametrize("swizzle", [False, True])
+@pytest.mark.parametrize("num_tokens", [1, 40])
+def test_triton_backend_relays_out_experts_and_gives_checkpoint_bytes_back(swizzle, num_tokens):
     from gptoss_serve.kernels.triton_backend import TritonKernels
 
-    args = make_moe(1, 8, 64, 64, 4, 0, 8, True, seed=23)
+    args = make_moe(num_tokens, 8, 64, 64, 4, 0, 8, True, seed=23)
     x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
     ref = moe_experts_ref(*args)
     kernels = TritonKernels()
+    kernels.SWIZZLE = swizzle
     layer = torch.nn.Module()
     layer.mlp = torch.nn.Module()
     layer.mlp.mlp1_weight, layer.mlp.mlp2_weight = torch.nn.Module(), torch.nn.Module()
