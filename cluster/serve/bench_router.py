@@ -255,6 +255,9 @@ def add_bench_router_parser(bench_subparsers: argparse._SubParsersAction) -> arg
     parser.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated, run in this order")
     parser.add_argument("--rounds", type=int, default=2, help="runs per router, taking turns (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", action="store_true",
+                        help="first an untimed run of a few conversations on fresh replicas, so that kernel "
+                             "compiles (on GPUs) fall outside the timed rounds")
     parser.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     parser.add_argument("--json", help="also write the results here")
     parser.set_defaults(func=run_bench_router)
@@ -281,6 +284,10 @@ def run_bench_router(args: argparse.Namespace) -> int:
                                        args.concurrency, args.ramp_s, args.seed)
     runs: dict[str, list] = {policy: [] for policy in routers}
     try:
+        if args.warmup:  # untimed: the first prompts of each shape compile kernels (a cache later replicas share)
+            warm = make_conversations(min(4, args.conversations), 2, args.context_words, 0.1,
+                                      min(4, args.concurrency), 0.5, args.seed + 1)
+            bench_one_router(routers[0], args, warm, f"http://127.0.0.1:{port}")
         for round_index in range(args.rounds):
             for policy in routers if round_index % 2 == 0 else routers[::-1]:
                 runs[policy].append(bench_one_router(policy, args, conversations, f"http://127.0.0.1:{port}"))
