@@ -79,77 +79,42 @@ HIGH_NIBBLES_ASM = tl.constexpr(_NIBBLES_TO_BF16_ASM.format(mag_shift=2, sign_sh
 SWIZZLE_POSITIONS = (  # nibble slot (L0..L3, H0..H3) -> bit places of its (mantissa, e0, e1, sign) in the word
     (6, 7, 8, 15), (22, 23, 24, 31), (3, 4, 5, 12), (19, 20, 21, 28),
     (0, 1, 2, 9), (16, 17, 18, 25), (13, 10, 11, 14), (29, 26, 27, 30))
-# One word in ($8), its block's multiplier as bf16 ($9); out: the bf16 values of slots L0..L3, H0..H3 ($0..$7).
-_SWIZZLED_TO_BF16_ASM = """
-{{
-.reg .b32 m, p0, p1, p2, p3, t, u, v;
-mov.b32 m, {{$9, $9}};
-and.b32 p0, $8, 0x81C081C0;
-shl.b32 t, $8, 3;
-and.b32 p1, t, 0x81C081C0;
-shl.b32 t, $8, 6;
-and.b32 p2, t, 0x81C081C0;
-shl.b32 t, $8, 1;
-and.b32 t, t, 0x80008000;
-shr.b32 u, $8, 3;
-and.b32 u, u, 0x01800180;
-shr.b32 v, $8, 7;
-and.b32 v, v, 0x00400040;
-or.b32 t, t, u;
-or.b32 p3, t, v;
-{unbias}
-mul.rn.bf16x2 p0, p0, m;
-mul.rn.bf16x2 p1, p1, m;
-mul.rn.bf16x2 p2, p2, m;
-mul.rn.bf16x2 p3, p3, m;
-mov.b32 {{$0, $1}}, p0;
-mov.b32 {{$2, $3}}, p1;
-mov.b32 {{$4, $5}}, p2;
-mov.b32 {{$6, $7}}, p3;
-}}
-"""
-_UNBIAS = """.reg .b32 k;
-mov.b32 k, 0x7E807E80;
-mul.rn.bf16x2 p0, p0, k;
-mul.rn.bf16x2 p1, p1, k;
-mul.rn.bf16x2 p2, p2, k;
-mul.rn.bf16x2 p3, p3, k;"""
-SWIZZLED_FOLDED_ASM = tl.constexpr(_SWIZZLED_TO_BF16_ASM.format(unbias=""))  # $9 = 2^(s - 1): 2^126 folded in
-SWIZZLED_ASM = tl.constexpr(_SWIZZLED_TO_BF16_ASM.format(unbias=_UNBIAS))  # $9 = 2^(s - 127)
-# The same on a byte tile (pack=4: $4 = one word's four bytes, $5/$6 = the multiplier; $0,$1 = the low slots
-# (L0, L1), (L2, L3), $2,$3 = the high ones). Right only where each thread holds whole words in register order,
-# as in the CUDA-core split-K path (16 bytes a thread, no dot to change the layout); measured right on an H200.
-_SWIZZLED_BYTES_ASM = """
-{{
-.reg .b32 t, u, v;
-and.b32 $0, $4, 0x81C081C0;
-shl.b32 t, $4, 3;
-and.b32 $1, t, 0x81C081C0;
-shl.b32 t, $4, 6;
-and.b32 $2, t, 0x81C081C0;
-shl.b32 t, $4, 1;
-and.b32 t, t, 0x80008000;
-shr.b32 u, $4, 3;
-and.b32 u, u, 0x01800180;
-shr.b32 v, $4, 7;
-and.b32 v, v, 0x00400040;
-or.b32 t, t, u;
-or.b32 $3, t, v;
-{unbias}
-mul.rn.bf16x2 $0, $0, $5;
-mul.rn.bf16x2 $1, $1, $5;
-mul.rn.bf16x2 $2, $2, $5;
-mul.rn.bf16x2 $3, $3, $5;
-}}
-"""
-_BYTES_UNBIAS = """.reg .b32 k;
-mov.b32 k, 0x7E807E80;
-mul.rn.bf16x2 $0, $0, k;
-mul.rn.bf16x2 $1, $1, k;
-mul.rn.bf16x2 $2, $2, k;
-mul.rn.bf16x2 $3, $3, k;"""
-SWIZZLED_BYTES_FOLDED_ASM = tl.constexpr(_SWIZZLED_BYTES_ASM.format(unbias=""))
-SWIZZLED_BYTES_ASM = tl.constexpr(_SWIZZLED_BYTES_ASM.format(unbias=_BYTES_UNBIAS))
+def _swizzled_pairs_ptx(word: str, pairs: tuple[str, str, str, str], mult: str, folded: bool) -> str:
+    """PTX putting the four bf16x2 value pairs of a swizzled word into `pairs` ((L0, L1), (L2, L3), (H0, H1),
+    (H2, H3)), times the bf16x2 multiplier `mult` (2^126 applied first unless `folded`). Uses registers t, u, v, k."""
+    p0, p1, p2, p3 = pairs
+    lines = [f"and.b32 {p0}, {word}, 0x81C081C0;",
+             f"shl.b32 t, {word}, 3;", f"and.b32 {p1}, t, 0x81C081C0;",
+             f"shl.b32 t, {word}, 6;", f"and.b32 {p2}, t, 0x81C081C0;",
+             f"shl.b32 t, {word}, 1;", "and.b32 t, t, 0x80008000;",
+             f"shr.b32 u, {word}, 3;", "and.b32 u, u, 0x01800180;",
+             f"shr.b32 v, {word}, 7;", "and.b32 v, v, 0x00400040;",
+             "or.b32 t, t, u;", f"or.b32 {p3}, t, v;"]
+    if not folded:
+        lines += ["mov.b32 k, 0x7E807E80;"] + [f"mul.rn.bf16x2 {p}, {p}, k;" for p in pairs]
+    lines += [f"mul.rn.bf16x2 {p}, {p}, {mult};" for p in pairs]
+    return "\n".join(lines)
+
+
+def _swizzled_words_asm(folded: bool) -> str:
+    """One word in ($8), its block's multiplier as bf16 ($9); out: the bf16 values of slots L0..L3, H0..H3
+    ($0..$7)."""
+    unpack = "\n".join(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, p{i};" for i in range(4))
+    return ("{\n.reg .b32 m, p0, p1, p2, p3, t, u, v, k;\nmov.b32 m, {$9, $9};\n"
+            + _swizzled_pairs_ptx("$8", ("p0", "p1", "p2", "p3"), "m", folded) + "\n" + unpack + "\n}")
+
+
+def _swizzled_bytes_asm(folded: bool) -> str:
+    """The same on a byte tile (pack=4: $4 = one word's four bytes, $5/$6 = the multiplier; $0,$1 = the low slots
+    (L0, L1), (L2, L3), $2,$3 = the high ones). Right only where each thread holds whole words in register order,
+    as in the CUDA-core split-K path (16 bytes a thread, no dot to change the layout); measured right on an H200."""
+    return "{\n.reg .b32 t, u, v, k;\n" + _swizzled_pairs_ptx("$4", ("$0", "$1", "$2", "$3"), "$5", folded) + "\n}"
+
+
+SWIZZLED_FOLDED_ASM = tl.constexpr(_swizzled_words_asm(folded=True))  # $9 = 2^(s - 1): 2^126 folded in
+SWIZZLED_ASM = tl.constexpr(_swizzled_words_asm(folded=False))  # $9 = 2^(s - 127)
+SWIZZLED_BYTES_FOLDED_ASM = tl.constexpr(_swizzled_bytes_asm(folded=True))
+SWIZZLED_BYTES_ASM = tl.constexpr(_swizzled_bytes_asm(folded=False))
 FOLD_MAX_SCALE = 128  # 2^(s - 1) is a normal bf16 up to this scale byte
 SWIZZLED_MIN_BLOCK_K = 128  # the tensor-core paths on the swizzled layout: dots of K = BLOCK_K / 8
 
@@ -235,19 +200,9 @@ def _moe_matmul_kernel(
             next_blk = blk + NUM_SCALES
             next_scales = tl.load(s_tile_ptr + next_blk, mask=in_n[:, None] & (scale_cols + next_blk < num_blocks_k),
                                   other=0)
-            w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N, NUM_SCALES, EMULATE_BF16, SWIZZLED,
-                                                FOLD_SCALES)
-            w_low = tl.reshape(w_low, [BLOCK_N, HALF_K])
-            w_high = tl.reshape(w_high, [BLOCK_N, HALF_K])
             a_mask = in_rows[None, :] & (k0 + k_low[:, None] < K)
-            a_low = tl.load(a_tile_ptr + (k0 + k_low[:, None]), mask=a_mask, other=0.0)  # [HALF_K, BLOCK_M]
-            a_high = tl.load(a_tile_ptr + (k0 + k_high[:, None]), mask=a_mask, other=0.0)
-            if EMULATE_BF16:
-                acc = tl.dot(w_low, a_low.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(w_high, a_high.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w_low, a_low, acc)
-                acc = tl.dot(w_high, a_high, acc)
+            acc = _bytes_dot_step(acc, w_bytes, scale_bytes, a_tile_ptr + (k0 + k_low[:, None]),
+                                  a_tile_ptr + (k0 + k_high[:, None]), a_mask, BLOCK_N, NUM_SCALES, EMULATE_BF16)
 
     # The torch twin rounds the matmul, and the bias sum, to the activation dtype: do the same.
     act_dtype = a_ptr.dtype.element_ty
@@ -289,28 +244,6 @@ def _combine_kernel(
 
 
 @device_function
-def _pick4(j, v0, v1, v2, v3):
-    """v0, v1, v2 or v3 as j (a tensor of 0..3) says."""
-    return tl.where(j == 0, v0, tl.where(j == 1, v1, tl.where(j == 2, v2, v3)))
-
-
-@device_function
-def _swizzled_value(word, j, LOW: tl.constexpr):
-    """The FP4 value (float32, unscaled) of nibble slot L_j (LOW) or H_j of each swizzled word; word and j
-    broadcast together. The interpreter's decoding of the layout that SWIZZLED_ASM reads."""
-    if LOW:
-        m_at, e0_at, e1_at, s_at = _pick4(j, 6, 22, 3, 19), _pick4(j, 7, 23, 4, 20), _pick4(j, 8, 24, 5, 21), \
-            _pick4(j, 15, 31, 12, 28)
-    else:
-        m_at, e0_at, e1_at, s_at = _pick4(j, 0, 16, 13, 29), _pick4(j, 1, 17, 10, 26), _pick4(j, 2, 18, 11, 27), \
-            _pick4(j, 9, 25, 14, 30)
-    m = ((word >> m_at) & 1).to(tl.float32)
-    e = ((word >> e0_at) & 1) + 2 * ((word >> e1_at) & 1)
-    magnitude = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * (1 << e).to(tl.float32) * 0.5)
-    return tl.where(((word >> s_at) & 1) == 1, -magnitude, magnitude)
-
-
-@device_function
 def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES: tl.constexpr,
                         EMULATE_BF16: tl.constexpr, SWIZZLED: tl.constexpr, FOLD_SCALES: tl.constexpr):
     """Byte tile [BLOCK_N, NUM_SCALES, 16] and its scale bytes [BLOCK_N, NUM_SCALES] (int32) -> the low- and
@@ -320,19 +253,19 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
         if SWIZZLED:  # the CUDA-core split-K path (the tensor-core paths read words: _swizzled_dot_step)
             words = tl.reshape(w_bytes.to(tl.int32), [BLOCK_N, NUM_SCALES, 4, 4])  # [.., word, byte]
             byte_at = tl.arange(0, 4)[None, None, None, :]
-            words = tl.sum(words << (8 * byte_at), axis=3)[:, :, :, None]  # little-endian, [.., word, 1]
-            # 2^(scale - 127) in float32 (scale byte 0: the subnormal 2^-127).
-            scale = tl.where(scale_bytes == 0, 0x00400000, scale_bytes << 23).to(tl.float32, bitcast=True)
-            scale = scale[:, :, None]
-            w_low = tl.reshape(_swizzled_value(words, byte_at, True), [BLOCK_N, NUM_SCALES, 16]) * scale
-            w_high = tl.reshape(_swizzled_value(words, byte_at, False), [BLOCK_N, NUM_SCALES, 16]) * scale
+            words = tl.sum(words << (8 * byte_at), axis=3)  # little-endian, [.., word]
+            word_scales = tl.broadcast_to(scale_bytes[:, :, None], [BLOCK_N, NUM_SCALES, 4])
+            l0, l1, l2, l3, h0, h1, h2, h3 = _dequant_swizzled_words(words, word_scales, EMULATE_BF16, FOLD_SCALES)
+            # Slot j of word g is element 4g + j of the low (or high) half: [.., g, 2b + c] = slot 2b + c.
+            w_low = tl.reshape(tl.join(tl.join(l0, l2), tl.join(l1, l3)), [BLOCK_N, NUM_SCALES, 16])
+            w_high = tl.reshape(tl.join(tl.join(h0, h2), tl.join(h1, h3)), [BLOCK_N, NUM_SCALES, 16])
         else:
             scale = ((scale_bytes + 6) << 23).to(tl.float32, bitcast=True)[:, :, None]
             low = (((w_bytes & 0x07) << 2) | ((w_bytes & 0x08) << 4)).to(tl.float8e4nv, bitcast=True)
             high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
             w_low = low.to(tl.float32) * scale
             w_high = high.to(tl.float32) * scale
-    elif SWIZZLED:  # the CUDA-core split-K path only (see _SWIZZLED_BYTES_ASM)
+    elif SWIZZLED:  # the CUDA-core split-K path only (see _swizzled_bytes_asm)
         if FOLD_SCALES:  # 2^(scale - 1) = 2^126 * 2^(scale - 127): a normal bf16 for scale bytes 0..128
             mult = ((scale_bytes + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
             mult = tl.broadcast_to(mult[:, :, None], [BLOCK_N, NUM_SCALES, 16])
@@ -398,6 +331,18 @@ def _dot_columns(acc, w, a_ptrs, a_mask, EMULATE_BF16: tl.constexpr):
     if EMULATE_BF16:
         return tl.dot(w, a.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(w, a, acc)
+
+
+@device_function
+def _bytes_dot_step(acc, w_bytes, scale_bytes, a_low_ptrs, a_high_ptrs, a_mask, BLOCK_N: tl.constexpr,
+                    NUM_SCALES: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """One K step of a tensor-core matmul on a byte tile [BLOCK_N, NUM_SCALES, 16] (checkpoint or split layout)
+    and its scale bytes: two dots, the low nibbles' values against the activation columns a_low_ptrs [HALF_K,
+    BLOCK_M], the high nibbles' against a_high_ptrs."""
+    HALF_K: tl.constexpr = NUM_SCALES * 16
+    w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N, NUM_SCALES, EMULATE_BF16, False, False)
+    acc = _dot_columns(acc, tl.reshape(w_low, [BLOCK_N, HALF_K]), a_low_ptrs, a_mask, EMULATE_BF16)
+    return _dot_columns(acc, tl.reshape(w_high, [BLOCK_N, HALF_K]), a_high_ptrs, a_mask, EMULATE_BF16)
 
 
 @device_function
@@ -534,20 +479,10 @@ def _moe_matmul_splitk_kernel(
                 next_blk = blk + NUM_SCALES
                 next_scales = tl.load(s_tile_ptr + next_blk * stride_s_k,
                                       mask=in_n[:, None] & (scale_cols + next_blk < blk_end), other=0)
-                w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N, NUM_SCALES, EMULATE_BF16, SWIZZLED,
-                                                    FOLD_SCALES)
-                w_low = tl.reshape(w_low, [BLOCK_N, HALF_K])
-                w_high = tl.reshape(w_high, [BLOCK_N, HALF_K])
                 k0 = blk * 32
                 a_mask = in_rows[None, :] & (k0 + k_low[:, None] < blk_end * 32)
-                a_low = tl.load(a_tile_ptr + (k0 + k_low[:, None]), mask=a_mask, other=0.0)  # [HALF_K, BLOCK_M]
-                a_high = tl.load(a_tile_ptr + (k0 + k_high[:, None]), mask=a_mask, other=0.0)
-                if EMULATE_BF16:
-                    acc = tl.dot(w_low, a_low.to(tl.float32), acc, input_precision="ieee")
-                    acc = tl.dot(w_high, a_high.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(w_low, a_low, acc)
-                    acc = tl.dot(w_high, a_high, acc)
+                acc = _bytes_dot_step(acc, w_bytes, scale_bytes, a_tile_ptr + (k0 + k_low[:, None]),
+                                      a_tile_ptr + (k0 + k_high[:, None]), a_mask, BLOCK_N, NUM_SCALES, EMULATE_BF16)
     else:
         # Columns of A met by the low and high nibbles, as a [NUM_SCALES, 16] tile like the bytes'.
         blk2 = tl.arange(0, NUM_SCALES)[:, None]

@@ -89,6 +89,7 @@ class StepBroadcaster:
             rest = torch.from_numpy(payload[first:])
             dist.broadcast(rest.to(self.device), src=self._src, group=self.group)
 
+
 def pack(host: "HostBatch") -> np.ndarray:
     """Every field, flattened in a fixed order, as one int64 array [payload]."""
     parts = [host.token_ids, host.positions, host.cu_seqlens_q, host.context_lens, host.block_tables,

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 ROUTERS = ("prefix_affinity", "serve_default")
 _WORDS = ("the of and to in is that for it as with was on be at by this had not are but from or have an they "
@@ -106,10 +106,17 @@ def run_conversation(base_url: str, model_id: str, index: int, conversation: Con
     return results
 
 
+class RouterRun(NamedTuple):
+    """One router's run on fresh replicas."""
+
+    turns: list[TurnResult]
+    wall_s: float
+    prefix_cache_hit_rate: float  # the engines', over this run's prompt tokens
+    decisions: dict[str, float]  # our router's decisions by reason (empty under Serve's default)
+
+
 def bench_one_router(policy: str, args: argparse.Namespace, conversations: list[Conversation],
-                     http_url: str) -> tuple[list[TurnResult], float, float, dict[str, float]]:
-    """(turns, wall seconds, engine prefix-cache hit rate, router decisions by reason) of one run on fresh
-    replicas."""
+                     http_url: str) -> RouterRun:
     import httpx
     from ray import serve
 
@@ -151,7 +158,7 @@ def bench_one_router(policy: str, args: argparse.Namespace, conversations: list[
     finally:
         serve.delete(app_name)
         kill_shared_actors(app_name)
-    return turns, wall_s, hit_rate, decisions
+    return RouterRun(turns, wall_s, hit_rate, decisions)
 
 
 def engine_prefix_hit_rate(page: str) -> float:
@@ -174,28 +181,28 @@ def router_decisions(page: str) -> dict[str, float]:
     return decisions
 
 
-def summarize(policy: str, runs: list[tuple[list[TurnResult], float, float, dict[str, float]]]) -> dict[str, Any]:
+def summarize(policy: str, runs: list[RouterRun]) -> dict[str, Any]:
     by_conversation: dict[tuple[int, int], list[TurnResult]] = {}
     for run_index, run in enumerate(runs):
-        for turn in run[0]:
+        for turn in run.turns:
             by_conversation.setdefault((run_index, turn.conversation), []).append(turn)
-    turns = [turn for run in runs for turn in run[0]]
-    wall_s = sum(run[1] for run in runs)
-    hit_rate = statistics.fmean(run[2] for run in runs)
+    turns = [turn for run in runs for turn in run.turns]
+    wall_s = sum(run.wall_s for run in runs)
+    hit_rate = statistics.fmean(run.prefix_cache_hit_rate for run in runs)
     pairs = [(a, b) for results in by_conversation.values() for a, b in zip(results, results[1:])]
     follow_ups = [b.ttft_s for _, b in pairs]
     ttfts = [turn.ttft_s for turn in turns]
     return {
         "router": policy, "num_rounds": len(runs), "num_requests": len(turns), "wall_s": wall_s,
-        "ttft_mean_s_per_round": [statistics.fmean(t.ttft_s for t in run[0]) for run in runs],
+        "ttft_mean_s_per_round": [statistics.fmean(t.ttft_s for t in run.turns) for run in runs],
         "ttft_mean_s": statistics.fmean(ttfts), "ttft_p50_s": _percentile(ttfts, 50),
         "ttft_p99_s": _percentile(ttfts, 99),
         "follow_up_ttft_mean_s": statistics.fmean(follow_ups) if follow_ups else 0.0,
         "follow_up_ttft_p99_s": _percentile(follow_ups, 99) if follow_ups else 0.0,
         "follow_ups_on_previous_replica": sum(a.replica == b.replica for a, b in pairs) / len(pairs) if pairs else 0.0,
         "prefix_cache_hit_rate": hit_rate,
-        "requests_per_replica_per_round": [sorted(_count(t.replica for t in run[0]).values()) for run in runs],
-        "router_decisions_per_round": [run[3] for run in runs],
+        "requests_per_replica_per_round": [sorted(_count(t.replica for t in run.turns).values()) for run in runs],
+        "router_decisions_per_round": [run.decisions for run in runs],
         "mean_prompt_tokens": statistics.fmean(turn.num_prompt_tokens for turn in turns),
     }
 
