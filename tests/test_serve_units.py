@@ -69,6 +69,10 @@ def test_cli_flags():
         app_config_from_args(parser.parse_args(["up", "--tp", "2", "--ep", "3"]))
     random = app_config_from_args(parser.parse_args(["up", "--random-weights", "gpt-oss-120b", "--tp", "2"]))
     assert random.served_model_id == "gpt-oss-120b-random"
+    capped = app_config_from_args(parser.parse_args(["up", "--long-prefill-token-threshold", "1024"]))
+    assert capped.long_prefill_token_threshold == 1024 and config.long_prefill_token_threshold is None
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        app_config_from_args(parser.parse_args(["up", "--long-prefill-token-threshold", "0"]))
 
 
 def test_model_source_errors_are_clear(tmp_path):

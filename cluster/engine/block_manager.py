@@ -12,6 +12,9 @@ A prefix hit of k blocks lets a new sequence start at position P = k * block_siz
 blocks 0..k-1; the sliding layers need the blocks covering their window before P, [P - window + 1, P). Those
 cannot be recomputed alone (a sliding layer's keys depend on every layer below it, so on the whole prefix),
 so a hit counts only if the sliding pool still holds them too; otherwise the hit is shortened until it does.
+The sliding pool is small, and a long prefill passes many of its blocks behind the window: those go to the front
+of the pool's LRU, so that the window at the end of a finished sequence (what a follow-up turn hits) outlives
+them.
 """
 
 from __future__ import annotations
@@ -70,11 +73,14 @@ class BlockPool:
             del self._free_cached[block]
         self.ref_counts[block] += 1
 
-    def release(self, block: int) -> None:
+    def release(self, block: int, evict_first: bool = False) -> None:
+        """evict_first: a cached block that is unlikely to be asked for again goes to the front of the LRU."""
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
             if self.hashes[block] is not None:
                 self._free_cached[block] = None
+                if evict_first:
+                    self._free_cached.move_to_end(block, last=False)
             else:
                 self._free_uncached.append(block)
 
@@ -207,11 +213,13 @@ class BlockManager:
         return True
 
     def _free_behind_window(self, seq: Sequence, first_query_position: int) -> None:
+        """Releases the sliding blocks that no query from this position on reads; they go to the front of the LRU
+        (only a hit ending inside this sequence's past could use them)."""
         table = seq.sliding_block_ids
         end = min(self._first_window_block(first_query_position), len(table))
         for i in range(seq.num_sliding_blocks_freed, end):  # blocks before are freed already
             if table[i] != NO_BLOCK:
-                self.sliding.release(table[i])
+                self.sliding.release(table[i], evict_first=True)
                 table[i] = NO_BLOCK
         seq.num_sliding_blocks_freed = max(seq.num_sliding_blocks_freed, end)
 
@@ -221,12 +229,17 @@ class BlockManager:
         self.num_prefix_hit_tokens += hit.num_tokens
 
     def free(self, seq: Sequence) -> None:
-        """Gives back all of a sequence's blocks, the last first, so a cached prefix outlives its tail."""
+        """Gives back all of a sequence's blocks. Full pool: the last first, so a cached prefix outlives its tail.
+        Sliding pool: the window before the last full block boundary last, as the most recently used blocks,
+        so that a follow-up extending this sequence finds it; the blocks before it go to the LRU's front."""
         for block in reversed(seq.block_ids):
             self.full.release(block)
-        for block in reversed(seq.sliding_block_ids):
-            if block != NO_BLOCK:
-                self.sliding.release(block)
+        if self.sliding is not None and seq.sliding_block_ids:
+            last_boundary = seq.num_computed_tokens // self.block_size * self.block_size
+            self._free_behind_window(seq, last_boundary)
+            for block in seq.sliding_block_ids:
+                if block != NO_BLOCK:
+                    self.sliding.release(block)
         seq.block_ids, seq.sliding_block_ids = [], []
         seq.num_cached_blocks = seq.num_sliding_blocks_freed = 0
 

@@ -24,6 +24,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    parser.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                        help="tokens a prompt's prefill may take in one step (default: the whole budget)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--no-prefix-caching", action="store_true")
@@ -34,6 +36,7 @@ def _engine_config(args: argparse.Namespace, max_model_len: int | None = None):
 
     return EngineConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
         max_model_len=args.max_model_len or max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, enable_prefix_caching=not args.no_prefix_caching)
 
@@ -78,7 +81,8 @@ def run_generate(args: argparse.Namespace) -> int:
         return _run_generate_sharded(args)
     llm = LLM(model=args.model, dtype=args.dtype, kernels=args.kernels, device=args.device,
               progress=not args.json, max_num_seqs=min(args.max_num_seqs, 8),
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              long_prefill_token_threshold=args.long_prefill_token_threshold, max_model_len=args.max_model_len,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
               enable_prefix_caching=not args.no_prefix_caching)
     if args.prompt_ids is not None:

@@ -9,6 +9,9 @@ import dataclasses
 class EngineConfig:
     max_num_seqs: int = 256  # sequences in one step
     max_num_batched_tokens: int = 4096  # tokens in one step: decodes plus prefill chunks
+    # A prefill chunk takes at most this many tokens a step (None: the whole budget), leaving room in the step
+    # for other prompts: a short prompt arriving behind a long one no longer waits for all of the long one.
+    long_prefill_token_threshold: int | None = None
     max_model_len: int | None = None  # prompt plus output; None: the model's context, if the cache holds it
     block_size: int = 16  # tokens per KV block
     gpu_memory_utilization: float = 0.90  # of the GPU's memory, for weights, activations and KV cache together
@@ -27,7 +30,8 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_model_len", "kv_cache_memory_bytes", "num_kv_blocks", "num_sliding_kv_blocks"):
+        for name in ("long_prefill_token_threshold", "max_model_len", "kv_cache_memory_bytes", "num_kv_blocks",
+                     "num_sliding_kv_blocks"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")

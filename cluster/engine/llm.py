@@ -64,7 +64,8 @@ class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "bfloat16",
                  kernels: str = "auto", device: str | torch.device | None = None, tokenizer=None,
                  seed: int = 0, progress: bool = True, *, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 4096, max_model_len: int | None = None, block_size: int = 16,
+                 max_num_batched_tokens: int = 4096, long_prefill_token_threshold: int | None = None,
+                 max_model_len: int | None = None, block_size: int = 16,
                  gpu_memory_utilization: float = 0.90, kv_cache_memory_bytes: int | None = None,
                  enable_prefix_caching: bool = True, sliding_window_pool: bool = True,
                  enforce_eager: bool = False, count_expert_tokens: bool = False):
@@ -80,7 +81,8 @@ class LLM:
         gpt = load_model(model_dir, resolve_dtype(dtype), device, get_kernels(resolve_kernels(kernels, device)),
                          progress=progress)
         config = EngineConfig(
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            long_prefill_token_threshold=long_prefill_token_threshold, max_model_len=max_model_len,
             block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_memory_bytes, enable_prefix_caching=enable_prefix_caching,
             sliding_window_pool=sliding_window_pool, enforce_eager=enforce_eager,

@@ -81,7 +81,8 @@ class LLMEngine:
         self.kv_cache = self.model_runner.kv_cache
         self.block_manager = BlockManager(plan.num_blocks, config.block_size, model.config.sliding_window,
                                           plan.num_sliding_blocks, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.long_prefill_token_threshold)
         self.requests: dict[str, _Request] = {}
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0

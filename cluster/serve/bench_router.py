@@ -127,7 +127,7 @@ def bench_one_router(policy: str, args: argparse.Namespace, conversations: list[
     app_name = f"bench_router_{policy}"
     config = {"num_replicas": args.replicas, "dtype": args.dtype, "device": args.device,
               "max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_mib * 2 ** 20,
-              "router": {"policy": policy}}
+              "long_prefill_token_threshold": args.long_prefill_token_threshold, "router": {"policy": policy}}
     if args.model is not None:
         config["model"] = args.model
     if args.random_weights is not None:
@@ -259,6 +259,8 @@ def add_bench_router_parser(bench_subparsers: argparse._SubParsersAction) -> arg
                         help="the users arrive evenly over this many seconds (default %(default)s)")
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--kv-cache-mib", type=int, default=64, help="KV cache of each replica, MiB")
+    parser.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                        help="the replicas' cap on one prompt's prefill tokens per step (both routers)")
     parser.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated, run in this order")
     parser.add_argument("--rounds", type=int, default=2, help="runs per router, taking turns (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)

@@ -62,6 +62,9 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     parser.add_argument("--max-queued-requests", type=int, default=128,
                         help="sequences admitted beyond --max-num-seqs per replica; more get 429")
     parser.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
+    parser.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                        help="tokens one prompt's prefill may take in a step, leaving the rest of the step's "
+                             "budget to other requests (default: the whole budget)")
     parser.add_argument("--app-name", default=DEFAULT_APP_NAME, help="Serve application name")
     parser.add_argument("--detach", action="store_true", help="return once healthy; stop later with `down`")
     _add_scaling_arguments(parser)
@@ -123,7 +126,8 @@ def app_config_from_args(args: argparse.Namespace):
                          random_weights=args.random_weights, tensor_parallel_size=args.tp,
                          expert_parallel_size=args.ep, num_replicas=args.replicas, dtype=args.dtype,
                          kernels=args.kernels, device=args.device, max_num_seqs=args.max_num_seqs,
-                         max_queued_requests=args.max_queued_requests, max_model_len=args.max_model_len)
+                         max_queued_requests=args.max_queued_requests, max_model_len=args.max_model_len,
+                         long_prefill_token_threshold=args.long_prefill_token_threshold)
     except ValidationError as error:
         raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'flags'}: {e['msg']}"
                                    for e in error.errors())) from None

@@ -103,6 +103,7 @@ class AppConfig(BaseModel):
     # The engine of each replica.
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=4096, ge=1)
+    long_prefill_token_threshold: int | None = Field(default=None, ge=1)  # a prefill's most tokens per step
     max_model_len: int | None = Field(default=None, ge=1)
     kv_cache_memory_bytes: int | None = Field(default=None, ge=1)
     enable_prefix_caching: bool = True

@@ -82,6 +82,7 @@ def load_engine(config: AppConfig, loop: asyncio.AbstractEventLoop) -> tuple[Eng
     model_dir = resolve_model(config.model)
     llm = LLM(model_dir, dtype=dtype, kernels=kernels, device=device, seed=config.seed, progress=False,
               max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+              long_prefill_token_threshold=config.long_prefill_token_threshold,
               max_model_len=config.max_model_len, kv_cache_memory_bytes=config.kv_cache_memory_bytes,
               enable_prefix_caching=config.enable_prefix_caching, enforce_eager=config.enforce_eager,
               count_expert_tokens=config.expert_load_metrics)
@@ -103,7 +104,8 @@ def load_sharded_engine(config: AppConfig, loop: asyncio.AbstractEventLoop) -> t
     model_dir = None if config.random_weights is not None else str(resolve_model(config.model))
     engine_config = EngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-        max_model_len=config.max_model_len, kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+        long_prefill_token_threshold=config.long_prefill_token_threshold, max_model_len=config.max_model_len,
+        kv_cache_memory_bytes=config.kv_cache_memory_bytes,
         enable_prefix_caching=config.enable_prefix_caching, enforce_eager=config.enforce_eager,
         count_expert_tokens=config.expert_load_metrics)
     spec = ShardSpec(model_dir=model_dir, preset=config.random_weights, seed=config.seed, dtype=config.dtype,

@@ -40,6 +40,11 @@ def test_chunked_prefill_equals_whole_prefill(make_llm, prompts, reference):
     assert tokens_of(llm.generate(prompts, GREEDY)) == reference
 
 
+def test_capped_prefill_chunks_equal_whole_prefill(make_llm, prompts, reference):
+    llm = make_llm(long_prefill_token_threshold=9)  # each prompt at most 9 tokens a step, several prompts a step
+    assert tokens_of(llm.generate(prompts, GREEDY)) == reference
+
+
 def test_prefix_cache_hits_give_the_same_tokens(make_llm, prompts, reference, random_prompts):
     llm = make_llm()
     llm.generate(prompts, GREEDY)

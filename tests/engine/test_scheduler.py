@@ -59,6 +59,23 @@ def test_token_budget_mixes_decodes_with_prefill_chunks():
     assert scheduler.running[1].num_tokens == 31  # the prompt's last chunk sampled a token
 
 
+def test_long_prefill_threshold_leaves_room_for_a_short_prompt():
+    bm = BlockManager(100, BS, WINDOW, num_sliding_blocks=100)
+    uncapped = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=32)
+    uncapped.add([seq(100, "long")])
+    fake_step(uncapped)
+    uncapped.add([seq(5, "short", first_token=500)])
+    assert fake_step(uncapped).num_new_tokens == [32]  # the long prompt's chunk takes the whole budget
+
+    bm = BlockManager(100, BS, WINDOW, num_sliding_blocks=100)
+    capped = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=32, long_prefill_token_threshold=12)
+    capped.add([seq(100, "long")])
+    assert fake_step(capped).num_new_tokens == [12]
+    capped.add([seq(5, "short", first_token=500)])
+    second = fake_step(capped)
+    assert second.num_new_tokens == [12, 5] and second.samples == [False, True]  # the short one samples at once
+
+
 def test_sliding_blocks_behind_the_window_are_freed():
     bm = BlockManager(100, BS, WINDOW, num_sliding_blocks=12)
     scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=8)
@@ -86,6 +103,26 @@ def test_prefix_hit_needs_the_window_on_the_sliding_pool():
     assert sorted(hit.sliding_blocks) == list(range((40 - WINDOW + 1) // BS, 10))
     bm.sliding.forget_free_cached()
     assert bm.find_prefix(again).num_tokens == 0
+
+
+def test_a_finished_sequences_window_outlives_other_prefills_churn():
+    """A follow-up turn hits the end of the previous one; the sliding blocks that later long prefills pass
+    behind their window must be evicted before that window (they go to the LRU's front)."""
+    bm = BlockManager(100, BS, WINDOW, num_sliding_blocks=30)
+    scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    turn = seq(41)
+    scheduler.add([turn])
+    fake_step(scheduler)  # the whole prompt in one chunk: blocks 0..10 held at once
+    scheduler.finish([turn], FinishReason.STOP)
+    scheduler.max_num_batched_tokens = 8
+    other = seq(120, "other", first_token=1000)  # passes 30 sliding blocks through a 30-block pool
+    scheduler.add([other])
+    while other.num_computed_tokens < 120:
+        fake_step(scheduler)
+    assert bm.sliding.num_cached > 4  # the churn did evict cached blocks...
+    hit = bm.find_prefix(seq(45))
+    assert hit.num_tokens == 40  # ...but not the window before the turn's last full block
+    assert sorted(hit.sliding_blocks) == list(range((40 - WINDOW + 1) // BS, 10))
 
 
 def test_preemption_frees_the_newest_and_recomputes_it():
