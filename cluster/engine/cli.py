@@ -29,6 +29,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="wait for each step's tokens before scheduling the next")
 
 
 def _engine_config(args: argparse.Namespace, max_model_len: int | None = None):
@@ -38,7 +40,8 @@ def _engine_config(args: argparse.Namespace, max_model_len: int | None = None):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         max_model_len=args.max_model_len or max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager, enable_prefix_caching=not args.no_prefix_caching)
+        enforce_eager=args.enforce_eager, enable_prefix_caching=not args.no_prefix_caching,
+        async_scheduling=not args.no_async_scheduling)
 
 
 # generate ----------------------------------------------------------------------------------------------------
@@ -84,7 +87,7 @@ def run_generate(args: argparse.Namespace) -> int:
               max_num_batched_tokens=args.max_num_batched_tokens,
               long_prefill_token_threshold=args.long_prefill_token_threshold, max_model_len=args.max_model_len,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-              enable_prefix_caching=not args.no_prefix_caching)
+              enable_prefix_caching=not args.no_prefix_caching, async_scheduling=not args.no_async_scheduling)
     if args.prompt_ids is not None:
         prompt = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
     elif args.chat:
@@ -162,6 +165,8 @@ def add_bench_offline_parser(subparsers: argparse._SubParsersAction) -> argparse
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--single-stream", action="store_true", help="also time one prompt alone, first")
+    parser.add_argument("--compare-sync", action="store_true",
+                        help="with --single-stream: time it again with synchronous scheduling, same engine")
     parser.add_argument("--hf-baseline", action="store_true",
                         help="afterwards, run transformers' generate (bf16, eager) on the same weights")
     parser.add_argument("--hf-num-prompts", type=int, default=16, help="HF batch size")
@@ -196,6 +201,13 @@ def run_bench_offline(args: argparse.Namespace) -> int:
         rows.append(("ours, 1 stream", dataclasses.asdict(single)))
         results["single_stream"] = dataclasses.asdict(single)
         print(json.dumps(results["single_stream"]), file=sys.stderr, flush=True)  # survives a later kill
+        if args.compare_sync and engine.async_scheduling:
+            engine.async_scheduling = False
+            sync = bench.run_offline(engine, 1, args.input_len, args.output_len, args.temperature, args.seed)
+            engine.async_scheduling = True
+            rows.append(("ours, 1 stream, sync scheduling", dataclasses.asdict(sync)))
+            results["single_stream_sync"] = dataclasses.asdict(sync)
+            print(json.dumps(results["single_stream_sync"]), file=sys.stderr, flush=True)
     batch = bench.run_offline(engine, args.num_prompts, args.input_len, args.output_len, args.temperature, args.seed)
     rows.append((f"ours, {args.num_prompts} prompts", dataclasses.asdict(batch)))
     results["throughput"] = dataclasses.asdict(batch)

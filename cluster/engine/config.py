@@ -21,6 +21,9 @@ class EngineConfig:
     sliding_window_pool: bool = True  # sliding layers keep only their window, in a pool of their own
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
+    # Launch each step before reading the previous one's sampled tokens, so that the engine's host work
+    # (outputs, stops, scheduling, batch tensors) overlaps the device's step.
+    async_scheduling: bool = True
     max_graph_batch_size: int = 256  # larger decode steps run eagerly
     count_expert_tokens: bool = False  # count the tokens routed to each expert of each layer (MoE load metrics)
 

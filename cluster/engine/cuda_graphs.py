@@ -85,8 +85,9 @@ class DecodeGraphs:
     def fits(self, num_seqs: int) -> bool:
         return bool(self.graphs) and num_seqs <= self.sizes[-1]
 
-    def run(self, host) -> torch.Tensor:
-        """Replays the bucket's graph on a decode step's metadata (a HostBatch); [num_seqs, hidden]."""
+    def run(self, host, fill=None) -> torch.Tensor:
+        """Replays the bucket's graph on a decode step's metadata (a HostBatch); [num_seqs, hidden]. fill: if
+        given, completes the token ids in the static input buffer (in place) before the replay."""
         n = host.token_ids.shape[0]
         size = next(s for s in self.sizes if s >= n)
         rows = np.zeros((4 + (host.sliding_slot_mapping is not None), size), dtype=np.int64)
@@ -117,5 +118,7 @@ class DecodeGraphs:
             sliding_width = host.sliding_block_tables.shape[1]
             self.sliding_block_tables[:n, :sliding_width].copy_(
                 staged[offset:offset + n * sliding_width].view(n, sliding_width))
+        if fill is not None:
+            fill(self.token_ids[:n])
         self.graphs[size].replay()
         return self.outputs[size][:n]

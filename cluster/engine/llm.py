@@ -68,7 +68,7 @@ class LLM:
                  max_model_len: int | None = None, block_size: int = 16,
                  gpu_memory_utilization: float = 0.90, kv_cache_memory_bytes: int | None = None,
                  enable_prefix_caching: bool = True, sliding_window_pool: bool = True,
-                 enforce_eager: bool = False, count_expert_tokens: bool = False):
+                 enforce_eager: bool = False, count_expert_tokens: bool = False, async_scheduling: bool = True):
         """model: a checkpoint directory (either layout); None: the embedded small default model.
         kernels: 'torch', 'triton', or 'auto' (triton on a GPU, torch on CPU)."""
         from gptoss_serve.kernels.backend import get_kernels
@@ -86,7 +86,7 @@ class LLM:
             block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_memory_bytes, enable_prefix_caching=enable_prefix_caching,
             sliding_window_pool=sliding_window_pool, enforce_eager=enforce_eager,
-            count_expert_tokens=count_expert_tokens)
+            count_expert_tokens=count_expert_tokens, async_scheduling=async_scheduling)
         self._init(gpt, config, tokenizer if tokenizer is not None else try_load_tokenizer(model_dir), progress)
 
     @classmethod

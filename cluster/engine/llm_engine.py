@@ -17,15 +17,21 @@ import torch
 from gptoss_serve.cluster.engine.block_manager import BlockManager
 from gptoss_serve.cluster.engine.config import EngineConfig
 from gptoss_serve.cluster.engine.kv_plan import KVPlan, plan_kv_cache
-from gptoss_serve.cluster.engine.model_runner import ModelRunner
+from gptoss_serve.cluster.engine.model_runner import LaunchedStep, ModelRunner
 from gptoss_serve.cluster.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from gptoss_serve.cluster.engine.sampling_params import OutputKind, SamplingParams
-from gptoss_serve.cluster.engine.scheduler import Scheduler
-from gptoss_serve.cluster.engine.sequence import FinishReason, Sequence
+from gptoss_serve.cluster.engine.scheduler import ScheduledBatch, Scheduler
+from gptoss_serve.cluster.engine.sequence import PENDING_TOKEN, FinishReason, Sequence
 from gptoss_serve.cluster.engine.step_broadcast import StepBroadcaster, agree_kv_plan
-from gptoss_serve.cluster.engine.stop import TextState, check_token_stop
+from gptoss_serve.cluster.engine.stop import TextState, check_token_stop, length_stop
 from gptoss_serve.model.batch import KVCache
 from gptoss_serve.model.transformer import GptOssModel
+
+
+@dataclasses.dataclass
+class _PendingStep:
+    launched: LaunchedStep
+    entries: list[tuple[Sequence, int, int]]  # (sequence, its row of the samples, index of its PENDING_TOKEN)
 
 
 @dataclasses.dataclass
@@ -88,6 +94,10 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.last_step_num_seqs = 0  # sequences in the latest step's batch
         self.last_step_num_tokens = 0  # tokens it computed (decodes plus prefill chunks)
+        # Async scheduling: the latest launched step, whose sampled tokens are not read yet. Sharded replicas
+        # run synchronously (their other ranks need each step's tokens on the host).
+        self._async = config.async_scheduling and broadcaster is None
+        self._pending: _PendingStep | None = None
 
     # Requests ------------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -129,25 +139,76 @@ class LLMEngine:
 
     # The step ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedules and launches a step. With async scheduling the outputs returned are those of the step
+        before, read while this one runs on the device (the last call with nothing left to launch returns the
+        final ones); otherwise this step's own, after waiting for it."""
+        touched: dict[str, _Request] = {}
+        if self._pending is not None and not self._can_overlap():
+            self._read_pending(touched)
         batch = self.scheduler.schedule()
         self.last_step_num_seqs, self.last_step_num_tokens = len(batch), batch.num_tokens
-        touched = {seq.request_id: self.requests[seq.request_id] for seq in batch.rejected}
-        if len(batch):
-            result = self.model_runner.execute(batch)
-            self.scheduler.update(batch, result.sampled_token_ids)
-            self.num_prompt_tokens += sum(n for n, t in zip(batch.num_new_tokens, result.sampled_token_ids)
-                                          if t is None or n > 1)
-            now = time.perf_counter()
-            finished = []
-            for seq, token_id, logprobs in zip(batch.seqs, result.sampled_token_ids, result.logprobs):
-                if token_id is None:
-                    continue
-                self.num_generated_tokens += 1
-                request = self.requests[seq.request_id]
-                touched[seq.request_id] = request
-                if self._postprocess_token(request, seq, logprobs, now):
-                    finished.append(seq)
-            self.scheduler.finish(finished, FinishReason.STOP)
+        touched.update((seq.request_id, self.requests[seq.request_id]) for seq in batch.rejected)
+        previous = self._pending.launched if self._pending is not None else None
+        launched = self.model_runner.launch(batch, previous) if len(batch) else None
+        if self._async:  # the previous step's tokens are read while this one runs
+            if self._pending is not None:
+                self._read_pending(touched)
+            outputs = self._make_outputs(touched)
+            if launched is not None:
+                self._advance(batch, launched)
+            return outputs
+        if launched is not None:
+            self._advance(batch, launched)
+            self._read_pending(touched)
+        return self._make_outputs(touched)
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self._async
+
+    @async_scheduling.setter
+    def async_scheduling(self, enabled: bool) -> None:
+        """Switches between steps (benchmarks); a pending step's tokens are read at the next step either way."""
+        if enabled and self.model_runner.broadcaster is not None:
+            raise ValueError("a sharded engine schedules synchronously")
+        self._async = enabled
+
+    def _can_overlap(self) -> bool:
+        """Whether the next step may launch before the pending tokens are read: not in sync mode, nor where the
+        sampler needs the latest tokens' values (repetition penalties)."""
+        return self._async and not any(seq.params.has_penalties for seq, _, _ in self._pending.entries)
+
+    def _advance(self, batch: ScheduledBatch, launched: LaunchedStep) -> None:
+        """The launched step's effect on the sequences, without its token values: computed tokens, and a
+        PENDING_TOKEN for each sampled one."""
+        self.num_prompt_tokens += sum(n for n, s in zip(batch.num_new_tokens, batch.samples) if not s or n > 1)
+        entries = [(seq, launched.sample_rows[seq.seq_id], seq.num_tokens) for seq, s in zip(batch.seqs, batch.samples)
+                   if s and not seq.is_finished]
+        self.scheduler.update(batch, [PENDING_TOKEN if s else None for s in batch.samples])
+        for seq, _, _ in entries:
+            seq.ends_with_pending_token = length_stop(seq, self.max_model_len)
+        self._pending = _PendingStep(launched, entries)
+
+    def _read_pending(self, touched: dict[str, _Request]) -> None:
+        """Waits for the pending step's tokens, puts them in place of their PENDING_TOKENs, and postprocesses
+        them (stops, text, finishing)."""
+        pending, self._pending = self._pending, None
+        result = pending.launched.host_copy.wait() if pending.launched.host_copy is not None else None
+        now = time.perf_counter()
+        finished = []
+        for seq, row, index in pending.entries:
+            if seq.is_finished:  # aborted while its step ran
+                continue
+            seq.token_ids[index] = result.token_ids[row]
+            seq.ends_with_pending_token = False
+            self.num_generated_tokens += 1
+            request = self.requests[seq.request_id]
+            touched[seq.request_id] = request
+            if self._postprocess_token(request, seq, result.logprobs[row], now):
+                finished.append(seq)
+        self.scheduler.finish(finished, FinishReason.STOP)
+
+    def _make_outputs(self, touched: dict[str, _Request]) -> list[RequestOutput]:
         outputs = []
         for request in touched.values():
             output = self._make_output(request)

@@ -1,6 +1,10 @@
 """Runs one scheduled step on the model: builds the batch tensors, runs the forward (or replays a CUDA graph),
 computes the logits of the sequences that sample, and samples.
 
+`launch` only enqueues that work and starts copying the samples to the host; `LaunchedStep.wait` reads them.
+A step may be launched before the previous one's samples are read: a sequence whose last token is still on the
+device (PENDING_TOKEN on the host) takes it from the previous step's sampled tensor on the device.
+
 Batch metadata is built with numpy over all tokens at once (a Python loop runs per sequence, never per
 token), written into pinned host buffers and copied to the GPU in one non-blocking copy per tensor. Decode
 steps of up to `max_graph_batch_size` sequences replay a CUDA graph captured for the next larger bucket;
@@ -16,8 +20,9 @@ import logging
 import numpy as np
 import torch
 
-from gptoss_serve.cluster.engine.sampler import Sampler, SamplerOutput
+from gptoss_serve.cluster.engine.sampler import HostCopy, Sampler, SamplerOutput
 from gptoss_serve.cluster.engine.scheduler import ScheduledBatch
+from gptoss_serve.cluster.engine.sequence import PENDING_TOKEN
 from gptoss_serve.cluster.engine.step_broadcast import StepBroadcaster, StepKind
 from gptoss_serve.model.batch import ForwardBatch, KVCache
 from gptoss_serve.model.transformer import GptOssModel
@@ -32,6 +37,21 @@ _INT_FIELDS = ("token_ids", "positions", "cu_seqlens_q", "context_lens", "block_
 class StepOutput:
     sampled_token_ids: list[int | None]  # per scheduled sequence; None where a prefill chunk did not finish
     logprobs: list[dict[int, float] | None]
+
+
+@dataclasses.dataclass
+class LaunchedStep:
+    """A step enqueued on the device: its samples are being copied to the host."""
+    samples: list[bool]  # per scheduled sequence, whether it samples
+    sampled: torch.Tensor | None  # [num_sampling] int64 on the device, rows in batch order (None: no sampler)
+    sample_rows: dict[int, int]  # seq_id -> its row of `sampled`
+    host_copy: HostCopy | None
+
+    def wait(self) -> StepOutput:
+        """Blocks until the step's samples are on the host."""
+        if self.host_copy is None:
+            return StepOutput([None] * len(self.samples), [None] * len(self.samples))
+        return _spread(self.host_copy.wait(), self.samples)
 
 
 @dataclasses.dataclass
@@ -107,28 +127,63 @@ class ModelRunner:
             if graphs.capture():
                 self.graphs = graphs
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Runs the step and waits for its samples."""
+        return self.launch(batch).wait()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Enqueues the step without waiting for the device. previous: the step before, whose samples are the
+        inputs of this step's sequences that end in PENDING_TOKEN."""
         host = build_host_batch(batch, self.block_size, self.sliding_pool)
         samples = batch.samples
         use_graph = self.graphs is not None and batch.is_decode_only and self.graphs.fits(len(batch))
         kind = StepKind.GRAPH if use_graph else StepKind.EAGER
+        pending_rows = self._pending_rows(batch, host, previous)
+        if pending_rows is not None and self.broadcaster is not None:
+            raise RuntimeError("a sharded step's tokens must all be on the host (its other ranks receive them)")
         if self.broadcaster is not None:
             self.broadcaster.send(host, kind)
-        hidden = self._forward(host, kind)
+        fill = None
+        if pending_rows is not None:
+            rows = torch.from_numpy(pending_rows)
+            rows = rows.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else rows
+
+            def fill(token_ids: torch.Tensor) -> None:  # [num_tokens] int64 on the device, in place
+                token_ids.copy_(torch.where(rows >= 0, previous.sampled[rows.clamp(min=0)], token_ids))
+        hidden = self._forward(host, kind, fill)
         if use_graph and not all(samples):  # graphs give a row per sequence: keep those that sample
             hidden = hidden[torch.tensor(samples, device=self.device)]
         sampling_seqs = [seq for seq, s in zip(batch.seqs, samples) if s]
         if not sampling_seqs:
-            return StepOutput([None] * len(batch), [None] * len(batch))
+            return LaunchedStep(samples, None, {}, None)
         logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] float32
-        out = self.sampler(logits, sampling_seqs)
-        return _spread(out, samples)
+        sampled = self.sampler.sample(logits, sampling_seqs)
+        return LaunchedStep(samples, sampled.token_ids, {seq.seq_id: row for row, seq in enumerate(sampling_seqs)},
+                            sampled.copy_to_host())
 
-    def _forward(self, host: HostBatch, kind: StepKind) -> torch.Tensor:
+    @staticmethod
+    def _pending_rows(batch: ScheduledBatch, host: HostBatch, previous: LaunchedStep | None) -> np.ndarray | None:
+        """[num_tokens] int64: for each PENDING_TOKEN input, its row of previous.sampled, else -1; None if the
+        step has no pending input."""
+        pending_at = np.flatnonzero(host.token_ids == PENDING_TOKEN)
+        if pending_at.size == 0:
+            return None
+        if previous is None:
+            raise RuntimeError("a step has pending tokens but no previous step to take them from")
+        seq_index = np.searchsorted(host.cu_seqlens_q[1:], pending_at, side="right")
+        rows = np.full(host.token_ids.shape[0], -1, dtype=np.int64)
+        rows[pending_at] = [previous.sample_rows[batch.seqs[i].seq_id] for i in seq_index.tolist()]
+        return rows
+
+    def _forward(self, host: HostBatch, kind: StepKind, fill=None) -> torch.Tensor:
+        """fill: if given, completes the step's token ids on the device (in place) before the forward."""
         if kind == StepKind.GRAPH:
-            return self.graphs.run(host)  # [num_seqs, hidden]
-        return self.model(self._to_device(host), self.kv_cache)  # [num_sampling, hidden]
+            return self.graphs.run(host, fill)  # [num_seqs, hidden]
+        batch = self._to_device(host)
+        if fill is not None:
+            fill(batch.token_ids)
+        return self.model(batch, self.kv_cache)  # [num_sampling, hidden]
 
     @torch.inference_mode()
     def follow(self) -> int:

@@ -5,6 +5,10 @@ argmax. Sampling draws exponential noise and takes argmax(probs / noise), which 
 probs[i]; rows with a seed draw their noise from their own generator, so a seeded request gives the same
 tokens whatever else shares its batch. Logprobs are those of the model: log_softmax of the raw logits, in
 float32, over the whole vocabulary.
+
+`sample` leaves its results on the device (nothing waits for the GPU), `DeviceSamples.copy_to_host` starts
+their copy into pinned memory, and `HostCopy.wait` turns them into lists once that copy is done: the engine
+runs the next step in between.
 """
 
 from __future__ import annotations
@@ -22,6 +26,43 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None]  # per row: {sampled: lp, top alternatives...}, None if not asked
 
 
+@dataclasses.dataclass
+class DeviceSamples:
+    """A step's samples, still on the device."""
+    token_ids: torch.Tensor  # [rows] int64
+    logprob_values: torch.Tensor | None  # [rows, 1 + k] float32: the sampled token's, then the top k
+    logprob_ids: torch.Tensor | None  # [rows, 1 + k] int64
+    num_logprobs: list[int | None]  # per row: alternatives asked for (None: no logprobs)
+
+    def copy_to_host(self) -> "HostCopy":
+        """Starts copying the samples to the host without waiting for the device."""
+        tensors = [t for t in (self.token_ids, self.logprob_values, self.logprob_ids) if t is not None]
+        if self.token_ids.device.type != "cuda":
+            return HostCopy(tensors, None, self.num_logprobs)
+        copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for copy, tensor in zip(copies, tensors):
+            copy.copy_(tensor, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return HostCopy(copies, done, self.num_logprobs)
+
+
+@dataclasses.dataclass
+class HostCopy:
+    tensors: list[torch.Tensor]  # token ids, then logprob values and ids if asked for
+    done: torch.cuda.Event | None  # recorded after the copies (None: CPU tensors, already there)
+    num_logprobs: list[int | None]
+
+    def wait(self) -> SamplerOutput:
+        if self.done is not None:
+            self.done.synchronize()
+        token_ids = self.tensors[0].tolist()
+        if len(self.tensors) == 1:
+            return SamplerOutput(token_ids, [None] * len(token_ids))
+        return SamplerOutput(token_ids, _logprob_dicts(self.tensors[1].tolist(), self.tensors[2].tolist(),
+                                                       self.num_logprobs))
+
+
 def _request_generator(seq: Sequence, device: torch.device) -> torch.Generator:
     """The sequence's own generator; sample i of a seeded request gets its own stream."""
     generator = seq.generator
@@ -37,7 +78,11 @@ class Sampler:
         self.device = torch.device(device)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits [num_seqs, vocab] float32, one row per sequence that samples."""
+        """logits [num_seqs, vocab] float32, one row per sequence that samples. Waits for the device."""
+        return self.sample(logits, seqs).copy_to_host().wait()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSamples:
+        """Like __call__, but the results stay on the device."""
         params = [seq.params for seq in seqs]
         num_logprobs = [p.logprobs for p in params]
         want_logprobs = any(k is not None for k in num_logprobs)
@@ -59,8 +104,9 @@ class Sampler:
             token_ids = torch.where(self._greedy_mask(params), token_ids, self._sample(logits, seqs))
 
         if not want_logprobs:
-            return SamplerOutput(token_ids.tolist(), [None] * len(seqs))
-        return SamplerOutput(token_ids.tolist(), self._gather_logprobs(raw_logprobs, token_ids, num_logprobs))
+            return DeviceSamples(token_ids, None, None, num_logprobs)
+        values, ids = self._gather_logprobs(raw_logprobs, token_ids, num_logprobs)
+        return DeviceSamples(token_ids, values, ids, num_logprobs)
 
     def _greedy_mask(self, params) -> torch.Tensor:
         return torch.tensor([p.greedy for p in params], device=self.device)
@@ -124,23 +170,26 @@ class Sampler:
         counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
         return counts[:, :vocab]
 
-    def _gather_logprobs(self, logprobs: torch.Tensor, token_ids: torch.Tensor,
-                         num_logprobs: list[int | None]) -> list[dict[int, float] | None]:
+    def _gather_logprobs(self, logprobs: torch.Tensor, token_ids: torch.Tensor, num_logprobs: list[int | None]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """([rows, 1 + k] values, [rows, 1 + k] ids): the sampled token's logprob, then the top k's."""
         k = max(n for n in num_logprobs if n is not None)
         sampled = logprobs.gather(1, token_ids[:, None])  # [num_seqs, 1]
-        if k > 0:
-            top_values, top_ids = logprobs.topk(k, dim=-1)
-            values = torch.cat((sampled, top_values), dim=1).tolist()
-            ids = torch.cat((token_ids[:, None], top_ids), dim=1).tolist()
-        else:
-            values, ids = sampled.tolist(), token_ids[:, None].tolist()
-        result: list[dict[int, float] | None] = []
-        for row, n in enumerate(num_logprobs):
-            if n is None:
-                result.append(None)
-                continue
-            entry = {ids[row][0]: values[row][0]}  # the sampled token first, even if outside the top n
-            for token_id, value in zip(ids[row][1:n + 1], values[row][1:n + 1]):
-                entry.setdefault(token_id, value)
-            result.append(entry)
-        return result
+        if k == 0:
+            return sampled, token_ids[:, None]
+        top_values, top_ids = logprobs.topk(k, dim=-1)
+        return torch.cat((sampled, top_values), dim=1), torch.cat((token_ids[:, None], top_ids), dim=1)
+
+
+def _logprob_dicts(values: list[list[float]], ids: list[list[int]], num_logprobs: list[int | None]
+                   ) -> list[dict[int, float] | None]:
+    result: list[dict[int, float] | None] = []
+    for row, n in enumerate(num_logprobs):
+        if n is None:
+            result.append(None)
+            continue
+        entry = {ids[row][0]: values[row][0]}  # the sampled token first, even if outside the top n
+        for token_id, value in zip(ids[row][1:n + 1], values[row][1:n + 1]):
+            entry.setdefault(token_id, value)
+        result.append(entry)
+    return result

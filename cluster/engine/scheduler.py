@@ -79,6 +79,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.ends_with_pending_token:  # nothing more to compute: it ends when the engine reads that token
+                i += 1
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget, self.max_chunk)
             while not self.block_manager.allocate(seq, num_new):
                 if num_new > 1:  # a shorter prefill chunk may fit without preempting anyone
@@ -138,8 +141,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def update(self, batch: ScheduledBatch, sampled_token_ids: list[int | None]) -> None:
-        """After the model ran: the computed tokens enter the prefix cache; sampled tokens are appended."""
+        """After the step was launched: the computed tokens enter the prefix cache; sampled tokens (or
+        PENDING_TOKEN, for the engine to fill in later) are appended. Sequences that finished meanwhile (aborted,
+        or stopped by the token before) are left alone."""
         for seq, num_new, token_id in zip(batch.seqs, batch.num_new_tokens, sampled_token_ids):
+            if seq.is_finished:
+                continue
             seq.num_computed_tokens += num_new
             self.block_manager.cache_computed_blocks(seq)
             if token_id is not None:

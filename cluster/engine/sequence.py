@@ -13,6 +13,7 @@ import time
 from gptoss_serve.cluster.engine.sampling_params import SamplingParams
 
 NO_BLOCK = -1  # a sliding-pool entry whose block was freed: it lies before the window of every later query
+PENDING_TOKEN = -1  # a sampled token still on the device (the engine runs the next step before reading it)
 
 _seq_ids = itertools.count()
 
@@ -52,6 +53,9 @@ class Sequence:
         self.first_token_time: float | None = None
         self.logprobs: list[dict[int, float]] = []  # per output token: {token_id: logprob}, sampled one first
         self.num_preemptions = 0
+        # The pending last token reaches max_tokens or the context: the sequence ends once it is read, so it is
+        # not scheduled again.
+        self.ends_with_pending_token = False
         self.generator = None  # torch.Generator of a seeded request, made on first use by the sampler
 
     @property

@@ -18,11 +18,16 @@ def check_token_stop(seq: Sequence, max_model_len: int) -> tuple[FinishReason, i
     params, token_id = seq.params, seq.token_ids[-1]
     if token_id in params.all_stop_token_ids and seq.num_output_tokens > params.min_tokens:
         return FinishReason.STOP, token_id
-    if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-        return FinishReason.LENGTH, None
-    if seq.num_tokens >= max_model_len:
+    if length_stop(seq, max_model_len):
         return FinishReason.LENGTH, None
     return None
+
+
+def length_stop(seq: Sequence, max_model_len: int) -> bool:
+    """Whether the sequence has reached max_tokens or the context length (whatever its last token is)."""
+    params = seq.params
+    return (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or \
+        seq.num_tokens >= max_model_len
 
 
 class TextState:

@@ -73,7 +73,8 @@ def test_generate_text_and_chat_prompts(model_dir, capsys):
 
 def test_bench_offline_runs(capsys):
     out = run(["bench", "offline", "--preset", "tiny", "--random-weights", "--dtype", "float32", "--num-prompts",
-               "4", "--input-len", "20", "--output-len", "5", "--single-stream", "--json"], capsys)
+               "4", "--input-len", "20", "--output-len", "5", "--single-stream", "--compare-sync", "--json"], capsys)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["throughput"]["num_prompts"] == 4 and result["throughput"]["output_tokens_per_s"] > 0
-    assert result["single_stream"]["num_prompts"] == 1
+    assert result["single_stream"]["num_prompts"] == 1 and result["single_stream_sync"]["num_prompts"] == 1
+    assert "ours, 1 stream, sync scheduling" in out

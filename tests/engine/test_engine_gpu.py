@@ -44,3 +44,21 @@ def test_cuda_graph_decode_equals_eager(dtype, random_prompts):
     again = graphed.generate(prompts[:4], params[:4])  # prefix-cache hits, decoded from graphs
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in got[:4]]
     assert graphed.engine.stats().prefix_cache_hit_rate > 0
+
+
+def test_async_scheduling_equals_sync_with_graphs(random_prompts):
+    """Tokens sampled on the device feed the next step (graph replays and eager prefills) before the host reads
+    them: the same tokens and logprobs as waiting for each step."""
+    model = random_model(preset("tiny"), seed=0, dtype=torch.bfloat16, device="cuda", kernels=get_kernels("triton"))
+    config = dict(block_size=16, num_kv_blocks=512, max_num_seqs=32, max_num_batched_tokens=96,
+                  max_graph_batch_size=16)
+    sync = LLM.from_model(model, config=EngineConfig(async_scheduling=False, **config))
+    overlapped = LLM.from_model(model, config=EngineConfig(**config))
+    assert overlapped.engine._async and overlapped.engine.model_runner.graphs is not None
+    prompts = random_prompts([3, 17, 40, 90, 5, 64, 33, 120, 8, 9, 10, 200], seed=5)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=30 - 2 * i, ignore_eos=True,
+                             logprobs=2) for i in range(len(prompts))]
+    for _ in range(2):  # the second time on prefix-cache hits
+        expected = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in sync.generate(prompts, params)]
+        got = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in overlapped.generate(prompts, params)]
+        assert got == expected
