@@ -96,7 +96,7 @@ class LLMEngine:
         self.last_step_num_tokens = 0  # tokens it computed (decodes plus prefill chunks)
         # Async scheduling: the latest launched step, whose sampled tokens are not read yet. Sharded replicas
         # run synchronously (their other ranks need each step's tokens on the host).
-        self._async = config.async_scheduling and broadcaster is None
+        self._async = config.async_scheduling and (broadcaster is None or not broadcaster.has_followers)
         self._pending: _PendingStep | None = None
 
     # Requests ------------------------------------------------------------------------------------------------
@@ -169,7 +169,8 @@ class LLMEngine:
     @async_scheduling.setter
     def async_scheduling(self, enabled: bool) -> None:
         """Switches between steps (benchmarks); a pending step's tokens are read at the next step either way."""
-        if enabled and self.model_runner.broadcaster is not None:
+        broadcaster = self.model_runner.broadcaster
+        if enabled and broadcaster is not None and broadcaster.has_followers:
             raise ValueError("a sharded engine schedules synchronously")
         self._async = enabled
 

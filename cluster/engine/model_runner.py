@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import torch
 
-from gptoss_serve.cluster.engine.sampler import HostCopy, Sampler, SamplerOutput
+from gptoss_serve.cluster.engine.sampler import HostCopy, Sampler, SamplerOutput, to_device
 from gptoss_serve.cluster.engine.scheduler import ScheduledBatch
 from gptoss_serve.cluster.engine.sequence import PENDING_TOKEN
 from gptoss_serve.cluster.engine.step_broadcast import StepBroadcaster, StepKind
@@ -140,20 +140,19 @@ class ModelRunner:
         use_graph = self.graphs is not None and batch.is_decode_only and self.graphs.fits(len(batch))
         kind = StepKind.GRAPH if use_graph else StepKind.EAGER
         pending_rows = self._pending_rows(batch, host, previous)
-        if pending_rows is not None and self.broadcaster is not None:
+        if pending_rows is not None and self.broadcaster is not None and self.broadcaster.has_followers:
             raise RuntimeError("a sharded step's tokens must all be on the host (its other ranks receive them)")
         if self.broadcaster is not None:
             self.broadcaster.send(host, kind)
         fill = None
         if pending_rows is not None:
-            rows = torch.from_numpy(pending_rows)
-            rows = rows.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else rows
+            rows = to_device(pending_rows, torch.int64, self.device)
 
             def fill(token_ids: torch.Tensor) -> None:  # [num_tokens] int64 on the device, in place
                 token_ids.copy_(torch.where(rows >= 0, previous.sampled[rows.clamp(min=0)], token_ids))
         hidden = self._forward(host, kind, fill)
         if use_graph and not all(samples):  # graphs give a row per sequence: keep those that sample
-            hidden = hidden[torch.tensor(samples, device=self.device)]
+            hidden = hidden[to_device(np.flatnonzero(samples), torch.int64, self.device)]
         sampling_seqs = [seq for seq, s in zip(batch.seqs, samples) if s]
         if not sampling_seqs:
             return LaunchedStep(samples, None, {}, None)

@@ -63,6 +63,15 @@ class HostCopy:
                                                        self.num_logprobs))
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor, through pinned memory: a copy from pageable memory can make the
+    host wait for the device's queue, which would undo async scheduling."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _request_generator(seq: Sequence, device: torch.device) -> torch.Generator:
     """The sequence's own generator; sample i of a seeded request gets its own stream."""
     generator = seq.generator
@@ -95,8 +104,8 @@ class Sampler:
             if any(p.has_penalties for p in params):
                 self._apply_penalties(logits, seqs)
             if banned:  # min_tokens: no stop token yet
-                rows = torch.tensor([r for r, ids in banned for _ in ids], dtype=torch.int64, device=self.device)
-                cols = torch.tensor([t for _, ids in banned for t in ids], dtype=torch.int64, device=self.device)
+                rows = to_device([r for r, ids in banned for _ in ids], torch.int64, self.device)
+                cols = to_device([t for _, ids in banned for t in ids], torch.int64, self.device)
                 logits[rows, cols] = float("-inf")
 
         token_ids = logits.argmax(dim=-1)  # [num_seqs]
@@ -109,18 +118,18 @@ class Sampler:
         return DeviceSamples(token_ids, values, ids, num_logprobs)
 
     def _greedy_mask(self, params) -> torch.Tensor:
-        return torch.tensor([p.greedy for p in params], device=self.device)
+        return to_device([p.greedy for p in params], torch.bool, self.device)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [seq.params for seq in seqs]
-        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                                   dtype=torch.float32, device=self.device)
+        temperature = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32,
+                                self.device)
         logits = logits / temperature[:, None]
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             logits = self._top_k_top_p(logits, params)
         probs = torch.softmax(logits, dim=-1)  # [num_seqs, vocab]
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=self.device)
+            min_p = to_device([p.min_p for p in params], torch.float32, self.device)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
         noise = torch.empty_like(probs).exponential_()
         for row, seq in enumerate(seqs):
@@ -131,10 +140,10 @@ class Sampler:
     def _top_k_top_p(self, logits: torch.Tensor, params) -> torch.Tensor:
         vocab = logits.shape[-1]
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # [num_seqs, vocab]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=self.device)
+        top_k = to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, self.device)
         drop = torch.arange(vocab, device=self.device)[None, :] >= top_k[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
+        top_p = to_device([p.top_p for p in params], torch.float32, self.device)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the better tokens
         drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # the first token is always kept
@@ -148,10 +157,10 @@ class Sampler:
         output_counts = self._token_counts([seqs[r].output_token_ids for r in rows], vocab)  # [rows, vocab]
         seen = self._token_counts([seqs[r].prompt_token_ids for r in rows], vocab) > 0
         seen |= output_counts > 0
-        row_index = torch.tensor(rows, device=self.device)
+        row_index = to_device(rows, torch.int64, self.device)
         rows_logits = logits[row_index]
-        as_tensor = lambda name: torch.tensor(  # noqa: E731
-            [getattr(seqs[r].params, name) for r in rows], dtype=torch.float32, device=self.device)[:, None]
+        as_tensor = lambda name: to_device(  # noqa: E731
+            [getattr(seqs[r].params, name) for r in rows], torch.float32, self.device)[:, None]
         repetition = as_tensor("repetition_penalty")
         penalized = torch.where(rows_logits > 0, rows_logits / repetition, rows_logits * repetition)
         rows_logits = torch.where(seen, penalized, rows_logits)

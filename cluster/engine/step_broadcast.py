@@ -46,6 +46,10 @@ class StepBroadcaster:
         self._staging = torch.zeros(size, dtype=torch.int64, pin_memory=cuda) if cuda else self._message
         self._staged = torch.cuda.Event() if cuda else None  # the last copy out of _staging
 
+    @property
+    def has_followers(self) -> bool:
+        return self.group is not None
+
     def send(self, host: "HostBatch", kind: StepKind) -> None:
         """Rank 0: sends the step. A no-op without other ranks."""
         if self.group is None:

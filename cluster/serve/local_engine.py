@@ -170,7 +170,8 @@ class LocalEngineClient(EngineClient):
                     self._wakeup.clear()
                     continue
                 outputs = self._engine.step()
-                self._publish_stats(stepped=True)
+                # With async scheduling the last step() of a burst only reads the pending tokens: not a step.
+                self._publish_stats(stepped=self._engine.last_step_num_seqs > 0)
                 if outputs:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
         except BaseException as error:  # the replica must learn of it: its health check reports it

@@ -154,7 +154,8 @@ def _rank_main(rank: int, sections: list[str], preset_name: str, kernels_name: s
             json.dump(results, f)
 
 
-def _engine(preset_name: str, tp: int, ep: int, prompt_counts: list[int], input_len: int, output_len: int) -> dict:
+def _engine(preset_name: str, tp: int, ep: int, prompt_counts: list[int], input_len: int, output_len: int,
+            async_scheduling: bool = True) -> dict:
     """The sharded engine on Ray with random weights: decode tok/s of one stream, then output tok/s of each
     batch of concurrent prompts (all arriving at once), on one set of workers."""
     prompts = max(prompt_counts)
@@ -173,7 +174,8 @@ def _engine(preset_name: str, tp: int, ep: int, prompt_counts: list[int], input_
     spec = ShardSpec(model_dir=None, preset=preset_name, seed=0, dtype="auto", kernels="auto", tp=tp, ep=ep,
                      engine_config=EngineConfig(max_num_seqs=max(prompts, 1), max_num_batched_tokens=4096,
                                                 max_model_len=input_len + output_len + 16,
-                                                max_graph_batch_size=max(prompts, 1)),
+                                                max_graph_batch_size=max(prompts, 1),
+                                                async_scheduling=async_scheduling),
                      max_queued_requests=prompts)
     params = SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True)
     rng = np.random.default_rng(0)
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, nargs="+", default=[64],
                         help="concurrent prompts of each engine batch run (e.g. 64 256)")
     parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="engine: wait for each step's tokens (sharded replicas always do)")
     parser.add_argument("--output-len", type=int, default=256)
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=1), flush=True)
     if "engine" in sections:
         engine = _engine(args.engine_preset or args.preset, args.tp, args.ep, args.prompts, args.input_len,
-                         args.output_len)
+                         args.output_len, not args.no_async_scheduling)
         results.update({f"engine {args.engine_preset or args.preset} tp{args.tp} ep{args.ep}: {k}": v
                         for k, v in engine.items()})
     width = max(len(k) for k in results)
