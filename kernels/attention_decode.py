@@ -20,7 +20,7 @@ from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, ne
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tables"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, sinks_ptr,
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,

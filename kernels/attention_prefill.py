@@ -65,7 +65,7 @@ def _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, 
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_tables"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr, sinks_ptr, out_ptr,
     scale_log2, sliding_window, num_seqs, block_size, head_dim,
@@ -76,19 +76,30 @@ def _prefill_kernel(
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    # Which sequence, and which of its query tiles, this program is.
-    seqs = tl.arange(0, BLOCK_SEQS)
-    q_starts = tl.load(cu_seqlens_ptr + seqs, mask=seqs < num_seqs, other=0)
-    q_ends = tl.load(cu_seqlens_ptr + seqs + 1, mask=seqs < num_seqs, other=0)
-    tiles = (q_ends - q_starts + BLOCK_Q - 1) // BLOCK_Q
-    tiles_end = tl.cumsum(tiles, axis=0)
-    seq = tl.sum((tiles_end <= tile).to(tl.int32), axis=0)
+    # Which sequence, and which of its query tiles, this program is: the sequences' tiles counted BLOCK_SEQS
+    # sequences at a time (a fixed block, so that the number of sequences never asks for another compile).
+    seq = num_seqs  # none yet
+    q_start = num_seqs * 0
+    q_len = num_seqs * 0
+    first_tile = num_seqs * 0  # of the sequence found
+    tiles_before = num_seqs * 0  # in the chunks already scanned
+    for base in range(0, num_seqs, BLOCK_SEQS):
+        seqs = base + tl.arange(0, BLOCK_SEQS)
+        in_batch = seqs < num_seqs
+        q_starts = tl.load(cu_seqlens_ptr + seqs, mask=in_batch, other=0)
+        q_ends = tl.load(cu_seqlens_ptr + seqs + 1, mask=in_batch, other=0)
+        tiles = (q_ends - q_starts + BLOCK_Q - 1) // BLOCK_Q
+        tiles_end = tiles_before + tl.cumsum(tiles, axis=0)
+        is_seq = in_batch & (tiles_end > tile) & (tiles_end - tiles <= tile)  # at most one, in one chunk
+        found = tl.sum(is_seq.to(tl.int32), axis=0)
+        seq = tl.where(found > 0, tl.sum(tl.where(is_seq, seqs, 0), axis=0), seq)
+        q_start += tl.sum(tl.where(is_seq, q_starts, 0), axis=0)
+        q_len += tl.sum(tl.where(is_seq, q_ends - q_starts, 0), axis=0)
+        first_tile += tl.sum(tl.where(is_seq, tiles_end - tiles, 0), axis=0)
+        tiles_before += tl.sum(tiles, axis=0)
     if seq >= num_seqs:
         return
-    is_seq = seqs == seq
-    q_start = tl.sum(tl.where(is_seq, q_starts, 0), axis=0)
-    q_len = tl.sum(tl.where(is_seq, q_ends - q_starts, 0), axis=0)
-    tile_in_seq = tile - tl.sum(tl.where(is_seq, tiles_end - tiles, 0), axis=0)
+    tile_in_seq = tile - first_tile
     context_len = tl.load(context_lens_ptr + seq)
 
     ROWS: tl.constexpr = BLOCK_Q * BLOCK_G
@@ -146,7 +157,7 @@ def paged_attention_prefill(
     sinks: torch.Tensor,  # [num_q_heads] float32
     sm_scale: float,
     sliding_window: int = 0,
-    config: dict | None = None,  # BLOCK_ROWS (query tokens x group heads), BLOCK_N, num_warps, num_stages
+    config: dict | None = None,  # BLOCK_ROWS (query tokens x group heads), BLOCK_N, BLOCK_SEQS, num_warps, num_stages
 ) -> torch.Tensor:  # [num_tokens, num_q_heads, head_dim]
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -157,7 +168,7 @@ def paged_attention_prefill(
         return out
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("q and the caches need head_dim contiguous, and k and v caches one layout")
-    config = dict(BLOCK_ROWS=128, BLOCK_N=64, num_warps=4, num_stages=2) | (config or {})  # best measured, H100
+    config = dict(BLOCK_ROWS=128, BLOCK_N=64, BLOCK_SEQS=64, num_warps=4, num_stages=2) | (config or {})  # H100
     block_g = next_pow2(queries_per_kv)
     block_q = max(1, config["BLOCK_ROWS"] // block_g)
     max_tiles = (num_tokens + num_seqs * (block_q - 1)) // block_q
@@ -167,6 +178,6 @@ def paged_attention_prefill(
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            block_tables.stride(0), out.stride(0), out.stride(1),
            QUERIES_PER_KV=queries_per_kv, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_D=next_pow2(head_dim),
-           BLOCK_N=config["BLOCK_N"], BLOCK_SEQS=next_pow2(num_seqs + 1), EMULATE_BF16=emulate_bf16(),
+           BLOCK_N=config["BLOCK_N"], BLOCK_SEQS=config["BLOCK_SEQS"], EMULATE_BF16=emulate_bf16(),
            num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out

@@ -17,7 +17,7 @@ import triton.language as tl
 from gptoss_serve.kernels.triton_utils import launch, next_pow2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _topk_softmax_kernel(
     logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_logits,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
@@ -67,7 +67,7 @@ def route(
     return weights, expert_ids
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
 def _group_by_expert_kernel(
     ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
     num_pairs, first_expert, num_local_experts, max_blocks,

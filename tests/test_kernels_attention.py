@@ -84,6 +84,16 @@ def test_prefill_and_chunked_prefill_with_cached_prefix(window):
     check(make_batch(q_lens, contexts, 8, 2, 64, 16, window, seed=10 + window))
 
 
+def test_prefill_finds_its_sequence_across_several_chunks_of_sequences():
+    # BLOCK_SEQS=4: 11 sequences scanned in three chunks, query tiles of 16 tokens (two heads per KV head)
+    from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
+
+    q_lens = [3, 1, 40, 1, 1, 17, 2, 1, 64, 5, 1]
+    contexts = [3, 30, 40, 9, 100, 50, 2, 17, 64, 70, 33]
+    args = make_batch(q_lens, contexts, 4, 2, 32, 16, 0, seed=12)
+    check(args, paged_attention_prefill(*args, config=dict(BLOCK_SEQS=4, BLOCK_ROWS=32)))
+
+
 def test_prefill_tiny_head_shapes_and_block_size():
     check(make_batch([9, 40], [9, 77], 4, 2, 16, 4, 16, seed=3))
     check(make_batch([5, 1], [5, 12], 3, 1, 16, 8, 0, seed=4))  # group of 3 query heads
