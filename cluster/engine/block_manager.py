@@ -12,9 +12,10 @@ A prefix hit of k blocks lets a new sequence start at position P = k * block_siz
 blocks 0..k-1; the sliding layers need the blocks covering their window before P, [P - window + 1, P). Those
 cannot be recomputed alone (a sliding layer's keys depend on every layer below it, so on the whole prefix),
 so a hit counts only if the sliding pool still holds them too; otherwise the hit is shortened until it does.
-The sliding pool is small, and a long prefill passes many of its blocks behind the window: those go to the front
-of the pool's LRU, so that the window at the end of a finished sequence (what a follow-up turn hits) outlives
-them.
+The sliding pool is small, and a long prefill passes many of its blocks behind the window. Only a few windows
+are worth keeping for later hits: the one before the prompt's last block boundary (a chat's next turn re-renders
+the reply, so its match usually ends where the previous prompt did) and the one before the sequence's end. Every
+other sliding block goes to the front of the pool's LRU when freed, so those windows outlive them.
 """
 
 from __future__ import annotations
@@ -213,15 +214,21 @@ class BlockManager:
         return True
 
     def _free_behind_window(self, seq: Sequence, first_query_position: int) -> None:
-        """Releases the sliding blocks that no query from this position on reads; they go to the front of the LRU
-        (only a hit ending inside this sequence's past could use them)."""
+        """Releases the sliding blocks that no query from this position on reads."""
         table = seq.sliding_block_ids
         end = min(self._first_window_block(first_query_position), len(table))
         for i in range(seq.num_sliding_blocks_freed, end):  # blocks before are freed already
             if table[i] != NO_BLOCK:
-                self.sliding.release(table[i], evict_first=True)
+                self.sliding.release(table[i], evict_first=not self._worth_keeping(seq, i))
                 table[i] = NO_BLOCK
         seq.num_sliding_blocks_freed = max(seq.num_sliding_blocks_freed, end)
+
+    def _worth_keeping(self, seq: Sequence, i: int) -> bool:
+        """Whether sliding block i lies in the window before the prompt's last block boundary or before the last
+        computed one: where a later prompt's prefix hit most likely ends."""
+        bs = self.block_size
+        ends = (seq.num_prompt_tokens // bs * bs, seq.num_computed_tokens // bs * bs)
+        return any(self._first_window_block(end) <= i < end // bs for end in ends)
 
     def record_admission(self, seq: Sequence, hit: PrefixHit) -> None:
         seq.num_prefix_hit_tokens = hit.num_tokens
@@ -230,16 +237,12 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Gives back all of a sequence's blocks. Full pool: the last first, so a cached prefix outlives its tail.
-        Sliding pool: the window before the last full block boundary last, as the most recently used blocks,
-        so that a follow-up extending this sequence finds it; the blocks before it go to the LRU's front."""
+        Sliding pool: the windows worth keeping as the most recently used blocks, the others to the LRU's front."""
         for block in reversed(seq.block_ids):
             self.full.release(block)
-        if self.sliding is not None and seq.sliding_block_ids:
-            last_boundary = seq.num_computed_tokens // self.block_size * self.block_size
-            self._free_behind_window(seq, last_boundary)
-            for block in seq.sliding_block_ids:
-                if block != NO_BLOCK:
-                    self.sliding.release(block)
+        for i, block in enumerate(seq.sliding_block_ids):
+            if block != NO_BLOCK:
+                self.sliding.release(block, evict_first=not self._worth_keeping(seq, i))
         seq.block_ids, seq.sliding_block_ids = [], []
         seq.num_cached_blocks = seq.num_sliding_blocks_freed = 0
 

@@ -3,8 +3,8 @@
 On a GPU the budget is what `gpu_memory_utilization` of the device leaves after the weights (and anything
 else already there) and after the peak activations of the largest step, measured by running one. On CPU it
 is a fixed byte budget. With a sliding pool, the sliding layers get what their windows need for a full batch,
-twice over (the spare half keeps freed window blocks findable for prefix hits), and the full-attention layers
-get the rest.
+twice over, or a tenth of the budget if that is more (the spare keeps freed window blocks findable for prefix
+hits: a cached prefix is usable only while its last window is), and the full-attention layers get the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 512 * 2 ** 20
 CUDA_GRAPH_RESERVE_BYTES = 512 * 2 ** 20  # graph pools and cuBLAS workspaces captured after planning
+SLIDING_CACHE_SHARE = 0.1  # of the KV budget, at least, for the sliding pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,8 @@ def plan_kv_cache(model: GptOssModel, config: EngineConfig) -> KVPlan:
         return KVPlan(_at_least_one(num_blocks, budget), None)
     per_full = KVCache.bytes_per_block(model_config, bs, dtype, num_layers=num_layers - num_sliding_layers)
     per_sliding = KVCache.bytes_per_block(model_config, bs, dtype, num_layers=num_sliding_layers)
-    num_sliding = min(sliding_blocks_wanted(model, config), budget // 2 // per_sliding)
+    wanted = max(sliding_blocks_wanted(model, config), int(budget * SLIDING_CACHE_SHARE) // per_sliding)
+    num_sliding = min(wanted, budget // 2 // per_sliding)
     num_blocks = (budget - num_sliding * per_sliding) // per_full
     return KVPlan(_at_least_one(num_blocks, budget), _at_least_one(num_sliding, budget))
 

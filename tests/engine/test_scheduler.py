@@ -184,3 +184,36 @@ def test_a_sequence_larger_than_the_cache_is_rejected(sliding):
         rejected += fake_step(scheduler).rejected
     assert rejected == [big] and big.finish_reason == FinishReason.LENGTH
     assert not scheduler.has_unfinished() and bm.full.num_used == 0
+
+
+def test_the_window_before_the_prompts_end_outlives_churn_for_the_next_turn():
+    """A chat's next turn matches the previous prompt (the reply is re-rendered, so the match ends there): the
+    window before the prompt's end is kept even after decoding moved past it, while mid-prompt blocks go first."""
+    bm = BlockManager(100, BS, WINDOW, num_sliding_blocks=24)
+    turn = seq(40)
+    chat = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=8)
+    chat.add([turn])
+    while turn.num_output_tokens < 12:  # the window moves 12 tokens past the prompt
+        fake_step(chat)
+    chat.finish([turn], FinishReason.STOP)
+    assert bm.sliding.num_cached == 12
+    burst = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=80)
+    burst.add([seq(72, "other", first_token=1000)])
+    fake_step(burst)  # 18 sliding blocks at once: the 12 never used, then 6 of the turn's cached ones
+    assert bm.sliding.num_cached == 6 + 18
+    follow_up = seq(40)
+    follow_up.token_ids += [555] * 9  # a different reply, then the new user message
+    assert bm.find_prefix(follow_up).num_tokens == 40
+
+
+def test_the_sliding_pool_keeps_a_share_of_the_budget_for_prefix_hits(tiny_model):
+    from gptoss_serve.cluster.engine.config import EngineConfig
+    from gptoss_serve.cluster.engine.kv_plan import SLIDING_CACHE_SHARE, plan_kv_cache, sliding_blocks_wanted
+    from gptoss_serve.model.batch import KVCache
+
+    config = EngineConfig(block_size=4, max_num_seqs=2, max_num_batched_tokens=16, kv_cache_memory_bytes=64 * 2**20)
+    plan = plan_kv_cache(tiny_model, config)
+    sliding_layers = sum(tiny_model.config.is_sliding_layer(n) for n in range(tiny_model.config.num_hidden_layers))
+    per_block = KVCache.bytes_per_block(tiny_model.config, 4, tiny_model.dtype, num_layers=sliding_layers)
+    assert plan.num_sliding_blocks == int(64 * 2**20 * SLIDING_CACHE_SHARE) // per_block
+    assert plan.num_sliding_blocks > sliding_blocks_wanted(tiny_model, config)
