@@ -40,11 +40,14 @@ def unsharded(checkpoint):
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(PROMPTS, PARAMS)]
 
 
-def _spec(checkpoint, tp: int, ep: int):
+def _spec(checkpoint, tp: int, ep: int, async_scheduling: bool = True):
+    import dataclasses
+
     from gptoss_serve.cluster.shard.worker import ShardSpec
 
     return ShardSpec(model_dir=str(checkpoint), preset=None, seed=0, dtype="float32", kernels="torch", tp=tp, ep=ep,
-                     engine_config=ENGINE, max_queued_requests=16)
+                     engine_config=dataclasses.replace(ENGINE, async_scheduling=async_scheduling),
+                     max_queued_requests=16)
 
 
 async def _collect(client, request_id: str, prompt: list[int]):
@@ -55,20 +58,23 @@ async def _collect(client, request_id: str, prompt: list[int]):
     return token_ids, logprobs
 
 
-async def _run_sharded(checkpoint, tp: int, ep: int):
+async def _run_sharded(checkpoint, tp: int, ep: int, async_scheduling: bool = True):
     from gptoss_serve.cluster.shard.engine_client import ShardedEngineClient
 
     loop = asyncio.get_running_loop()
-    client = await asyncio.to_thread(ShardedEngineClient.start, _spec(checkpoint, tp, ep), None, loop, None, True)
+    spec = _spec(checkpoint, tp, ep, async_scheduling)
+    client = await asyncio.to_thread(ShardedEngineClient.start, spec, None, loop, None, True)
     try:
         return await asyncio.gather(*(_collect(client, f"r{i}", p) for i, p in enumerate(PROMPTS)))
     finally:
         await client.shutdown()
 
 
-@pytest.mark.parametrize("tp, ep", [(2, 1), (1, 2), (2, 2), (1, 4)])
-def test_sharded_layouts_match_the_unsharded_engine(ray_cluster, checkpoint, unsharded, tp, ep):
-    results = asyncio.run(_run_sharded(checkpoint, tp, ep))
+@pytest.mark.parametrize("tp, ep, async_scheduling", [(2, 1, True), (1, 2, True), (2, 2, True), (1, 4, True),
+                                                       (2, 1, False)])
+def test_sharded_layouts_match_the_unsharded_engine(ray_cluster, checkpoint, unsharded, tp, ep, async_scheduling):
+    """Async scheduling (the default): the engine's rank broadcasts each step's pending samples to the others."""
+    results = asyncio.run(_run_sharded(checkpoint, tp, ep, async_scheduling))
     for (tokens, logprobs), (want_tokens, want_logprobs) in zip(results, unsharded):
         assert tokens == want_tokens
         got = torch.tensor([lp[t] for lp, t in zip(logprobs, tokens)])

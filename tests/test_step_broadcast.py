@@ -31,6 +31,14 @@ def host_batch(num_seqs: int, num_blocks: int, sliding: bool) -> HostBatch:
 
 # Small, with and without a sliding pool, and one larger than the single message holds.
 STEPS = [(1, 4, False), (7, 9, True), (64, PAYLOAD_CAPACITY["cpu"] // 32, True)]
+PENDING_SAMPLES = torch.tensor([11, 22, 33, 44, 55])  # the previous step's samples, for a step with pending tokens
+
+
+def with_pending(host: HostBatch) -> HostBatch:
+    rows = np.full(host.token_ids.shape[0], -1, dtype=np.int64)
+    rows[2::3] = np.arange(rows[2::3].shape[0]) % PENDING_SAMPLES.shape[0]
+    host.pending_rows = rows
+    return host
 
 
 def _rank(rank: int, init_file: str, out_dir: str) -> None:
@@ -43,9 +51,11 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
         else:
             received.append(broadcaster.receive())
     if rank == 0:
+        broadcaster.send(with_pending(host_batch(7, 9, True)), StepKind.GRAPH, PENDING_SAMPLES)
         broadcaster.send_stop()
     else:
-        received.append(broadcaster.receive())
+        received.append(broadcaster.receive())  # the step with pending tokens
+        received.append(broadcaster.receive())  # stop
         torch.save(received, os.path.join(out_dir, "received.pt"))
     dist.destroy_process_group()
 
@@ -54,12 +64,13 @@ def test_each_step_arrives_whole(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # spawned ranks import this module
     mp.start_processes(_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
     received = torch.load(tmp_path / "received.pt", weights_only=False)
-    assert received[-1] == (StepKind.STOP, None)
+    assert received[-1] == (StepKind.STOP, None, None)
     assert len(host_batch(*STEPS[-1]).block_tables.ravel()) > PAYLOAD_CAPACITY["cpu"]  # takes the second message
-    for i, spec in enumerate(STEPS):
-        kind, got = received[i]
-        want = host_batch(*spec)
-        assert kind == StepKind(i % 2)
+    wanted = [(StepKind(i % 2), host_batch(*spec), None) for i, spec in enumerate(STEPS)]
+    wanted.append((StepKind.GRAPH, with_pending(host_batch(7, 9, True)), PENDING_SAMPLES))
+    for (kind, got, samples), (want_kind, want, want_samples) in zip(received, wanted):
+        assert kind == want_kind
         for field in HostBatch.__dataclass_fields__:
             a, b = getattr(got, field), getattr(want, field)
             assert (a is None and b is None) or (np.array_equal(a, b) and a.dtype == b.dtype), field
+        assert (samples is None and want_samples is None) or torch.equal(samples, want_samples)

@@ -94,9 +94,8 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.last_step_num_seqs = 0  # sequences in the latest step's batch
         self.last_step_num_tokens = 0  # tokens it computed (decodes plus prefill chunks)
-        # Async scheduling: the latest launched step, whose sampled tokens are not read yet. Sharded replicas
-        # run synchronously (their other ranks need each step's tokens on the host).
-        self._async = config.async_scheduling and (broadcaster is None or not broadcaster.has_followers)
+        # Async scheduling: the latest launched step, whose sampled tokens are not read yet.
+        self._async = config.async_scheduling
         self._pending: _PendingStep | None = None
 
     # Requests ------------------------------------------------------------------------------------------------
@@ -169,9 +168,6 @@ class LLMEngine:
     @async_scheduling.setter
     def async_scheduling(self, enabled: bool) -> None:
         """Switches between steps (benchmarks); a pending step's tokens are read at the next step either way."""
-        broadcaster = self.model_runner.broadcaster
-        if enabled and broadcaster is not None and broadcaster.has_followers:
-            raise ValueError("a sharded engine schedules synchronously")
         self._async = enabled
 
     def _can_overlap(self) -> bool:

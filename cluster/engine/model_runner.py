@@ -66,6 +66,9 @@ class HostBatch:
     logits_indices: np.ndarray
     sliding_block_tables: np.ndarray | None
     sliding_slot_mapping: np.ndarray | None
+    # [num_tokens] int64: for a PENDING_TOKEN input, its row of the previous step's samples (on the device),
+    # else -1; None when every input token is on the host.
+    pending_rows: np.ndarray | None = None
 
 
 def build_host_batch(batch: ScheduledBatch, block_size: int, sliding_pool: bool) -> HostBatch:
@@ -139,18 +142,11 @@ class ModelRunner:
         samples = batch.samples
         use_graph = self.graphs is not None and batch.is_decode_only and self.graphs.fits(len(batch))
         kind = StepKind.GRAPH if use_graph else StepKind.EAGER
-        pending_rows = self._pending_rows(batch, host, previous)
-        if pending_rows is not None and self.broadcaster is not None and self.broadcaster.has_followers:
-            raise RuntimeError("a sharded step's tokens must all be on the host (its other ranks receive them)")
-        if self.broadcaster is not None:
-            self.broadcaster.send(host, kind)
-        fill = None
-        if pending_rows is not None:
-            rows = to_device(pending_rows, torch.int64, self.device)
-
-            def fill(token_ids: torch.Tensor) -> None:  # [num_tokens] int64 on the device, in place
-                token_ids.copy_(torch.where(rows >= 0, previous.sampled[rows.clamp(min=0)], token_ids))
-        hidden = self._forward(host, kind, fill)
+        host.pending_rows = self._pending_rows(batch, host, previous)
+        pending_samples = previous.sampled if host.pending_rows is not None else None
+        if self.broadcaster is not None:  # the other ranks get the pending tokens' samples from this rank
+            self.broadcaster.send(host, kind, pending_samples)
+        hidden = self._forward(host, kind, self._pending_fill(host, pending_samples))
         if use_graph and not all(samples):  # graphs give a row per sequence: keep those that sample
             hidden = hidden[to_device(np.flatnonzero(samples), torch.int64, self.device)]
         sampling_seqs = [seq for seq, s in zip(batch.seqs, samples) if s]
@@ -175,6 +171,17 @@ class ModelRunner:
         rows[pending_at] = [previous.sample_rows[batch.seqs[i].seq_id] for i in seq_index.tolist()]
         return rows
 
+    def _pending_fill(self, host: HostBatch, samples: torch.Tensor | None):
+        """None if every input token is on the host, else a function that puts the pending ones, taken from the
+        previous step's samples [num_prev] int64 on the device, into the step's token ids in place."""
+        if host.pending_rows is None:
+            return None
+        rows = to_device(host.pending_rows, torch.int64, self.device)
+
+        def fill(token_ids: torch.Tensor) -> None:  # [num_tokens] int64 on the device
+            token_ids.copy_(torch.where(rows >= 0, samples[rows.clamp(min=0)], token_ids))
+        return fill
+
     def _forward(self, host: HostBatch, kind: StepKind, fill=None) -> torch.Tensor:
         """fill: if given, completes the step's token ids on the device (in place) before the forward."""
         if kind == StepKind.GRAPH:
@@ -191,10 +198,10 @@ class ModelRunner:
         number of steps run."""
         num_steps = 0
         while True:
-            kind, host = self.broadcaster.receive()
+            kind, host, pending_samples = self.broadcaster.receive()
             if kind == StepKind.STOP:
                 return num_steps
-            self._forward(host, kind)
+            self._forward(host, kind, self._pending_fill(host, pending_samples))
             num_steps += 1
 
     def _to_device(self, host: HostBatch) -> ForwardBatch:
