@@ -2,7 +2,7 @@
 synchronous scheduling, then async, then synchronous again (each with the prefix cache emptied); then a
 torch-profiler split of one 4,096-token prefill step. The run behind docs/PERFORMANCE.md's JIT-stall finding.
 E.g. python3 tools/engine_step_times.py"""
-import sys, time, json, collections
+import time, collections
 import torch
 from gptoss_serve.cluster.engine.config import EngineConfig
 from gptoss_serve.cluster.engine.llm_engine import LLMEngine

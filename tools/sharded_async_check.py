@@ -2,7 +2,7 @@
 tokens of three prompts compared, then single-stream decode tok/s of each. SEQUENTIAL=1 sends the prompts one at
 a time (the same batch shapes in both runs); LONG_TOKENS sets the timed stream's length (default 512).
 E.g. python3 tools/sharded_async_check.py gpt-oss-120b 1 2 (on 2 GPUs; on CPU: tiny 2 1)"""
-import asyncio, dataclasses, os, sys, time
+import asyncio, os, sys, time
 import numpy as np
 import ray
 import torch

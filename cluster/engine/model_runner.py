@@ -1,7 +1,7 @@
 """Runs one scheduled step on the model: builds the batch tensors, runs the forward (or replays a CUDA graph),
 computes the logits of the sequences that sample, and samples.
 
-`launch` only enqueues that work and starts copying the samples to the host; `LaunchedStep.wait` reads them.
+`launch` only enqueues that work and starts copying the samples to the host (`LaunchedStep.host_copy`).
 A step may be launched before the previous one's samples are read: a sequence whose last token is still on the
 device (PENDING_TOKEN on the host) takes it from the previous step's sampled tensor on the device.
 
@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import torch
 
-from gptoss_serve.cluster.engine.sampler import HostCopy, Sampler, SamplerOutput, to_device
+from gptoss_serve.cluster.engine.sampler import HostCopy, Sampler, to_device
 from gptoss_serve.cluster.engine.scheduler import ScheduledBatch
 from gptoss_serve.cluster.engine.sequence import PENDING_TOKEN
 from gptoss_serve.cluster.engine.step_broadcast import StepBroadcaster, StepKind
@@ -34,24 +34,11 @@ _INT_FIELDS = ("token_ids", "positions", "cu_seqlens_q", "context_lens", "block_
 
 
 @dataclasses.dataclass
-class StepOutput:
-    sampled_token_ids: list[int | None]  # per scheduled sequence; None where a prefill chunk did not finish
-    logprobs: list[dict[int, float] | None]
-
-
-@dataclasses.dataclass
 class LaunchedStep:
     """A step enqueued on the device: its samples are being copied to the host."""
-    samples: list[bool]  # per scheduled sequence, whether it samples
     sampled: torch.Tensor | None  # [num_sampling] int64 on the device, rows in batch order (None: no sampler)
     sample_rows: dict[int, int]  # seq_id -> its row of `sampled`
-    host_copy: HostCopy | None
-
-    def wait(self) -> StepOutput:
-        """Blocks until the step's samples are on the host."""
-        if self.host_copy is None:
-            return StepOutput([None] * len(self.samples), [None] * len(self.samples))
-        return _spread(self.host_copy.wait(), self.samples)
+    host_copy: HostCopy | None  # the samples on their way to the host, in `sampled`'s row order
 
 
 @dataclasses.dataclass
@@ -130,10 +117,6 @@ class ModelRunner:
             if graphs.capture():
                 self.graphs = graphs
 
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
-        """Runs the step and waits for its samples."""
-        return self.launch(batch).wait()
-
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, previous: LaunchedStep | None = None) -> LaunchedStep:
         """Enqueues the step without waiting for the device. previous: the step before, whose samples are the
@@ -151,10 +134,10 @@ class ModelRunner:
             hidden = hidden[to_device(np.flatnonzero(samples), torch.int64, self.device)]
         sampling_seqs = [seq for seq, s in zip(batch.seqs, samples) if s]
         if not sampling_seqs:
-            return LaunchedStep(samples, None, {}, None)
+            return LaunchedStep(None, {}, None)
         logits = self.model.compute_logits(hidden)  # [num_sampling, vocab] float32
         sampled = self.sampler.sample(logits, sampling_seqs)
-        return LaunchedStep(samples, sampled.token_ids, {seq.seq_id: row for row, seq in enumerate(sampling_seqs)},
+        return LaunchedStep(sampled.token_ids, {seq.seq_id: row for row, seq in enumerate(sampling_seqs)},
                             sampled.copy_to_host())
 
     @staticmethod
@@ -218,10 +201,3 @@ class ModelRunner:
             fields[name] = tensor.to(torch.int32) if array.dtype == np.int32 else tensor
             offset += array.size
         return ForwardBatch(**fields)
-
-
-def _spread(out: SamplerOutput, samples: list[bool]) -> StepOutput:
-    """Sampler rows back to the step's sequences (None for sequences that did not sample)."""
-    tokens, logprobs = iter(out.token_ids), iter(out.logprobs)
-    return StepOutput([next(tokens) if s else None for s in samples],
-                      [next(logprobs) if s else None for s in samples])
