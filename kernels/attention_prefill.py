@@ -157,7 +157,7 @@ def paged_attention_prefill(
     sinks: torch.Tensor,  # [num_q_heads] float32
     sm_scale: float,
     sliding_window: int = 0,
-    config: dict | None = None,  # BLOCK_ROWS (query tokens x group heads), BLOCK_N, BLOCK_SEQS, num_warps, num_stages
+    config: dict | None = None,  # BLOCK_ROWS (query tokens x group heads), BLOCK_N, BLOCK_SEQS, warps, stages
 ) -> torch.Tensor:  # [num_tokens, num_q_heads, head_dim]
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]

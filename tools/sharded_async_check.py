@@ -52,4 +52,5 @@ async def run(async_scheduling):
 sync_tokens, sync_rate = asyncio.run(run(False))
 async_tokens, async_rate = asyncio.run(run(True))
 same = [a == b for a, b in zip(async_tokens, sync_tokens)]
-print(f"{preset_name} tp{tp} ep{ep}: greedy tokens async == sync: {same}; single-stream decode sync {sync_rate:.1f} tok/s, async {async_rate:.1f} tok/s")
+print(f"{preset_name} tp{tp} ep{ep}: greedy tokens async == sync: {same}; "
+      f"single-stream decode sync {sync_rate:.1f} tok/s, async {async_rate:.1f} tok/s")

@@ -31,7 +31,7 @@ from gptoss_serve.model.transformer import GptOssModel
 @dataclasses.dataclass
 class _PendingStep:
     launched: LaunchedStep
-    entries: list[tuple[Sequence, int, int]]  # (sequence, its row of the samples, index of its PENDING_TOKEN)
+    seqs: list[Sequence]  # those whose last token is this step's PENDING_TOKEN
 
 
 @dataclasses.dataclass
@@ -149,17 +149,14 @@ class LLMEngine:
         touched.update((seq.request_id, self.requests[seq.request_id]) for seq in batch.rejected)
         previous = self._pending.launched if self._pending is not None else None
         launched = self.model_runner.launch(batch, previous) if len(batch) else None
-        if self._async:  # the previous step's tokens are read while this one runs
-            if self._pending is not None:
-                self._read_pending(touched)
-            outputs = self._make_outputs(touched)
-            if launched is not None:
-                self._advance(batch, launched)
-            return outputs
-        if launched is not None:
-            self._advance(batch, launched)
+        if launched is not None and not self._async:
+            self._advance(batch, launched)  # and read right below
+        if self._pending is not None:  # async: the previous step's tokens, read while this one runs
             self._read_pending(touched)
-        return self._make_outputs(touched)
+        outputs = self._make_outputs(touched)
+        if launched is not None and self._async:
+            self._advance(batch, launched)
+        return outputs
 
     @property
     def async_scheduling(self) -> bool:
@@ -173,30 +170,30 @@ class LLMEngine:
     def _can_overlap(self) -> bool:
         """Whether the next step may launch before the pending tokens are read: not in sync mode, nor where the
         sampler needs the latest tokens' values (repetition penalties)."""
-        return self._async and not any(seq.params.has_penalties for seq, _, _ in self._pending.entries)
+        return self._async and not any(seq.params.has_penalties for seq in self._pending.seqs)
 
     def _advance(self, batch: ScheduledBatch, launched: LaunchedStep) -> None:
         """The launched step's effect on the sequences, without its token values: computed tokens, and a
         PENDING_TOKEN for each sampled one."""
         self.num_prompt_tokens += sum(n for n, s in zip(batch.num_new_tokens, batch.samples) if not s or n > 1)
-        entries = [(seq, launched.sample_rows[seq.seq_id], seq.num_tokens) for seq, s in zip(batch.seqs, batch.samples)
-                   if s and not seq.is_finished]
+        seqs = [seq for seq, s in zip(batch.seqs, batch.samples) if s and not seq.is_finished]
         self.scheduler.update(batch, [PENDING_TOKEN if s else None for s in batch.samples])
-        for seq, _, _ in entries:
+        for seq in seqs:
             seq.ends_with_pending_token = length_stop(seq, self.max_model_len)
-        self._pending = _PendingStep(launched, entries)
+        self._pending = _PendingStep(launched, seqs)
 
     def _read_pending(self, touched: dict[str, _Request]) -> None:
-        """Waits for the pending step's tokens, puts them in place of their PENDING_TOKENs, and postprocesses
-        them (stops, text, finishing)."""
+        """Waits for the pending step's tokens, puts them in place of their PENDING_TOKENs (each sequence's last
+        token: the next step's advance comes after this), and postprocesses them (stops, text, finishing)."""
         pending, self._pending = self._pending, None
         result = pending.launched.host_copy.wait() if pending.launched.host_copy is not None else None
         now = time.perf_counter()
         finished = []
-        for seq, row, index in pending.entries:
+        for seq in pending.seqs:
             if seq.is_finished:  # aborted while its step ran
                 continue
-            seq.token_ids[index] = result.token_ids[row]
+            row = pending.launched.sample_rows[seq.seq_id]
+            seq.token_ids[-1] = result.token_ids[row]
             seq.ends_with_pending_token = False
             self.num_generated_tokens += 1
             request = self.requests[seq.request_id]

@@ -1,11 +1,11 @@
 """Which sequences run in the next step, and how many tokens each: continuous batching with chunked prefill.
 
-Each step has a token budget. Running sequences go first, oldest first: a decode takes one token, an
-unfinished prefill takes the next chunk that fits (at most `long_prefill_token_threshold` tokens, if set, so
-that one long prompt cannot hold the whole budget while short ones wait). Waiting sequences are admitted after them, first come
+Each step has a token budget. Running sequences go first, oldest first: a decode takes one token, an unfinished
+prefill takes the next chunk that fits (at most `long_prefill_token_threshold` tokens, if set, so that one long
+prompt cannot hold the whole budget while short ones wait). Waiting sequences are admitted after them, first come
 first served, starting after their cached prefix. When the KV cache is full, the newest running sequence is
-preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later (its
-tokens so far become its prompt, and the prefix cache usually hands most of them back).
+preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later (its tokens so
+far become its prompt, and the prefix cache usually hands most of them back).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_chunk = long_prefill_token_threshold or max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         # n > 1: the other samples wait until the first has computed the prompt, then find it in the prefix
@@ -76,13 +76,14 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([], [], [])
         budget = self.max_num_batched_tokens
+        max_chunk = self.long_prefill_token_threshold or budget  # one sequence's tokens in this step
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             if seq.ends_with_pending_token:  # nothing more to compute: it ends when the engine reads that token
                 i += 1
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget, self.max_chunk)
+            num_new = min(seq.num_uncomputed_tokens, budget, max_chunk)
             while not self.block_manager.allocate(seq, num_new):
                 if num_new > 1:  # a shorter prefill chunk may fit without preempting anyone
                     num_new //= 2
@@ -107,7 +108,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hit = self.block_manager.find_prefix(seq)
-            num_new = self._fit_chunk(seq, min(seq.num_tokens - hit.num_tokens, budget, self.max_chunk), hit)
+            num_new = self._fit_chunk(seq, min(seq.num_tokens - hit.num_tokens, budget, max_chunk), hit)
             if num_new == 0:
                 if self.running:
                     break

@@ -3,11 +3,11 @@
 The engine schedules, builds the step's HostBatch and sends it; every other rank receives it and runs the same
 forward (eager, or the same CUDA graph bucket), so the collectives inside the model line up. With async
 scheduling a step's input may hold tokens sampled by the previous step that the engine has not read yet: the
-engine's rank then also broadcasts that step's samples from its device, and every rank fills them in. The message is a
-fixed-size buffer (a header of sizes and flags, then every int field packed as int64), so that a step is one
-collective; a step whose metadata outgrows the buffer sends the rest in a second one. Rank 0 stages the
-message in a pinned buffer allocated once, and on GPUs the copy and the NCCL broadcast are enqueued on the
-stream, so rank 0 does not wait for the other ranks.
+engine's rank then also broadcasts that step's samples from its device, and every rank fills them in. The message
+is a fixed-size buffer (a header of sizes and flags, then every int field packed as int64), so that a step is one
+collective; a step whose metadata outgrows the buffer sends the rest in a second one. Rank 0 stages the message
+in a pinned buffer allocated once, and on GPUs the copy and the NCCL broadcast are enqueued on the stream, so
+rank 0 does not wait for the other ranks.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class StepKind(enum.IntEnum):
 
 class StepBroadcaster:
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device):
+        """group: the replica's ranks; None, or a group of one, has nobody to send to (send is a no-op)."""
+        if group is not None and dist.get_world_size(group) == 1:
+            group = None
         self.group = group
         self.device = device
         self.rank = dist.get_rank(group) if group is not None else 0
@@ -49,8 +52,8 @@ class StepBroadcaster:
         self._staged = torch.cuda.Event() if cuda else None  # the last copy out of _staging
 
     def send(self, host: "HostBatch", kind: StepKind, pending_samples: torch.Tensor | None = None) -> None:
-        """Rank 0: sends the step, and with host.pending_rows the previous step's samples [num_prev] int64 on this
-        rank's device. A no-op without other ranks."""
+        """Rank 0: sends the step, and with host.pending_rows the previous step's samples [num_prev] (int64,
+        contiguous, on this rank's device). A no-op without other ranks."""
         if self.group is None:
             return
         payload = pack(host)
@@ -60,7 +63,7 @@ class StepBroadcaster:
                   host.logits_indices.shape[0], sliding_width, payload.shape[0], num_pending)
         self._send(header, payload)
         if num_pending:
-            dist.broadcast(pending_samples.to(torch.int64).contiguous(), src=self._src, group=self.group)
+            dist.broadcast(pending_samples, src=self._src, group=self.group)
 
     def send_stop(self) -> None:
         if self.group is not None:

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="concurrent prompts of each engine batch run (e.g. 64 256)")
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--no-async-scheduling", action="store_true",
-                        help="engine: wait for each step's tokens (sharded replicas always do)")
+                        help="engine: wait for each step's tokens before scheduling the next")
     parser.add_argument("--output-len", type=int, default=256)
     args = parser.parse_args(argv)
     sections = args.sections.split(",")

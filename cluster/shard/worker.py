@@ -105,8 +105,7 @@ class ShardWorker:
     def _broadcaster(self):
         from gptoss_serve.cluster.engine.step_broadcast import StepBroadcaster
 
-        # One rank alone has nobody to send steps to (and then schedules asynchronously).
-        return StepBroadcaster(dist.group.WORLD if dist.get_world_size() > 1 else None, self.device)
+        return StepBroadcaster(dist.group.WORLD, self.device)
 
     # Ranks 1..N-1 ------------------------------------------------------------------------------------------
     async def follow(self) -> int:
