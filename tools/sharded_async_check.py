@@ -5,11 +5,9 @@ E.g. python3 tools/sharded_async_check.py gpt-oss-120b 1 2 (on 2 GPUs; on CPU: t
 import asyncio, os, sys, time
 import numpy as np
 import ray
-import torch
 from gptoss_serve.cluster.engine.config import EngineConfig
 from gptoss_serve.cluster.engine.sampling_params import SamplingParams
-from gptoss_serve.cluster.shard.engine_client import ShardedEngineClient, shard_bundles
-from gptoss_serve.cluster.shard.worker import ShardSpec
+from gptoss_serve.cluster.shard.bench import random_weights_spec, start_replica, stream_tokens
 
 preset_name, tp, ep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -19,30 +17,18 @@ prompts = [rng.integers(0, 200000, n).tolist() for n in (1024, 300, 37)]
 greedy = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
 long = SamplingParams(temperature=1.0, max_tokens=int(os.environ.get("LONG_TOKENS", 512)), ignore_eos=True)
 
-async def collect(client, rid, prompt, params):
-    toks, first = [], None
-    async for d in client.generate(rid, prompt, params):
-        first = first or time.perf_counter()
-        toks += d.token_ids
-    return toks, first
-
 async def run(async_scheduling):
-    gpus = torch.cuda.is_available()
-    group = ray.util.placement_group(shard_bundles(max(tp, ep), gpus), strategy="STRICT_PACK")
-    ray.get(group.ready(), timeout=120)
-    spec = ShardSpec(model_dir=None, preset=preset_name, seed=0, dtype="auto", kernels="auto", tp=tp, ep=ep,
-                     engine_config=EngineConfig(max_num_seqs=16, max_model_len=2048, async_scheduling=async_scheduling),
-                     max_queued_requests=16)
-    loop = asyncio.get_running_loop()
-    client = await asyncio.to_thread(ShardedEngineClient.start, spec, None, loop, group, gpus)
+    spec = random_weights_spec(preset_name, tp, ep, EngineConfig(max_num_seqs=16, max_model_len=2048,
+                                                                  async_scheduling=async_scheduling), 16)
+    client, group = await start_replica(spec)
     try:
-        await collect(client, "warm", prompts[0], greedy)
+        await stream_tokens(client, "warm", prompts[0], greedy)
         if os.environ.get("SEQUENTIAL"):  # one request at a time: the same batch shapes in both modes
-            outs = [await collect(client, f"g{i}", p, greedy) for i, p in enumerate(prompts)]
+            outs = [await stream_tokens(client, f"g{i}", p, greedy) for i, p in enumerate(prompts)]
         else:
-            outs = await asyncio.gather(*(collect(client, f"g{i}", p, greedy) for i, p in enumerate(prompts)))
-        tokens = [o[0] for o in outs]
-        toks, first = await collect(client, "single", prompts[0], long)
+            outs = await asyncio.gather(*(stream_tokens(client, f"g{i}", p, greedy) for i, p in enumerate(prompts)))
+        tokens = [o[2] for o in outs]
+        _, first, toks = await stream_tokens(client, "single", prompts[0], long)
         rate = (len(toks) - 1) / (time.perf_counter() - first)
     finally:
         await client.shutdown()

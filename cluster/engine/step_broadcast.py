@@ -1,13 +1,13 @@
-"""One broadcast per step carries the step's metadata from the engine (rank 0) to the other ranks of a replica.
+"""Each step's metadata goes from the engine (rank 0) to the other ranks of a replica as one host message.
 
 The engine schedules, builds the step's HostBatch and sends it; every other rank receives it and runs the same
-forward (eager, or the same CUDA graph bucket), so the collectives inside the model line up. With async
-scheduling a step's input may hold tokens sampled by the previous step that the engine has not read yet: the
-engine's rank then also broadcasts that step's samples from its device, and every rank fills them in. The message
-is a fixed-size buffer (a header of sizes and flags, then every int field packed as int64), so that a step is one
-collective; a step whose metadata outgrows the buffer sends the rest in a second one. Rank 0 stages the message
-in a pinned buffer allocated once, and on GPUs the copy and the NCCL broadcast are enqueued on the stream, so
-rank 0 does not wait for the other ranks.
+forward (eager, or the same CUDA graph bucket), so the collectives inside the model line up. The metadata
+travels between the ranks' hosts (`host_channel.py`: a pipe per rank on one host), never through a device: a
+follower receives the next step while its device still runs the current one and queues its launch behind it,
+instead of waiting for its device once a step. With async scheduling a step's input may hold tokens sampled by
+the previous step that the engine has not read yet: the engine's rank then also broadcasts that step's samples
+from its device (a device collective, queued in stream order on every rank), and every rank fills them in.
+A message is a header of sizes and flags, then every int field packed as int64.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gptoss_serve.cluster.engine.host_channel import open_host_channel
+
 if TYPE_CHECKING:  # model_runner imports this module
     from gptoss_serve.cluster.engine.model_runner import HostBatch
 
 HEADER_SIZE = 8
-# int64 entries after the header. On GPUs a decode step of 256 sequences with 1k-token contexts (about 19k)
-# fits; over gloo (CPU ranks, tests) a smaller message is cheaper and big steps take the second broadcast.
-PAYLOAD_CAPACITY = {"cuda": 1 << 15, "cpu": 1 << 12}
 
 
 class StepKind(enum.IntEnum):
@@ -36,20 +35,17 @@ class StepKind(enum.IntEnum):
 
 
 class StepBroadcaster:
-    def __init__(self, group: dist.ProcessGroup | None, device: torch.device):
-        """group: the replica's ranks; None, or a group of one, has nobody to send to (send is a no-op)."""
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device, transport: str = "auto"):
+        """group: the replica's ranks (the device collectives' group); None, or a group of one, has nobody to
+        send to (send is a no-op). Otherwise collective over every rank of the default group, which opens the
+        host channel (`host_channel.open_host_channel`, `transport`)."""
         if group is not None and dist.get_world_size(group) == 1:
             group = None
         self.group = group
         self.device = device
         self.rank = dist.get_rank(group) if group is not None else 0
         self._src = dist.get_global_rank(group, 0) if group is not None else 0
-        self.capacity = PAYLOAD_CAPACITY["cuda" if device.type == "cuda" else "cpu"]
-        size = HEADER_SIZE + self.capacity
-        self._message = torch.zeros(size, dtype=torch.int64, device=device)  # [header | payload]
-        cuda = device.type == "cuda"
-        self._staging = torch.zeros(size, dtype=torch.int64, pin_memory=cuda) if cuda else self._message
-        self._staged = torch.cuda.Event() if cuda else None  # the last copy out of _staging
+        self.channel = open_host_channel(group, transport) if group is not None else None
 
     def send(self, host: "HostBatch", kind: StepKind, pending_samples: torch.Tensor | None = None) -> None:
         """Rank 0: sends the step, and with host.pending_rows the previous step's samples [num_prev] (int64,
@@ -61,28 +57,24 @@ class StepBroadcaster:
         num_pending = 0 if host.pending_rows is None else pending_samples.shape[0]
         header = (kind, host.token_ids.shape[0], host.context_lens.shape[0], host.block_tables.shape[1],
                   host.logits_indices.shape[0], sliding_width, payload.shape[0], num_pending)
-        self._send(header, payload)
+        self.channel.send(np.concatenate([np.asarray(header, dtype=np.int64), payload]))
         if num_pending:
             dist.broadcast(pending_samples, src=self._src, group=self.group)
 
     def send_stop(self) -> None:
         if self.group is not None:
-            self._send((StepKind.STOP,) + (0,) * (HEADER_SIZE - 1), np.zeros(0, dtype=np.int64))
+            self.channel.send(np.asarray((StepKind.STOP,) + (0,) * (HEADER_SIZE - 1), dtype=np.int64))
 
     def receive(self) -> tuple[StepKind, "HostBatch | None", torch.Tensor | None]:
-        """Other ranks: waits for the next step; returns its kind, metadata and the previous step's samples that
-        its pending tokens come from (None if it has none)."""
-        dist.broadcast(self._message, src=self._src, group=self.group)
-        message = self._message.cpu().numpy() if self.device.type == "cuda" else self._message.numpy().copy()
+        """Other ranks: waits for the next step (on the host only); returns its kind, metadata and the previous
+        step's samples that its pending tokens come from (None if it has none; their broadcast is queued on the
+        device, not waited for)."""
+        message = self.channel.receive()
         kind, num_tokens, num_seqs, max_blocks, num_logits, sliding_width, size, num_pending = \
             message[:HEADER_SIZE].tolist()
         if kind == StepKind.STOP:
             return StepKind.STOP, None, None
-        payload = message[HEADER_SIZE:HEADER_SIZE + min(size, self.capacity)]
-        if size > self.capacity:
-            rest = torch.empty(size - self.capacity, dtype=torch.int64, device=self.device)
-            dist.broadcast(rest, src=self._src, group=self.group)
-            payload = np.concatenate([payload, rest.cpu().numpy()])
+        payload = message[HEADER_SIZE:HEADER_SIZE + size]
         host = unpack(payload, num_tokens, num_seqs, max_blocks, num_logits, sliding_width, num_pending > 0)
         samples = None
         if num_pending:
@@ -90,20 +82,9 @@ class StepBroadcaster:
             dist.broadcast(samples, src=self._src, group=self.group)
         return StepKind(kind), host, samples
 
-    def _send(self, header: tuple[int, ...], payload: np.ndarray) -> None:
-        if self._staged is not None:
-            self._staged.synchronize()  # the previous step's copy out of the staging buffer has finished
-        staging = self._staging.numpy()
-        first = min(payload.shape[0], self.capacity)
-        staging[:HEADER_SIZE] = header
-        staging[HEADER_SIZE:HEADER_SIZE + first] = payload[:first]
-        if self._staged is not None:
-            self._message.copy_(self._staging, non_blocking=True)
-            self._staged.record()
-        dist.broadcast(self._message, src=self._src, group=self.group)
-        if payload.shape[0] > first:
-            rest = torch.from_numpy(payload[first:])
-            dist.broadcast(rest.to(self.device), src=self._src, group=self.group)
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
 
 
 def pack(host: "HostBatch") -> np.ndarray:

@@ -1,7 +1,8 @@
 """`gptoss-serve bench sharded`: a replica's parts over 2 GPUs (or 2 CPU processes with gloo), in one run.
 
-1. collectives: the per-step control path (one step-metadata broadcast) and a decode-sized all-reduce, NCCL
-   against the one-shot symmetric-memory path, eager and inside a CUDA graph;
+1. collectives: the per-step control path (one step message from the engine's rank, over each host channel and,
+   for comparison, by the device broadcast it replaced) and a decode-sized all-reduce, NCCL against the one-shot
+   symmetric-memory path, eager and inside a CUDA graph;
 2. layouts: the same random model unsharded, with --tp 2 and with --ep 2; greedy tokens and logits compared;
 3. engine: the sharded engine on Ray (random weights of --preset): single-stream decode and a concurrent batch.
 """
@@ -40,20 +41,63 @@ def _timed(fn, device: torch.device, iters: int = 200) -> float:
     return statistics.median(samples)
 
 
+def _arrival_us(send, receive, rank: int, iters: int = 200) -> float:
+    """Median µs from rank 0 starting send() to rank 1 holding what receive() returns (sends 1 ms apart, so none
+    waits behind another; perf_counter is one clock for every process of a host)."""
+    stamps = []
+    for _ in range(iters):
+        if rank == 0:
+            time.sleep(1e-3)
+            stamps.append(time.perf_counter())
+            send()
+        else:
+            receive()
+            stamps.append(time.perf_counter())
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, stamps)
+    return statistics.median(b - a for a, b in zip(gathered[0], gathered[1])) * 1e6
+
+
+def _device_message(device: torch.device, words: np.ndarray, rank: int):
+    """The step message sent as before the host channel: staged into a fixed device buffer and broadcast by the
+    device group; the receiver copies it to its host, waiting for its device. (send, receive) for comparison."""
+    message = torch.zeros(8 + (1 << 15), dtype=torch.int64, device=device)
+    staged = torch.zeros_like(message, device="cpu", pin_memory=device.type == "cuda")
+    staged[:words.shape[0]] = torch.from_numpy(words)
+
+    def send() -> None:
+        message.copy_(staged, non_blocking=True)
+        dist.broadcast(message, src=0)
+
+    def receive() -> np.ndarray:
+        dist.broadcast(message, src=0)
+        return message.cpu().numpy()
+    return send, receive
+
+
 def _collectives(rank: int, device: torch.device, results: dict) -> None:
     from gptoss_serve.cluster.engine.model_runner import HostBatch
-    from gptoss_serve.cluster.engine.step_broadcast import StepBroadcaster, StepKind
+    from gptoss_serve.cluster.engine.step_broadcast import StepBroadcaster, StepKind, pack
     from gptoss_serve.model.parallel import ShardGroups
 
     world = dist.group.WORLD
-    broadcaster = StepBroadcaster(world, device)
+    broadcasters = {transport: StepBroadcaster(world, device, transport) for transport in ("pipe", "gloo")}
     for batch in (1, 64, 256):
         blocks = 64  # a 1k-token context at 16 tokens a block
         host = HostBatch(np.arange(batch), np.full(batch, 1000), np.arange(batch + 1, dtype=np.int32),
                          np.full(batch, 1001, dtype=np.int32), np.zeros((batch, blocks), dtype=np.int32),
                          np.arange(batch), np.arange(batch), np.zeros((batch, 10), dtype=np.int32), np.arange(batch))
-        step = (lambda: broadcaster.send(host, StepKind.EAGER)) if rank == 0 else broadcaster.receive
-        results[f"step broadcast, decode batch {batch} (µs)"] = _timed(step, device, 100)
+        for transport, broadcaster in broadcasters.items():
+            label = f"step message over {transport}, decode batch {batch}"
+            step = (lambda: broadcaster.send(host, StepKind.EAGER)) if rank == 0 else broadcaster.receive
+            results[f"{label}: rank 0 send (µs)"] = _timed(step, device, 100)
+            results[f"{label}: arrival on rank 1 (µs)"] = _arrival_us(lambda: broadcaster.send(host, StepKind.EAGER),
+                                                                    broadcaster.receive, rank)
+        send, receive = _device_message(device, pack(host), rank)
+        results[f"step message by device broadcast (before), decode batch {batch}: arrival on rank 1 (µs)"] = \
+            _arrival_us(send, receive, rank)
+    for broadcaster in broadcasters.values():
+        broadcaster.close()
     if device.type != "cuda":
         x = torch.randn(8, 2880)
         results["all-reduce gloo 8x2880 fp32 (µs)"] = _timed(lambda: dist.all_reduce(x), device, 100)
@@ -154,6 +198,37 @@ def _rank_main(rank: int, sections: list[str], preset_name: str, kernels_name: s
             json.dump(results, f)
 
 
+def random_weights_spec(preset_name: str, tp: int, ep: int, engine_config, max_queued_requests: int):
+    """A ShardSpec of random weights of `preset_name` laid out as --tp/--ep (dtype and kernels for the device)."""
+    from gptoss_serve.cluster.shard.worker import ShardSpec
+
+    return ShardSpec(model_dir=None, preset=preset_name, seed=0, dtype="auto", kernels="auto", tp=tp, ep=ep,
+                     engine_config=engine_config, max_queued_requests=max_queued_requests)
+
+
+async def start_replica(spec):
+    """(client, placement group): a sharded replica of `spec` on the current Ray cluster (GPUs if there are)."""
+    import ray
+
+    from gptoss_serve.cluster.shard.engine_client import ShardedEngineClient, shard_bundles
+
+    use_gpus = torch.cuda.is_available()
+    group = ray.util.placement_group(shard_bundles(max(spec.tp, spec.ep), use_gpus), strategy="STRICT_PACK")
+    await asyncio.to_thread(ray.get, group.ready(), timeout=120)
+    client = await asyncio.to_thread(ShardedEngineClient.start, spec, None, asyncio.get_running_loop(), group,
+                                     use_gpus)
+    return client, group
+
+
+async def stream_tokens(client, request_id: str, prompt: list[int], params) -> tuple[float, float, list[int]]:
+    """(start, first-token time, token ids) of one request streamed through the client (perf_counter s)."""
+    start, first, token_ids = time.perf_counter(), None, []
+    async for delta in client.generate(request_id, prompt, params):
+        first = first or time.perf_counter()
+        token_ids += delta.token_ids
+    return start, first, token_ids
+
+
 def _engine(preset_name: str, tp: int, ep: int, prompt_counts: list[int], input_len: int, output_len: int,
             async_scheduling: bool = True) -> dict:
     """The sharded engine on Ray with random weights: decode tok/s of one stream, then output tok/s of each
@@ -163,41 +238,27 @@ def _engine(preset_name: str, tp: int, ep: int, prompt_counts: list[int], input_
 
     from gptoss_serve.cluster.engine.config import EngineConfig
     from gptoss_serve.cluster.engine.sampling_params import SamplingParams
-    from gptoss_serve.cluster.shard.engine_client import ShardedEngineClient, shard_bundles
-    from gptoss_serve.cluster.shard.worker import ShardSpec
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=8)
-    use_gpus = torch.cuda.is_available()
-    group = ray.util.placement_group(shard_bundles(max(tp, ep), use_gpus), strategy="STRICT_PACK")
-    ray.get(group.ready(), timeout=120)
-    spec = ShardSpec(model_dir=None, preset=preset_name, seed=0, dtype="auto", kernels="auto", tp=tp, ep=ep,
-                     engine_config=EngineConfig(max_num_seqs=max(prompts, 1), max_num_batched_tokens=4096,
-                                                max_model_len=input_len + output_len + 16,
-                                                max_graph_batch_size=max(prompts, 1),
-                                                async_scheduling=async_scheduling),
-                     max_queued_requests=prompts)
+    spec = random_weights_spec(preset_name, tp, ep, EngineConfig(
+        max_num_seqs=max(prompts, 1), max_num_batched_tokens=4096, max_model_len=input_len + output_len + 16,
+        max_graph_batch_size=max(prompts, 1), async_scheduling=async_scheduling), max_queued_requests=prompts)
     params = SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True)
     rng = np.random.default_rng(0)
 
-    async def stream(client, request_id: str) -> tuple[float, float, int]:
-        prompt = rng.integers(0, 200000, input_len).tolist()
-        start, first, count = time.perf_counter(), None, 0
-        async for delta in client.generate(request_id, prompt, params):
-            first = first or time.perf_counter()
-            count += len(delta.token_ids)
-        return start, first, count
+    def stream(client, request_id: str):
+        return stream_tokens(client, request_id, rng.integers(0, 200000, input_len).tolist(), params)
 
     async def run() -> dict:
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        client = await asyncio.to_thread(ShardedEngineClient.start, spec, None, loop, group, use_gpus)
+        client, _ = await start_replica(spec)
         out = {"load and capture (s)": round(time.perf_counter() - started, 1)}
         try:
             await stream(client, "warm-up")  # then a batch: kernels compile for the shapes to come, untimed
             await asyncio.gather(*(stream(client, f"warm-up-{i}") for i in range(min(8, prompts))))
-            start, first, count = await stream(client, "single")
-            out["single stream decode tok/s"] = round((count - 1) / (time.perf_counter() - first), 1)
+            start, first, tokens = await stream(client, "single")
+            out["single stream decode tok/s"] = round((len(tokens) - 1) / (time.perf_counter() - first), 1)
             out["single stream TTFT (ms)"] = round((first - start) * 1e3, 1)
             for count in prompt_counts:
                 if count <= 1:
@@ -205,7 +266,7 @@ def _engine(preset_name: str, tp: int, ep: int, prompt_counts: list[int], input_
                 begin = time.perf_counter()
                 runs = await asyncio.gather(*(stream(client, f"batch-{count}-{i}") for i in range(count)))
                 wall = time.perf_counter() - begin
-                out[f"{count} prompts output tok/s"] = round(sum(r[2] for r in runs) / wall, 1)
+                out[f"{count} prompts output tok/s"] = round(sum(len(r[2]) for r in runs) / wall, 1)
                 out[f"{count} prompts TTFT median (ms)"] = round(
                     1e3 * float(np.median([first - start for start, first, _ in runs])), 1)
         finally:

@@ -110,9 +110,16 @@ class ShardWorker:
     # Ranks 1..N-1 ------------------------------------------------------------------------------------------
     async def follow(self) -> int:
         """Runs the steps rank 0 broadcasts until it stops; returns how many ran."""
+        return await asyncio.to_thread(self._follow)
+
+    def _follow(self) -> int:
         from gptoss_serve.cluster.engine.llm_engine import run_follower
 
-        return await asyncio.to_thread(run_follower, self.model, self.spec.engine_config, self._broadcaster())
+        broadcaster = self._broadcaster()  # collective with rank 0's start_engine
+        try:
+            return run_follower(self.model, self.spec.engine_config, broadcaster)
+        finally:
+            broadcaster.close()
 
     # Rank 0 ------------------------------------------------------------------------------------------------
     async def start_engine(self, tokenizer_dir: str | None) -> dict[str, Any]:
@@ -126,7 +133,7 @@ class ShardWorker:
         except (ImportError, OSError) as error:  # random weights on a machine without the vocabulary: ids only
             logger.warning("no tokenizer (%s): the engine returns token ids and no text", error)
             tokenizer = None
-        self.broadcaster = self._broadcaster()
+        self.broadcaster = await asyncio.to_thread(self._broadcaster)  # collective with the followers' follow()
         engine = await asyncio.to_thread(LLMEngine, self.model, self.spec.engine_config, tokenizer, self.broadcaster)
         self.client = LocalEngineClient(engine, self.spec.max_queued_requests, asyncio.get_running_loop())
         return dataclasses.asdict(self.client.info())
@@ -170,3 +177,4 @@ class ShardWorker:
         if self.client is not None:
             await self.client.shutdown()  # the step loop has stopped: no step is being sent any more
             self.broadcaster.send_stop()
+            self.broadcaster.close()
