@@ -23,9 +23,10 @@ storing the activation rows in grouped order; the second (w2) adds its bias, mul
 and stores each pair's row at its (token, slot) place; `combine` then sums a token's top_k rows in a fixed
 order (deterministic, unlike atomics). Intermediate roundings to bf16 mirror the torch twin's.
 
-Decode (`moe_experts_splitk`, taken at SPLITK_MAX_TOKENS tokens and fewer): the K dimension is split over
-programs that store float32 partial sums; follow-up kernels sum the splits in a fixed order and apply the same
-epilogues with the same roundings. `tile_rows` (done once at load after `split_nibbles`) lays the bytes of 64
+Decode (`moe_experts_splitk`, taken at SPLITK_MAX_TOKENS tokens and fewer, or where `takes_gemv`): the K
+dimension is split over programs that store float32 partial sums; follow-up kernels sum the splits in a fixed
+order and apply the same epilogues with the same roundings. The partial sums come from the split-K kernel
+below, or, for steps whose pairs meet experts of their own, from the matrix-vector kernel of moe_gemv.py. `tile_rows` (done once at load after `split_nibbles`) lays the bytes of 64
 rows' K block side by side, so one K step of a weight tile reads one contiguous run; both paths read either layout.
 """
 
@@ -662,6 +663,19 @@ def moe_matmul(
 
 
 SPLITK_MAX_TOKENS = 1  # the split-K path up to this many tokens: where it won on an H200 (see _splitk_config)
+# Decode steps whose pairs nearly all meet experts of their own go to the matrix-vector kernel (kernels/moe_gemv.py,
+# the activation slice held in registers, pairs one by one): one token, or up to num_local_experts /
+# (top_k * GEMV_EXPERTS_PER_PAIR) tokens. H200, 2026-12-01 (docs/PERFORMANCE.md), µs for the experts:
+# 20b 1 token 62.8 -> 49.9 (split-K before), 2 tokens 95.0 -> 84.5; 120b 2 tokens 115 -> 86, 4 tokens 179 -> 152,
+# 8 tokens 303 -> 277; but 20b at 4 and 8 tokens, whose pairs share experts, lost (145 -> 150, 203 -> 273).
+# The 20b engine's single stream: 320 -> 349 tok/s. False: the split-K kernel at one token, grouped beyond.
+GEMV_DECODE = True
+GEMV_EXPERTS_PER_PAIR = 4
+
+
+def takes_gemv(num_tokens: int, top_k: int, num_local_experts: int) -> bool:
+    """Whether a step of num_tokens (no config given) runs on the matrix-vector kernel; from shapes alone."""
+    return GEMV_DECODE and (num_tokens == 1 or num_tokens * top_k * GEMV_EXPERTS_PER_PAIR <= num_local_experts)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -679,7 +693,7 @@ def _num_splits(num_programs: int, num_blocks_k: int, num_scales: int, target_pr
     return triton.cdiv(num_blocks_k, blocks_per_split), blocks_per_split
 
 
-def _splitk_config(num_tokens: int, device: torch.device) -> dict:
+def _splitk_config(num_tokens: int, device: torch.device, top_k: int = 4, num_local_experts: int = 0) -> dict:
     """Decode tiles (no autotuning; static shapes only, so CUDA graphs replay the same grid).
 
     A token's top_k experts are distinct, so with BLOCK_M >= num_tokens every expert has one row block. One or
@@ -690,7 +704,12 @@ def _splitk_config(num_tokens: int, device: torch.device) -> dict:
     Measured on an H200 (docs/PERFORMANCE.md, 2026-11-22): at 1 token, 32-row tiles on the tiled-row layout
     71 us against the grouped path's 79 (20b), 76 against 90 (120b); at 2 tokens the 2-row CUDA-core
     variant lost (149 against 110 us) and at 4-64 tokens split-K tied with the grouped path, so
-    moe_experts takes this path at SPLITK_MAX_TOKENS tokens and fewer only."""
+    moe_experts takes this path at SPLITK_MAX_TOKENS tokens and fewer only. Steps that `takes_gemv` get the
+    matrix-vector kernel's tiles instead (faster still, 2026-12-01)."""
+    if takes_gemv(num_tokens, top_k, num_local_experts):
+        from gptoss_serve.kernels.moe_gemv import DEFAULT_GEMV_CONFIG
+
+        return dict(DEFAULT_GEMV_CONFIG, kernel="gemv")
     if num_tokens <= 2:
         config = dict(BLOCK_M=next_pow2(num_tokens), BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1)
     else:
@@ -773,24 +792,33 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
         return out
     if x.dtype != torch.bfloat16 and not emulate_bf16():
         raise ValueError(f"the MoE kernels take bf16 activations, got {x.dtype}")
-    config = _splitk_config(num_tokens, x.device) if config is None else config
+    config = _splitk_config(num_tokens, x.device, top_k, num_local_experts) if config is None else config
     ids = expert_ids.reshape(-1)
-    if num_tokens == 1:  # the pairs are the row blocks (a token's experts are distinct)
-        groups, pair_blocks = None, (ids, first_expert)
+    if num_tokens == 1 or config.get("kernel") == "gemv":  # a pair is a row block: one token's experts are
+        groups, pair_blocks = None, (ids, first_expert)  # distinct, and the gemv kernel takes pairs one by one
     else:
         groups, pair_blocks = group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_M"]), None
-    layout = dict(split_nibbles=split_nibbles, tile_n=tile_n, swizzled=swizzled, fold_scales=fold_scales,
-                  pair_blocks=pair_blocks)
-    ws1 = moe_matmul_splitk(x, w1_blocks, w1_scales, groups, top_k, num_pairs, config, **layout)
+    layout = dict(split_nibbles=split_nibbles, tile_n=tile_n, swizzled=swizzled, fold_scales=fold_scales)
+    if config.get("kernel") == "gemv":  # matrix-vector products, a pair's activation slice in registers
+        from gptoss_serve.kernels.moe_gemv import moe_gemv_splitk
+
+        def matmul(a, blocks, scales, a_row_div):
+            return moe_gemv_splitk(a, blocks, scales, ids, first_expert, a_row_div, config, **layout)
+    else:
+        def matmul(a, blocks, scales, a_row_div):
+            return moe_matmul_splitk(a, blocks, scales, groups, a_row_div, num_pairs, config, pair_blocks=pair_blocks,
+                                     **layout)
+    ws1 = matmul(x, w1_blocks, w1_scales, top_k)
     act = torch.empty((num_pairs, intermediate), dtype=x.dtype, device=x.device)  # by pair index
     # Small blocks: a few pairs' rows still spread over many SMs (these kernels are latency-bound).
-    block = min(256, next_pow2(intermediate))
+    epilogue_block = config.get("EPILOGUE_BLOCK", 256)
+    block = min(epilogue_block, next_pow2(intermediate))
     launch(_splitk_swiglu_kernel, (num_pairs, triton.cdiv(intermediate, block)),
            ws1, ids, b1, act, ws1.shape[0], n1, first_expert, num_local_experts,
            ws1.stride(0), b1.stride(0), act.stride(0), float(swiglu_alpha), float(swiglu_limit),
            HAS_BIAS=True, EMULATE_BF16=emulate_bf16(), BLOCK=block, num_warps=2)
-    ws2 = moe_matmul_splitk(act, w2_blocks, w2_scales, groups, 1, num_pairs, config, **layout)
-    block_h = min(256, next_pow2(hidden))
+    ws2 = matmul(act, w2_blocks, w2_scales, 1)
+    block_h = min(epilogue_block, next_pow2(hidden))
     launch(_splitk_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
            ws2, ids, expert_weights.reshape(-1), b2 if b2 is not None else ws2, out, ws2.shape[0], hidden,
            first_expert, num_local_experts, ws2.stride(0), b2.stride(0) if b2 is not None else 0, out.stride(0),
@@ -817,12 +845,14 @@ def moe_experts(
     swizzled: bool = False,  # bits re-laid out by `swizzle_bits` after `split_nibbles`
     fold_scales: bool = False,  # every scale byte of w1 and w2 <= FOLD_MAX_SCALE (with swizzled)
 ) -> torch.Tensor:  # [num_tokens, hidden] in x's dtype
-    """The MoE layer's experts for this rank. Up to SPLITK_MAX_TOKENS tokens (decode), or with a config that
-    names `target_programs` or `splits`, the split-K path (moe_experts_splitk); else grouped matmuls with fused
-    epilogues. The choice depends on shapes alone."""
+    """The MoE layer's experts for this rank. Decode steps of up to SPLITK_MAX_TOKENS tokens, or that
+    `takes_gemv`, or with a config that names `target_programs`, `splits` or `kernel`, take moe_experts_splitk
+    (split-K or matrix-vector matmuls, then the epilogue kernels); else grouped matmuls with fused epilogues.
+    The choice depends on shapes alone."""
     num_tokens, hidden = x.shape
-    if (config is None and num_tokens <= SPLITK_MAX_TOKENS) or (config is not None and (
-            "target_programs" in config or "splits" in config)):
+    few = num_tokens <= SPLITK_MAX_TOKENS or takes_gemv(num_tokens, expert_ids.shape[1], w1_blocks.shape[0])
+    if (config is None and few) or (config is not None and (
+            "target_programs" in config or "splits" in config or "kernel" in config)):
         return moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales,
                                   b2, swiglu_alpha, swiglu_limit, first_expert, split_nibbles, config, tile_n,
                                   swizzled, fold_scales)

@@ -12,9 +12,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported; the kernels re-read it at launch too
 
+from gptoss_serve.kernels.moe_gemv import DEFAULT_GEMV_CONFIG  # noqa: E402
 from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, SPLITK_MAX_TOKENS, _tile_config,  # noqa: E402
                                              moe_experts, moe_experts_splitk, split_nibbles, swizzle_bits,
-                                             tile_rows, unswizzle_bits)
+                                             takes_gemv, tile_rows, unswizzle_bits)
 from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref  # noqa: E402
 from gptoss_serve.kernels.moe_routing import group_by_expert, max_row_blocks, route  # noqa: E402
 
@@ -232,6 +233,43 @@ def test_swizzled_layout_gives_the_same_result(num_tokens, fold, config):
         torch.testing.assert_close(out, moe_experts(*args, config=cfg), rtol=0, atol=0)
 
 
+# Matrix-vector decode path (kernels/moe_gemv.py) --------------------------------------------------------------
+GEMV_CONFIGS = [dict(kernel="gemv", KB=2, ROWS_PER_THREAD=1, ROWS_PER_PROGRAM=48, num_warps=1),  # 16 rows a step
+                dict(kernel="gemv", KB=4, ROWS_PER_THREAD=2, ROWS_PER_PROGRAM=16, num_warps=1)]  # K range > K
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,hidden,intermediate,first_expert,num_local,has_b2", [
+    (1, 8, 64, 96, 0, 8, True),          # K = 64 and 96: one and several K ranges, the last one partial
+    (1, 8, 96, 64, 2, 4, True),          # expert parallelism: the token may have no expert on this rank
+    (2, 8, 64, 32, 0, 8, False),         # pairs one by one (a shared expert read twice), TP slice, no w2 bias
+    (1, 16, 160, 64, 4, 8, True),        # rows not a multiple of a step's rows (160 and 128 of 16 or 32)
+])
+@pytest.mark.parametrize("config", GEMV_CONFIGS)
+def test_moe_experts_gemv_matches_ref(num_tokens, num_experts, hidden, intermediate, first_expert, num_local,
+                                      has_b2, config):
+    args = make_moe(num_tokens, num_experts, hidden, intermediate, 4, first_expert, num_local, has_b2,
+                    seed=60 + num_tokens + hidden)
+    out = moe_experts(*args, config=config)
+    ref = moe_experts_ref(*args)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert rel_err(out, ref) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
+@pytest.mark.parametrize("swizzled", [False, True])
+def test_moe_experts_gemv_reads_the_serving_layouts(swizzled):
+    """Split nibbles, tiled rows, and the swizzled bits: the same as the checkpoint layout's result."""
+    args = make_moe(1, 8, 64, 64, 4, 0, 8, True, seed=70)
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    relay = serving_layout if swizzled else (lambda b, t: tile_rows(split_nibbles(b), t))
+    config = GEMV_CONFIGS[0]
+    out = moe_experts(x, w, ids, relay(w1b, 16), w1s, b1, relay(w2b, 16), w2s, b2, alpha, limit, first,
+                      split_nibbles=True, swizzled=swizzled, fold_scales=True, tile_n=16, config=config)
+    plain = moe_experts(*args, config=config)
+    if DEVICE == "cpu":  # same products summed in the same order on every layout
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
 # GPU: the real shapes ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -261,6 +299,25 @@ def test_moe_experts_splitk_slices_gpu(num_tokens):
     assert rel_err(moe_experts(*args), moe_experts_ref(*args)) < 1e-2
     args = make_moe(num_tokens, 32, 2880, 1440, 4, 0, 32, False, seed=40 + num_tokens, device="cuda")
     assert rel_err(moe_experts(*args), moe_experts_ref(*args)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("swizzled", [False, True])
+@pytest.mark.parametrize("shape", ["20b", "120b rank 1 of 4 by experts", "20b intermediate half"])
+def test_moe_experts_gemv_real_shapes_gpu(swizzled, shape):
+    from gptoss_serve.kernels.moe_gemv import DEFAULT_GEMV_CONFIG
+
+    spec = {"20b": (32, 2880, 0, 32, True), "120b rank 1 of 4 by experts": (128, 2880, 32, 32, True),
+            "20b intermediate half": (32, 1440, 0, 32, False)}[shape]
+    num_experts, intermediate, first, num_local, has_b2 = spec
+    args = make_moe(1, num_experts, 2880, intermediate, 4, first, num_local, has_b2, seed=80, device="cuda")
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    relay = serving_layout if swizzled else (lambda b, t: tile_rows(split_nibbles(b), t))
+    out = moe_experts(x, w, ids, relay(w1b, 64), w1s, b1, relay(w2b, 64), w2s, b2, alpha, limit, first,
+                      split_nibbles=True, swizzled=swizzled, fold_scales=True, tile_n=64,
+                      config=dict(DEFAULT_GEMV_CONFIG, kernel="gemv"))
+    assert rel_err(out, moe_experts_ref(*args)) < 1e-2
 
 
 @pytest.mark.parametrize("swizzle", [False, True])
@@ -302,3 +359,15 @@ def test_serving_layout_real_shapes_gpu(num_experts, num_tokens, fold):
     out = moe_experts(x, w, ids, serving_layout(w1b, 64), w1s, b1, serving_layout(w2b, 64), w2s, b2, alpha, limit,
                       first, split_nibbles=True, swizzled=True, fold_scales=fold, tile_n=64)
     assert rel_err(out, moe_experts_ref(*args)) < 1e-2
+
+
+
+def test_decode_steps_take_the_gemv_where_their_pairs_meet_experts_of_their_own():
+    assert takes_gemv(1, 4, 4) and takes_gemv(2, 4, 32) and not takes_gemv(4, 4, 32)  # 20b: 1 and 2 tokens
+    assert takes_gemv(8, 4, 128) and not takes_gemv(16, 4, 128)  # 120b: up to 8 tokens
+    assert takes_gemv(4, 4, 64) and not takes_gemv(8, 4, 64)  # 120b over 2 ranks by experts
+    args = make_moe(2, 32, 64, 64, 4, 0, 32, True, seed=90)  # 2 tokens over 32 experts: the gemv by default
+    out = moe_experts(*args)
+    assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
+    torch.testing.assert_close(out, moe_experts(*args, config=dict(DEFAULT_GEMV_CONFIG, kernel="gemv")),
+                               rtol=0, atol=0)

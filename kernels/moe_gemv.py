@@ -1,0 +1,135 @@
+"""One decode token's expert matmuls as matrix-vector products on the CUDA cores, activations held in registers.
+
+With one token each of its top_k experts meets a single activation row, so a matmul is W_e [N, K] @ a [K]. The
+split-K kernel of moe_matmul.py walks K inside a program for a fixed tile of rows, so every K step loads and
+converts a fresh slice of the activation (one value per weight). Here a program owns a fixed K range of one
+pair instead: it loads that slice of the activation once, as float32 registers, and walks rows. Each thread
+holds whole 16-byte MXFP4 blocks (so the dequantization asm sees its bytes in register order), a warp's lanes
+cover a few rows times KB blocks, and a row's partial sum is reduced across those lanes with shuffles only.
+Partial sums of each K range go to the same float32 workspace [splits, pairs, N] as the split-K kernel, whose
+follow-up kernels (SwiGLU, combine) finish the layer with the same roundings.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gptoss_serve.kernels.moe_matmul import _dequant_mxfp4_tile
+from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE, MXFP4_BYTES_PER_BLOCK
+from gptoss_serve.kernels.triton_utils import device_function, emulate_bf16, launch
+
+# Tiles chosen on an H200 (docs/PERFORMANCE.md, 2026-12-01, tools/moe_gemv_sweep.py): a K range of 16 blocks
+# (512 weights of a row, 6 ranges over K = 2880), 2 rows a thread and 64 rows a program. Fewer, longer programs
+# lost (512 rows: 94-138 us against 54), and so did loading the next step's bytes ahead (+6-12 us). The SwiGLU and
+# combine kernels that follow take blocks of 64 (more programs for so few rows: 53.2 -> 50.0 us a layer).
+DEFAULT_GEMV_CONFIG = dict(KB=16, ROWS_PER_THREAD=2, ROWS_PER_PROGRAM=64, num_warps=4, EPILOGUE_BLOCK=64)
+
+
+@triton.jit
+def _moe_gemv_kernel(
+    a_ptr, w_ptr, scales_ptr, ws_ptr, expert_ids_ptr,
+    N, num_blocks_k, a_row_div, num_row_chunks, rows_per_program, first_expert, num_local_experts,
+    stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_s_k, stride_ws_split,
+    SPLIT_NIBBLES: tl.constexpr, SWIZZLED: tl.constexpr, FOLD_SCALES: tl.constexpr, TILE_N: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, KB: tl.constexpr, RB: tl.constexpr,
+):
+    """Program (pair, row chunk, K range): ws[split, pair, rows of the chunk] = W_e[rows, K range] @ a[K range].
+    Each iteration covers RB rows x KB blocks of 32 (16 bytes a thread); the K range is KB blocks."""
+    pair = tl.program_id(0)
+    chunk = tl.program_id(1)
+    split = tl.program_id(2)
+    expert = tl.load(expert_ids_ptr + pair) - first_expert
+    if (expert < 0) | (expert >= num_local_experts):  # routed to another rank's expert
+        return
+    blk = split * KB + tl.arange(0, KB)  # [KB] this program's MXFP4 blocks along K
+    in_blk = blk < num_blocks_k
+    # The activation slice, low- and high-nibble halves [KB, 16] as float32, loaded once.
+    byte = tl.arange(0, 16)
+    if SPLIT_NIBBLES:  # byte j of a block holds elements j and j + 16
+        k_low = blk[:, None] * 32 + byte[None, :]
+        k_high = k_low + 16
+    else:  # the checkpoint's layout: byte j holds elements 2j and 2j + 1
+        k_low = blk[:, None] * 32 + byte[None, :] * 2
+        k_high = k_low + 1
+    a_row = a_ptr + (pair // a_row_div).to(tl.int64) * stride_a
+    a_low = tl.load(a_row + k_low, mask=in_blk[:, None], other=0.0).to(tl.float32)[None, :, :]  # [1, KB, 16]
+    a_high = tl.load(a_row + k_high, mask=in_blk[:, None], other=0.0).to(tl.float32)[None, :, :]
+
+    # Tile [RB * KB, 16] loaded flat, block fastest, then viewed as [RB, KB, 16]: lanes next to each other take
+    # the blocks of one row, so the sum over a row's blocks stays inside a warp.
+    flat = tl.arange(0, RB * KB)
+    r_of = flat // KB
+    b_of = (split * KB + flat % KB)[:, None]  # [RB * KB, 1] the block of each flat entry
+    w_expert = w_ptr + expert.to(tl.int64) * stride_w_expert
+    s_expert = scales_ptr + expert.to(tl.int64) * stride_s_expert
+    row_begin = chunk * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, N)
+    in_k = b_of < num_blocks_k  # [RB * KB, 1]
+    for r0 in range(row_begin, row_end, RB):
+        w_bytes, scale_bytes = _load_tile(w_expert, s_expert, r0 + r_of, row_end, b_of, in_k, byte, stride_w_row,
+                                          stride_s_row, stride_s_k, TILE_N)
+        w_low, w_high = _dequant_mxfp4_tile(tl.reshape(w_bytes, [RB, KB, 16]),
+                                            tl.reshape(scale_bytes, [RB, KB]).to(tl.int32), RB, KB,
+                                            EMULATE_BF16, SWIZZLED, FOLD_SCALES)
+        part = tl.sum(w_low.to(tl.float32) * a_low + w_high.to(tl.float32) * a_high, axis=2)  # [RB, KB]
+        row_sum = tl.sum(part, axis=1)  # [RB]
+        out_rows = r0 + tl.arange(0, RB)
+        tl.store(ws_ptr + split * stride_ws_split + pair.to(tl.int64) * N + out_rows, row_sum, mask=out_rows < row_end)
+
+
+@device_function
+def _load_tile(w_expert, s_expert, rows, row_end, b_of, in_k, byte, stride_w_row, stride_s_row, stride_s_k,
+               TILE_N: tl.constexpr):
+    """Bytes [RB * KB, 16] and scale bytes [RB * KB, 1] of (rows [RB * KB], blocks b_of [RB * KB, 1]); zeros
+    beyond row_end or K."""
+    in_tile = (rows < row_end)[:, None] & in_k
+    rows2 = rows[:, None].to(tl.int64)
+    if TILE_N == 1:
+        w_off = rows2 * stride_w_row + b_of * 16 + byte[None, :]
+    else:  # `tile_rows`: TILE_N rows' block k side by side, then block k + 1
+        w_off = (rows2 // TILE_N) * (stride_w_row * TILE_N) + (rows2 % TILE_N) * 16 + b_of * (16 * TILE_N) \
+            + byte[None, :]
+    w_bytes = tl.load(w_expert + w_off, mask=in_tile, other=0)
+    scale_bytes = tl.load(s_expert + rows2 * stride_s_row + b_of * stride_s_k, mask=in_tile, other=0)
+    return w_bytes, scale_bytes
+
+
+def moe_gemv_splitk(
+    a: torch.Tensor,  # [rows, K]: the token's row (a_row_div = top_k) or the pairs' rows (a_row_div = 1)
+    blocks: torch.Tensor,  # [num_local_experts, N, K / 32, 16] uint8
+    scales: torch.Tensor,  # [num_local_experts, N, K / 32] uint8, any strides
+    expert_ids: torch.Tensor,  # [num_pairs] global expert id of each pair
+    first_expert: int,
+    a_row_div: int,
+    config: dict | None = None,
+    split_nibbles: bool = False,
+    tile_n: int = 1,
+    swizzled: bool = False,
+    fold_scales: bool = False,
+) -> torch.Tensor:  # [splits, num_pairs, N] float32 partial sums (rows of other ranks' pairs unset)
+    """The split-K workspace of moe_matmul.moe_matmul_splitk for one token's pairs, by matrix-vector products."""
+    config = dict(DEFAULT_GEMV_CONFIG, **(config or {}))
+    num_local_experts, n_rows, num_k_blocks, block_bytes = blocks.shape
+    if block_bytes != MXFP4_BYTES_PER_BLOCK or blocks.stride(3) != 1 or blocks.stride(2) != MXFP4_BYTES_PER_BLOCK:
+        raise ValueError("MXFP4 blocks must be [experts, rows, K / 32, 16] with each row's bytes contiguous")
+    if a.stride(1) != 1 or a.shape[1] != num_k_blocks * MXFP4_BLOCK_SIZE:
+        raise ValueError(f"activations [{a.shape[0]}, {a.shape[1]}] with unit stride along K expected")
+    if n_rows % tile_n:
+        raise ValueError(f"{n_rows} weight rows are not whole tiles of {tile_n}")
+    kb, num_warps = config["KB"], config["num_warps"]
+    rb = config["ROWS_PER_THREAD"] * 32 * num_warps // kb  # rows an iteration covers
+    rows_per_program = max(rb, config["ROWS_PER_PROGRAM"] // rb * rb)
+    num_pairs = expert_ids.numel()
+    splits = triton.cdiv(num_k_blocks, kb)
+    row_chunks = triton.cdiv(n_rows, rows_per_program)
+    ws = torch.empty((splits, max(num_pairs, 1), n_rows), dtype=torch.float32, device=a.device)
+    launch(_moe_gemv_kernel, (num_pairs, row_chunks, splits),
+           a, blocks, scales, ws, expert_ids,
+           n_rows, num_k_blocks, a_row_div, row_chunks, rows_per_program, first_expert, num_local_experts,
+           a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), scales.stride(2),
+           ws.stride(0),
+           SPLIT_NIBBLES=split_nibbles or swizzled, SWIZZLED=swizzled, FOLD_SCALES=swizzled and fold_scales,
+           TILE_N=tile_n, EMULATE_BF16=emulate_bf16(), KB=kb, RB=rb, num_warps=num_warps, num_stages=1)
+    return ws
