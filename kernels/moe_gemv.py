@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.moe_matmul import _dequant_mxfp4_tile
-from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE, MXFP4_BYTES_PER_BLOCK
+from gptoss_serve.kernels.moe_matmul import _dequant_mxfp4_tile, check_decode_operands
 from gptoss_serve.kernels.triton_utils import device_function, emulate_bf16, launch
 
 # Tiles chosen on an H200 (docs/PERFORMANCE.md, 2026-12-01, tools/moe_gemv_sweep.py): a K range of 16 blocks
@@ -109,15 +108,10 @@ def moe_gemv_splitk(
     swizzled: bool = False,
     fold_scales: bool = False,
 ) -> torch.Tensor:  # [splits, num_pairs, N] float32 partial sums (rows of other ranks' pairs unset)
-    """The split-K workspace of moe_matmul.moe_matmul_splitk for one token's pairs, by matrix-vector products."""
+    """The split-K workspace of moe_matmul.moe_matmul_splitk for a decode step's pairs (one by one), by
+    matrix-vector products."""
     config = dict(DEFAULT_GEMV_CONFIG, **(config or {}))
-    num_local_experts, n_rows, num_k_blocks, block_bytes = blocks.shape
-    if block_bytes != MXFP4_BYTES_PER_BLOCK or blocks.stride(3) != 1 or blocks.stride(2) != MXFP4_BYTES_PER_BLOCK:
-        raise ValueError("MXFP4 blocks must be [experts, rows, K / 32, 16] with each row's bytes contiguous")
-    if a.stride(1) != 1 or a.shape[1] != num_k_blocks * MXFP4_BLOCK_SIZE:
-        raise ValueError(f"activations [{a.shape[0]}, {a.shape[1]}] with unit stride along K expected")
-    if n_rows % tile_n:
-        raise ValueError(f"{n_rows} weight rows are not whole tiles of {tile_n}")
+    num_local_experts, n_rows, num_k_blocks = check_decode_operands(a, blocks, tile_n)
     kb, num_warps = config["KB"], config["num_warps"]
     rb = config["ROWS_PER_THREAD"] * 32 * num_warps // kb  # rows an iteration covers
     rows_per_program = max(rb, config["ROWS_PER_PROGRAM"] // rb * rb)

@@ -718,6 +718,18 @@ def _splitk_config(num_tokens: int, device: torch.device, top_k: int = 4, num_lo
     return config
 
 
+def check_decode_operands(a: torch.Tensor, blocks: torch.Tensor, tile_n: int) -> tuple[int, int, int]:
+    """(local experts, weight rows N, K blocks) of a decode matmul's operands, or a ValueError naming the problem."""
+    num_local_experts, n_rows, num_k_blocks, block_bytes = blocks.shape
+    if block_bytes != MXFP4_BYTES_PER_BLOCK or blocks.stride(3) != 1 or blocks.stride(2) != MXFP4_BYTES_PER_BLOCK:
+        raise ValueError("MXFP4 blocks must be [experts, rows, K / 32, 16] with each row's bytes contiguous")
+    if a.stride(1) != 1 or a.shape[1] != num_k_blocks * MXFP4_BLOCK_SIZE:
+        raise ValueError(f"activations [{a.shape[0]}, {a.shape[1]}] with unit stride along K expected")
+    if n_rows % tile_n:
+        raise ValueError(f"{n_rows} weight rows are not whole tiles of {tile_n}")
+    return num_local_experts, n_rows, num_k_blocks
+
+
 def moe_matmul_splitk(
     a: torch.Tensor,  # [rows, K]: token rows (a_row_div = top_k) or pair rows (a_row_div = 1)
     blocks: torch.Tensor,  # [num_local_experts, N, K / 32, 16] uint8
@@ -732,13 +744,7 @@ def moe_matmul_splitk(
     fold_scales: bool = False,
     pair_blocks: tuple[torch.Tensor, int] | None = None,  # (expert ids [num_pairs], first_expert): one token
 ) -> torch.Tensor:  # [splits, num_pairs, N] float32 partial sums by pair index (rows of other ranks' pairs unset)
-    num_local_experts, n_rows, num_k_blocks, block_bytes = blocks.shape
-    if block_bytes != MXFP4_BYTES_PER_BLOCK or blocks.stride(3) != 1 or blocks.stride(2) != MXFP4_BYTES_PER_BLOCK:
-        raise ValueError("MXFP4 blocks must be [experts, rows, K / 32, 16] with each row's bytes contiguous")
-    if a.stride(1) != 1 or a.shape[1] != num_k_blocks * MXFP4_BLOCK_SIZE:
-        raise ValueError(f"activations [{a.shape[0]}, {a.shape[1]}] with unit stride along K expected")
-    if n_rows % tile_n:
-        raise ValueError(f"{n_rows} weight rows are not whole tiles of {tile_n}")
+    num_local_experts, n_rows, num_k_blocks = check_decode_operands(a, blocks, tile_n)
     use_dot = config["BLOCK_M"] >= 16
     if swizzled and use_dot:  # eight dots of K = BLOCK_K / 8 a step: the tensor cores need K >= 16
         config = dict(config, BLOCK_K=max(config["BLOCK_K"], SWIZZLED_MIN_BLOCK_K))
