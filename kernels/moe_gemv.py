@@ -29,7 +29,7 @@ DEFAULT_GEMV_CONFIG = dict(KB=16, ROWS_PER_THREAD=2, ROWS_PER_PROGRAM=64, num_wa
 @triton.jit
 def _moe_gemv_kernel(
     a_ptr, w_ptr, scales_ptr, ws_ptr, expert_ids_ptr,
-    N, num_blocks_k, a_row_div, num_row_chunks, rows_per_program, first_expert, num_local_experts,
+    N, num_blocks_k, a_row_div, rows_per_program, first_expert, num_local_experts,
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_s_k, stride_ws_split,
     SPLIT_NIBBLES: tl.constexpr, SWIZZLED: tl.constexpr, FOLD_SCALES: tl.constexpr, TILE_N: tl.constexpr,
     EMULATE_BF16: tl.constexpr, KB: tl.constexpr, RB: tl.constexpr,
@@ -121,7 +121,7 @@ def moe_gemv_splitk(
     ws = torch.empty((splits, max(num_pairs, 1), n_rows), dtype=torch.float32, device=a.device)
     launch(_moe_gemv_kernel, (num_pairs, row_chunks, splits),
            a, blocks, scales, ws, expert_ids,
-           n_rows, num_k_blocks, a_row_div, row_chunks, rows_per_program, first_expert, num_local_experts,
+           n_rows, num_k_blocks, a_row_div, rows_per_program, first_expert, num_local_experts,
            a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), scales.stride(2),
            ws.stride(0),
            SPLIT_NIBBLES=split_nibbles or swizzled, SWIZZLED=swizzled, FOLD_SCALES=swizzled and fold_scales,

@@ -26,8 +26,9 @@ order (deterministic, unlike atomics). Intermediate roundings to bf16 mirror the
 Decode (`moe_experts_splitk`, taken at SPLITK_MAX_TOKENS tokens and fewer, or where `takes_gemv`): the K
 dimension is split over programs that store float32 partial sums; follow-up kernels sum the splits in a fixed
 order and apply the same epilogues with the same roundings. The partial sums come from the split-K kernel
-below, or, for steps whose pairs meet experts of their own, from the matrix-vector kernel of moe_gemv.py. `tile_rows` (done once at load after `split_nibbles`) lays the bytes of 64
-rows' K block side by side, so one K step of a weight tile reads one contiguous run; both paths read either layout.
+below, or, for steps whose pairs meet experts of their own, from the matrix-vector kernel of moe_gemv.py.
+`tile_rows` (done once at load after `split_nibbles`) lays the bytes of 64 rows' K block side by side, so one K
+step of a weight tile reads one contiguous run; both paths read either layout.
 """
 
 from __future__ import annotations
@@ -668,7 +669,7 @@ SPLITK_MAX_TOKENS = 1  # the split-K path up to this many tokens: where it won o
 # (top_k * GEMV_EXPERTS_PER_PAIR) tokens. H200, 2026-12-01 (docs/PERFORMANCE.md), µs for the experts:
 # 20b 1 token 62.8 -> 49.9 (split-K before), 2 tokens 95.0 -> 84.5; 120b 2 tokens 115 -> 86, 4 tokens 179 -> 152,
 # 8 tokens 303 -> 277; but 20b at 4 and 8 tokens, whose pairs share experts, lost (145 -> 150, 203 -> 273).
-# The 20b engine's single stream: 320 -> 349 tok/s. False: the split-K kernel at one token, grouped beyond.
+# The 20b engine's single stream: 320 -> 356 tok/s. False: the split-K kernel at one token, grouped beyond.
 GEMV_DECODE = True
 GEMV_EXPERTS_PER_PAIR = 4
 
@@ -693,7 +694,7 @@ def _num_splits(num_programs: int, num_blocks_k: int, num_scales: int, target_pr
     return triton.cdiv(num_blocks_k, blocks_per_split), blocks_per_split
 
 
-def _splitk_config(num_tokens: int, device: torch.device, top_k: int = 4, num_local_experts: int = 0) -> dict:
+def _splitk_config(num_tokens: int, device: torch.device) -> dict:
     """Decode tiles (no autotuning; static shapes only, so CUDA graphs replay the same grid).
 
     A token's top_k experts are distinct, so with BLOCK_M >= num_tokens every expert has one row block. One or
@@ -704,12 +705,7 @@ def _splitk_config(num_tokens: int, device: torch.device, top_k: int = 4, num_lo
     Measured on an H200 (docs/PERFORMANCE.md, 2026-11-22): at 1 token, 32-row tiles on the tiled-row layout
     71 us against the grouped path's 79 (20b), 76 against 90 (120b); at 2 tokens the 2-row CUDA-core
     variant lost (149 against 110 us) and at 4-64 tokens split-K tied with the grouped path, so
-    moe_experts takes this path at SPLITK_MAX_TOKENS tokens and fewer only. Steps that `takes_gemv` get the
-    matrix-vector kernel's tiles instead (faster still, 2026-12-01)."""
-    if takes_gemv(num_tokens, top_k, num_local_experts):
-        from gptoss_serve.kernels.moe_gemv import DEFAULT_GEMV_CONFIG
-
-        return dict(DEFAULT_GEMV_CONFIG, kernel="gemv")
+    moe_experts takes this path at SPLITK_MAX_TOKENS tokens and fewer only (where `takes_gemv` does not)."""
     if num_tokens <= 2:
         config = dict(BLOCK_M=next_pow2(num_tokens), BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1)
     else:
@@ -798,19 +794,26 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
         return out
     if x.dtype != torch.bfloat16 and not emulate_bf16():
         raise ValueError(f"the MoE kernels take bf16 activations, got {x.dtype}")
-    config = _splitk_config(num_tokens, x.device, top_k, num_local_experts) if config is None else config
+    if config is None and takes_gemv(num_tokens, top_k, num_local_experts):
+        from gptoss_serve.kernels.moe_gemv import DEFAULT_GEMV_CONFIG
+
+        config = dict(DEFAULT_GEMV_CONFIG, kernel="gemv")
+    elif config is None:
+        config = _splitk_config(num_tokens, x.device)
     ids = expert_ids.reshape(-1)
-    if num_tokens == 1 or config.get("kernel") == "gemv":  # a pair is a row block: one token's experts are
-        groups, pair_blocks = None, (ids, first_expert)  # distinct, and the gemv kernel takes pairs one by one
-    else:
-        groups, pair_blocks = group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_M"]), None
     layout = dict(split_nibbles=split_nibbles, tile_n=tile_n, swizzled=swizzled, fold_scales=fold_scales)
-    if config.get("kernel") == "gemv":  # matrix-vector products, a pair's activation slice in registers
+    if config.get("kernel") == "gemv":  # matrix-vector products, pairs one by one, the activation in registers
         from gptoss_serve.kernels.moe_gemv import moe_gemv_splitk
 
         def matmul(a, blocks, scales, a_row_div):
             return moe_gemv_splitk(a, blocks, scales, ids, first_expert, a_row_div, config, **layout)
     else:
+        if num_tokens == 1:  # the pairs are the row blocks (a token's experts are distinct)
+            groups, pair_blocks = None, (ids, first_expert)
+        else:
+            groups = group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_M"])
+            pair_blocks = None
+
         def matmul(a, blocks, scales, a_row_div):
             return moe_matmul_splitk(a, blocks, scales, groups, a_row_div, num_pairs, config, pair_blocks=pair_blocks,
                                      **layout)

@@ -12,7 +12,7 @@ Two transports, chosen at opening from where the ranks run:
   polling), a message is one write per rank, and a rank that died shows as a broken pipe or an end of file.
 - `GlooChannel` (ranks on several hosts): a broadcast over a gloo group of the same ranks.
 
-A message is an int64 array of any length: a length word, then the words.
+A message is int64 words of any number, handed over in parts (joined once, behind a length word).
 """
 
 from __future__ import annotations
@@ -64,11 +64,10 @@ class PipeChannel:
         shutil.rmtree(folder[0])  # every end is open: the names are no longer needed
         return cls(write_fds, None)
 
-    def send(self, words: np.ndarray) -> None:
-        message = np.empty(words.shape[0] + 1, dtype=np.int64)
-        message[0] = words.shape[0]
-        message[1:] = words
-        data = memoryview(message).cast("B")
+    def send(self, *parts: np.ndarray) -> None:
+        """One message of the parts' words, in order."""
+        length = sum(part.shape[0] for part in parts)
+        data = memoryview(np.concatenate([np.asarray([length], dtype=np.int64), *parts])).cast("B")
         for reader, fd in enumerate(self._write_fds, start=1):
             sent = 0
             while sent < len(data):
@@ -105,12 +104,12 @@ class GlooChannel:
         self._group, self._src = group, src
         self._length = torch.zeros(1, dtype=torch.int64)
 
-    def send(self, words: np.ndarray) -> None:
+    def send(self, *parts: np.ndarray) -> None:
+        words = np.concatenate(parts).astype(np.int64, copy=False)
         self._length[0] = words.shape[0]
         dist.broadcast(self._length, src=self._src, group=self._group)
         if words.shape[0]:
-            dist.broadcast(torch.from_numpy(np.ascontiguousarray(words, dtype=np.int64)), src=self._src,
-                           group=self._group)
+            dist.broadcast(torch.from_numpy(words), src=self._src, group=self._group)
 
     def receive(self) -> np.ndarray:
         dist.broadcast(self._length, src=self._src, group=self._group)

@@ -57,7 +57,7 @@ class StepBroadcaster:
         num_pending = 0 if host.pending_rows is None else pending_samples.shape[0]
         header = (kind, host.token_ids.shape[0], host.context_lens.shape[0], host.block_tables.shape[1],
                   host.logits_indices.shape[0], sliding_width, payload.shape[0], num_pending)
-        self.channel.send(np.concatenate([np.asarray(header, dtype=np.int64), payload]))
+        self.channel.send(np.asarray(header, dtype=np.int64), payload)
         if num_pending:
             dist.broadcast(pending_samples, src=self._src, group=self.group)
 

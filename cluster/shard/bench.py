@@ -58,10 +58,12 @@ def _arrival_us(send, receive, rank: int, iters: int = 200) -> float:
     return statistics.median(b - a for a, b in zip(gathered[0], gathered[1])) * 1e6
 
 
-def _device_message(device: torch.device, words: np.ndarray, rank: int):
+def _device_message(device: torch.device, words: np.ndarray):
     """The step message sent as before the host channel: staged into a fixed device buffer and broadcast by the
     device group; the receiver copies it to its host, waiting for its device. (send, receive) for comparison."""
-    message = torch.zeros(8 + (1 << 15), dtype=torch.int64, device=device)
+    from gptoss_serve.cluster.engine.step_broadcast import HEADER_SIZE
+
+    message = torch.zeros(HEADER_SIZE + (1 << 15), dtype=torch.int64, device=device)  # the old fixed size
     staged = torch.zeros_like(message, device="cpu", pin_memory=device.type == "cuda")
     staged[:words.shape[0]] = torch.from_numpy(words)
 
@@ -93,7 +95,7 @@ def _collectives(rank: int, device: torch.device, results: dict) -> None:
             results[f"{label}: rank 0 send (µs)"] = _timed(step, device, 100)
             results[f"{label}: arrival on rank 1 (µs)"] = _arrival_us(lambda: broadcaster.send(host, StepKind.EAGER),
                                                                     broadcaster.receive, rank)
-        send, receive = _device_message(device, pack(host), rank)
+        send, receive = _device_message(device, pack(host))
         results[f"step message by device broadcast (before), decode batch {batch}: arrival on rank 1 (µs)"] = \
             _arrival_us(send, receive, rank)
     for broadcaster in broadcasters.values():
