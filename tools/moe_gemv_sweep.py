@@ -65,7 +65,7 @@ for num_experts, swizzled in itertools.product([int(e) for e in args.experts.spl
     name = f"{'20b' if num_experts == 32 else '120b'}{' swizzled' if swizzled else ''} {args.tokens} tok"
     gemv = moe_matmul.takes_gemv(args.tokens, k, num_experts)
     baseline = f"default ({'gemv' if gemv else 'split-K' if args.tokens <= moe_matmul.SPLITK_MAX_TOKENS else 'grouped'})"
-    splitk = dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=1, target_programs=8 * 132)
+    splitk = moe_matmul._splitk_config(args.tokens, x.device)
     variants = [(baseline, None)] + ([("split-K, CUDA cores", splitk)] if args.tokens == 1 else [])
     variants += [(json.dumps({k_: v for k_, v in c.items() if k_ != "kernel"}), c) for c in configs]
     for label, config in variants:
