@@ -18,6 +18,28 @@ import triton.language as tl
 from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2
 
 LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+
+
+def decode_plan(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: int) -> tuple[int, dict]:
+    """(context slices, tiles) for a decode launch, from static shapes only (CUDA graphs replay the same grid).
+
+    From the sweep on an H200 (tools/attention_decode_sweep.py, docs/PERFORMANCE.md 2026-12-02): about 16
+    programs per SM, slices of at least one key block; where that leaves slices shorter than 512 keys, fewer slices
+    while at least 3 programs per SM remain; two pipeline stages (three lost everywhere); 128-key blocks for slices
+    of 2048 keys and more, or of 512 and more in a small grid, else 64."""
+    programs = num_seqs * num_kv_heads
+    splits = _prev_pow2(max(1, min(MAX_SPLITS, triton.cdiv(16 * num_sms, programs))))
+    splits = min(splits, _prev_pow2(max(1, max_keys // 64)))  # a slice holds at least one 64-key block
+    while splits > 1 and triton.cdiv(max_keys, splits) < 512 and programs * splits // 2 >= 3 * num_sms:
+        splits //= 2
+    partition = triton.cdiv(max_keys, splits)
+    wide = partition >= 2048 or (partition >= 512 and programs * splits <= 4 * num_sms)
+    return splits, dict(BLOCK_N=128 if wide else 64, num_warps=4, num_stages=2)
+
+
+def _prev_pow2(n: int) -> int:
+    return 1 << (int(n).bit_length() - 1)
 
 
 @triton.jit(do_not_specialize=["stride_tables"])
@@ -129,6 +151,7 @@ def paged_attention_decode(
     sm_scale: float,
     sliding_window: int = 0,
     num_splits: int | None = None,  # slices of the context; None = chosen from the shapes
+    tiles: dict | None = None,  # BLOCK_N, num_warps, num_stages over decode_plan's (sweeps)
 ) -> torch.Tensor:  # [num_seqs, num_q_heads, head_dim]
     num_seqs, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -138,15 +161,13 @@ def paged_attention_decode(
         return out
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("q and the caches need head_dim contiguous, and k and v caches one layout")
-    block_n = 64
     max_keys = block_tables.shape[1] * block_size  # static bound on the context
     if sliding_window:
         max_keys = min(max_keys, sliding_window)
-    if num_splits is None:  # about four programs per SM, slices of at least two key blocks
-        programs = num_seqs * num_kv_heads
-        wanted = triton.cdiv(4 * _num_sms(q.device), programs)
-        num_splits = max(1, min(wanted, triton.cdiv(max_keys, 2 * block_n), 64))
-    num_splits = next_pow2(num_splits)
+    plan_splits, plan_tiles = decode_plan(num_seqs, num_kv_heads, max_keys, _num_sms(q.device))
+    num_splits = next_pow2(num_splits) if num_splits is not None else plan_splits
+    tiles = dict(plan_tiles, **(tiles or {}))
+    block_n = tiles["BLOCK_N"]
     partition = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
     block_d = next_pow2(head_dim)
     if num_splits > 1:
@@ -162,7 +183,8 @@ def paged_attention_decode(
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            block_tables.stride(0), out.stride(0), out.stride(1),
            QUERIES_PER_KV=queries_per_kv, BLOCK_G=max(16, next_pow2(queries_per_kv)), BLOCK_D=block_d,
-           BLOCK_N=block_n, NUM_SPLITS=num_splits, EMULATE_BF16=emulate, num_warps=4, num_stages=3)
+           BLOCK_N=block_n, NUM_SPLITS=num_splits, EMULATE_BF16=emulate, num_warps=tiles["num_warps"],
+           num_stages=tiles["num_stages"])
     if num_splits > 1:
         launch(_merge_splits_kernel, (num_seqs, num_q_heads),
                part_acc, part_max, part_sum, out, num_q_heads, head_dim, out.stride(0), out.stride(1),

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.moe_matmul import _dequant_mxfp4_tile, check_decode_operands
+from gptoss_serve.kernels.moe_matmul import (SPLIT_BYTES_F32_ASM, SPLIT_BYTES_F32_FOLDED_ASM, _dequant_mxfp4_tile,
+                                              check_decode_operands)
 from gptoss_serve.kernels.triton_utils import device_function, emulate_bf16, launch
 
 # Tiles chosen on an H200 (docs/PERFORMANCE.md, 2026-12-01, tools/moe_gemv_sweep.py): a K range of 16 blocks
@@ -61,38 +62,81 @@ def _moe_gemv_kernel(
     flat = tl.arange(0, RB * KB)
     r_of = flat // KB
     b_of = (split * KB + flat % KB)[:, None]  # [RB * KB, 1] the block of each flat entry
+    in_k = b_of < num_blocks_k  # [RB * KB, 1]
+    # Offsets within an iteration's RB rows, the same every iteration (RB divides TILE_N: an iteration never
+    # crosses a tile of rows), so each iteration adds one scalar offset.
+    if TILE_N == 1:
+        w_inner = r_of[:, None] * stride_w_row + b_of * 16 + byte[None, :]
+    else:  # `tile_rows`: TILE_N rows' block k side by side, then block k + 1
+        w_inner = r_of[:, None] * 16 + b_of * (16 * TILE_N) + byte[None, :]
+    s_inner = r_of[:, None] * stride_s_row + b_of * stride_s_k
     w_expert = w_ptr + expert.to(tl.int64) * stride_w_expert
     s_expert = scales_ptr + expert.to(tl.int64) * stride_s_expert
     row_begin = chunk * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, N)
-    in_k = b_of < num_blocks_k  # [RB * KB, 1]
     for r0 in range(row_begin, row_end, RB):
-        w_bytes, scale_bytes = _load_tile(w_expert, s_expert, r0 + r_of, row_end, b_of, in_k, byte, stride_w_row,
-                                          stride_s_row, stride_s_k, TILE_N)
-        w_low, w_high = _dequant_mxfp4_tile(tl.reshape(w_bytes, [RB, KB, 16]),
-                                            tl.reshape(scale_bytes, [RB, KB]).to(tl.int32), RB, KB,
-                                            EMULATE_BF16, SWIZZLED, FOLD_SCALES)
-        part = tl.sum(w_low.to(tl.float32) * a_low + w_high.to(tl.float32) * a_high, axis=2)  # [RB, KB]
+        if TILE_N == 1:
+            w_first = r0 * stride_w_row
+        else:
+            w_first = (r0 // TILE_N) * (stride_w_row * TILE_N) + (r0 % TILE_N) * 16
+        in_tile = ((r0 + r_of) < row_end)[:, None] & in_k
+        w_bytes = tl.load(w_expert + w_first + w_inner, mask=in_tile, other=0)  # [RB * KB, 16] uint8
+        scale_bytes = tl.load(s_expert + r0 * stride_s_row + s_inner, mask=in_tile, other=0)  # [RB * KB, 1]
+        w_bytes = tl.reshape(w_bytes, [RB, KB, 16])
+        scale_bytes = tl.reshape(scale_bytes, [RB, KB]).to(tl.int32)
+        if EMULATE_BF16 or SWIZZLED:
+            w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, RB, KB, EMULATE_BF16, SWIZZLED, FOLD_SCALES)
+            w_low = w_low.to(tl.float32)
+            w_high = w_high.to(tl.float32)
+        else:
+            w_low, w_high = _split_bytes_f32(w_bytes, scale_bytes, RB, KB, FOLD_SCALES)
+        part = _fma_sum(tl.zeros([RB, KB], dtype=tl.float32), w_low, a_low, w_high, a_high)  # [RB, KB]
         row_sum = tl.sum(part, axis=1)  # [RB]
         out_rows = r0 + tl.arange(0, RB)
         tl.store(ws_ptr + split * stride_ws_split + pair.to(tl.int64) * N + out_rows, row_sum, mask=out_rows < row_end)
 
 
 @device_function
-def _load_tile(w_expert, s_expert, rows, row_end, b_of, in_k, byte, stride_w_row, stride_s_row, stride_s_k,
-               TILE_N: tl.constexpr):
-    """Bytes [RB * KB, 16] and scale bytes [RB * KB, 1] of (rows [RB * KB], blocks b_of [RB * KB, 1]); zeros
-    beyond row_end or K."""
-    in_tile = (rows < row_end)[:, None] & in_k
-    rows2 = rows[:, None].to(tl.int64)
-    if TILE_N == 1:
-        w_off = rows2 * stride_w_row + b_of * 16 + byte[None, :]
-    else:  # `tile_rows`: TILE_N rows' block k side by side, then block k + 1
-        w_off = (rows2 // TILE_N) * (stride_w_row * TILE_N) + (rows2 % TILE_N) * 16 + b_of * (16 * TILE_N) \
-            + byte[None, :]
-    w_bytes = tl.load(w_expert + w_off, mask=in_tile, other=0)
-    scale_bytes = tl.load(s_expert + rows2 * stride_s_row + b_of * stride_s_k, mask=in_tile, other=0)
-    return w_bytes, scale_bytes
+def _split_bytes_f32(w_bytes, scale_bytes, RB: tl.constexpr, KB: tl.constexpr, FOLD_SCALES: tl.constexpr):
+    """Split-layout bytes [RB, KB, 16] and their scale bytes [RB, KB] (int32) -> the low- and high-nibble values
+    as float32 [RB, KB, 16] each, widened inside the dequantization asm (GPU only)."""
+    if FOLD_SCALES:
+        mult = ((scale_bytes + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        mult = tl.broadcast_to(mult[:, :, None], [RB, KB, 16])
+        w_low, w_high = tl.inline_asm_elementwise(SPLIT_BYTES_F32_FOLDED_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+                                                  [w_bytes, mult], dtype=(tl.float32, tl.float32), is_pure=True,
+                                                  pack=4)
+    else:
+        mult = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        mult = tl.broadcast_to(mult[:, :, None], [RB, KB, 16])
+        w_low, w_high = tl.inline_asm_elementwise(SPLIT_BYTES_F32_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+                                                  [w_bytes, mult], dtype=(tl.float32, tl.float32), is_pure=True,
+                                                  pack=4)
+    return w_low, w_high
+
+
+@device_function
+def _fma_sum(acc, w_low, a_low, w_high, a_high):
+    """acc [RB, KB] + the sum over the last axis of w_low * a_low + w_high * a_high ([RB, KB, n] each, a's
+    broadcast), as one chain of fused multiply-adds: tl.sum would multiply, then add in a tree (1.5 instructions
+    a product instead of 1)."""
+    if w_low.shape[2] == 1:
+        acc = acc + tl.reshape(w_low, acc.shape) * tl.reshape(a_low, [1, acc.shape[1]])
+        acc = acc + tl.reshape(w_high, acc.shape) * tl.reshape(a_high, [1, acc.shape[1]])
+    else:
+        w_low0, w_low1 = _halves(w_low)
+        a_low0, a_low1 = _halves(a_low)
+        w_high0, w_high1 = _halves(w_high)
+        a_high0, a_high1 = _halves(a_high)
+        acc = _fma_sum(acc, w_low0, a_low0, w_high0, a_high0)
+        acc = _fma_sum(acc, w_low1, a_low1, w_high1, a_high1)
+    return acc
+
+
+@device_function
+def _halves(x):
+    """x [A, B, n] -> its even and odd elements along the last axis, [A, B, n / 2] each (in-thread: no data moves)."""
+    return tl.split(tl.reshape(x, [x.shape[0], x.shape[1], x.shape[2] // 2, 2]))
 
 
 def moe_gemv_splitk(
@@ -115,6 +159,8 @@ def moe_gemv_splitk(
     kb, num_warps = config["KB"], config["num_warps"]
     rb = config["ROWS_PER_THREAD"] * 32 * num_warps // kb  # rows an iteration covers
     rows_per_program = max(rb, config["ROWS_PER_PROGRAM"] // rb * rb)
+    if tile_n > 1 and tile_n % rb:
+        raise ValueError(f"an iteration's {rb} rows must not cross a tile of {tile_n} rows")
     num_pairs = expert_ids.numel()
     splits = triton.cdiv(num_k_blocks, kb)
     row_chunks = triton.cdiv(n_rows, rows_per_program)
@@ -124,6 +170,6 @@ def moe_gemv_splitk(
            n_rows, num_k_blocks, a_row_div, rows_per_program, first_expert, num_local_experts,
            a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), scales.stride(2),
            ws.stride(0),
-           SPLIT_NIBBLES=split_nibbles or swizzled, SWIZZLED=swizzled, FOLD_SCALES=swizzled and fold_scales,
+           SPLIT_NIBBLES=split_nibbles or swizzled, SWIZZLED=swizzled, FOLD_SCALES=fold_scales,
            TILE_N=tile_n, EMULATE_BF16=emulate_bf16(), KB=kb, RB=rb, num_warps=num_warps, num_stages=1)
     return ws

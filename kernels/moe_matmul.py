@@ -42,34 +42,39 @@ from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE, MXFP4_BYTES_PER_BLOCK
 from gptoss_serve.kernels.triton_utils import cast_rne, device_function, emulate_bf16, launch, next_pow2
 
 
-# Four nibbles -> four bf16, times the scale: $2 holds four bytes, $3 and $4 the scales of elements (0, 1) and
-# (2, 3) as bf16x2, $0 and $1 receive the values of elements (0, 1) and (2, 3). prmt spreads bytes 0, 1 (and
-# 2, 3) to the two 16-bit halves; shifts and masks put magnitude bits at bf16 bits 8..6 and the sign at bit 15.
-_NIBBLES_TO_BF16_ASM = """
-{{
-.reg .b32 z, k, t0, t1, m0, m1, s0, s1;
-mov.b32 z, 0;
-mov.b32 k, 0x7E807E80;
-prmt.b32 t0, $2, z, 0x4140;
-prmt.b32 t1, $2, z, 0x4342;
-shl.b32 m0, t0, {mag_shift};
-shl.b32 m1, t1, {mag_shift};
-shl.b32 s0, t0, {sign_shift};
-shl.b32 s1, t1, {sign_shift};
-and.b32 m0, m0, 0x01C001C0;
-and.b32 m1, m1, 0x01C001C0;
-and.b32 s0, s0, 0x80008000;
-and.b32 s1, s1, 0x80008000;
-or.b32 m0, m0, s0;
-or.b32 m1, m1, s1;
-mul.rn.bf16x2 m0, m0, k;
-mul.rn.bf16x2 m1, m1, k;
-mul.rn.bf16x2 $0, m0, $3;
-mul.rn.bf16x2 $1, m1, $4;
-}}
-"""
-LOW_NIBBLES_ASM = tl.constexpr(_NIBBLES_TO_BF16_ASM.format(mag_shift=6, sign_shift=12))  # bits 2..0 -> 8..6, 3 -> 15
-HIGH_NIBBLES_ASM = tl.constexpr(_NIBBLES_TO_BF16_ASM.format(mag_shift=2, sign_shift=8))  # bits 6..4 -> 8..6, 7 -> 15
+# Four split-layout bytes -> their eight bf16 values, times the scale (one asm for both nibbles, so the byte
+# spreading is shared). $4 holds four bytes, $5 and $6 the multipliers of elements (0, 1) and (2, 3) as bf16x2;
+# out: $0, $1 the low nibbles' values (elements 0, 1 and 2, 3), $2, $3 the high nibbles'. prmt spreads bytes 0, 1
+# (and 2, 3) to the two 16-bit halves; each half's magnitude bits go to bf16 bits 8..6 and its sign to bit 15, which
+# reads as value * 2^-126 (e1 e0 = 0 lands on bf16 subnormals, exactly 0 and 0.5 * 2^-126). Folded: the multiplier
+# is 2^(s - 1) = 2^126 * 2^(s - 127), one multiply a pair (every scale byte of the weight at most FOLD_MAX_SCALE);
+# else 2^126 first, then 2^(s - 127). About 2.75 instructions a weight folded (two separate asm calls took 4.1).
+# to_f32 (the matrix-vector kernel, which sums on the CUDA cores): each bf16 pair is widened in the asm to two
+# float32, one instruction each ($0..$3 the low nibbles' values, $4..$7 the high ones'; inputs $8, $9, $10).
+def _split_bytes_asm(folded: bool, to_f32: bool = False) -> str:
+    word, mult01, mult23 = ("$8", "$9", "$10") if to_f32 else ("$4", "$5", "$6")
+    lines = ["{", ".reg .b32 z, k, t0, t1, m, s;", "mov.b32 z, 0;", "mov.b32 k, 0x7E807E80;",
+             f"prmt.b32 t0, {word}, z, 0x4140;", f"prmt.b32 t1, {word}, z, 0x4342;"]
+    # (bf16 pair out, f32 outs, source, magnitude shift, sign shift, multiplier)
+    pairs = (("$0", ("$0", "$1"), "t0", 6, 12, mult01), ("$1", ("$2", "$3"), "t1", 6, 12, mult23),
+             ("$2", ("$4", "$5"), "t0", 2, 8, mult01), ("$3", ("$6", "$7"), "t1", 2, 8, mult23))
+    for out, (out_even, out_odd), src, mag_shift, sign_shift, mult in pairs:
+        lines += [f"shl.b32 m, {src}, {mag_shift};", f"shl.b32 s, {src}, {sign_shift};",
+                  "and.b32 m, m, 0x01C001C0;", "and.b32 s, s, 0x80008000;", "or.b32 m, m, s;"]
+        if not folded:
+            lines.append("mul.rn.bf16x2 m, m, k;")
+        if to_f32:
+            lines += [f"mul.rn.bf16x2 m, m, {mult};", f"shl.b32 {out_even}, m, 16;",
+                      f"and.b32 {out_odd}, m, 0xFFFF0000;"]
+        else:
+            lines.append(f"mul.rn.bf16x2 {out}, m, {mult};")
+    return "\n".join(lines + ["}"])
+
+
+SPLIT_BYTES_ASM = tl.constexpr(_split_bytes_asm(folded=False))
+SPLIT_BYTES_FOLDED_ASM = tl.constexpr(_split_bytes_asm(folded=True))
+SPLIT_BYTES_F32_ASM = tl.constexpr(_split_bytes_asm(folded=False, to_f32=True))
+SPLIT_BYTES_F32_FOLDED_ASM = tl.constexpr(_split_bytes_asm(folded=True, to_f32=True))
 
 # The swizzled layout (`swizzle_bits`, done once at load after `split_nibbles`): the 8 nibbles of each 4-byte word
 # of a block (L0..L3, the low nibbles of its bytes: elements 4g..4g+3; H0..H3, the high ones: elements 4g+16..)
@@ -204,7 +209,8 @@ def _moe_matmul_kernel(
                                   other=0)
             a_mask = in_rows[None, :] & (k0 + k_low[:, None] < K)
             acc = _bytes_dot_step(acc, w_bytes, scale_bytes, a_tile_ptr + (k0 + k_low[:, None]),
-                                  a_tile_ptr + (k0 + k_high[:, None]), a_mask, BLOCK_N, NUM_SCALES, EMULATE_BF16)
+                                  a_tile_ptr + (k0 + k_high[:, None]), a_mask, BLOCK_N, NUM_SCALES, EMULATE_BF16,
+                                  FOLD_SCALES)
 
     # The torch twin rounds the matmul, and the bias sum, to the activation dtype: do the same.
     act_dtype = a_ptr.dtype.element_ty
@@ -278,13 +284,16 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
             mult = tl.broadcast_to(mult[:, :, None], [BLOCK_N, NUM_SCALES, 16])
             w_low, w_high = tl.inline_asm_elementwise(SWIZZLED_BYTES_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
                                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    elif FOLD_SCALES:  # 2^(scale - 1) = 2^126 * 2^(scale - 127): a normal bf16 for scale bytes 0..128
+        mult = ((scale_bytes + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        mult = tl.broadcast_to(mult[:, :, None], [BLOCK_N, NUM_SCALES, 16])
+        w_low, w_high = tl.inline_asm_elementwise(SPLIT_BYTES_FOLDED_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
         scale = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
         scale = tl.broadcast_to(scale[:, :, None], [BLOCK_N, NUM_SCALES, 16])
-        w_low = tl.inline_asm_elementwise(LOW_NIBBLES_ASM, "=r,=r,r,r,r", [w_bytes, scale],
-                                          dtype=tl.bfloat16, is_pure=True, pack=4)
-        w_high = tl.inline_asm_elementwise(HIGH_NIBBLES_ASM, "=r,=r,r,r,r", [w_bytes, scale],
-                                           dtype=tl.bfloat16, is_pure=True, pack=4)
+        w_low, w_high = tl.inline_asm_elementwise(SPLIT_BYTES_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, scale],
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     return w_low, w_high
 
 
@@ -337,12 +346,12 @@ def _dot_columns(acc, w, a_ptrs, a_mask, EMULATE_BF16: tl.constexpr):
 
 @device_function
 def _bytes_dot_step(acc, w_bytes, scale_bytes, a_low_ptrs, a_high_ptrs, a_mask, BLOCK_N: tl.constexpr,
-                    NUM_SCALES: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                    NUM_SCALES: tl.constexpr, EMULATE_BF16: tl.constexpr, FOLD_SCALES: tl.constexpr):
     """One K step of a tensor-core matmul on a byte tile [BLOCK_N, NUM_SCALES, 16] (checkpoint or split layout)
     and its scale bytes: two dots, the low nibbles' values against the activation columns a_low_ptrs [HALF_K,
     BLOCK_M], the high nibbles' against a_high_ptrs."""
     HALF_K: tl.constexpr = NUM_SCALES * 16
-    w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N, NUM_SCALES, EMULATE_BF16, False, False)
+    w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N, NUM_SCALES, EMULATE_BF16, False, FOLD_SCALES)
     acc = _dot_columns(acc, tl.reshape(w_low, [BLOCK_N, HALF_K]), a_low_ptrs, a_mask, EMULATE_BF16)
     return _dot_columns(acc, tl.reshape(w_high, [BLOCK_N, HALF_K]), a_high_ptrs, a_mask, EMULATE_BF16)
 
@@ -484,7 +493,8 @@ def _moe_matmul_splitk_kernel(
                 k0 = blk * 32
                 a_mask = in_rows[None, :] & (k0 + k_low[:, None] < blk_end * 32)
                 acc = _bytes_dot_step(acc, w_bytes, scale_bytes, a_tile_ptr + (k0 + k_low[:, None]),
-                                      a_tile_ptr + (k0 + k_high[:, None]), a_mask, BLOCK_N, NUM_SCALES, EMULATE_BF16)
+                                      a_tile_ptr + (k0 + k_high[:, None]), a_mask, BLOCK_N, NUM_SCALES, EMULATE_BF16,
+                                      FOLD_SCALES)
     else:
         # Columns of A met by the low and high nibbles, as a [NUM_SCALES, 16] tile like the bytes'.
         blk2 = tl.arange(0, NUM_SCALES)[:, None]
@@ -630,7 +640,7 @@ def moe_matmul(
     split_nibbles: bool = False,
     tile_n: int = 1,  # blocks re-laid out by `tile_rows(blocks, tile_n)`; 1 = rows one after the other
     swizzled: bool = False,  # bits re-laid out by `swizzle_bits` (after split_nibbles)
-    fold_scales: bool = False,  # every scale byte <= FOLD_MAX_SCALE (swizzled only)
+    fold_scales: bool = False,  # every scale byte <= FOLD_MAX_SCALE: the 2^126 of the dequantization folds in
 ) -> None:
     num_local_experts, n_rows, num_k_blocks, block_bytes = blocks.shape
     k = num_k_blocks * MXFP4_BLOCK_SIZE
@@ -657,7 +667,7 @@ def moe_matmul(
            bias.stride(0) if bias is not None else 0, out.stride(0),
            float(swiglu[0]) if swiglu else 0.0, float(swiglu[1]) if swiglu else 0.0,
            SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None,
-           SPLIT_NIBBLES=split_nibbles or swizzled, SWIZZLED=swizzled, FOLD_SCALES=swizzled and fold_scales,
+           SPLIT_NIBBLES=split_nibbles or swizzled, SWIZZLED=swizzled, FOLD_SCALES=fold_scales,
            TILE_N=tile_n, EMULATE_BF16=emulate_bf16(),
            BLOCK_N=block_n, BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"],
            num_warps=config["num_warps"], num_stages=config["num_stages"])
@@ -769,7 +779,7 @@ def moe_matmul_splitk(
            a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), scales.stride(2),
            ws.stride(0),
            USE_DOT=use_dot, SPLIT_NIBBLES=split_nibbles or swizzled, SWIZZLED=swizzled,
-           FOLD_SCALES=swizzled and fold_scales, PAIR_BLOCKS=pair_blocks is not None, TILE_N=tile_n,
+           FOLD_SCALES=fold_scales, PAIR_BLOCKS=pair_blocks is not None, TILE_N=tile_n,
            EMULATE_BF16=emulate_bf16(),
            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
            num_warps=config["num_warps"], num_stages=config["num_stages"])
@@ -852,7 +862,7 @@ def moe_experts(
     config: dict | None = None,  # tile shapes; None = by heuristic
     tile_n: int = 1,  # w1 and w2 blocks re-laid out by `tile_rows(blocks, tile_n)`
     swizzled: bool = False,  # bits re-laid out by `swizzle_bits` after `split_nibbles`
-    fold_scales: bool = False,  # every scale byte of w1 and w2 <= FOLD_MAX_SCALE (with swizzled)
+    fold_scales: bool = False,  # every scale byte of w1 and w2 <= FOLD_MAX_SCALE
 ) -> torch.Tensor:  # [num_tokens, hidden] in x's dtype
     """The MoE layer's experts for this rank. Decode steps of up to SPLITK_MAX_TOKENS tokens, or that
     `takes_gemv`, or with a config that names `target_programs`, `splits` or `kernel`, take moe_experts_splitk

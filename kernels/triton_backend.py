@@ -79,7 +79,7 @@ class TritonKernels:
             pair = (mlp.mlp1_weight.blocks, mlp.mlp2_weight.blocks)
             tile = self.ROW_TILE if all(b.shape[1] % self.ROW_TILE == 0 for b in pair) else 1
             scales = (mlp.mlp1_weight.scales, mlp.mlp2_weight.scales)
-            fold = self.SWIZZLE and all(s.numel() == 0 or int(s.max()) <= FOLD_MAX_SCALE for s in scales)
+            fold = all(s.numel() == 0 or int(s.max()) <= FOLD_MAX_SCALE for s in scales)
             for blocks in pair:
                 if self._is_split(blocks):
                     continue

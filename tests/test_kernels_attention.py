@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported; the kernels re-read it at launch too
 
-from gptoss_serve.kernels.attention_decode import paged_attention_decode  # noqa: E402
+from gptoss_serve.kernels.attention_decode import MAX_SPLITS, decode_plan, paged_attention_decode  # noqa: E402
 from gptoss_serve.kernels.attention_ref import paged_attention_ref  # noqa: E402
 from gptoss_serve.kernels.triton_backend import paged_attention  # noqa: E402
 
@@ -74,6 +74,29 @@ def test_decode_split_k_merges_with_the_sink(num_splits):
     q, k_cache, v_cache, table, _, context_lens, sinks, sm_scale, window = args
     check(args, paged_attention_decode(q, k_cache, v_cache, table, context_lens, sinks, sm_scale, window,
                                        num_splits=num_splits))
+
+
+@pytest.mark.parametrize("splits,block_n", [(1, 128), (2, 128), (4, 32)])
+def test_decode_tiles_of_the_plan_give_the_same_result(splits, block_n):
+    """The tiles decode_plan picks besides the default 64-key blocks, with slices cut at awkward places."""
+    args = make_batch([1] * 4, [1, 129, 300, 517], 8, 2, 64, 16, 0, seed=block_n + splits)
+    q, k_cache, v_cache, table, _, context_lens, sinks, sm_scale, window = args
+    check(args, paged_attention_decode(q, k_cache, v_cache, table, context_lens, sinks, sm_scale, window,
+                                       num_splits=splits, tiles=dict(BLOCK_N=block_n, num_warps=4, num_stages=2)))
+
+
+def test_decode_plan_is_a_function_of_static_shapes():
+    for num_seqs in (1, 3, 32, 128, 256):
+        for max_keys in (16, 128, 1000, 8192, 131072):
+            splits, tiles = decode_plan(num_seqs, 8, max_keys, 132)
+            assert splits & (splits - 1) == 0 and 1 <= splits <= MAX_SPLITS  # a power of two: the merge's arange
+            assert splits == 1 or max_keys // splits >= 64  # every slice holds at least one key block
+            assert tiles["BLOCK_N"] in (64, 128) and tiles["num_stages"] == 2
+            assert (splits, tiles) == decode_plan(num_seqs, 8, max_keys, 132)
+    # Choices measured best on an H200 (132 SMs; docs/PERFORMANCE.md, 2026-12-02):
+    assert decode_plan(1, 8, 32768, 132) == (64, dict(BLOCK_N=128, num_warps=4, num_stages=2))
+    assert decode_plan(32, 8, 8192, 132) == (8, dict(BLOCK_N=64, num_warps=4, num_stages=2))
+    assert decode_plan(128, 8, 8192, 132)[0] == 2
 
 
 @pytest.mark.parametrize("window", [0, 128, 7])

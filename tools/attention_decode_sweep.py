@@ -1,0 +1,92 @@
+"""Decode attention tile and split sweep on a GPU (paged KV cache, gpt-oss heads), for choosing the defaults of
+kernels/attention_decode.py. Times every variant as kernels/bench.py does (CUDA-graph replays over 4 caches) and
+prints µs and % of the copy bandwidth measured in the same run. Stage 1 sweeps the number of context slices at
+decode_plan's tiles; stage 2 sweeps tiles at the best slice count.
+
+    python3 tools/attention_decode_sweep.py [--batches 1,32,128] [--contexts 1024,8192,32768] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import triton.testing
+
+from gptoss_serve.kernels.attention_decode import paged_attention_decode
+from gptoss_serve.kernels.bench import GPT_OSS, NUM_COPIES, _kv_setup, measure_ceilings
+
+
+def _time(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1,32,128")
+    parser.add_argument("--contexts", default="1024,8192,32768")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    ceil = measure_ceilings()
+    print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
+    hq, hkv, d = GPT_OSS["num_q_heads"], GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
+    results = []
+    for num_seqs in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            gen = torch.Generator().manual_seed(num_seqs * context)
+            caches, tables = _kv_setup(num_seqs, context, 16, gen)
+            q = torch.randn(num_seqs, hq, d, generator=gen).to(torch.bfloat16).cuda()
+            lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
+            sinks = torch.randn(hq, generator=gen).cuda()
+            nbytes = num_seqs * context * hkv * d * 2 * 2 + 2 * q.numel() * 2
+            ref = paged_attention_decode(q, *caches[0], tables, lens, sinks, 0.125).float()
+
+            def run(splits, tiles):
+                out = paged_attention_decode(q, *caches[0], tables, lens, sinks, 0.125, num_splits=splits, tiles=tiles)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                ms = _time(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125, num_splits=splits,
+                                                           tiles=tiles) for kc, vc in caches]) / NUM_COPIES
+                row = dict(batch=num_seqs, context=context, splits=splits, tiles=tiles, us=ms * 1e3,
+                           hbm=nbytes / ms / 1e6 / ceil["copy_gbs"], err=err)
+                results.append(row)
+                print(f"batch {num_seqs:4d} ctx {context:6d} splits {str(splits):>4s} {json.dumps(tiles or {}):60s} "
+                      f"{ms * 1e3:8.1f} us {row['hbm'] * 100:5.1f}% HBM err {err:.1e}", flush=True)
+                return ms
+
+            default = run(None, None)
+            stage1 = {}
+            for splits in (1, 2, 4, 8, 16, 32, 64, 128):
+                if splits * 32 > context:
+                    break
+                try:
+                    stage1[splits] = run(splits, None)
+                except Exception as e:  # noqa: BLE001 - a sweep reports and goes on
+                    print(f"splits {splits}: {type(e).__name__}: {str(e)[:120]}")
+            best = sorted(stage1, key=stage1.get)[:1]
+            for splits, (bn, nw, ns) in itertools.product(best, itertools.product((32, 64, 128), (4, 8), (2, 3))):
+                tiles = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns)
+                if splits * bn > context:
+                    continue
+                try:
+                    run(splits, tiles)
+                except Exception as e:  # noqa: BLE001
+                    print(f"{tiles}: {type(e).__name__}: {str(e)[:120]}")
+            mine = [r for r in results if r["batch"] == num_seqs and r["context"] == context]
+            top = min(mine, key=lambda r: r["us"])
+            print(f"BEST batch {num_seqs} ctx {context}: {top['us']:.1f} us ({top['hbm'] * 100:.1f}%), splits "
+                  f"{top['splits']} {top['tiles']}; default {default * 1e3:.1f} us", flush=True)
+            del caches
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(ceilings=ceil, rows=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Compile a Triton kernel for an sm_90 GPU on a machine without one, and count the SASS it gives.
+
+Triton's compiler and the ptxas/cuobjdump it ships need no driver, so instruction counts (what a weight costs in
+the decode MoE loop, whether loads vectorize) can be read off before spending device time. Arguments are
+specialized as the launcher does: pointers 16-byte aligned, integers equal to 1 made constants, integers
+divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image has 3.6: counts are indicative.
+
+    python3 tools/kernel_sass.py gemv            # the matrix-vector MoE kernel at the 20b w1 shape
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_offline(kernel, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1,
+                    capability: int = 90):
+    """args: name -> a pointer type string ('*bf16', '*u8', ...) or an int; constexprs: name -> value."""
+    fn = getattr(kernel, "fn", None) and kernel  # JITFunction
+    signature, attrs, consts = {}, {}, dict(constexprs)
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
+        if isinstance(value, str):
+            signature[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value == 1:
+            signature[name] = "constexpr"
+            consts[name] = 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _cuobjdump(compiled, flag: str) -> str:
+    path = "/tmp/kernel_sass.cubin"
+    with open(path, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    return subprocess.run([os.path.join(BIN, "cuobjdump"), flag, path], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def sass(compiled) -> str:
+    return _cuobjdump(compiled, "-sass")
+
+
+def registers(compiled) -> str:
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", _cuobjdump(compiled, "-res-usage"))
+    return f"{m.group(1)} registers, {m.group(2)} bytes of stack" if m else "registers unknown"
+
+
+def opcode_counts(text: str) -> collections.Counter:
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)", text)
+    return collections.Counter(op + (suffix if op in ("LDG", "STG", "LDS", "STS") else "") for op, suffix in ops)
+
+
+def loops(text: str) -> list[str]:
+    """The SASS of each backward branch's body (a loop), innermost first by size."""
+    lines = text.splitlines()
+    addr = {}
+    for i, line in enumerate(lines):
+        m = re.search(r"/\*([0-9a-f]{4,})\*/", line)
+        if m:
+            addr[int(m.group(1), 16)] = i
+    bodies = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", line)
+        target = re.search(r"/\*([0-9a-f]{4,})\*/", line)
+        if m and m.group(1) and target and int(m.group(1), 16) < int(target.group(1), 16):
+            bodies.append("\n".join(lines[addr[int(m.group(1), 16)]:i + 1]))
+    labels = {m.group(1): i for i, line in enumerate(lines) for m in [re.match(r"\.L_x_(\d+):", line.strip())] if m}
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`\(\.L_x_(\d+)\)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            bodies.append("\n".join(lines[labels[m.group(1)]:i + 1]))
+    return sorted(bodies, key=len)
+
+
+def report(name: str, compiled, weights_per_thread_per_iter: int | None = None) -> None:
+    text = sass(compiled)
+    total = opcode_counts(text)
+    print(f"== {name}: {sum(total.values())} SASS instructions, {registers(compiled)}")
+    for i, body in enumerate(loops(text)):
+        c = opcode_counts(body)
+        n = sum(c.values())
+        per = f", {n / weights_per_thread_per_iter:.2f} per weight" if weights_per_thread_per_iter else ""
+        print(f"  loop {i}: {n} instructions{per}: " + " ".join(f"{k}={v}" for k, v in c.most_common(14)))
+
+
+def gemv_20b_w1(**overrides):
+    from gptoss_serve.kernels.moe_gemv import _moe_gemv_kernel
+    n, kblocks, e = 5760, 90, 32
+    args = dict(a_ptr="*bf16", w_ptr="*u8", scales_ptr="*u8", ws_ptr="*fp32", expert_ids_ptr="*i32",
+                N=n, num_blocks_k=kblocks, a_row_div=4, rows_per_program=64, first_expert=0, num_local_experts=e,
+                stride_a=2880, stride_w_expert=n * kblocks * 16, stride_w_row=kblocks * 16,
+                stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_s_k=1, stride_ws_split=4 * n)
+    const = dict(SPLIT_NIBBLES=True, SWIZZLED=False, FOLD_SCALES=False, TILE_N=64, EMULATE_BF16=False, KB=16, RB=16)
+    const.update(overrides)
+    return compile_offline(_moe_gemv_kernel, args, const, num_warps=4, num_stages=1)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "gemv"
+    if which == "gemv":
+        # RB 16 rows x KB 16 blocks over 128 threads: 2 rows x 32 weights = 64 weights a thread an iteration
+        report("gemv 20b w1 (split layout)", gemv_20b_w1(), 64)
+        report("gemv 20b w1 (swizzled, folded)", gemv_20b_w1(SWIZZLED=True, FOLD_SCALES=True), 64)
+
+
+def grouped_20b_w1(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, **overrides):
+    from gptoss_serve.kernels.moe_matmul import _moe_matmul_kernel
+    n, kblocks = 5760, 90
+    args = dict(a_ptr="*bf16", w_ptr="*u8", scales_ptr="*u8", bias_ptr="*bf16", out_ptr="*bf16",
+                sorted_pairs_ptr="*i32", block_expert_ptr="*i32", block_row_start_ptr="*i32",
+                block_row_end_ptr="*i32", pair_weights_ptr="*fp32", N=n, K=2880, top_k=4, num_n_tiles=n // block_n,
+                stride_a=2880, stride_w_expert=n * kblocks * 16, stride_w_row=kblocks * 16,
+                stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_bias_expert=n, stride_out=2880,
+                swiglu_alpha=3, swiglu_limit=7)
+    const = dict(SWIGLU=True, HAS_BIAS=True, GATHER_TOKENS=True, SPLIT_NIBBLES=True, SWIZZLED=False,
+                 FOLD_SCALES=False, TILE_N=64, EMULATE_BF16=False, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k)
+    const.update(overrides)
+    return compile_offline(_moe_matmul_kernel, args, const, num_warps=num_warps, num_stages=num_stages)
