@@ -8,13 +8,15 @@ tokens each expert's weight tiles are read from HBM once per step; an expert wit
 and mostly find the tiles in L2.
 
 MXFP4 in registers: a 16-byte block holds 32 values, two per byte. The kernel dequantizes the low nibbles and
-the high nibbles of a byte tile separately and multiplies them by the matching columns of A (two dots over
-BLOCK_K/2), so nothing is interleaved in registers. In the checkpoint's layout byte j holds elements 2j and
-2j+1 (A read with stride 2); `split_nibbles` (done once at load by TritonKernels.prepare_weights) re-lays each
-block out so that byte j holds elements j and j+16, and A is read in contiguous runs of 16.
-Nibble s|e1 e0|m to bf16, on the GPU (inline PTX, four nibbles at a time): the bits go to bf16 sign and to the
+the high nibbles of a byte tile (one asm for both) and joins them into one tile in element order for a single
+dot a K step (JOIN_K, the default; else two dots over BLOCK_K/2 against the matching columns of A). In the
+checkpoint's layout byte j holds elements 2j and 2j+1 (A read with stride 2); `split_nibbles` (done once at load
+by TritonKernels.prepare_weights) re-lays each block out so that byte j holds elements j and j+16, and A is read
+in contiguous runs of 16.
+Nibble s|e1 e0|m to bf16, on the GPU (inline PTX, four bytes at a time): the bits go to bf16 sign and to the
 low exponent bits and top mantissa bit, giving value * 2^-126 exactly (e1 e0 = 0 lands on bf16 subnormals,
-which are exactly 0 and 0.5 * 2^-126); two bf16x2 multiplies apply 2^126 and the E8M0 scale 2^(s - 127).
+which are exactly 0 and 0.5 * 2^-126); two bf16x2 multiplies apply 2^126 and the E8M0 scale 2^(s - 127), or one
+of 2^(s - 1) where the layer's scale bytes allow (fold_scales).
 Under the interpreter (no inline asm there) the same nibble goes into float8 e4m3 bits, whose subnormals give
 0 and 0.5 the same way, scaled by 2^(s - 121) in float32. Both are exact for every scale byte below 249.
 
@@ -136,6 +138,7 @@ def _moe_matmul_kernel(
     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER_TOKENS: tl.constexpr, SPLIT_NIBBLES: tl.constexpr,
     SWIZZLED: tl.constexpr, FOLD_SCALES: tl.constexpr, TILE_N: tl.constexpr,
     EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    JOIN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = pid // num_n_tiles
@@ -178,6 +181,7 @@ def _moe_matmul_kernel(
     else:  # the checkpoint's layout: byte j holds elements 2j and 2j + 1
         k_low = (kk // 16) * 32 + (kk % 16) * 2
         k_high = k_low + 1
+    k_join = tl.arange(0, BLOCK_K)  # JOIN_K: a step's joined tile holds its elements in order (see _joined_values)
     a_tile_ptr = a_ptr + a_rows[None, :] * stride_a  # [1, BLOCK_M]
     num_blocks_k = K // 32
 
@@ -207,10 +211,17 @@ def _moe_matmul_kernel(
             next_blk = blk + NUM_SCALES
             next_scales = tl.load(s_tile_ptr + next_blk, mask=in_n[:, None] & (scale_cols + next_blk < num_blocks_k),
                                   other=0)
-            a_mask = in_rows[None, :] & (k0 + k_low[:, None] < K)
-            acc = _bytes_dot_step(acc, w_bytes, scale_bytes, a_tile_ptr + (k0 + k_low[:, None]),
-                                  a_tile_ptr + (k0 + k_high[:, None]), a_mask, BLOCK_N, NUM_SCALES, EMULATE_BF16,
-                                  FOLD_SCALES)
+            if JOIN_K:  # one dot a step: the low and high nibbles' values side by side
+                a_mask = in_rows[None, :] & (k0 + k_join[:, None] < K)
+                w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N, NUM_SCALES, EMULATE_BF16, False,
+                                                    FOLD_SCALES)
+                acc = _dot_columns(acc, _joined_values(w_low, w_high, BLOCK_N, BLOCK_K, SPLIT_NIBBLES),
+                                   a_tile_ptr + (k0 + k_join[:, None]), a_mask, EMULATE_BF16)
+            else:
+                a_mask = in_rows[None, :] & (k0 + k_low[:, None] < K)
+                acc = _bytes_dot_step(acc, w_bytes, scale_bytes, a_tile_ptr + (k0 + k_low[:, None]),
+                                      a_tile_ptr + (k0 + k_high[:, None]), a_mask, BLOCK_N, NUM_SCALES, EMULATE_BF16,
+                                      FOLD_SCALES)
 
     # The torch twin rounds the matmul, and the bias sum, to the activation dtype: do the same.
     act_dtype = a_ptr.dtype.element_ty
@@ -342,6 +353,17 @@ def _dot_columns(acc, w, a_ptrs, a_mask, EMULATE_BF16: tl.constexpr):
     if EMULATE_BF16:
         return tl.dot(w, a.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(w, a, acc)
+
+
+@device_function
+def _joined_values(w_low, w_high, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_NIBBLES: tl.constexpr):
+    """The low- and high-nibble values [BLOCK_N, NUM_SCALES, 16] of a step's bytes as one tile [BLOCK_N, BLOCK_K]
+    in element order: split layout (byte j = elements j, j + 16) the halves one after the other, checkpoint
+    layout (2j, 2j + 1) interleaved."""
+    both = tl.join(w_low, w_high)  # [BLOCK_N, NUM_SCALES, 16, 2]
+    if SPLIT_NIBBLES:
+        both = tl.permute(both, [0, 1, 3, 2])
+    return tl.reshape(both, [BLOCK_N, BLOCK_K])
 
 
 @device_function
@@ -617,13 +639,19 @@ def _tile_config(num_tokens: int, num_pairs: int, num_local_experts: int) -> dic
     every row of a block, used or not), small weight tiles so that a handful of experts still spreads over every
     SM. An expert with more pairs than a block gets a second block, which finds its weight tiles in L2 (the
     programs of one expert's blocks run side by side). Prefill: large tiles for the tensor cores.
+    Both take one dot a step over the low and high nibbles' values side by side (JOIN_K), not two of half the K.
+    H200, 2026-12-02 (docs/PERFORMANCE.md): 20b 8 / 64 / 512 / 4096 tokens 240 / 310 / 609 / 3084 -> 212 / 273 /
+    544 / 2486 us in the sweep (the last: 264 -> 328 TFLOP/s; 342 in the bench run). With 64-wide K steps and row
+    blocks of 128 or more the joined dot came out wrong on Triton 3.6 (2.3e-2 from the torch twin at 4096 tokens,
+    against 1.4e-5 with 128-wide steps), so those blocks step 128 along K.
     """
     pairs_per_expert = num_pairs / max(1, num_local_experts)
     if num_tokens <= 64:
         block_m = min(64, max(16, next_pow2(int(2 * pairs_per_expert))))
-        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, JOIN_K=True)
     block_m = 64 if pairs_per_expert < 96 else 128 if pairs_per_expert < 384 else 256
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64 if block_m == 64 else 128, num_warps=8, num_stages=3,
+                JOIN_K=True)
 
 
 def moe_matmul(
@@ -655,6 +683,10 @@ def moe_matmul(
     if swizzled:  # eight dots of K = BLOCK_K / 8 a step: the tensor cores need K >= 16
         config = dict(config, BLOCK_K=max(config["BLOCK_K"], SWIZZLED_MIN_BLOCK_K))
     block_n = config["BLOCK_N"]
+    join_k = config.get("JOIN_K", False) and not swizzled
+    if join_k and config["BLOCK_M"] >= 128 and config["BLOCK_K"] < 128:
+        raise ValueError("JOIN_K with row blocks of 128 or more needs BLOCK_K >= 128: Triton 3.6 computes the "
+                         "joined dot wrongly there (see _tile_config)")
     num_n_tiles = triton.cdiv(n_rows, block_n)
     grid = (groups.block_expert.numel() * num_n_tiles,)
     dummy = scales  # never read: the flags below switch off its use
@@ -670,7 +702,7 @@ def moe_matmul(
            SPLIT_NIBBLES=split_nibbles or swizzled, SWIZZLED=swizzled, FOLD_SCALES=fold_scales,
            TILE_N=tile_n, EMULATE_BF16=emulate_bf16(),
            BLOCK_N=block_n, BLOCK_M=config["BLOCK_M"], BLOCK_K=config["BLOCK_K"],
-           num_warps=config["num_warps"], num_stages=config["num_stages"])
+           JOIN_K=join_k, num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
 SPLITK_MAX_TOKENS = 1  # the split-K path up to this many tokens: where it won on an H200 (see _splitk_config)

@@ -125,6 +125,25 @@ def test_split_nibble_layout_gives_the_same_result():
     torch.testing.assert_close(out, moe_experts(*args), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("join_k", [True, False])
+@pytest.mark.parametrize("split", [True, False])
+def test_one_dot_a_step_and_two_half_dots_agree(join_k, split):
+    """JOIN_K (the default) takes one dot over a step's low and high nibbles side by side; the other form two."""
+    args = make_moe(37, 8, 128, 96, 4, 0, 8, True, seed=6)
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    relay = split_nibbles if split else (lambda b: b)
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, JOIN_K=join_k)
+    out = moe_experts(x, w, ids, relay(w1b), w1s, b1, relay(w2b), w2s, b2, alpha, limit, first, split_nibbles=split,
+                      config=config)
+    assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
+def test_one_dot_a_step_refuses_the_tiles_triton_gets_wrong():
+    args = make_moe(3, 8, 64, 64, 4, 0, 8, True, seed=7)
+    with pytest.raises(ValueError, match="BLOCK_K >= 128"):
+        moe_experts(*args, config=dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, JOIN_K=True))
+
+
 # Split-K decode path ------------------------------------------------------------------------------------------
 def splitk_config(num_tokens: int, splits: int) -> dict:
     """Small tiles so that the interpreter's K of 64-96 still gives several splits and K steps."""
@@ -360,6 +379,21 @@ def test_serving_layout_real_shapes_gpu(num_experts, num_tokens, fold):
                       first, split_nibbles=True, swizzled=True, fold_scales=fold, tile_n=64)
     assert rel_err(out, moe_experts_ref(*args)) < 1e-2
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_experts", [32, 128])
+@pytest.mark.parametrize("num_tokens", [1, 2, 8, 64, 512, 4096])
+def test_split_serving_layout_real_shapes_gpu(num_experts, num_tokens):
+    # The layout TritonKernels.prepare_weights serves (split nibbles, rows tiled by 64, folded scales), through
+    # every default path: the matrix-vector kernel, grouped decode tiles and the prefill tiles.
+    args = make_moe(num_tokens, num_experts, 2880, 2880, 4, 0, num_experts, True, seed=70 + num_tokens, device="cuda")
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    assert int(w1s.max()) <= FOLD_MAX_SCALE and int(w2s.max()) <= FOLD_MAX_SCALE
+    out = moe_experts(x, w, ids, tile_rows(split_nibbles(w1b), 64), w1s, b1, tile_rows(split_nibbles(w2b), 64), w2s,
+                      b2, alpha, limit, first, split_nibbles=True, fold_scales=True, tile_n=64)
+    assert rel_err(out, moe_experts_ref(*args)) < 1e-2
 
 
 def test_decode_steps_take_the_gemv_where_their_pairs_meet_experts_of_their_own():

@@ -109,17 +109,9 @@ def gemv_20b_w1(**overrides):
                 N=n, num_blocks_k=kblocks, a_row_div=4, rows_per_program=64, first_expert=0, num_local_experts=e,
                 stride_a=2880, stride_w_expert=n * kblocks * 16, stride_w_row=kblocks * 16,
                 stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_s_k=1, stride_ws_split=4 * n)
-    const = dict(SPLIT_NIBBLES=True, SWIZZLED=False, FOLD_SCALES=False, TILE_N=64, EMULATE_BF16=False, KB=16, RB=16)
+    const = dict(SPLIT_NIBBLES=True, SWIZZLED=False, FOLD_SCALES=True, TILE_N=64, EMULATE_BF16=False, KB=16, RB=16)
     const.update(overrides)
-    return compile_offline(_moe_gemv_kernel, args, const, num_warps=4, num_stages=1)
-
-
-if __name__ == "__main__":
-    which = sys.argv[1] if len(sys.argv) > 1 else "gemv"
-    if which == "gemv":
-        # RB 16 rows x KB 16 blocks over 128 threads: 2 rows x 32 weights = 64 weights a thread an iteration
-        report("gemv 20b w1 (split layout)", gemv_20b_w1(), 64)
-        report("gemv 20b w1 (swizzled, folded)", gemv_20b_w1(SWIZZLED=True, FOLD_SCALES=True), 64)
+    return compile_offline(_moe_gemv_kernel, args, const, num_warps=4)
 
 
 def grouped_20b_w1(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, **overrides):
@@ -132,6 +124,20 @@ def grouped_20b_w1(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=
                 stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_bias_expert=n, stride_out=2880,
                 swiglu_alpha=3, swiglu_limit=7)
     const = dict(SWIGLU=True, HAS_BIAS=True, GATHER_TOKENS=True, SPLIT_NIBBLES=True, SWIZZLED=False,
-                 FOLD_SCALES=False, TILE_N=64, EMULATE_BF16=False, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k)
+                 FOLD_SCALES=False, TILE_N=64, EMULATE_BF16=False, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
+                 JOIN_K=False)
     const.update(overrides)
     return compile_offline(_moe_matmul_kernel, args, const, num_warps=num_warps, num_stages=num_stages)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "gemv"
+    if which == "gemv":
+        # RB 16 rows x KB 16 blocks over 128 threads: 2 rows x 32 weights = 64 weights a thread an iteration
+        report("gemv 20b w1 (split layout, folded scales)", gemv_20b_w1(), 64)
+        report("gemv 20b w1 (swizzled, folded)", gemv_20b_w1(SWIZZLED=True), 64)
+    elif which == "grouped":
+        report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
+        for join in (False, True):
+            report(f"grouped 20b w1, 256x128x64 tiles (prefill), one dot a step: {join}",
+                   grouped_20b_w1(256, 128, 64, 8, 3, FOLD_SCALES=True, JOIN_K=join), 32)
