@@ -11,6 +11,8 @@ The number of slices is chosen from static shapes only (block table width), so t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -21,8 +23,10 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 
 
+@functools.lru_cache(maxsize=256)  # eager decode asks once a layer a step, with a handful of distinct shapes
 def decode_plan(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: int) -> tuple[int, dict]:
     """(context slices, tiles) for a decode launch, from static shapes only (CUDA graphs replay the same grid).
+    The tiles dict is shared between calls: copy it before changing it.
 
     From the sweep on an H200 (tools/attention_decode_sweep.py, docs/PERFORMANCE.md 2026-12-02): about 16
     programs per SM, slices of at least one key block; where that leaves slices shorter than 512 keys, fewer slices

@@ -39,8 +39,8 @@ def serving_layout_args() -> dict:
     return dict(split_nibbles=True, swizzled=TritonKernels.SWIZZLE, fold_scales=True, tile_n=TritonKernels.ROW_TILE)
 
 
-def _bench(fn, graph: bool = True) -> float:
-    """Median milliseconds of fn(); captured in a CUDA graph first when `graph`."""
+def _bench(fn, graph: bool = True, rep_ms: int = 200) -> float:
+    """Median milliseconds of fn() over about rep_ms of runs; captured in a CUDA graph first when `graph`."""
     import triton.testing
 
     fn()
@@ -50,7 +50,7 @@ def _bench(fn, graph: bool = True) -> float:
         with torch.cuda.graph(g):
             fn()
         fn = g.replay
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
 def measure_ceilings() -> dict:
@@ -67,15 +67,19 @@ def measure_ceilings() -> dict:
 
 # MoE -------------------------------------------------------------------------------------------------------------
 def _moe_layer(num_experts: int, gen: torch.Generator, hidden: int, intermediate: int) -> list[torch.Tensor]:
+    """[w1 blocks, w1 scales, b1, w2 blocks, w2 scales, b2] of random MXFP4 experts on the GPU, drawn on the
+    generator's device (a CUDA generator makes 120b's gigabytes in a moment)."""
     def mxfp4(rows, cols):
-        blocks = torch.randint(0, 256, (num_experts, rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
-        scales = torch.randint(116, 124, (num_experts, rows, cols // 32), dtype=torch.uint8, generator=gen)
+        blocks = torch.randint(0, 256, (num_experts, rows, cols // 32, 16), dtype=torch.uint8, generator=gen,
+                               device=gen.device)
+        scales = torch.randint(116, 124, (num_experts, rows, cols // 32), dtype=torch.uint8, generator=gen,
+                               device=gen.device)
         return blocks.cuda(), scales.cuda()
 
     w1b, w1s = mxfp4(2 * intermediate, hidden)
     w2b, w2s = mxfp4(hidden, intermediate)
-    b1 = torch.randn(num_experts, 2 * intermediate, generator=gen).to(torch.bfloat16).cuda()
-    b2 = torch.randn(num_experts, hidden, generator=gen).to(torch.bfloat16).cuda()
+    b1 = torch.randn(num_experts, 2 * intermediate, generator=gen, device=gen.device).to(torch.bfloat16).cuda()
+    b2 = torch.randn(num_experts, hidden, generator=gen, device=gen.device).to(torch.bfloat16).cuda()
     return [w1b, w1s, b1, w2b, w2s, b2]
 
 

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.moe_matmul import (SPLIT_BYTES_F32_ASM, SPLIT_BYTES_F32_FOLDED_ASM, _dequant_mxfp4_tile,
-                                              check_decode_operands)
+from gptoss_serve.kernels.moe_matmul import (SPLIT_BYTES_F32_ASM, SPLIT_BYTES_F32_FOLDED_ASM, _bf16_multiplier,
+                                              _dequant_mxfp4_tile, check_decode_operands)
 from gptoss_serve.kernels.triton_utils import device_function, emulate_bf16, launch
 
 # Tiles chosen on an H200 (docs/PERFORMANCE.md, 2026-12-01, tools/moe_gemv_sweep.py): a K range of 16 blocks
@@ -100,19 +100,10 @@ def _moe_gemv_kernel(
 def _split_bytes_f32(w_bytes, scale_bytes, RB: tl.constexpr, KB: tl.constexpr, FOLD_SCALES: tl.constexpr):
     """Split-layout bytes [RB, KB, 16] and their scale bytes [RB, KB] (int32) -> the low- and high-nibble values
     as float32 [RB, KB, 16] each, widened inside the dequantization asm (GPU only)."""
-    if FOLD_SCALES:
-        mult = ((scale_bytes + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        mult = tl.broadcast_to(mult[:, :, None], [RB, KB, 16])
-        w_low, w_high = tl.inline_asm_elementwise(SPLIT_BYTES_F32_FOLDED_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
-                                                  [w_bytes, mult], dtype=(tl.float32, tl.float32), is_pure=True,
-                                                  pack=4)
-    else:
-        mult = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        mult = tl.broadcast_to(mult[:, :, None], [RB, KB, 16])
-        w_low, w_high = tl.inline_asm_elementwise(SPLIT_BYTES_F32_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
-                                                  [w_bytes, mult], dtype=(tl.float32, tl.float32), is_pure=True,
-                                                  pack=4)
-    return w_low, w_high
+    mult = tl.broadcast_to(_bf16_multiplier(scale_bytes, FOLD_SCALES)[:, :, None], [RB, KB, 16])
+    return tl.inline_asm_elementwise(SPLIT_BYTES_F32_FOLDED_ASM if FOLD_SCALES else SPLIT_BYTES_F32_ASM,
+                                     "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w_bytes, mult],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
 
 
 @device_function

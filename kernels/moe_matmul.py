@@ -284,28 +284,29 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
             high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
             w_low = low.to(tl.float32) * scale
             w_high = high.to(tl.float32) * scale
-    elif SWIZZLED:  # the CUDA-core split-K path only (see _swizzled_bytes_asm)
-        if FOLD_SCALES:  # 2^(scale - 1) = 2^126 * 2^(scale - 127): a normal bf16 for scale bytes 0..128
-            mult = ((scale_bytes + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            mult = tl.broadcast_to(mult[:, :, None], [BLOCK_N, NUM_SCALES, 16])
-            w_low, w_high = tl.inline_asm_elementwise(SWIZZLED_BYTES_FOLDED_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
+    else:  # four bytes an asm: the swizzled layout's (CUDA-core split-K path only) or the split layout's
+        mult = tl.broadcast_to(_bf16_multiplier(scale_bytes, FOLD_SCALES)[:, :, None], [BLOCK_N, NUM_SCALES, 16])
+        if SWIZZLED:
+            w_low, w_high = tl.inline_asm_elementwise(SWIZZLED_BYTES_FOLDED_ASM if FOLD_SCALES else SWIZZLED_BYTES_ASM,
+                                                      "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
                                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
-            mult = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            mult = tl.broadcast_to(mult[:, :, None], [BLOCK_N, NUM_SCALES, 16])
-            w_low, w_high = tl.inline_asm_elementwise(SWIZZLED_BYTES_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
+            w_low, w_high = tl.inline_asm_elementwise(SPLIT_BYTES_FOLDED_ASM if FOLD_SCALES else SPLIT_BYTES_ASM,
+                                                      "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
                                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    elif FOLD_SCALES:  # 2^(scale - 1) = 2^126 * 2^(scale - 127): a normal bf16 for scale bytes 0..128
-        mult = ((scale_bytes + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        mult = tl.broadcast_to(mult[:, :, None], [BLOCK_N, NUM_SCALES, 16])
-        w_low, w_high = tl.inline_asm_elementwise(SPLIT_BYTES_FOLDED_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
-                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    else:
-        scale = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        scale = tl.broadcast_to(scale[:, :, None], [BLOCK_N, NUM_SCALES, 16])
-        w_low, w_high = tl.inline_asm_elementwise(SPLIT_BYTES_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, scale],
-                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     return w_low, w_high
+
+
+@device_function
+def _bf16_multiplier(scale_bytes, FOLD_SCALES: tl.constexpr):
+    """The bf16 multiplier the dequantization asm applies for E8M0 scale bytes (int32): 2^(s - 1) = 2^126 *
+    2^(s - 127) when FOLD_SCALES (a normal bf16 for scale bytes 0..FOLD_MAX_SCALE), else 2^(s - 127) (byte 0: the
+    subnormal 2^-127), the asm multiplying by 2^126 first."""
+    if FOLD_SCALES:
+        bits = (scale_bytes + 126) << 7
+    else:
+        bits = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7)
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @device_function
@@ -333,16 +334,9 @@ def _dequant_swizzled_words(words, scale_bytes, EMULATE_BF16: tl.constexpr, FOLD
         h2 = _swizzled_slot(words, 13, 10, 11, 14) * scale
         h3 = _swizzled_slot(words, 29, 26, 27, 30) * scale
     else:
-        if FOLD_SCALES:  # 2^(scale - 1) = 2^126 * 2^(scale - 127): a normal bf16 for scale bytes 0..128
-            mult = ((scale_bytes + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
-                SWIZZLED_FOLDED_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, mult], dtype=(tl.bfloat16,) * 8,
-                is_pure=True, pack=1)
-        else:
-            mult = tl.where(scale_bytes == 0, 0x40, scale_bytes << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
-                SWIZZLED_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, mult], dtype=(tl.bfloat16,) * 8,
-                is_pure=True, pack=1)
+        l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
+            SWIZZLED_FOLDED_ASM if FOLD_SCALES else SWIZZLED_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h",
+            [words, _bf16_multiplier(scale_bytes, FOLD_SCALES)], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
     return l0, l1, l2, l3, h0, h1, h2, h3
 
 

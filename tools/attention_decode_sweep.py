@@ -12,19 +12,9 @@ import itertools
 import json
 
 import torch
-import triton.testing
 
 from gptoss_serve.kernels.attention_decode import paged_attention_decode
-from gptoss_serve.kernels.bench import GPT_OSS, NUM_COPIES, _kv_setup, measure_ceilings
-
-
-def _time(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median")
+from gptoss_serve.kernels.bench import GPT_OSS, NUM_COPIES, _bench, _kv_setup, measure_ceilings
 
 
 def main() -> None:
@@ -50,8 +40,8 @@ def main() -> None:
             def run(splits, tiles):
                 out = paged_attention_decode(q, *caches[0], tables, lens, sinks, 0.125, num_splits=splits, tiles=tiles)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                ms = _time(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125, num_splits=splits,
-                                                           tiles=tiles) for kc, vc in caches]) / NUM_COPIES
+                ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125, num_splits=splits,
+                                                            tiles=tiles) for kc, vc in caches], rep_ms=60) / NUM_COPIES
                 row = dict(batch=num_seqs, context=context, splits=splits, tiles=tiles, us=ms * 1e3,
                            hbm=nbytes / ms / 1e6 / ceil["copy_gbs"], err=err)
                 results.append(row)

@@ -24,10 +24,10 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 def compile_offline(kernel, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1,
                     capability: int = 90):
-    """args: name -> a pointer type string ('*bf16', '*u8', ...) or an int; constexprs: name -> value."""
-    fn = getattr(kernel, "fn", None) and kernel  # JITFunction
+    """kernel: a @triton.jit function; args: name -> a pointer type string ('*bf16', '*u8', ...) or an int;
+    constexprs: name -> value."""
     signature, attrs, consts = {}, {}, dict(constexprs)
-    for i, name in enumerate(fn.arg_names):
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
@@ -42,7 +42,7 @@ def compile_offline(kernel, args: dict, constexprs: dict, num_warps: int = 4, nu
             signature[name] = "i32"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn, signature, constexprs=consts, attrs=attrs)
+    src = ASTSource(kernel, signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -70,7 +70,8 @@ def opcode_counts(text: str) -> collections.Counter:
 
 
 def loops(text: str) -> list[str]:
-    """The SASS of each backward branch's body (a loop), innermost first by size."""
+    """The SASS of each backward branch's body (a loop), smallest first (cuobjdump names branch targets by
+    address)."""
     lines = text.splitlines()
     addr = {}
     for i, line in enumerate(lines):
@@ -79,15 +80,10 @@ def loops(text: str) -> list[str]:
             addr[int(m.group(1), 16)] = i
     bodies = []
     for i, line in enumerate(lines):
-        m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", line)
-        target = re.search(r"/\*([0-9a-f]{4,})\*/", line)
-        if m and m.group(1) and target and int(m.group(1), 16) < int(target.group(1), 16):
-            bodies.append("\n".join(lines[addr[int(m.group(1), 16)]:i + 1]))
-    labels = {m.group(1): i for i, line in enumerate(lines) for m in [re.match(r"\.L_x_(\d+):", line.strip())] if m}
-    for i, line in enumerate(lines):
-        m = re.search(r"BRA\s+`\(\.L_x_(\d+)\)", line)
-        if m and m.group(1) in labels and labels[m.group(1)] < i:
-            bodies.append("\n".join(lines[labels[m.group(1)]:i + 1]))
+        target = re.search(r"BRA\s+0x([0-9a-f]+)", line)
+        here = re.search(r"/\*([0-9a-f]{4,})\*/", line)
+        if target and here and int(target.group(1), 16) < int(here.group(1), 16):
+            bodies.append("\n".join(lines[addr[int(target.group(1), 16)]:i + 1]))
     return sorted(bodies, key=len)
 
 

@@ -44,15 +44,8 @@ for num_experts, swizzled in itertools.product([int(e) for e in args.experts.spl
     gen = torch.Generator(device="cuda").manual_seed(num_experts)
     relay = (lambda b: tile_rows(swizzle_bits(split_nibbles(b)), TILE)) if swizzled else \
         (lambda b: tile_rows(split_nibbles(b), TILE))
-    layers = []
-    for _ in range(kb.NUM_COPIES):
-        w = []
-        for r, c in ((2 * i, h), (h, i)):
-            blocks = torch.randint(0, 256, (num_experts, r, c // 32, 16), dtype=torch.uint8, device="cuda", generator=gen)
-            w += [relay(blocks), torch.randint(116, 124, (num_experts, r, c // 32), dtype=torch.uint8, device="cuda",
-                                               generator=gen),
-                  torch.randn(num_experts, r, device="cuda", generator=gen).to(torch.bfloat16)]
-        layers.append(w)
+    layers = [[relay(t) if j in (0, 3) else t for j, t in enumerate(kb._moe_layer(num_experts, gen, h, i))]
+              for _ in range(kb.NUM_COPIES)]
     x = torch.randn(args.tokens, h, device="cuda", generator=gen).to(torch.bfloat16)
     weights, ids = route_ref(torch.randn(args.tokens, num_experts, device="cuda", generator=gen), k)
     nbytes = torch.unique(ids).numel() * sum(t[0].numel() * t.element_size() for t in layers[0])
