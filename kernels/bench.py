@@ -53,6 +53,14 @@ def _bench(fn, graph: bool = True, rep_ms: int = 200) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
+def time_variant(run, layers: list, config, ref: torch.Tensor) -> tuple[float, float]:
+    """(milliseconds a layer, relative error against ref) of run(weights, config), timed over every layer's
+    weights in one graph (the sweeps' method)."""
+    out = run(layers[0], config)
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    return _bench(lambda: [run(w, config) for w in layers]) / NUM_COPIES, err
+
+
 def measure_ceilings() -> dict:
     src = torch.randn(2 ** 28, device="cuda")  # 1 GiB
     dst = torch.empty_like(src)

@@ -6,6 +6,9 @@ converts a fresh slice of the activation (one value per weight). Here a program 
 pair instead: it loads that slice of the activation once, as float32 registers, and walks rows. Each thread
 holds whole 16-byte MXFP4 blocks (so the dequantization asm sees its bytes in register order), a warp's lanes
 cover a few rows times KB blocks, and a row's partial sum is reduced across those lanes with shuffles only.
+On the split layout the weights are dequantized without their scale (values times 2^-6, through float8 e4m3
+bits and the hardware's e4m3 -> f16 conversion) and each block's sum of 32 products is scaled once: the same
+float32 products as scaling every weight first (powers of two), so the outputs are bit for bit the same.
 Partial sums of each K range go to the same float32 workspace [splits, pairs, N] as the split-K kernel, whose
 follow-up kernels (SwiGLU, combine) finish the layer with the same roundings.
 """
@@ -16,11 +19,33 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.moe_matmul import (SPLIT_BYTES_F32_ASM, SPLIT_BYTES_F32_FOLDED_ASM, _bf16_multiplier,
-                                              _dequant_mxfp4_tile, check_decode_operands)
+from gptoss_serve.kernels.moe_matmul import (_dequant_mxfp4_tile, check_decode_operands, e4m3_block_scale,
+                                              split_bytes_e4m3)
 from gptoss_serve.kernels.triton_utils import device_function, emulate_bf16, launch
 
-# Tiles chosen on an H200 (docs/PERFORMANCE.md, 2026-12-01, tools/moe_gemv_sweep.py): a K range of 16 blocks
+
+def _split_bytes_e4m3_f32_asm() -> str:
+    """PTX: four split-layout bytes ($8) -> their eight values times 2^-6 as float32, unscaled ($0..$3 the low
+    nibbles' of bytes 0..3, $4..$7 the high nibbles'). The nibbles move to float8 e4m3 bits as in
+    moe_matmul.split_bytes_e4m3 (four at a time), cvt reads two e4m3 bytes as an f16 pair (sm_89+), and each half
+    widens to float32: about 3.4 instructions a weight with the FMA, against 4.5 for bf16 values times their scale
+    widened (the scale is applied to each block's sum instead)."""
+    lines = ["{", ".reg .b32 t, u, lo, hi, f<4>;", ".reg .b16 e<4>, h<8>;",
+             "shl.b32 t, $8, 2;", "and.b32 t, t, 0x1C1C1C1C;", "shl.b32 u, $8, 4;", "and.b32 u, u, 0x80808080;",
+             "or.b32 lo, t, u;",  # low nibbles: magnitude bits 2..0 -> 4..2, sign 3 -> 7, in each byte
+             "shr.b32 t, $8, 2;", "and.b32 t, t, 0x1C1C1C1C;", "and.b32 u, $8, 0x80808080;",
+             "or.b32 hi, t, u;",  # high nibbles: magnitude 6..4 -> 4..2, the sign stays at 7
+             "mov.b32 {e0, e1}, lo;", "mov.b32 {e2, e3}, hi;"]
+    for i in range(4):  # e4m3 byte pair i -> f16 pair -> $2i, $2i + 1
+        lines += [f"cvt.rn.f16x2.e4m3x2 f{i}, e{i};", f"mov.b32 {{h{2 * i}, h{2 * i + 1}}}, f{i};",
+                  f"cvt.f32.f16 ${2 * i}, h{2 * i};", f"cvt.f32.f16 ${2 * i + 1}, h{2 * i + 1};"]
+    return "\n".join(lines + ["}"])
+
+
+SPLIT_BYTES_E4M3_F32_ASM = tl.constexpr(_split_bytes_e4m3_f32_asm())
+
+# Tiles chosen on an H200 (docs/PERFORMANCE.md, 2026-12-01, tools/moe_gemv_sweep.py; the same on 2026-12-02 with
+# the scale applied to block sums, 4 rows a thread included): a K range of 16 blocks
 # (512 weights of a row, 6 ranges over K = 2880), 2 rows a thread and 64 rows a program. Fewer, longer programs
 # lost (512 rows: 94-138 us against 54), and so did loading the next step's bytes ahead (+6-12 us). The SwiGLU and
 # combine kernels that follow take blocks of 64 (more programs for so few rows: 53.2 -> 50.0 us a layer).
@@ -84,25 +109,27 @@ def _moe_gemv_kernel(
         scale_bytes = tl.load(s_expert + r0 * stride_s_row + s_inner, mask=in_tile, other=0)  # [RB * KB, 1]
         w_bytes = tl.reshape(w_bytes, [RB, KB, 16])
         scale_bytes = tl.reshape(scale_bytes, [RB, KB]).to(tl.int32)
-        if EMULATE_BF16 or SWIZZLED:
+        if SWIZZLED:  # scaled bf16 values, widened
             w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, RB, KB, EMULATE_BF16, SWIZZLED, FOLD_SCALES)
-            w_low = w_low.to(tl.float32)
-            w_high = w_high.to(tl.float32)
-        else:
-            w_low, w_high = _split_bytes_f32(w_bytes, scale_bytes, RB, KB, FOLD_SCALES)
-        part = _fma_sum(tl.zeros([RB, KB], dtype=tl.float32), w_low, a_low, w_high, a_high)  # [RB, KB]
+            part = _fma_sum(tl.zeros([RB, KB], dtype=tl.float32), w_low.to(tl.float32), a_low,
+                            w_high.to(tl.float32), a_high)  # [RB, KB]
+        else:  # values * 2^-6, each block's sum scaled once (powers of two: the same float32 products)
+            w_low, w_high = _split_bytes_unscaled(w_bytes, EMULATE_BF16)
+            part = _fma_sum(tl.zeros([RB, KB], dtype=tl.float32), w_low, a_low, w_high, a_high)
+            part = part * e4m3_block_scale(scale_bytes)  # [RB, KB]
         row_sum = tl.sum(part, axis=1)  # [RB]
         out_rows = r0 + tl.arange(0, RB)
         tl.store(ws_ptr + split * stride_ws_split + pair.to(tl.int64) * N + out_rows, row_sum, mask=out_rows < row_end)
 
 
 @device_function
-def _split_bytes_f32(w_bytes, scale_bytes, RB: tl.constexpr, KB: tl.constexpr, FOLD_SCALES: tl.constexpr):
-    """Split-layout bytes [RB, KB, 16] and their scale bytes [RB, KB] (int32) -> the low- and high-nibble values
-    as float32 [RB, KB, 16] each, widened inside the dequantization asm (GPU only)."""
-    mult = tl.broadcast_to(_bf16_multiplier(scale_bytes, FOLD_SCALES)[:, :, None], [RB, KB, 16])
-    return tl.inline_asm_elementwise(SPLIT_BYTES_F32_FOLDED_ASM if FOLD_SCALES else SPLIT_BYTES_F32_ASM,
-                                     "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w_bytes, mult],
+def _split_bytes_unscaled(w_bytes, EMULATE_BF16: tl.constexpr):
+    """Split-layout bytes [RB, KB, 16] -> the low- and high-nibble values times 2^-6 as float32 [RB, KB, 16]
+    each, without their scale (one asm for four bytes on a GPU)."""
+    if EMULATE_BF16:
+        low, high = split_bytes_e4m3(w_bytes)
+        return low.to(tl.float32), high.to(tl.float32)
+    return tl.inline_asm_elementwise(SPLIT_BYTES_E4M3_F32_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w_bytes],
                                      dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
 
 

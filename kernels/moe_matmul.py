@@ -51,32 +51,22 @@ from gptoss_serve.kernels.triton_utils import cast_rne, device_function, emulate
 # reads as value * 2^-126 (e1 e0 = 0 lands on bf16 subnormals, exactly 0 and 0.5 * 2^-126). Folded: the multiplier
 # is 2^(s - 1) = 2^126 * 2^(s - 127), one multiply a pair (every scale byte of the weight at most FOLD_MAX_SCALE);
 # else 2^126 first, then 2^(s - 127). About 2.75 instructions a weight folded (two separate asm calls took 4.1).
-# to_f32 (the matrix-vector kernel, which sums on the CUDA cores): each bf16 pair is widened in the asm to two
-# float32, one instruction each ($0..$3 the low nibbles' values, $4..$7 the high ones'; inputs $8, $9, $10).
-def _split_bytes_asm(folded: bool, to_f32: bool = False) -> str:
-    word, mult01, mult23 = ("$8", "$9", "$10") if to_f32 else ("$4", "$5", "$6")
+def _split_bytes_asm(folded: bool) -> str:
     lines = ["{", ".reg .b32 z, k, t0, t1, m, s;", "mov.b32 z, 0;", "mov.b32 k, 0x7E807E80;",
-             f"prmt.b32 t0, {word}, z, 0x4140;", f"prmt.b32 t1, {word}, z, 0x4342;"]
-    # (bf16 pair out, f32 outs, source, magnitude shift, sign shift, multiplier)
-    pairs = (("$0", ("$0", "$1"), "t0", 6, 12, mult01), ("$1", ("$2", "$3"), "t1", 6, 12, mult23),
-             ("$2", ("$4", "$5"), "t0", 2, 8, mult01), ("$3", ("$6", "$7"), "t1", 2, 8, mult23))
-    for out, (out_even, out_odd), src, mag_shift, sign_shift, mult in pairs:
+             "prmt.b32 t0, $4, z, 0x4140;", "prmt.b32 t1, $4, z, 0x4342;"]
+    # (bf16 pair out, source, magnitude shift, sign shift, multiplier)
+    pairs = (("$0", "t0", 6, 12, "$5"), ("$1", "t1", 6, 12, "$6"), ("$2", "t0", 2, 8, "$5"), ("$3", "t1", 2, 8, "$6"))
+    for out, src, mag_shift, sign_shift, mult in pairs:
         lines += [f"shl.b32 m, {src}, {mag_shift};", f"shl.b32 s, {src}, {sign_shift};",
                   "and.b32 m, m, 0x01C001C0;", "and.b32 s, s, 0x80008000;", "or.b32 m, m, s;"]
         if not folded:
             lines.append("mul.rn.bf16x2 m, m, k;")
-        if to_f32:
-            lines += [f"mul.rn.bf16x2 m, m, {mult};", f"shl.b32 {out_even}, m, 16;",
-                      f"and.b32 {out_odd}, m, 0xFFFF0000;"]
-        else:
-            lines.append(f"mul.rn.bf16x2 {out}, m, {mult};")
+        lines.append(f"mul.rn.bf16x2 {out}, m, {mult};")
     return "\n".join(lines + ["}"])
 
 
 SPLIT_BYTES_ASM = tl.constexpr(_split_bytes_asm(folded=False))
 SPLIT_BYTES_FOLDED_ASM = tl.constexpr(_split_bytes_asm(folded=True))
-SPLIT_BYTES_F32_ASM = tl.constexpr(_split_bytes_asm(folded=False, to_f32=True))
-SPLIT_BYTES_F32_FOLDED_ASM = tl.constexpr(_split_bytes_asm(folded=True, to_f32=True))
 
 # The swizzled layout (`swizzle_bits`, done once at load after `split_nibbles`): the 8 nibbles of each 4-byte word
 # of a block (L0..L3, the low nibbles of its bytes: elements 4g..4g+3; H0..H3, the high ones: elements 4g+16..)
@@ -279,9 +269,8 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
             w_low = tl.reshape(tl.join(tl.join(l0, l2), tl.join(l1, l3)), [BLOCK_N, NUM_SCALES, 16])
             w_high = tl.reshape(tl.join(tl.join(h0, h2), tl.join(h1, h3)), [BLOCK_N, NUM_SCALES, 16])
         else:
-            scale = ((scale_bytes + 6) << 23).to(tl.float32, bitcast=True)[:, :, None]
-            low = (((w_bytes & 0x07) << 2) | ((w_bytes & 0x08) << 4)).to(tl.float8e4nv, bitcast=True)
-            high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
+            scale = e4m3_block_scale(scale_bytes)[:, :, None]
+            low, high = split_bytes_e4m3(w_bytes)
             w_low = low.to(tl.float32) * scale
             w_high = high.to(tl.float32) * scale
     else:  # four bytes an asm: the swizzled layout's (CUDA-core split-K path only) or the split layout's
@@ -295,6 +284,23 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
                                                       "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
                                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     return w_low, w_high
+
+
+@device_function
+def split_bytes_e4m3(w_bytes):
+    """Split-layout bytes (uint8, any shape) -> the low and high nibbles as float8 e4m3 bytes that read as
+    value * 2^-6: s|e1 e0|m goes to s|0 0 e1 e0|m 0 0 (e1 e0 = 0 lands on e4m3 subnormals, exactly 0 and 0.5 * 2^-6).
+    The same bit moves as SPLIT_BYTES_E4M3_F32_ASM (moe_gemv.py), one byte at a time."""
+    low = (((w_bytes & 0x07) << 2) | ((w_bytes & 0x08) << 4)).to(tl.float8e4nv, bitcast=True)
+    high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
+    return low, high
+
+
+@device_function
+def e4m3_block_scale(scale_bytes):
+    """E8M0 scale bytes (int32) -> 2^(s - 121) as float32: the scale 2^(s - 127) times the 2^6 that the e4m3
+    values of split_bytes_e4m3 lack (exact for scale bytes up to 248)."""
+    return ((scale_bytes + 6) << 23).to(tl.float32, bitcast=True)
 
 
 @device_function
@@ -566,9 +572,9 @@ def _moe_matmul_splitk_kernel(
 
 @triton.jit
 def _splitk_swiglu_kernel(
-    ws_ptr, ids_ptr, bias_ptr, act_ptr, num_splits, N, first_expert, num_local_experts,
+    ws_ptr, ids_ptr, bias_ptr, act_ptr, N, first_expert, num_local_experts,
     stride_ws_split, stride_bias_expert, stride_act, swiglu_alpha, swiglu_limit,
-    HAS_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """act[pair, c] = SwiGLU(rows 2c, 2c + 1 of sum over splits + bias), for each pair routed to this rank."""
     pair = tl.program_id(0).to(tl.int64)
@@ -579,7 +585,7 @@ def _splitk_swiglu_kernel(
     in_cols = cols < N // 2
     gate = tl.zeros([BLOCK], dtype=tl.float32)
     linear = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(num_splits):  # a fixed order: deterministic
+    for s in tl.static_range(NUM_SPLITS):  # a fixed order: deterministic; unrolled, so the loads go out together
         row_ptr = ws_ptr + s * stride_ws_split + pair * N
         gate += tl.load(row_ptr + 2 * cols, mask=in_cols, other=0.0)
         linear += tl.load(row_ptr + 2 * cols + 1, mask=in_cols, other=0.0)
@@ -600,9 +606,9 @@ def _splitk_swiglu_kernel(
 
 @triton.jit
 def _splitk_combine_kernel(
-    ws_ptr, ids_ptr, weights_ptr, bias_ptr, out_ptr, num_splits, hidden, first_expert, num_local_experts,
+    ws_ptr, ids_ptr, weights_ptr, bias_ptr, out_ptr, hidden, first_expert, num_local_experts,
     stride_ws_split, stride_bias_expert, stride_out,
-    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_H: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """out[token] = sum over its slots (fixed order) of weight * (sum over splits + bias), rounded as
     _moe_matmul_kernel's second-matmul epilogue and _combine_kernel round."""
@@ -616,7 +622,7 @@ def _splitk_combine_kernel(
         local = tl.load(ids_ptr + pair) - first_expert
         if (local >= 0) & (local < num_local_experts):  # pairs routed to other ranks were never computed
             h = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for s in range(num_splits):
+            for s in tl.static_range(NUM_SPLITS):  # unrolled: the loads go out together
                 h += tl.load(ws_ptr + s * stride_ws_split + pair * hidden + cols, mask=in_cols, other=0.0)
             h = cast_rne(h, act_dtype, EMULATE_BF16).to(tl.float32)
             if HAS_BIAS:
@@ -643,7 +649,9 @@ def _tile_config(num_tokens: int, num_pairs: int, num_local_experts: int) -> dic
     if num_tokens <= 64:
         block_m = min(64, max(16, next_pow2(int(2 * pairs_per_expert))))
         return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, JOIN_K=True)
-    block_m = 64 if pairs_per_expert < 96 else 128 if pairs_per_expert < 384 else 256
+    # 64-row blocks up to 192 pairs an expert (2026-12-02, tools/moe_prefill_sweep.py: at 128 pairs an expert,
+    # 120b 4096 tokens 4269 -> 3993 us and 20b 1024 tokens 1040 -> 935 against 128-row blocks).
+    block_m = 64 if pairs_per_expert < 192 else 128 if pairs_per_expert < 384 else 256
     return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64 if block_m == 64 else 128, num_warps=8, num_stages=3,
                 JOIN_K=True)
 
@@ -859,15 +867,15 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
     epilogue_block = config.get("EPILOGUE_BLOCK", 256)
     block = min(epilogue_block, next_pow2(intermediate))
     launch(_splitk_swiglu_kernel, (num_pairs, triton.cdiv(intermediate, block)),
-           ws1, ids, b1, act, ws1.shape[0], n1, first_expert, num_local_experts,
+           ws1, ids, b1, act, n1, first_expert, num_local_experts,
            ws1.stride(0), b1.stride(0), act.stride(0), float(swiglu_alpha), float(swiglu_limit),
-           HAS_BIAS=True, EMULATE_BF16=emulate_bf16(), BLOCK=block, num_warps=2)
+           NUM_SPLITS=ws1.shape[0], HAS_BIAS=True, EMULATE_BF16=emulate_bf16(), BLOCK=block, num_warps=2)
     ws2 = matmul(act, w2_blocks, w2_scales, 1)
     block_h = min(epilogue_block, next_pow2(hidden))
     launch(_splitk_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
-           ws2, ids, expert_weights.reshape(-1), b2 if b2 is not None else ws2, out, ws2.shape[0], hidden,
+           ws2, ids, expert_weights.reshape(-1), b2 if b2 is not None else ws2, out, hidden,
            first_expert, num_local_experts, ws2.stride(0), b2.stride(0) if b2 is not None else 0, out.stride(0),
-           TOP_K=top_k, HAS_BIAS=b2 is not None, EMULATE_BF16=emulate_bf16(), BLOCK_H=block_h, num_warps=2)
+           NUM_SPLITS=ws2.shape[0], TOP_K=top_k, HAS_BIAS=b2 is not None, EMULATE_BF16=emulate_bf16(), BLOCK_H=block_h, num_warps=2)
     return out
 
 

@@ -18,6 +18,8 @@ parser.add_argument("--around-best", action="store_true", help="the second sweep
 parser.add_argument("--epilogue", action="store_true", help="the epilogue kernels' block sizes")
 parser.add_argument("--tokens", type=int, default=1, help="tokens of the step (the gemv takes pairs one by one)")
 parser.add_argument("--experts", default="32,128", help="expert counts (32: 20b, 128: 120b)")
+parser.add_argument("--rows-per-thread", default="1,2", help="--around-best: rows a thread an iteration")
+parser.add_argument("--layouts", default="split,swizzled", help="serving layouts to sweep: split, swizzled")
 parser.add_argument("--json", default=None)
 args = parser.parse_args()
 
@@ -33,14 +35,16 @@ configs += [dict(kernel="gemv", KB=8, ROWS_PER_THREAD=1, ROWS_PER_PROGRAM=256, n
             dict(kernel="gemv", KB=32, ROWS_PER_THREAD=1, ROWS_PER_PROGRAM=256, num_warps=4)]
 if args.around_best:  # the second sweep, around the first one's best (KB 8-16, 128 rows a program); on
     # 2026-12-01 it also tried loading the next step's bytes ahead (slower by 6-12 us, since removed)
-    configs = [dict(kernel="gemv", KB=kb_, ROWS_PER_THREAD=rpt, ROWS_PER_PROGRAM=rpp, num_warps=4)
-               for kb_, rpt, rpp in itertools.product((8, 16), (1, 2), (32, 64, 128))]
+    configs = [dict(moe_gemv.DEFAULT_GEMV_CONFIG, kernel="gemv", KB=kb_, ROWS_PER_THREAD=rpt, ROWS_PER_PROGRAM=rpp)
+               for kb_, rpt, rpp in itertools.product((8, 16), [int(r) for r in args.rows_per_thread.split(",")],
+                                                      (32, 64, 128))]
 if args.epilogue:  # the default gemv tiles with smaller blocks in the SwiGLU and combine kernels (more programs)
     configs = [dict(moe_gemv.DEFAULT_GEMV_CONFIG, kernel="gemv", EPILOGUE_BLOCK=b) for b in (32, 64, 128, 256)]
 if args.quick:
     configs = configs[:4]
 rows = []
-for num_experts, swizzled in itertools.product([int(e) for e in args.experts.split(',')], (False, True)):
+layouts = [{"split": False, "swizzled": True}[name] for name in args.layouts.split(",")]
+for num_experts, swizzled in itertools.product([int(e) for e in args.experts.split(',')], layouts):
     gen = torch.Generator(device="cuda").manual_seed(num_experts)
     relay = (lambda b: tile_rows(swizzle_bits(split_nibbles(b)), TILE)) if swizzled else \
         (lambda b: tile_rows(split_nibbles(b), TILE))
@@ -63,9 +67,7 @@ for num_experts, swizzled in itertools.product([int(e) for e in args.experts.spl
     variants += [(json.dumps({k_: v for k_, v in c.items() if k_ != "kernel"}), c) for c in configs]
     for label, config in variants:
         try:
-            out = run(layers[0], config)
-            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            ms = kb._bench(lambda: [run(w, config) for w in layers]) / kb.NUM_COPIES
+            ms, err = kb.time_variant(run, layers, config, ref)
         except Exception as e:  # a config that fails to compile must not cost the rest of the run
             print(f"{name} {label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
