@@ -91,6 +91,13 @@ def _moe_layer(num_experts: int, gen: torch.Generator, hidden: int, intermediate
     return [w1b, w1s, b1, w2b, w2s, b2]
 
 
+def serving_layers(num_experts: int, gen: torch.Generator, hidden: int, intermediate: int) -> list[list[torch.Tensor]]:
+    """NUM_COPIES random MoE layers (_moe_layer) with their blocks in the serving layout (the sweeps' inputs)."""
+    return [[serving_blocks(t) if j in (0, 3) else t for j, t in enumerate(_moe_layer(num_experts, gen, hidden,
+                                                                                       intermediate))]
+            for _ in range(NUM_COPIES)]
+
+
 def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], torch_max_tokens: int) -> list[dict]:
     from gptoss_serve.kernels.moe_matmul import moe_experts
     from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref, swiglu_ref

@@ -608,7 +608,8 @@ def _splitk_swiglu_kernel(
 def _splitk_combine_kernel(
     ws_ptr, ids_ptr, weights_ptr, bias_ptr, out_ptr, hidden, first_expert, num_local_experts,
     stride_ws_split, stride_bias_expert, stride_out,
-    NUM_SPLITS: tl.constexpr, TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_H: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """out[token] = sum over its slots (fixed order) of weight * (sum over splits + bias), rounded as
     _moe_matmul_kernel's second-matmul epilogue and _combine_kernel round."""
@@ -875,7 +876,8 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
     launch(_splitk_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
            ws2, ids, expert_weights.reshape(-1), b2 if b2 is not None else ws2, out, hidden,
            first_expert, num_local_experts, ws2.stride(0), b2.stride(0) if b2 is not None else 0, out.stride(0),
-           NUM_SPLITS=ws2.shape[0], TOP_K=top_k, HAS_BIAS=b2 is not None, EMULATE_BF16=emulate_bf16(), BLOCK_H=block_h, num_warps=2)
+           NUM_SPLITS=ws2.shape[0], TOP_K=top_k, HAS_BIAS=b2 is not None, EMULATE_BF16=emulate_bf16(),
+           BLOCK_H=block_h, num_warps=2)
     return out
 
 

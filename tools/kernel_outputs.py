@@ -20,8 +20,7 @@ def save(path: str, token_counts: list[int], attention: bool) -> None:
     out = {}
     for num_experts in (32, 128):
         gen = torch.Generator(device="cuda").manual_seed(num_experts)
-        layers = [[kb.serving_blocks(t) if j in (0, 3) else t
-                   for j, t in enumerate(kb._moe_layer(num_experts, gen, 2880, 2880))] for _ in range(kb.NUM_COPIES)]
+        layers = kb.serving_layers(num_experts, gen, 2880, 2880)
         for num_tokens in token_counts:
             x = torch.randn(num_tokens, 2880, device="cuda", generator=gen).to(torch.bfloat16)
             weights, ids = route_ref(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), 4)
@@ -35,7 +34,8 @@ def save(path: str, token_counts: list[int], attention: bool) -> None:
         del layers
         torch.cuda.empty_cache()
     torch.manual_seed(5)
-    for num_seqs, context in ((1, 1024), (1, 8192), (1, 32768), (32, 1024), (32, 8192), (128, 1024)) if attention else ():
+    shapes = ((1, 1024), (1, 8192), (1, 32768), (32, 1024), (32, 8192), (128, 1024)) if attention else ()
+    for num_seqs, context in shapes:
         caches, tables = kb._kv_setup(num_seqs, context, 16, torch.Generator().manual_seed(num_seqs))
         q = torch.randn(num_seqs, 64, 64, device="cuda").to(torch.bfloat16)
         sinks = torch.randn(64, device="cuda")

@@ -23,8 +23,7 @@ TILES = [(64, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (128, 
 for case in args.cases.split(","):
     num_experts, num_tokens = (int(v) for v in case.split("x"))
     gen = torch.Generator(device="cuda").manual_seed(num_experts + num_tokens)
-    layers = [[kb.serving_blocks(t) if j in (0, 3) else t for j, t in enumerate(kb._moe_layer(num_experts, gen, h, i))]
-              for _ in range(kb.NUM_COPIES)]
+    layers = kb.serving_layers(num_experts, gen, h, i)
     x = torch.randn(num_tokens, h, device="cuda", generator=gen).to(torch.bfloat16)
     weights, ids = route_ref(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), 4)
     flops = 2 * num_tokens * 4 * (h * 2 * i + i * h)
@@ -37,8 +36,8 @@ for case in args.cases.split(","):
         return moe_experts(x, weights, ids, *w, 1.702, 7.0, config=config, **kb.serving_layout_args())
 
     ref = run(layers[0], None)
-    variants = [("default", None)] + [(str(t), dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), t),
-                                                    JOIN_K=True)) for t in TILES]
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    variants = [("default", None)] + [(str(t), dict(zip(names, t), JOIN_K=True)) for t in TILES]
     for label, config in variants:
         try:
             ms, err = kb.time_variant(run, layers, config, ref)
@@ -46,7 +45,8 @@ for case in args.cases.split(","):
             print(f"  {label}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         tflops = flops / ms / 1e9
-        print(f"  {label:<24} | {ms * 1e3:8.1f} us | {tflops:6.1f} TFLOP/s | {100 * tflops / ceil['bf16_tflops']:4.1f}% "
-              f"of bf16 peak | err vs default {err:.1e}", flush=True)
+        pct = 100 * tflops / ceil["bf16_tflops"]
+        print(f"  {label:<24} | {ms * 1e3:8.1f} us | {tflops:6.1f} TFLOP/s | {pct:4.1f}% of bf16 peak | "
+              f"err vs default {err:.1e}", flush=True)
     del layers
     torch.cuda.empty_cache()
