@@ -28,7 +28,8 @@ order (deterministic, unlike atomics). Intermediate roundings to bf16 mirror the
 Decode (`moe_experts_splitk`, taken at SPLITK_MAX_TOKENS tokens and fewer, or where `takes_gemv`): the K
 dimension is split over programs that store float32 partial sums; follow-up kernels sum the splits in a fixed
 order and apply the same epilogues with the same roundings. The partial sums come from the split-K kernel
-below, or, for steps whose pairs meet experts of their own, from the matrix-vector kernel of moe_gemv.py.
+below, or, for steps whose pairs meet experts of their own, from the matrix-vector kernel of moe_gemv.py, or, for
+3 to 8 tokens on a GPU, from the tensor-core decode kernel of moe_mma.py (Gluon).
 `tile_rows` (done once at load after `split_nibbles`) lays the bytes of 64 rows' K block side by side, so one K
 step of a weight tile reads one contiguous run; both paths read either layout.
 """
@@ -719,6 +720,28 @@ GEMV_DECODE = True
 GEMV_EXPERTS_PER_PAIR = 4
 
 
+# Decode steps of MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens go to the tensor-core kernel (kernels/moe_mma.py) on a GPU
+# and the split-nibble layout: pairs one by one while they are at most half the local experts, else row blocks of
+# 8 pairs by expert. H200, 2026-12-04 (docs/PERFORMANCE.md, tools/moe_mma_sweep.py), µs for the experts against
+# the paths before: 20b 4 tokens 134.1 -> 107.6 (pairs one by one), 8 tokens 199.3 -> 164.1 (blocks of 8); 120b 4
+# tokens 115.7 -> 108.8, 8 tokens 216.8 -> 198.4 (one by one); at 1 and 2 tokens it tied with the matrix-vector
+# kernel (41.6 / 62.7 against 40.2 / 63.2) and from 16 tokens on the grouped path won (20b 16 tokens 255 -> 265).
+MMA_DECODE = True
+MMA_MIN_TOKENS, MMA_MAX_TOKENS = 3, 8
+
+
+def mma_decode_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bool, split_nibbles: bool,
+                      swizzled: bool) -> dict | None:
+    """The tensor-core decode kernel's config where it is the default for this step, else None; shapes only."""
+    if not (MMA_DECODE and on_gpu and split_nibbles and not swizzled
+            and MMA_MIN_TOKENS <= num_tokens <= MMA_MAX_TOKENS):
+        return None
+    from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
+
+    pairs_apart = 2 * num_tokens * top_k <= num_local_experts
+    return dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=None if pairs_apart else 8)
+
+
 def takes_gemv(num_tokens: int, top_k: int, num_local_experts: int) -> bool:
     """Whether a step of num_tokens (no config given) runs on the matrix-vector kernel; from shapes alone."""
     return GEMV_DECODE and (num_tokens == 1 or num_tokens * top_k * GEMV_EXPERTS_PER_PAIR <= num_local_experts)
@@ -852,6 +875,18 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
 
         def matmul(a, blocks, scales, a_row_div):
             return moe_gemv_splitk(a, blocks, scales, ids, first_expert, a_row_div, config, **layout)
+    elif config.get("kernel") == "mma":  # tensor cores, MXFP4 straight into mma fragments (Gluon, CUDA only)
+        from gptoss_serve.kernels.moe_mma import moe_mma_splitk
+
+        if not split_nibbles or swizzled:
+            raise ValueError("the tensor-core decode kernel reads the split-nibble layout, unswizzled")
+        if config.get("BLOCK_T") is None:  # pairs one by one (a token's experts are distinct)
+            pair_args = dict(pair_blocks=(ids, first_expert))
+        else:
+            pair_args = dict(groups=group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_T"]))
+
+        def matmul(a, blocks, scales, a_row_div):
+            return moe_mma_splitk(a, blocks, scales, a_row_div, num_pairs, config, tile_n=tile_n, **pair_args)
     else:
         if num_tokens == 1:  # the pairs are the row blocks (a token's experts are distinct)
             groups, pair_blocks = None, (ids, first_expert)
@@ -901,10 +936,14 @@ def moe_experts(
     fold_scales: bool = False,  # every scale byte of w1 and w2 <= FOLD_MAX_SCALE
 ) -> torch.Tensor:  # [num_tokens, hidden] in x's dtype
     """The MoE layer's experts for this rank. Decode steps of up to SPLITK_MAX_TOKENS tokens, or that
-    `takes_gemv`, or with a config that names `target_programs`, `splits` or `kernel`, take moe_experts_splitk
-    (split-K or matrix-vector matmuls, then the epilogue kernels); else grouped matmuls with fused epilogues.
-    The choice depends on shapes alone."""
+    `takes_gemv`, or that `mma_decode_config` gives the tensor-core decode kernel, or with a config that names
+    `target_programs`, `splits` or `kernel`, take moe_experts_splitk (split-K, matrix-vector or tensor-core decode
+    matmuls, then the epilogue kernels); else grouped matmuls with fused epilogues. The choice depends on shapes
+    (and the weights' layout) alone."""
     num_tokens, hidden = x.shape
+    if config is None:
+        config = mma_decode_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0],
+                                   x.is_cuda and not emulate_bf16(), split_nibbles, swizzled)
     few = num_tokens <= SPLITK_MAX_TOKENS or takes_gemv(num_tokens, expert_ids.shape[1], w1_blocks.shape[0])
     if (config is None and few) or (config is not None and (
             "target_programs" in config or "splits" in config or "kernel" in config)):

@@ -405,3 +405,86 @@ def test_decode_steps_take_the_gemv_where_their_pairs_meet_experts_of_their_own(
     assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
     torch.testing.assert_close(out, moe_experts(*args, config=dict(DEFAULT_GEMV_CONFIG, kernel="gemv")),
                                rtol=0, atol=0)
+
+
+# The tensor-core decode kernel (Gluon: no interpreter runs it) ----------------------------------------------------
+MMA_SHAPES = {  # experts, hidden, intermediate, first expert, local experts, b2, rows tile
+    "20b": (32, 2880, 2880, 0, 32, True, 64),
+    "120b rank 1 of 4 by experts": (128, 2880, 2880, 32, 32, True, 64),
+    "20b intermediate half": (32, 2880, 1440, 0, 32, False, 64),
+    "awkward": (8, 160, 96, 0, 8, True, 32),  # 5 and 3 K blocks, 160 rows: not whole 64-row programs
+}
+
+
+def _mma_case(shape: str, num_tokens: int, seed: int):
+    num_experts, hidden, intermediate, first, num_local, has_b2, tile = MMA_SHAPES[shape]
+    args = make_moe(num_tokens, num_experts, hidden, intermediate, 4, first, num_local, has_b2, seed=seed,
+                    device="cuda")
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    served = [x, w, ids, tile_rows(split_nibbles(w1b), tile), w1s, b1, tile_rows(split_nibbles(w2b), tile), w2s, b2,
+              alpha, limit, first]
+    return args, served, dict(split_nibbles=True, fold_scales=True, tile_n=tile)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", list(MMA_SHAPES))
+@pytest.mark.parametrize("num_tokens,block_t", [(1, None), (3, None), (3, 8), (40, 16), (64, 16), (64, 32)])
+def test_moe_experts_mma_matches_twin_and_gemv_gpu(shape, num_tokens, block_t):
+    from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
+
+    args, served, layout = _mma_case(shape, num_tokens, seed=100 + num_tokens)
+    for m_tiles, rows in ((1, 64), (2, 256)):
+        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, M_TILES=m_tiles, ROWS_PER_PROGRAM=rows)
+        out = moe_experts(*served, config=config, **layout)
+        assert rel_err(out, moe_experts_ref(*args)) < 1e-2
+        # f16 activations and tensor-core sums against the matrix-vector kernel's float32 FMAs: near-equal
+        gemv = moe_experts(*served, config=dict(DEFAULT_GEMV_CONFIG, kernel="gemv"), **layout)
+        assert rel_err(out, gemv) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_moe_mma_checkpoint_rows_and_k_ranges_gpu():
+    # Rows one after the other (no tiles) and K ranges of 1 block (7 splits over K = 224) give the same sums.
+    from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
+
+    args = make_moe(2, 8, 224, 64, 4, 0, 8, True, seed=5, device="cuda")
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    served = [x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first]
+    ref = moe_experts_ref(*args)
+    for kb_max in (1, 16):
+        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", KB_MAX=kb_max)
+        assert rel_err(moe_experts(*served, config=config, split_nibbles=True), ref) < 1e-2
+
+
+def test_moe_mma_refuses_cpu_tensors_and_other_layouts():
+    from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
+
+    args = make_moe(1, 8, 64, 64, 4, 0, 8, True, seed=6, device="cpu")
+    config = dict(DEFAULT_MMA_CONFIG, kernel="mma")
+    with pytest.raises(ValueError, match="split-nibble layout"):
+        moe_experts(*args, config=config)
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    served = [x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first]
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        moe_experts(*served, config=config, split_nibbles=True)
+
+
+def test_decode_steps_of_3_to_8_tokens_take_the_mma_kernel_on_a_gpu_only():
+    from gptoss_serve.kernels.moe_matmul import mma_decode_config
+
+    split = dict(on_gpu=True, split_nibbles=True, swizzled=False)
+    assert mma_decode_config(4, 4, 32, **split)["BLOCK_T"] is None  # 20b, 4 tokens: pairs one by one
+    assert mma_decode_config(8, 4, 32, **split)["BLOCK_T"] == 8  # 20b, 8 tokens: row blocks of 8 pairs
+    assert mma_decode_config(8, 4, 128, **split)["BLOCK_T"] is None  # 120b, 8 tokens
+    assert mma_decode_config(2, 4, 32, **split) is None and mma_decode_config(9, 4, 32, **split) is None
+    assert mma_decode_config(4, 4, 32, on_gpu=False, split_nibbles=True, swizzled=False) is None
+    assert mma_decode_config(4, 4, 32, on_gpu=True, split_nibbles=True, swizzled=True) is None
+    assert mma_decode_config(4, 4, 32, on_gpu=True, split_nibbles=False, swizzled=False) is None
+    # On the CPU (the interpreter) a 4-token step keeps the other decode paths.
+    args = make_moe(4, 8, 64, 64, 4, 0, 8, True, seed=91)
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    out = moe_experts(x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first,
+                      split_nibbles=True)
+    assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)

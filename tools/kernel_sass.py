@@ -6,6 +6,7 @@ specialized as the launcher does: pointers 16-byte aligned, integers equal to 1 
 divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image has 3.6: counts are indicative.
 
     python3 tools/kernel_sass.py gemv            # the matrix-vector MoE kernel at the 20b w1 shape
+    python3 tools/kernel_sass.py mma             # the tensor-core decode kernel (Gluon) at the 20b w1 shape
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 def compile_offline(kernel, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1,
                     capability: int = 90):
-    """kernel: a @triton.jit function; args: name -> a pointer type string ('*bf16', '*u8', ...) or an int;
-    constexprs: name -> value."""
+    """kernel: a @triton.jit or @gluon.jit function; args: name -> a pointer type string ('*bf16', '*u8', ...)
+    or an int; constexprs: name -> value."""
     signature, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -42,7 +43,12 @@ def compile_offline(kernel, args: dict, constexprs: dict, num_warps: int = 4, nu
             signature[name] = "i32"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(kernel, signature, constexprs=consts, attrs=attrs)
+    if getattr(kernel, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs)
+    else:
+        src = ASTSource(kernel, signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -126,12 +132,31 @@ def grouped_20b_w1(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=
     return compile_offline(_moe_matmul_kernel, args, const, num_warps=num_warps, num_stages=num_stages)
 
 
+def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, **overrides):
+    from gptoss_serve.kernels.moe_mma import _moe_mma_kernel, byte_layout
+    n, kblocks = 5760, 90
+    args = dict(a_ptr="*bf16", w_ptr="*u8", scales_ptr="*u8", ws_ptr="*fp32", sorted_pairs_ptr="*i32",
+                block_expert_ptr="*i32", block_row_start_ptr="*i32", block_row_end_ptr="*i32",
+                N=n, a_row_div=4, rows_per_program=64 * m_tiles, first_expert=0, num_local_experts=32,
+                stride_a=2880, stride_w_expert=n * kblocks * 16, stride_w_row=kblocks * 16,
+                stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_s_k=1, stride_ws_split=4 * n)
+    const = dict(BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks, TILE_N=64, EVEN_ROWS=True,
+                 KB=15, BLOCK_T=block_t, M_TILES=m_tiles, NUM_WARPS=num_warps)
+    const.update(overrides)
+    return compile_offline(_moe_mma_kernel, args, const, num_warps=num_warps)
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "gemv"
     if which == "gemv":
         # RB 16 rows x KB 16 blocks over 128 threads: 2 rows x 32 weights = 64 weights a thread an iteration
         report("gemv 20b w1 (split layout, folded scales)", gemv_20b_w1(), 64)
         report("gemv 20b w1 (swizzled, folded)", gemv_20b_w1(SWIZZLED=True), 64)
+    elif which == "mma":
+        # a row iteration: KB 15 blocks x 16 weights (two rows' words) a thread for each of its M_TILES row tiles
+        for m_tiles in (1, 2):
+            report(f"mma 20b w1, one token, {m_tiles} row tile(s) a warp", mma_20b_w1(m_tiles=m_tiles), 240 * m_tiles)
+        report("mma 20b w1, row blocks of 16 pairs", mma_20b_w1(block_t=16, pair_blocks=False), 240)
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):

@@ -1,0 +1,86 @@
+"""Decode MoE on the tensor-core kernel (kernels/moe_mma.py) against the default decode paths, on the serving layout.
+
+For each experts x tokens case: the whole experts call (both matmuls, epilogues, combine; grouping where the
+variant groups) timed as CUDA-graph replays over 4 layers' weights (kernels/bench.py's method), % of the copy
+bandwidth measured first (bytes: the MXFP4 blocks and scales of the experts hit, as the bench counts them), and
+each variant's relative error against the default path's output and against the torch twin's (on the
+checkpoint layout, first case of each model only: it is slow).
+E.g. python3 tools/moe_mma_sweep.py [--cases 32x1,32x8,128x1] [--configs default|all]"""
+import argparse
+import itertools
+
+import torch
+
+from gptoss_serve.kernels import bench as kb
+from gptoss_serve.kernels.moe_matmul import merge_nibbles, moe_experts, untile_rows
+from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
+from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--cases", default="32x1,128x1,32x2,128x2,32x4,128x4,32x8,128x8,32x16,32x32,32x64,128x64")
+parser.add_argument("--configs", default="default", help="default: a few variants; all: the tile sweep")
+args = parser.parse_args()
+
+ceil = kb.measure_ceilings()
+print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
+h = i = 2880
+
+
+def mma_variants(num_tokens: int) -> list[tuple[str, dict]]:
+    """(label, config) of the tensor-core kernel: (BLOCK_T, KB_MAX, M_TILES, ROWS_PER_PROGRAM, num_warps);
+    BLOCK_T None = pairs one by one."""
+    if args.configs == "all":
+        block_ts = [None] if num_tokens == 1 else [None, 8, 16] if num_tokens <= 8 else [8, 16, 32]
+        grid = list(itertools.product(block_ts, (8, 16, 32), (1, 2), (64, 128, 256), (4, 8)))
+    elif num_tokens <= 2:
+        grid = [(None, 16, 1, 64, 4), (None, 16, 2, 128, 4), (None, 32, 1, 64, 4), (None, 8, 1, 64, 4)]
+    elif num_tokens <= 8:
+        grid = [(None, 16, 1, 64, 4), (8, 16, 1, 64, 4), (16, 16, 1, 64, 4)]
+    else:
+        grid = [(16, 16, 1, 64, 4), (32, 16, 1, 64, 4), (16, 16, 2, 128, 4)]
+    out = []
+    for block_t, kb_max, m_tiles, rows, warps in grid:
+        if rows < 16 * warps * m_tiles:
+            continue
+        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, KB_MAX=kb_max, M_TILES=m_tiles,
+                      ROWS_PER_PROGRAM=rows, num_warps=warps)
+        out.append((f"mma T={block_t} KB<={kb_max} mt={m_tiles} rows={rows} w={warps}", config))
+    return out
+
+
+seen_models = set()
+for case in args.cases.split(","):
+    num_experts, num_tokens = (int(v) for v in case.split("x"))
+    gen = torch.Generator(device="cuda").manual_seed(num_experts * 1000 + num_tokens)
+    layers = kb.serving_layers(num_experts, gen, h, i)
+    x = torch.randn(num_tokens, h, device="cuda", generator=gen).to(torch.bfloat16)
+    weights, ids = route_ref(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), 4)
+    hit = torch.unique(ids).numel()
+    nbytes = hit * (2 * i * h + i * h) * (0.5 + 1 / 32)
+    print(f"\n{num_experts} experts, {num_tokens} tokens: {hit} experts hit, {nbytes / 1e6:.1f} MB", flush=True)
+
+    def run(w, config):
+        return moe_experts(x, weights, ids, *w, 1.702, 7.0, config=config, **kb.serving_layout_args())
+
+    ref = run(layers[0], None)
+    if num_experts not in seen_models:  # the torch twin on the checkpoint layout of the same bytes
+        seen_models.add(num_experts)
+        w1b, w1s, b1, w2b, w2s, b2 = layers[0]
+        tile = kb.serving_layout_args()["tile_n"]
+        twin = moe_experts_ref(x, weights, ids, merge_nibbles(untile_rows(w1b, tile)), w1s, b1,
+                               merge_nibbles(untile_rows(w2b, tile)), w2s, b2, 1.702, 7.0)
+    else:
+        twin = None
+    for label, config in [("default", None)] + mma_variants(num_tokens):
+        try:
+            ms, err = kb.time_variant(run, layers, config, ref)
+        except Exception as e:  # a variant that fails to compile must not cost the rest of the run
+            print(f"  {label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        twin_err = "" if twin is None else \
+            f" | vs twin {((run(layers[0], config).float() - twin.float()).norm() / twin.float().norm()).item():.1e}"
+        gbs = nbytes / ms / 1e6
+        print(f"  {label:<44} | {ms * 1e3:8.1f} us | {gbs:6.0f} GB/s | {100 * gbs / ceil['copy_gbs']:4.1f}% HBM | "
+              f"vs default {err:.1e}{twin_err}", flush=True)
+    del layers
+    torch.cuda.empty_cache()
