@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from gptoss_serve.kernels.moe_matmul import (_dequant_mxfp4_tile, check_decode_operands, e4m3_block_scale,
-                                              split_bytes_e4m3)
+                                              split_bytes_e4m3, split_bytes_e4m3_ptx)
 from gptoss_serve.kernels.triton_utils import device_function, emulate_bf16, launch
 
 
@@ -30,12 +30,7 @@ def _split_bytes_e4m3_f32_asm() -> str:
     moe_matmul.split_bytes_e4m3 (four at a time), cvt reads two e4m3 bytes as an f16 pair (sm_89+), and each half
     widens to float32: about 3.4 instructions a weight with the FMA, against 4.5 for bf16 values times their scale
     widened (the scale is applied to each block's sum instead)."""
-    lines = ["{", ".reg .b32 t, u, lo, hi, f<4>;", ".reg .b16 e<4>, h<8>;",
-             "shl.b32 t, $8, 2;", "and.b32 t, t, 0x1C1C1C1C;", "shl.b32 u, $8, 4;", "and.b32 u, u, 0x80808080;",
-             "or.b32 lo, t, u;",  # low nibbles: magnitude bits 2..0 -> 4..2, sign 3 -> 7, in each byte
-             "shr.b32 t, $8, 2;", "and.b32 t, t, 0x1C1C1C1C;", "and.b32 u, $8, 0x80808080;",
-             "or.b32 hi, t, u;",  # high nibbles: magnitude 6..4 -> 4..2, the sign stays at 7
-             "mov.b32 {e0, e1}, lo;", "mov.b32 {e2, e3}, hi;"]
+    lines = ["{", ".reg .b32 t, u, lo, hi, f<4>;", ".reg .b16 e<4>, h<8>;"] + split_bytes_e4m3_ptx("$8")
     for i in range(4):  # e4m3 byte pair i -> f16 pair -> $2i, $2i + 1
         lines += [f"cvt.rn.f16x2.e4m3x2 f{i}, e{i};", f"mov.b32 {{h{2 * i}, h{2 * i + 1}}}, f{i};",
                   f"cvt.f32.f16 ${2 * i}, h{2 * i};", f"cvt.f32.f16 ${2 * i + 1}, h{2 * i + 1};"]

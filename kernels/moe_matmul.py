@@ -287,11 +287,23 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
     return w_low, w_high
 
 
+def split_bytes_e4m3_ptx(word: str) -> list[str]:
+    """PTX lines: four split-layout bytes in `word` -> their low nibbles as float8 e4m3 bytes in register lo and
+    the high nibbles in hi, split into the e4m3 byte pairs e0, e1 (low) and e2, e3 (high); the bit moves of
+    split_bytes_e4m3, four bytes at a time. The caller declares .b32 t, u, lo, hi and .b16 e<4>."""
+    return [f"shl.b32 t, {word}, 2;", "and.b32 t, t, 0x1C1C1C1C;", f"shl.b32 u, {word}, 4;",
+            "and.b32 u, u, 0x80808080;",
+            "or.b32 lo, t, u;",  # low nibbles: magnitude bits 2..0 -> 4..2, sign 3 -> 7, in each byte
+            f"shr.b32 t, {word}, 2;", "and.b32 t, t, 0x1C1C1C1C;", f"and.b32 u, {word}, 0x80808080;",
+            "or.b32 hi, t, u;",  # high nibbles: magnitude 6..4 -> 4..2, the sign stays at 7
+            "mov.b32 {e0, e1}, lo;", "mov.b32 {e2, e3}, hi;"]
+
+
 @device_function
 def split_bytes_e4m3(w_bytes):
     """Split-layout bytes (uint8, any shape) -> the low and high nibbles as float8 e4m3 bytes that read as
     value * 2^-6: s|e1 e0|m goes to s|0 0 e1 e0|m 0 0 (e1 e0 = 0 lands on e4m3 subnormals, exactly 0 and 0.5 * 2^-6).
-    The same bit moves as SPLIT_BYTES_E4M3_F32_ASM (moe_gemv.py), one byte at a time."""
+    The same bit moves as split_bytes_e4m3_ptx (the asm of moe_gemv.py and moe_mma.py), one byte at a time."""
     low = (((w_bytes & 0x07) << 2) | ((w_bytes & 0x08) << 4)).to(tl.float8e4nv, bitcast=True)
     high = (((w_bytes >> 2) & 0x1C) | (w_bytes & 0x80)).to(tl.float8e4nv, bitcast=True)
     return low, high

@@ -1,8 +1,8 @@
 """Decode MoE matmuls on the tensor cores (mma.sync) with MXFP4 weights dequantized straight into A fragments.
 
 Written in Gluon (Triton's explicit-layout dialect), because the point is where each value sits. A program owns
-one row block of an expert's pairs (up to BLOCK_T of them, the mma's N side; one token: one pair), a range of
-weight rows and a K range of KB MXFP4 blocks. The weight rows are the mma's M side: for each K block a thread
+one row block of an expert's pairs (up to BLOCK_T of them, the mma's N side; or a single pair when the pairs
+go one by one), a range of weight rows and a K range of KB MXFP4 blocks. The weight rows are the mma's M side: for each K block a thread
 loads one 4-byte word of each of its two rows (bytes 4c..4c+3 of the block, c = lane % 4; 8 rows x 16 bytes a
 warp, contiguous on the tiled-row layout), turns the word into eight f16 values with one asm (nibble -> float8
 e4m3 bits that read as value * 2^-6 -> the hardware's e4m3 -> f16 conversion: 11 instructions), and those
@@ -30,6 +30,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from gptoss_serve.kernels.moe_matmul import check_decode_operands, split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_routing import ExpertGroups
 
 
@@ -37,12 +38,7 @@ def _split_word_f16_asm() -> str:
     """PTX: one word of four split-layout bytes ($4) -> the low nibbles' values ($0: bytes 0, 1; $1: bytes 2, 3)
     and the high nibbles' ($2, $3) as f16 pairs, each value times 2^-6 (nibble s|e1 e0|m -> e4m3 s|0 0 e1 e0|m 0 0,
     whose subnormals give 0 and 0.5 * 2^-6; cvt reads two e4m3 bytes as an f16 pair, sm_89+)."""
-    lines = ["{", ".reg .b32 t, u, lo, hi;", ".reg .b16 e<4>;",
-             "shl.b32 t, $4, 2;", "and.b32 t, t, 0x1C1C1C1C;", "shl.b32 u, $4, 4;", "and.b32 u, u, 0x80808080;",
-             "or.b32 lo, t, u;",  # low nibbles: magnitude bits 2..0 -> 4..2, sign 3 -> 7, in each byte
-             "shr.b32 t, $4, 2;", "and.b32 t, t, 0x1C1C1C1C;", "and.b32 u, $4, 0x80808080;",
-             "or.b32 hi, t, u;",  # high nibbles: magnitude 6..4 -> 4..2, the sign stays at 7
-             "mov.b32 {e0, e1}, lo;", "mov.b32 {e2, e3}, hi;"]
+    lines = ["{", ".reg .b32 t, u, lo, hi;", ".reg .b16 e<4>;"] + split_bytes_e4m3_ptx("$4")
     lines += [f"cvt.rn.f16x2.e4m3x2 ${i}, e{i};" for i in range(4)]
     return "\n".join(lines + ["}"])
 
@@ -92,7 +88,7 @@ def _moe_mma_kernel(
     split = gl.program_id(2)
     t_s = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, STAGE_L))
     t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma))
-    if PAIR_BLOCKS:  # one token: row block b is pair b, its expert straight from the routing
+    if PAIR_BLOCKS:  # pairs one by one: row block b is pair b, its expert straight from the routing
         expert = gl.load(block_expert_ptr + block) - first_expert
         if (expert < 0) | (expert >= num_local_experts):  # routed to another rank's expert
             return
@@ -173,8 +169,6 @@ def moe_mma_splitk(
     groups: ExpertGroups | None = None,  # row blocks of pairs by expert (BLOCK_T pairs at most)
     pair_blocks: tuple[torch.Tensor, int] | None = None,  # (expert ids [num_pairs], first_expert): pairs one by one
 ) -> torch.Tensor:  # [splits, num_pairs, N] float32 partial sums by pair index (rows of other ranks' pairs unset)
-    from gptoss_serve.kernels.moe_matmul import check_decode_operands
-
     config = dict(DEFAULT_MMA_CONFIG, **config)
     num_local_experts, n_rows, num_k_blocks = check_decode_operands(a, blocks, tile_n)
     if not a.is_cuda:
