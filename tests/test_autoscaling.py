@@ -151,7 +151,10 @@ def test_load_ramp_scales_1_to_3_and_back_without_losing_a_request(base_url):
         while _num_running_replicas() < 3:
             assert time.monotonic() < deadline, "never reached 3 replicas"
             time.sleep(0.5)
-        time.sleep(3)  # the new replicas take traffic
+        three_time = time.monotonic()
+        while len({r["replica"] for r in results if r["start"] > three_time}) < 3:  # the new replicas take traffic
+            assert time.monotonic() < deadline + 60, "the new replicas answered no request"
+            time.sleep(0.5)
         for i in range(4):  # 1 replica wanted; its requests are in flight on every replica while two stop
             pool.submit(worker, 100 + i, stop_trickle, DRAIN_MAX_TOKENS)
         stop_load.set()
