@@ -2,13 +2,14 @@
 
 Written in Gluon (Triton's explicit-layout dialect), because the point is where each value sits. A program owns
 one row block of an expert's pairs (up to BLOCK_T of them, the mma's N side; or a single pair when the pairs
-go one by one), a range of weight rows and a K range of KB MXFP4 blocks. The weight rows are the mma's M side: for each K block a thread
-loads one 4-byte word of each of its two rows (bytes 4c..4c+3 of the block, c = lane % 4; 8 rows x 16 bytes a
-warp, contiguous on the tiled-row layout), turns the word into eight f16 values with one asm (nibble -> float8
-e4m3 bits that read as value * 2^-6 -> the hardware's e4m3 -> f16 conversion: 11 instructions), and those
-registers are the A fragment of the mma as they are: in the dot-operand layout with k_width 4 a thread holds
-elements 4c..4c+3 and 16 + 4c..16 + 4c + 3 of each 32-wide K block, which on the split-nibble layout are the low
-and the high nibbles of that one word. (tools/kernel_sass.py mma: no shuffles between the asm and HMMA.)
+go one by one), a range of weight rows and a K range of KB MXFP4 blocks. The weight rows are the mma's M side:
+for each K block a thread loads one 4-byte word of each of its two rows (bytes 4c..4c+3 of the block, c = lane
+% 4; 8 rows x 16 bytes a warp, contiguous on the tiled-row layout), turns the word into eight f16 values with one
+asm (nibble -> float8 e4m3 bits that read as value * 2^-6 -> the hardware's e4m3 -> f16 conversion: 11
+instructions), and those registers are the A fragment of the mma as they are: in the dot-operand layout with
+k_width 4 a thread holds elements 4c..4c+3 and 16 + 4c..16 + 4c + 3 of each 32-wide K block, which on the
+split-nibble layout are the low and the high nibbles of that one word. (tools/kernel_sass.py mma: no shuffles
+between the asm and HMMA.)
 
 Each block's product is a fresh mma (float32) scaled once by 2^(s - 121) (the E8M0 scale times the 2^6 the e4m3
 values lack) and added to the accumulator: the products are exact (f16 values of two significant bits times f16
@@ -50,7 +51,10 @@ _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # gl.thread_barrie
 # 6 splits) and one 64-row tile a program won; ranges of 30 blocks, 8 blocks, and two row tiles a warp (128 rows a
 # program) each lost 0.7-7 us at 1-2 tokens, and row blocks of 32 pairs lost everywhere. Where moe_experts takes this
 # kernel: moe_matmul.mma_decode_config.
-DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4)
+# STAGE_ONCE: the activations staged with one load, store and barrier instead of one of each a K block (15
+# dependent rounds before the first weight load, in the SASS of the kernel measured); compiled and read in SASS
+# (tools/kernel_sass.py mma: 1080 -> 784 instructions), not yet run on a GPU, so off.
+DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=False)
 
 
 def byte_layout(num_warps: int, m_tiles: int) -> gl.DistributedLinearLayout:
@@ -72,7 +76,8 @@ def _moe_mma_kernel(
     N, a_row_div, rows_per_program, first_expert, num_local_experts,
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_s_k, stride_ws_split,
     BYTE_LAYOUT: gl.constexpr, PAIR_BLOCKS: gl.constexpr, TILE_N: gl.constexpr, EVEN_ROWS: gl.constexpr,
-    KB: gl.constexpr, BLOCK_T: gl.constexpr, M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr,
+    KB: gl.constexpr, KB_P2: gl.constexpr, STAGE_ONCE: gl.constexpr, BLOCK_T: gl.constexpr, M_TILES: gl.constexpr,
+    NUM_WARPS: gl.constexpr,
 ):
     """Program (row block, row chunk, K range): ws[split, pairs of the block, rows of the chunk] =
     W_e[rows, K range] @ A[the block's rows, K range]^T, KB blocks a range (KB divides the K blocks)."""
@@ -80,7 +85,10 @@ def _moe_mma_kernel(
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
     B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
-    STAGE_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])
+    if STAGE_ONCE:
+        STAGE_L: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, NUM_WARPS], [1, 0])
+    else:
+        STAGE_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])
     SMEM_L: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
 
     block = gl.program_id(0)
@@ -105,13 +113,19 @@ def _moe_mma_kernel(
         pairs_o = gl.load(sorted_pairs_ptr + row_start + t_o, mask=t_o < count, other=0)
     blk_begin = split * KB
 
-    # The K range of the block's activations as f16, [KB, BLOCK_T, 32] in shared memory, staged once.
-    k_s = gl.arange(0, 32, layout=gl.SliceLayout(0, STAGE_L))
-    a_rows = a_ptr + (pairs_s // a_row_div).to(gl.int64)[:, None] * stride_a + blk_begin * 32 + k_s[None, :]
-    a_mask = (t_s < count)[:, None] & (k_s < 32)[None, :]
-    b_smem = gl.allocate_shared_memory(gl.float16, [KB, BLOCK_T, 32], SMEM_L)
-    for kb in gl.static_range(KB):
-        b_smem.index(kb).store(gl.load(a_rows + kb * 32, mask=a_mask, other=0.0).to(gl.float16))
+    # The K range of the block's activations as f16 in shared memory, staged once.
+    if STAGE_ONCE:  # [BLOCK_T, KB * 32] (padded to KB_P2 blocks): one load, one store, one barrier
+        k_s = gl.arange(0, KB_P2 * 32, layout=gl.SliceLayout(0, STAGE_L))
+        a_rows = a_ptr + (pairs_s // a_row_div).to(gl.int64)[:, None] * stride_a + blk_begin * 32 + k_s[None, :]
+        staged = gl.load(a_rows, mask=(t_s < count)[:, None] & (k_s < KB * 32)[None, :], other=0.0)
+        b_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_T, KB_P2 * 32], SMEM_L, staged.to(gl.float16))
+    else:  # [KB, BLOCK_T, 32], a block at a time: the compiler puts a barrier after each store (SASS)
+        k_s = gl.arange(0, 32, layout=gl.SliceLayout(0, STAGE_L))
+        a_rows = a_ptr + (pairs_s // a_row_div).to(gl.int64)[:, None] * stride_a + blk_begin * 32 + k_s[None, :]
+        a_mask = (t_s < count)[:, None] & (k_s < 32)[None, :]
+        b_smem = gl.allocate_shared_memory(gl.float16, [KB, BLOCK_T, 32], SMEM_L)
+        for kb in gl.static_range(KB):
+            b_smem.index(kb).store(gl.load(a_rows + kb * 32, mask=a_mask, other=0.0).to(gl.float16))
     _barrier()
 
     r_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, BYTE_LAYOUT))
@@ -145,7 +159,10 @@ def _moe_mma_kernel(
             # [ROWS, 32] in element order (split layout: byte j holds elements j and j + 16): the A fragment.
             w = gl.reshape(gl.permute(gl.join(low, high), [0, 2, 1]), [ROWS, 32])
             w = gl.convert_layout(w, A_L, assert_trivial=True)  # no data moves (checked at compile time)
-            a = b_smem.index(kb).permute([1, 0]).load(B_L)  # [32, BLOCK_T]
+            if STAGE_ONCE:
+                a = b_smem.slice(kb * 32, 32, dim=1).permute([1, 0]).load(B_L)  # [32, BLOCK_T]
+            else:
+                a = b_smem.index(kb).permute([1, 0]).load(B_L)
             part = mma_v2(w, a, gl.zeros([ROWS, BLOCK_T], gl.float32, mma))
             scale = ((s.to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True)  # 2^(s - 121)
             acc = acc + part * gl.expand_dims(scale, 1)
@@ -193,6 +210,6 @@ def moe_mma_splitk(
         a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), scales.stride(2),
         ws.stride(0),
         BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks is not None, TILE_N=tile_n,
-        EVEN_ROWS=n_rows % rows_per_program == 0, KB=kb, BLOCK_T=block_t, M_TILES=m_tiles, NUM_WARPS=num_warps,
-        num_warps=num_warps)
+        EVEN_ROWS=n_rows % rows_per_program == 0, KB=kb, KB_P2=triton.next_power_of_2(kb),
+        STAGE_ONCE=config["STAGE_ONCE"], BLOCK_T=block_t, M_TILES=m_tiles, NUM_WARPS=num_warps, num_warps=num_warps)
     return ws

@@ -434,8 +434,9 @@ def test_moe_experts_mma_matches_twin_and_gemv_gpu(shape, num_tokens, block_t):
     from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
 
     args, served, layout = _mma_case(shape, num_tokens, seed=100 + num_tokens)
-    for m_tiles, rows in ((1, 64), (2, 256)):
-        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, M_TILES=m_tiles, ROWS_PER_PROGRAM=rows)
+    for m_tiles, rows, stage_once in ((1, 64, False), (2, 256, False), (1, 64, True)):
+        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, M_TILES=m_tiles, ROWS_PER_PROGRAM=rows,
+                      STAGE_ONCE=stage_once)
         out = moe_experts(*served, config=config, **layout)
         assert rel_err(out, moe_experts_ref(*args)) < 1e-2
         # f16 activations and tensor-core sums against the matrix-vector kernel's float32 FMAs: near-equal
@@ -453,8 +454,8 @@ def test_moe_mma_checkpoint_rows_and_k_ranges_gpu():
     x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
     served = [x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first]
     ref = moe_experts_ref(*args)
-    for kb_max in (1, 16):
-        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", KB_MAX=kb_max)
+    for kb_max, stage_once in ((1, False), (16, False), (16, True), (3, True)):  # 7 K blocks: ranges of 1 and 7 blocks
+        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", KB_MAX=kb_max, STAGE_ONCE=stage_once)
         assert rel_err(moe_experts(*served, config=config, split_nibbles=True), ref) < 1e-2
 
 

@@ -27,24 +27,27 @@ h = i = 2880
 
 
 def mma_variants(num_tokens: int) -> list[tuple[str, dict]]:
-    """(label, config) of the tensor-core kernel: (BLOCK_T, KB_MAX, M_TILES, ROWS_PER_PROGRAM, num_warps);
-    BLOCK_T None = pairs one by one."""
+    """(label, config) of the tensor-core kernel: (BLOCK_T, KB_MAX, M_TILES, ROWS_PER_PROGRAM, num_warps,
+    STAGE_ONCE); BLOCK_T None = pairs one by one."""
     if args.configs == "all":
         block_ts = [None] if num_tokens == 1 else [None, 8, 16] if num_tokens <= 8 else [8, 16, 32]
-        grid = list(itertools.product(block_ts, (8, 16, 32), (1, 2), (64, 128, 256), (4, 8)))
+        grid = list(itertools.product(block_ts, (8, 16, 32), (1, 2), (64, 128, 256), (4, 8), (False, True)))
     elif num_tokens <= 2:
-        grid = [(None, 16, 1, 64, 4), (None, 16, 2, 128, 4), (None, 32, 1, 64, 4), (None, 8, 1, 64, 4)]
+        grid = [(None, 16, 1, 64, 4, False), (None, 16, 1, 64, 4, True), (None, 16, 2, 128, 4, True),
+                (None, 8, 1, 64, 4, True)]
     elif num_tokens <= 8:
-        grid = [(None, 16, 1, 64, 4), (8, 16, 1, 64, 4), (16, 16, 1, 64, 4)]
+        grid = [(None, 16, 1, 64, 4, False), (None, 16, 1, 64, 4, True), (8, 16, 1, 64, 4, False),
+                (8, 16, 1, 64, 4, True)]
     else:
-        grid = [(16, 16, 1, 64, 4), (32, 16, 1, 64, 4), (16, 16, 2, 128, 4)]
+        grid = [(16, 16, 1, 64, 4, False), (16, 16, 1, 64, 4, True), (16, 16, 2, 128, 4, True)]
     out = []
-    for block_t, kb_max, m_tiles, rows, warps in grid:
+    for block_t, kb_max, m_tiles, rows, warps, stage_once in grid:
         if rows < 16 * warps * m_tiles:
             continue
         config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, KB_MAX=kb_max, M_TILES=m_tiles,
-                      ROWS_PER_PROGRAM=rows, num_warps=warps)
-        out.append((f"mma T={block_t} KB<={kb_max} mt={m_tiles} rows={rows} w={warps}", config))
+                      ROWS_PER_PROGRAM=rows, num_warps=warps, STAGE_ONCE=stage_once)
+        out.append((f"mma T={block_t} KB<={kb_max} mt={m_tiles} rows={rows} w={warps}"
+                    f"{' staged at once' if stage_once else ''}", config))
     return out
 
 
