@@ -625,7 +625,9 @@ def _splitk_combine_kernel(
     BLOCK_H: tl.constexpr,
 ):
     """out[token] = sum over its slots (fixed order) of weight * (sum over splits + bias), rounded as
-    _moe_matmul_kernel's second-matmul epilogue and _combine_kernel round."""
+    _moe_matmul_kernel's second-matmul epilogue and _combine_kernel round. A slot routed to another rank adds
+    nothing; its loads are masked off rather than branched around, so every slot's loads go out together (a
+    branch a slot made four dependent rounds of loads, SASS)."""
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_cols = cols < hidden
@@ -634,15 +636,17 @@ def _splitk_combine_kernel(
     for slot in tl.static_range(TOP_K):
         pair = token * TOP_K + slot
         local = tl.load(ids_ptr + pair) - first_expert
-        if (local >= 0) & (local < num_local_experts):  # pairs routed to other ranks were never computed
-            h = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for s in tl.static_range(NUM_SPLITS):  # unrolled: the loads go out together
-                h += tl.load(ws_ptr + s * stride_ws_split + pair * hidden + cols, mask=in_cols, other=0.0)
-            h = cast_rne(h, act_dtype, EMULATE_BF16).to(tl.float32)
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + local.to(tl.int64) * stride_bias_expert + cols, mask=in_cols, other=0.0)
-                h = cast_rne(h + bias.to(tl.float32), act_dtype, EMULATE_BF16).to(tl.float32)
-            total += h * tl.load(weights_ptr + pair)
+        here = (local >= 0) & (local < num_local_experts)  # pairs routed to other ranks were never computed
+        in_slot = tl.where(here, in_cols, False)  # (in_cols & here: a mask dtype Triton 3.9's interpreter refuses)
+        h = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for s in tl.static_range(NUM_SPLITS):  # unrolled: the loads go out together
+            h += tl.load(ws_ptr + s * stride_ws_split + pair * hidden + cols, mask=in_slot, other=0.0)
+        h = cast_rne(h, act_dtype, EMULATE_BF16).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + local.to(tl.int64) * stride_bias_expert + cols, mask=in_slot, other=0.0)
+            h = cast_rne(h + bias.to(tl.float32), act_dtype, EMULATE_BF16).to(tl.float32)
+        weight = tl.load(weights_ptr + pair)
+        total = tl.where(here, total + h * weight, total)
     tl.store(out_ptr + token * stride_out + cols, cast_rne(total, act_dtype, EMULATE_BF16), mask=in_cols)
 
 
