@@ -248,8 +248,10 @@ def _combine_kernel(
     total = tl.zeros([BLOCK_H], dtype=tl.float32)
     for slot in tl.static_range(TOP_K):  # a fixed order: the sum does not depend on scheduling
         local = tl.load(ids_ptr + token * TOP_K + slot) - first_expert
-        if (local >= 0) & (local < num_local_experts):  # pairs routed to other ranks were never written
-            total += tl.load(y_ptr + (token * TOP_K + slot) * stride_y + cols, mask=in_cols, other=0.0)
+        here = (local >= 0) & (local < num_local_experts)  # pairs routed to other ranks were never written
+        # masked, not branched around: the slots' loads go out together (see _splitk_combine_kernel)
+        y = tl.load(y_ptr + (token * TOP_K + slot) * stride_y + cols, mask=tl.where(here, in_cols, False), other=0.0)
+        total = tl.where(here, total + y, total)
     tl.store(out_ptr + token * stride_out + cols, cast_rne(total, out_ptr.dtype.element_ty, EMULATE_BF16), mask=in_cols)
 
 
