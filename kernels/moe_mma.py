@@ -52,9 +52,10 @@ _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # gl.thread_barrie
 # program) each lost 0.7-7 us at 1-2 tokens, and row blocks of 32 pairs lost everywhere. Where moe_experts takes this
 # kernel: moe_matmul.mma_decode_config.
 # STAGE_ONCE: the activations staged with one load, store and barrier instead of one of each a K block (15
-# dependent rounds before the first weight load, in the SASS of the kernel measured); compiled and read in SASS
-# (tools/kernel_sass.py mma: 1080 -> 784 instructions), not yet run on a GPU, so off.
-DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=False)
+# dependent rounds before the first weight load, in the SASS of the kernel measured); PREFETCH (one row tile a
+# program): the tile's weight loads issued before the staging, so their latency and the staging's overlap.
+# Both compiled and read in SASS (tools/kernel_sass.py mma), not yet run on a GPU, so off.
+DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=False, PREFETCH=False)
 
 
 def byte_layout(num_warps: int, m_tiles: int) -> gl.DistributedLinearLayout:
@@ -76,8 +77,8 @@ def _moe_mma_kernel(
     N, a_row_div, rows_per_program, first_expert, num_local_experts,
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_s_k, stride_ws_split,
     BYTE_LAYOUT: gl.constexpr, PAIR_BLOCKS: gl.constexpr, TILE_N: gl.constexpr, EVEN_ROWS: gl.constexpr,
-    KB: gl.constexpr, KB_P2: gl.constexpr, STAGE_ONCE: gl.constexpr, BLOCK_T: gl.constexpr, M_TILES: gl.constexpr,
-    NUM_WARPS: gl.constexpr,
+    KB: gl.constexpr, KB_P2: gl.constexpr, STAGE_ONCE: gl.constexpr, PREFETCH: gl.constexpr, BLOCK_T: gl.constexpr,
+    M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
     """Program (row block, row chunk, K range): ws[split, pairs of the block, rows of the chunk] =
     W_e[rows, K range] @ A[the block's rows, K range]^T, KB blocks a range (KB divides the K blocks)."""
@@ -113,6 +114,20 @@ def _moe_mma_kernel(
         pairs_o = gl.load(sorted_pairs_ptr + row_start + t_o, mask=t_o < count, other=0)
     blk_begin = split * KB
 
+    if PREFETCH:  # one row tile a program: its weight loads go out before the activations are staged
+        w_expert = w_ptr + expert.to(gl.int64) * stride_w_expert + blk_begin * (16 * TILE_N)
+        s_expert = scales_ptr + expert.to(gl.int64) * stride_s_expert + blk_begin * stride_s_k
+        row_begin = chunk * rows_per_program
+        row_end = gl.minimum(row_begin + rows_per_program, N)
+        w_rows, s_rows, in_b, in_o = _tile_pointers(w_expert, s_expert, row_begin, row_end, stride_w_row,
+                                                    stride_s_row, BYTE_LAYOUT, mma, ROWS, TILE_N)
+        words = ()
+        scale_bytes = ()
+        for kb in gl.static_range(KB):
+            w_bytes, s = _block_loads(w_rows, s_rows, in_b, in_o, kb, stride_s_k, TILE_N, EVEN_ROWS)
+            words = words + (w_bytes,)
+            scale_bytes = scale_bytes + (s,)
+
     # The K range of the block's activations as f16 in shared memory, staged once.
     if STAGE_ONCE:  # [BLOCK_T, KB * 32] (padded to KB_P2 blocks): one load, one store, one barrier
         k_s = gl.arange(0, KB_P2 * 32, layout=gl.SliceLayout(0, STAGE_L))
@@ -128,32 +143,24 @@ def _moe_mma_kernel(
             b_smem.index(kb).store(gl.load(a_rows + kb * 32, mask=a_mask, other=0.0).to(gl.float16))
     _barrier()
 
-    r_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, BYTE_LAYOUT))
-    j_b = gl.arange(0, 16, layout=gl.SliceLayout(0, BYTE_LAYOUT))
+    if not PREFETCH:
+        w_expert = w_ptr + expert.to(gl.int64) * stride_w_expert + blk_begin * (16 * TILE_N)
+        s_expert = scales_ptr + expert.to(gl.int64) * stride_s_expert + blk_begin * stride_s_k
+        row_begin = chunk * rows_per_program
+        row_end = gl.minimum(row_begin + rows_per_program, N)
     r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
-    w_expert = w_ptr + expert.to(gl.int64) * stride_w_expert + blk_begin * (16 * TILE_N)
-    s_expert = scales_ptr + expert.to(gl.int64) * stride_s_expert + blk_begin * stride_s_k
     ws_cols = ws_ptr + split * stride_ws_split + pairs_o.to(gl.int64)[None, :] * N  # [1, BLOCK_T]
-    row_begin = chunk * rows_per_program
-    row_end = gl.minimum(row_begin + rows_per_program, N)
     for r0 in range(row_begin, row_end, ROWS):
-        n_b = r0 + r_b
-        if TILE_N == 1:  # rows of K / 32 blocks one after the other
-            w_rows = w_expert + n_b.to(gl.int64)[:, None] * stride_w_row + j_b[None, :]
-        else:  # `tile_rows`: TILE_N rows' block k side by side, then block k + 1
-            w_rows = w_expert + (n_b // TILE_N).to(gl.int64)[:, None] * (stride_w_row * TILE_N) \
-                + (n_b % TILE_N)[:, None] * 16 + j_b[None, :]
-        s_rows = s_expert + (r0 + r_o).to(gl.int64) * stride_s_row
-        in_b = (n_b < row_end)[:, None] & (j_b < 16)[None, :]
-        in_o = r0 + r_o < row_end
+        if not PREFETCH:
+            w_rows, s_rows, in_b, in_o = _tile_pointers(w_expert, s_expert, r0, row_end, stride_w_row,
+                                                        stride_s_row, BYTE_LAYOUT, mma, ROWS, TILE_N)
         acc = gl.zeros([ROWS, BLOCK_T], gl.float32, mma)
         for kb in gl.static_range(KB):
-            if EVEN_ROWS:
-                w_bytes = gl.load(w_rows + kb * (16 * TILE_N))  # [ROWS, 16] uint8
-                s = gl.load(s_rows + kb * stride_s_k)
+            if PREFETCH:
+                w_bytes = words[kb]
+                s = scale_bytes[kb]
             else:
-                w_bytes = gl.load(w_rows + kb * (16 * TILE_N), mask=in_b, other=0)
-                s = gl.load(s_rows + kb * stride_s_k, mask=in_o, other=0)
+                w_bytes, s = _block_loads(w_rows, s_rows, in_b, in_o, kb, stride_s_k, TILE_N, EVEN_ROWS)
             low, high = gl.inline_asm_elementwise(SPLIT_WORD_F16_ASM, "=r,=r,=r,=r,r", [w_bytes],
                                                   dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
             # [ROWS, 32] in element order (split layout: byte j holds elements j and j + 16): the A fragment.
@@ -167,7 +174,35 @@ def _moe_mma_kernel(
             scale = ((s.to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True)  # 2^(s - 121)
             acc = acc + part * gl.expand_dims(scale, 1)
         out = ws_cols + (r0 + r_o)[:, None]
-        gl.store(out, acc, mask=in_o[:, None] & (t_o < count)[None, :])
+        gl.store(out, acc, mask=(r0 + r_o < row_end)[:, None] & (t_o < count)[None, :])
+
+
+@gluon.jit
+def _tile_pointers(w_expert, s_expert, r0, row_end, stride_w_row, stride_s_row, BYTE_LAYOUT: gl.constexpr,
+                   MMA_LAYOUT: gl.constexpr, ROWS: gl.constexpr, TILE_N: gl.constexpr):
+    """Pointers to the first K block's bytes [ROWS, 16] (BYTE_LAYOUT) and scale bytes [ROWS] (rows of MMA_LAYOUT)
+    of weight rows r0.., and which of those rows are below row_end."""
+    r_b = gl.arange(0, ROWS, layout=gl.SliceLayout(1, BYTE_LAYOUT))
+    j_b = gl.arange(0, 16, layout=gl.SliceLayout(0, BYTE_LAYOUT))
+    r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA_LAYOUT))
+    n_b = r0 + r_b
+    if TILE_N == 1:  # rows of K / 32 blocks one after the other
+        w_rows = w_expert + n_b.to(gl.int64)[:, None] * stride_w_row + j_b[None, :]
+    else:  # `tile_rows`: TILE_N rows' block k side by side, then block k + 1
+        w_rows = w_expert + (n_b // TILE_N).to(gl.int64)[:, None] * (stride_w_row * TILE_N) \
+            + (n_b % TILE_N)[:, None] * 16 + j_b[None, :]
+    s_rows = s_expert + (r0 + r_o).to(gl.int64) * stride_s_row
+    return w_rows, s_rows, (n_b < row_end)[:, None] & (j_b < 16)[None, :], r0 + r_o < row_end
+
+
+@gluon.jit
+def _block_loads(w_rows, s_rows, in_b, in_o, kb: gl.constexpr, stride_s_k, TILE_N: gl.constexpr,
+                 EVEN_ROWS: gl.constexpr):
+    """K block kb's bytes [ROWS, 16] uint8 and scale bytes [ROWS] of the tile of _tile_pointers."""
+    if EVEN_ROWS:
+        return gl.load(w_rows + kb * (16 * TILE_N)), gl.load(s_rows + kb * stride_s_k)
+    return (gl.load(w_rows + kb * (16 * TILE_N), mask=in_b, other=0),
+            gl.load(s_rows + kb * stride_s_k, mask=in_o, other=0))
 
 
 def _k_blocks_per_program(num_k_blocks: int, kb_max: int) -> int:
@@ -188,12 +223,14 @@ def moe_mma_splitk(
 ) -> torch.Tensor:  # [splits, num_pairs, N] float32 partial sums by pair index (rows of other ranks' pairs unset)
     config = dict(DEFAULT_MMA_CONFIG, **config)
     num_local_experts, n_rows, num_k_blocks = check_decode_operands(a, blocks, tile_n)
-    if not a.is_cuda:
-        raise ValueError("the tensor-core decode kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")
     kb = _k_blocks_per_program(num_k_blocks, config["KB_MAX"])
     num_warps, m_tiles = config["num_warps"], config["M_TILES"]
     rows = 16 * num_warps * m_tiles
     rows_per_program = max(rows, config["ROWS_PER_PROGRAM"] // rows * rows)
+    if config["PREFETCH"] and rows_per_program != rows:
+        raise ValueError(f"PREFETCH loads a program's one row tile early: ROWS_PER_PROGRAM must be {rows}")
+    if not a.is_cuda:
+        raise ValueError("the tensor-core decode kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")
     splits = num_k_blocks // kb
     ws = torch.empty((splits, max(num_pairs, 1), n_rows), dtype=torch.float32, device=a.device)
     if pair_blocks is not None:
@@ -211,5 +248,6 @@ def moe_mma_splitk(
         ws.stride(0),
         BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks is not None, TILE_N=tile_n,
         EVEN_ROWS=n_rows % rows_per_program == 0, KB=kb, KB_P2=triton.next_power_of_2(kb),
-        STAGE_ONCE=config["STAGE_ONCE"], BLOCK_T=block_t, M_TILES=m_tiles, NUM_WARPS=num_warps, num_warps=num_warps)
+        STAGE_ONCE=config["STAGE_ONCE"], PREFETCH=config["PREFETCH"], BLOCK_T=block_t, M_TILES=m_tiles,
+        NUM_WARPS=num_warps, num_warps=num_warps)
     return ws

@@ -434,9 +434,10 @@ def test_moe_experts_mma_matches_twin_and_gemv_gpu(shape, num_tokens, block_t):
     from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
 
     args, served, layout = _mma_case(shape, num_tokens, seed=100 + num_tokens)
-    for m_tiles, rows, stage_once in ((1, 64, False), (2, 256, False), (1, 64, True)):
+    for m_tiles, rows, stage_once, prefetch in ((1, 64, False, False), (2, 256, False, False), (1, 64, True, False),
+                                                (1, 64, True, True), (2, 128, False, True)):
         config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, M_TILES=m_tiles, ROWS_PER_PROGRAM=rows,
-                      STAGE_ONCE=stage_once)
+                      STAGE_ONCE=stage_once, PREFETCH=prefetch)
         out = moe_experts(*served, config=config, **layout)
         assert rel_err(out, moe_experts_ref(*args)) < 1e-2
         # f16 activations and tensor-core sums against the matrix-vector kernel's float32 FMAs: near-equal
@@ -447,15 +448,15 @@ def test_moe_experts_mma_matches_twin_and_gemv_gpu(shape, num_tokens, block_t):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_moe_mma_checkpoint_rows_and_k_ranges_gpu():
-    # Rows one after the other (no tiles) and K ranges of 1 block (7 splits over K = 224) give the same sums.
+    # Rows one after the other (no tiles) and K ranges of 1 or 7 blocks (K = 224) give the same sums.
     from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
 
     args = make_moe(2, 8, 224, 64, 4, 0, 8, True, seed=5, device="cuda")
     x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
     served = [x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first]
     ref = moe_experts_ref(*args)
-    for kb_max, stage_once in ((1, False), (16, False), (16, True), (3, True)):  # 7 K blocks: ranges of 1 and 7 blocks
-        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", KB_MAX=kb_max, STAGE_ONCE=stage_once)
+    for kb_max, stage_once, prefetch in ((1, False, False), (16, False, False), (16, True, True), (3, True, False)):
+        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", KB_MAX=kb_max, STAGE_ONCE=stage_once, PREFETCH=prefetch)
         assert rel_err(moe_experts(*served, config=config, split_nibbles=True), ref) < 1e-2
 
 
@@ -470,6 +471,8 @@ def test_moe_mma_refuses_cpu_tensors_and_other_layouts():
     served = [x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first]
     with pytest.raises(ValueError, match="CUDA tensors only"):
         moe_experts(*served, config=config, split_nibbles=True)
+    with pytest.raises(ValueError, match="ROWS_PER_PROGRAM must be 64"):
+        moe_experts(*served, config=dict(config, PREFETCH=True, ROWS_PER_PROGRAM=128), split_nibbles=True)
 
 
 def test_decode_steps_of_3_to_8_tokens_take_the_mma_kernel_on_a_gpu_only():

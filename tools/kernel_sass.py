@@ -132,7 +132,8 @@ def grouped_20b_w1(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=
     return compile_offline(_moe_matmul_kernel, args, const, num_warps=num_warps, num_stages=num_stages)
 
 
-def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=False, **overrides):
+def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=False, prefetch=False,
+               **overrides):
     from gptoss_serve.kernels.moe_mma import _moe_mma_kernel, byte_layout
     n, kblocks = 5760, 90
     args = dict(a_ptr="*bf16", w_ptr="*u8", scales_ptr="*u8", ws_ptr="*fp32", sorted_pairs_ptr="*i32",
@@ -141,7 +142,8 @@ def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=F
                 stride_a=2880, stride_w_expert=n * kblocks * 16, stride_w_row=kblocks * 16,
                 stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_s_k=1, stride_ws_split=4 * n)
     const = dict(BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks, TILE_N=64, EVEN_ROWS=True,
-                 KB=15, KB_P2=16, STAGE_ONCE=stage_once, BLOCK_T=block_t, M_TILES=m_tiles, NUM_WARPS=num_warps)
+                 KB=15, KB_P2=16, STAGE_ONCE=stage_once, PREFETCH=prefetch, BLOCK_T=block_t, M_TILES=m_tiles,
+                 NUM_WARPS=num_warps)
     const.update(overrides)
     return compile_offline(_moe_mma_kernel, args, const, num_warps=num_warps)
 
@@ -158,6 +160,8 @@ if __name__ == "__main__":
             report(f"mma 20b w1, one token, {m_tiles} row tile(s) a warp", mma_20b_w1(m_tiles=m_tiles), 240 * m_tiles)
         report("mma 20b w1, row blocks of 16 pairs", mma_20b_w1(block_t=16, pair_blocks=False), 240)
         report("mma 20b w1, one token, activations staged at once", mma_20b_w1(stage_once=True), 240)
+        report("mma 20b w1, one token, staged at once, weights prefetched",
+               mma_20b_w1(stage_once=True, prefetch=True), 240)
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):

@@ -28,26 +28,23 @@ h = i = 2880
 
 def mma_variants(num_tokens: int) -> list[tuple[str, dict]]:
     """(label, config) of the tensor-core kernel: (BLOCK_T, KB_MAX, M_TILES, ROWS_PER_PROGRAM, num_warps,
-    STAGE_ONCE); BLOCK_T None = pairs one by one."""
+    STAGE_ONCE, PREFETCH); BLOCK_T None = pairs one by one."""
     if args.configs == "all":
         block_ts = [None] if num_tokens == 1 else [None, 8, 16] if num_tokens <= 8 else [8, 16, 32]
-        grid = list(itertools.product(block_ts, (8, 16, 32), (1, 2), (64, 128, 256), (4, 8), (False, True)))
-    elif num_tokens <= 2:
-        grid = [(None, 16, 1, 64, 4, False), (None, 16, 1, 64, 4, True), (None, 16, 2, 128, 4, True),
-                (None, 8, 1, 64, 4, True)]
-    elif num_tokens <= 8:
-        grid = [(None, 16, 1, 64, 4, False), (None, 16, 1, 64, 4, True), (8, 16, 1, 64, 4, False),
-                (8, 16, 1, 64, 4, True)]
-    else:
-        grid = [(16, 16, 1, 64, 4, False), (16, 16, 1, 64, 4, True), (16, 16, 2, 128, 4, True)]
+        grid = list(itertools.product(block_ts, (8, 16, 32), (1, 2), (64, 128, 256), (4, 8), (False, True),
+                                      (False, True)))
+    else:  # the default tiles with each staging, and with the weights prefetched; blocks of 8 or 16 pairs too
+        block_ts = [None] if num_tokens <= 2 else [None, 8] if num_tokens <= 8 else [16]
+        grid = [(t, 16, 1, 64, 4, once, pre) for t in block_ts
+                for once, pre in ((False, False), (True, False), (True, True), (False, True))]
     out = []
-    for block_t, kb_max, m_tiles, rows, warps, stage_once in grid:
-        if rows < 16 * warps * m_tiles:
+    for block_t, kb_max, m_tiles, rows, warps, stage_once, prefetch in grid:
+        if rows < 16 * warps * m_tiles or (prefetch and rows != 16 * warps * m_tiles):
             continue
         config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, KB_MAX=kb_max, M_TILES=m_tiles,
-                      ROWS_PER_PROGRAM=rows, num_warps=warps, STAGE_ONCE=stage_once)
+                      ROWS_PER_PROGRAM=rows, num_warps=warps, STAGE_ONCE=stage_once, PREFETCH=prefetch)
         out.append((f"mma T={block_t} KB<={kb_max} mt={m_tiles} rows={rows} w={warps}"
-                    f"{' staged at once' if stage_once else ''}", config))
+                    f"{' staged at once' if stage_once else ''}{' prefetched' if prefetch else ''}", config))
     return out
 
 
