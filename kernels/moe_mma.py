@@ -113,12 +113,12 @@ def _moe_mma_kernel(
         pairs_s = gl.load(sorted_pairs_ptr + row_start + t_s, mask=t_s < count, other=0)
         pairs_o = gl.load(sorted_pairs_ptr + row_start + t_o, mask=t_o < count, other=0)
     blk_begin = split * KB
+    w_expert = w_ptr + expert.to(gl.int64) * stride_w_expert + blk_begin * (16 * TILE_N)
+    s_expert = scales_ptr + expert.to(gl.int64) * stride_s_expert + blk_begin * stride_s_k
+    row_begin = chunk * rows_per_program
+    row_end = gl.minimum(row_begin + rows_per_program, N)
 
     if PREFETCH:  # one row tile a program: its weight loads go out before the activations are staged
-        w_expert = w_ptr + expert.to(gl.int64) * stride_w_expert + blk_begin * (16 * TILE_N)
-        s_expert = scales_ptr + expert.to(gl.int64) * stride_s_expert + blk_begin * stride_s_k
-        row_begin = chunk * rows_per_program
-        row_end = gl.minimum(row_begin + rows_per_program, N)
         w_rows, s_rows, in_b, in_o = _tile_pointers(w_expert, s_expert, row_begin, row_end, stride_w_row,
                                                     stride_s_row, BYTE_LAYOUT, mma, ROWS, TILE_N)
         words = ()
@@ -129,25 +129,20 @@ def _moe_mma_kernel(
             scale_bytes = scale_bytes + (s,)
 
     # The K range of the block's activations as f16 in shared memory, staged once.
+    a_range = a_ptr + (pairs_s // a_row_div).to(gl.int64)[:, None] * stride_a + blk_begin * 32  # [BLOCK_T, 1]
     if STAGE_ONCE:  # [BLOCK_T, KB * 32] (padded to KB_P2 blocks): one load, one store, one barrier
         k_s = gl.arange(0, KB_P2 * 32, layout=gl.SliceLayout(0, STAGE_L))
-        a_rows = a_ptr + (pairs_s // a_row_div).to(gl.int64)[:, None] * stride_a + blk_begin * 32 + k_s[None, :]
-        staged = gl.load(a_rows, mask=(t_s < count)[:, None] & (k_s < KB * 32)[None, :], other=0.0)
+        staged = gl.load(a_range + k_s[None, :], mask=(t_s < count)[:, None] & (k_s < KB * 32)[None, :], other=0.0)
         b_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_T, KB_P2 * 32], SMEM_L, staged.to(gl.float16))
     else:  # [KB, BLOCK_T, 32], a block at a time: the compiler puts a barrier after each store (SASS)
         k_s = gl.arange(0, 32, layout=gl.SliceLayout(0, STAGE_L))
-        a_rows = a_ptr + (pairs_s // a_row_div).to(gl.int64)[:, None] * stride_a + blk_begin * 32 + k_s[None, :]
+        a_rows = a_range + k_s[None, :]
         a_mask = (t_s < count)[:, None] & (k_s < 32)[None, :]
         b_smem = gl.allocate_shared_memory(gl.float16, [KB, BLOCK_T, 32], SMEM_L)
         for kb in gl.static_range(KB):
             b_smem.index(kb).store(gl.load(a_rows + kb * 32, mask=a_mask, other=0.0).to(gl.float16))
     _barrier()
 
-    if not PREFETCH:
-        w_expert = w_ptr + expert.to(gl.int64) * stride_w_expert + blk_begin * (16 * TILE_N)
-        s_expert = scales_ptr + expert.to(gl.int64) * stride_s_expert + blk_begin * stride_s_k
-        row_begin = chunk * rows_per_program
-        row_end = gl.minimum(row_begin + rows_per_program, N)
     r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
     ws_cols = ws_ptr + split * stride_ws_split + pairs_o.to(gl.int64)[None, :] * N  # [1, BLOCK_T]
     for r0 in range(row_begin, row_end, ROWS):
