@@ -63,9 +63,27 @@ def _moe_gemv_kernel(
     expert = tl.load(expert_ids_ptr + pair) - first_expert
     if (expert < 0) | (expert >= num_local_experts):  # routed to another rank's expert
         return
-    blk = split * KB + tl.arange(0, KB)  # [KB] this program's MXFP4 blocks along K
+    a_row = a_ptr + (pair // a_row_div).to(tl.int64) * stride_a
+    a_low, a_high = activation_slice(a_row, split, num_blocks_k, SPLIT_NIBBLES, KB)
+    tile = tile_offsets(split, num_blocks_k, stride_w_row, stride_s_row, stride_s_k, TILE_N, KB, RB)
+    w_expert = w_ptr + expert.to(tl.int64) * stride_w_expert
+    s_expert = scales_ptr + expert.to(tl.int64) * stride_s_expert
+    row_begin = chunk * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, N)
+    for r0 in range(row_begin, row_end, RB):
+        row_sum = rows_times_slice(w_expert, s_expert, tile, r0, row_end, a_low, a_high, stride_w_row,
+                                   stride_s_row, SWIZZLED, FOLD_SCALES, TILE_N, EMULATE_BF16, KB, RB)
+        out_rows = r0 + tl.arange(0, RB)
+        tl.store(ws_ptr + split * stride_ws_split + pair.to(tl.int64) * N + out_rows, row_sum, mask=out_rows < row_end)
+
+
+@device_function
+def activation_slice(a_row, split, num_blocks_k, SPLIT_NIBBLES: tl.constexpr, KB: tl.constexpr):
+    """K range `split` (KB blocks) of one activation row: the elements the weights' low and high nibbles meet,
+    [1, KB, 16] float32 each (0 past num_blocks_k). Broadcast over a tile's rows, it moves through shared memory
+    into the tile's layout (loading it in the tile's shape instead made Triton move it twice, SASS)."""
+    blk = split * KB + tl.arange(0, KB)  # [KB] the range's MXFP4 blocks along K
     in_blk = blk < num_blocks_k
-    # The activation slice, low- and high-nibble halves [KB, 16] as float32, loaded once.
     byte = tl.arange(0, 16)
     if SPLIT_NIBBLES:  # byte j of a block holds elements j and j + 16
         k_low = blk[:, None] * 32 + byte[None, :]
@@ -73,48 +91,58 @@ def _moe_gemv_kernel(
     else:  # the checkpoint's layout: byte j holds elements 2j and 2j + 1
         k_low = blk[:, None] * 32 + byte[None, :] * 2
         k_high = k_low + 1
-    a_row = a_ptr + (pair // a_row_div).to(tl.int64) * stride_a
     a_low = tl.load(a_row + k_low, mask=in_blk[:, None], other=0.0).to(tl.float32)[None, :, :]  # [1, KB, 16]
     a_high = tl.load(a_row + k_high, mask=in_blk[:, None], other=0.0).to(tl.float32)[None, :, :]
+    return a_low, a_high
 
-    # Tile [RB * KB, 16] loaded flat, block fastest, then viewed as [RB, KB, 16]: lanes next to each other take
-    # the blocks of one row, so the sum over a row's blocks stays inside a warp.
+
+@device_function
+def tile_offsets(split, num_blocks_k, stride_w_row, stride_s_row, stride_s_k, TILE_N: tl.constexpr,
+                 KB: tl.constexpr, RB: tl.constexpr):
+    """Where an iteration's RB rows x KB blocks of K range `split` lie, relative to its first row: byte offsets
+    [RB * KB, 16], scale offsets [RB * KB, 1], the K mask [RB * KB, 1] and each entry's row [RB * KB].
+
+    The tile is loaded flat, block fastest, then viewed as [RB, KB, 16]: lanes next to each other take the blocks
+    of one row, so the sum over a row's blocks stays inside a warp. The offsets are the same for every iteration
+    (RB divides TILE_N: an iteration never crosses a tile of rows), which then adds one scalar offset."""
     flat = tl.arange(0, RB * KB)
     r_of = flat // KB
     b_of = (split * KB + flat % KB)[:, None]  # [RB * KB, 1] the block of each flat entry
-    in_k = b_of < num_blocks_k  # [RB * KB, 1]
-    # Offsets within an iteration's RB rows, the same every iteration (RB divides TILE_N: an iteration never
-    # crosses a tile of rows), so each iteration adds one scalar offset.
+    in_k = b_of < num_blocks_k
+    byte = tl.arange(0, 16)
     if TILE_N == 1:
         w_inner = r_of[:, None] * stride_w_row + b_of * 16 + byte[None, :]
     else:  # `tile_rows`: TILE_N rows' block k side by side, then block k + 1
         w_inner = r_of[:, None] * 16 + b_of * (16 * TILE_N) + byte[None, :]
     s_inner = r_of[:, None] * stride_s_row + b_of * stride_s_k
-    w_expert = w_ptr + expert.to(tl.int64) * stride_w_expert
-    s_expert = scales_ptr + expert.to(tl.int64) * stride_s_expert
-    row_begin = chunk * rows_per_program
-    row_end = tl.minimum(row_begin + rows_per_program, N)
-    for r0 in range(row_begin, row_end, RB):
-        if TILE_N == 1:
-            w_first = r0 * stride_w_row
-        else:
-            w_first = (r0 // TILE_N) * (stride_w_row * TILE_N) + (r0 % TILE_N) * 16
-        in_tile = ((r0 + r_of) < row_end)[:, None] & in_k
-        w_bytes = tl.load(w_expert + w_first + w_inner, mask=in_tile, other=0)  # [RB * KB, 16] uint8
-        scale_bytes = tl.load(s_expert + r0 * stride_s_row + s_inner, mask=in_tile, other=0)  # [RB * KB, 1]
-        w_bytes = tl.reshape(w_bytes, [RB, KB, 16])
-        scale_bytes = tl.reshape(scale_bytes, [RB, KB]).to(tl.int32)
-        if SWIZZLED:  # scaled bf16 values, widened
-            w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, RB, KB, EMULATE_BF16, SWIZZLED, FOLD_SCALES)
-            part = _fma_sum(tl.zeros([RB, KB], dtype=tl.float32), w_low.to(tl.float32), a_low,
-                            w_high.to(tl.float32), a_high)  # [RB, KB]
-        else:  # values * 2^-6, each block's sum scaled once (powers of two: the same float32 products)
-            w_low, w_high = _split_bytes_unscaled(w_bytes, EMULATE_BF16)
-            part = _fma_sum(tl.zeros([RB, KB], dtype=tl.float32), w_low, a_low, w_high, a_high)
-            part = part * e4m3_block_scale(scale_bytes)  # [RB, KB]
-        row_sum = tl.sum(part, axis=1)  # [RB]
-        out_rows = r0 + tl.arange(0, RB)
-        tl.store(ws_ptr + split * stride_ws_split + pair.to(tl.int64) * N + out_rows, row_sum, mask=out_rows < row_end)
+    return w_inner, s_inner, in_k, r_of
+
+
+@device_function
+def rows_times_slice(w_expert, s_expert, tile, r0, row_end, a_low, a_high, stride_w_row, stride_s_row,
+                     SWIZZLED: tl.constexpr, FOLD_SCALES: tl.constexpr, TILE_N: tl.constexpr,
+                     EMULATE_BF16: tl.constexpr, KB: tl.constexpr, RB: tl.constexpr):
+    """[RB] float32: rows r0 .. r0 + RB of one expert's weights (`tile` from tile_offsets) times the activation
+    slice; rows from row_end on give 0 (and read nothing)."""
+    w_inner, s_inner, in_k, r_of = tile
+    if TILE_N == 1:
+        w_first = r0 * stride_w_row
+    else:
+        w_first = (r0 // TILE_N) * (stride_w_row * TILE_N) + (r0 % TILE_N) * 16
+    in_tile = ((r0 + r_of) < row_end)[:, None] & in_k
+    w_bytes = tl.load(w_expert + w_first + w_inner, mask=in_tile, other=0)  # [RB * KB, 16] uint8
+    scale_bytes = tl.load(s_expert + r0 * stride_s_row + s_inner, mask=in_tile, other=0)  # [RB * KB, 1]
+    w_bytes = tl.reshape(w_bytes, [RB, KB, 16])
+    scale_bytes = tl.reshape(scale_bytes, [RB, KB]).to(tl.int32)
+    if SWIZZLED:  # scaled bf16 values, widened
+        w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, RB, KB, EMULATE_BF16, SWIZZLED, FOLD_SCALES)
+        part = _fma_sum(tl.zeros([RB, KB], dtype=tl.float32), w_low.to(tl.float32), a_low,
+                        w_high.to(tl.float32), a_high)  # [RB, KB]
+    else:  # values * 2^-6, each block's sum scaled once (powers of two: the same float32 products)
+        w_low, w_high = _split_bytes_unscaled(w_bytes, EMULATE_BF16)
+        part = _fma_sum(tl.zeros([RB, KB], dtype=tl.float32), w_low, a_low, w_high, a_high)
+        part = part * e4m3_block_scale(scale_bytes)  # [RB, KB]
+    return tl.sum(part, axis=1)
 
 
 @device_function

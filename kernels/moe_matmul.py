@@ -604,11 +604,19 @@ def _splitk_swiglu_kernel(
         row_ptr = ws_ptr + s * stride_ws_split + pair * N
         gate += tl.load(row_ptr + 2 * cols, mask=in_cols, other=0.0)
         linear += tl.load(row_ptr + 2 * cols + 1, mask=in_cols, other=0.0)
-    act_dtype = act_ptr.dtype.element_ty
+    act = swiglu_of_sums(gate, linear, bias_ptr + local.to(tl.int64) * stride_bias_expert, cols, in_cols,
+                         act_ptr.dtype.element_ty, swiglu_alpha, swiglu_limit, HAS_BIAS, EMULATE_BF16)
+    tl.store(act_ptr + pair * stride_act + cols, act, mask=in_cols)
+
+
+@device_function
+def swiglu_of_sums(gate, linear, bias_row, cols, in_cols, act_dtype: tl.constexpr, swiglu_alpha, swiglu_limit,
+                   HAS_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """The first matmul's epilogue on float32 sums of output columns `cols` (gate: rows 2c, linear: rows 2c + 1):
+    rounded to act_dtype, plus the bias (rounded again), clamped SwiGLU, in act_dtype: the torch twin's roundings."""
     gate = cast_rne(gate, act_dtype, EMULATE_BF16).to(tl.float32)
     linear = cast_rne(linear, act_dtype, EMULATE_BF16).to(tl.float32)
     if HAS_BIAS:
-        bias_row = bias_ptr + local.to(tl.int64) * stride_bias_expert
         gate = cast_rne(gate + tl.load(bias_row + 2 * cols, mask=in_cols, other=0.0).to(tl.float32), act_dtype,
                         EMULATE_BF16).to(tl.float32)
         linear = cast_rne(linear + tl.load(bias_row + 2 * cols + 1, mask=in_cols, other=0.0).to(tl.float32),
@@ -616,7 +624,7 @@ def _splitk_swiglu_kernel(
     gate = tl.minimum(gate, swiglu_limit)
     linear = tl.minimum(tl.maximum(linear, -swiglu_limit), swiglu_limit)
     act = gate * (1.0 / (1.0 + tl.exp(-swiglu_alpha * gate))) * (linear + 1.0)
-    tl.store(act_ptr + pair * stride_act + cols, cast_rne(act, act_dtype, EMULATE_BF16), mask=in_cols)
+    return cast_rne(act, act_dtype, EMULATE_BF16)
 
 
 @triton.jit
@@ -643,13 +651,21 @@ def _splitk_combine_kernel(
         h = tl.zeros([BLOCK_H], dtype=tl.float32)
         for s in tl.static_range(NUM_SPLITS):  # unrolled: the loads go out together
             h += tl.load(ws_ptr + s * stride_ws_split + pair * hidden + cols, mask=in_slot, other=0.0)
-        h = cast_rne(h, act_dtype, EMULATE_BF16).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + local.to(tl.int64) * stride_bias_expert + cols, mask=in_slot, other=0.0)
-            h = cast_rne(h + bias.to(tl.float32), act_dtype, EMULATE_BF16).to(tl.float32)
-        weight = tl.load(weights_ptr + pair)
-        total = tl.where(here, total + h * weight, total)
+        total = add_slot(total, h, here, bias_ptr + local.to(tl.int64) * stride_bias_expert, cols, in_slot,
+                         tl.load(weights_ptr + pair), act_dtype, HAS_BIAS, EMULATE_BF16)
     tl.store(out_ptr + token * stride_out + cols, cast_rne(total, act_dtype, EMULATE_BF16), mask=in_cols)
+
+
+@device_function
+def add_slot(total, h, here, bias_row, cols, in_slot, weight, act_dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
+             EMULATE_BF16: tl.constexpr):
+    """total + weight * (h rounded to act_dtype, plus the bias, rounded again) where the slot is `here` (routed to
+    this rank), else total: one slot of the second matmul's epilogue and the combine, with the twin's roundings."""
+    h = cast_rne(h, act_dtype, EMULATE_BF16).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_row + cols, mask=in_slot, other=0.0)
+        h = cast_rne(h + bias.to(tl.float32), act_dtype, EMULATE_BF16).to(tl.float32)
+    return tl.where(here, total + h * weight, total)
 
 
 def _tile_config(num_tokens: int, num_pairs: int, num_local_experts: int) -> dict:
@@ -888,6 +904,12 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
         config = _splitk_config(num_tokens, x.device)
     ids = expert_ids.reshape(-1)
     layout = dict(split_nibbles=split_nibbles, tile_n=tile_n, swizzled=swizzled, fold_scales=fold_scales)
+    if config.get("kernel") == "gemv_fused":  # matrix-vector products over all of K, epilogues inside: 2 launches
+        from gptoss_serve.kernels.moe_gemv_fused import moe_experts_gemv_fused
+
+        return moe_experts_gemv_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales,
+                                      b2, swiglu_alpha, swiglu_limit, first_expert, config, split_nibbles, tile_n,
+                                      swizzled, fold_scales)
     if config.get("kernel") == "gemv":  # matrix-vector products, pairs one by one, the activation in registers
         from gptoss_serve.kernels.moe_gemv import moe_gemv_splitk
 

@@ -289,6 +289,60 @@ def test_moe_experts_gemv_reads_the_serving_layouts(swizzled):
     assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
 
 
+# Two-launch matrix-vector path (kernels/moe_gemv_fused.py) ---------------------------------------------------
+def _fused_and_gemv(kb, rows_per_thread, w2_rows_per_thread, num_warps):
+    fused = dict(kernel="gemv_fused", KB=kb, ROWS_PER_THREAD=rows_per_thread, W2_ROWS_PER_THREAD=w2_rows_per_thread,
+                 num_warps=num_warps)
+    return fused, dict(kernel="gemv", KB=kb, ROWS_PER_THREAD=rows_per_thread, ROWS_PER_PROGRAM=48,
+                       num_warps=num_warps)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,hidden,intermediate,first_expert,num_local,has_b2", [
+    (1, 8, 64, 96, 0, 8, True),          # K = 64 and 96: one and several K ranges, the last one partial
+    (1, 8, 96, 64, 2, 4, True),          # expert parallelism: some slots on other ranks
+    (3, 8, 64, 32, 0, 8, False),         # pairs one by one (shared experts read twice), TP slice, no w2 bias
+    (1, 16, 160, 64, 4, 8, True),        # rows not a multiple of a program's rows (160 of 16 or 32)
+])
+@pytest.mark.parametrize("tiles", [(2, 1, 1, 1), (4, 2, 1, 1), (2, 1, 2, 1)])
+def test_moe_experts_gemv_fused_equals_the_four_launch_path(num_tokens, num_experts, hidden, intermediate,
+                                                            first_expert, num_local, has_b2, tiles):
+    """The epilogues inside the matrix-vector kernels add the same float32 sums in the same order."""
+    args = make_moe(num_tokens, num_experts, hidden, intermediate, 4, first_expert, num_local, has_b2,
+                    seed=160 + num_tokens + hidden)
+    fused_config, gemv_config = _fused_and_gemv(*tiles)
+    out = moe_experts(*args, config=fused_config)
+    gemv = moe_experts(*args, config=gemv_config)
+    if DEVICE == "cpu":
+        torch.testing.assert_close(out, gemv, rtol=0, atol=0)
+    assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
+@pytest.mark.parametrize("swizzled", [False, True])
+def test_moe_experts_gemv_fused_reads_the_serving_layouts(swizzled):
+    args = make_moe(2, 8, 64, 64, 4, 0, 8, True, seed=71)
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    relay = serving_layout if swizzled else (lambda b, t: tile_rows(split_nibbles(b), t))
+    fused_config, _ = _fused_and_gemv(2, 1, 1, 1)
+    out = moe_experts(x, w, ids, relay(w1b, 16), w1s, b1, relay(w2b, 16), w2s, b2, alpha, limit, first,
+                      split_nibbles=True, swizzled=swizzled, fold_scales=True, tile_n=16, config=fused_config)
+    if DEVICE == "cpu":
+        torch.testing.assert_close(out, moe_experts(*args, config=fused_config), rtol=0, atol=0)
+    assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
+def test_moe_experts_gemv_fused_no_local_slot_gives_zeros_and_bad_tiles_are_refused():
+    args = make_moe(3, 16, 64, 64, 2, 0, 4, True, seed=72)
+    args[11] = 100  # first_expert beyond every routed id
+    fused_config, _ = _fused_and_gemv(2, 1, 1, 1)
+    assert torch.count_nonzero(moe_experts(*args, config=fused_config)) == 0
+    with pytest.raises(ValueError, match="rows a program"):
+        moe_experts(*args, config=dict(fused_config, ROWS_PER_THREAD=3))
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    with pytest.raises(ValueError, match="must not cross a tile of 16 rows"):
+        moe_experts(x, w, ids, tile_rows(w1b, 16), w1s, b1, tile_rows(w2b, 16), w2s, b2, alpha, limit, first,
+                    tile_n=16, config=dict(fused_config, KB=1))
+
+
 # GPU: the real shapes ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -337,6 +391,31 @@ def test_moe_experts_gemv_real_shapes_gpu(swizzled, shape):
                       split_nibbles=True, swizzled=swizzled, fold_scales=True, tile_n=64,
                       config=dict(DEFAULT_GEMV_CONFIG, kernel="gemv"))
     assert rel_err(out, moe_experts_ref(*args)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", ["20b", "120b rank 1 of 4 by experts", "20b intermediate half"])
+@pytest.mark.parametrize("num_tokens", [1, 2])
+def test_moe_experts_gemv_fused_real_shapes_gpu(shape, num_tokens):
+    from gptoss_serve.kernels.moe_gemv_fused import DEFAULT_GEMV_FUSED_CONFIG
+
+    spec = {"20b": (32, 2880, 0, 32, True), "120b rank 1 of 4 by experts": (128, 2880, 32, 32, True),
+            "20b intermediate half": (32, 1440, 0, 32, False)}[shape]
+    num_experts, intermediate, first, num_local, has_b2 = spec
+    args = make_moe(num_tokens, num_experts, 2880, intermediate, 4, first, num_local, has_b2, seed=81,
+                    device="cuda")
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    served = [x, w, ids, tile_rows(split_nibbles(w1b), 64), w1s, b1, tile_rows(split_nibbles(w2b), 64), w2s, b2,
+              alpha, limit, first]
+    layout = dict(split_nibbles=True, fold_scales=True, tile_n=64)
+    gemv = moe_experts(*served, config=dict(DEFAULT_GEMV_CONFIG, kernel="gemv"), **layout)
+    for rows, w2_rows, unroll, stages in ((2, 1, 1, 1), (4, 2, 1, 1), (2, 1, 6, 1), (2, 1, 1, 2)):
+        config = dict(DEFAULT_GEMV_FUSED_CONFIG, kernel="gemv_fused", ROWS_PER_THREAD=rows,
+                      W2_ROWS_PER_THREAD=w2_rows, K_UNROLL=unroll, K_STAGES=stages)
+        out = moe_experts(*served, config=config, **layout)
+        assert rel_err(out, moe_experts_ref(*args)) < 1e-2
+        assert rel_err(out, gemv) < 1e-3  # the same products; only the order of a row's K ranges may differ
 
 
 @pytest.mark.parametrize("swizzle", [False, True])

@@ -3,7 +3,8 @@
 #   bash tools/gpu_check.sh            (through the device tool; results land in $OUT)
 # 1. the GPU tests of the kernels and the engine (real 20b/120b shapes, CUDA graphs against eager);
 # 2. the MoE rows of the kernel bench (1-4096 tokens, 20b and 120b, % of the copy bandwidth measured first);
-# 3. the tensor-core decode kernel's variants against the default decode paths (tools/moe_mma_sweep.py);
+# 3. the tensor-core decode kernel's and the two-launch matrix-vector kernels' variants against the default
+#    decode paths (tools/moe_mma_sweep.py);
 # 4. the 20b engine: one stream, then 8 prompts of 1024 tokens, with decode steps profiled at 1, 4 and 8 sequences.
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
@@ -17,7 +18,7 @@ timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_m
     | tail -20 | tee "$OUT/tests.txt"
 timeout 90 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench_moe.json" 2>&1 \
     | grep -v Warning | tee "$OUT/bench_moe.txt"
-timeout 90 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x4,32x8,128x8 2>&1 | grep -v Warning \
+timeout 120 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x2,32x4,32x8,128x8 2>&1 | grep -v Warning \
     | tee "$OUT/mma_sweep.txt"
 timeout 180 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
     --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --profile-decode 1 4 8 \

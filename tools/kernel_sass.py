@@ -7,6 +7,7 @@ divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image ha
 
     python3 tools/kernel_sass.py gemv            # the matrix-vector MoE kernel at the 20b w1 shape
     python3 tools/kernel_sass.py mma             # the tensor-core decode kernel (Gluon) at the 20b w1 shape
+    python3 tools/kernel_sass.py fused           # the two-launch matrix-vector kernels (epilogues inside)
 """
 from __future__ import annotations
 
@@ -116,6 +117,28 @@ def gemv_20b_w1(**overrides):
     return compile_offline(_moe_gemv_kernel, args, const, num_warps=4)
 
 
+def fused_20b(which: str, rows_per_thread: int = 2, num_warps: int = 4, k_unroll: int = 1, k_stages: int = 1,
+              **overrides):
+    """The fused matrix-vector kernels of moe_gemv_fused.py: which = 'w1' (with SwiGLU) or 'w2' (with the combine)."""
+    from gptoss_serve.kernels.moe_gemv_fused import _gemv_combine_kernel, _gemv_swiglu_kernel, rows_a_program
+    n, kblocks = (5760, 90) if which == "w1" else (2880, 90)
+    common = dict(w_ptr="*u8", scales_ptr="*u8", bias_ptr="*bf16", expert_ids_ptr="*i32", N=n, num_blocks_k=kblocks,
+                  first_expert=0, num_local_experts=32, stride_w_expert=n * kblocks * 16, stride_w_row=kblocks * 16,
+                  stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_s_k=1, stride_bias_expert=n)
+    const = dict(NUM_SPLITS=6, SPLIT_NIBBLES=True, SWIZZLED=False, FOLD_SCALES=True, TILE_N=64, EMULATE_BF16=False,
+                 KB=16, RB=rows_a_program(16, rows_per_thread, num_warps), K_UNROLL=k_unroll, K_STAGES=k_stages)
+    if which == "w1":
+        args = dict(common, x_ptr="*bf16", act_ptr="*bf16", top_k=4, stride_x=2880, stride_act=2880,
+                    swiglu_alpha=3, swiglu_limit=7)
+        kernel = _gemv_swiglu_kernel
+    else:
+        args = dict(common, act_ptr="*bf16", weights_ptr="*fp32", out_ptr="*bf16", stride_act=2880, stride_out=2880)
+        const.update(TOP_K=4, HAS_BIAS=True)
+        kernel = _gemv_combine_kernel
+    const.update(overrides)
+    return compile_offline(kernel, args, const, num_warps=num_warps)
+
+
 def grouped_20b_w1(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, **overrides):
     from gptoss_serve.kernels.moe_matmul import _moe_matmul_kernel
     n, kblocks = 5760, 90
@@ -162,6 +185,14 @@ if __name__ == "__main__":
         report("mma 20b w1, one token, activations staged at once", mma_20b_w1(stage_once=True), 240)
         report("mma 20b w1, one token, staged at once, weights prefetched",
                mma_20b_w1(stage_once=True, prefetch=True), 240)
+    elif which == "fused":
+        # a K range: RB rows x KB 16 blocks over 128 threads, rows_per_thread x 32 weights a thread
+        for rows, unroll, stages in ((2, 1, 1), (2, 6, 1), (2, 1, 2), (4, 1, 1)):
+            report(f"fused w1 + SwiGLU, {rows} rows a thread, unroll {unroll}, stages {stages}",
+                   fused_20b("w1", rows, k_unroll=unroll, k_stages=stages), 32 * rows)
+        for rows, unroll in ((1, 1), (1, 6), (2, 1)):
+            report(f"fused w2 + combine, {rows} rows a thread, unroll {unroll} (4 slots)",
+                   fused_20b("w2", rows, k_unroll=unroll), 32 * rows)
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):

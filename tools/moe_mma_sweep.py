@@ -1,4 +1,5 @@
-"""Decode MoE on the tensor-core kernel (kernels/moe_mma.py) against the default decode paths, on the serving layout.
+"""Decode MoE on the tensor-core kernel (kernels/moe_mma.py) and, up to 4 tokens, on the two-launch matrix-vector
+kernels (kernels/moe_gemv_fused.py), against the default decode paths, on the serving layout.
 
 For each experts x tokens case: the whole experts call (both matmuls, epilogues, combine; grouping where the
 variant groups) timed as CUDA-graph replays over 4 layers' weights (kernels/bench.py's method), % of the copy
@@ -13,6 +14,7 @@ import torch
 
 from gptoss_serve.kernels import bench as kb
 from gptoss_serve.kernels.moe_matmul import merge_nibbles, moe_experts, untile_rows
+from gptoss_serve.kernels.moe_gemv_fused import DEFAULT_GEMV_FUSED_CONFIG
 from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
 from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref
 
@@ -48,6 +50,19 @@ def mma_variants(num_tokens: int) -> list[tuple[str, dict]]:
     return out
 
 
+def fused_variants(num_tokens: int) -> list[tuple[str, dict]]:
+    """(label, config) of the two-launch matrix-vector kernels: rows a thread in w1 and in w2, warps, how many K
+    ranges are unrolled and how many pipelined."""
+    if num_tokens > 4:
+        return []
+    grid = [(2, 1, 4, 1, 1), (4, 2, 4, 1, 1), (2, 2, 4, 1, 1), (1, 1, 4, 1, 1), (2, 1, 4, 6, 1), (2, 1, 4, 1, 2),
+            (2, 1, 4, 1, 3), (2, 2, 8, 1, 1)]
+    return [(f"gemv fused rows={rows}/{w2_rows} w={warps} unroll={unroll} stages={stages}",
+             dict(DEFAULT_GEMV_FUSED_CONFIG, kernel="gemv_fused", ROWS_PER_THREAD=rows, W2_ROWS_PER_THREAD=w2_rows,
+                  num_warps=warps, K_UNROLL=unroll, K_STAGES=stages))
+            for rows, w2_rows, warps, unroll, stages in grid]
+
+
 seen_models = set()
 for case in args.cases.split(","):
     num_experts, num_tokens = (int(v) for v in case.split("x"))
@@ -71,7 +86,7 @@ for case in args.cases.split(","):
                                merge_nibbles(untile_rows(w2b, tile)), w2s, b2, 1.702, 7.0)
     else:
         twin = None
-    for label, config in [("default", None)] + mma_variants(num_tokens):
+    for label, config in [("default", None)] + fused_variants(num_tokens) + mma_variants(num_tokens):
         try:
             ms, err = kb.time_variant(run, layers, config, ref)
         except Exception as e:  # a variant that fails to compile must not cost the rest of the run
