@@ -26,7 +26,7 @@ import triton.language as tl
 
 from gptoss_serve.kernels.moe_gemv import activation_slice, rows_times_slice, tile_offsets
 from gptoss_serve.kernels.moe_matmul import add_slot, check_decode_operands, swiglu_of_sums
-from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch
+from gptoss_serve.kernels.triton_utils import cast_rne, device_function, emulate_bf16, launch
 
 # Not yet timed on a GPU: `moe_experts` takes this path only when a config names it (kernel="gemv_fused").
 # KB = 16 blocks a K range as in moe_gemv.py; 2 rows a thread over 4 warps gives RB = 16 rows a program (1440
@@ -54,12 +54,9 @@ def _gemv_swiglu_kernel(
     x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_x
     w_expert = w_ptr + expert.to(tl.int64) * stride_w_expert
     s_expert = scales_ptr + expert.to(tl.int64) * stride_s_expert
-    acc = tl.zeros([RB], dtype=tl.float32)
-    for split in tl.range(0, NUM_SPLITS, loop_unroll_factor=K_UNROLL, num_stages=K_STAGES):  # in order
-        a_low, a_high = activation_slice(x_row, split, num_blocks_k, SPLIT_NIBBLES, KB)
-        tile = tile_offsets(split, num_blocks_k, stride_w_row, stride_s_row, stride_s_k, TILE_N, KB, RB)
-        acc += rows_times_slice(w_expert, s_expert, tile, r0, N, a_low, a_high, stride_w_row, stride_s_row,
-                                SWIZZLED, FOLD_SCALES, TILE_N, EMULATE_BF16, KB, RB)
+    acc = _rows_over_k(x_row, w_expert, s_expert, r0, N, num_blocks_k, stride_w_row, stride_s_row, stride_s_k,
+                       NUM_SPLITS, SPLIT_NIBBLES, SWIZZLED, FOLD_SCALES, TILE_N, EMULATE_BF16, KB, RB, K_UNROLL,
+                       K_STAGES)
     gate, linear = tl.split(tl.reshape(acc, [RB // 2, 2]))  # rows 2c and 2c + 1
     cols = r0 // 2 + tl.arange(0, RB // 2)
     in_cols = cols < N // 2
@@ -94,17 +91,30 @@ def _gemv_combine_kernel(
         act_row = act_ptr + pair * stride_act
         w_expert = w_ptr + expert * stride_w_expert
         s_expert = scales_ptr + expert * stride_s_expert
-        h = tl.zeros([RB], dtype=tl.float32)
-        for split in tl.range(0, NUM_SPLITS, loop_unroll_factor=K_UNROLL, num_stages=K_STAGES):  # in order
-            a_low, a_high = activation_slice(act_row, split, k_blocks, SPLIT_NIBBLES, KB)
-            tile = tile_offsets(split, k_blocks, stride_w_row, stride_s_row, stride_s_k, TILE_N, KB, RB)
-            h += rows_times_slice(w_expert, s_expert, tile, r0, N, a_low, a_high, stride_w_row, stride_s_row,
-                                  SWIZZLED, FOLD_SCALES, TILE_N, EMULATE_BF16, KB, RB)
+        h = _rows_over_k(act_row, w_expert, s_expert, r0, N, k_blocks, stride_w_row, stride_s_row, stride_s_k,
+                         NUM_SPLITS, SPLIT_NIBBLES, SWIZZLED, FOLD_SCALES, TILE_N, EMULATE_BF16, KB, RB, K_UNROLL,
+                         K_STAGES)
         in_slot = tl.where(here, in_rows, False)  # (in_rows & here: a mask dtype Triton 3.9's interpreter refuses)
         total = add_slot(total, h, here, bias_ptr + expert * stride_bias_expert, rows, in_slot,
                          tl.load(weights_ptr + pair), out_ptr.dtype.element_ty, HAS_BIAS, EMULATE_BF16)
     tl.store(out_ptr + token * stride_out + rows, cast_rne(total, out_ptr.dtype.element_ty, EMULATE_BF16),
              mask=in_rows)
+
+
+@device_function
+def _rows_over_k(a_row, w_expert, s_expert, r0, N, num_blocks_k, stride_w_row, stride_s_row, stride_s_k,
+                 NUM_SPLITS: tl.constexpr, SPLIT_NIBBLES: tl.constexpr, SWIZZLED: tl.constexpr,
+                 FOLD_SCALES: tl.constexpr, TILE_N: tl.constexpr, EMULATE_BF16: tl.constexpr, KB: tl.constexpr,
+                 RB: tl.constexpr, K_UNROLL: tl.constexpr, K_STAGES: tl.constexpr):
+    """[RB] float32: rows r0 .. r0 + RB of one expert's weights times the activation row over all of K, the K
+    ranges' sums added in order (as the epilogue kernels add the workspace's splits)."""
+    acc = tl.zeros([RB], dtype=tl.float32)
+    for split in tl.range(0, NUM_SPLITS, loop_unroll_factor=K_UNROLL, num_stages=K_STAGES):
+        a_low, a_high = activation_slice(a_row, split, num_blocks_k, SPLIT_NIBBLES, KB)
+        tile = tile_offsets(split, num_blocks_k, stride_w_row, stride_s_row, stride_s_k, TILE_N, KB, RB)
+        acc += rows_times_slice(w_expert, s_expert, tile, r0, N, a_low, a_high, stride_w_row, stride_s_row,
+                                SWIZZLED, FOLD_SCALES, TILE_N, EMULATE_BF16, KB, RB)
+    return acc
 
 
 def rows_a_program(kb: int, rows_per_thread: int, num_warps: int) -> int:
