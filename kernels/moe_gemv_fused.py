@@ -28,7 +28,8 @@ from gptoss_serve.kernels.moe_gemv import activation_slice, rows_times_slice, ti
 from gptoss_serve.kernels.moe_matmul import add_slot, check_decode_operands, swiglu_of_sums
 from gptoss_serve.kernels.triton_utils import cast_rne, device_function, emulate_bf16, launch
 
-# Not yet timed on a GPU: `moe_experts` takes this path only when a config names it (kernel="gemv_fused").
+# Not yet timed on a GPU: `moe_experts` takes this path when a config names it (kernel="gemv_fused"), or for the
+# steps that take the matrix-vector kernel once moe_matmul.GEMV_FUSED_DECODE is set.
 # KB = 16 blocks a K range as in moe_gemv.py; 2 rows a thread over 4 warps gives RB = 16 rows a program (1440
 # programs for the 20b's w1 at one token, 180 for its w2); w2 takes 1 row a thread (RB = 8, 360 programs).
 DEFAULT_GEMV_FUSED_CONFIG = dict(KB=16, ROWS_PER_THREAD=2, W2_ROWS_PER_THREAD=1, num_warps=4, K_UNROLL=1,

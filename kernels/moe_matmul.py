@@ -752,6 +752,9 @@ SPLITK_MAX_TOKENS = 1  # the split-K path up to this many tokens: where it won o
 # The 20b engine's single stream: 320 -> 356 tok/s. False: the split-K kernel at one token, grouped beyond.
 GEMV_DECODE = True
 GEMV_EXPERTS_PER_PAIR = 4
+# Those steps in two launches instead of four (kernels/moe_gemv_fused.py: each program walks all of K, SwiGLU and
+# the combine inside): the same outputs bit for bit; off until it is timed on a GPU (tools/gpu_check.sh sweeps it).
+GEMV_FUSED_DECODE = False
 
 
 # Decode steps of MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens go to the tensor-core kernel (kernels/moe_mma.py) on a GPU
@@ -896,7 +899,11 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
         return out
     if x.dtype != torch.bfloat16 and not emulate_bf16():
         raise ValueError(f"the MoE kernels take bf16 activations, got {x.dtype}")
-    if config is None and takes_gemv(num_tokens, top_k, num_local_experts):
+    if config is None and takes_gemv(num_tokens, top_k, num_local_experts) and GEMV_FUSED_DECODE:
+        from gptoss_serve.kernels.moe_gemv_fused import DEFAULT_GEMV_FUSED_CONFIG
+
+        config = dict(DEFAULT_GEMV_FUSED_CONFIG, kernel="gemv_fused")
+    elif config is None and takes_gemv(num_tokens, top_k, num_local_experts):
         from gptoss_serve.kernels.moe_gemv import DEFAULT_GEMV_CONFIG
 
         config = dict(DEFAULT_GEMV_CONFIG, kernel="gemv")

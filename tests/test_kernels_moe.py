@@ -330,6 +330,24 @@ def test_moe_experts_gemv_fused_reads_the_serving_layouts(swizzled):
     assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
 
 
+def test_gemv_fused_decode_switch_sends_the_gemv_steps_to_the_fused_kernels(monkeypatch):
+    import gptoss_serve.kernels.moe_gemv_fused as fused
+    import gptoss_serve.kernels.moe_matmul as mm
+
+    calls = []
+    real = fused.moe_experts_gemv_fused
+    monkeypatch.setattr(fused, "moe_experts_gemv_fused", lambda *a, **k: calls.append(a[12]) or real(*a, **k))
+    args = make_moe(1, 8, 64, 64, 4, 0, 8, True, seed=73)
+    four_launches = moe_experts(*args)
+    assert calls == []
+    monkeypatch.setattr(mm, "GEMV_FUSED_DECODE", True)
+    two_launches = moe_experts(*args)
+    assert torch.equal(two_launches, four_launches) if DEVICE == "cpu" else rel_err(two_launches, four_launches) < 1e-3
+    assert [c["kernel"] for c in calls] == ["gemv_fused"]
+    moe_experts(*make_moe(9, 8, 64, 64, 4, 0, 8, True, seed=74))  # 9 tokens: not a matrix-vector step
+    assert len(calls) == 1
+
+
 def test_moe_experts_gemv_fused_no_local_slot_gives_zeros_and_bad_tiles_are_refused():
     args = make_moe(3, 16, 64, 64, 2, 0, 4, True, seed=72)
     args[11] = 100  # first_expert beyond every routed id
