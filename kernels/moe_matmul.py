@@ -991,6 +991,11 @@ def moe_experts(
     if config is None:
         config = mma_decode_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0],
                                    x.is_cuda and not emulate_bf16(), split_nibbles, swizzled)
+    if config is not None and config.get("kernel") == "wgmma":  # Hopper tensor cores, Gluon (CUDA only)
+        from gptoss_serve.kernels.moe_wgmma import moe_experts_wgmma
+
+        return moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
+                                 swiglu_alpha, swiglu_limit, first_expert, config, split_nibbles, tile_n, swizzled)
     few = num_tokens <= SPLITK_MAX_TOKENS or takes_gemv(num_tokens, expert_ids.shape[1], w1_blocks.shape[0])
     if (config is None and few) or (config is not None and (
             "target_programs" in config or "splits" in config or "kernel" in config)):

@@ -572,6 +572,59 @@ def test_moe_mma_refuses_cpu_tensors_and_other_layouts():
         moe_experts(*served, config=dict(config, PREFETCH=True, ROWS_PER_PROGRAM=128), split_nibbles=True)
 
 
+# wgmma grouped path (kernels/moe_wgmma.py, Gluon: GPU only) -----------------------------------------------------
+def test_f16_slot_order_carries_each_element_once_and_the_pairs_together():
+    from gptoss_serve.kernels.moe_wgmma import to_f16_slots
+
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(75)).to(torch.bfloat16).to(DEVICE)
+    slots = to_f16_slots(x).cpu()
+    assert slots.dtype == torch.float16
+    s = torch.arange(96)
+    element = (s & ~15) + (s & 1) + ((s >> 3) & 1) * 2 + ((s >> 1) & 3) * 4  # slot bits s3 s2 s1 s0 -> element
+    assert sorted(element.tolist()) == list(range(96))  # a permutation within each 16
+    assert torch.equal(element[0::2] + 1, element[1::2])  # slot pairs are element pairs: 4-byte copies
+    torch.testing.assert_close(slots, x.cpu().float()[:, element].to(torch.float16), rtol=0, atol=0)
+
+
+def test_moe_wgmma_refuses_cpu_tensors_other_layouts_and_wide_scales():
+    from gptoss_serve.kernels.moe_wgmma import scales_fit_f16
+
+    args = make_moe(2, 8, 64, 64, 4, 0, 8, True, seed=76, device="cpu")
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    config = dict(kernel="wgmma", BLOCK_T=16)
+    with pytest.raises(ValueError, match="split-nibble layout"):
+        moe_experts(*args, config=config)
+    served = [x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first]
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        moe_experts(*served, config=config, split_nibbles=True)
+    assert scales_fit_f16(w1s) and not scales_fit_f16(torch.full((2, 3), 137, dtype=torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", ["20b", "120b rank 1 of 4 by experts", "20b intermediate half, rows 160"])
+@pytest.mark.parametrize("num_tokens", [16, 64, 512, 4096])
+def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
+    spec = {"20b": (32, 2880, 2880, 0, 32, True, 64),
+            "120b rank 1 of 4 by experts": (128, 2880, 2880, 32, 32, True, 64),
+            "20b intermediate half, rows 160": (32, 160, 1440, 0, 32, False, 32)}[shape]
+    num_experts, hidden, intermediate, first, num_local, has_b2, tile = spec
+    args = make_moe(num_tokens, num_experts, hidden, intermediate, 4, first, num_local, has_b2, seed=200 + num_tokens,
+                    device="cuda")
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    served = [x, w, ids, tile_rows(split_nibbles(w1b), tile), w1s, b1, tile_rows(split_nibbles(w2b), tile), w2s, b2,
+              alpha, limit, first]
+    layout = dict(split_nibbles=True, tile_n=tile)
+    ref = moe_experts_ref(*args) if num_tokens <= 512 else None  # the twin at 4096 tokens is slow
+    grouped = moe_experts(*served, **layout)
+    for block_t, m_reps, stages in ((64, 1, 8), (128, 2, 4), (16, 1, 8)):
+        out = moe_experts(*served, config=dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages),
+                          **layout)
+        if ref is not None:
+            assert rel_err(out, ref) < 1e-2
+        assert rel_err(out, grouped) < 3e-3  # f16 operands against bf16 ones; both float32 sums
+
+
 def test_decode_steps_of_3_to_8_tokens_take_the_mma_kernel_on_a_gpu_only():
     from gptoss_serve.kernels.moe_matmul import mma_decode_config
 

@@ -139,6 +139,22 @@ def fused_20b(which: str, rows_per_thread: int = 2, num_warps: int = 4, k_unroll
     return compile_offline(kernel, args, const, num_warps=num_warps)
 
 
+def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **overrides):
+    from gptoss_serve.kernels.moe_wgmma import _moe_wgmma_kernel, b_smem_layout, word_layout
+    n, kblocks = 5760, 90
+    args = dict(a_ptr="*fp16", w_ptr="*u8", scales_ptr="*u8", bias_ptr="*bf16", out_ptr="*fp16" if swiglu else "*fp32",
+                sorted_pairs_ptr="*i32", block_expert_ptr="*i32", block_row_start_ptr="*i32",
+                block_row_end_ptr="*i32", pair_weights_ptr="*fp32", N=n, top_k=4,
+                num_n_tiles=n // (64 * m_reps), stride_a=2880, stride_w_expert=n * kblocks * 16,
+                stride_w_row=kblocks * 16, stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_bias_expert=n,
+                stride_out=2880, swiglu_alpha=3, swiglu_limit=7)
+    const = dict(SWIGLU=swiglu, HAS_BIAS=True, GATHER_TOKENS=swiglu, TILE_N=64, NUM_KB=kblocks,
+                 WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t,
+                 M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages)
+    const.update(overrides)
+    return compile_offline(_moe_wgmma_kernel, args, const, num_warps=num_warps)
+
+
 def grouped_20b_w1(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, **overrides):
     from gptoss_serve.kernels.moe_matmul import _moe_matmul_kernel
     n, kblocks = 5760, 90
@@ -193,6 +209,12 @@ if __name__ == "__main__":
         for rows, unroll in ((1, 1), (1, 6), (2, 1)):
             report(f"fused w2 + combine, {rows} rows a thread, unroll {unroll} (4 slots)",
                    fused_20b("w2", rows, k_unroll=unroll), 32 * rows)
+    elif which == "wgmma":
+        # a K step: ROWS rows x 32 weights over 128 threads per warpgroup, 8 weights (one word) a row, two rows
+        for block_t, m_reps in ((64, 1), (128, 1), (64, 2), (128, 2)):
+            report(f"wgmma 20b w1 + SwiGLU, {block_t} pairs x {64 * m_reps} rows", wgmma_20b_w1(block_t, m_reps),
+                   16 * m_reps)
+        report("wgmma 20b w2 (bias, routing weight), 128 pairs x 64 rows", wgmma_20b_w1(128, 1, swiglu=False), 16)
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):

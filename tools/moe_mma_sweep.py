@@ -1,5 +1,6 @@
-"""Decode MoE on the tensor-core kernel (kernels/moe_mma.py) and, up to 4 tokens, on the two-launch matrix-vector
-kernels (kernels/moe_gemv_fused.py), against the default decode paths, on the serving layout.
+"""MoE on the tensor-core decode kernel (kernels/moe_mma.py), up to 4 tokens on the two-launch matrix-vector kernels
+(kernels/moe_gemv_fused.py), and from 16 tokens on the wgmma kernel (kernels/moe_wgmma.py), against the default
+paths, on the serving layout.
 
 For each experts x tokens case: the whole experts call (both matmuls, epilogues, combine; grouping where the
 variant groups) timed as CUDA-graph replays over 4 layers' weights (kernels/bench.py's method), % of the copy
@@ -63,6 +64,16 @@ def fused_variants(num_tokens: int) -> list[tuple[str, dict]]:
             for rows, w2_rows, warps, unroll, stages in grid]
 
 
+def wgmma_variants(num_tokens: int) -> list[tuple[str, dict]]:
+    """(label, config) of the wgmma kernel: pairs a row block (BLOCK_T), 64-row repetitions, ring stages."""
+    if num_tokens < 16:
+        return []
+    grid = [(16, 1, 8), (32, 1, 8), (64, 1, 8)] if num_tokens <= 64 else \
+        [(64, 1, 8), (64, 2, 8), (128, 1, 8), (128, 2, 4), (128, 2, 8)]
+    return [(f"wgmma T={block_t} rows={64 * m_reps} stages={stages}",
+             dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages)) for block_t, m_reps, stages in grid]
+
+
 seen_models = set()
 for case in args.cases.split(","):
     num_experts, num_tokens = (int(v) for v in case.split("x"))
@@ -86,7 +97,9 @@ for case in args.cases.split(","):
                                merge_nibbles(untile_rows(w2b, tile)), w2s, b2, 1.702, 7.0)
     else:
         twin = None
-    for label, config in [("default", None)] + fused_variants(num_tokens) + mma_variants(num_tokens):
+    variants = fused_variants(num_tokens) + wgmma_variants(num_tokens) + (
+        mma_variants(num_tokens) if num_tokens <= 64 else [])
+    for label, config in [("default", None)] + variants:
         try:
             ms, err = kb.time_variant(run, layers, config, ref)
         except Exception as e:  # a variant that fails to compile must not cost the rest of the run
@@ -95,7 +108,9 @@ for case in args.cases.split(","):
         twin_err = "" if twin is None else \
             f" | vs twin {((run(layers[0], config).float() - twin.float()).norm() / twin.float().norm()).item():.1e}"
         gbs = nbytes / ms / 1e6
+        tflops = 2 * num_tokens * 4 * 3 * i * h / ms / 1e9  # both matmuls: 2i x h and h x i a pair
         print(f"  {label:<44} | {ms * 1e3:8.1f} us | {gbs:6.0f} GB/s | {100 * gbs / ceil['copy_gbs']:4.1f}% HBM | "
-              f"vs default {err:.1e}{twin_err}", flush=True)
+              f"{tflops:6.1f} TFLOP/s {100 * tflops / ceil['bf16_tflops']:4.1f}% | vs default {err:.1e}{twin_err}",
+              flush=True)
     del layers
     torch.cuda.empty_cache()

@@ -1,0 +1,334 @@
+"""Grouped MoE matmuls on Hopper's warpgroup tensor cores (wgmma), MXFP4 words dequantized into A registers.
+
+The grouped kernel of moe_matmul.py (plain Triton) spends about 8 SASS instructions a weight on prefill tiles
+(tools/kernel_sass.py grouped): its byte tile goes through shared memory and comes back two bytes at a time,
+to be packed for the dot operand. On 120b's prefill (128 pairs an expert, 64-pair row blocks) that issue work is
+as long as the tensor cores' and the kernel reaches 30% of the bf16 peak (docs/PERFORMANCE.md). Here, in Gluon,
+each thread loads whole 4-byte words of the split-nibble layout and one asm turns a word into its eight values
+as f16 with the block's scale applied; those registers are the wgmma A operand as they sit.
+
+Which word a thread needs: for A in registers, wgmma gives lane (4g + q) of a warp rows g and g + 8 of its 16
+and, in each 32-wide K block, the K slots {2q, 2q + 1, 2q + 8, 2q + 9} and those + 16. Word q of a row's
+block holds elements 4q .. 4q + 3 (low nibbles) and 16 + 4q .. 16 + 4q + 3 (high nibbles). So K is permuted
+inside each 16-wide half: slot s (bits s3 s2 s1 s0) carries element s0 + 2 s3 + 4 s1 + 8 s2. The weights'
+values land in slot order by a reshape and permute that move no data (checked at compile time); the
+activations come in that order too (`to_f16_slots`, one small kernel before the first matmul; the first
+matmul's epilogue writes its activations so for the second). The sum over K does not care in which order its
+terms come, only that A and B agree.
+
+Scales: each value of the e4m3 -> f16 conversion is the weight times 2^-6; one f16x2 multiply by 2^(s - 121)
+makes it the weight, exactly while every scale byte s of the tensor is within F16_SCALE_RANGE (no f16 overflow,
+no bits lost to subnormals). Activations as f16: exact for normalized MoE inputs and clamped SwiGLU outputs
+(see moe_mma.py); they are rounded to bf16 first, as the torch twin rounds them. The accumulator is float32; the
+epilogues are those of moe_matmul's grouped kernel (bias and SwiGLU for w1, written in grouped order; bias and
+routing weight for w2, by pair, for its combine kernel), with the same roundings.
+
+A program: one row block of an expert's pairs (BLOCK_T, the wgmma N) and ROWS weight rows (the wgmma M: 64 a
+warpgroup, M_REPS times), all of K, one 32-wide K block a step. Each step's activations [BLOCK_T, 32] and weight
+bytes [ROWS, 16] arrive by asynchronous copies into a ring of STAGES shared-memory slots, STAGES - 2 steps ahead;
+the scale bytes a step ahead in registers; and each step's wgmma runs while the next step is dequantized.
+
+No interpreter runs Gluon: tested on GPUs only (tests/test_kernels_moe.py, marker gpu); taken only when a
+config names it (kernel="wgmma") until it is timed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from gptoss_serve.kernels.moe_matmul import split_bytes_e4m3_ptx
+from gptoss_serve.kernels.moe_routing import ExpertGroups
+from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE
+from gptoss_serve.kernels.triton_utils import launch
+
+F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value is an exact f16
+DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=8)
+
+
+def _split_word_f16_scaled_asm() -> str:
+    """PTX: one split-layout word ($4) and the f16x2 multiplier 2^(s - 121) ($5, $6: the same in both) -> the low
+    nibbles' values ($0: bytes 0, 1; $1: bytes 2, 3) and the high nibbles' ($2, $3) as scaled f16 pairs."""
+    lines = ["{", ".reg .b32 t, u, lo, hi, f<4>;", ".reg .b16 e<4>;"] + split_bytes_e4m3_ptx("$4")
+    lines += [f"cvt.rn.f16x2.e4m3x2 f{i}, e{i};" for i in range(4)]
+    lines += [f"mul.rn.f16x2 ${i}, f{i}, $5;" for i in range(4)]
+    return "\n".join(lines + ["}"])
+
+
+SPLIT_WORD_F16_SCALED_ASM = gl.constexpr(_split_word_f16_scaled_asm())
+_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # gl.thread_barrier in Triton 3.6, gl.barrier later
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared  # renamed after 3.6
+
+
+def word_layout(num_warps: int, m_reps: int) -> gl.DistributedLinearLayout:
+    """Where one K block's bytes [ROWS, 16] sit: registers bytes 0..3 of a word (one asm's input), then row + 8,
+    then the further 64-row repetitions; lanes: the word (q) and the row within 8; warps: 16-row slices."""
+    reg = [[0, 1], [0, 2], [8, 0]] + [[16 * num_warps << i, 0] for i in range(m_reps.bit_length() - 1)]
+    lane = [[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]]
+    warp = [[16 << i, 0] for i in range(num_warps.bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=warp, block_bases=[],
+                                      shape=[16 * num_warps * m_reps, 16])
+
+
+def b_smem_layout(block_t: int) -> gl.NVMMASharedLayout:
+    """Shared memory of one step's activations [BLOCK_T, 32] f16, read by the wgmma as B (K-major)."""
+    return gl.NVMMASharedLayout.get_default_for([block_t, 32], gl.float16)
+
+
+@gluon.jit
+def _slot_order(x, ROWS: gl.constexpr):
+    """[ROWS, 2, 16] (half, element within the half) -> [ROWS, 32] in K-slot order: slot s0 + 2 s1 + 4 s2 + 8 s3
+    + 16 half holds element s0 + 2 s3 + 4 s1 + 8 s2 of that half (element bits e3 e2 e1 e0 -> slot bits e1 e3
+    e2 e0)."""
+    x = gl.reshape(x, [ROWS, 2, 2, 2, 2, 2])  # [rows, half, e3, e2, e1, e0]
+    return gl.reshape(gl.permute(x, [0, 1, 4, 2, 3, 5]), [ROWS, 32])  # [rows, half, e1, e3, e2, e0]
+
+
+@gluon.jit
+def _moe_wgmma_kernel(
+    a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr,
+    sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr, pair_weights_ptr,
+    N, top_k, num_n_tiles,
+    stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert, stride_out,
+    swiglu_alpha, swiglu_limit,
+    SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
+    NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
+    M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr,
+):
+    """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
+    then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
+    order, from to_f16_slots, and the first matmul writes its activations so too)."""
+    ROWS: gl.constexpr = 16 * NUM_WARPS * M_REPS
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, BLOCK_T, 16])
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    COPY_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])  # 16-byte copies of [*, 32] f16
+    BYTES_L: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [NUM_WARPS, 1], [1, 0])  # 8-byte copies, 64 rows a pass
+    PLAIN: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+
+    pid = gl.program_id(0)
+    pid_m = pid // num_n_tiles
+    pid_n = pid % num_n_tiles
+    expert = gl.load(block_expert_ptr + pid_m)
+    if expert < 0:  # beyond the last row block: the grid is the static worst case
+        return
+    row_start = gl.load(block_row_start_ptr + pid_m)
+    row_end = gl.load(block_row_end_ptr + pid_m)
+
+    # Activation rows of the block's pairs, 32 slots a step.
+    t_c = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, COPY_L))
+    in_t = row_start + t_c < row_end
+    if GATHER_TOKENS:  # first matmul: the tokens' rows
+        pairs_c = gl.load(sorted_pairs_ptr + row_start + t_c, mask=in_t, other=0)
+        a_rows = (pairs_c // top_k).to(gl.int64)
+    else:  # second matmul: the activations are in grouped order already
+        a_rows = (row_start + t_c).to(gl.int64)
+    k_c = gl.arange(0, 32, layout=gl.SliceLayout(0, COPY_L))
+    a_tile = a_ptr + a_rows[:, None] * stride_a + k_c[None, :]  # [BLOCK_T, 32]
+    a_mask = in_t[:, None] & (k_c < 32)[None, :]
+
+    # Weight bytes of the tile's rows (one K block a step, a row's 16 bytes a thread) and all their scales.
+    r_c = gl.arange(0, ROWS, layout=gl.SliceLayout(1, BYTES_L))
+    j_c = gl.arange(0, 16, layout=gl.SliceLayout(0, BYTES_L))
+    n_c = pid_n * ROWS + r_c
+    w_expert = w_ptr + expert.to(gl.int64) * stride_w_expert
+    if TILE_N == 1:
+        w_tile = w_expert + n_c.to(gl.int64)[:, None] * stride_w_row + j_c[None, :]
+    else:  # `tile_rows`: TILE_N rows' block k side by side, then block k + 1
+        w_tile = w_expert + (n_c // TILE_N).to(gl.int64)[:, None] * (stride_w_row * TILE_N) \
+            + (n_c % TILE_N)[:, None] * 16 + j_c[None, :]
+    w_mask = (n_c < N)[:, None] & (j_c < 16)[None, :]
+
+    a_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, 32], B_SMEM)
+    w_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, ROWS, 16], PLAIN)
+    for st in gl.static_range(STAGES - 2):  # steps 0 .. STAGES - 3 in flight before the loop
+        _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, st, st < NUM_KB, TILE_N)
+    # Scale bytes of each thread's rows, a step ahead (a row's 90 bytes share a few sectors: mostly L1 hits).
+    n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, WORD_LAYOUT))
+    s_tile = scales_ptr + expert.to(gl.int64) * stride_s_expert + n_w.to(gl.int64) * stride_s_row
+    in_n = n_w < N
+    scale = gl.load(s_tile, mask=in_n, other=0)
+    acc = gl.zeros([ROWS, BLOCK_T], gl.float32, mma)
+    w_prev = gl.zeros([ROWS, 32], gl.float16, A_L)  # the A operand of the wgmma in flight: kept alive until it ends
+    for kb in range(NUM_KB):
+        async_copy.wait_group(STAGES - 3)  # this thread's copies of step kb have landed
+        fence_async_shared()
+        _barrier()  # everyone's; and every warp is past its wait for the wgmma of step kb - 2
+        nxt = kb + STAGES - 2
+        _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, nxt, nxt < NUM_KB, TILE_N)  # into kb - 2's
+
+        slot = kb % STAGES
+        w_bytes = w_smem.index(slot).load(WORD_LAYOUT)  # [ROWS, 16]: word q of rows g and g + 8
+        next_scale = gl.load(s_tile + (kb + 1), mask=in_n & (kb + 1 < NUM_KB), other=0)
+        mult = ((scale.to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True).to(gl.float16)  # 2^(s - 121)
+        mult = mult.to(gl.int16, bitcast=True)  # broadcast over the row's bytes as integers (x + 0 folds away)
+        mult = (gl.expand_dims(mult, 1) + gl.zeros([ROWS, 16], gl.int16, WORD_LAYOUT)).to(gl.float16, bitcast=True)
+        low, high = gl.inline_asm_elementwise(SPLIT_WORD_F16_SCALED_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
+                                              dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+        w = _slot_order(gl.permute(gl.join(low, high), [0, 2, 1]), ROWS)  # [ROWS, 32] in slot order
+        w = gl.convert_layout(w, A_L, assert_trivial=True)  # no data moves (checked at compile time)
+        acc = warpgroup_mma(w, a_smem.index(slot).permute((1, 0)), acc, is_async=True)
+        # This step's wgmma stays in flight (wgmmas on one accumulator run in order); the previous one is done,
+        # and its A registers (w_prev) are free. w stays alive until the next step's wait.
+        acc, w_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))
+        w_prev = w
+        scale = next_scale
+    acc, w_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_prev))
+    async_copy.wait_group(0)
+
+    # Epilogue, with the grouped kernel's roundings (activations rounded to bf16, the twin's dtype).
+    r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
+    t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma))
+    n_o = pid_n * ROWS + r_o
+    rows_o = row_start + t_o
+    in_rows = rows_o < row_end
+    h = acc.to(gl.bfloat16).to(gl.float32)
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + expert.to(gl.int64) * stride_bias_expert + n_o, mask=n_o < N, other=0.0)
+        h = (h + gl.expand_dims(bias.to(gl.float32), 1)).to(gl.bfloat16).to(gl.float32)
+    if SWIGLU:  # rows alternate gate (even) and linear (odd): a layout with each row pair in one thread first
+        PAIR_L: gl.constexpr = gl.BlockedLayout([2, 1], [32, 1], [1, NUM_WARPS], [0, 1])
+        h = gl.convert_layout(h, PAIR_L)
+        gate, linear = gl.split(gl.permute(gl.reshape(h, [ROWS // 2, 2, BLOCK_T]), [0, 2, 1]))
+        gate = gl.minimum(gate, swiglu_limit)
+        linear = gl.minimum(gl.maximum(linear, -swiglu_limit), swiglu_limit)
+        act = gate * (1.0 / (1.0 + gl.exp(-swiglu_alpha * gate))) * (linear + 1.0)
+        OUT_L: gl.constexpr = gl.BlockedLayout([2, 1], [16, 2], [1, NUM_WARPS], [0, 1])  # column pairs a thread
+        act = gl.convert_layout(act.to(gl.bfloat16).to(gl.float16), OUT_L)
+        cols = pid_n * (ROWS // 2) + gl.arange(0, ROWS // 2, layout=gl.SliceLayout(1, OUT_L))
+        rows_g = row_start + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, OUT_L))
+        out_mask = (cols < N // 2)[:, None] & (rows_g < row_end)[None, :]
+        gl.store(out_ptr + rows_g.to(gl.int64)[None, :] * stride_out + slot_of_element(cols)[:, None], act,
+                 mask=out_mask)
+    else:
+        pairs_o = gl.load(sorted_pairs_ptr + rows_o, mask=in_rows, other=0)
+        weight = gl.load(pair_weights_ptr + pairs_o, mask=in_rows, other=0.0)
+        out_mask = (n_o < N)[:, None] & in_rows[None, :]
+        gl.store(out_ptr + pairs_o.to(gl.int64)[None, :] * stride_out + n_o[:, None],
+                 (h * gl.expand_dims(weight, 0)).to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@gluon.jit
+def _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, step, valid, TILE_N: gl.constexpr):
+    """Asynchronous copies of one K step's activations and weight bytes into ring slot step % STAGES, committed
+    as one group (an empty group past the last step, so that every step waits for the same count)."""
+    slot = step % a_smem.shape[0]
+    _async_load(a_smem.index(slot), a_tile + step * 32, mask=a_mask & valid)
+    _async_load(w_smem.index(slot), w_tile + step * (16 * TILE_N), mask=w_mask & valid)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def slot_of_element(e):
+    """Inverse of the K-slot order: the slot that carries element e (bits e3 e2 e1 e0 -> slot e1 e3 e2 e0)."""
+    return (e & ~15) + (e & 1) + ((e >> 2) & 3) * 2 + ((e >> 1) & 1) * 8
+
+
+_SCALE_RANGE_OK: dict[tuple[int, int, str], bool] = {}
+
+
+def scales_fit_f16(scales: torch.Tensor) -> bool:
+    """Whether every scale byte is in F16_SCALE_RANGE; read once per weight tensor (weights do not change) and
+    remembered, so later calls (CUDA-graph capture included) do not synchronize."""
+    key = (scales.data_ptr(), scales.numel(), str(scales.device))
+    if key not in _SCALE_RANGE_OK:
+        low, high = F16_SCALE_RANGE
+        _SCALE_RANGE_OK[key] = bool(((scales >= low) & (scales <= high)).all())
+    return _SCALE_RANGE_OK[key]
+
+
+@triton.jit
+def _to_f16_slots_kernel(x_ptr, out_ptr, K, stride_x, stride_out, BLOCK: tl.constexpr):
+    """out[row, slot] = x[row, element of the slot] as f16: the wgmma kernel's activation operand."""
+    row = tl.program_id(0).to(tl.int64)
+    slots = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    element = (slots & ~15) + (slots & 1) + ((slots >> 3) & 1) * 2 + ((slots >> 1) & 3) * 4
+    x = tl.load(x_ptr + row * stride_x + element, mask=element < K, other=0.0)
+    tl.store(out_ptr + row * stride_out + slots, x.to(tl.float16), mask=slots < K)
+
+
+def to_f16_slots(x: torch.Tensor) -> torch.Tensor:  # [rows, K] f16, K in slot order (K a multiple of 32)
+    """x [rows, K] in K-slot order as f16 (values exact for normalized activations; see the module docstring)."""
+    out = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    if x.shape[0]:
+        launch(_to_f16_slots_kernel, (x.shape[0], triton.cdiv(x.shape[1], 1024)), x, out, x.shape[1], x.stride(0),
+               out.stride(0), BLOCK=1024, num_warps=4)
+    return out
+
+
+def moe_wgmma(
+    a: torch.Tensor,  # [num_tokens, K] (gathered through the pairs) or [num_pairs, K] (grouped order), f16 slots
+    blocks: torch.Tensor,  # [num_local_experts, N, K / 32, 16] uint8, split-nibble layout (maybe tiled rows)
+    scales: torch.Tensor,  # [num_local_experts, N, K / 32] uint8
+    bias: torch.Tensor | None,  # [num_local_experts, N]
+    groups: ExpertGroups,  # row blocks of at most config["BLOCK_T"] pairs
+    top_k: int,
+    out: torch.Tensor,  # swiglu: [num_pairs, N / 2] f16 slots, grouped order; else [num_pairs, N] float32 by pair
+    config: dict,
+    swiglu: tuple[float, float] | None = None,  # (alpha, limit): the first matmul's epilogue
+    pair_weights: torch.Tensor | None = None,  # [num_pairs] float32: the second matmul's routing weights
+    tile_n: int = 1,
+) -> None:
+    """moe_matmul.moe_matmul on the wgmma kernel (activations as to_f16_slots gives them; split-nibble layout)."""
+    config = dict(DEFAULT_WGMMA_CONFIG, **config)
+    num_local_experts, n_rows, num_k_blocks, _ = blocks.shape
+    if not a.is_cuda:
+        raise ValueError("the wgmma MoE kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")
+    if a.dtype != torch.float16 or a.shape[1] != num_k_blocks * MXFP4_BLOCK_SIZE or a.stride(1) != 1:
+        raise ValueError("activations must be to_f16_slots' [rows, K] f16, K matching the weights")
+    if n_rows % tile_n or groups.block_m > config["BLOCK_T"]:
+        raise ValueError(f"{n_rows} weight rows must be whole tiles of {tile_n}, row blocks at most BLOCK_T")
+    if not scales_fit_f16(scales):
+        raise ValueError(f"the wgmma MoE kernel scales in f16: scale bytes must lie in {F16_SCALE_RANGE}")
+    num_warps, m_reps, block_t = config["num_warps"], config["M_REPS"], config["BLOCK_T"]
+    rows = 16 * num_warps * m_reps
+    num_n_tiles = triton.cdiv(n_rows, rows)
+    dummy = scales  # never read: the flags below switch off its use
+    _moe_wgmma_kernel[(groups.block_expert.numel() * num_n_tiles,)](
+        a, blocks, scales, bias if bias is not None else dummy, out,
+        groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end,
+        pair_weights if pair_weights is not None else dummy,
+        n_rows, top_k, num_n_tiles,
+        a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+        bias.stride(0) if bias is not None else 0, out.stride(0),
+        float(swiglu[0]) if swiglu else 0.0, float(swiglu[1]) if swiglu else 0.0,
+        SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None, TILE_N=tile_n,
+        NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
+        BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=config["STAGES"], num_warps=num_warps)
+
+
+def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
+                      swiglu_alpha, swiglu_limit, first_expert=0, config=None, split_nibbles=False, tile_n=1,
+                      swizzled=False) -> torch.Tensor:  # [num_tokens, hidden] bf16
+    """moe_matmul.moe_experts (the same arguments) with both matmuls on the wgmma kernel: the tokens as f16 in
+    slot order, grouped by expert into row blocks of BLOCK_T pairs, the first matmul's activations written as
+    f16 slots too, the second's rows combined by moe_matmul's combine kernel."""
+    from gptoss_serve.kernels.moe_matmul import _combine_kernel
+    from gptoss_serve.kernels.moe_routing import group_by_expert
+
+    config = dict(DEFAULT_WGMMA_CONFIG, **(config or {}))
+    if not split_nibbles or swizzled:
+        raise ValueError("the wgmma MoE kernel reads the split-nibble layout, unswizzled")
+    num_tokens, hidden = x.shape
+    top_k = expert_ids.shape[1]
+    out = torch.empty_like(x)
+    if num_tokens == 0:
+        return out
+    num_pairs = num_tokens * top_k
+    groups = group_by_expert(expert_ids, first_expert, w1_blocks.shape[0], config["BLOCK_T"])
+    act = torch.empty((num_pairs, w1_blocks.shape[1] // 2), dtype=torch.float16, device=x.device)  # grouped order
+    moe_wgmma(to_f16_slots(x), w1_blocks, w1_scales, b1, groups, top_k, act, config,
+              swiglu=(swiglu_alpha, swiglu_limit), tile_n=tile_n)
+    y = torch.empty((num_pairs, hidden), dtype=torch.float32, device=x.device)  # by (token, slot)
+    moe_wgmma(act, w2_blocks, w2_scales, b2, groups, top_k, y, config, pair_weights=expert_weights.reshape(-1),
+              tile_n=tile_n)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    launch(_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
+           y, expert_ids, out, hidden, first_expert, w1_blocks.shape[0], y.stride(0), out.stride(0),
+           TOP_K=top_k, BLOCK_H=block_h, EMULATE_BF16=False, num_warps=4)
+    return out
