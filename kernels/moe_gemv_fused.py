@@ -32,7 +32,9 @@ from gptoss_serve.kernels.triton_utils import cast_rne, device_function, emulate
 # steps that take the matrix-vector kernel once moe_matmul.GEMV_FUSED_DECODE is set.
 # KB = 16 blocks a K range as in moe_gemv.py; 2 rows a thread over 4 warps gives RB = 16 rows a program (1440
 # programs for the 20b's w1 at one token, 180 for its w2); w2 takes 1 row a thread (RB = 8, 360 programs).
-DEFAULT_GEMV_FUSED_CONFIG = dict(KB=16, ROWS_PER_THREAD=2, W2_ROWS_PER_THREAD=1, num_warps=4, K_UNROLL=1,
+# K_UNROLL 6 unrolls the 6 K ranges of K = 2880, so a program's loads can all go out before the first is used
+# (a rolled loop waits a memory latency a K range: 24 in a row for a w2 program's 4 slots); a prediction.
+DEFAULT_GEMV_FUSED_CONFIG = dict(KB=16, ROWS_PER_THREAD=2, W2_ROWS_PER_THREAD=1, num_warps=4, K_UNROLL=6,
                                  K_STAGES=1)
 
 

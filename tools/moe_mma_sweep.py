@@ -56,8 +56,8 @@ def fused_variants(num_tokens: int) -> list[tuple[str, dict]]:
     ranges are unrolled and how many pipelined."""
     if num_tokens > 4:
         return []
-    grid = [(2, 1, 4, 1, 1), (4, 2, 4, 1, 1), (2, 2, 4, 1, 1), (1, 1, 4, 1, 1), (2, 1, 4, 6, 1), (2, 1, 4, 1, 2),
-            (2, 1, 4, 1, 3), (2, 2, 8, 1, 1)]
+    grid = [(2, 1, 4, 6, 1), (4, 2, 4, 6, 1), (2, 2, 4, 6, 1), (1, 1, 4, 6, 1), (2, 1, 8, 6, 1), (2, 1, 4, 1, 1),
+            (2, 1, 4, 1, 2), (2, 1, 4, 1, 3)]
     return [(f"gemv fused rows={rows}/{w2_rows} w={warps} unroll={unroll} stages={stages}",
              dict(DEFAULT_GEMV_FUSED_CONFIG, kernel="gemv_fused", ROWS_PER_THREAD=rows, W2_ROWS_PER_THREAD=w2_rows,
                   num_warps=warps, K_UNROLL=unroll, K_STAGES=stages))
