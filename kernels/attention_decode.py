@@ -123,17 +123,18 @@ def _decode_kernel(
 @triton.jit
 def _merge_splits_kernel(
     part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_q_heads, head_dim, stride_out_token, stride_out_head,
-    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    splits = tl.arange(0, NUM_SPLITS)
+    splits = tl.arange(0, SPLITS_P2)
+    in_splits = splits < NUM_SPLITS
     part = (seq * num_q_heads + head) * NUM_SPLITS + splits
-    m = tl.load(part_max_ptr + part)  # slice 0 always holds the sink, so the max is finite
-    l = tl.load(part_sum_ptr + part)
+    m = tl.load(part_max_ptr + part, mask=in_splits, other=float("-inf"))  # slice 0 holds the sink: a finite max
+    l = tl.load(part_sum_ptr + part, mask=in_splits, other=0.0)
     weight = tl.exp2(m - tl.max(m, axis=0))  # empty slices: exp2(-inf) = 0
     d = tl.arange(0, BLOCK_D)
-    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :])
+    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], mask=in_splits[:, None], other=0.0)
     out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
     tl.store(out_ptr + seq * stride_out_token + head * stride_out_head + d,
              cast_rne(out, out_ptr.dtype.element_ty, EMULATE_BF16), mask=d < head_dim)
@@ -154,7 +155,7 @@ def paged_attention_decode(
     sinks: torch.Tensor,  # [num_q_heads] float32
     sm_scale: float,
     sliding_window: int = 0,
-    num_splits: int | None = None,  # slices of the context; None = chosen from the shapes
+    num_splits: int | None = None,  # slices of the context (any count >= 1); None = chosen from the shapes
     tiles: dict | None = None,  # BLOCK_N, num_warps, num_stages over decode_plan's (sweeps)
 ) -> torch.Tensor:  # [num_seqs, num_q_heads, head_dim]
     num_seqs, num_q_heads, head_dim = q.shape
@@ -169,7 +170,7 @@ def paged_attention_decode(
     if sliding_window:
         max_keys = min(max_keys, sliding_window)
     plan_splits, plan_tiles = decode_plan(num_seqs, num_kv_heads, max_keys, _num_sms(q.device))
-    num_splits = next_pow2(num_splits) if num_splits is not None else plan_splits
+    num_splits = num_splits if num_splits is not None else plan_splits  # any count (the plan's: powers of two)
     tiles = dict(plan_tiles, **(tiles or {}))
     block_n = tiles["BLOCK_N"]
     partition = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
@@ -192,5 +193,6 @@ def paged_attention_decode(
     if num_splits > 1:
         launch(_merge_splits_kernel, (num_seqs, num_q_heads),
                part_acc, part_max, part_sum, out, num_q_heads, head_dim, out.stride(0), out.stride(1),
-               NUM_SPLITS=num_splits, BLOCK_D=block_d, EMULATE_BF16=emulate, num_warps=1)
+               NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), BLOCK_D=block_d, EMULATE_BF16=emulate,
+               num_warps=1)
     return out

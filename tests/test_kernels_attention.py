@@ -68,7 +68,7 @@ def test_decode_at_window_edges_and_block_boundaries(window):
     check(make_batch([1] * len(contexts), contexts, 8, 2, 64, 16, window, seed=window))
 
 
-@pytest.mark.parametrize("num_splits", [2, 4, 8])
+@pytest.mark.parametrize("num_splits", [2, 3, 4, 5, 8])  # 3 and 5: the merge masks its power-of-two range
 def test_decode_split_k_merges_with_the_sink(num_splits):
     args = make_batch([1, 1, 1], [1, 200, 517], 4, 1, 32, 16, 0, seed=num_splits)
     q, k_cache, v_cache, table, _, context_lens, sinks, sm_scale, window = args
@@ -89,7 +89,7 @@ def test_decode_plan_is_a_function_of_static_shapes():
     for num_seqs in (1, 3, 32, 128, 256):
         for max_keys in (16, 128, 1000, 8192, 131072):
             splits, tiles = decode_plan(num_seqs, 8, max_keys, 132)
-            assert splits & (splits - 1) == 0 and 1 <= splits <= MAX_SPLITS  # a power of two: the merge's arange
+            assert splits & (splits - 1) == 0 and 1 <= splits <= MAX_SPLITS  # the plan's counts: powers of two
             assert splits == 1 or max_keys // splits >= 64  # every slice holds at least one key block
             assert tiles["BLOCK_N"] in (64, 128) and tiles["num_stages"] == 2
             assert (splits, tiles) == decode_plan(num_seqs, 8, max_keys, 132)

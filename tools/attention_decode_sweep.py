@@ -51,7 +51,8 @@ def main() -> None:
 
             default = run(None, None)
             stage1 = {}
-            for splits in (1, 2, 4, 8, 16, 32, 64, 128):
+            # Powers of two and the counts between them (3 * 2^k): a grid of whole waves of programs may lie there.
+            for splits in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128):
                 if splits * 32 > context:
                     break
                 try:
