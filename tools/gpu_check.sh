@@ -9,6 +9,8 @@
 #   bash tools/gpu_check.sh 2    the wgmma kernel's variants from 16 to 4096 tokens against the default paths, then
 #                                the 20b engine: one stream, then 8 prompts of 1024 tokens, with decode steps
 #                                profiled at 1, 4 and 8 sequences
+#   bash tools/gpu_check.sh 3    decode attention's slice counts (powers of two and 3 * 2^k) and tiles at batch 1
+#                                and 32, contexts 1k-32k (tools/attention_decode_sweep.py)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -25,6 +27,9 @@ if [ "$PART" = 1 ]; then
         | grep -v Warning | tee "$OUT/bench_moe.txt"
     timeout 180 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x2,32x4,32x8,128x8 2>&1 | grep -v Warning \
         | tee "$OUT/decode_sweep.txt"
+elif [ "$PART" = 3 ]; then
+    timeout 540 python3 tools/attention_decode_sweep.py --batches 1,32 --contexts 1024,8192,32768 \
+        --json "$OUT/attention_sweep.json" 2>&1 | grep -v Warning | tee "$OUT/attention_sweep.txt"
 else
     timeout 240 python3 tools/moe_mma_sweep.py --cases 32x1,32x16,32x64,128x64,32x512,32x4096,128x4096 2>&1 \
         | grep -v Warning | tee "$OUT/wgmma_sweep.txt"
