@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Two device calls (each under the 10-minute limit of one) that check and time what the kernels issue asks on an
+# Three device calls (each under the 10-minute limit of one) that check and time what the kernels issue asks on an
 # H200; results land in $OUT:
 #   bash tools/gpu_check.sh 1    the GPU tests of the kernels and the engine (real 20b/120b shapes, CUDA graphs
 #                                against eager), the MoE rows of the kernel bench (1-4096 tokens, % of the copy
