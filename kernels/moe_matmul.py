@@ -36,6 +36,8 @@ step of a weight tile reads one contiguous run; both paths read either layout.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -754,7 +756,12 @@ GEMV_DECODE = True
 GEMV_EXPERTS_PER_PAIR = 4
 # Those steps in two launches instead of four (kernels/moe_gemv_fused.py: each program walks all of K, SwiGLU and
 # the combine inside): the same outputs bit for bit; off until it is timed on a GPU (tools/gpu_check.sh sweeps it).
-GEMV_FUSED_DECODE = False
+# GPTOSS_GEMV_FUSED_DECODE=1 turns it on for a process (an engine A/B run).
+GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
+# Steps of WGMMA_MIN_TOKENS tokens or more on the wgmma kernel (kernels/moe_wgmma.py, Gluon, Hopper) where the
+# layer's scale bytes allow its f16 scaling; off until timed (GPTOSS_WGMMA_MOE=1 turns it on for a process).
+WGMMA_MOE = os.environ.get("GPTOSS_WGMMA_MOE", "0") == "1"
+WGMMA_MIN_TOKENS = 16
 
 
 # Decode steps of MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens go to the tensor-core kernel (kernels/moe_mma.py) on a GPU
@@ -777,6 +784,22 @@ def mma_decode_config(num_tokens: int, top_k: int, num_local_experts: int, on_gp
 
     pairs_apart = 2 * num_tokens * top_k <= num_local_experts
     return dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=None if pairs_apart else 8)
+
+
+def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bool, split_nibbles: bool,
+                 swizzled: bool, scales: tuple[torch.Tensor, ...]) -> dict | None:
+    """The wgmma kernel's config where WGMMA_MOE makes it the default for this step, else None. Row blocks about
+    the pairs an expert gets (16, 64 or 128: a heuristic, not yet timed). The scale check reads each weight's
+    scales once (TritonKernels.prepare_weights does it at load), later calls only look it up."""
+    if not (WGMMA_MOE and on_gpu and split_nibbles and not swizzled and num_tokens >= WGMMA_MIN_TOKENS):
+        return None
+    from gptoss_serve.kernels.moe_wgmma import DEFAULT_WGMMA_CONFIG, scales_fit_f16
+
+    if not all(scales_fit_f16(s) for s in scales):
+        return None
+    pairs_per_expert = num_tokens * top_k / max(1, num_local_experts)
+    block_t = 16 if pairs_per_expert <= 16 else 64 if pairs_per_expert <= 64 else 128
+    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=block_t, M_REPS=2 if block_t == 128 else 1)
 
 
 def takes_gemv(num_tokens: int, top_k: int, num_local_experts: int) -> bool:
@@ -989,8 +1012,10 @@ def moe_experts(
     (and the weights' layout) alone."""
     num_tokens, hidden = x.shape
     if config is None:
-        config = mma_decode_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0],
-                                   x.is_cuda and not emulate_bf16(), split_nibbles, swizzled)
+        on_gpu = x.is_cuda and not emulate_bf16()
+        config = mma_decode_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0], on_gpu, split_nibbles,
+                                   swizzled) or wgmma_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0],
+                                                             on_gpu, split_nibbles, swizzled, (w1_scales, w2_scales))
     if config is not None and config.get("kernel") == "wgmma":  # Hopper tensor cores, Gluon (CUDA only)
         from gptoss_serve.kernels.moe_wgmma import moe_experts_wgmma
 

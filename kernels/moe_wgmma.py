@@ -34,6 +34,8 @@ config names it (kernel="wgmma") until it is timed.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -229,17 +231,18 @@ def slot_of_element(e):
     return (e & ~15) + (e & 1) + ((e >> 2) & 3) * 2 + ((e >> 1) & 1) * 8
 
 
-_SCALE_RANGE_OK: dict[tuple[int, int, str], bool] = {}
+_SCALE_RANGE_OK: dict[int, tuple[weakref.ref, bool]] = {}
 
 
 def scales_fit_f16(scales: torch.Tensor) -> bool:
     """Whether every scale byte is in F16_SCALE_RANGE; read once per weight tensor (weights do not change) and
-    remembered, so later calls (CUDA-graph capture included) do not synchronize."""
-    key = (scales.data_ptr(), scales.numel(), str(scales.device))
-    if key not in _SCALE_RANGE_OK:
+    remembered by the tensor's identity, so later calls (CUDA-graph capture included) do not synchronize."""
+    entry = _SCALE_RANGE_OK.get(id(scales))
+    if entry is None or entry[0]() is not scales:
         low, high = F16_SCALE_RANGE
-        _SCALE_RANGE_OK[key] = bool(((scales >= low) & (scales <= high)).all())
-    return _SCALE_RANGE_OK[key]
+        entry = (weakref.ref(scales), bool(((scales >= low) & (scales <= high)).all()))
+        _SCALE_RANGE_OK[id(scales)] = entry
+    return entry[1]
 
 
 @triton.jit

@@ -16,6 +16,7 @@ from gptoss_serve.kernels.backend import register_backend
 from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, merge_nibbles, moe_experts, split_nibbles,
                                              swizzle_bits, tile_rows, unswizzle_bits, untile_rows)
 from gptoss_serve.kernels.moe_routing import route
+from gptoss_serve.kernels.moe_wgmma import scales_fit_f16
 from gptoss_serve.kernels.rmsnorm import rmsnorm
 from gptoss_serve.kernels.rope import rope_and_cache_write
 
@@ -80,6 +81,8 @@ class TritonKernels:
             tile = self.ROW_TILE if all(b.shape[1] % self.ROW_TILE == 0 for b in pair) else 1
             scales = (mlp.mlp1_weight.scales, mlp.mlp2_weight.scales)
             fold = all(s.numel() == 0 or int(s.max()) <= FOLD_MAX_SCALE for s in scales)
+            for s in scales:  # read once here, so that choosing the wgmma kernel later never synchronizes
+                scales_fit_f16(s)
             for blocks in pair:
                 if self._is_split(blocks):
                     continue

@@ -600,6 +600,23 @@ def test_moe_wgmma_refuses_cpu_tensors_other_layouts_and_wide_scales():
     assert scales_fit_f16(w1s) and not scales_fit_f16(torch.full((2, 3), 137, dtype=torch.uint8))
 
 
+def test_wgmma_switch_picks_row_blocks_by_pairs_an_expert_on_gpus_only(monkeypatch):
+    import gptoss_serve.kernels.moe_matmul as mm
+
+    scales = torch.full((2, 4, 3), 120, dtype=torch.uint8)
+    gpu = dict(on_gpu=True, split_nibbles=True, swizzled=False, scales=(scales, scales))
+    assert mm.wgmma_config(4096, 4, 32, **gpu) is None  # off by default
+    monkeypatch.setattr(mm, "WGMMA_MOE", True)
+    assert mm.wgmma_config(64, 4, 32, **gpu)["BLOCK_T"] == 16  # 8 pairs an expert
+    assert mm.wgmma_config(4096, 4, 128, **gpu)["BLOCK_T"] == 128  # 128 pairs an expert
+    assert mm.wgmma_config(8, 4, 32, **gpu) is None  # below WGMMA_MIN_TOKENS
+    assert mm.wgmma_config(4096, 4, 32, **dict(gpu, on_gpu=False)) is None
+    wide = torch.full((2, 4, 3), 140, dtype=torch.uint8)  # beyond the f16 scaling's exact range
+    assert mm.wgmma_config(4096, 4, 32, **dict(gpu, scales=(scales, wide))) is None
+    args = make_moe(20, 8, 64, 64, 4, 0, 8, True, seed=77)  # on the CPU the other paths run
+    assert rel_err(moe_experts(*args), moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", ["20b", "120b rank 1 of 4 by experts", "20b intermediate half, rows 160"])

@@ -10,7 +10,8 @@
 #                                the 20b engine: one stream, then 8 prompts of 1024 tokens, with decode steps
 #                                profiled at 1, 4 and 8 sequences
 #   bash tools/gpu_check.sh 3    decode attention's slice counts (powers of two and 3 * 2^k) and tiles at batch 1
-#                                and 32, contexts 1k-32k (tools/attention_decode_sweep.py)
+#                                and 32, contexts 1k-32k (tools/attention_decode_sweep.py), then part 2's engine
+#                                run with the untimed MoE paths on (GPTOSS_GEMV_FUSED_DECODE=1 GPTOSS_WGMMA_MOE=1)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -19,6 +20,11 @@ PART="${1:-1}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 git log -1 --format=%H 2>/dev/null | tee -a "$OUT/device.txt"
+engine_bench() {  # the 20b engine: one stream, then 8 prompts of 1024 tokens, decode profiled at 1, 4 and 8
+    timeout 240 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
+        --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --profile-decode 1 4 8 \
+        --json 2>&1 | tail -60 | tee "$1"
+}
 if [ "$PART" = 1 ]; then
     timeout 260 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
         tests/test_kernels_attention.py tests/test_kernels_model.py tests/test_kernels_norm_rope.py \
@@ -28,12 +34,11 @@ if [ "$PART" = 1 ]; then
     timeout 180 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x2,32x4,32x8,128x8 2>&1 | grep -v Warning \
         | tee "$OUT/decode_sweep.txt"
 elif [ "$PART" = 3 ]; then
-    timeout 540 python3 tools/attention_decode_sweep.py --batches 1,32 --contexts 1024,8192,32768 \
+    timeout 300 python3 tools/attention_decode_sweep.py --batches 1,32 --contexts 1024,8192,32768 \
         --json "$OUT/attention_sweep.json" 2>&1 | grep -v Warning | tee "$OUT/attention_sweep.txt"
+    (export GPTOSS_GEMV_FUSED_DECODE=1 GPTOSS_WGMMA_MOE=1; engine_bench "$OUT/engine_new_paths.txt")
 else
     timeout 240 python3 tools/moe_mma_sweep.py --cases 32x1,32x16,32x64,128x64,32x512,32x4096,128x4096 2>&1 \
         | grep -v Warning | tee "$OUT/wgmma_sweep.txt"
-    timeout 240 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
-        --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --profile-decode 1 4 8 \
-        --json 2>&1 | tail -60 | tee "$OUT/engine.txt"
+    engine_bench "$OUT/engine.txt"
 fi
