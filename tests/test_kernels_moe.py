@@ -586,6 +586,20 @@ def test_f16_slot_order_carries_each_element_once_and_the_pairs_together():
     torch.testing.assert_close(slots, x.cpu().float()[:, element].to(torch.float16), rtol=0, atol=0)
 
 
+def test_f16_scale_range_is_exactly_where_scaled_fp4_values_stay_exact():
+    """The wgmma kernel's dequantization in torch: nibble -> e4m3 bits (value * 2^-6) -> f16, times 2^(s - 121)
+    in f16. F16_SCALE_RANGE must be the scale bytes where that gives value * 2^(s - 127) exactly, for all 16."""
+    from gptoss_serve.kernels.moe_wgmma import F16_SCALE_RANGE
+
+    nibbles = torch.arange(16, dtype=torch.uint8)
+    values = (((nibbles & 7) << 2) | ((nibbles & 8) << 4)).view(torch.float8_e4m3fn).to(torch.float16)
+    fp4 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
+    exact = [s for s in range(121 - 24, 121 + 16)  # multipliers an f16 holds
+             if torch.equal((values * torch.tensor(2.0 ** (s - 121)).to(torch.float16)).double(),
+                            fp4 * 2.0 ** (s - 127))]
+    assert (exact[0], exact[-1]) == F16_SCALE_RANGE and len(exact) == exact[-1] - exact[0] + 1
+
+
 def test_moe_wgmma_refuses_cpu_tensors_other_layouts_and_wide_scales():
     from gptoss_serve.kernels.moe_wgmma import scales_fit_f16
 
