@@ -239,6 +239,8 @@ def scales_fit_f16(scales: torch.Tensor) -> bool:
     remembered by the tensor's identity, so later calls (CUDA-graph capture included) do not synchronize."""
     entry = _SCALE_RANGE_OK.get(id(scales))
     if entry is None or entry[0]() is not scales:
+        if scales.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False  # not read before capture (prepare_weights does it): the other paths, no sync
         low, high = F16_SCALE_RANGE
         entry = (weakref.ref(scales), bool(((scales >= low) & (scales <= high)).all()))
         _SCALE_RANGE_OK[id(scales)] = entry
