@@ -13,8 +13,9 @@ ramp and tail. Here a program walks the whole K dimension of its rows instead of
   of its expert over all K ranges, then bias, routing weight and the sum over slots, as the combine kernel does;
   a slot routed to another rank reads nothing and adds nothing.
 
-Both use moe_gemv.py's inner step (same tiles, same products), so the outputs are bit for bit those of the
-four-launch path. The price is parallelism: a program now covers RB rows over all of K (the 20b's w2 at one
+Both use moe_gemv.py's inner step (same tiles, same products, a row's K ranges added in the same order), so
+the outputs are bit for bit those of the four-launch path under the interpreter (tested); on a GPU, w2's rows a
+thread (its own setting here) may group a row's in-warp sum differently. The price is parallelism: a program now covers RB rows over all of K (the 20b's w2 at one
 token is 2880 / RB programs), so each keeps several K ranges' loads in flight (`K_UNROLL`, `K_STAGES`).
 """
 
@@ -121,6 +122,7 @@ def _rows_over_k(a_row, w_expert, s_expert, r0, N, num_blocks_k, stride_w_row, s
 
 
 def rows_a_program(kb: int, rows_per_thread: int, num_warps: int) -> int:
+    """RB, the weight rows of one program: its threads hold rows_per_thread rows of KB blocks each."""
     rb = rows_per_thread * 32 * num_warps // kb
     if rb < 2 or rb & (rb - 1) or kb & (kb - 1) or kb > 32 * num_warps:
         raise ValueError(f"KB {kb}, {rows_per_thread} rows a thread and {num_warps} warps give {rb} rows a "
