@@ -755,7 +755,7 @@ SPLITK_MAX_TOKENS = 1  # the split-K path up to this many tokens: where it won o
 GEMV_DECODE = True
 GEMV_EXPERTS_PER_PAIR = 4
 # Those steps in two launches instead of four (kernels/moe_gemv_fused.py: each program walks all of K, SwiGLU and
-# the combine inside): the same outputs bit for bit; off until it is timed on a GPU (tools/gpu_check.sh sweeps it).
+# the combine inside): the same sums (bit for bit under the interpreter); off until timed (tools/gpu_check.sh).
 # GPTOSS_GEMV_FUSED_DECODE=1 turns it on for a process (an engine A/B run).
 GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
 # Steps of WGMMA_MIN_TOKENS tokens or more on the wgmma kernel (kernels/moe_wgmma.py, Gluon, Hopper) where the
