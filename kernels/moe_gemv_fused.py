@@ -14,9 +14,10 @@ ramp and tail. Here a program walks the whole K dimension of its rows instead of
   a slot routed to another rank reads nothing and adds nothing.
 
 Both use moe_gemv.py's inner step (same tiles, same products, a row's K ranges added in the same order), so
-the outputs are bit for bit those of the four-launch path under the interpreter (tested); on a GPU, w2's rows a
-thread (its own setting here) may group a row's in-warp sum differently. The price is parallelism: a program now covers RB rows over all of K (the 20b's w2 at one
-token is 2880 / RB programs), so each keeps several K ranges' loads in flight (`K_UNROLL`, `K_STAGES`).
+the outputs are bit for bit those of the four-launch path under the interpreter (tested, with the same tiles);
+on a GPU, w2's own tiles may group a row's in-warp sum differently. The price is parallelism: a program now
+covers RB rows over all of K (the 20b's w2 at one token is 2880 / RB programs), so each keeps several K ranges'
+loads in flight (`K_UNROLL`, `K_STAGES`), and w2 may take smaller programs (`W2_KB`, `W2_NUM_WARPS`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from gptoss_serve.kernels.triton_utils import cast_rne, device_function, emulate
 # programs for the 20b's w1 at one token, 180 for its w2); w2 takes 1 row a thread (RB = 8, 360 programs).
 # K_UNROLL 6 unrolls the 6 K ranges of K = 2880, so a program's loads can all go out before the first is used
 # (a rolled loop waits a memory latency a K range: 24 in a row for a w2 program's 4 slots); a prediction.
+# W2_KB and W2_NUM_WARPS (None: KB and num_warps) give w2 programs of fewer rows: the matrix-vector kernel lost
+# 2-3x with fewer, longer programs (2026-12-01), and w2's (token, rows) programs are few at one token.
 DEFAULT_GEMV_FUSED_CONFIG = dict(KB=16, ROWS_PER_THREAD=2, W2_ROWS_PER_THREAD=1, num_warps=4, K_UNROLL=6,
-                                 K_STAGES=1)
+                                 K_STAGES=1, W2_KB=None, W2_NUM_WARPS=None)
 
 
 @triton.jit
@@ -145,8 +148,9 @@ def moe_experts_gemv_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, 
         raise ValueError(f"the MoE kernels take bf16 activations, got {x.dtype}")
     num_local_experts, n1, k1_blocks = check_decode_operands(x, w1_blocks, tile_n)
     kb, num_warps = config["KB"], config["num_warps"]
+    kb2, warps2 = config.get("W2_KB") or kb, config.get("W2_NUM_WARPS") or num_warps  # w2's own, for more programs
     rb1 = rows_a_program(kb, config["ROWS_PER_THREAD"], num_warps)
-    rb2 = rows_a_program(kb, config["W2_ROWS_PER_THREAD"], num_warps)
+    rb2 = rows_a_program(kb2, config["W2_ROWS_PER_THREAD"], warps2)
     if tile_n > 1 and (tile_n % rb1 or tile_n % rb2):
         raise ValueError(f"a program's {rb1} and {rb2} rows must not cross a tile of {tile_n} rows")
     ids = expert_ids.reshape(-1)
@@ -154,17 +158,17 @@ def moe_experts_gemv_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, 
     act = torch.empty((num_pairs, n1 // 2), dtype=x.dtype, device=x.device)  # by pair index
     _, _, k2_blocks = check_decode_operands(act, w2_blocks, tile_n)
     layout = dict(SPLIT_NIBBLES=split_nibbles or swizzled, SWIZZLED=swizzled, FOLD_SCALES=fold_scales, TILE_N=tile_n,
-                  EMULATE_BF16=emulate_bf16(), KB=kb, K_UNROLL=config["K_UNROLL"], K_STAGES=config["K_STAGES"],
-                  num_warps=num_warps, num_stages=1)
+                  EMULATE_BF16=emulate_bf16(), K_UNROLL=config["K_UNROLL"], K_STAGES=config["K_STAGES"], num_stages=1)
     launch(_gemv_swiglu_kernel, (num_pairs, triton.cdiv(n1, rb1)),
            x, w1_blocks, w1_scales, b1, act, ids, n1, k1_blocks, top_k, first_expert, num_local_experts,
            x.stride(0), w1_blocks.stride(0), w1_blocks.stride(1), w1_scales.stride(0), w1_scales.stride(1),
            w1_scales.stride(2), b1.stride(0), act.stride(0), float(swiglu_alpha), float(swiglu_limit),
-           NUM_SPLITS=triton.cdiv(k1_blocks, kb), RB=rb1, **layout)
+           NUM_SPLITS=triton.cdiv(k1_blocks, kb), KB=kb, RB=rb1, num_warps=num_warps, **layout)
     launch(_gemv_combine_kernel, (num_tokens, triton.cdiv(hidden, rb2)),
            act, w2_blocks, w2_scales, b2 if b2 is not None else b1, expert_weights.reshape(-1), out, ids,
            hidden, k2_blocks, first_expert, num_local_experts,
            act.stride(0), w2_blocks.stride(0), w2_blocks.stride(1), w2_scales.stride(0), w2_scales.stride(1),
            w2_scales.stride(2), b2.stride(0) if b2 is not None else 0, out.stride(0),
-           NUM_SPLITS=triton.cdiv(k2_blocks, kb), TOP_K=top_k, HAS_BIAS=b2 is not None, RB=rb2, **layout)
+           NUM_SPLITS=triton.cdiv(k2_blocks, kb2), TOP_K=top_k, HAS_BIAS=b2 is not None, KB=kb2, RB=rb2,
+           num_warps=warps2, **layout)
     return out

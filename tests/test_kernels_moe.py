@@ -317,6 +317,13 @@ def test_moe_experts_gemv_fused_equals_the_four_launch_path(num_tokens, num_expe
     assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
 
 
+def test_moe_experts_gemv_fused_with_its_own_w2_tiles():
+    args = make_moe(1, 8, 96, 64, 4, 0, 8, True, seed=78)
+    fused_config, _ = _fused_and_gemv(2, 1, 1, 1)
+    out = moe_experts(*args, config=dict(fused_config, W2_KB=4, W2_NUM_WARPS=2))  # w2: 16 rows a program, K 128
+    assert rel_err(out, moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
+
+
 @pytest.mark.parametrize("swizzled", [False, True])
 def test_moe_experts_gemv_fused_reads_the_serving_layouts(swizzled):
     args = make_moe(2, 8, 64, 64, 4, 0, 8, True, seed=71)
@@ -428,9 +435,12 @@ def test_moe_experts_gemv_fused_real_shapes_gpu(shape, num_tokens):
               alpha, limit, first]
     layout = dict(split_nibbles=True, fold_scales=True, tile_n=64)
     gemv = moe_experts(*served, config=dict(DEFAULT_GEMV_CONFIG, kernel="gemv"), **layout)
-    for rows, w2_rows, unroll, stages in ((2, 1, 1, 1), (4, 2, 1, 1), (2, 1, 6, 1), (2, 1, 1, 2)):
+    for rows, w2_rows, unroll, stages, w2_kb, w2_warps in ((2, 1, 1, 1, None, None), (4, 2, 1, 1, None, None),
+                                                          (2, 1, 6, 1, None, None), (2, 1, 1, 2, None, None),
+                                                          (2, 1, 6, 1, 32, 2)):
         config = dict(DEFAULT_GEMV_FUSED_CONFIG, kernel="gemv_fused", ROWS_PER_THREAD=rows,
-                      W2_ROWS_PER_THREAD=w2_rows, K_UNROLL=unroll, K_STAGES=stages)
+                      W2_ROWS_PER_THREAD=w2_rows, K_UNROLL=unroll, K_STAGES=stages, W2_KB=w2_kb,
+                      W2_NUM_WARPS=w2_warps)
         out = moe_experts(*served, config=config, **layout)
         assert rel_err(out, moe_experts_ref(*args)) < 1e-2
         assert rel_err(out, gemv) < 1e-3  # the same products; only the order of a row's K ranges may differ

@@ -53,15 +53,16 @@ def mma_variants(num_tokens: int) -> list[tuple[str, dict]]:
 
 def fused_variants(num_tokens: int) -> list[tuple[str, dict]]:
     """(label, config) of the two-launch matrix-vector kernels: rows a thread in w1 and in w2, warps, how many K
-    ranges are unrolled and how many pipelined."""
+    ranges are unrolled and how many pipelined, and w2's own K range and warps (fewer rows a w2 program)."""
     if num_tokens > 4:
         return []
-    grid = [(2, 1, 4, 6, 1), (4, 2, 4, 6, 1), (2, 2, 4, 6, 1), (1, 1, 4, 6, 1), (2, 1, 8, 6, 1), (2, 1, 4, 1, 1),
-            (2, 1, 4, 1, 2), (2, 1, 4, 1, 3)]
-    return [(f"gemv fused rows={rows}/{w2_rows} w={warps} unroll={unroll} stages={stages}",
+    grid = [(2, 1, 4, 6, 1, None, None), (4, 2, 4, 6, 1, None, None), (2, 2, 4, 6, 1, None, None),
+            (1, 1, 4, 6, 1, None, None), (2, 1, 8, 6, 1, None, None), (2, 1, 4, 1, 1, None, None),
+            (2, 1, 4, 1, 2, None, None), (2, 1, 4, 6, 1, 32, None), (2, 1, 4, 6, 1, 16, 2), (2, 1, 4, 6, 1, 32, 2)]
+    return [(f"gemv fused rows={rows}/{w2_rows} w={warps} unroll={unroll} stages={stages} w2 KB={w2_kb} w={w2_warps}",
              dict(DEFAULT_GEMV_FUSED_CONFIG, kernel="gemv_fused", ROWS_PER_THREAD=rows, W2_ROWS_PER_THREAD=w2_rows,
-                  num_warps=warps, K_UNROLL=unroll, K_STAGES=stages))
-            for rows, w2_rows, warps, unroll, stages in grid]
+                  num_warps=warps, K_UNROLL=unroll, K_STAGES=stages, W2_KB=w2_kb, W2_NUM_WARPS=w2_warps))
+            for rows, w2_rows, warps, unroll, stages, w2_kb, w2_warps in grid]
 
 
 def wgmma_variants(num_tokens: int) -> list[tuple[str, dict]]:
