@@ -8,6 +8,7 @@ divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image ha
     python3 tools/kernel_sass.py gemv            # the matrix-vector MoE kernel at the 20b w1 shape
     python3 tools/kernel_sass.py mma             # the tensor-core decode kernel (Gluon) at the 20b w1 shape
     python3 tools/kernel_sass.py fused           # the two-launch matrix-vector kernels (epilogues inside)
+    python3 tools/kernel_sass.py wgmma           # the wgmma grouped kernel (Gluon) at the 20b w1 and w2 shapes
 """
 from __future__ import annotations
 
