@@ -50,7 +50,8 @@ from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE
 from gptoss_serve.kernels.triton_utils import launch
 
 F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value is an exact f16
-DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=8)
+# PIPELINED False: plain loads into one shared slot and a waited wgmma each step (slow; a reference for the ring).
+DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=8, PIPELINED=True)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -100,7 +101,7 @@ def _moe_wgmma_kernel(
     swiglu_alpha, swiglu_limit,
     SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
-    M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr,
+    M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
 ):
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
@@ -148,8 +149,9 @@ def _moe_wgmma_kernel(
 
     a_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, 32], B_SMEM)
     w_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, ROWS, 16], PLAIN)
-    for st in gl.static_range(STAGES - 2):  # steps 0 .. STAGES - 3 in flight before the loop
-        _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, st, st < NUM_KB, TILE_N)
+    if PIPELINED:
+        for st in gl.static_range(STAGES - 2):  # steps 0 .. STAGES - 3 in flight before the loop
+            _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, st, st < NUM_KB, TILE_N)
     # Scale bytes of each thread's rows, a step ahead (a row's 90 bytes share a few sectors: mostly L1 hits).
     n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, WORD_LAYOUT))
     s_tile = scales_ptr + expert.to(gl.int64) * stride_s_expert + n_w.to(gl.int64) * stride_s_row
@@ -158,30 +160,34 @@ def _moe_wgmma_kernel(
     acc = gl.zeros([ROWS, BLOCK_T], gl.float32, mma)
     w_prev = gl.zeros([ROWS, 32], gl.float16, A_L)  # the A operand of the wgmma in flight: kept alive until it ends
     for kb in range(NUM_KB):
-        async_copy.wait_group(STAGES - 3)  # this thread's copies of step kb have landed
-        fence_async_shared()
-        _barrier()  # everyone's; and every warp is past its wait for the wgmma of step kb - 2
-        nxt = kb + STAGES - 2
-        _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, nxt, nxt < NUM_KB, TILE_N)  # into kb - 2's
-
-        slot = kb % STAGES
-        w_bytes = w_smem.index(slot).load(WORD_LAYOUT)  # [ROWS, 16]: word q of rows g and g + 8
+        if PIPELINED:
+            async_copy.wait_group(STAGES - 3)  # this thread's copies of step kb have landed
+            fence_async_shared()
+            _barrier()  # everyone's; and every warp is past its wait for the wgmma of step kb - 2
+            nxt = kb + STAGES - 2
+            _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, nxt, nxt < NUM_KB, TILE_N)  # into kb - 2's
+            slot = kb % STAGES
+        else:  # plain loads and stores into one slot, the wgmma waited for: to tell a fault of the ring apart
+            slot = 0
+            a_smem.index(0).store(gl.load(a_tile + kb * 32, mask=a_mask, other=0.0))
+            w_smem.index(0).store(gl.load(w_tile + kb * (16 * TILE_N), mask=w_mask, other=0))
+            fence_async_shared()
+            _barrier()
         next_scale = gl.load(s_tile + (kb + 1), mask=in_n & (kb + 1 < NUM_KB), other=0)
-        mult = ((scale.to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True).to(gl.float16)  # 2^(s - 121)
-        mult = mult.to(gl.int16, bitcast=True)  # broadcast over the row's bytes as integers (x + 0 folds away)
-        mult = (gl.expand_dims(mult, 1) + gl.zeros([ROWS, 16], gl.int16, WORD_LAYOUT)).to(gl.float16, bitcast=True)
-        low, high = gl.inline_asm_elementwise(SPLIT_WORD_F16_SCALED_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
-                                              dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
-        w = _slot_order(gl.permute(gl.join(low, high), [0, 2, 1]), ROWS)  # [ROWS, 32] in slot order
-        w = gl.convert_layout(w, A_L, assert_trivial=True)  # no data moves (checked at compile time)
-        acc = warpgroup_mma(w, a_smem.index(slot).permute((1, 0)), acc, is_async=True)
-        # This step's wgmma stays in flight (wgmmas on one accumulator run in order); the previous one is done,
-        # and its A registers (w_prev) are free. w stays alive until the next step's wait.
-        acc, w_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))
-        w_prev = w
+        w = _a_operand(w_smem.index(slot).load(WORD_LAYOUT), scale, WORD_LAYOUT, A_L, ROWS)
+        if PIPELINED:
+            acc = warpgroup_mma(w, a_smem.index(slot).permute((1, 0)), acc, is_async=True)
+            # This step's wgmma stays in flight (wgmmas on one accumulator run in order); the previous one is
+            # done, and its A registers (w_prev) are free. w stays alive until the next step's wait.
+            acc, w_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))
+            w_prev = w
+        else:
+            acc = warpgroup_mma(w, a_smem.index(0).permute((1, 0)), acc)
+            _barrier()  # every warp's wgmma has read the slot before the next step writes it
         scale = next_scale
-    acc, w_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_prev))
-    async_copy.wait_group(0)
+    if PIPELINED:
+        acc, w_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_prev))
+        async_copy.wait_group(0)
 
     # Epilogue, with the grouped kernel's roundings (activations rounded to bf16, the twin's dtype).
     r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
@@ -213,6 +219,19 @@ def _moe_wgmma_kernel(
         out_mask = (n_o < N)[:, None] & in_rows[None, :]
         gl.store(out_ptr + pairs_o.to(gl.int64)[None, :] * stride_out + n_o[:, None],
                  (h * gl.expand_dims(weight, 0)).to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@gluon.jit
+def _a_operand(w_bytes, scale, WORD_LAYOUT: gl.constexpr, A_L: gl.constexpr, ROWS: gl.constexpr):
+    """One K block's bytes [ROWS, 16] (WORD_LAYOUT) and scale bytes [ROWS] -> the wgmma A operand [ROWS, 32] f16
+    in K-slot order (A_L), the weights exact: one asm a word, the scale 2^(s - 121) applied in it."""
+    mult = ((scale.to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True).to(gl.float16)  # 2^(s - 121)
+    mult = mult.to(gl.int16, bitcast=True)  # broadcast over the row's bytes as integers (x + 0 folds away)
+    mult = (gl.expand_dims(mult, 1) + gl.zeros([ROWS, 16], gl.int16, WORD_LAYOUT)).to(gl.float16, bitcast=True)
+    low, high = gl.inline_asm_elementwise(SPLIT_WORD_F16_SCALED_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
+                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+    w = _slot_order(gl.permute(gl.join(low, high), [0, 2, 1]), ROWS)  # [ROWS, 32] in slot order
+    return gl.convert_layout(w, A_L, assert_trivial=True)  # no data moves (checked at compile time)
 
 
 @gluon.jit
@@ -288,6 +307,8 @@ def moe_wgmma(
         raise ValueError("activations must be to_f16_slots' [rows, K] f16, K matching the weights")
     if n_rows % tile_n or groups.block_m > config["BLOCK_T"]:
         raise ValueError(f"{n_rows} weight rows must be whole tiles of {tile_n}, row blocks at most BLOCK_T")
+    if config["PIPELINED"] and config["STAGES"] < 3:
+        raise ValueError("the wgmma kernel's ring needs STAGES >= 3 (copies STAGES - 2 steps ahead)")
     if not scales_fit_f16(scales):
         raise ValueError(f"the wgmma MoE kernel scales in f16: scale bytes must lie in {F16_SCALE_RANGE}")
     num_warps, m_reps, block_t = config["num_warps"], config["M_REPS"], config["BLOCK_T"]
@@ -304,7 +325,8 @@ def moe_wgmma(
         float(swiglu[0]) if swiglu else 0.0, float(swiglu[1]) if swiglu else 0.0,
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None, TILE_N=tile_n,
         NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
-        BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=config["STAGES"], num_warps=num_warps)
+        BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=config["STAGES"],
+        PIPELINED=config["PIPELINED"], num_warps=num_warps)
 
 
 def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,

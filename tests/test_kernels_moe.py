@@ -621,6 +621,10 @@ def test_moe_wgmma_refuses_cpu_tensors_other_layouts_and_wide_scales():
     served = [x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first]
     with pytest.raises(ValueError, match="CUDA tensors only"):
         moe_experts(*served, config=config, split_nibbles=True)
+    if DEVICE == "cuda":
+        cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in served]
+        with pytest.raises(ValueError, match="STAGES >= 3"):
+            moe_experts(*cuda, config=dict(config, STAGES=2), split_nibbles=True)
     assert scales_fit_f16(w1s) and not scales_fit_f16(torch.full((2, 3), 137, dtype=torch.uint8))
 
 
@@ -658,9 +662,10 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
     layout = dict(split_nibbles=True, tile_n=tile)
     ref = moe_experts_ref(*args) if num_tokens <= 512 else None  # the twin at 4096 tokens is slow
     grouped = moe_experts(*served, **layout)
-    for block_t, m_reps, stages in ((64, 1, 8), (128, 2, 4), (16, 1, 8)):
-        out = moe_experts(*served, config=dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages),
-                          **layout)
+    for block_t, m_reps, stages, pipelined in ((64, 1, 8, False), (64, 1, 8, True), (128, 2, 4, True),
+                                               (16, 1, 8, True)):  # unpipelined first: the reference for the ring
+        config = dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, PIPELINED=pipelined)
+        out = moe_experts(*served, config=config, **layout)
         if ref is not None:
             assert rel_err(out, ref) < 1e-2
         assert rel_err(out, grouped) < 3e-3  # f16 operands against bf16 ones; both float32 sums

@@ -151,7 +151,7 @@ def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **ove
                 stride_out=2880, swiglu_alpha=3, swiglu_limit=7)
     const = dict(SWIGLU=swiglu, HAS_BIAS=True, GATHER_TOKENS=swiglu, TILE_N=64, NUM_KB=kblocks,
                  WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t,
-                 M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages)
+                 M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages, PIPELINED=True)
     const.update(overrides)
     return compile_offline(_moe_wgmma_kernel, args, const, num_warps=num_warps)
 
@@ -216,6 +216,7 @@ if __name__ == "__main__":
             report(f"wgmma 20b w1 + SwiGLU, {block_t} pairs x {64 * m_reps} rows", wgmma_20b_w1(block_t, m_reps),
                    16 * m_reps)
         report("wgmma 20b w2 (bias, routing weight), 128 pairs x 64 rows", wgmma_20b_w1(128, 1, swiglu=False), 16)
+        report("wgmma 20b w1, 64 x 64, not pipelined (the reference)", wgmma_20b_w1(PIPELINED=False), 16)
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):
