@@ -24,28 +24,30 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def distinct_logits(num_tokens: int, num_experts: int, gen: torch.Generator) -> torch.Tensor:
     """Router logits without ties (in bf16), so top-k has one right answer."""
-    ranks = torch.stack([torch.randperm(num_experts, generator=gen) for _ in range(num_tokens)])
+    ranks = torch.rand(num_tokens, num_experts, generator=gen, device=gen.device).argsort(dim=1)
     return ((ranks.float() - num_experts / 2) / 16).to(torch.bfloat16)
 
 
 def random_mxfp4(num_experts: int, rows: int, cols: int, gen: torch.Generator):
-    blocks = torch.randint(0, 256, (num_experts, rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
-    scales = torch.randint(116, 124, (num_experts, rows, cols // 32), dtype=torch.uint8, generator=gen)
+    blocks = torch.randint(0, 256, (num_experts, rows, cols // 32, 16), dtype=torch.uint8, generator=gen,
+                           device=gen.device)
+    scales = torch.randint(116, 124, (num_experts, rows, cols // 32), dtype=torch.uint8, generator=gen,
+                           device=gen.device)
     return blocks, scales
 
 
 def make_moe(num_tokens, num_experts, hidden, intermediate, top_k, first_expert, num_local, has_b2, seed,
              device=DEVICE, skewed=False):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where used: 120b's bytes in a moment on a GPU
+    x = torch.randn(num_tokens, hidden, generator=gen, device=device).to(torch.bfloat16)
     logits = distinct_logits(num_tokens, num_experts, gen)
     if skewed:  # most tokens prefer the same few experts: some experts get many, others none
         logits[:, :3] += 8
     weights, ids = route_ref(logits, top_k)
     w1_blocks, w1_scales = random_mxfp4(num_local, 2 * intermediate, hidden, gen)
     w2_blocks, w2_scales = random_mxfp4(num_local, hidden, intermediate, gen)
-    b1 = torch.randn(num_local, 2 * intermediate, generator=gen).to(torch.bfloat16)
-    b2 = torch.randn(num_local, hidden, generator=gen).to(torch.bfloat16) if has_b2 else None
+    b1 = torch.randn(num_local, 2 * intermediate, generator=gen, device=device).to(torch.bfloat16)
+    b2 = torch.randn(num_local, hidden, generator=gen, device=device).to(torch.bfloat16) if has_b2 else None
     args = [x, weights, ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2]
     return [a.to(device) if a is not None else None for a in args] + [1.702, 7.0, first_expert]
 
