@@ -28,7 +28,7 @@ engine_bench() {  # the 20b engine: one stream, then 8 prompts of 1024 tokens, d
 if [ "$PART" = 1 ]; then
     timeout 260 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
         tests/test_kernels_attention.py tests/test_kernels_model.py tests/test_kernels_norm_rope.py \
-        tests/engine/test_engine_gpu.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
+        tests/engine/test_engine_gpu.py -rfE 2>&1 | tee "$OUT/tests_full.txt" | tail -40
     timeout 90 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | tee "$OUT/bench_moe.txt"
     timeout 180 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x2,32x4,32x8,128x8 2>&1 | grep -v Warning \
