@@ -1008,8 +1008,9 @@ def moe_experts(
     """The MoE layer's experts for this rank. Decode steps of up to SPLITK_MAX_TOKENS tokens, or that
     `takes_gemv`, or that `mma_decode_config` gives the tensor-core decode kernel, or with a config that names
     `target_programs`, `splits` or `kernel`, take moe_experts_splitk (split-K, matrix-vector or tensor-core decode
-    matmuls, then the epilogue kernels); else grouped matmuls with fused epilogues. The choice depends on shapes
-    (and the weights' layout) alone."""
+    matmuls, then the epilogue kernels); a config naming kernel "wgmma", or `wgmma_config` where WGMMA_MOE is set,
+    takes moe_wgmma.moe_experts_wgmma; else grouped matmuls with fused epilogues. The choice depends on shapes
+    (and the weights' layout, and for the wgmma kernel their scale range, read once per tensor) alone."""
     num_tokens, hidden = x.shape
     if config is None:
         on_gpu = x.is_cuda and not emulate_bf16()

@@ -341,6 +341,8 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     config = dict(DEFAULT_WGMMA_CONFIG, **(config or {}))
     if not split_nibbles or swizzled:
         raise ValueError("the wgmma MoE kernel reads the split-nibble layout, unswizzled")
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"the MoE kernels take bf16 activations, got {x.dtype}")
     num_tokens, hidden = x.shape
     top_k = expert_ids.shape[1]
     out = torch.empty_like(x)
