@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import numpy as np
 import pytest
@@ -102,7 +103,12 @@ def test_local_engine_client_publishes_step_histograms_memory_and_expert_totals(
             params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
             async for _ in client.generate("a", [1, 2, 3], params):
                 pass
-            await asyncio.sleep(1.2)  # the idle loop reads expert counts and memory about once a second
+            # The idle loop reads expert counts and memory about once a second; a loaded machine takes longer.
+            deadline, wanted = time.monotonic() + 15, 6 * counting_llm.engine.model.config.experts_per_token
+            while (client.stats().device_memory_total_bytes == 0 or client.stats().num_steps < 4
+                   or (await client.expert_token_counts()).sum() < wanted):
+                assert time.monotonic() < deadline, client.stats()
+                await asyncio.sleep(0.1)
             return client.stats(), await client.expert_token_counts()
         finally:
             await client.shutdown()
