@@ -31,7 +31,7 @@ if [ "$PART" = 1 ]; then
         tests/engine/test_engine_gpu.py -rfE 2>&1 | tee "$OUT/tests_full.txt" | tail -40
     timeout 90 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | tee "$OUT/bench_moe.txt"
-    timeout 180 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x2,32x4,32x8,128x8 2>&1 | grep -v Warning \
+    timeout 200 python3 tools/moe_mma_sweep.py --cases 32x4,32x8,128x8,32x1,128x1,32x2 2>&1 | grep -v Warning \
         | tee "$OUT/decode_sweep.txt"
 elif [ "$PART" = 3 ]; then
     timeout 300 python3 tools/attention_decode_sweep.py --batches 1,32 --contexts 1024,8192,32768 \
