@@ -664,9 +664,11 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
     layout = dict(split_nibbles=True, tile_n=tile)
     ref = moe_experts_ref(*args) if num_tokens <= 512 else None  # the twin at 4096 tokens is slow
     grouped = moe_experts(*served, **layout)
-    for block_t, m_reps, stages, pipelined in ((64, 1, 8, False), (64, 1, 8, True), (128, 2, 4, True),
-                                               (16, 1, 8, True)):  # unpipelined first: the reference for the ring
-        config = dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, PIPELINED=pipelined)
+    for block_t, m_reps, stages, pipelined, warps in ((64, 1, 8, False, 4), (64, 1, 8, True, 4), (128, 2, 4, True, 4),
+                                                      (16, 1, 8, True, 4), (128, 1, 8, True, 8)):
+        # unpipelined first: the reference for the ring; 8 warps: two warpgroups
+        config = dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, PIPELINED=pipelined,
+                      num_warps=warps)
         out = moe_experts(*served, config=config, **layout)
         if ref is not None:
             assert rel_err(out, ref) < 1e-2

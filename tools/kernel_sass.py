@@ -217,6 +217,7 @@ if __name__ == "__main__":
                    16 * m_reps)
         report("wgmma 20b w2 (bias, routing weight), 128 pairs x 64 rows", wgmma_20b_w1(128, 1, swiglu=False), 16)
         report("wgmma 20b w1, 64 x 64, not pipelined (the reference)", wgmma_20b_w1(PIPELINED=False), 16)
+        report("wgmma 20b w1 + SwiGLU, 128 pairs x 256 rows, 8 warps", wgmma_20b_w1(128, 2, num_warps=8), 32)
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):

@@ -66,13 +66,15 @@ def fused_variants(num_tokens: int) -> list[tuple[str, dict]]:
 
 
 def wgmma_variants(num_tokens: int) -> list[tuple[str, dict]]:
-    """(label, config) of the wgmma kernel: pairs a row block (BLOCK_T), 64-row repetitions, ring stages."""
+    """(label, config) of the wgmma kernel: pairs a row block (BLOCK_T), 64-row repetitions a warpgroup, ring
+    stages, warps (4: one warpgroup, 8: two)."""
     if num_tokens < 16:
         return []
-    grid = [(16, 1, 8), (16, 2, 8), (32, 2, 8), (64, 1, 8)] if num_tokens <= 64 else \
-        [(64, 1, 8), (64, 2, 8), (128, 1, 8), (128, 2, 4), (128, 2, 8)]
-    return [(f"wgmma T={block_t} rows={64 * m_reps} stages={stages}",
-             dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages)) for block_t, m_reps, stages in grid]
+    grid = [(16, 1, 8, 4), (16, 2, 8, 4), (32, 2, 8, 4), (64, 1, 8, 4), (16, 1, 8, 8)] if num_tokens <= 64 else \
+        [(64, 1, 8, 4), (64, 2, 8, 4), (128, 1, 8, 4), (128, 2, 4, 4), (128, 2, 8, 4), (128, 1, 8, 8), (128, 2, 4, 8)]
+    return [(f"wgmma T={block_t} rows={16 * warps * m_reps} stages={stages} w={warps}",
+             dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, num_warps=warps))
+            for block_t, m_reps, stages, warps in grid]
 
 
 seen_models = set()
