@@ -768,10 +768,11 @@ WGMMA_MIN_TOKENS = 16
 # and the split-nibble layout: pairs one by one while they are at most half the local experts, else row blocks of
 # 8 pairs by expert. H200, 2026-12-04 (docs/PERFORMANCE.md, tools/moe_mma_sweep.py), µs for the experts against
 # the paths before: 20b 4 tokens 134.1 -> 107.6 (pairs one by one), 8 tokens 199.3 -> 164.1 (blocks of 8); 120b 4
-# tokens 115.7 -> 108.8, 8 tokens 216.8 -> 198.4 (one by one); at 1 and 2 tokens it tied with the matrix-vector
-# kernel (41.6 / 62.7 against 40.2 / 63.2) and from 16 tokens on the grouped path won (20b 16 tokens 255 -> 265).
+# tokens 115.7 -> 108.8, 8 tokens 216.8 -> 198.4 (one by one). With its activations staged at once (STAGE_ONCE,
+# a later sweep the same day) it also beat the matrix-vector kernel at 1 and 2 tokens (20b 41.4 -> 35.9 and
+# 64.6 -> 57.7, 120b 1 token 41.2 -> 35.9), so it starts at 1; from 16 tokens on the grouped path won.
 MMA_DECODE = True
-MMA_MIN_TOKENS, MMA_MAX_TOKENS = 3, 8
+MMA_MIN_TOKENS, MMA_MAX_TOKENS = 1, 8
 
 
 def mma_decode_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bool, split_nibbles: bool,

@@ -54,8 +54,10 @@ _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # gl.thread_barrie
 # STAGE_ONCE: the activations staged with one load, store and barrier instead of one of each a K block (15
 # dependent rounds before the first weight load, in the SASS of the kernel measured); PREFETCH (one row tile a
 # program): the tile's weight loads issued before the staging, so their latency and the staging's overlap.
-# Both compiled and read in SASS (tools/kernel_sass.py mma), not yet run on a GPU, so off.
-DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=False, PREFETCH=False)
+# H200, 2026-12-04, same sweep: STAGE_ONCE won at every size from 1 to 8 tokens (20b 1 token 41.4 -> 35.9 us,
+# 2 tokens 64.6 -> 57.7, 4 tokens 107.6 -> 100.2, 8 tokens 167.5 -> 160.1; 120b 8 tokens 205.1 -> 185.2), so on;
+# PREFETCH never won, so off.
+DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=True, PREFETCH=False)
 
 
 def byte_layout(num_warps: int, m_tiles: int) -> gl.DistributedLinearLayout:

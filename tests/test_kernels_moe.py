@@ -675,14 +675,16 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
         assert rel_err(out, grouped) < 3e-3  # f16 operands against bf16 ones; both float32 sums
 
 
-def test_decode_steps_of_3_to_8_tokens_take_the_mma_kernel_on_a_gpu_only():
+def test_decode_steps_of_1_to_8_tokens_take_the_mma_kernel_on_a_gpu_only():
     from gptoss_serve.kernels.moe_matmul import mma_decode_config
 
     split = dict(on_gpu=True, split_nibbles=True, swizzled=False)
     assert mma_decode_config(4, 4, 32, **split)["BLOCK_T"] is None  # 20b, 4 tokens: pairs one by one
     assert mma_decode_config(8, 4, 32, **split)["BLOCK_T"] == 8  # 20b, 8 tokens: row blocks of 8 pairs
     assert mma_decode_config(8, 4, 128, **split)["BLOCK_T"] is None  # 120b, 8 tokens
-    assert mma_decode_config(2, 4, 32, **split) is None and mma_decode_config(9, 4, 32, **split) is None
+    assert mma_decode_config(1, 4, 32, **split)["BLOCK_T"] is None  # 20b, 1 token
+    assert mma_decode_config(1, 4, 32, **split)["STAGE_ONCE"]  # activations staged at once (timed, H200)
+    assert mma_decode_config(0, 4, 32, **split) is None and mma_decode_config(9, 4, 32, **split) is None
     assert mma_decode_config(4, 4, 32, on_gpu=False, split_nibbles=True, swizzled=False) is None
     assert mma_decode_config(4, 4, 32, on_gpu=True, split_nibbles=True, swizzled=True) is None
     assert mma_decode_config(4, 4, 32, on_gpu=True, split_nibbles=False, swizzled=False) is None

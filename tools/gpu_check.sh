@@ -3,15 +3,14 @@
 # H200; results land in $OUT:
 #   bash tools/gpu_check.sh 1    the GPU tests of the kernels and the engine (real 20b/120b shapes, CUDA graphs
 #                                against eager), the MoE rows of the kernel bench (1-4096 tokens, % of the copy
-#                                bandwidth measured first), and the decode variants against the default paths
-#                                (tools/moe_mma_sweep.py: tensor-core decode kernel, two-launch matrix-vector
-#                                kernels)
-#   bash tools/gpu_check.sh 2    the wgmma kernel's variants from 16 to 4096 tokens against the default paths, then
-#                                the 20b engine: one stream, then 8 prompts of 1024 tokens, with decode steps
-#                                profiled at 1, 4 and 8 sequences
-#   bash tools/gpu_check.sh 3    decode attention's slice counts (powers of two and 3 * 2^k) and tiles at batch 1
-#                                and 32, contexts 1k-32k (tools/attention_decode_sweep.py), then part 2's engine
-#                                run with the untimed MoE paths on (GPTOSS_GEMV_FUSED_DECODE=1 GPTOSS_WGMMA_MOE=1)
+#                                bandwidth measured first), and the wgmma kernel's variants from 16 to 4096 tokens
+#                                against the default paths (tools/moe_mma_sweep.py)
+#   bash tools/gpu_check.sh 2    decode attention's slice counts (powers of two and 3 * 2^k) and tiles at batch 1
+#                                and 32, contexts 1k-32k (tools/attention_decode_sweep.py), then the 20b engine: one
+#                                stream, then 8 prompts of 1024 tokens, with decode steps profiled at 1, 4 and 8
+#   bash tools/gpu_check.sh 3    the decode variants from 1 to 8 tokens against the default paths (tensor-core decode
+#                                kernel's staging, two-launch matrix-vector kernels), then part 2's engine run with
+#                                the untimed MoE paths on (GPTOSS_WGMMA_MOE=1)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -26,19 +25,19 @@ engine_bench() {  # the 20b engine: one stream, then 8 prompts of 1024 tokens, d
         --json 2>&1 | tail -60 | tee "$1"
 }
 if [ "$PART" = 1 ]; then
-    timeout 260 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
+    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
         tests/test_kernels_attention.py tests/test_kernels_model.py tests/test_kernels_norm_rope.py \
-        tests/engine/test_engine_gpu.py -rfE 2>&1 | tee "$OUT/tests_full.txt" | tail -40
+        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_full.txt" 2>&1; tail -30 "$OUT/tests_full.txt"
     timeout 90 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | tee "$OUT/bench_moe.txt"
-    timeout 200 python3 tools/moe_mma_sweep.py --cases 32x4,32x8,128x8,32x1,128x1,32x2 2>&1 | grep -v Warning \
-        | tee "$OUT/decode_sweep.txt"
-elif [ "$PART" = 3 ]; then
+    timeout 230 python3 tools/moe_mma_sweep.py --cases 32x16,32x64,128x64,32x512,32x4096,128x4096 2>&1 \
+        | grep -v Warning | tee "$OUT/wgmma_sweep.txt"
+elif [ "$PART" = 2 ]; then
     timeout 300 python3 tools/attention_decode_sweep.py --batches 1,32 --contexts 1024,8192,32768 \
         --json "$OUT/attention_sweep.json" 2>&1 | grep -v Warning | tee "$OUT/attention_sweep.txt"
-    (export GPTOSS_GEMV_FUSED_DECODE=1 GPTOSS_WGMMA_MOE=1; engine_bench "$OUT/engine_new_paths.txt")
-else
-    timeout 240 python3 tools/moe_mma_sweep.py --cases 32x1,32x16,32x64,128x64,32x512,32x4096,128x4096 2>&1 \
-        | grep -v Warning | tee "$OUT/wgmma_sweep.txt"
     engine_bench "$OUT/engine.txt"
+else
+    timeout 200 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x2,32x4,32x8,128x8 2>&1 | grep -v Warning \
+        | tee "$OUT/decode_sweep.txt"
+    (export GPTOSS_WGMMA_MOE=1; engine_bench "$OUT/engine_wgmma.txt")
 fi
