@@ -188,6 +188,10 @@ def _moe_wgmma_kernel(
     if PIPELINED:
         acc, w_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_prev))
         async_copy.wait_group(0)
+        # Every thread's copies (the zero-filled ones past the last step too) have landed before any thread's
+        # epilogue: the ring's last use is its copies, so the epilogue's layout conversions may reuse its
+        # shared memory, and a copy of another thread still in flight would overwrite them.
+        _barrier()
 
     # Epilogue, with the grouped kernel's roundings (activations rounded to bf16, the twin's dtype).
     r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
