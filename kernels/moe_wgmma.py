@@ -25,7 +25,7 @@ routing weight for w2, by pair, for its combine kernel), with the same roundings
 
 A program: one row block of an expert's pairs (BLOCK_T, the wgmma N) and ROWS weight rows (the wgmma M: 64 a
 warpgroup, M_REPS times), all of K, one 32-wide K block a step. Each step's activations [BLOCK_T, 32] and weight
-bytes [ROWS, 16] arrive by asynchronous copies into a ring of STAGES shared-memory slots, STAGES - 2 steps ahead;
+bytes [ROWS, 16] arrive by asynchronous copies into a ring of STAGES shared-memory slots, COPY_AHEAD steps ahead;
 the scale bytes a step ahead in registers; and each step's wgmma runs while the next step is dequantized.
 
 No interpreter runs Gluon: tested on GPUs only (tests/test_kernels_moe.py, marker gpu); taken only when a
@@ -51,7 +51,11 @@ from gptoss_serve.kernels.triton_utils import launch
 
 F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value is an exact f16
 # PIPELINED False: plain loads into one shared slot and a waited wgmma each step (slow; a reference for the ring).
-DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=8, PIPELINED=True)
+# COPY_AHEAD: steps of copies in flight (None: STAGES - 2); MMA_PENDING: wgmmas left in flight at each step's wait
+# (1: a step's wgmma overlaps the next step's dequantization; 0: waited at once). Both there to tell the ring's
+# hazards apart on a GPU (tools/moe_wgmma_check.py).
+DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=8, PIPELINED=True, COPY_AHEAD=None,
+                            MMA_PENDING=1)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -102,6 +106,7 @@ def _moe_wgmma_kernel(
     SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
+    COPY_AHEAD: gl.constexpr, MMA_PENDING: gl.constexpr,
 ):
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
@@ -150,7 +155,7 @@ def _moe_wgmma_kernel(
     a_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, 32], B_SMEM)
     w_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, ROWS, 16], PLAIN)
     if PIPELINED:
-        for st in gl.static_range(STAGES - 2):  # steps 0 .. STAGES - 3 in flight before the loop
+        for st in gl.static_range(COPY_AHEAD):  # steps 0 .. COPY_AHEAD - 1 in flight before the loop
             _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, st, st < NUM_KB, TILE_N)
     # Scale bytes of each thread's rows, a step ahead (a row's 90 bytes share a few sectors: mostly L1 hits).
     n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, WORD_LAYOUT))
@@ -161,11 +166,11 @@ def _moe_wgmma_kernel(
     w_prev = gl.zeros([ROWS, 32], gl.float16, A_L)  # the A operand of the wgmma in flight: kept alive until it ends
     for kb in range(NUM_KB):
         if PIPELINED:
-            async_copy.wait_group(STAGES - 3)  # this thread's copies of step kb have landed
+            async_copy.wait_group(COPY_AHEAD - 1)  # this thread's copies of step kb have landed
             fence_async_shared()
-            _barrier()  # everyone's; and every warp is past its wait for the wgmma of step kb - 2
-            nxt = kb + STAGES - 2
-            _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, nxt, nxt < NUM_KB, TILE_N)  # into kb - 2's
+            _barrier()  # everyone's; and every warp is past its wait for the wgmma of step kb - 1 - MMA_PENDING
+            nxt = kb + COPY_AHEAD
+            _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, nxt, nxt < NUM_KB, TILE_N)  # a free slot
             slot = kb % STAGES
         else:  # plain loads and stores into one slot, the wgmma waited for: to tell a fault of the ring apart
             slot = 0
@@ -179,7 +184,7 @@ def _moe_wgmma_kernel(
             acc = warpgroup_mma(w, a_smem.index(slot).permute((1, 0)), acc, is_async=True)
             # This step's wgmma stays in flight (wgmmas on one accumulator run in order); the previous one is
             # done, and its A registers (w_prev) are free. w stays alive until the next step's wait.
-            acc, w_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_prev))
+            acc, w_prev = warpgroup_mma_wait(num_outstanding=MMA_PENDING, deps=(acc, w_prev))
             w_prev = w
         else:
             acc = warpgroup_mma(w, a_smem.index(0).permute((1, 0)), acc)
@@ -311,8 +316,10 @@ def moe_wgmma(
         raise ValueError("activations must be to_f16_slots' [rows, K] f16, K matching the weights")
     if n_rows % tile_n or groups.block_m > config["BLOCK_T"]:
         raise ValueError(f"{n_rows} weight rows must be whole tiles of {tile_n}, row blocks at most BLOCK_T")
-    if config["PIPELINED"] and config["STAGES"] < 3:
-        raise ValueError("the wgmma kernel's ring needs STAGES >= 3 (copies STAGES - 2 steps ahead)")
+    ahead = config["STAGES"] - 2 if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
+    if config["PIPELINED"] and not 1 <= ahead <= config["STAGES"] - 1 - config["MMA_PENDING"]:
+        raise ValueError(f"the wgmma kernel's ring of {config['STAGES']} slots holds 1 to STAGES - 1 - MMA_PENDING"
+                         f" steps of copies ahead, not {ahead}")
     if not scales_fit_f16(scales):
         raise ValueError(f"the wgmma MoE kernel scales in f16: scale bytes must lie in {F16_SCALE_RANGE}")
     num_warps, m_reps, block_t = config["num_warps"], config["M_REPS"], config["BLOCK_T"]
@@ -330,7 +337,7 @@ def moe_wgmma(
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None, TILE_N=tile_n,
         NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
         BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=config["STAGES"],
-        PIPELINED=config["PIPELINED"], num_warps=num_warps)
+        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, MMA_PENDING=config["MMA_PENDING"], num_warps=num_warps)
 
 
 def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,

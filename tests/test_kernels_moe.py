@@ -625,8 +625,10 @@ def test_moe_wgmma_refuses_cpu_tensors_other_layouts_and_wide_scales():
         moe_experts(*served, config=config, split_nibbles=True)
     if DEVICE == "cuda":
         cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in served]
-        with pytest.raises(ValueError, match="STAGES >= 3"):
+        with pytest.raises(ValueError, match="not 0"):  # STAGES - 2 steps ahead by default: none
             moe_experts(*cuda, config=dict(config, STAGES=2), split_nibbles=True)
+        with pytest.raises(ValueError, match="not 7"):  # would overwrite the slot of the wgmma in flight
+            moe_experts(*cuda, config=dict(config, STAGES=8, COPY_AHEAD=7), split_nibbles=True)
     assert scales_fit_f16(w1s) and not scales_fit_f16(torch.full((2, 3), 137, dtype=torch.uint8))
 
 
