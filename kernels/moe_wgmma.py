@@ -26,10 +26,11 @@ routing weight for w2, by pair, for its combine kernel), with the same roundings
 A program: one row block of an expert's pairs (BLOCK_T, the wgmma N) and ROWS weight rows (the wgmma M: 64 a
 warpgroup, M_REPS times), all of K, one 32-wide K block a step. Each step's activations [BLOCK_T, 32] and weight
 bytes [ROWS, 16] arrive by asynchronous copies into a ring of STAGES shared-memory slots, COPY_AHEAD steps ahead;
-the scale bytes a step ahead in registers; and each step's wgmma runs while the next step is dequantized.
+the scale bytes a step ahead in registers; each step's wgmma ends before the next step's dequantization
+(see DEFAULT_WGMMA_CONFIG for why).
 
-No interpreter runs Gluon: tested on GPUs only (tests/test_kernels_moe.py, marker gpu); taken only when a
-config names it (kernel="wgmma") until it is timed.
+No interpreter runs Gluon: tested on GPUs only (tests/test_kernels_moe.py, marker gpu). Where it is the default:
+moe_matmul.wgmma_config.
 """
 
 from __future__ import annotations
@@ -51,11 +52,14 @@ from gptoss_serve.kernels.triton_utils import launch
 
 F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value is an exact f16
 # PIPELINED False: plain loads into one shared slot and a waited wgmma each step (slow; a reference for the ring).
-# COPY_AHEAD: steps of copies in flight (None: STAGES - 2); MMA_PENDING: wgmmas left in flight at each step's wait
-# (1: a step's wgmma overlaps the next step's dequantization; 0: waited at once). Both there to tell the ring's
-# hazards apart on a GPU (tools/moe_wgmma_check.py).
-DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=8, PIPELINED=True, COPY_AHEAD=None,
-                            MMA_PENDING=1)
+# COPY_AHEAD: steps of copies in flight (None: STAGES - 2; at most STAGES - 1).
+# Each step's wgmma is waited for before the next step's dequantization: leaving one in flight (as first built)
+# gave wrong sums at most tiles on an H200 (2026-12-04, tools/moe_wgmma_check.py: nan or 20-30% error at 16-pair
+# and 128-pair row blocks, runs differing; copies fewer steps ahead did not help, waiting at once did at every
+# tile). The loop writes the A operand into the same registers every step, so the next step's dequantization
+# overwrote the registers of the wgmma still reading them. Waiting cost 0-4% (120b 4096 tokens, 128 x 128 tiles:
+# 3324 -> 3442 us).
+DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=8, PIPELINED=True, COPY_AHEAD=None)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -106,7 +110,7 @@ def _moe_wgmma_kernel(
     SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
-    COPY_AHEAD: gl.constexpr, MMA_PENDING: gl.constexpr,
+    COPY_AHEAD: gl.constexpr,
 ):
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
@@ -163,12 +167,11 @@ def _moe_wgmma_kernel(
     in_n = n_w < N
     scale = gl.load(s_tile, mask=in_n, other=0)
     acc = gl.zeros([ROWS, BLOCK_T], gl.float32, mma)
-    w_prev = gl.zeros([ROWS, 32], gl.float16, A_L)  # the A operand of the wgmma in flight: kept alive until it ends
     for kb in range(NUM_KB):
         if PIPELINED:
             async_copy.wait_group(COPY_AHEAD - 1)  # this thread's copies of step kb have landed
             fence_async_shared()
-            _barrier()  # everyone's; and every warp is past its wait for the wgmma of step kb - 1 - MMA_PENDING
+            _barrier()  # everyone's; and every warp is past its wait for the wgmma of step kb - 1
             nxt = kb + COPY_AHEAD
             _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, nxt, nxt < NUM_KB, TILE_N)  # a free slot
             slot = kb % STAGES
@@ -180,18 +183,14 @@ def _moe_wgmma_kernel(
             _barrier()
         next_scale = gl.load(s_tile + (kb + 1), mask=in_n & (kb + 1 < NUM_KB), other=0)
         w = _a_operand(w_smem.index(slot).load(WORD_LAYOUT), scale, WORD_LAYOUT, A_L, ROWS)
-        if PIPELINED:
+        if PIPELINED:  # the copies of later steps stay in flight; this step's wgmma ends before w is rewritten
             acc = warpgroup_mma(w, a_smem.index(slot).permute((1, 0)), acc, is_async=True)
-            # This step's wgmma stays in flight (wgmmas on one accumulator run in order); the previous one is
-            # done, and its A registers (w_prev) are free. w stays alive until the next step's wait.
-            acc, w_prev = warpgroup_mma_wait(num_outstanding=MMA_PENDING, deps=(acc, w_prev))
-            w_prev = w
+            acc, w = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w))
         else:
             acc = warpgroup_mma(w, a_smem.index(0).permute((1, 0)), acc)
             _barrier()  # every warp's wgmma has read the slot before the next step writes it
         scale = next_scale
     if PIPELINED:
-        acc, w_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_prev))
         async_copy.wait_group(0)
         # Every thread's copies (the zero-filled ones past the last step too) have landed before any thread's
         # epilogue: the ring's last use is its copies, so the epilogue's layout conversions may reuse its
@@ -317,9 +316,9 @@ def moe_wgmma(
     if n_rows % tile_n or groups.block_m > config["BLOCK_T"]:
         raise ValueError(f"{n_rows} weight rows must be whole tiles of {tile_n}, row blocks at most BLOCK_T")
     ahead = config["STAGES"] - 2 if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
-    if config["PIPELINED"] and not 1 <= ahead <= config["STAGES"] - 1 - config["MMA_PENDING"]:
-        raise ValueError(f"the wgmma kernel's ring of {config['STAGES']} slots holds 1 to STAGES - 1 - MMA_PENDING"
-                         f" steps of copies ahead, not {ahead}")
+    if config["PIPELINED"] and not 1 <= ahead <= config["STAGES"] - 1:
+        raise ValueError(f"the wgmma kernel's ring of {config['STAGES']} slots holds 1 to STAGES - 1 steps of copies"
+                         f" ahead, not {ahead}")
     if not scales_fit_f16(scales):
         raise ValueError(f"the wgmma MoE kernel scales in f16: scale bytes must lie in {F16_SCALE_RANGE}")
     num_warps, m_reps, block_t = config["num_warps"], config["M_REPS"], config["BLOCK_T"]
@@ -337,7 +336,7 @@ def moe_wgmma(
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None, TILE_N=tile_n,
         NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
         BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=config["STAGES"],
-        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, MMA_PENDING=config["MMA_PENDING"], num_warps=num_warps)
+        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, num_warps=num_warps)
 
 
 def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,

@@ -627,24 +627,26 @@ def test_moe_wgmma_refuses_cpu_tensors_other_layouts_and_wide_scales():
         cuda = [t.cuda() if isinstance(t, torch.Tensor) else t for t in served]
         with pytest.raises(ValueError, match="not 0"):  # STAGES - 2 steps ahead by default: none
             moe_experts(*cuda, config=dict(config, STAGES=2), split_nibbles=True)
-        with pytest.raises(ValueError, match="not 7"):  # would overwrite the slot of the wgmma in flight
-            moe_experts(*cuda, config=dict(config, STAGES=8, COPY_AHEAD=7), split_nibbles=True)
+        with pytest.raises(ValueError, match="not 8"):  # would overwrite the slot of the step being read
+            moe_experts(*cuda, config=dict(config, STAGES=8, COPY_AHEAD=8), split_nibbles=True)
     assert scales_fit_f16(w1s) and not scales_fit_f16(torch.full((2, 3), 137, dtype=torch.uint8))
 
 
-def test_wgmma_switch_picks_row_blocks_by_pairs_an_expert_on_gpus_only(monkeypatch):
+def test_wgmma_kernel_takes_prefill_steps_of_32_pairs_an_expert_or_more_on_gpus_only(monkeypatch):
     import gptoss_serve.kernels.moe_matmul as mm
 
     scales = torch.full((2, 4, 3), 120, dtype=torch.uint8)
     gpu = dict(on_gpu=True, split_nibbles=True, swizzled=False, scales=(scales, scales))
-    assert mm.wgmma_config(4096, 4, 32, **gpu) is None  # off by default
-    monkeypatch.setattr(mm, "WGMMA_MOE", True)
-    assert mm.wgmma_config(64, 4, 32, **gpu)["BLOCK_T"] == 16  # 8 pairs an expert
-    assert mm.wgmma_config(4096, 4, 128, **gpu)["BLOCK_T"] == 128  # 128 pairs an expert
-    assert mm.wgmma_config(8, 4, 32, **gpu) is None  # below WGMMA_MIN_TOKENS
+    assert mm.wgmma_config(512, 4, 32, **gpu)["BLOCK_T"] == 64  # 20b, 64 pairs an expert
+    assert mm.wgmma_config(4096, 4, 128, **gpu)["BLOCK_T"] == 128  # 120b, 128 pairs an expert
+    assert mm.wgmma_config(4096, 4, 128, **gpu)["M_REPS"] == 2  # 128 weight rows a program
+    assert mm.wgmma_config(512, 4, 128, **gpu) is None  # 120b, 16 pairs an expert: the grouped kernel won
+    assert mm.wgmma_config(64, 4, 32, **gpu) is None  # 20b, 8 pairs an expert
     assert mm.wgmma_config(4096, 4, 32, **dict(gpu, on_gpu=False)) is None
     wide = torch.full((2, 4, 3), 140, dtype=torch.uint8)  # beyond the f16 scaling's exact range
     assert mm.wgmma_config(4096, 4, 32, **dict(gpu, scales=(scales, wide))) is None
+    monkeypatch.setattr(mm, "WGMMA_MOE", False)  # GPTOSS_WGMMA_MOE=0
+    assert mm.wgmma_config(4096, 4, 128, **gpu) is None
     args = make_moe(20, 8, 64, 64, 4, 0, 8, True, seed=77)  # on the CPU the other paths run
     assert rel_err(moe_experts(*args), moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
 
