@@ -3,7 +3,8 @@ default path's on the serving layout, three runs each (a race shows as runs that
 are off, and its time (kb.time_variant: CUDA-graph replays over 4 layers). Plain (one slot, waited wgmma) and
 ring configs (copies COPY_AHEAD steps ahead) at each row-block size and row count, so that a fault of the ring
 tells itself apart from one of the layouts.
-E.g. python3 tools/moe_wgmma_check.py [--cases 32x64,32x512,128x4096]"""
+E.g. GPTOSS_WGMMA_MOE=0 python3 tools/moe_wgmma_check.py [--cases 32x64,128x4096] [--tiles 64x2,128x2]
+(GPTOSS_WGMMA_MOE=0: the default path it compares with is the grouped kernel wherever the wgmma kernel would be)"""
 import argparse
 
 import torch
@@ -14,11 +15,13 @@ from gptoss_serve.kernels.moe_ref import route_ref
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--cases", default="32x16,32x64,32x512,128x4096")
+parser.add_argument("--tiles", default="16x1,64x1,64x2,128x2", help="BLOCK_T x M_REPS, comma-separated")
 args = parser.parse_args()
 h = i = 2880
 # (BLOCK_T, M_REPS, STAGES, PIPELINED, num_warps, COPY_AHEAD): the plain reference, then the ring with copies 6
 # and 7 steps ahead
-CONFIGS = [(t, m, 8, p, 4, ahead) for t, m in ((16, 1), (64, 1), (64, 2), (128, 2))
+TILES = [tuple(int(v) for v in tile.split("x")) for tile in args.tiles.split(",")]
+CONFIGS = [(t, m, 8, p, 4, ahead) for t, m in TILES
            for p, ahead in ((False, None), (True, None), (True, 7))]
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
