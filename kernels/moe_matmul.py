@@ -758,13 +758,16 @@ GEMV_EXPERTS_PER_PAIR = 4
 # the combine inside): the same sums (bit for bit under the interpreter); off until timed (tools/gpu_check.sh).
 # GPTOSS_GEMV_FUSED_DECODE=1 turns it on for a process (an engine A/B run).
 GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
-# Steps of WGMMA_MIN_PAIRS_PER_EXPERT (token, slot) pairs an expert or more on the wgmma kernel (kernels/moe_wgmma.py,
-# Gluon, Hopper) where the layer's scale bytes allow its f16 scaling; GPTOSS_WGMMA_MOE=0 turns it off for a process.
-# H200, 2026-12-04 (tools/moe_wgmma_check.py, docs/PERFORMANCE.md), µs against the grouped kernel: 20b 512 tokens
-# (64 pairs an expert, 64-pair blocks, 128 rows) 541.0 -> 490.1, 120b 4096 tokens (128 pairs, 128-pair blocks)
-# 3961.3 -> 3428.5; at 8 pairs an expert (20b, 64 tokens) it lost, 269.4 -> 293.3 at its best.
+# Steps of WGMMA_MIN_PAIRS_PER_EXPERT to WGMMA_MAX_PAIRS_PER_EXPERT (token, slot) pairs an expert on the wgmma
+# kernel (kernels/moe_wgmma.py, Gluon, Hopper) where the layer's scale bytes allow its f16 scaling;
+# GPTOSS_WGMMA_MOE=0 turns it off for a process. H200, 2026-12-04 (tools/moe_wgmma_check.py, docs/PERFORMANCE.md),
+# µs against the grouped kernel, 128 weight rows a program: 64-pair row blocks at 32 and 64 pairs an expert (20b
+# 256 tokens 370.5 -> 336.1, 512 tokens 541.0 -> 490.1; 120b 1024 tokens 1532.9 -> 1393.5, 2048 tokens 2338.8 ->
+# 2111.3), 128-pair blocks at 128 and 256 (20b 1024 tokens 895.7 -> 751.9, 2048 tokens 1643.2 -> 1324.8; 120b 4096
+# tokens 3961.3 -> 3428.5). It lost at 8 pairs an expert (20b 64 tokens 269.4 -> 293.3) and at 512 (20b 4096
+# tokens 2383.3 -> 2416.1).
 WGMMA_MOE = os.environ.get("GPTOSS_WGMMA_MOE", "1") == "1"
-WGMMA_MIN_PAIRS_PER_EXPERT = 32
+WGMMA_MIN_PAIRS_PER_EXPERT, WGMMA_MAX_PAIRS_PER_EXPERT = 32, 256
 
 
 # Decode steps of MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens go to the tensor-core kernel (kernels/moe_mma.py) on a GPU
@@ -793,11 +796,11 @@ def mma_decode_config(num_tokens: int, top_k: int, num_local_experts: int, on_gp
 def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bool, split_nibbles: bool,
                  swizzled: bool, scales: tuple[torch.Tensor, ...]) -> dict | None:
     """The wgmma kernel's config where it is the default for this step, else None: 64-pair row blocks up to 64
-    pairs an expert, else 128; 128 weight rows a program (4 warps). The scale check reads each weight's scales
+    pairs an expert, else 128; 128 weight rows a program (4 warps); shapes (and the scales' range) only. The scale check reads each weight's scales
     once (TritonKernels.prepare_weights does it at load), later calls only look it up."""
     pairs_per_expert = num_tokens * top_k / max(1, num_local_experts)
     if not (WGMMA_MOE and on_gpu and split_nibbles and not swizzled
-            and pairs_per_expert >= WGMMA_MIN_PAIRS_PER_EXPERT):
+            and WGMMA_MIN_PAIRS_PER_EXPERT <= pairs_per_expert <= WGMMA_MAX_PAIRS_PER_EXPERT):
         return None
     from gptoss_serve.kernels.moe_wgmma import DEFAULT_WGMMA_CONFIG, scales_fit_f16
 

@@ -632,7 +632,7 @@ def test_moe_wgmma_refuses_cpu_tensors_other_layouts_and_wide_scales():
     assert scales_fit_f16(w1s) and not scales_fit_f16(torch.full((2, 3), 137, dtype=torch.uint8))
 
 
-def test_wgmma_kernel_takes_prefill_steps_of_32_pairs_an_expert_or_more_on_gpus_only(monkeypatch):
+def test_wgmma_kernel_takes_prefill_steps_of_32_to_256_pairs_an_expert_on_gpus_only(monkeypatch):
     import gptoss_serve.kernels.moe_matmul as mm
 
     scales = torch.full((2, 4, 3), 120, dtype=torch.uint8)
@@ -642,6 +642,8 @@ def test_wgmma_kernel_takes_prefill_steps_of_32_pairs_an_expert_or_more_on_gpus_
     assert mm.wgmma_config(4096, 4, 128, **gpu)["M_REPS"] == 2  # 128 weight rows a program
     assert mm.wgmma_config(512, 4, 128, **gpu) is None  # 120b, 16 pairs an expert: the grouped kernel won
     assert mm.wgmma_config(64, 4, 32, **gpu) is None  # 20b, 8 pairs an expert
+    assert mm.wgmma_config(2048, 4, 32, **gpu)["BLOCK_T"] == 128  # 20b, 256 pairs an expert
+    assert mm.wgmma_config(4096, 4, 32, **gpu) is None  # 20b, 512 pairs an expert: the grouped kernel won
     assert mm.wgmma_config(4096, 4, 32, **dict(gpu, on_gpu=False)) is None
     wide = torch.full((2, 4, 3), 140, dtype=torch.uint8)  # beyond the f16 scaling's exact range
     assert mm.wgmma_config(4096, 4, 32, **dict(gpu, scales=(scales, wide))) is None
