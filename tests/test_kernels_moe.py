@@ -644,9 +644,9 @@ def test_wgmma_kernel_takes_prefill_steps_of_32_to_256_pairs_an_expert_on_gpus_o
     assert mm.wgmma_config(64, 4, 32, **gpu) is None  # 20b, 8 pairs an expert
     assert mm.wgmma_config(2048, 4, 32, **gpu)["BLOCK_T"] == 128  # 20b, 256 pairs an expert
     assert mm.wgmma_config(4096, 4, 32, **gpu) is None  # 20b, 512 pairs an expert: the grouped kernel won
-    assert mm.wgmma_config(4096, 4, 32, **dict(gpu, on_gpu=False)) is None
+    assert mm.wgmma_config(2048, 4, 32, **dict(gpu, on_gpu=False)) is None
     wide = torch.full((2, 4, 3), 140, dtype=torch.uint8)  # beyond the f16 scaling's exact range
-    assert mm.wgmma_config(4096, 4, 32, **dict(gpu, scales=(scales, wide))) is None
+    assert mm.wgmma_config(2048, 4, 32, **dict(gpu, scales=(scales, wide))) is None
     monkeypatch.setattr(mm, "WGMMA_MOE", False)  # GPTOSS_WGMMA_MOE=0
     assert mm.wgmma_config(4096, 4, 128, **gpu) is None
     args = make_moe(20, 8, 64, 64, 4, 0, 8, True, seed=77)  # on the CPU the other paths run
