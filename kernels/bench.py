@@ -98,6 +98,18 @@ def serving_layers(num_experts: int, gen: torch.Generator, hidden: int, intermed
             for _ in range(NUM_COPIES)]
 
 
+def sweep_case(num_experts: int, num_tokens: int, hidden: int, intermediate: int):
+    """The sweeps' inputs for one experts x tokens case, seeded by it: (layers in the serving layout, x [tokens,
+    hidden] bf16, routing weights, expert ids [tokens, 4]); CUDA only."""
+    from gptoss_serve.kernels.moe_ref import route_ref
+
+    gen = torch.Generator(device="cuda").manual_seed(num_experts * 1000 + num_tokens)
+    layers = serving_layers(num_experts, gen, hidden, intermediate)
+    x = torch.randn(num_tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
+    weights, ids = route_ref(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), 4)
+    return layers, x, weights, ids
+
+
 def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], torch_max_tokens: int) -> list[dict]:
     from gptoss_serve.kernels.moe_matmul import moe_experts
     from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref, swiglu_ref

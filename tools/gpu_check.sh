@@ -10,7 +10,7 @@
 #                                stream, then 8 prompts of 1024 tokens, with decode steps profiled at 1, 4 and 8
 #   bash tools/gpu_check.sh 3    the decode variants from 1 to 8 tokens against the default paths (tensor-core decode
 #                                kernel's staging, two-launch matrix-vector kernels), then part 2's engine run with
-#                                the untimed MoE paths on (GPTOSS_WGMMA_MOE=1)
+#                                the wgmma kernel off (GPTOSS_WGMMA_MOE=0), against part 2's default run
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -39,5 +39,5 @@ elif [ "$PART" = 2 ]; then
 else
     timeout 200 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x2,32x4,32x8,128x8 2>&1 | grep -v Warning \
         | tee "$OUT/decode_sweep.txt"
-    (export GPTOSS_WGMMA_MOE=1; engine_bench "$OUT/engine_wgmma.txt")
+    (export GPTOSS_WGMMA_MOE=0; engine_bench "$OUT/engine_no_wgmma.txt")
 fi

@@ -17,7 +17,7 @@ from gptoss_serve.kernels import bench as kb
 from gptoss_serve.kernels.moe_matmul import merge_nibbles, moe_experts, untile_rows
 from gptoss_serve.kernels.moe_gemv_fused import DEFAULT_GEMV_FUSED_CONFIG
 from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
-from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref
+from gptoss_serve.kernels.moe_ref import moe_experts_ref
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--cases", default="32x1,128x1,32x2,128x2,32x4,128x4,32x8,128x8,32x16,32x32,32x64,128x64")
@@ -80,10 +80,7 @@ def wgmma_variants(num_tokens: int) -> list[tuple[str, dict]]:
 seen_models = set()
 for case in args.cases.split(","):
     num_experts, num_tokens = (int(v) for v in case.split("x"))
-    gen = torch.Generator(device="cuda").manual_seed(num_experts * 1000 + num_tokens)
-    layers = kb.serving_layers(num_experts, gen, h, i)
-    x = torch.randn(num_tokens, h, device="cuda", generator=gen).to(torch.bfloat16)
-    weights, ids = route_ref(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), 4)
+    layers, x, weights, ids = kb.sweep_case(num_experts, num_tokens, h, i)
     hit = torch.unique(ids).numel()
     nbytes = hit * (2 * i * h + i * h) * (0.5 + 1 / 32)
     print(f"\n{num_experts} experts, {num_tokens} tokens: {hit} experts hit, {nbytes / 1e6:.1f} MB", flush=True)

@@ -11,7 +11,6 @@ import torch
 
 from gptoss_serve.kernels import bench as kb
 from gptoss_serve.kernels.moe_matmul import moe_experts
-from gptoss_serve.kernels.moe_ref import route_ref
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--cases", default="32x16,32x64,32x512,128x4096")
@@ -30,10 +29,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 for case in args.cases.split(","):
     num_experts, num_tokens = (int(v) for v in case.split("x"))
-    gen = torch.Generator(device="cuda").manual_seed(num_experts * 1000 + num_tokens)
-    layers = kb.serving_layers(num_experts, gen, h, i)
-    x = torch.randn(num_tokens, h, device="cuda", generator=gen).to(torch.bfloat16)
-    weights, ids = route_ref(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), 4)
+    layers, x, weights, ids = kb.sweep_case(num_experts, num_tokens, h, i)
 
     def run(w, config):
         return moe_experts(x, weights, ids, *w, 1.702, 7.0, config=config, **kb.serving_layout_args())
