@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from gptoss_serve.kernels.attention_ref import paged_attention_ref
-from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref
+from gptoss_serve.kernels.moe_ref import moe_experts_ref
+from gptoss_serve.kernels.moe_router_ref import norm_and_route_ref
 from gptoss_serve.kernels.rmsnorm_ref import rmsnorm_ref
 from gptoss_serve.kernels.rope_ref import rope_and_cache_write_ref
 
@@ -25,7 +26,7 @@ class TorchKernels:
     rmsnorm = staticmethod(rmsnorm_ref)
     rope_and_cache_write = staticmethod(rope_and_cache_write_ref)
     paged_attention = staticmethod(paged_attention_ref)
-    route = staticmethod(route_ref)
+    norm_and_route = staticmethod(norm_and_route_ref)
     moe_experts = staticmethod(moe_experts_ref)
 
     def prepare_weights(self, model: torch.nn.Module) -> None:

@@ -264,14 +264,14 @@ def _read_floor_kernel(src_ptr, out_ptr, num_words, WORDS_PER_PROGRAM: tl.conste
 
 
 def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[int]) -> list[dict]:
-    """Where one MoE layer's time goes: the whole layer as the model runs it (router matmul, top-k, grouping,
+    """Where one MoE layer's time goes: the whole layer as the model runs it (norm and routing, grouping,
     both expert matmuls, epilogue and combine kernels) captured in a CUDA graph over 4 layers' weights, then
     the torch profiler's GPU time per kernel over replays. Beside it, the read floor: a kernel that only reads
     the active experts' bytes, over as many programs as the two matmuls run together."""
     from torch.profiler import ProfilerActivity, profile
 
     from gptoss_serve.kernels.moe_matmul import moe_experts
-    from gptoss_serve.kernels.moe_routing import route
+    from gptoss_serve.kernels.moe_router import norm_and_route
 
     h, i, k = GPT_OSS["hidden"], GPT_OSS["intermediate"], GPT_OSS["top_k"]
     rows = []
@@ -291,14 +291,16 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
         name = "20b" if num_experts == 32 else "120b" if num_experts == 128 else str(num_experts)
         bytes_per_expert = sum(t[0].numel() * t.element_size() for t in layers[0][1])
         for num_tokens in token_counts:
-            x = torch.randn(num_tokens, h, device="cuda", generator=gen).to(torch.bfloat16)
+            attn_out = torch.randn(num_tokens, h, device="cuda", generator=gen).to(torch.bfloat16)
+            residual = torch.randn(num_tokens, h, device="cuda", generator=gen).to(torch.bfloat16)
+            norm_scale = torch.rand(h, device="cuda", generator=gen) + 0.5
 
             def layer(gate, w):
-                weights, ids = route(gate(x), k)
+                x, _, weights, ids = norm_and_route(attn_out, residual, norm_scale, 1e-5, gate.weight, gate.bias, k)
                 return moe_experts(x, weights, ids, w[0], w[1], w[2], w[3], w[4], w[5], 1.702, 7.0,
                                    **serving_layout_args())
 
-            _, ids = route(layers[0][0](x), k)
+            ids = norm_and_route(attn_out, residual, norm_scale, 1e-5, layers[0][0].weight, layers[0][0].bias, k)[3]
             num_active = torch.unique(ids).numel()
             ms = _bench(lambda: [layer(g, w) for g, w in layers]) / NUM_COPIES
             g = torch.cuda.CUDAGraph()
@@ -445,6 +447,40 @@ def bench_norm_rope(ceil: dict) -> list[dict]:
     return rows
 
 
+def bench_router(ceil: dict, token_counts: list[int], expert_counts: list[int]) -> list[dict]:
+    """The MoE sub-block's front (residual add, RMSNorm, router logits, top-k) as the model runs it
+    (moe_router.norm_and_route), its expert-group sizes, and the composed path it replaces (rmsnorm kernel,
+    cuBLAS, top-k kernel) in the torch column; over NUM_COPIES layers' router weights in one graph."""
+    from gptoss_serve.kernels.moe_router import EXPERTS_PER_PROGRAM, norm_and_route
+
+    hidden, top_k = GPT_OSS["hidden"], GPT_OSS["top_k"]
+    rows = []
+    for num_experts in expert_counts:
+        gen = torch.Generator(device="cuda").manual_seed(num_experts)
+        gates = [((torch.randn(num_experts, hidden, device="cuda", generator=gen) / hidden ** 0.5).to(torch.bfloat16),
+                  torch.randn(num_experts, device="cuda", generator=gen).to(torch.bfloat16))
+                 for _ in range(NUM_COPIES)]
+        scale = torch.rand(hidden, device="cuda", generator=gen) + 0.5
+        name = "20b" if num_experts == 32 else "120b" if num_experts == 128 else str(num_experts)
+        for num_tokens in token_counts:
+            h, residual = (torch.randn(num_tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
+                           for _ in range(2))
+            nbytes = num_experts * hidden * 2 + 4 * num_tokens * hidden * 2  # router weight, rows in and out
+
+            def run(**options):
+                return lambda: [norm_and_route(h, residual, scale, 1e-5, w, b, top_k, **options) for w, b in gates]
+
+            composed_ms = _bench(run(max_fused_tokens=0)) / NUM_COPIES
+            groups = [EXPERTS_PER_PROGRAM] + [g for g in (4, 16) if g != EXPERTS_PER_PROGRAM]
+            for experts_per_program in groups:
+                ms = _bench(run(experts_per_program=experts_per_program)) / NUM_COPIES
+                label = "default" if experts_per_program == EXPERTS_PER_PROGRAM else "variant"
+                rows.append(dict(op=f"norm + route {name} ({label}, {experts_per_program} experts a program)",
+                                 shape=f"{num_tokens} tok, {num_experts} experts", ms=ms, gbs=nbytes / ms / 1e6,
+                                 torch_ms=composed_ms, torch_path="rmsnorm + cuBLAS + top-k (composed)"))
+    return rows
+
+
 def format_table(ceil: dict, rows: list[dict]) -> str:
     lines = [f"HBM copy bandwidth (read + write): {ceil['copy_gbs']:.0f} GB/s; "
              f"bf16 matmul 8192^3: {ceil['bf16_tflops']:.0f} TFLOP/s", "",
@@ -465,8 +501,9 @@ def format_table(ceil: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gptoss-serve bench kernels", description=__doc__)
-    parser.add_argument("--sections", default="moe,decode,prefill,norm",
-                        help="comma-separated: moe, decode, prefill, norm, moe-paths (split-K vs grouped MoE), "
+    parser.add_argument("--sections", default="moe,decode,prefill,norm,router",
+                        help="comma-separated: moe, decode, prefill, norm, router (the fused norm + routing "
+                             "against the composed path), moe-paths (split-K vs grouped MoE), "
                              "moe-launches (one MoE layer's time per kernel, and the read floor)")
     parser.add_argument("--sweep", action="store_true", help="moe-paths: also sweep split-K variants")
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
@@ -498,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_prefill(ceil, [1024] if args.quick else [1024, 8192], torch_max_tokens=1024)
     if "norm" in sections:
         rows += bench_norm_rope(ceil)
+    if "router" in sections:
+        rows += bench_router(ceil, [1, 64] if args.quick else [1, 8, 64, 256], [32, 128])
     if sections - {"moe-paths", "moe-launches"}:
         print(format_table(ceil, rows))
     if args.json:

@@ -14,24 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.triton_utils import launch, next_pow2
+from gptoss_serve.kernels.triton_utils import device_function, launch, next_pow2
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
-def _topk_softmax_kernel(
-    logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_logits,
-    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
-):
-    tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
-    experts = tl.arange(0, BLOCK_EXPERTS)
-    in_tokens = tokens < num_tokens
-    mask = in_tokens[:, None] & (experts[None, :] < num_experts)
-    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * stride_logits + experts[None, :],
-                     mask=mask, other=float("-inf")).to(tl.float32)  # [BLOCK_TOKENS, BLOCK_EXPERTS]
-    # The k largest logits, best first; ties go to the lower expert id.
+@device_function
+def topk_softmax(logits, experts, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_EXPERTS: tl.constexpr):
+    """logits [T, BLOCK_EXPERTS] float32 (-inf beyond the real experts), experts = arange(BLOCK_EXPERTS) ->
+    (weights [T, BLOCK_K] float32, ids [T, BLOCK_K] int32): the k largest logits, best first, ties to the lower
+    expert id, and a softmax over just those k; slots from TOP_K on hold junk, the caller masks them."""
     slots = tl.arange(0, BLOCK_K)[None, :]
-    top_values = tl.full([BLOCK_TOKENS, BLOCK_K], float("-inf"), dtype=tl.float32)
-    top_ids = tl.zeros([BLOCK_TOKENS, BLOCK_K], dtype=tl.int32)
+    top_values = tl.full([logits.shape[0], BLOCK_K], float("-inf"), dtype=tl.float32)
+    top_ids = tl.zeros([logits.shape[0], BLOCK_K], dtype=tl.int32)
     remaining = logits
     for slot in tl.static_range(TOP_K):
         value = tl.max(remaining, axis=1)
@@ -42,19 +35,45 @@ def _topk_softmax_kernel(
     # Softmax over just those k values (slot 0 holds the largest).
     best = tl.max(top_values, axis=1)
     p = tl.where(slots < TOP_K, tl.exp(top_values - best[:, None]), 0.0)
-    weights = p / tl.sum(p, axis=1)[:, None]
+    return p / tl.sum(p, axis=1)[:, None], top_ids
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _topk_softmax_kernel(
+    logits_ptr, weights_ptr, ids_ptr, counts_ptr, counted_ptr, num_tokens, num_experts, stride_logits,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
+    COUNT: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+    experts = tl.arange(0, BLOCK_EXPERTS)
+    in_tokens = tokens < num_tokens
+    mask = in_tokens[:, None] & (experts[None, :] < num_experts)
+    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * stride_logits + experts[None, :],
+                     mask=mask, other=float("-inf")).to(tl.float32)  # [BLOCK_TOKENS, BLOCK_EXPERTS]
+    weights, top_ids = topk_softmax(logits, experts, TOP_K, BLOCK_K, BLOCK_EXPERTS)
+    slots = tl.arange(0, BLOCK_K)[None, :]
     out_mask = in_tokens[:, None] & (slots < TOP_K)
     offsets = tokens[:, None] * TOP_K + slots
     tl.store(weights_ptr + offsets, weights, mask=out_mask)
     tl.store(ids_ptr + offsets, top_ids, mask=out_mask)
+    if COUNT:  # the expert load: each token's k experts (distinct) gain its `counted` value
+        counted = tl.load(counted_ptr + tokens, mask=in_tokens, other=0)
+        tl.atomic_add(counts_ptr + top_ids, tl.zeros([BLOCK_TOKENS, BLOCK_K], dtype=tl.int64) + counted[:, None],
+                      mask=out_mask)
 
 
 def route(
     router_logits: torch.Tensor,  # [num_tokens, num_experts]
     top_k: int,
+    expert_counts: torch.Tensor | None = None,  # [num_experts] int64, added to in place when given
+    counted: torch.Tensor | None = None,  # [num_tokens] int64: 1 for tokens that count, 0 for padding rows
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (weights [num_tokens, top_k] float32, expert_ids [num_tokens, top_k] int32), best first."""
+    """Returns (weights [num_tokens, top_k] float32, expert_ids [num_tokens, top_k] int32), best first; with
+    expert_counts, also adds each token's `counted` to its experts' counts (moe_router_ref.count_routed_pairs)."""
     num_tokens, num_experts = router_logits.shape
+    count = expert_counts is not None
+    if count and (counted is None or expert_counts.dtype != torch.int64 or counted.dtype != torch.int64):
+        raise ValueError("expert_counts and counted must both be int64 tensors")
     weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=router_logits.device)
     expert_ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=router_logits.device)
     if num_tokens == 0:
@@ -62,8 +81,10 @@ def route(
     block_experts = next_pow2(num_experts)
     block_tokens = max(1, min(64, 4096 // block_experts))
     launch(_topk_softmax_kernel, (triton.cdiv(num_tokens, block_tokens),),
-           router_logits, weights, expert_ids, num_tokens, num_experts, router_logits.stride(0),
-           TOP_K=top_k, BLOCK_K=next_pow2(top_k), BLOCK_TOKENS=block_tokens, BLOCK_EXPERTS=block_experts, num_warps=4)
+           router_logits, weights, expert_ids, expert_counts if count else expert_ids,
+           counted if count else expert_ids, num_tokens, num_experts, router_logits.stride(0),
+           TOP_K=top_k, BLOCK_K=next_pow2(top_k), BLOCK_TOKENS=block_tokens, BLOCK_EXPERTS=block_experts,
+           COUNT=count, num_warps=4)
     return weights, expert_ids
 
 

@@ -15,7 +15,7 @@ from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
 from gptoss_serve.kernels.backend import register_backend
 from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, merge_nibbles, moe_experts, split_nibbles,
                                              swizzle_bits, tile_rows, unswizzle_bits, untile_rows)
-from gptoss_serve.kernels.moe_routing import route
+from gptoss_serve.kernels.moe_router import norm_and_route
 from gptoss_serve.kernels.moe_wgmma import scales_fit_f16
 from gptoss_serve.kernels.rmsnorm import rmsnorm
 from gptoss_serve.kernels.rope import rope_and_cache_write
@@ -49,7 +49,7 @@ class TritonKernels:
     rmsnorm = staticmethod(rmsnorm)
     rope_and_cache_write = staticmethod(rope_and_cache_write)
     paged_attention = staticmethod(paged_attention)
-    route = staticmethod(route)
+    norm_and_route = staticmethod(norm_and_route)
 
     # Rows per tile of the serving layout (`tile_rows`): a K step of a 64-row weight tile reads one contiguous
     # run of bytes. H200, 2026-11-22: 3-5% off the grouped matmuls at 2-64 tokens, and with it the 1-token

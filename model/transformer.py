@@ -2,7 +2,7 @@
 
 Module names equal the original checkpoint's tensor names (`block.3.mlp.mlp1_weight.blocks`, ...), so loading
 is one copy per name. Each block is pre-norm: x += Attn(RMSNorm(x)), then x += MoE(RMSNorm(x)); the residual
-add is fused into the next norm.
+add is fused into the next norm, and the MoE sub-block's norm into its routing (kernels.norm_and_route).
 """
 
 from __future__ import annotations
@@ -81,16 +81,20 @@ class MLPBlock(nn.Module):
         self.mlp2_bias = nn.Parameter(torch.empty(e, h, dtype=dtype))
         self.expert_token_counts: torch.Tensor | None = None  # [num_experts] int64, see count_expert_tokens()
 
-    def forward(self, x: torch.Tensor, kernels, counted_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """counted_tokens: [num_tokens] int64, 1 for the tokens whose routing is added to expert_token_counts."""
-        expert_weights, expert_ids = kernels.route(self.gate(x), self.experts_per_token)  # [num_tokens, top_k]
-        if counted_tokens is not None:
-            counted_pairs = counted_tokens[:, None].expand(expert_ids.shape)  # [num_tokens, top_k]
-            self.expert_token_counts.index_add_(0, expert_ids.reshape(-1), counted_pairs.reshape(-1))
-        return kernels.moe_experts(
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, eps: float, kernels,
+                counted_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the attention sub-block's output, residual: the stream before it, both [num_tokens, hidden].
+        Returns (this rank's share of the experts' output, the new residual stream h + residual).
+        counted_tokens: [num_tokens] int64, 1 for the tokens whose routing is added to expert_token_counts."""
+        counts = self.expert_token_counts if counted_tokens is not None else None
+        x, residual, expert_weights, expert_ids = kernels.norm_and_route(
+            h, residual, self.norm.scale, eps, self.gate.weight, self.gate.bias, self.experts_per_token, counts,
+            counted_tokens)  # x [num_tokens, hidden]; weights, ids [num_tokens, top_k]
+        out = kernels.moe_experts(
             x, expert_weights, expert_ids, self.mlp1_weight.blocks, self.mlp1_weight.scales, self.mlp1_bias,
             self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias, self.swiglu_alpha, self.swiglu_limit,
             self.first_expert)
+        return out, residual
 
 
 class TransformerBlock(nn.Module):
@@ -145,8 +149,8 @@ class GptOssModel(nn.Module):
             x, residual = self.kernels.rmsnorm(h, block.attn.norm.scale, eps, residual)
             h = all_reduce(block.attn(x, batch, kv_cache.k[n], kv_cache.v[n], rope, self.kernels), self.groups.attn,
                            self.groups.fast_attn)
-            x, residual = self.kernels.rmsnorm(h, block.mlp.norm.scale, eps, residual)
-            h = all_reduce(block.mlp(x, self.kernels, counted), self.groups.world, self.groups.fast_world)
+            h, residual = block.mlp(h, residual, eps, self.kernels, counted)  # the norm is fused into routing
+            h = all_reduce(h, self.groups.world, self.groups.fast_world)
         h = h[batch.logits_indices]
         residual = residual[batch.logits_indices]
         x, _ = self.kernels.rmsnorm(h, self.norm.scale, eps, residual)

@@ -26,26 +26,30 @@ def counting_llm():
 
 def test_model_counts_routed_tokens_but_not_padding_rows():
     from gptoss_serve.kernels.backend import get_kernels
-    from gptoss_serve.kernels.moe_ref import route_ref
     from gptoss_serve.model.batch import KVCache, build_forward_batch
     from gptoss_serve.model.config import preset
     from gptoss_serve.model.loader import random_model
 
     config = preset("tiny")
-    model = random_model(config, 3, torch.float32, "cpu", get_kernels("torch"))
+    kernels = get_kernels("torch")  # the Triton kernels' counts: tests/test_kernels_moe.py
+    model = random_model(config, 3, torch.float32, "cpu", kernels)
     counts = model.count_expert_tokens()  # [num_layers, num_experts]
-    router_logits = []
-    hooks = [block.mlp.gate.register_forward_hook(lambda m, i, out: router_logits.append(out))
-             for block in model.block]
+    routed = []  # each layer's expert ids [num_tokens, top_k], as the routing op returned them
+    norm_and_route = kernels.norm_and_route
+
+    def recording(*args):
+        out = norm_and_route(*args)
+        routed.append(out[3].clone())
+        return out
+
+    kernels.norm_and_route = recording
     kv = KVCache.allocate(config, 8, 8, torch.float32, "cpu")
     batch = build_forward_batch([[5, 6, 7], [8, 9]], [0, 0], [[0], [1]], 8)
     batch.slot_mapping[-1] = -1  # a CUDA-graph padding row: computed, not counted
     model(batch, kv)
-    for hook in hooks:
-        hook.remove()
-    for layer, logits in enumerate(router_logits):
-        _, expert_ids = route_ref(logits[:-1], config.experts_per_token)
-        expected = torch.bincount(expert_ids.reshape(-1).long(), minlength=config.num_experts)
+    assert len(routed) == config.num_hidden_layers
+    for layer, expert_ids in enumerate(routed):
+        expected = torch.bincount(expert_ids[:-1].reshape(-1).long(), minlength=config.num_experts)
         assert counts[layer].tolist() == expected.tolist()
     assert counts.sum().item() == 4 * config.experts_per_token * config.num_hidden_layers
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Three device calls (each under the 10-minute limit of one) that check and time what the kernels issue asks on an
+# Four device calls (each under the 10-minute limit of one) that check and time what the kernels issue asks on an
 # H200; results land in $OUT:
 #   bash tools/gpu_check.sh 1    the GPU tests of the kernels and the engine (real 20b/120b shapes, CUDA graphs
 #                                against eager), the MoE rows of the kernel bench (1-4096 tokens, % of the copy
@@ -11,6 +11,9 @@
 #   bash tools/gpu_check.sh 3    the decode variants from 1 to 8 tokens against the default paths (tensor-core decode
 #                                kernel's staging, two-launch matrix-vector kernels), then part 2's engine run with
 #                                the wgmma kernel off (GPTOSS_WGMMA_MOE=0), against part 2's default run
+#   bash tools/gpu_check.sh 4    the fused norm + routing kernel's tests and bench rows (against the composed path
+#                                it replaces), one MoE layer launch by launch, then part 2's engine run with the
+#                                fused kernel off (GPTOSS_FUSED_ROUTER_MAX_TOKENS=0), against part 2's default run
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -27,7 +30,7 @@ engine_bench() {  # the 20b engine: one stream, then 8 prompts of 1024 tokens, d
 if [ "$PART" = 1 ]; then
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
         tests/test_kernels_attention.py tests/test_kernels_model.py tests/test_kernels_norm_rope.py \
-        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_full.txt" 2>&1; tail -30 "$OUT/tests_full.txt"
+        tests/test_kernels_router.py tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_full.txt" 2>&1; tail -30 "$OUT/tests_full.txt"
     timeout 90 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | tee "$OUT/bench_moe.txt"
     timeout 230 python3 tools/moe_mma_sweep.py --cases 32x16,32x64,128x64,32x512,32x4096,128x4096 2>&1 \
@@ -36,8 +39,16 @@ elif [ "$PART" = 2 ]; then
     timeout 300 python3 tools/attention_decode_sweep.py --batches 1,32 --contexts 1024,8192,32768 \
         --json "$OUT/attention_sweep.json" 2>&1 | grep -v Warning | tee "$OUT/attention_sweep.txt"
     engine_bench "$OUT/engine.txt"
-else
+elif [ "$PART" = 3 ]; then
     timeout 200 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x2,32x4,32x8,128x8 2>&1 | grep -v Warning \
         | tee "$OUT/decode_sweep.txt"
     (export GPTOSS_WGMMA_MOE=0; engine_bench "$OUT/engine_no_wgmma.txt")
+else
+    timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
+        tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
+    timeout 120 python3 -m gptoss_serve.kernels.bench --sections router --json "$OUT/bench_router.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/bench_router.txt"
+    timeout 150 python3 -m gptoss_serve.kernels.bench --sections moe-launches --quick 2>&1 | grep -v Warning \
+        | tee "$OUT/moe_launches.txt"
+    (export GPTOSS_FUSED_ROUTER_MAX_TOKENS=0; engine_bench "$OUT/engine_no_fused_router.txt")
 fi

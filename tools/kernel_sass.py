@@ -9,6 +9,7 @@ divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image ha
     python3 tools/kernel_sass.py mma             # the tensor-core decode kernel (Gluon) at the 20b w1 shape
     python3 tools/kernel_sass.py fused           # the two-launch matrix-vector kernels (epilogues inside)
     python3 tools/kernel_sass.py wgmma           # the wgmma grouped kernel (Gluon) at the 20b w1 and w2 shapes
+    python3 tools/kernel_sass.py router          # the fused norm + router + top-k kernel at 20b and 120b
 """
 from __future__ import annotations
 
@@ -27,17 +28,18 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 def compile_offline(kernel, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1,
                     capability: int = 90):
-    """kernel: a @triton.jit or @gluon.jit function; args: name -> a pointer type string ('*bf16', '*u8', ...)
-    or an int; constexprs: name -> value."""
+    """kernel: a @triton.jit or @gluon.jit function; args: name -> a pointer type string ('*bf16', '*u8', ...),
+    a scalar type string ('fp32') or an int; constexprs: name -> value."""
     signature, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
         value = args[name]
-        if isinstance(value, str):
+        if isinstance(value, str):  # a pointer ('*bf16', 16-byte aligned) or a scalar type ('fp32')
             signature[name] = value
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if value.startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif value == 1:
             signature[name] = "constexpr"
             consts[name] = 1
@@ -188,6 +190,18 @@ def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=F
     return compile_offline(_moe_mma_kernel, args, const, num_warps=num_warps)
 
 
+def router(num_experts: int, experts_per_program: int = 8):
+    from gptoss_serve.kernels.moe_router import _norm_logits_kernel
+
+    args = {name: "*bf16" for name in ("h_ptr", "residual_ptr", "gate_w_ptr", "gate_b_ptr", "normed_ptr",
+                                        "residual_out_ptr", "logits_ptr")}
+    args.update(norm_scale_ptr="*fp32", num_experts=num_experts, stride_h=2880, stride_residual=2880,
+                stride_normed=2880, stride_residual_out=2880, stride_gate=2880, stride_logits=num_experts,
+                eps="fp32")
+    const = dict(HIDDEN=2880, BLOCK_HIDDEN=4096, EXPERTS_PER_PROGRAM=experts_per_program, EMULATE_BF16=False)
+    return compile_offline(_norm_logits_kernel, args, const, num_warps=8)
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "gemv"
     if which == "gemv":
@@ -218,6 +232,9 @@ if __name__ == "__main__":
         report("wgmma 20b w2 (bias, routing weight), 128 pairs x 64 rows", wgmma_20b_w1(128, 1, swiglu=False), 16)
         report("wgmma 20b w1, 64 x 64, not pipelined (the reference)", wgmma_20b_w1(PIPELINED=False), 16)
         report("wgmma 20b w1 + SwiGLU, 128 pairs x 256 rows, 8 warps", wgmma_20b_w1(128, 2, num_warps=8), 32)
+    elif which == "router":
+        for experts_per_program in (4, 8, 16):
+            report(f"norm + router logits, 20b, {experts_per_program} experts a program", router(32, experts_per_program))
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):
