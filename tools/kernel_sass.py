@@ -9,7 +9,8 @@ divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image ha
     python3 tools/kernel_sass.py mma             # the tensor-core decode kernel (Gluon) at the 20b w1 shape
     python3 tools/kernel_sass.py fused           # the two-launch matrix-vector kernels (epilogues inside)
     python3 tools/kernel_sass.py wgmma           # the wgmma grouped kernel (Gluon) at the 20b w1 and w2 shapes
-    python3 tools/kernel_sass.py router          # the fused norm + router + top-k kernel at 20b and 120b
+    python3 tools/kernel_sass.py router          # the fused norm + router logits kernel at 20b
+    python3 tools/kernel_sass.py front           # the fused norm + qkv + rope + cache write kernel at 20b
 """
 from __future__ import annotations
 
@@ -202,6 +203,20 @@ def router(num_experts: int, experts_per_program: int = 8):
     return compile_offline(_norm_logits_kernel, args, const, num_warps=8)
 
 
+def attention_front(block_m: int = 16, num_stages: int = 3, has_residual: bool = True):
+    from gptoss_serve.kernels.attention_front import BLOCK_K, ROWS, _norm_qkv_rope_kernel
+
+    args = {name: "*bf16" for name in ("h_ptr", "residual_ptr", "w_ptr", "b_ptr", "q_out_ptr", "residual_out_ptr",
+                                        "k_cache_ptr", "v_cache_ptr")}
+    args.update(norm_scale_ptr="*fp32", positions_ptr="*i64", inv_freq_ptr="*fp32", slots_ptr="*i64",
+                num_tokens="i32", num_q_heads=64, num_kv_heads=8, stride_h=2880, stride_residual=2880,
+                stride_residual_out=2880, stride_w=2880, stride_cache_block=16 * 8 * 64, stride_cache_slot=8 * 64,
+                stride_cache_head=64, block_size=16, eps="fp32", concentration="fp32")
+    const = dict(HIDDEN=2880, HEAD_DIM=64, ROWS=ROWS, BLOCK_M=block_m, BLOCK_K=BLOCK_K, HAS_RESIDUAL=has_residual,
+                 EMULATE_BF16=False)
+    return compile_offline(_norm_qkv_rope_kernel, args, const, num_warps=4, num_stages=num_stages)
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "gemv"
     if which == "gemv":
@@ -235,6 +250,10 @@ if __name__ == "__main__":
     elif which == "router":
         for experts_per_program in (4, 8, 16):
             report(f"norm + router logits, 20b, {experts_per_program} experts a program", router(32, experts_per_program))
+    elif which == "front":
+        for block_m, stages in ((16, 3), (16, 4), (64, 3)):
+            report(f"norm + qkv + rope + cache, {block_m}-token blocks, {stages} stages",
+                   attention_front(block_m, stages))
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):
