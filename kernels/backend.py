@@ -11,11 +11,11 @@ from typing import Callable
 
 import torch
 
+from gptoss_serve.kernels.attention_front_ref import norm_qkv_rope_ref
 from gptoss_serve.kernels.attention_ref import paged_attention_ref
 from gptoss_serve.kernels.moe_ref import moe_experts_ref
 from gptoss_serve.kernels.moe_router_ref import norm_and_route_ref
 from gptoss_serve.kernels.rmsnorm_ref import rmsnorm_ref
-from gptoss_serve.kernels.rope_ref import rope_and_cache_write_ref
 
 
 class TorchKernels:
@@ -24,7 +24,7 @@ class TorchKernels:
     name = "torch"
 
     rmsnorm = staticmethod(rmsnorm_ref)
-    rope_and_cache_write = staticmethod(rope_and_cache_write_ref)
+    norm_qkv_rope = staticmethod(norm_qkv_rope_ref)
     paged_attention = staticmethod(paged_attention_ref)
     norm_and_route = staticmethod(norm_and_route_ref)
     moe_experts = staticmethod(moe_experts_ref)

@@ -11,6 +11,7 @@ import weakref
 import torch
 
 from gptoss_serve.kernels.attention_decode import paged_attention_decode
+from gptoss_serve.kernels.attention_front import norm_qkv_rope
 from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
 from gptoss_serve.kernels.backend import register_backend
 from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, merge_nibbles, moe_experts, split_nibbles,
@@ -18,7 +19,6 @@ from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, merge_nibbles, moe_
 from gptoss_serve.kernels.moe_router import norm_and_route
 from gptoss_serve.kernels.moe_wgmma import scales_fit_f16
 from gptoss_serve.kernels.rmsnorm import rmsnorm
-from gptoss_serve.kernels.rope import rope_and_cache_write
 
 
 def paged_attention(
@@ -47,7 +47,7 @@ class TritonKernels:
     name = "triton"
 
     rmsnorm = staticmethod(rmsnorm)
-    rope_and_cache_write = staticmethod(rope_and_cache_write)
+    norm_qkv_rope = staticmethod(norm_qkv_rope)
     paged_attention = staticmethod(paged_attention)
     norm_and_route = staticmethod(norm_and_route)
 

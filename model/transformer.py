@@ -2,7 +2,8 @@
 
 Module names equal the original checkpoint's tensor names (`block.3.mlp.mlp1_weight.blocks`, ...), so loading
 is one copy per name. Each block is pre-norm: x += Attn(RMSNorm(x)), then x += MoE(RMSNorm(x)); the residual
-add is fused into the next norm, and the MoE sub-block's norm into its routing (kernels.norm_and_route).
+add is fused into the next norm, the attention sub-block's norm into its qkv projection and RoPE
+(kernels.norm_qkv_rope), and the MoE sub-block's norm into its routing (kernels.norm_and_route).
 """
 
 from __future__ import annotations
@@ -46,22 +47,22 @@ class AttentionBlock(nn.Module):
         self.sinks = nn.Parameter(torch.empty(self.num_q_heads, dtype=torch.float32))
         self.out = nn.Linear(q_size, config.hidden_size, bias=True, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                rope: tuple[torch.Tensor, float], kernels) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        qkv = self.qkv(x)  # [num_tokens, (q_heads + 2 * kv_heads) * head_dim]
-        q_size, kv_size = self.num_q_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q = qkv[:, :q_size].view(num_tokens, self.num_q_heads, self.head_dim)
-        k = qkv[:, q_size:q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = qkv[:, q_size + kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, eps: float, batch: ForwardBatch,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, rope: tuple[torch.Tensor, float],
+                kernels) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the previous sub-block's output (the embeddings in layer 0), residual: the stream before it (None in
+        layer 0), both [num_tokens, hidden]. Writes this step's k and v to the caches. Returns (this rank's share
+        of the attention output, the new residual stream h + residual)."""
+        num_tokens = h.shape[0]
         inv_freq, concentration = rope
         block_tables, slot_mapping = batch.cache_tables(sliding=self.sliding_window > 0)
-        q, _ = kernels.rope_and_cache_write(
-            q, k, v, batch.positions, inv_freq, concentration, k_cache, v_cache, slot_mapping)
+        q, residual = kernels.norm_qkv_rope(  # q [num_tokens, q_heads, head_dim], rotated
+            h, residual, self.norm.scale, eps, self.qkv.weight, self.qkv.bias, self.num_q_heads, self.num_kv_heads,
+            batch.positions, inv_freq, concentration, k_cache, v_cache, slot_mapping)
         attn = kernels.paged_attention(
             q, k_cache, v_cache, block_tables, batch.cu_seqlens_q, batch.context_lens, self.sinks,
             self.sm_scale, self.sliding_window)  # [num_tokens, q_heads, head_dim]
-        return self.out(attn.reshape(num_tokens, q_size))
+        return self.out(attn.reshape(num_tokens, self.num_q_heads * self.head_dim)), residual
 
 
 class MLPBlock(nn.Module):
@@ -146,9 +147,8 @@ class GptOssModel(nn.Module):
         counted = (batch.slot_mapping >= 0).long() if self.expert_token_counts is not None else None
         residual = None
         for n, block in enumerate(self.block):
-            x, residual = self.kernels.rmsnorm(h, block.attn.norm.scale, eps, residual)
-            h = all_reduce(block.attn(x, batch, kv_cache.k[n], kv_cache.v[n], rope, self.kernels), self.groups.attn,
-                           self.groups.fast_attn)
+            h, residual = block.attn(h, residual, eps, batch, kv_cache.k[n], kv_cache.v[n], rope, self.kernels)
+            h = all_reduce(h, self.groups.attn, self.groups.fast_attn)
             h, residual = block.mlp(h, residual, eps, self.kernels, counted)  # the norm is fused into routing
             h = all_reduce(h, self.groups.world, self.groups.fast_world)
         h = h[batch.logits_indices]
