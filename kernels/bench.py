@@ -481,6 +481,46 @@ def bench_router(ceil: dict, token_counts: list[int], expert_counts: list[int]) 
     return rows
 
 
+def bench_attention_front(ceil: dict, token_counts: list[int]) -> list[dict]:
+    """The attention sub-block's front (residual add, RMSNorm, qkv projection, RoPE, k and v to the paged cache) at
+    the 20b shape: the fused kernel (attention_front.norm_qkv_rope, at every size even where the model would not
+    take it), and the composed path (rmsnorm kernel, cuBLAS, rope_and_cache_write kernel) in the torch column;
+    over NUM_COPIES layers' qkv weights and caches in one graph."""
+    from gptoss_serve.kernels.attention_front import FUSED_MAX_TOKENS, norm_qkv_rope
+
+    hidden, hq, hkv, d = (GPT_OSS[key] for key in ("hidden", "num_q_heads", "num_kv_heads", "head_dim"))
+    num_rows, block_size = (hq + 2 * hkv) * d, 16
+    num_blocks = max(token_counts) // block_size + 1
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers = [((torch.randn(num_rows, hidden, device="cuda", generator=gen) / hidden ** 0.5).to(torch.bfloat16),
+               (0.1 * torch.randn(num_rows, device="cuda", generator=gen)).to(torch.bfloat16),
+               torch.randn(num_blocks, block_size, hkv, d, device="cuda", generator=gen).to(torch.bfloat16),
+               torch.randn(num_blocks, block_size, hkv, d, device="cuda", generator=gen).to(torch.bfloat16))
+              for _ in range(NUM_COPIES)]  # (qkv weight, qkv bias, k cache, v cache) a layer
+    scale = torch.rand(hidden, device="cuda", generator=gen) + 0.5
+    inv_freq = 150000.0 ** -(torch.arange(0, d, 2, device="cuda") / d)  # [head_dim // 2]: any angles will do
+    rows = []
+    for num_tokens in token_counts:
+        h, residual = (torch.randn(num_tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
+                       for _ in range(2))
+        positions = 1000 + torch.arange(num_tokens, device="cuda")
+        slots = torch.randperm(num_blocks * block_size, device="cuda", generator=gen)[:num_tokens]
+        # qkv weight and bias; h and residual in, the new residual and q out, k and v to the cache
+        nbytes = num_rows * (hidden + 1) * 2 + 3 * num_tokens * hidden * 2 + num_tokens * num_rows * 2
+
+        def run(max_fused_tokens):
+            return lambda: [norm_qkv_rope(h, residual, scale, 1e-5, w, b, hq, hkv, positions, inv_freq, 1.0, kc, vc,
+                                          slots, max_fused_tokens=max_fused_tokens) for w, b, kc, vc in layers]
+
+        composed_ms = _bench(run(0)) / NUM_COPIES
+        ms = _bench(run(num_tokens)) / NUM_COPIES
+        label = "default" if num_tokens <= FUSED_MAX_TOKENS else "not the default"
+        rows.append(dict(op=f"norm + qkv + rope + cache 20b (fused, {label})", shape=f"{num_tokens} tok", ms=ms,
+                         gbs=nbytes / ms / 1e6, torch_ms=composed_ms,
+                         torch_path="rmsnorm + cuBLAS + rope_and_cache_write (composed)"))
+    return rows
+
+
 def format_table(ceil: dict, rows: list[dict]) -> str:
     lines = [f"HBM copy bandwidth (read + write): {ceil['copy_gbs']:.0f} GB/s; "
              f"bf16 matmul 8192^3: {ceil['bf16_tflops']:.0f} TFLOP/s", "",
@@ -501,9 +541,10 @@ def format_table(ceil: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gptoss-serve bench kernels", description=__doc__)
-    parser.add_argument("--sections", default="moe,decode,prefill,norm,router",
+    parser.add_argument("--sections", default="moe,decode,prefill,norm,router,attention-front",
                         help="comma-separated: moe, decode, prefill, norm, router (the fused norm + routing "
-                             "against the composed path), moe-paths (split-K vs grouped MoE), "
+                             "against the composed path), attention-front (the fused norm + qkv + RoPE + cache "
+                             "write against the composed path), moe-paths (split-K vs grouped MoE), "
                              "moe-launches (one MoE layer's time per kernel, and the read floor)")
     parser.add_argument("--sweep", action="store_true", help="moe-paths: also sweep split-K variants")
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
@@ -537,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_norm_rope(ceil)
     if "router" in sections:
         rows += bench_router(ceil, [1, 64] if args.quick else [1, 8, 64, 256], [32, 128])
+    if "attention-front" in sections:
+        rows += bench_attention_front(ceil, [1, 64] if args.quick else [1, 8, 64])
     if sections - {"moe-paths", "moe-launches"}:
         print(format_table(ceil, rows))
     if args.json:
