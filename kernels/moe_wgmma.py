@@ -52,14 +52,21 @@ from gptoss_serve.kernels.triton_utils import launch
 
 F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value is an exact f16
 # PIPELINED False: plain loads into one shared slot and a waited wgmma each step (slow; a reference for the ring).
-# COPY_AHEAD: steps of copies in flight (None: STAGES - 2; at most STAGES - 1).
+# COPY_AHEAD: K blocks of copies in flight (None: STAGES - KB_PER_STEP - 1; from KB_PER_STEP to STAGES -
+# KB_PER_STEP, since a step copies into the slots that the previous step freed).
 # Each step's wgmma is waited for before the next step's dequantization: leaving one in flight (as first built)
 # gave wrong sums at most tiles on an H200 (2026-12-04, tools/moe_wgmma_check.py: nan or 20-30% error at 16-pair
 # and 128-pair row blocks, runs differing; copies fewer steps ahead did not help, waiting at once did at every
 # tile). The loop writes the A operand into the same registers every step, so the next step's dequantization
 # overwrote the registers of the wgmma still reading them. Waiting cost 0-4% (120b 4096 tokens, 128 x 128 tiles:
 # 3324 -> 3442 us).
-DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=8, PIPELINED=True, COPY_AHEAD=None)
+# KB_PER_STEP: at most this many K blocks a step (the largest count that divides the weight's K blocks), between
+# two barriers: each block's wgmma stays in flight while the next block is dequantized into registers of its own,
+# and the step ends with one wait. 1 when unpipelined.
+# Three K blocks a step beat one at every size timed (H200, 2026-12-06: e.g. 120b 4096 tokens, 128 pairs x 128
+# rows, 3595 -> 3163 us; 20b 64 tokens, 16 x 128, 287.5 -> 219.0 us).
+DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=9, PIPELINED=True, COPY_AHEAD=None,
+                            KB_PER_STEP=3)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -110,7 +117,7 @@ def _moe_wgmma_kernel(
     SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
-    COPY_AHEAD: gl.constexpr,
+    COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr,
 ):
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
@@ -159,37 +166,42 @@ def _moe_wgmma_kernel(
     a_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, 32], B_SMEM)
     w_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, ROWS, 16], PLAIN)
     if PIPELINED:
-        for st in gl.static_range(COPY_AHEAD):  # steps 0 .. COPY_AHEAD - 1 in flight before the loop
+        for st in gl.static_range(COPY_AHEAD):  # blocks 0 .. COPY_AHEAD - 1 in flight before the loop
             _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, st, st < NUM_KB, TILE_N)
-    # Scale bytes of each thread's rows, a step ahead (a row's 90 bytes share a few sectors: mostly L1 hits).
+    # Scale bytes of each thread's rows (a row's 90 bytes share a few sectors: mostly L1 hits).
     n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, WORD_LAYOUT))
     s_tile = scales_ptr + expert.to(gl.int64) * stride_s_expert + n_w.to(gl.int64) * stride_s_row
     in_n = n_w < N
-    scale = gl.load(s_tile, mask=in_n, other=0)
     acc = gl.zeros([ROWS, BLOCK_T], gl.float32, mma)
-    for kb in range(NUM_KB):
+    for step in range(NUM_KB // KB_PER_STEP):
+        kb = step * KB_PER_STEP
+        scales = ()  # the step's scale bytes, loaded while this thread waits for the copies
+        for j in gl.static_range(KB_PER_STEP):
+            scales = scales + (gl.load(s_tile + (kb + j), mask=in_n, other=0),)
         if PIPELINED:
-            async_copy.wait_group(COPY_AHEAD - 1)  # this thread's copies of step kb have landed
+            async_copy.wait_group(COPY_AHEAD - KB_PER_STEP)  # this thread's copies of the step's blocks landed
             fence_async_shared()
-            _barrier()  # everyone's; and every warp is past its wait for the wgmma of step kb - 1
-            nxt = kb + COPY_AHEAD
-            _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, nxt, nxt < NUM_KB, TILE_N)  # a free slot
-            slot = kb % STAGES
+            _barrier()  # everyone's; and every warp is past its wait for the previous step's wgmmas
+            for j in gl.static_range(KB_PER_STEP):  # into the slots the previous step freed
+                nxt = kb + COPY_AHEAD + j
+                _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, nxt, nxt < NUM_KB, TILE_N)
         else:  # plain loads and stores into one slot, the wgmma waited for: to tell a fault of the ring apart
-            slot = 0
             a_smem.index(0).store(gl.load(a_tile + kb * 32, mask=a_mask, other=0.0))
             w_smem.index(0).store(gl.load(w_tile + kb * (16 * TILE_N), mask=w_mask, other=0))
             fence_async_shared()
             _barrier()
-        next_scale = gl.load(s_tile + (kb + 1), mask=in_n & (kb + 1 < NUM_KB), other=0)
-        w = _a_operand(w_smem.index(slot).load(WORD_LAYOUT), scale, WORD_LAYOUT, A_L, ROWS)
-        if PIPELINED:  # the copies of later steps stay in flight; this step's wgmma ends before w is rewritten
+        # The step's blocks one after another, each wgmma left in flight while the next block is dequantized:
+        # every block's A operand is a value of its own, kept alive (deps) until the step's one wait.
+        operands = ()
+        for j in gl.static_range(KB_PER_STEP):
+            slot = (kb + j) % STAGES if PIPELINED else 0
+            w = _a_operand(w_smem.index(slot).load(WORD_LAYOUT), scales[j], WORD_LAYOUT, A_L, ROWS)
             acc = warpgroup_mma(w, a_smem.index(slot).permute((1, 0)), acc, is_async=True)
-            acc, w = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w))
-        else:
-            acc = warpgroup_mma(w, a_smem.index(0).permute((1, 0)), acc)
+            operands = operands + (w,)
+        waited = warpgroup_mma_wait(num_outstanding=0, deps=(acc,) + operands)
+        acc = waited[0]
+        if not PIPELINED:
             _barrier()  # every warp's wgmma has read the slot before the next step writes it
-        scale = next_scale
     if PIPELINED:
         async_copy.wait_group(0)
         # Every thread's copies (the zero-filled ones past the last step too) have landed before any thread's
@@ -315,10 +327,13 @@ def moe_wgmma(
         raise ValueError("activations must be to_f16_slots' [rows, K] f16, K matching the weights")
     if n_rows % tile_n or groups.block_m > config["BLOCK_T"]:
         raise ValueError(f"{n_rows} weight rows must be whole tiles of {tile_n}, row blocks at most BLOCK_T")
-    ahead = config["STAGES"] - 2 if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
-    if config["PIPELINED"] and not 1 <= ahead <= config["STAGES"] - 1:
-        raise ValueError(f"the wgmma kernel's ring of {config['STAGES']} slots holds 1 to STAGES - 1 steps of copies"
-                         f" ahead, not {ahead}")
+    stages = config["STAGES"]
+    per_step = max(d for d in range(1, config["KB_PER_STEP"] + 1) if num_k_blocks % d == 0) \
+        if config["PIPELINED"] else 1
+    ahead = stages - per_step - 1 if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
+    if config["PIPELINED"] and not per_step <= ahead <= stages - per_step:
+        raise ValueError(f"the wgmma kernel's ring of {stages} slots holds KB_PER_STEP to STAGES - KB_PER_STEP "
+                         f"blocks of copies ahead ({per_step} a step), not {ahead}")
     if not scales_fit_f16(scales):
         raise ValueError(f"the wgmma MoE kernel scales in f16: scale bytes must lie in {F16_SCALE_RANGE}")
     num_warps, m_reps, block_t = config["num_warps"], config["M_REPS"], config["BLOCK_T"]
@@ -335,8 +350,8 @@ def moe_wgmma(
         float(swiglu[0]) if swiglu else 0.0, float(swiglu[1]) if swiglu else 0.0,
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None, TILE_N=tile_n,
         NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
-        BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=config["STAGES"],
-        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, num_warps=num_warps)
+        BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages,
+        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, num_warps=num_warps)
 
 
 def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,

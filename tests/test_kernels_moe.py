@@ -617,7 +617,7 @@ def test_moe_wgmma_refuses_cpu_tensors_other_layouts_and_wide_scales():
 
     args = make_moe(2, 8, 64, 64, 4, 0, 8, True, seed=76, device="cpu")
     x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
-    config = dict(kernel="wgmma", BLOCK_T=16)
+    config = dict(kernel="wgmma", BLOCK_T=16, KB_PER_STEP=1)
     with pytest.raises(ValueError, match="split-nibble layout"):
         moe_experts(*args, config=config)
     served = [x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first]
@@ -629,10 +629,12 @@ def test_moe_wgmma_refuses_cpu_tensors_other_layouts_and_wide_scales():
             moe_experts(*cuda, config=dict(config, STAGES=2), split_nibbles=True)
         with pytest.raises(ValueError, match="not 8"):  # would overwrite the slot of the step being read
             moe_experts(*cuda, config=dict(config, STAGES=8, COPY_AHEAD=8), split_nibbles=True)
+        with pytest.raises(ValueError, match="2 a step"):  # 2 K blocks a step (of 2), copies 1 ahead: too few
+            moe_experts(*cuda, config=dict(config, STAGES=8, COPY_AHEAD=1, KB_PER_STEP=3), split_nibbles=True)
     assert scales_fit_f16(w1s) and not scales_fit_f16(torch.full((2, 3), 137, dtype=torch.uint8))
 
 
-def test_wgmma_kernel_takes_prefill_steps_of_32_to_256_pairs_an_expert_on_gpus_only(monkeypatch):
+def test_wgmma_kernel_takes_steps_of_9_tokens_to_256_pairs_an_expert_on_gpus_only(monkeypatch):
     import gptoss_serve.kernels.moe_matmul as mm
 
     scales = torch.full((2, 4, 3), 120, dtype=torch.uint8)
@@ -640,8 +642,12 @@ def test_wgmma_kernel_takes_prefill_steps_of_32_to_256_pairs_an_expert_on_gpus_o
     assert mm.wgmma_config(512, 4, 32, **gpu)["BLOCK_T"] == 64  # 20b, 64 pairs an expert
     assert mm.wgmma_config(4096, 4, 128, **gpu)["BLOCK_T"] == 128  # 120b, 128 pairs an expert
     assert mm.wgmma_config(4096, 4, 128, **gpu)["M_REPS"] == 2  # 128 weight rows a program
-    assert mm.wgmma_config(512, 4, 128, **gpu) is None  # 120b, 16 pairs an expert: the grouped kernel won
-    assert mm.wgmma_config(64, 4, 32, **gpu) is None  # 20b, 8 pairs an expert
+    assert mm.wgmma_config(4096, 4, 128, **gpu)["KB_PER_STEP"] == 3
+    decode = mm.wgmma_config(64, 4, 32, **gpu)  # 20b, 8 pairs an expert: row blocks of 16
+    assert (decode["BLOCK_T"], decode["M_REPS"], decode["STAGES"], decode["KB_PER_STEP"]) == (16, 2, 12, 3)
+    assert mm.wgmma_config(512, 4, 128, **gpu)["BLOCK_T"] == 16  # 120b, 16 pairs an expert
+    assert mm.wgmma_config(9, 4, 128, **gpu)["BLOCK_T"] == 16  # the first step past the tensor-core decode kernel
+    assert mm.wgmma_config(8, 4, 32, **gpu) is None  # the tensor-core decode kernel's
     assert mm.wgmma_config(2048, 4, 32, **gpu)["BLOCK_T"] == 128  # 20b, 256 pairs an expert
     assert mm.wgmma_config(4096, 4, 32, **gpu) is None  # 20b, 512 pairs an expert: the grouped kernel won
     assert mm.wgmma_config(2048, 4, 32, **dict(gpu, on_gpu=False)) is None
@@ -670,11 +676,13 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
     layout = dict(split_nibbles=True, tile_n=tile)
     ref = moe_experts_ref(*args) if num_tokens <= 512 else None  # the twin at 4096 tokens is slow
     grouped = moe_experts(*served, **layout)
-    for block_t, m_reps, stages, pipelined, warps in ((64, 1, 8, False, 4), (64, 1, 8, True, 4), (128, 2, 4, True, 4),
-                                                      (16, 1, 8, True, 4), (128, 1, 8, True, 8)):
-        # unpipelined first: the reference for the ring; 8 warps: two warpgroups
+    for block_t, m_reps, stages, pipelined, warps, per_step in (
+            (64, 1, 8, False, 4, 1), (64, 1, 8, True, 4, 1), (128, 2, 4, True, 4, 1), (16, 1, 8, True, 4, 1),
+            (128, 1, 8, True, 8, 1), (16, 2, 8, True, 4, 2), (128, 2, 9, True, 4, 3), (16, 2, 12, True, 4, 4)):
+        # unpipelined first: the reference for the ring; 8 warps: two warpgroups; several K blocks a step (at most
+        # 4: 3 of 90 or 45 blocks, 1 of 5)
         config = dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, PIPELINED=pipelined,
-                      num_warps=warps)
+                      num_warps=warps, KB_PER_STEP=per_step)
         out = moe_experts(*served, config=config, **layout)
         if ref is not None:
             assert rel_err(out, ref) < 1e-2, config
