@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Four device calls (each under the 10-minute limit of one) that check and time what the kernels issue asks on an
+# Device calls (each under the 10-minute limit of one) that check and time what the kernels issue asks on an
 # H200; results land in $OUT:
 #   bash tools/gpu_check.sh 1    the GPU tests of the kernels and the engine (real 20b/120b shapes, CUDA graphs
 #                                against eager), the MoE rows of the kernel bench (1-4096 tokens, % of the copy
@@ -14,6 +14,11 @@
 #   bash tools/gpu_check.sh 4    the fused norm + routing kernel's tests and bench rows (against the composed path
 #                                it replaces), one MoE layer launch by launch, then part 2's engine run with the
 #                                fused kernel off (GPTOSS_FUSED_ROUTER_MAX_TOKENS=0), against part 2's default run
+#   bash tools/gpu_check.sh 5    the GPU tests of every kernel and of the engine (the fused routing and attention
+#                                front on by default), the wgmma kernel's K blocks a step from 8 to 4096 tokens
+#                                against the default paths, and the fused routing kernel's bench rows
+#   bash tools/gpu_check.sh 6    the kernel bench's MoE, router and attention-front rows, then the 20b engine with
+#                                the defaults and with the fused routing and attention front off
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -43,6 +48,19 @@ elif [ "$PART" = 3 ]; then
     timeout 200 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x2,32x4,32x8,128x8 2>&1 | grep -v Warning \
         | tee "$OUT/decode_sweep.txt"
     (export GPTOSS_WGMMA_MOE=0; engine_bench "$OUT/engine_no_wgmma.txt")
+elif [ "$PART" = 5 ]; then
+    timeout 230 python3 -m pytest -m gpu -q -p no:cacheprovider $(ls tests/test_kernels_*.py) \
+        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_full.txt" 2>&1; tail -30 "$OUT/tests_full.txt"
+    timeout 220 python3 tools/moe_mma_sweep.py --cases 32x64,128x4096,32x16,128x64,32x8 2>&1 \
+        | grep -v Warning | tee "$OUT/wgmma_sweep.txt"
+    timeout 50 python3 -m gptoss_serve.kernels.bench --sections router --json "$OUT/bench_router.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/bench_router.txt"
+elif [ "$PART" = 6 ]; then
+    timeout 150 python3 -m gptoss_serve.kernels.bench --sections moe,router,attention-front \
+        --json "$OUT/bench.json" 2>&1 | grep -v Warning | tee "$OUT/bench.txt"
+    engine_bench "$OUT/engine.txt"
+    (export GPTOSS_FUSED_ROUTER_MAX_TOKENS=0 GPTOSS_FUSED_ATTN_FRONT_MAX_TOKENS=0
+     engine_bench "$OUT/engine_unfused.txt")
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

@@ -14,7 +14,7 @@ import itertools
 import torch
 
 from gptoss_serve.kernels import bench as kb
-from gptoss_serve.kernels.moe_matmul import merge_nibbles, moe_experts, untile_rows
+from gptoss_serve.kernels.moe_matmul import _tile_config, merge_nibbles, moe_experts, untile_rows
 from gptoss_serve.kernels.moe_gemv_fused import DEFAULT_GEMV_FUSED_CONFIG
 from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
 from gptoss_serve.kernels.moe_ref import moe_experts_ref
@@ -22,6 +22,9 @@ from gptoss_serve.kernels.moe_ref import moe_experts_ref
 parser = argparse.ArgumentParser()
 parser.add_argument("--cases", default="32x1,128x1,32x2,128x2,32x4,128x4,32x8,128x8,32x16,32x32,32x64,128x64")
 parser.add_argument("--configs", default="default", help="default: a few variants; all: the tile sweep")
+parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of the built-in grid: BLOCK_T:M_REPS:"
+                    "STAGES:KB_PER_STEP (4 warps), comma-separated; with it, steps of more than 8 tokens also time "
+                    "the grouped kernel (its heuristic tiles) and skip the tensor-core decode kernel")
 args = parser.parse_args()
 
 ceil = kb.measure_ceilings()
@@ -65,16 +68,25 @@ def fused_variants(num_tokens: int) -> list[tuple[str, dict]]:
             for rows, w2_rows, warps, unroll, stages, w2_kb, w2_warps in grid]
 
 
-def wgmma_variants(num_tokens: int) -> list[tuple[str, dict]]:
+def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
     """(label, config) of the wgmma kernel: pairs a row block (BLOCK_T), 64-row repetitions a warpgroup, ring
-    stages, warps (4: one warpgroup, 8: two)."""
-    if num_tokens < 16:
+    stages, warps (4: one warpgroup, 8: two), K blocks a step (at most; 3 of 20b's 90)."""
+    if num_tokens < 8:
         return []
-    grid = [(16, 1, 8, 4), (16, 2, 8, 4), (32, 2, 8, 4), (64, 1, 8, 4), (16, 1, 8, 8)] if num_tokens <= 64 else \
-        [(64, 1, 8, 4), (64, 2, 8, 4), (128, 1, 8, 4), (128, 2, 4, 4), (128, 2, 8, 4), (128, 1, 8, 8), (128, 2, 4, 8)]
-    return [(f"wgmma T={block_t} rows={16 * warps * m_reps} stages={stages} w={warps}",
-             dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, num_warps=warps))
-            for block_t, m_reps, stages, warps in grid]
+    if args.wgmma:
+        tiles = [tuple(int(v) for v in tile.split(":")) for tile in args.wgmma.split(",")]
+        grouped = [("grouped, heuristic tiles", _tile_config(num_tokens, num_tokens * 4, num_experts))] if num_tokens > 8 else []
+        return grouped + [(f"wgmma T={t} rows={64 * m} stages={st} kb/step<={kb}",
+                           dict(kernel="wgmma", BLOCK_T=t, M_REPS=m, STAGES=st, num_warps=4, KB_PER_STEP=kb))
+                          for t, m, st, kb in tiles]
+    grid = [(16, 1, 8, 4, 1), (16, 2, 8, 4, 1), (16, 2, 8, 4, 2), (16, 2, 12, 4, 3), (16, 4, 12, 4, 3),
+            (32, 2, 12, 4, 3), (16, 1, 8, 8, 1), (16, 1, 12, 8, 3)] if num_tokens <= 64 else \
+        [(64, 1, 8, 4, 1), (64, 2, 8, 4, 1), (64, 2, 8, 4, 2), (64, 2, 9, 4, 3), (128, 1, 8, 4, 1), (128, 2, 8, 4, 1),
+         (128, 2, 8, 4, 2), (128, 2, 9, 4, 3), (128, 1, 8, 8, 1), (128, 1, 9, 8, 3)]
+    return [(f"wgmma T={block_t} rows={16 * warps * m_reps} stages={stages} w={warps} kb/step<={per_step}",
+             dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, num_warps=warps,
+                  KB_PER_STEP=per_step))
+            for block_t, m_reps, stages, warps, per_step in grid]
 
 
 seen_models = set()
@@ -97,8 +109,8 @@ for case in args.cases.split(","):
                                merge_nibbles(untile_rows(w2b, tile)), w2s, b2, 1.702, 7.0)
     else:
         twin = None
-    variants = fused_variants(num_tokens) + wgmma_variants(num_tokens) + (
-        mma_variants(num_tokens) if num_tokens <= 64 else [])
+    variants = fused_variants(num_tokens) + wgmma_variants(num_tokens, num_experts) + (
+        mma_variants(num_tokens) if num_tokens <= (8 if args.wgmma else 64) else [])
     for label, config in [("default", None)] + variants:
         try:
             ms, err = kb.time_variant(run, layers, config, ref)
