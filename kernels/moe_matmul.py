@@ -758,16 +758,18 @@ GEMV_EXPERTS_PER_PAIR = 4
 # the combine inside): the same sums (bit for bit under the interpreter); off until timed (tools/gpu_check.sh).
 # GPTOSS_GEMV_FUSED_DECODE=1 turns it on for a process (an engine A/B run).
 GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
-# Steps of WGMMA_MIN_PAIRS_PER_EXPERT to WGMMA_MAX_PAIRS_PER_EXPERT (token, slot) pairs an expert on the wgmma
-# kernel (kernels/moe_wgmma.py, Gluon, Hopper) where the layer's scale bytes allow its f16 scaling;
+# Steps of more than MMA_MAX_TOKENS tokens and up to WGMMA_MAX_PAIRS_PER_EXPERT (token, slot) pairs an expert on
+# the wgmma kernel (kernels/moe_wgmma.py, Gluon, Hopper) where the layer's scale bytes allow its f16 scaling;
 # GPTOSS_WGMMA_MOE=0 turns it off for a process. H200, 2026-12-04 (tools/moe_wgmma_check.py, docs/PERFORMANCE.md),
-# µs against the grouped kernel, 128 weight rows a program: 64-pair row blocks at 32 and 64 pairs an expert (20b
-# 256 tokens 370.5 -> 336.1, 512 tokens 541.0 -> 490.1; 120b 1024 tokens 1532.9 -> 1393.5, 2048 tokens 2338.8 ->
-# 2111.3), 128-pair blocks at 128 and 256 (20b 1024 tokens 895.7 -> 751.9, 2048 tokens 1643.2 -> 1324.8; 120b 4096
-# tokens 3961.3 -> 3428.5). It lost at 8 pairs an expert (20b 64 tokens 269.4 -> 293.3) and at 512 (20b 4096
-# tokens 2383.3 -> 2416.1).
+# one K block a step, µs against the grouped kernel, 128 weight rows a program: 64-pair row blocks at 32 and 64
+# pairs an expert (20b 256 tokens 370.5 -> 336.1, 512 tokens 541.0 -> 490.1; 120b 1024 tokens 1532.9 -> 1393.5),
+# 128-pair blocks at 128 and 256 (20b 1024 tokens 895.7 -> 751.9, 2048 tokens 1643.2 -> 1324.8; 120b 4096 tokens
+# 3961.3 -> 3428.5); it lost at 8 pairs an expert (20b 64 tokens 269.4 -> 293.3) and at 512. H200, 2026-12-06
+# (tools/moe_mma_sweep.py): three K blocks a step, and 16-pair row blocks for decode steps (at most
+# WGMMA_DECODE_PAIRS_PER_EXPERT an expert), won at every size timed: 20b 16 tokens 254.0 -> 216.2, 64 tokens
+# 269.0 -> 219.0; 120b 64 tokens 882.4 -> 704.4, 4096 tokens 3575.2 -> 3163.4.
 WGMMA_MOE = os.environ.get("GPTOSS_WGMMA_MOE", "1") == "1"
-WGMMA_MIN_PAIRS_PER_EXPERT, WGMMA_MAX_PAIRS_PER_EXPERT = 32, 256
+WGMMA_DECODE_PAIRS_PER_EXPERT, WGMMA_MAX_PAIRS_PER_EXPERT = 16, 256
 
 
 # Decode steps of MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens go to the tensor-core kernel (kernels/moe_mma.py) on a GPU
@@ -795,17 +797,20 @@ def mma_decode_config(num_tokens: int, top_k: int, num_local_experts: int, on_gp
 
 def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bool, split_nibbles: bool,
                  swizzled: bool, scales: tuple[torch.Tensor, ...]) -> dict | None:
-    """The wgmma kernel's config where it is the default for this step, else None: 64-pair row blocks up to 64
-    pairs an expert, else 128; 128 weight rows a program (4 warps); shapes (and the scales' range) only. The scale check reads each weight's scales
-    once (TritonKernels.prepare_weights does it at load), later calls only look it up."""
+    """The wgmma kernel's config where it is the default for this step, else None: row blocks of 16 pairs up to
+    WGMMA_DECODE_PAIRS_PER_EXPERT pairs an expert, of 64 up to 64, else of 128; 128 weight rows a program (4 warps),
+    three K blocks a step; shapes (and the scales' range) only. The scale check reads each weight's scales once
+    (TritonKernels.prepare_weights does it at load), later calls only look it up."""
     pairs_per_expert = num_tokens * top_k / max(1, num_local_experts)
     if not (WGMMA_MOE and on_gpu and split_nibbles and not swizzled
-            and WGMMA_MIN_PAIRS_PER_EXPERT <= pairs_per_expert <= WGMMA_MAX_PAIRS_PER_EXPERT):
+            and num_tokens > MMA_MAX_TOKENS and pairs_per_expert <= WGMMA_MAX_PAIRS_PER_EXPERT):
         return None
     from gptoss_serve.kernels.moe_wgmma import DEFAULT_WGMMA_CONFIG, scales_fit_f16
 
     if not all(scales_fit_f16(s) for s in scales):
         return None
+    if pairs_per_expert <= WGMMA_DECODE_PAIRS_PER_EXPERT:
+        return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=16, M_REPS=2, STAGES=12)
     return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=64 if pairs_per_expert <= 64 else 128, M_REPS=2)
 
 
