@@ -19,6 +19,10 @@
 #                                against the default paths, and the fused routing kernel's bench rows
 #   bash tools/gpu_check.sh 6    the kernel bench's MoE, router and attention-front rows, then the 20b engine with
 #                                the defaults and with the fused routing and attention front off
+#   bash tools/gpu_check.sh 7    the engine's and the model's GPU tests (triton against torch at the 20b layer
+#                                shapes), the fused fronts' and the wgmma kernel's; the wgmma policy's tiles against
+#                                the grouped kernel from 16 to 4096 tokens; the bench's MoE, router and attention-front
+#                                rows; the 20b engine with the defaults
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -61,6 +65,16 @@ elif [ "$PART" = 6 ]; then
     engine_bench "$OUT/engine.txt"
     (export GPTOSS_FUSED_ROUTER_MAX_TOKENS=0 GPTOSS_FUSED_ATTN_FRONT_MAX_TOKENS=0
      engine_bench "$OUT/engine_unfused.txt")
+elif [ "$PART" = 7 ]; then
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/engine/test_engine_gpu.py \
+        tests/test_kernels_model.py tests/test_kernels_attention_front.py tests/test_kernels_router.py \
+        tests/test_kernels_moe.py -k "engine or model or front or route or wgmma or real_shapes or serving" -rfE \
+        > "$OUT/tests_full.txt" 2>&1; tail -30 "$OUT/tests_full.txt"
+    timeout 130 python3 tools/moe_mma_sweep.py --cases 32x128,128x512,128x16,32x1024,32x4096 \
+        --wgmma 16:2:12:3,16:2:18:6,64:2:9:3,128:2:9:3 2>&1 | grep -v Warning | tee "$OUT/wgmma_sweep.txt"
+    timeout 100 python3 -m gptoss_serve.kernels.bench --sections moe,attention-front \
+        --json "$OUT/bench.json" 2>&1 | grep -v Warning | tee "$OUT/bench.txt"
+    engine_bench "$OUT/engine.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
