@@ -37,10 +37,12 @@ from gptoss_serve.kernels.rope import rope_and_cache_write
 from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2
 
 # Steps of up to this many tokens (one block of them) take the fused kernel; GPTOSS_FUSED_ATTN_FRONT_MAX_TOKENS
-# sets it for a process, 0 turns the kernel off. Not yet timed on a GPU against the composed path (`python3 -m
-# gptoss_serve.kernels.bench --sections attention-front` measures both; tools/gpu_check.sh 6 runs that and the
-# engine with it off).
-FUSED_MAX_TOKENS = int(os.environ.get("GPTOSS_FUSED_ATTN_FRONT_MAX_TOKENS", "64"))
+# sets it for a process. Off (0) by default: on an H100 (2026-12-06, `python3 -m gptoss_serve.kernels.bench
+# --sections attention-front`) it took 30.9 / 31.2 / 57.3 us at 1 / 8 / 64 tokens of 20b against 22.9 / 22.9 /
+# 24.0 composed. Its 160 programs (20b) each walk all of K over 184 KB of weights: 1.2 waves on 132 SMs, each
+# program one long chain, where cuBLAS splits K. A faster version needs more programs than rotary pairs allow
+# (split K with the rotation in a second pass, or fewer rows a program on the CUDA cores).
+FUSED_MAX_TOKENS = int(os.environ.get("GPTOSS_FUSED_ATTN_FRONT_MAX_TOKENS", "0"))
 ROWS = 16  # rotary pairs a program: 32 weight rows (the dot's N side is ROWS, at least 16 for tensor cores)
 BLOCK_K = 128
 

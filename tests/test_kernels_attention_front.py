@@ -13,10 +13,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported; the kernels re-read it at launch too
 
-from gptoss_serve.kernels.attention_front import FUSED_MAX_TOKENS, norm_qkv_rope  # noqa: E402
+from gptoss_serve.kernels.attention_front import norm_qkv_rope  # noqa: E402
 from gptoss_serve.kernels.attention_front_ref import norm_qkv_rope_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUSED_LIMIT = 64  # the fused kernel is off by default (slower than the composed path, see attention_front.py)
+
+
+@pytest.fixture(autouse=True)
+def fused_front_on(monkeypatch):
+    """Steps of up to FUSED_LIMIT tokens take the fused kernel, as with GPTOSS_FUSED_ATTN_FRONT_MAX_TOKENS=64."""
+    import gptoss_serve.kernels.attention_front as af
+
+    monkeypatch.setattr(af, "FUSED_MAX_TOKENS", FUSED_LIMIT)
 BLOCK_SIZE = 16  # cache slots a block
 
 
@@ -90,7 +99,7 @@ def check_against_twin(inputs, **options) -> tuple:
     (64, 96, 2, 1, 32, True, None),     # the largest fused step; one pair block a head
     (80, 96, 2, 1, 32, True, 100),      # a larger limit (GPTOSS_FUSED_ATTN_FRONT_MAX_TOKENS): two token blocks
     (6, 96, 2, 1, 40, True, None),      # half of head_dim not a multiple of ROWS: the composed path
-    (FUSED_MAX_TOKENS + 1, 96, 2, 1, 64, True, None),  # beyond FUSED_MAX_TOKENS: the composed path
+    (FUSED_LIMIT + 1, 96, 2, 1, 64, True, None),  # beyond the limit: the composed path
 ])
 def test_norm_qkv_rope_matches_twin(num_tokens, hidden, num_q_heads, num_kv_heads, head_dim, has_residual,
                                     max_fused_tokens):
@@ -116,7 +125,7 @@ def test_fused_max_tokens_picks_the_path(monkeypatch):
     real_rmsnorm = af.rmsnorm
     monkeypatch.setattr(af, "rmsnorm", lambda *a: (launched.append("rmsnorm"), real_rmsnorm(*a))[1])
     norm_qkv_rope(**inputs)
-    assert launched == []  # 3 <= FUSED_MAX_TOKENS: the fused kernel
+    assert launched == []  # 3 <= FUSED_LIMIT: the fused kernel
     monkeypatch.setattr(af, "FUSED_MAX_TOKENS", 2)  # GPTOSS_FUSED_ATTN_FRONT_MAX_TOKENS=2
     norm_qkv_rope(**inputs)
     assert launched == ["rmsnorm"]  # the composed path
@@ -170,7 +179,7 @@ def test_model_fused_front_matches_torch_backend(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(64, 8), (8, 1)])  # 20b whole, and over 8 ranks
-@pytest.mark.parametrize("num_tokens", [1, 8, FUSED_MAX_TOKENS, FUSED_MAX_TOKENS + 1])
+@pytest.mark.parametrize("num_tokens", [1, 8, FUSED_LIMIT, FUSED_LIMIT + 1])
 def test_norm_qkv_rope_real_shapes_gpu(num_q_heads, num_kv_heads, num_tokens):
     from gptoss_serve.model.config import preset
     from gptoss_serve.model.rope import yarn_inv_freq_and_concentration
