@@ -32,12 +32,14 @@ from gptoss_serve.kernels.moe_routing import route
 from gptoss_serve.kernels.rmsnorm import rmsnorm
 from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2
 
-# Steps of up to this many tokens take the logits kernel (GPTOSS_FUSED_ROUTER_MAX_TOKENS sets it for a process;
-# 0 turns the kernel off). Not yet timed on a GPU against the composed path (`python3 -m
-# gptoss_serve.kernels.bench --sections router` measures both; tools/gpu_check.sh 4 runs it and the engine
-# with it off): 64 is the engine's common decode batch and keeps the router weight reads from L2 at 12 MB (20b)
-# to 47 MB (120b) a layer.
+# Steps of up to FUSED_MAX_TOKENS tokens, and of up to FUSED_MAX_LOGITS logits (tokens x experts), take the
+# logits kernel (GPTOSS_FUSED_ROUTER_MAX_TOKENS sets the first for a process; 0 turns the kernel off). Every
+# token's programs read all of the router weight: on an H200 (2026-12-06, `python3 -m gptoss_serve.kernels.bench
+# --sections router`) the fused front took 5.6 / 6.4 / 7.3 us at 1 / 8 / 64 tokens of 20b against 10.3 / 11.7 /
+# 12.5 composed, and 7.8 / 8.1 us at 1 / 8 tokens of 120b against 13.4, but 17.3 against 14.6 at 64 tokens of
+# 120b (8,192 logits): so 20b fuses up to 64 tokens, 120b up to 16.
 FUSED_MAX_TOKENS = int(os.environ.get("GPTOSS_FUSED_ROUTER_MAX_TOKENS", "64"))
+FUSED_MAX_LOGITS = 2048
 EXPERTS_PER_PROGRAM = 8
 
 
@@ -87,14 +89,16 @@ def norm_and_route(
     top_k: int,
     expert_counts: torch.Tensor | None = None,  # [num_experts] int64, added to in place when given
     counted: torch.Tensor | None = None,  # [num_tokens] int64
-    max_fused_tokens: int | None = None,  # None: FUSED_MAX_TOKENS
+    max_fused_tokens: int | None = None,  # None: FUSED_MAX_TOKENS and FUSED_MAX_LOGITS
     experts_per_program: int = EXPERTS_PER_PROGRAM,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(normed, residual_out, expert weights [num_tokens, top_k] float32, expert ids [num_tokens, top_k] int32),
     as norm_and_route_ref. The path is chosen from shapes alone, so CUDA graphs capture it."""
     num_tokens, hidden = h.shape
     num_experts = gate_weight.shape[0]
-    if num_tokens > (FUSED_MAX_TOKENS if max_fused_tokens is None else max_fused_tokens):
+    fused = num_tokens <= FUSED_MAX_TOKENS and num_tokens * num_experts <= FUSED_MAX_LOGITS \
+        if max_fused_tokens is None else num_tokens <= max_fused_tokens
+    if not fused:
         normed, residual_out = rmsnorm(h, norm_scale, eps, residual)
         expert_weights, expert_ids = route(F.linear(normed, gate_weight, gate_bias), top_k, expert_counts, counted)
         return normed, residual_out, expert_weights, expert_ids

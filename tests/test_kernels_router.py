@@ -99,9 +99,13 @@ def test_fused_max_tokens_picks_the_path(monkeypatch):
     monkeypatch.setattr(mr, "rmsnorm", lambda *a: (launched.append("rmsnorm"), real_rmsnorm(*a))[1])
     norm_and_route(h, residual, scale, 1e-5, gate_weight, gate_bias, 4)
     assert launched == []  # 3 <= FUSED_MAX_TOKENS: the fused kernel
-    monkeypatch.setattr(mr, "FUSED_MAX_TOKENS", 2)  # GPTOSS_FUSED_ROUTER_MAX_TOKENS=2
+    monkeypatch.setattr(mr, "FUSED_MAX_LOGITS", 3 * 8 - 1)  # 3 tokens x 8 experts: too many logits
     norm_and_route(h, residual, scale, 1e-5, gate_weight, gate_bias, 4)
     assert launched == ["rmsnorm"]  # the composed path
+    monkeypatch.setattr(mr, "FUSED_MAX_LOGITS", 3 * 8)
+    monkeypatch.setattr(mr, "FUSED_MAX_TOKENS", 2)  # GPTOSS_FUSED_ROUTER_MAX_TOKENS=2
+    norm_and_route(h, residual, scale, 1e-5, gate_weight, gate_bias, 4)
+    assert launched == ["rmsnorm"] * 2
 
 
 def test_norm_and_route_no_tokens_and_bad_arguments():
