@@ -758,8 +758,7 @@ GEMV_EXPERTS_PER_PAIR = 4
 # the combine inside): the same sums (bit for bit under the interpreter); off until timed (tools/gpu_check.sh).
 # GPTOSS_GEMV_FUSED_DECODE=1 turns it on for a process (an engine A/B run).
 GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
-# Steps of more than MMA_MAX_TOKENS tokens and up to WGMMA_MAX_PAIRS_PER_EXPERT (token, slot) pairs an expert on
-# the wgmma kernel (kernels/moe_wgmma.py, Gluon, Hopper) where the layer's scale bytes allow its f16 scaling;
+# Steps of more than MMA_MAX_TOKENS tokens on the wgmma kernel (kernels/moe_wgmma.py, Gluon, Hopper) where the layer's scale bytes allow its f16 scaling;
 # GPTOSS_WGMMA_MOE=0 turns it off for a process. H200, 2026-12-04 (tools/moe_wgmma_check.py, docs/PERFORMANCE.md),
 # one K block a step, µs against the grouped kernel, 128 weight rows a program: 64-pair row blocks at 32 and 64
 # pairs an expert (20b 256 tokens 370.5 -> 336.1, 512 tokens 541.0 -> 490.1; 120b 1024 tokens 1532.9 -> 1393.5),
@@ -767,9 +766,12 @@ GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
 # 3961.3 -> 3428.5); it lost at 8 pairs an expert (20b 64 tokens 269.4 -> 293.3) and at 512. H200, 2026-12-06
 # (tools/moe_mma_sweep.py): three K blocks a step, and 16-pair row blocks for decode steps (at most
 # WGMMA_DECODE_PAIRS_PER_EXPERT an expert), won at every size timed: 20b 16 tokens 254.0 -> 216.2, 64 tokens
-# 269.0 -> 219.0; 120b 64 tokens 882.4 -> 704.4, 4096 tokens 3575.2 -> 3163.4.
+# 269.0 -> 219.0; 120b 64 tokens 882.4 -> 704.4, 4096 tokens 3575.2 -> 3163.4. On an H100 the same day, against
+# the grouped kernel: 20b 128 tokens 354.3 -> 298.3, 1024 tokens 899.1 -> 702.5, and at 512 pairs an expert (4096
+# tokens) 2389.7 -> 2282.7, so no step size is left to the grouped kernel on a Hopper GPU; 120b 16 tokens 428.1 ->
+# 341.0, 512 tokens 1424.7 -> 1153.1.
 WGMMA_MOE = os.environ.get("GPTOSS_WGMMA_MOE", "1") == "1"
-WGMMA_DECODE_PAIRS_PER_EXPERT, WGMMA_MAX_PAIRS_PER_EXPERT = 16, 256
+WGMMA_DECODE_PAIRS_PER_EXPERT = 16
 
 
 # Decode steps of MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens go to the tensor-core kernel (kernels/moe_mma.py) on a GPU
@@ -802,8 +804,7 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     three K blocks a step; shapes (and the scales' range) only. The scale check reads each weight's scales once
     (TritonKernels.prepare_weights does it at load), later calls only look it up."""
     pairs_per_expert = num_tokens * top_k / max(1, num_local_experts)
-    if not (WGMMA_MOE and on_gpu and split_nibbles and not swizzled
-            and num_tokens > MMA_MAX_TOKENS and pairs_per_expert <= WGMMA_MAX_PAIRS_PER_EXPERT):
+    if not (WGMMA_MOE and on_gpu and split_nibbles and not swizzled and num_tokens > MMA_MAX_TOKENS):
         return None
     from gptoss_serve.kernels.moe_wgmma import DEFAULT_WGMMA_CONFIG, scales_fit_f16
 

@@ -634,7 +634,7 @@ def test_moe_wgmma_refuses_cpu_tensors_other_layouts_and_wide_scales():
     assert scales_fit_f16(w1s) and not scales_fit_f16(torch.full((2, 3), 137, dtype=torch.uint8))
 
 
-def test_wgmma_kernel_takes_steps_of_9_tokens_to_256_pairs_an_expert_on_gpus_only(monkeypatch):
+def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch):
     import gptoss_serve.kernels.moe_matmul as mm
 
     scales = torch.full((2, 4, 3), 120, dtype=torch.uint8)
@@ -649,7 +649,7 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_to_256_pairs_an_expert_on_gpus_onl
     assert mm.wgmma_config(9, 4, 128, **gpu)["BLOCK_T"] == 16  # the first step past the tensor-core decode kernel
     assert mm.wgmma_config(8, 4, 32, **gpu) is None  # the tensor-core decode kernel's
     assert mm.wgmma_config(2048, 4, 32, **gpu)["BLOCK_T"] == 128  # 20b, 256 pairs an expert
-    assert mm.wgmma_config(4096, 4, 32, **gpu) is None  # 20b, 512 pairs an expert: the grouped kernel won
+    assert mm.wgmma_config(4096, 4, 32, **gpu)["BLOCK_T"] == 128  # 20b, 512 pairs an expert
     assert mm.wgmma_config(2048, 4, 32, **dict(gpu, on_gpu=False)) is None
     wide = torch.full((2, 4, 3), 140, dtype=torch.uint8)  # beyond the f16 scaling's exact range
     assert mm.wgmma_config(2048, 4, 32, **dict(gpu, scales=(scales, wide))) is None
