@@ -23,6 +23,8 @@
 #                                shapes), the fused fronts' and the wgmma kernel's; the wgmma policy's tiles against
 #                                the grouped kernel from 16 to 4096 tokens; the bench's MoE, router and attention-front
 #                                rows; the 20b engine with the defaults
+#   bash tools/gpu_check.sh 8    the final defaults: the model test at the 20b layer shapes (triton against torch),
+#                                the engine's, fused fronts' and wgmma GPU tests, the bench's MoE rows, the engine
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -74,6 +76,16 @@ elif [ "$PART" = 7 ]; then
         --wgmma 16:2:12:3,16:2:18:6,64:2:9:3,128:2:9:3 2>&1 | grep -v Warning | tee "$OUT/wgmma_sweep.txt"
     timeout 100 python3 -m gptoss_serve.kernels.bench --sections moe,attention-front \
         --json "$OUT/bench.json" 2>&1 | grep -v Warning | tee "$OUT/bench.txt"
+    engine_bench "$OUT/engine.txt"
+elif [ "$PART" = 8 ]; then
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
+        > "$OUT/tests_model.txt" 2>&1; tail -25 "$OUT/tests_model.txt"
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/engine/test_engine_gpu.py \
+        tests/test_kernels_attention_front.py tests/test_kernels_router.py tests/test_kernels_moe.py \
+        -k "engine or front or route or wgmma or real_shapes" -rfE > "$OUT/tests_full.txt" 2>&1
+    tail -25 "$OUT/tests_full.txt"
+    timeout 100 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/bench.txt"
     engine_bench "$OUT/engine.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
