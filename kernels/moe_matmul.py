@@ -36,6 +36,7 @@ step of a weight tile reads one contiguous run; both paths read either layout.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -820,6 +821,12 @@ def takes_gemv(num_tokens: int, top_k: int, num_local_experts: int) -> bool:
     return GEMV_DECODE and (num_tokens == 1 or num_tokens * top_k * GEMV_EXPERTS_PER_PAIR <= num_local_experts)
 
 
+@functools.lru_cache(maxsize=None)
+def is_hopper(device: torch.device) -> bool:
+    """Whether the device has Hopper's wgmma (compute capability 9.x: H100, H200); later GPUs do not."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132  # the interpreter: any fixed number
@@ -1029,7 +1036,8 @@ def moe_experts(
         on_gpu = x.is_cuda and not emulate_bf16()
         config = mma_decode_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0], on_gpu, split_nibbles,
                                    swizzled) or wgmma_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0],
-                                                             on_gpu, split_nibbles, swizzled, (w1_scales, w2_scales))
+                                                             on_gpu and is_hopper(x.device), split_nibbles, swizzled,
+                                                             (w1_scales, w2_scales))
     if config is not None and config.get("kernel") == "wgmma":  # Hopper tensor cores, Gluon (CUDA only)
         from gptoss_serve.kernels.moe_wgmma import moe_experts_wgmma
 

@@ -651,6 +651,9 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
     assert mm.wgmma_config(2048, 4, 32, **gpu)["BLOCK_T"] == 128  # 20b, 256 pairs an expert
     assert mm.wgmma_config(4096, 4, 32, **gpu)["BLOCK_T"] == 128  # 20b, 512 pairs an expert
     assert mm.wgmma_config(2048, 4, 32, **dict(gpu, on_gpu=False)) is None
+    assert not mm.is_hopper(torch.device("cpu"))  # moe_experts asks is_hopper too: no wgmma before or after sm_90
+    if DEVICE == "cuda":
+        assert mm.is_hopper(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] == 9)
     wide = torch.full((2, 4, 3), 140, dtype=torch.uint8)  # beyond the f16 scaling's exact range
     assert mm.wgmma_config(2048, 4, 32, **dict(gpu, scales=(scales, wide))) is None
     monkeypatch.setattr(mm, "WGMMA_MOE", False)  # GPTOSS_WGMMA_MOE=0
