@@ -665,7 +665,7 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", ["20b", "120b rank 1 of 4 by experts", "20b intermediate half, rows 160"])
-@pytest.mark.parametrize("num_tokens", [16, 64, 512, 4096])
+@pytest.mark.parametrize("num_tokens", [8, 16, 64, 512, 4096])
 def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
     spec = {"20b": (32, 2880, 2880, 0, 32, True, 64),
             "120b rank 1 of 4 by experts": (128, 2880, 2880, 32, 32, True, 64),
@@ -681,7 +681,8 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
     grouped = moe_experts(*served, **layout)
     for block_t, m_reps, stages, pipelined, warps, per_step in (
             (64, 1, 8, False, 4, 1), (64, 1, 8, True, 4, 1), (128, 2, 4, True, 4, 1), (16, 1, 8, True, 4, 1),
-            (128, 1, 8, True, 8, 1), (16, 2, 8, True, 4, 2), (128, 2, 9, True, 4, 3), (16, 2, 12, True, 4, 4)):
+            (128, 1, 8, True, 8, 1), (16, 2, 8, True, 4, 2), (128, 2, 9, True, 4, 3), (16, 2, 12, True, 4, 4),
+            (8, 2, 12, True, 4, 3)):
         # unpipelined first: the reference for the ring; 8 warps: two warpgroups; several K blocks a step (at most
         # 4: 3 of 90 or 45 blocks, 1 of 5)
         config = dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, PIPELINED=pipelined,
