@@ -114,7 +114,51 @@ def test_norm_qkv_rope_float32(has_residual):
 
 
 def test_norm_qkv_rope_real_hidden_one_token():
-    check_against_twin(make_inputs(1, 2880, 2, 1, 64, torch.bfloat16, 11))  # 8 programs, 23 chunks of K each
+    check_against_twin(make_inputs(1, 2880, 2, 1, 64, torch.bfloat16, 11))  # 8 tiles x 8 splits of 6 chunks of K
+
+
+def launched_splits(monkeypatch) -> list[int]:
+    """The number of K splits (the grid's third side) of each fused launch from now on."""
+    import gptoss_serve.kernels.attention_front as af
+
+    splits = []
+    real_launch = af.launch
+    monkeypatch.setattr(af, "launch", lambda kernel, grid, *a, **kw: (splits.append(grid[2]),
+                                                                       real_launch(kernel, grid, *a, **kw))[1])
+    return splits
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
+@pytest.mark.parametrize("num_tokens,has_residual", [(5, True), (2, False)])
+def test_norm_qkv_rope_forced_splits(monkeypatch, num_splits, num_tokens, has_residual):
+    """hidden 600 is 10 chunks of 64, 9 and a bit whole: 2 splits of 5 chunks, or 3 of 4, 4 and the short rest."""
+    splits = launched_splits(monkeypatch)
+    check_against_twin(make_inputs(num_tokens, 600, 4, 2, 64, torch.bfloat16, num_tokens, has_residual),
+                       num_splits=num_splits)
+    assert splits == [num_splits]
+
+
+def test_norm_qkv_rope_splits_repeat(monkeypatch):
+    """Two calls in a row on the split path, the second on new data: each finds its tile counters at zero (the
+    last program of a tile resets it), and leaves them so."""
+    import gptoss_serve.kernels.attention_front as af
+
+    splits = launched_splits(monkeypatch)
+    for seed in (1, 2):
+        check_against_twin(make_inputs(3, 600, 2, 1, 64, torch.bfloat16, seed), num_splits=3)
+    assert splits == [3, 3]
+    device = torch.empty(0, device=DEVICE).device  # with its index, as the kernel's tensors carry it
+    assert not af.arrival_counters(1, device).any()
+
+
+def test_pick_num_splits():
+    from gptoss_serve.kernels.attention_front import pick_num_splits
+
+    # 20b, 160 tiles, 45 chunks of K: 4 splits (640 programs) at 1 to 8 tokens, then fewer as the norm's re-reads
+    # of the rows grow with the tokens
+    assert [pick_num_splits(160, n, 45) for n in (1, 8, 16, 32, 64)] == [4, 4, 2, 1, 1]
+    assert pick_num_splits(20, 1, 45) == 8  # 20b over 8 ranks: MAX_SPLITS
+    assert pick_num_splits(20, 1, 10) == 2  # a short K: splits of at least MIN_CHUNKS_PER_SPLIT chunks
 
 
 def test_fused_max_tokens_picks_the_path(monkeypatch):
@@ -179,7 +223,7 @@ def test_model_fused_front_matches_torch_backend(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(64, 8), (8, 1)])  # 20b whole, and over 8 ranks
-@pytest.mark.parametrize("num_tokens", [1, 8, FUSED_LIMIT, FUSED_LIMIT + 1])
+@pytest.mark.parametrize("num_tokens", [1, 8, 16, FUSED_LIMIT, FUSED_LIMIT + 1])  # 20b: 4, 4, 2, 1 splits of K
 def test_norm_qkv_rope_real_shapes_gpu(num_q_heads, num_kv_heads, num_tokens):
     from gptoss_serve.model.config import preset
     from gptoss_serve.model.rope import yarn_inv_freq_and_concentration
@@ -201,3 +245,18 @@ def test_norm_qkv_rope_real_shapes_gpu(num_q_heads, num_kv_heads, num_tokens):
     eager = norm_qkv_rope(**dict(inputs, **{name: fresh[name] for name in static}))
     assert all(torch.equal(a, b) for a, b in zip(captured, eager))
     assert torch.equal(inputs["k_cache"], k_replayed) and torch.equal(inputs["v_cache"], v_replayed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("num_tokens", [1, 8])
+def test_norm_qkv_rope_splits_gpu(num_splits, num_tokens):
+    """At 20b's shape every split count matches the twin, and twice on the same data gives the same bits: the
+    partials are summed in split order, whichever program arrives last."""
+    inputs = make_inputs(num_tokens, 2880, 64, 8, 64, torch.bfloat16, num_tokens)
+    first = check_against_twin(inputs, num_splits=num_splits)
+    caches = inputs["k_cache"].clone(), inputs["v_cache"].clone()
+    again = norm_qkv_rope(**inputs, num_splits=num_splits)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(inputs["k_cache"], caches[0]) and torch.equal(inputs["v_cache"], caches[1])
