@@ -485,8 +485,9 @@ def bench_attention_front(ceil: dict, token_counts: list[int]) -> list[dict]:
     """The attention sub-block's front (residual add, RMSNorm, qkv projection, RoPE, k and v to the paged cache) at
     the 20b shape: the fused kernel (attention_front.norm_qkv_rope, at every size even where the model would not
     take it), and the composed path (rmsnorm kernel, cuBLAS, rope_and_cache_write kernel) in the torch column;
-    over NUM_COPIES layers' qkv weights and caches in one graph."""
-    from gptoss_serve.kernels.attention_front import FUSED_MAX_TOKENS, norm_qkv_rope
+    over NUM_COPIES layers' qkv weights and caches in one graph. At 1 and 8 tokens, other splits of K than the
+    default (fused_tiling's) as variants."""
+    from gptoss_serve.kernels.attention_front import FUSED_MAX_TOKENS, ROWS, fused_tiling, norm_qkv_rope
 
     hidden, hq, hkv, d = (GPT_OSS[key] for key in ("hidden", "num_q_heads", "num_kv_heads", "head_dim"))
     num_rows, block_size = (hq + 2 * hkv) * d, 16
@@ -508,16 +509,23 @@ def bench_attention_front(ceil: dict, token_counts: list[int]) -> list[dict]:
         # qkv weight and bias; h and residual in, the new residual and q out, k and v to the cache
         nbytes = num_rows * (hidden + 1) * 2 + 3 * num_tokens * hidden * 2 + num_tokens * num_rows * 2
 
-        def run(max_fused_tokens):
+        def run(max_fused_tokens, num_splits=None):
             return lambda: [norm_qkv_rope(h, residual, scale, 1e-5, w, b, hq, hkv, positions, inv_freq, 1.0, kc, vc,
-                                          slots, max_fused_tokens=max_fused_tokens) for w, b, kc, vc in layers]
+                                          slots, max_fused_tokens=max_fused_tokens, num_splits=num_splits)
+                            for w, b, kc, vc in layers]
 
         composed_ms = _bench(run(0)) / NUM_COPIES
-        ms = _bench(run(num_tokens)) / NUM_COPIES
-        label = "default" if num_tokens <= FUSED_MAX_TOKENS else "not the default"
-        rows.append(dict(op=f"norm + qkv + rope + cache 20b (fused, {label})", shape=f"{num_tokens} tok", ms=ms,
-                         gbs=nbytes / ms / 1e6, torch_ms=composed_ms,
-                         torch_path="rmsnorm + cuBLAS + rope_and_cache_write (composed)"))
+        default_splits = fused_tiling(num_tokens, hidden, (hq + 2 * hkv) * d // 2 // ROWS)["SPLITS"]
+        variants = [n for n in (1, 2, 8) if n != default_splits] if num_tokens in (1, 8) else []
+        for num_splits in [default_splits] + variants:
+            ms = _bench(run(num_tokens, num_splits)) / NUM_COPIES
+            if num_splits != default_splits:
+                label = "variant"
+            else:
+                label = "default" if num_tokens <= FUSED_MAX_TOKENS else "not the default"
+            rows.append(dict(op=f"norm + qkv + rope + cache 20b (fused, {label}, {num_splits} splits of K)",
+                             shape=f"{num_tokens} tok", ms=ms, gbs=nbytes / ms / 1e6, torch_ms=composed_ms,
+                             torch_path="rmsnorm + cuBLAS + rope_and_cache_write (composed)"))
     return rows
 
 
@@ -579,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     if "router" in sections:
         rows += bench_router(ceil, [1, 64] if args.quick else [1, 8, 64, 256], [32, 128])
     if "attention-front" in sections:
-        rows += bench_attention_front(ceil, [1, 64] if args.quick else [1, 8, 64])
+        rows += bench_attention_front(ceil, [1, 64] if args.quick else [1, 8, 16, 64])
     if sections - {"moe-paths", "moe-launches"}:
         print(format_table(ceil, rows))
     if args.json:

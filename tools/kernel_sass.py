@@ -28,9 +28,10 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 
 def compile_offline(kernel, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1,
-                    capability: int = 90):
+                    capability: int = 90, maxnreg: int | None = None):
     """kernel: a @triton.jit or @gluon.jit function; args: name -> a pointer type string ('*bf16', '*u8', ...),
-    a scalar type string ('fp32') or an int; constexprs: name -> value."""
+    a scalar type string ('fp32') or an int; constexprs: name -> value; maxnreg: a register cap, as the
+    launch's."""
     signature, attrs, consts = {}, {}, dict(constexprs)
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -55,7 +56,7 @@ def compile_offline(kernel, args: dict, constexprs: dict, num_warps: int = 4, nu
     else:
         src = ASTSource(kernel, signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
 
 
 def _cuobjdump(compiled, flag: str) -> str:
@@ -203,18 +204,20 @@ def router(num_experts: int, experts_per_program: int = 8):
     return compile_offline(_norm_logits_kernel, args, const, num_warps=8)
 
 
-def attention_front(block_m: int = 16, num_stages: int = 3, has_residual: bool = True):
-    from gptoss_serve.kernels.attention_front import BLOCK_K, ROWS, _norm_qkv_rope_kernel
+def attention_front(num_tokens: int, num_splits: int | None = None, has_residual: bool = True):
+    """The fused front at 20b's shape, tiled and register-capped as norm_qkv_rope launches it for num_tokens."""
+    from gptoss_serve.kernels.attention_front import ROWS, _norm_qkv_rope_kernel, fused_tiling, max_registers
 
     args = {name: "*bf16" for name in ("h_ptr", "residual_ptr", "w_ptr", "b_ptr", "q_out_ptr", "residual_out_ptr",
                                         "k_cache_ptr", "v_cache_ptr")}
     args.update(norm_scale_ptr="*fp32", positions_ptr="*i64", inv_freq_ptr="*fp32", slots_ptr="*i64",
-                num_tokens="i32", num_q_heads=64, num_kv_heads=8, stride_h=2880, stride_residual=2880,
-                stride_residual_out=2880, stride_w=2880, stride_cache_block=16 * 8 * 64, stride_cache_slot=8 * 64,
-                stride_cache_head=64, block_size=16, eps="fp32", concentration="fp32")
-    const = dict(HIDDEN=2880, HEAD_DIM=64, ROWS=ROWS, BLOCK_M=block_m, BLOCK_K=BLOCK_K, HAS_RESIDUAL=has_residual,
-                 EMULATE_BF16=False)
-    return compile_offline(_norm_qkv_rope_kernel, args, const, num_warps=4, num_stages=num_stages)
+                partials_ptr="*fp32", arrivals_ptr="*i32", num_tokens="i32", num_q_heads=64, num_kv_heads=8,
+                stride_h=2880, stride_residual=2880, stride_residual_out=2880, stride_w=2880,
+                stride_cache_block=16 * 8 * 64, stride_cache_slot=8 * 64, stride_cache_head=64, block_size=16,
+                eps="fp32", concentration="fp32")
+    tiling = fused_tiling(num_tokens, 2880, 80 * 64 // 2 // ROWS, num_splits)
+    const = dict(HIDDEN=2880, HEAD_DIM=64, ROWS=ROWS, HAS_RESIDUAL=has_residual, EMULATE_BF16=False, **tiling)
+    return tiling, compile_offline(_norm_qkv_rope_kernel, args, const, num_warps=4, maxnreg=max_registers(tiling))
 
 
 if __name__ == "__main__":
@@ -251,9 +254,10 @@ if __name__ == "__main__":
         for experts_per_program in (4, 8, 16):
             report(f"norm + router logits, 20b, {experts_per_program} experts a program", router(32, experts_per_program))
     elif which == "front":
-        for block_m, stages in ((16, 3), (16, 4), (64, 3)):
-            report(f"norm + qkv + rope + cache, {block_m}-token blocks, {stages} stages",
-                   attention_front(block_m, stages))
+        for num_tokens, num_splits in ((1, None), (8, None), (16, None), (64, None), (1, 8), (16, 1)):
+            tiling, compiled = attention_front(num_tokens, num_splits)
+            report(f"norm + qkv + rope + cache, {num_tokens} tokens, " + ", ".join(f"{k} {v}" for k, v in
+                                                                                   tiling.items()), compiled)
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):
