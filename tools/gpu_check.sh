@@ -25,10 +25,8 @@
 #                                rows; the 20b engine with the defaults
 #   bash tools/gpu_check.sh 8    the final defaults: the model test at the 20b layer shapes (triton against torch),
 #                                the engine's, fused fronts' and wgmma GPU tests, the bench's MoE rows, the engine
-#   bash tools/gpu_check.sh 9    the split-K attention front's and the wgmma kernel's GPU tests (8-pair row blocks
-#                                too), the model's and engine's; the wgmma kernel with 8-pair blocks against the
-#                                tensor-core decode kernel at 4-8 tokens; the attention-front bench rows; the engine
-#                                with the fused attention front on (part 8's run is the off side)
+#   bash tools/gpu_check.sh 9    the wgmma kernel with 8-pair row blocks against the tensor-core decode kernel at 4-8
+#                                tokens, then the wgmma kernel's GPU tests (8-pair row blocks and 8 tokens too)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -92,14 +90,10 @@ elif [ "$PART" = 8 ]; then
         | grep -v Warning | tee "$OUT/bench.txt"
     engine_bench "$OUT/engine.txt"
 elif [ "$PART" = 9 ]; then
-    timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_attention_front.py \
-        tests/test_kernels_model.py tests/engine/test_engine_gpu.py tests/test_kernels_moe.py -k "not moe or wgmma" \
-        -rfE > "$OUT/tests_full.txt" 2>&1; tail -25 "$OUT/tests_full.txt"
-    timeout 60 python3 -m gptoss_serve.kernels.bench --sections attention-front --json "$OUT/bench.json" 2>&1 \
-        | grep -v Warning | tee "$OUT/bench.txt"
-    timeout 90 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x4 --wgmma 8:2:12:3,16:2:12:3 2>&1 \
+    timeout 100 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x4 --wgmma 8:2:12:3,16:2:12:3 2>&1 \
         | grep -v Warning | tee "$OUT/wgmma_sweep.txt"
-    (export GPTOSS_FUSED_ATTN_FRONT_MAX_TOKENS=16; engine_bench "$OUT/engine_front.txt")
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py -k wgmma \
+        -rfE > "$OUT/tests_full.txt" 2>&1; tail -25 "$OUT/tests_full.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
