@@ -770,14 +770,16 @@ GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
 # 269.0 -> 219.0; 120b 64 tokens 882.4 -> 704.4, 4096 tokens 3575.2 -> 3163.4. On an H100 the same day, against
 # the grouped kernel: 20b 128 tokens 354.3 -> 298.3, 1024 tokens 899.1 -> 702.5, and at 512 pairs an expert (4096
 # tokens) 2389.7 -> 2282.7, so no step size is left to the grouped kernel on a Hopper GPU; 120b 16 tokens 428.1 ->
-# 341.0, 512 tokens 1424.7 -> 1153.1.
+# 341.0, 512 tokens 1424.7 -> 1153.1. Decode steps of up to 8 tokens whose pairs share experts (not `pairs_apart`)
+# take it too, with 8-pair row blocks (wgmma N = 8): H100, 20b 8 tokens 174.8 -> 163.1 against the tensor-core
+# decode kernel's blocks of 8; where pairs go one by one that kernel stays (120b 8 tokens 203.8 against 211.0).
 WGMMA_MOE = os.environ.get("GPTOSS_WGMMA_MOE", "1") == "1"
 WGMMA_DECODE_PAIRS_PER_EXPERT = 16
 
 
 # Decode steps of MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens go to the tensor-core kernel (kernels/moe_mma.py) on a GPU
 # and the split-nibble layout: pairs one by one while they are at most half the local experts, else row blocks of
-# 8 pairs by expert. H200, 2026-12-04 (docs/PERFORMANCE.md, tools/moe_mma_sweep.py), µs for the experts against
+# 8 pairs by expert (on Hopper those take the wgmma kernel, see above). H200, 2026-12-04 (docs/PERFORMANCE.md, tools/moe_mma_sweep.py), µs for the experts against
 # the paths before: 20b 4 tokens 134.1 -> 107.6 (pairs one by one), 8 tokens 199.3 -> 164.1 (blocks of 8); 120b 4
 # tokens 115.7 -> 108.8, 8 tokens 216.8 -> 198.4 (one by one). With its activations staged at once (STAGE_ONCE,
 # a later sweep the same day) it also beat the matrix-vector kernel at 1 and 2 tokens (20b 41.4 -> 35.9 and
@@ -794,8 +796,13 @@ def mma_decode_config(num_tokens: int, top_k: int, num_local_experts: int, on_gp
         return None
     from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
 
-    pairs_apart = 2 * num_tokens * top_k <= num_local_experts
-    return dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=None if pairs_apart else 8)
+    return dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=None if pairs_apart(num_tokens, top_k, num_local_experts)
+                else 8)
+
+
+def pairs_apart(num_tokens: int, top_k: int, num_local_experts: int) -> bool:
+    """Whether a decode step's (token, slot) pairs are few enough to take one by one: at most half the experts."""
+    return 2 * num_tokens * top_k <= num_local_experts
 
 
 def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bool, split_nibbles: bool,
@@ -805,12 +812,15 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     three K blocks a step; shapes (and the scales' range) only. The scale check reads each weight's scales once
     (TritonKernels.prepare_weights does it at load), later calls only look it up."""
     pairs_per_expert = num_tokens * top_k / max(1, num_local_experts)
-    if not (WGMMA_MOE and on_gpu and split_nibbles and not swizzled and num_tokens > MMA_MAX_TOKENS):
+    decode_blocks = 0 < num_tokens <= MMA_MAX_TOKENS and not pairs_apart(num_tokens, top_k, num_local_experts)
+    if not (WGMMA_MOE and on_gpu and split_nibbles and not swizzled and (num_tokens > MMA_MAX_TOKENS or decode_blocks)):
         return None
     from gptoss_serve.kernels.moe_wgmma import DEFAULT_WGMMA_CONFIG, scales_fit_f16
 
     if not all(scales_fit_f16(s) for s in scales):
         return None
+    if decode_blocks:
+        return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=8, M_REPS=2, STAGES=12)
     if pairs_per_expert <= WGMMA_DECODE_PAIRS_PER_EXPERT:
         return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=16, M_REPS=2, STAGES=12)
     return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=64 if pairs_per_expert <= 64 else 128, M_REPS=2)
@@ -1034,10 +1044,9 @@ def moe_experts(
     num_tokens, hidden = x.shape
     if config is None:
         on_gpu = x.is_cuda and not emulate_bf16()
-        config = mma_decode_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0], on_gpu, split_nibbles,
-                                   swizzled) or wgmma_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0],
-                                                             on_gpu and is_hopper(x.device), split_nibbles, swizzled,
-                                                             (w1_scales, w2_scales))
+        config = wgmma_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0], on_gpu and is_hopper(x.device),
+                              split_nibbles, swizzled, (w1_scales, w2_scales)) \
+            or mma_decode_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0], on_gpu, split_nibbles, swizzled)
     if config is not None and config.get("kernel") == "wgmma":  # Hopper tensor cores, Gluon (CUDA only)
         from gptoss_serve.kernels.moe_wgmma import moe_experts_wgmma
 
