@@ -155,8 +155,9 @@ def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **ove
                 stride_out=2880, swiglu_alpha=3, swiglu_limit=7)
     const = dict(SWIGLU=swiglu, HAS_BIAS=True, GATHER_TOKENS=swiglu, TILE_N=64, NUM_KB=kblocks,
                  WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t,
-                 M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages, PIPELINED=True)
+                 M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages, PIPELINED=True, KB_PER_STEP=3)
     const.update(overrides)
+    const.setdefault("COPY_AHEAD", stages - const["KB_PER_STEP"] - 1 if const["PIPELINED"] else 1)
     return compile_offline(_moe_wgmma_kernel, args, const, num_warps=num_warps)
 
 
@@ -243,13 +244,15 @@ if __name__ == "__main__":
             report(f"fused w2 + combine, {rows} rows a thread, unroll {unroll} (4 slots)",
                    fused_20b("w2", rows, k_unroll=unroll), 32 * rows)
     elif which == "wgmma":
-        # a K step: ROWS rows x 32 weights over 128 threads per warpgroup, 8 weights (one word) a row, two rows
-        for block_t, m_reps in ((64, 1), (128, 1), (64, 2), (128, 2)):
-            report(f"wgmma 20b w1 + SwiGLU, {block_t} pairs x {64 * m_reps} rows", wgmma_20b_w1(block_t, m_reps),
-                   16 * m_reps)
-        report("wgmma 20b w2 (bias, routing weight), 128 pairs x 64 rows", wgmma_20b_w1(128, 1, swiglu=False), 16)
-        report("wgmma 20b w1, 64 x 64, not pipelined (the reference)", wgmma_20b_w1(PIPELINED=False), 16)
-        report("wgmma 20b w1 + SwiGLU, 128 pairs x 256 rows, 8 warps", wgmma_20b_w1(128, 2, num_warps=8), 32)
+        # a step: 3 K blocks, 64 * m_reps rows x 96 weights over 128 threads (48 * m_reps weights a thread)
+        for block_t, m_reps, stages in ((8, 2, 12), (16, 2, 12), (64, 2, 9), (128, 2, 9)):  # the shipped tiles
+            report(f"wgmma 20b w1 + SwiGLU, {block_t} pairs x {64 * m_reps} rows, 3 K blocks a step",
+                   wgmma_20b_w1(block_t, m_reps, stages=stages), 48 * m_reps)
+        report("wgmma 20b w2 (bias, routing weight), 128 pairs x 128 rows", wgmma_20b_w1(128, 2, swiglu=False,
+                                                                                   stages=9), 96)
+        report("wgmma 20b w1, 16 x 128, one K block a step", wgmma_20b_w1(16, 2, KB_PER_STEP=1), 32)
+        report("wgmma 20b w1, 64 x 64, not pipelined (the reference)",
+               wgmma_20b_w1(PIPELINED=False, KB_PER_STEP=1), 16)
     elif which == "router":
         for experts_per_program in (4, 8, 16):
             report(f"norm + router logits, 20b, {experts_per_program} experts a program", router(32, experts_per_program))
