@@ -33,6 +33,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from gptoss_serve.kernels.moe_matmul import check_decode_operands, split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_routing import ExpertGroups
+from gptoss_serve.kernels.triton_utils import largest_divisor
 
 
 def _split_word_f16_asm() -> str:
@@ -202,11 +203,6 @@ def _block_loads(w_rows, s_rows, in_b, in_o, kb: gl.constexpr, stride_s_k, TILE_
             gl.load(s_rows + kb * stride_s_k, mask=in_o, other=0))
 
 
-def _k_blocks_per_program(num_k_blocks: int, kb_max: int) -> int:
-    """The largest divisor of num_k_blocks up to kb_max: every program's K range is whole (no masks in the loop)."""
-    return max(d for d in range(1, min(kb_max, num_k_blocks) + 1) if num_k_blocks % d == 0)
-
-
 def moe_mma_splitk(
     a: torch.Tensor,  # [rows, K] bf16: token rows (a_row_div = top_k) or pair rows (a_row_div = 1)
     blocks: torch.Tensor,  # [num_local_experts, N, K / 32, 16] uint8, split-nibble layout (maybe tiled rows)
@@ -220,7 +216,7 @@ def moe_mma_splitk(
 ) -> torch.Tensor:  # [splits, num_pairs, N] float32 partial sums by pair index (rows of other ranks' pairs unset)
     config = dict(DEFAULT_MMA_CONFIG, **config)
     num_local_experts, n_rows, num_k_blocks = check_decode_operands(a, blocks, tile_n)
-    kb = _k_blocks_per_program(num_k_blocks, config["KB_MAX"])
+    kb = largest_divisor(num_k_blocks, config["KB_MAX"])  # every program's K range whole
     num_warps, m_tiles = config["num_warps"], config["M_TILES"]
     rows = 16 * num_warps * m_tiles
     rows_per_program = max(rows, config["ROWS_PER_PROGRAM"] // rows * rows)

@@ -96,9 +96,9 @@ def norm_and_route(
     as norm_and_route_ref. The path is chosen from shapes alone, so CUDA graphs capture it."""
     num_tokens, hidden = h.shape
     num_experts = gate_weight.shape[0]
-    fused = num_tokens <= FUSED_MAX_TOKENS and num_tokens * num_experts <= FUSED_MAX_LOGITS \
-        if max_fused_tokens is None else num_tokens <= max_fused_tokens
-    if not fused:
+    limit = FUSED_MAX_TOKENS if max_fused_tokens is None else max_fused_tokens
+    too_many_logits = max_fused_tokens is None and num_tokens * num_experts > FUSED_MAX_LOGITS
+    if num_tokens > limit or too_many_logits:
         normed, residual_out = rmsnorm(h, norm_scale, eps, residual)
         expert_weights, expert_ids = route(F.linear(normed, gate_weight, gate_bias), top_k, expert_counts, counted)
         return normed, residual_out, expert_weights, expert_ids

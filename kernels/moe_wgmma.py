@@ -48,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from gptoss_serve.kernels.moe_matmul import split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_routing import ExpertGroups
 from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE
-from gptoss_serve.kernels.triton_utils import launch
+from gptoss_serve.kernels.triton_utils import largest_divisor, launch
 
 F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value is an exact f16
 # PIPELINED False: plain loads into one shared slot and a waited wgmma each step (slow; a reference for the ring).
@@ -328,8 +328,7 @@ def moe_wgmma(
     if n_rows % tile_n or groups.block_m > config["BLOCK_T"]:
         raise ValueError(f"{n_rows} weight rows must be whole tiles of {tile_n}, row blocks at most BLOCK_T")
     stages = config["STAGES"]
-    per_step = max(d for d in range(1, config["KB_PER_STEP"] + 1) if num_k_blocks % d == 0) \
-        if config["PIPELINED"] else 1
+    per_step = largest_divisor(num_k_blocks, config["KB_PER_STEP"]) if config["PIPELINED"] else 1
     ahead = stages - per_step - 1 if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
     if config["PIPELINED"] and not per_step <= ahead <= stages - per_step:
         raise ValueError(f"the wgmma kernel's ring of {stages} slots holds KB_PER_STEP to STAGES - KB_PER_STEP "

@@ -84,3 +84,8 @@ def cast_rne(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of n up to at_most (K ranges or steps of whole blocks, no masks in a loop)."""
+    return max(d for d in range(1, min(at_most, n) + 1) if n % d == 0)

@@ -73,20 +73,21 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
     stages, warps (4: one warpgroup, 8: two), K blocks a step (at most; 3 of 20b's 90)."""
     if num_tokens < 8:
         return []
-    if args.wgmma:
-        tiles = [tuple(int(v) for v in tile.split(":")) for tile in args.wgmma.split(",")]
-        grouped = [("grouped, heuristic tiles", _tile_config(num_tokens, num_tokens * 4, num_experts))] if num_tokens > 8 else []
-        return grouped + [(f"wgmma T={t} rows={64 * m} stages={st} kb/step<={kb}",
-                           dict(kernel="wgmma", BLOCK_T=t, M_REPS=m, STAGES=st, num_warps=4, KB_PER_STEP=kb))
-                          for t, m, st, kb in tiles]
-    grid = [(16, 1, 8, 4, 1), (16, 2, 8, 4, 1), (16, 2, 8, 4, 2), (16, 2, 12, 4, 3), (16, 4, 12, 4, 3),
-            (32, 2, 12, 4, 3), (16, 1, 8, 8, 1), (16, 1, 12, 8, 3)] if num_tokens <= 64 else \
-        [(64, 1, 8, 4, 1), (64, 2, 8, 4, 1), (64, 2, 8, 4, 2), (64, 2, 9, 4, 3), (128, 1, 8, 4, 1), (128, 2, 8, 4, 1),
-         (128, 2, 8, 4, 2), (128, 2, 9, 4, 3), (128, 1, 8, 8, 1), (128, 1, 9, 8, 3)]
-    return [(f"wgmma T={block_t} rows={16 * warps * m_reps} stages={stages} w={warps} kb/step<={per_step}",
-             dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, num_warps=warps,
-                  KB_PER_STEP=per_step))
-            for block_t, m_reps, stages, warps, per_step in grid]
+    if args.wgmma:  # BLOCK_T:M_REPS:STAGES:KB_PER_STEP, 4 warps
+        grid = [(t, m, st, 4, kb) for t, m, st, kb in (tuple(int(v) for v in tile.split(":"))
+                                                      for tile in args.wgmma.split(","))]
+    elif num_tokens <= 64:
+        grid = [(16, 1, 8, 4, 1), (16, 2, 8, 4, 1), (16, 2, 8, 4, 2), (16, 2, 12, 4, 3), (16, 4, 12, 4, 3),
+                (32, 2, 12, 4, 3), (16, 1, 8, 8, 1), (16, 1, 12, 8, 3)]
+    else:
+        grid = [(64, 1, 8, 4, 1), (64, 2, 8, 4, 1), (64, 2, 8, 4, 2), (64, 2, 9, 4, 3), (128, 1, 8, 4, 1),
+                (128, 2, 8, 4, 1), (128, 2, 8, 4, 2), (128, 2, 9, 4, 3), (128, 1, 8, 8, 1), (128, 1, 9, 8, 3)]
+    grouped = [("grouped, heuristic tiles", _tile_config(num_tokens, num_tokens * 4, num_experts))] \
+        if args.wgmma and num_tokens > 8 else []
+    return grouped + [(f"wgmma T={block_t} rows={16 * warps * m_reps} stages={stages} w={warps} kb/step<={per_step}",
+                       dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, num_warps=warps,
+                            KB_PER_STEP=per_step))
+                      for block_t, m_reps, stages, warps, per_step in grid]
 
 
 seen_models = set()
