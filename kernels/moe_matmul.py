@@ -775,6 +775,15 @@ GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
 # decode kernel's blocks of 8; where pairs go one by one that kernel stays (120b 8 tokens 203.8 against 211.0).
 WGMMA_MOE = os.environ.get("GPTOSS_WGMMA_MOE", "1") == "1"
 WGMMA_DECODE_PAIRS_PER_EXPERT = 16
+WGMMA_SMALL_TILE = dict(BLOCK_T=16, M_REPS=2, STAGES=12)  # decode steps' row blocks, and tail blocks
+# Tail blocks (moe_routing.group_by_expert): with row blocks of 128 pairs, an expert's last pairs past its whole
+# blocks, up to WGMMA_TAIL_PAIRS[128], take 16-pair blocks in a launch of their own rather than one more large block
+# (most of whose tensor-core work would be on padding): 120b at 4096 tokens has 128 +- 11 pairs an expert, so about
+# half its experts had a second 128-pair block holding a few pairs. H100, 2026-12-06 (tools/moe_mma_sweep.py, µs):
+# 120b 4096 tokens 3303 -> 3106 (up to 16 pairs; 3087-3101 up to 32-48), 20b 1024 tokens 703 -> 664 (690 up to
+# 32-64), 20b 4096 tokens 2265 -> 2254. Beside 64-pair blocks they lost at 20b 512 tokens (451 -> 467) and won
+# little at 120b 2048 (2019 -> 1972), so those have none.
+WGMMA_TAIL_PAIRS = {128: 16}
 
 
 # Decode steps of MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens go to the tensor-core kernel (kernels/moe_mma.py) on a GPU
@@ -808,8 +817,9 @@ def pairs_apart(num_tokens: int, top_k: int, num_local_experts: int) -> bool:
 def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bool, split_nibbles: bool,
                  swizzled: bool, scales: tuple[torch.Tensor, ...]) -> dict | None:
     """The wgmma kernel's config where it is the default for this step, else None: row blocks of 16 pairs up to
-    WGMMA_DECODE_PAIRS_PER_EXPERT pairs an expert, of 64 up to 64, else of 128; 128 weight rows a program (4 warps),
-    three K blocks a step; shapes (and the scales' range) only. The scale check reads each weight's scales once
+    WGMMA_DECODE_PAIRS_PER_EXPERT pairs an expert, of 64 up to 64, else of 128 (each expert's last few pairs in
+    16-pair tail blocks, WGMMA_TAIL_PAIRS); 128 weight rows a program (4 warps), three K blocks a step; shapes (and
+    the scales' range) only. The scale check reads each weight's scales once
     (TritonKernels.prepare_weights does it at load), later calls only look it up."""
     pairs_per_expert = num_tokens * top_k / max(1, num_local_experts)
     decode_blocks = 0 < num_tokens <= MMA_MAX_TOKENS and not pairs_apart(num_tokens, top_k, num_local_experts)
@@ -820,10 +830,12 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     if not all(scales_fit_f16(s) for s in scales):
         return None
     if decode_blocks:
-        return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=8, M_REPS=2, STAGES=12)
+        return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **dict(WGMMA_SMALL_TILE, BLOCK_T=8))
     if pairs_per_expert <= WGMMA_DECODE_PAIRS_PER_EXPERT:
-        return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=16, M_REPS=2, STAGES=12)
-    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=64 if pairs_per_expert <= 64 else 128, M_REPS=2)
+        return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **WGMMA_SMALL_TILE)
+    block_t = 64 if pairs_per_expert <= 64 else 128
+    tail = dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=WGMMA_TAIL_PAIRS[block_t]) if WGMMA_TAIL_PAIRS.get(block_t) else {}
+    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=block_t, M_REPS=2, **tail)
 
 
 def takes_gemv(num_tokens: int, top_k: int, num_local_experts: int) -> bool:

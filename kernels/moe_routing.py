@@ -88,11 +88,35 @@ def route(
     return weights, expert_ids
 
 
-@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
+@device_function
+def _write_block_table(expert_ptr, row_start_ptr, row_end_ptr, blocks, first_row, end_row, experts, max_blocks,
+                       BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """One block table: blocks [BLOCK_EXPERTS] of each expert, cut from its rows [first_row, end_row) in blocks
+    of BLOCK_M (the last one shorter); entries max_blocks, those beyond the last block marked expert -1."""
+    block_end = tl.cumsum(blocks, axis=0)
+    block_start = block_end - blocks
+    num_blocks = tl.sum(blocks, axis=0)
+    for start in range(0, max_blocks, CHUNK):
+        b = start + tl.arange(0, CHUNK)
+        owner = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), axis=1)  # expert of block b
+        is_owner = experts[None, :] == owner[:, None]
+        first_block = tl.sum(tl.where(is_owner, block_start[None, :], 0), axis=1)
+        owner_first_row = tl.sum(tl.where(is_owner, first_row[None, :], 0), axis=1)
+        owner_end_row = tl.sum(tl.where(is_owner, end_row[None, :], 0), axis=1)
+        start_row = owner_first_row + (b - first_block) * BLOCK_M
+        in_range = b < max_blocks
+        tl.store(expert_ptr + b, tl.where(b < num_blocks, owner, -1), mask=in_range)
+        tl.store(row_start_ptr + b, start_row, mask=in_range)
+        tl.store(row_end_ptr + b, tl.minimum(start_row + BLOCK_M, owner_end_row), mask=in_range)
+
+
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks", "max_tail_blocks"])
 def _group_by_expert_kernel(
     ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
-    num_pairs, first_expert, num_local_experts, max_blocks,
-    BLOCK_M: tl.constexpr, BLOCK_EXPERTS: tl.constexpr, CHUNK: tl.constexpr,
+    tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr,
+    num_pairs, first_expert, num_local_experts, max_blocks, max_tail_blocks,
+    BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     experts = tl.arange(0, BLOCK_EXPERTS)
     # Pass 1: how many pairs each local expert receives.
@@ -102,12 +126,9 @@ def _group_by_expert_kernel(
         local = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1) - first_expert
         local = tl.where((local >= 0) & (local < num_local_experts), local, -1)
         counts += tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    # Each expert's rows start after the previous experts'; its blocks likewise.
+    # Each expert's rows start after the previous experts'.
     row_end = tl.cumsum(counts, axis=0)
     row_start = row_end - counts
-    blocks = (counts + BLOCK_M - 1) // BLOCK_M
-    block_end = tl.cumsum(blocks, axis=0)
-    block_start = block_end - blocks
     # Pass 2: scatter each pair to its row; within an expert rows keep the pairs' order (stable sort).
     placed = row_start
     for start in range(0, num_pairs, CHUNK):
@@ -119,21 +140,19 @@ def _group_by_expert_kernel(
         row = tl.sum(one_hot * (rank + placed[None, :]), axis=1)
         tl.store(sorted_pairs_ptr + row, pairs, mask=local >= 0)
         placed += tl.sum(one_hot, axis=0)
-    # The block table: expert, first row and end row of every block; -1 marks blocks beyond the last.
-    num_blocks = tl.sum(blocks, axis=0)
-    for start in range(0, max_blocks, CHUNK):
-        b = start + tl.arange(0, CHUNK)
-        owner = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), axis=1)  # expert of block b
-        is_owner = experts[None, :] == owner[:, None]
-        first_block = tl.sum(tl.where(is_owner, block_start[None, :], 0), axis=1)
-        expert_row_start = tl.sum(tl.where(is_owner, row_start[None, :], 0), axis=1)
-        expert_row_end = tl.sum(tl.where(is_owner, row_end[None, :], 0), axis=1)
-        start_row = expert_row_start + (b - first_block) * BLOCK_M
-        valid = b < num_blocks
-        in_range = b < max_blocks
-        tl.store(block_expert_ptr + b, tl.where(valid, owner, -1), mask=in_range)
-        tl.store(block_row_start_ptr + b, start_row, mask=in_range)
-        tl.store(block_row_end_ptr + b, tl.minimum(start_row + BLOCK_M, expert_row_end), mask=in_range)
+    # The block tables. With tail blocks, an expert's last TAIL_PAIRS rows or fewer past its whole blocks of
+    # BLOCK_M go to blocks of TAIL_M in the second table instead of one more block of BLOCK_M.
+    whole = counts // BLOCK_M
+    rest = counts - whole * BLOCK_M
+    to_tail = (rest > 0) & (rest <= TAIL_PAIRS)
+    main_end = tl.where(to_tail, row_start + whole * BLOCK_M, row_end)
+    _write_block_table(block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
+                       (main_end - row_start + BLOCK_M - 1) // BLOCK_M, row_start, main_end, experts, max_blocks,
+                       BLOCK_M, CHUNK)
+    if TAIL_M > 0:
+        _write_block_table(tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr,
+                           tl.where(to_tail, (rest + TAIL_M - 1) // TAIL_M, 0), main_end, row_end, experts,
+                           max_tail_blocks, TAIL_M, CHUNK)
 
 
 @dataclasses.dataclass
@@ -145,6 +164,7 @@ class ExpertGroups:
     block_row_start: torch.Tensor  # [max_blocks] int32, first row (into sorted_pairs) of each block
     block_row_end: torch.Tensor  # [max_blocks] int32, one past its last row
     block_m: int  # rows per block
+    tail: "ExpertGroups | None" = None  # rows the table above leaves: each expert's last few, in smaller blocks
 
 
 def max_row_blocks(num_pairs: int, num_local_experts: int, block_m: int) -> int:
@@ -154,26 +174,46 @@ def max_row_blocks(num_pairs: int, num_local_experts: int, block_m: int) -> int:
     return max(1, (num_pairs + busy * (block_m - 1)) // block_m)
 
 
+def max_tail_blocks(num_pairs: int, num_local_experts: int, tail_m: int, tail_pairs: int) -> int:
+    """Static worst case of tail blocks: at most ceil(tail_pairs / tail_m) an expert, each holding a pair."""
+    return max(1, min(num_pairs, num_local_experts * -(-tail_pairs // tail_m)))
+
+
+def _block_arrays(num_blocks: int, device: torch.device) -> dict:
+    return {name: torch.empty(num_blocks, dtype=torch.int32, device=device)
+            for name in ("block_expert", "block_row_start", "block_row_end")}
+
+
 def group_by_expert(
     expert_ids: torch.Tensor,  # [num_tokens, top_k] int, global expert ids
     first_expert: int,
     num_local_experts: int,
     block_m: int,
+    tail: tuple[int, int] | None = None,  # (tail_m, tail_pairs): see below
 ) -> ExpertGroups:
+    """The pairs routed to [first_expert, first_expert + num_local_experts) sorted by expert, in row blocks of
+    block_m. With `tail`, an expert whose rows past its whole blocks of block_m number tail_pairs or fewer gets
+    those rows in blocks of tail_m, listed in `.tail` (same sorted pairs), instead of one more block of block_m:
+    a kernel's small tile then works on them rather than a large tile mostly empty."""
     num_pairs = expert_ids.numel()
     device = expert_ids.device
     max_blocks = max_row_blocks(num_pairs, num_local_experts, block_m)
-    groups = ExpertGroups(
-        sorted_pairs=torch.empty(max(num_pairs, 1), dtype=torch.int32, device=device),
-        block_expert=torch.empty(max_blocks, dtype=torch.int32, device=device),
-        block_row_start=torch.empty(max_blocks, dtype=torch.int32, device=device),
-        block_row_end=torch.empty(max_blocks, dtype=torch.int32, device=device),
-        block_m=block_m,
-    )
+    groups = ExpertGroups(sorted_pairs=torch.empty(max(num_pairs, 1), dtype=torch.int32, device=device),
+                          block_m=block_m, **_block_arrays(max_blocks, device))
+    tail_m, tail_pairs = tail if tail is not None else (0, 0)
+    if tail_m:
+        if not 0 < tail_m <= block_m or tail_pairs < 1:
+            raise ValueError(f"tail blocks of {tail_m} rows for up to {tail_pairs} rows beside blocks of {block_m}")
+        max_tail = max_tail_blocks(num_pairs, num_local_experts, tail_m, tail_pairs)
+        groups.tail = ExpertGroups(sorted_pairs=groups.sorted_pairs, block_m=tail_m,
+                                   **_block_arrays(max_tail, device))
+    tail_table = groups.tail or groups  # without tail blocks the kernel writes no second table
     block_experts = next_pow2(num_local_experts)
     chunk = max(16, min(256, 16384 // block_experts))
     launch(_group_by_expert_kernel, (1,),
            expert_ids.reshape(-1), groups.sorted_pairs, groups.block_expert, groups.block_row_start,
-           groups.block_row_end, num_pairs, first_expert, num_local_experts, max_blocks,
-           BLOCK_M=block_m, BLOCK_EXPERTS=block_experts, CHUNK=chunk, num_warps=8)
+           groups.block_row_end, tail_table.block_expert, tail_table.block_row_start, tail_table.block_row_end,
+           num_pairs, first_expert, num_local_experts, max_blocks, tail_table.block_expert.numel(),
+           BLOCK_M=block_m, TAIL_M=tail_m, TAIL_PAIRS=tail_pairs, BLOCK_EXPERTS=block_experts, CHUNK=chunk,
+           num_warps=8)
     return groups

@@ -65,8 +65,9 @@ F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value
 # and the step ends with one wait. 1 when unpipelined.
 # Three K blocks a step beat one at every size timed (H200, 2026-12-06: e.g. 120b 4096 tokens, 128 pairs x 128
 # rows, 3595 -> 3163 us; 20b 64 tokens, 16 x 128, 287.5 -> 219.0 us).
+# maxnreg: a register cap for ptxas (None: its own choice), so that more programs fit an SM.
 DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=9, PIPELINED=True, COPY_AHEAD=None,
-                            KB_PER_STEP=3)
+                            KB_PER_STEP=3, maxnreg=None)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -350,7 +351,8 @@ def moe_wgmma(
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None, TILE_N=tile_n,
         NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
         BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages,
-        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, num_warps=num_warps)
+        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, num_warps=num_warps,
+        **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
 
 
 def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
@@ -358,7 +360,10 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
                       swizzled=False) -> torch.Tensor:  # [num_tokens, hidden] bf16
     """moe_matmul.moe_experts (the same arguments) with both matmuls on the wgmma kernel: the tokens as f16 in
     slot order, grouped by expert into row blocks of BLOCK_T pairs, the first matmul's activations written as
-    f16 slots too, the second's rows combined by moe_matmul's combine kernel."""
+    f16 slots too, the second's rows combined by moe_matmul's combine kernel. With config["TAIL"] (tile keys,
+    BLOCK_T among them) and config["TAIL_PAIRS"], an expert's last TAIL_PAIRS pairs or fewer past its whole row
+    blocks go to row blocks of TAIL["BLOCK_T"], each matmul a second launch with those tiles (see
+    moe_routing.group_by_expert)."""
     from gptoss_serve.kernels.moe_matmul import _combine_kernel
     from gptoss_serve.kernels.moe_routing import group_by_expert
 
@@ -373,13 +378,19 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     if num_tokens == 0:
         return out
     num_pairs = num_tokens * top_k
-    groups = group_by_expert(expert_ids, first_expert, w1_blocks.shape[0], config["BLOCK_T"])
+    tail_config = config.get("TAIL")  # each expert's last few pairs in small row blocks, a launch of their own
+    tail = (tail_config["BLOCK_T"], config["TAIL_PAIRS"]) if tail_config else None
+    groups = group_by_expert(expert_ids, first_expert, w1_blocks.shape[0], config["BLOCK_T"], tail=tail)
+    tables = [(groups, config)] + ([(groups.tail, dict(config, **tail_config))] if tail else [])
     act = torch.empty((num_pairs, w1_blocks.shape[1] // 2), dtype=torch.float16, device=x.device)  # grouped order
-    moe_wgmma(to_f16_slots(x), w1_blocks, w1_scales, b1, groups, top_k, act, config,
-              swiglu=(swiglu_alpha, swiglu_limit), tile_n=tile_n)
+    x_slots = to_f16_slots(x)
+    for table, table_config in tables:
+        moe_wgmma(x_slots, w1_blocks, w1_scales, b1, table, top_k, act, table_config,
+                  swiglu=(swiglu_alpha, swiglu_limit), tile_n=tile_n)
     y = torch.empty((num_pairs, hidden), dtype=torch.float32, device=x.device)  # by (token, slot)
-    moe_wgmma(act, w2_blocks, w2_scales, b2, groups, top_k, y, config, pair_weights=expert_weights.reshape(-1),
-              tile_n=tile_n)
+    for table, table_config in tables:
+        moe_wgmma(act, w2_blocks, w2_scales, b2, table, top_k, y, table_config,
+                  pair_weights=expert_weights.reshape(-1), tile_n=tile_n)
     block_h = min(1024, triton.next_power_of_2(hidden))
     launch(_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
            y, expert_ids, out, hidden, first_expert, w1_blocks.shape[0], y.stride(0), out.stride(0),

@@ -17,7 +17,8 @@ from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, SPLITK_MAX_TOKENS, 
                                              moe_experts, moe_experts_splitk, split_nibbles, swizzle_bits,
                                              takes_gemv, tile_rows, unswizzle_bits)
 from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref  # noqa: E402
-from gptoss_serve.kernels.moe_routing import group_by_expert, max_row_blocks, route  # noqa: E402
+from gptoss_serve.kernels.moe_routing import (group_by_expert, max_row_blocks, max_tail_blocks,  # noqa: E402
+                                              route)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -66,27 +67,47 @@ def test_route_matches_ref(num_tokens, num_experts, top_k):
     torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,first_expert,num_local,block_m", [
-    (1, 8, 0, 8, 16), (7, 32, 8, 16, 16), (129, 128, 0, 128, 64), (1000, 32, 5, 3, 128), (4, 4, 3, 1, 16)])
-def test_group_by_expert_is_a_stable_blocked_sort(num_tokens, num_experts, first_expert, num_local, block_m):
+@pytest.mark.parametrize("num_tokens,num_experts,first_expert,num_local,block_m,tail", [
+    (1, 8, 0, 8, 16, None), (7, 32, 8, 16, 16, None), (129, 128, 0, 128, 64, None), (1000, 32, 5, 3, 128, None),
+    (4, 4, 3, 1, 16, None),
+    # tail blocks: each expert's last 1-48 rows past its whole blocks in blocks of 16 (0 or 49+ rows: none)
+    (1000, 32, 5, 3, 128, (16, 48)), (129, 8, 0, 8, 64, (16, 16)), (700, 16, 0, 16, 128, (16, 48)),
+    (7, 32, 8, 16, 16, (8, 8)), (300, 8, 2, 4, 32, (32, 32))])
+def test_group_by_expert_is_a_stable_blocked_sort(num_tokens, num_experts, first_expert, num_local, block_m, tail):
     gen = torch.Generator().manual_seed(1)
     _, ids = route_ref(distinct_logits(num_tokens, num_experts, gen), min(4, num_experts))
-    groups = group_by_expert(ids.to(DEVICE), first_expert, num_local, block_m)
+    groups = group_by_expert(ids.to(DEVICE), first_expert, num_local, block_m, tail=tail)
     local = ids.reshape(-1).long() - first_expert
     is_local = (local >= 0) & (local < num_local)
     expected = [p for e in range(num_local) for p in torch.nonzero(local == e).flatten().tolist()]
     num_rows = int(is_local.sum())
     assert groups.sorted_pairs[:num_rows].cpu().tolist() == expected
-    block_expert = groups.block_expert.cpu()
-    starts, ends = groups.block_row_start.cpu(), groups.block_row_end.cpu()
-    assert block_expert.numel() == max_row_blocks(ids.numel(), num_local, block_m)
-    rows_seen = []
-    for b in torch.nonzero(block_expert >= 0).flatten().tolist():
-        assert 0 < ends[b] - starts[b] <= block_m
-        rows = range(int(starts[b]), int(ends[b]))
-        assert all(local[expected[r]] == block_expert[b] for r in rows)
-        rows_seen.extend(rows)
-    assert sorted(rows_seen) == list(range(num_rows))
+    assert groups.block_expert.numel() == max_row_blocks(ids.numel(), num_local, block_m)
+    tables = [(groups, block_m)]
+    if tail is None:
+        assert groups.tail is None
+    else:
+        assert groups.tail.sorted_pairs is groups.sorted_pairs and groups.tail.block_m == tail[0]
+        assert groups.tail.block_expert.numel() == max_tail_blocks(ids.numel(), num_local, *tail)
+        tables.append((groups.tail, tail[0]))
+    rows_seen, tail_rows = [], {}
+    for table, size in tables:
+        block_expert = table.block_expert.cpu()
+        starts, ends = table.block_row_start.cpu(), table.block_row_end.cpu()
+        for b in torch.nonzero(block_expert >= 0).flatten().tolist():
+            assert 0 < ends[b] - starts[b] <= size
+            rows = range(int(starts[b]), int(ends[b]))
+            assert all(local[expected[r]] == block_expert[b] for r in rows)
+            rows_seen.extend(rows)
+            if table is not groups:
+                tail_rows[int(block_expert[b])] = tail_rows.get(int(block_expert[b]), 0) + len(rows)
+    assert sorted(rows_seen) == list(range(num_rows))  # every row in exactly one block of one table
+    if tail is not None:  # the tail holds exactly the rest past whole blocks, where that rest is 1..tail_pairs
+        counts = torch.bincount(local[is_local], minlength=num_local).tolist()
+        wanted = {e: c % block_m for e, c in enumerate(counts) if 0 < c % block_m <= tail[1]}
+        assert tail_rows == wanted
+        if num_tokens >= 129:
+            assert wanted, "the case should exercise tail blocks"
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,hidden,intermediate,first_expert,num_local,has_b2", [
@@ -643,6 +664,11 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
     assert mm.wgmma_config(4096, 4, 128, **gpu)["BLOCK_T"] == 128  # 120b, 128 pairs an expert
     assert mm.wgmma_config(4096, 4, 128, **gpu)["M_REPS"] == 2  # 128 weight rows a program
     assert mm.wgmma_config(4096, 4, 128, **gpu)["KB_PER_STEP"] == 3
+    # each expert's last pairs past its whole row blocks in 16-pair tail blocks; none for decode steps
+    assert mm.wgmma_config(4096, 4, 128, **gpu)["TAIL"]["BLOCK_T"] == 16
+    assert mm.wgmma_config(4096, 4, 128, **gpu)["TAIL_PAIRS"] == mm.WGMMA_TAIL_PAIRS[128]
+    for tokens, experts in ((512, 32), (64, 32), (5, 32), (512, 128)):  # 64-pair, 16-pair and 8-pair blocks
+        assert "TAIL" not in mm.wgmma_config(tokens, 4, experts, **gpu)
     decode = mm.wgmma_config(64, 4, 32, **gpu)  # 20b, 8 pairs an expert: row blocks of 16
     assert (decode["BLOCK_T"], decode["M_REPS"], decode["STAGES"], decode["KB_PER_STEP"]) == (16, 2, 12, 3)
     assert mm.wgmma_config(512, 4, 128, **gpu)["BLOCK_T"] == 16  # 120b, 16 pairs an expert
@@ -684,11 +710,13 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
     for block_t, m_reps, stages, pipelined, warps, per_step in (
             (64, 1, 8, False, 4, 1), (64, 1, 8, True, 4, 1), (128, 2, 4, True, 4, 1), (16, 1, 8, True, 4, 1),
             (128, 1, 8, True, 8, 1), (16, 2, 8, True, 4, 2), (128, 2, 9, True, 4, 3), (16, 2, 12, True, 4, 4),
-            (8, 2, 12, True, 4, 3)):
+            (8, 2, 12, True, 4, 3), (128, 2, 9, True, 4, "tail 48"), (64, 2, 9, True, 4, "tail 16")):
         # unpipelined first: the reference for the ring; 8 warps: two warpgroups; several K blocks a step (at most
-        # 4: 3 of 90 or 45 blocks, 1 of 5)
+        # 4: 3 of 90 or 45 blocks, 1 of 5); each expert's last 48 or 16 pairs in 16-pair tail blocks (3 K blocks)
+        tail = dict(TAIL=dict(BLOCK_T=16, M_REPS=2, STAGES=12), TAIL_PAIRS=int(per_step.split()[1])) \
+            if isinstance(per_step, str) else {}
         config = dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, PIPELINED=pipelined,
-                      num_warps=warps, KB_PER_STEP=per_step)
+                      num_warps=warps, KB_PER_STEP=3 if tail else per_step, **tail)
         out = moe_experts(*served, config=config, **layout)
         if ref is not None:
             assert rel_err(out, ref) < 1e-2, config

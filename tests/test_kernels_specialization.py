@@ -14,7 +14,7 @@ PER_STEP_ARGS = {
     "attention_prefill._prefill_kernel": {"num_seqs", "stride_tables"},
     "attention_decode._decode_kernel": {"stride_tables"},
     "moe_routing._topk_softmax_kernel": {"num_tokens"},
-    "moe_routing._group_by_expert_kernel": {"num_pairs", "max_blocks"},
+    "moe_routing._group_by_expert_kernel": {"num_pairs", "max_blocks", "max_tail_blocks"},
 }
 
 

@@ -27,6 +27,11 @@
 #                                the engine's, fused fronts' and wgmma GPU tests, the bench's MoE rows, the engine
 #   bash tools/gpu_check.sh 9    the wgmma kernel with 8-pair row blocks against the tensor-core decode kernel at 4-8
 #                                tokens, then the wgmma kernel's GPU tests (8-pair row blocks and 8 tokens too)
+#   bash tools/gpu_check.sh 10   tail blocks: the wgmma kernel's GPU tests (tail blocks too), its 64- and 128-pair
+#                                tiles with and without 16-pair tail blocks at 512-4096 tokens, then Nsight Compute
+#                                on the 20b layer at 64 tokens (the wgmma decode tiles: stall reasons, issue slots)
+#   bash tools/gpu_check.sh 11   occupancy of the wgmma decode tiles: 16- and 8-pair row blocks with fewer ring stages,
+#                                64-row programs and register caps (more programs an SM) against the defaults, 8-64 tokens
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -94,6 +99,24 @@ elif [ "$PART" = 9 ]; then
         | grep -v Warning | tee "$OUT/wgmma_sweep.txt"
     timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py -k wgmma \
         -rfE > "$OUT/tests_full.txt" 2>&1; tail -25 "$OUT/tests_full.txt"
+elif [ "$PART" = 10 ]; then
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        -k "wgmma or real_shapes" -rfE > "$OUT/tests_full.txt" 2>&1; tail -25 "$OUT/tests_full.txt"
+    timeout 200 python3 tools/moe_mma_sweep.py --cases 32x512,128x4096,32x1024,32x4096,128x2048 \
+        --wgmma 128:2:9:3,128:2:9:3:16,128:2:9:3:32,128:2:9:3:48,128:2:9:3:64,64:2:9:3,64:2:9:3:16 2>&1 \
+        | grep -v Warning | tee "$OUT/tail_sweep.txt"
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    timeout 120 "$NCU" --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        --section SchedulerStats --section LaunchStats -k "regex:_moe_wgmma" --launch-skip 4 --launch-count 2 \
+        python3 tools/ncu_moe_layer.py 64 > "$OUT/ncu_wgmma_64.txt" 2>&1
+    grep -E "Duration|Throughput|Stall|Warp Cycles|Issued|Eligible|Active Warps|Registers|Shared Memory|Theoretical" \
+        "$OUT/ncu_wgmma_64.txt" | head -80
+elif [ "$PART" = 11 ]; then
+    timeout 250 python3 tools/moe_mma_sweep.py --cases 32x64,128x64,32x16,32x32 \
+        --wgmma 16:2:12:3,16:2:8:3:0:64,16:2:6:3:0:64,16:1:8:3,16:1:8:3:0:48,16:1:6:3:0:48,16:1:12:3 2>&1 \
+        | grep -v Warning | tee "$OUT/occupancy_sweep.txt"
+    timeout 150 python3 tools/moe_mma_sweep.py --cases 32x8,32x6 --wgmma 8:2:12:3,8:2:8:3:0:64,8:1:8:3,8:1:8:3:0:48 \
+        2>&1 | grep -v Warning | tee "$OUT/occupancy_sweep_8.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
