@@ -775,7 +775,13 @@ GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
 # decode kernel's blocks of 8; where pairs go one by one that kernel stays (120b 8 tokens 203.8 against 211.0).
 WGMMA_MOE = os.environ.get("GPTOSS_WGMMA_MOE", "1") == "1"
 WGMMA_DECODE_PAIRS_PER_EXPERT = 16
-WGMMA_SMALL_TILE = dict(BLOCK_T=16, M_REPS=2, STAGES=12)  # decode steps' row blocks, and tail blocks
+# Decode steps' row blocks (16 pairs; 8 where pairs share experts at up to 8 tokens) and tail blocks: 64 weight
+# rows a program and 8 ring stages (58 registers, 17 KB of shared memory: 8 programs an SM, against 4 with 128 rows
+# and 12 stages, 98 registers; Nsight Compute on that tile at 20b 64 tokens: 3.65 warps a scheduler, issue slots
+# 66% busy). H100, 2026-12-06 (tools/moe_mma_sweep.py, µs, against 128 rows and 12 stages): 20b 8 tokens 164.8 ->
+# 156.7, 16 tokens 223.6 -> 204.4, 32 tokens 224.2 -> 205.0, 64 tokens 226.6 -> 214.2; 120b 64 tokens 731.6 ->
+# 705.9. Register caps (64 on 128 rows and 8 stages, 48 on 64 rows) lost.
+WGMMA_SMALL_TILE = dict(BLOCK_T=16, M_REPS=1, STAGES=8)
 # Tail blocks (moe_routing.group_by_expert): with row blocks of 128 pairs, an expert's last pairs past its whole
 # blocks, up to WGMMA_TAIL_PAIRS[128], take 16-pair blocks in a launch of their own rather than one more large block
 # (most of whose tensor-core work would be on padding): 120b at 4096 tokens has 128 +- 11 pairs an expert, so about

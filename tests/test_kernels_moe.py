@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported; the kernels re-read it at launch too
 
 from gptoss_serve.kernels.moe_gemv import DEFAULT_GEMV_CONFIG  # noqa: E402
-from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, SPLITK_MAX_TOKENS, _tile_config,  # noqa: E402
-                                             moe_experts, moe_experts_splitk, split_nibbles, swizzle_bits,
+from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, SPLITK_MAX_TOKENS, WGMMA_SMALL_TILE,  # noqa: E402
+                                             _tile_config, moe_experts, moe_experts_splitk, split_nibbles, swizzle_bits,
                                              takes_gemv, tile_rows, unswizzle_bits)
 from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref  # noqa: E402
 from gptoss_serve.kernels.moe_routing import (group_by_expert, max_row_blocks, max_tail_blocks,  # noqa: E402
@@ -670,7 +670,8 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
     for tokens, experts in ((512, 32), (64, 32), (5, 32), (512, 128)):  # 64-pair, 16-pair and 8-pair blocks
         assert "TAIL" not in mm.wgmma_config(tokens, 4, experts, **gpu)
     decode = mm.wgmma_config(64, 4, 32, **gpu)  # 20b, 8 pairs an expert: row blocks of 16
-    assert (decode["BLOCK_T"], decode["M_REPS"], decode["STAGES"], decode["KB_PER_STEP"]) == (16, 2, 12, 3)
+    assert (decode["BLOCK_T"], decode["M_REPS"], decode["STAGES"], decode["KB_PER_STEP"]) == (16, 1, 8, 3)
+    assert mm.wgmma_config(5, 4, 32, **gpu)["M_REPS"] == 1  # 64 weight rows a program: more programs an SM
     assert mm.wgmma_config(512, 4, 128, **gpu)["BLOCK_T"] == 16  # 120b, 16 pairs an expert
     assert mm.wgmma_config(9, 4, 128, **gpu)["BLOCK_T"] == 16  # the first step past the tensor-core decode kernel
     assert mm.wgmma_config(8, 4, 128, **gpu) is None  # 120b, 8 tokens: pairs one by one on the mma.sync kernel
@@ -710,10 +711,11 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
     for block_t, m_reps, stages, pipelined, warps, per_step in (
             (64, 1, 8, False, 4, 1), (64, 1, 8, True, 4, 1), (128, 2, 4, True, 4, 1), (16, 1, 8, True, 4, 1),
             (128, 1, 8, True, 8, 1), (16, 2, 8, True, 4, 2), (128, 2, 9, True, 4, 3), (16, 2, 12, True, 4, 4),
-            (8, 2, 12, True, 4, 3), (128, 2, 9, True, 4, "tail 48"), (64, 2, 9, True, 4, "tail 16")):
+            (8, 2, 12, True, 4, 3), (16, 1, 8, True, 4, 3), (8, 1, 8, True, 4, 3), (128, 2, 9, True, 4, "tail 16"),
+            (64, 2, 9, True, 4, "tail 48")):
         # unpipelined first: the reference for the ring; 8 warps: two warpgroups; several K blocks a step (at most
         # 4: 3 of 90 or 45 blocks, 1 of 5); each expert's last 48 or 16 pairs in 16-pair tail blocks (3 K blocks)
-        tail = dict(TAIL=dict(BLOCK_T=16, M_REPS=2, STAGES=12), TAIL_PAIRS=int(per_step.split()[1])) \
+        tail = dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=int(per_step.split()[1])) \
             if isinstance(per_step, str) else {}
         config = dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, PIPELINED=pipelined,
                       num_warps=warps, KB_PER_STEP=3 if tail else per_step, **tail)

@@ -32,6 +32,9 @@
 #                                on the 20b layer at 64 tokens (the wgmma decode tiles: stall reasons, issue slots)
 #   bash tools/gpu_check.sh 11   occupancy of the wgmma decode tiles: 16- and 8-pair row blocks with fewer ring stages,
 #                                64-row programs and register caps (more programs an SM) against the defaults, 8-64 tokens
+#   bash tools/gpu_check.sh 12   the wgmma GPU tests with the 64-row small tiles, 64-pair tiles with 64-row programs,
+#                                then Nsight Compute's stall reasons: the wgmma decode tile (20b, 64 tokens), the
+#                                128-pair tile (120b, 4096 tokens) and the tensor-core decode kernel (20b, 1 token)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -117,6 +120,24 @@ elif [ "$PART" = 11 ]; then
         | grep -v Warning | tee "$OUT/occupancy_sweep.txt"
     timeout 150 python3 tools/moe_mma_sweep.py --cases 32x8,32x6 --wgmma 8:2:12:3,8:2:8:3:0:64,8:1:8:3,8:1:8:3:0:48 \
         2>&1 | grep -v Warning | tee "$OUT/occupancy_sweep_8.txt"
+elif [ "$PART" = 12 ]; then
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        -k "wgmma or real_shapes" -rfE > "$OUT/tests_full.txt" 2>&1; tail -25 "$OUT/tests_full.txt"
+    timeout 120 python3 tools/moe_mma_sweep.py --cases 32x256,32x512,128x1024 \
+        --wgmma 64:2:9:3,64:1:8:3,64:1:9:3,64:1:12:3 2>&1 | grep -v Warning | tee "$OUT/t64_sweep.txt"
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    stalls() {  # $1 name, $2 kernel regex, $3 launches to skip, $4.. ncu_moe_layer.py arguments
+        local name=$1 regex=$2 skip=$3; shift 3
+        timeout 100 "$NCU" --clock-control none --section SpeedOfLight --section Occupancy --section SchedulerStats \
+            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" -k "regex:$regex" \
+            --launch-skip "$skip" --launch-count 1 python3 tools/ncu_moe_layer.py "$@" > "$OUT/ncu_$name.txt" 2>&1
+        echo "== $name"; grep -E "Duration|DRAM Throughput|Issued Warp|Active Warps Per Sch|Eligible Warps" \
+            "$OUT/ncu_$name.txt"
+        grep -E "issue_stalled" "$OUT/ncu_$name.txt" | awk '{print $NF, $1}' | sort -rn | head -8
+    }
+    stalls decode64 _moe_wgmma 2 64
+    stalls prefill120b _moe_wgmma 4 4096 128
+    stalls mma1 _moe_mma 2 1
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
