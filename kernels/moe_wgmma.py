@@ -66,8 +66,12 @@ F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value
 # Three K blocks a step beat one at every size timed (H200, 2026-12-06: e.g. 120b 4096 tokens, 128 pairs x 128
 # rows, 3595 -> 3163 us; 20b 64 tokens, 16 x 128, 287.5 -> 219.0 us).
 # maxnreg: a register cap for ptxas (None: its own choice), so that more programs fit an SM.
+# RINGS: one ring of STAGES // KB_PER_STEP slots for each K block of a step (block j of every step in ring j),
+# copies ahead by whole steps (COPY_AHEAD None: all slots but the step's own), one commit group a step. A step's
+# copies then write distinct buffers, so the compiler puts no barrier between them (it cannot tell slots of one
+# buffer apart: the single ring had 5 barriers a step at 3 K blocks, tools/kernel_sass.py).
 DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=9, PIPELINED=True, COPY_AHEAD=None,
-                            KB_PER_STEP=3, maxnreg=None)
+                            KB_PER_STEP=3, maxnreg=None, RINGS=False)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -118,7 +122,7 @@ def _moe_wgmma_kernel(
     SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
-    COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr,
+    COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, RINGS: gl.constexpr,
 ):
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
@@ -164,11 +168,20 @@ def _moe_wgmma_kernel(
             + (n_c % TILE_N)[:, None] * 16 + j_c[None, :]
     w_mask = (n_c < N)[:, None] & (j_c < 16)[None, :]
 
-    a_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, 32], B_SMEM)
-    w_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, ROWS, 16], PLAIN)
-    if PIPELINED:
-        for st in gl.static_range(COPY_AHEAD):  # blocks 0 .. COPY_AHEAD - 1 in flight before the loop
-            _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, st, st < NUM_KB, TILE_N)
+    if RINGS:  # ring j holds the K blocks j, j + KB_PER_STEP, ...: a step's copies write distinct buffers
+        a_rings = ()
+        w_rings = ()
+        for j in gl.static_range(KB_PER_STEP):
+            a_rings = a_rings + (gl.allocate_shared_memory(gl.float16, [STAGES // KB_PER_STEP, BLOCK_T, 32], B_SMEM),)
+            w_rings = w_rings + (gl.allocate_shared_memory(gl.uint8, [STAGES // KB_PER_STEP, ROWS, 16], PLAIN),)
+        for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):  # steps 0 .. in flight before the loop
+            _copy_ring_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N)
+    else:
+        a_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, 32], B_SMEM)
+        w_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, ROWS, 16], PLAIN)
+        if PIPELINED:
+            for st in gl.static_range(COPY_AHEAD):  # blocks 0 .. COPY_AHEAD - 1 in flight before the loop
+                _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, st, st < NUM_KB, TILE_N)
     # Scale bytes of each thread's rows (a row's 90 bytes share a few sectors: mostly L1 hits).
     n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, WORD_LAYOUT))
     s_tile = scales_ptr + expert.to(gl.int64) * stride_s_expert + n_w.to(gl.int64) * stride_s_row
@@ -179,7 +192,14 @@ def _moe_wgmma_kernel(
         scales = ()  # the step's scale bytes, loaded while this thread waits for the copies
         for j in gl.static_range(KB_PER_STEP):
             scales = scales + (gl.load(s_tile + (kb + j), mask=in_n, other=0),)
-        if PIPELINED:
+        if RINGS:  # two barriers a step, both here (the compiler adds one before a fence that follows reads)
+            async_copy.wait_group(COPY_AHEAD // KB_PER_STEP - 1)  # this thread's copies of the step landed
+            _barrier()  # every warp is past its wait for the previous step's wgmmas: their slots are free
+            fence_async_shared()  # this thread's landed copies, for the wgmmas (async proxy) of every warp
+            _copy_ring_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step + COPY_AHEAD // KB_PER_STEP,
+                            NUM_KB, KB_PER_STEP, TILE_N)  # into the slots the previous step freed
+            _barrier()  # every thread's fence before any warp reads the step's slots
+        elif PIPELINED:
             async_copy.wait_group(COPY_AHEAD - KB_PER_STEP)  # this thread's copies of the step's blocks landed
             fence_async_shared()
             _barrier()  # everyone's; and every warp is past its wait for the previous step's wgmmas
@@ -195,15 +215,20 @@ def _moe_wgmma_kernel(
         # every block's A operand is a value of its own, kept alive (deps) until the step's one wait.
         operands = ()
         for j in gl.static_range(KB_PER_STEP):
-            slot = (kb + j) % STAGES if PIPELINED else 0
-            w = _a_operand(w_smem.index(slot).load(WORD_LAYOUT), scales[j], WORD_LAYOUT, A_L, ROWS)
-            acc = warpgroup_mma(w, a_smem.index(slot).permute((1, 0)), acc, is_async=True)
+            if RINGS:
+                w_slot = w_rings[j].index(step % (STAGES // KB_PER_STEP))
+                a_slot = a_rings[j].index(step % (STAGES // KB_PER_STEP))
+            else:
+                w_slot = w_smem.index((kb + j) % STAGES if PIPELINED else 0)
+                a_slot = a_smem.index((kb + j) % STAGES if PIPELINED else 0)
+            w = _a_operand(w_slot.load(WORD_LAYOUT), scales[j], WORD_LAYOUT, A_L, ROWS)
+            acc = warpgroup_mma(w, a_slot.permute((1, 0)), acc, is_async=True)
             operands = operands + (w,)
         waited = warpgroup_mma_wait(num_outstanding=0, deps=(acc,) + operands)
         acc = waited[0]
         if not PIPELINED:
             _barrier()  # every warp's wgmma has read the slot before the next step writes it
-    if PIPELINED:
+    if PIPELINED or RINGS:
         async_copy.wait_group(0)
         # Every thread's copies (the zero-filled ones past the last step too) have landed before any thread's
         # epilogue: the ring's last use is its copies, so the epilogue's layout conversions may reuse its
@@ -262,6 +287,19 @@ def _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, step, valid, TILE
     slot = step % a_smem.shape[0]
     _async_load(a_smem.index(slot), a_tile + step * 32, mask=a_mask & valid)
     _async_load(w_smem.index(slot), w_tile + step * (16 * TILE_N), mask=w_mask & valid)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _copy_ring_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step, NUM_KB: gl.constexpr,
+                    KB_PER_STEP: gl.constexpr, TILE_N: gl.constexpr):
+    """Asynchronous copies of one step's K blocks (block step * KB_PER_STEP + j into slot step % slots of ring j),
+    committed as one group (an empty group past the last step, so that every step waits for the same count)."""
+    for j in gl.static_range(KB_PER_STEP):
+        block = step * KB_PER_STEP + j
+        slot = step % a_rings[j].shape[0]
+        _async_load(a_rings[j].index(slot), a_tile + block * 32, mask=a_mask & (block < NUM_KB))
+        _async_load(w_rings[j].index(slot), w_tile + block * (16 * TILE_N), mask=w_mask & (block < NUM_KB))
     async_copy.commit_group()
 
 
@@ -330,10 +368,18 @@ def moe_wgmma(
         raise ValueError(f"{n_rows} weight rows must be whole tiles of {tile_n}, row blocks at most BLOCK_T")
     stages = config["STAGES"]
     per_step = largest_divisor(num_k_blocks, config["KB_PER_STEP"]) if config["PIPELINED"] else 1
-    ahead = stages - per_step - 1 if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
-    if config["PIPELINED"] and not per_step <= ahead <= stages - per_step:
-        raise ValueError(f"the wgmma kernel's ring of {stages} slots holds KB_PER_STEP to STAGES - KB_PER_STEP "
-                         f"blocks of copies ahead ({per_step} a step), not {ahead}")
+    rings = bool(config["RINGS"]) and config["PIPELINED"]
+    if rings:  # whole steps: STAGES // per_step slots a ring, copies ahead by whole steps
+        stages -= stages % per_step
+        ahead = stages - per_step if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
+        if ahead % per_step or not per_step <= ahead <= stages - per_step:
+            raise ValueError(f"the wgmma kernel's rings of {stages // per_step} slots hold 1 to "
+                             f"{stages // per_step - 1} steps of {per_step} K blocks ahead, not {ahead} blocks")
+    else:
+        ahead = stages - per_step - 1 if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
+        if config["PIPELINED"] and not per_step <= ahead <= stages - per_step:
+            raise ValueError(f"the wgmma kernel's ring of {stages} slots holds KB_PER_STEP to STAGES - "
+                             f"KB_PER_STEP blocks of copies ahead ({per_step} a step), not {ahead}")
     if not scales_fit_f16(scales):
         raise ValueError(f"the wgmma MoE kernel scales in f16: scale bytes must lie in {F16_SCALE_RANGE}")
     num_warps, m_reps, block_t = config["num_warps"], config["M_REPS"], config["BLOCK_T"]
@@ -351,7 +397,7 @@ def moe_wgmma(
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None, TILE_N=tile_n,
         NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
         BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages,
-        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, num_warps=num_warps,
+        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, RINGS=rings, num_warps=num_warps,
         **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
 
 

@@ -708,17 +708,22 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
     layout = dict(split_nibbles=True, tile_n=tile)
     ref = moe_experts_ref(*args) if num_tokens <= 512 else None  # the twin at 4096 tokens is slow
     grouped = moe_experts(*served, **layout)
-    for block_t, m_reps, stages, pipelined, warps, per_step in (
-            (64, 1, 8, False, 4, 1), (64, 1, 8, True, 4, 1), (128, 2, 4, True, 4, 1), (16, 1, 8, True, 4, 1),
-            (128, 1, 8, True, 8, 1), (16, 2, 8, True, 4, 2), (128, 2, 9, True, 4, 3), (16, 2, 12, True, 4, 4),
-            (8, 2, 12, True, 4, 3), (16, 1, 8, True, 4, 3), (8, 1, 8, True, 4, 3), (128, 2, 9, True, 4, "tail 16"),
-            (64, 2, 9, True, 4, "tail 48")):
+    rings = dict(RINGS=True)
+    tail = dict(TAIL=WGMMA_SMALL_TILE, KB_PER_STEP=3)
+    for block_t, m_reps, stages, pipelined, warps, per_step, extra in (
+            (64, 1, 8, False, 4, 1, {}), (64, 1, 8, True, 4, 1, {}), (128, 2, 4, True, 4, 1, {}),
+            (16, 1, 8, True, 4, 1, {}), (128, 1, 8, True, 8, 1, {}), (16, 2, 8, True, 4, 2, {}),
+            (128, 2, 9, True, 4, 3, {}), (16, 2, 12, True, 4, 4, {}), (8, 2, 12, True, 4, 3, {}),
+            (16, 1, 8, True, 4, 3, {}), (8, 1, 8, True, 4, 3, {}), (128, 2, 9, True, 4, 3, dict(tail, TAIL_PAIRS=16)),
+            (64, 2, 9, True, 4, 3, dict(tail, TAIL_PAIRS=48)), (16, 1, 12, True, 4, 3, rings),
+            (8, 1, 12, True, 4, 3, rings), (128, 2, 9, True, 4, 3, rings), (64, 2, 6, True, 4, 3, rings),
+            (16, 2, 8, True, 4, 2, rings), (16, 1, 12, True, 4, 3, dict(rings, COPY_AHEAD=3)),
+            (128, 2, 9, True, 4, 3, dict(rings, TAIL=dict(WGMMA_SMALL_TILE, STAGES=12, RINGS=True), TAIL_PAIRS=16))):
         # unpipelined first: the reference for the ring; 8 warps: two warpgroups; several K blocks a step (at most
-        # 4: 3 of 90 or 45 blocks, 1 of 5); each expert's last 48 or 16 pairs in 16-pair tail blocks (3 K blocks)
-        tail = dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=int(per_step.split()[1])) \
-            if isinstance(per_step, str) else {}
+        # 4: 3 of 90 or 45 blocks, 1 of 5); each expert's last 48 or 16 pairs in 16-pair tail blocks; a ring for each
+        # K block of a step (copies a whole step ahead or fewer)
         config = dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, PIPELINED=pipelined,
-                      num_warps=warps, KB_PER_STEP=3 if tail else per_step, **tail)
+                      num_warps=warps, KB_PER_STEP=per_step, **extra)
         out = moe_experts(*served, config=config, **layout)
         if ref is not None:
             assert rel_err(out, ref) < 1e-2, config

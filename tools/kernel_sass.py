@@ -157,6 +157,10 @@ def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **ove
                  WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t,
                  M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages, PIPELINED=True, KB_PER_STEP=3)
     const.update(overrides)
+    const.setdefault("RINGS", False)
+    if const["RINGS"]:  # whole steps ahead, as moe_wgmma computes it
+        const["STAGES"] -= const["STAGES"] % const["KB_PER_STEP"]
+        const.setdefault("COPY_AHEAD", const["STAGES"] - const["KB_PER_STEP"])
     const.setdefault("COPY_AHEAD", stages - const["KB_PER_STEP"] - 1 if const["PIPELINED"] else 1)
     return compile_offline(_moe_wgmma_kernel, args, const, num_warps=num_warps)
 
