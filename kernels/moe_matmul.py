@@ -776,12 +776,17 @@ GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
 WGMMA_MOE = os.environ.get("GPTOSS_WGMMA_MOE", "1") == "1"
 WGMMA_DECODE_PAIRS_PER_EXPERT = 16
 # Decode steps' row blocks (16 pairs; 8 where pairs share experts at up to 8 tokens) and tail blocks: 64 weight
-# rows a program and 8 ring stages (58 registers, 17 KB of shared memory: 8 programs an SM, against 4 with 128 rows
-# and 12 stages, 98 registers; Nsight Compute on that tile at 20b 64 tokens: 3.65 warps a scheduler, issue slots
-# 66% busy). H100, 2026-12-06 (tools/moe_mma_sweep.py, µs, against 128 rows and 12 stages): 20b 8 tokens 164.8 ->
-# 156.7, 16 tokens 223.6 -> 204.4, 32 tokens 224.2 -> 205.0, 64 tokens 226.6 -> 214.2; 120b 64 tokens 731.6 ->
-# 705.9. Register caps (64 on 128 rows and 8 stages, 48 on 64 rows) lost.
-WGMMA_SMALL_TILE = dict(BLOCK_T=16, M_REPS=1, STAGES=8)
+# rows a program (58 registers, 12-17 KB of shared memory: 8 programs an SM, against 4 with 128 rows and 12
+# stages, 98 registers; Nsight Compute on that tile at 20b 64 tokens: 3.65 warps a scheduler, issue slots 66%
+# busy). H100, 2026-12-06 (tools/moe_mma_sweep.py, µs, one ring of 8 stages then, against 128 rows and 12 stages):
+# 20b 8 tokens 164.8 -> 156.7, 16 tokens 223.6 -> 204.4, 32 tokens 224.2 -> 205.0, 64 tokens 226.6 -> 214.2; 120b
+# 64 tokens 731.6 -> 705.9. Register caps (64 on 128 rows and 8 stages, 48 on 64 rows) lost. With a ring a K block
+# (moe_wgmma.DEFAULT_WGMMA_CONFIG), 6 stages (2 slots a ring) beat 9 and 12 at 16 pairs (120b 64 tokens 659.2
+# against 677.2 and 718.2 µs; 20b even), 12 beat 9 at 8 pairs (20b 8 tokens 145.8 against 150.3). Row blocks of
+# 64 pairs likewise with 6 stages (20b 512 tokens 412.3 against 434.1 with 9), of 128 with 9 (120b 4096 tokens
+# 2988 against 3037 with 6).
+WGMMA_SMALL_TILE = dict(BLOCK_T=16, M_REPS=1, STAGES=6)
+WGMMA_PAIR_BLOCK_STAGES = {8: 12, 64: 6, 128: 9}  # ring stages by row block where not WGMMA_SMALL_TILE's
 # Tail blocks (moe_routing.group_by_expert): with row blocks of 128 pairs, an expert's last pairs past its whole
 # blocks, up to WGMMA_TAIL_PAIRS[128], take 16-pair blocks in a launch of their own rather than one more large block
 # (most of whose tensor-core work would be on padding): 120b at 4096 tokens has 128 +- 11 pairs an expert, so about
@@ -836,12 +841,14 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     if not all(scales_fit_f16(s) for s in scales):
         return None
     if decode_blocks:
-        return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **dict(WGMMA_SMALL_TILE, BLOCK_T=8))
+        return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **dict(WGMMA_SMALL_TILE, BLOCK_T=8,
+                                                                STAGES=WGMMA_PAIR_BLOCK_STAGES[8]))
     if pairs_per_expert <= WGMMA_DECODE_PAIRS_PER_EXPERT:
         return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **WGMMA_SMALL_TILE)
     block_t = 64 if pairs_per_expert <= 64 else 128
     tail = dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=WGMMA_TAIL_PAIRS[block_t]) if WGMMA_TAIL_PAIRS.get(block_t) else {}
-    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=block_t, M_REPS=2, **tail)
+    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=block_t, M_REPS=2,
+                STAGES=WGMMA_PAIR_BLOCK_STAGES[block_t], **tail)
 
 
 def takes_gemv(num_tokens: int, top_k: int, num_local_experts: int) -> bool:

@@ -24,10 +24,10 @@ epilogues are those of moe_matmul's grouped kernel (bias and SwiGLU for w1, writ
 routing weight for w2, by pair, for its combine kernel), with the same roundings.
 
 A program: one row block of an expert's pairs (BLOCK_T, the wgmma N) and ROWS weight rows (the wgmma M: 64 a
-warpgroup, M_REPS times), all of K, one 32-wide K block a step. Each step's activations [BLOCK_T, 32] and weight
-bytes [ROWS, 16] arrive by asynchronous copies into a ring of STAGES shared-memory slots, COPY_AHEAD steps ahead;
-the scale bytes a step ahead in registers; each step's wgmma ends before the next step's dequantization
-(see DEFAULT_WGMMA_CONFIG for why).
+warpgroup, M_REPS times), all of K, KB_PER_STEP 32-wide K blocks a step. Each block's activations [BLOCK_T, 32]
+and weight bytes [ROWS, 16] arrive by asynchronous copies into shared-memory rings (one for each K block of a
+step), COPY_AHEAD blocks ahead; the step's scale bytes are loaded while the copies land; each step's wgmmas end before
+the next step's dequantization (see DEFAULT_WGMMA_CONFIG for why).
 
 No interpreter runs Gluon: tested on GPUs only (tests/test_kernels_moe.py, marker gpu). Where it is the default:
 moe_matmul.wgmma_config.
@@ -51,9 +51,16 @@ from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE
 from gptoss_serve.kernels.triton_utils import largest_divisor, launch
 
 F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value is an exact f16
-# PIPELINED False: plain loads into one shared slot and a waited wgmma each step (slow; a reference for the ring).
-# COPY_AHEAD: K blocks of copies in flight (None: STAGES - KB_PER_STEP - 1; from KB_PER_STEP to STAGES -
-# KB_PER_STEP, since a step copies into the slots that the previous step freed).
+# PIPELINED False: plain loads into one shared slot and a waited wgmma each step (slow; a reference for the rings).
+# STAGES: shared-memory slots for K blocks in all (rounded down to whole steps): a ring of STAGES // KB_PER_STEP
+# slots for each K block of a step (block j of every step in ring j). A step's copies then write distinct buffers,
+# so the compiler puts no barrier between them (it cannot tell slots of one buffer apart: a single ring of STAGES
+# slots had 5 barriers a step at 3 K blocks, and 244 instructions in the loop at 16 pairs x 64 rows against 208
+# with 4-slot rings, tools/kernel_sass.py). H100, 2026-12-06 (tools/moe_mma_sweep.py, µs, against the single
+# ring): 20b 8 tokens 156.2 -> 145.8, 16 tokens 204.1 -> 192.9, 64 tokens 213.6 -> 204.9, 512 tokens 453.8 ->
+# 412.3, 4096 tokens 2261 -> 2185; 120b 64 tokens 703.9 -> 659.2, 4096 tokens 3095 -> 2988; outputs bitwise equal.
+# COPY_AHEAD: K blocks of copies in flight, whole steps (None: all but the step's own ring slots; from KB_PER_STEP
+# to STAGES - KB_PER_STEP, since a step copies into the slots that the previous step freed).
 # Each step's wgmma is waited for before the next step's dequantization: leaving one in flight (as first built)
 # gave wrong sums at most tiles on an H200 (2026-12-04, tools/moe_wgmma_check.py: nan or 20-30% error at 16-pair
 # and 128-pair row blocks, runs differing; copies fewer steps ahead did not help, waiting at once did at every
@@ -66,12 +73,8 @@ F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value
 # Three K blocks a step beat one at every size timed (H200, 2026-12-06: e.g. 120b 4096 tokens, 128 pairs x 128
 # rows, 3595 -> 3163 us; 20b 64 tokens, 16 x 128, 287.5 -> 219.0 us).
 # maxnreg: a register cap for ptxas (None: its own choice), so that more programs fit an SM.
-# RINGS: one ring of STAGES // KB_PER_STEP slots for each K block of a step (block j of every step in ring j),
-# copies ahead by whole steps (COPY_AHEAD None: all slots but the step's own), one commit group a step. A step's
-# copies then write distinct buffers, so the compiler puts no barrier between them (it cannot tell slots of one
-# buffer apart: the single ring had 5 barriers a step at 3 K blocks, tools/kernel_sass.py).
 DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=9, PIPELINED=True, COPY_AHEAD=None,
-                            KB_PER_STEP=3, maxnreg=None, RINGS=False)
+                            KB_PER_STEP=3, maxnreg=None)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -122,7 +125,7 @@ def _moe_wgmma_kernel(
     SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
-    COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, RINGS: gl.constexpr,
+    COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr,
 ):
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
@@ -168,20 +171,16 @@ def _moe_wgmma_kernel(
             + (n_c % TILE_N)[:, None] * 16 + j_c[None, :]
     w_mask = (n_c < N)[:, None] & (j_c < 16)[None, :]
 
-    if RINGS:  # ring j holds the K blocks j, j + KB_PER_STEP, ...: a step's copies write distinct buffers
-        a_rings = ()
-        w_rings = ()
-        for j in gl.static_range(KB_PER_STEP):
-            a_rings = a_rings + (gl.allocate_shared_memory(gl.float16, [STAGES // KB_PER_STEP, BLOCK_T, 32], B_SMEM),)
-            w_rings = w_rings + (gl.allocate_shared_memory(gl.uint8, [STAGES // KB_PER_STEP, ROWS, 16], PLAIN),)
+    # Ring j holds the K blocks j, j + KB_PER_STEP, ... (STAGES // KB_PER_STEP slots): a step's copies write
+    # distinct buffers, so the compiler puts no barrier between them (it cannot tell slots of one buffer apart).
+    a_rings = ()
+    w_rings = ()
+    for j in gl.static_range(KB_PER_STEP):
+        a_rings = a_rings + (gl.allocate_shared_memory(gl.float16, [STAGES // KB_PER_STEP, BLOCK_T, 32], B_SMEM),)
+        w_rings = w_rings + (gl.allocate_shared_memory(gl.uint8, [STAGES // KB_PER_STEP, ROWS, 16], PLAIN),)
+    if PIPELINED:
         for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):  # steps 0 .. in flight before the loop
-            _copy_ring_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N)
-    else:
-        a_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_T, 32], B_SMEM)
-        w_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, ROWS, 16], PLAIN)
-        if PIPELINED:
-            for st in gl.static_range(COPY_AHEAD):  # blocks 0 .. COPY_AHEAD - 1 in flight before the loop
-                _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, st, st < NUM_KB, TILE_N)
+            _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N)
     # Scale bytes of each thread's rows (a row's 90 bytes share a few sectors: mostly L1 hits).
     n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, WORD_LAYOUT))
     s_tile = scales_ptr + expert.to(gl.int64) * stride_s_expert + n_w.to(gl.int64) * stride_s_row
@@ -192,35 +191,24 @@ def _moe_wgmma_kernel(
         scales = ()  # the step's scale bytes, loaded while this thread waits for the copies
         for j in gl.static_range(KB_PER_STEP):
             scales = scales + (gl.load(s_tile + (kb + j), mask=in_n, other=0),)
-        if RINGS:  # two barriers a step, both here (the compiler adds one before a fence that follows reads)
+        if PIPELINED:  # two barriers a step, both here (the compiler adds one before a fence that follows reads)
             async_copy.wait_group(COPY_AHEAD // KB_PER_STEP - 1)  # this thread's copies of the step landed
             _barrier()  # every warp is past its wait for the previous step's wgmmas: their slots are free
             fence_async_shared()  # this thread's landed copies, for the wgmmas (async proxy) of every warp
-            _copy_ring_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step + COPY_AHEAD // KB_PER_STEP,
-                            NUM_KB, KB_PER_STEP, TILE_N)  # into the slots the previous step freed
+            _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step + COPY_AHEAD // KB_PER_STEP,
+                       NUM_KB, KB_PER_STEP, TILE_N)  # into the slots the previous step freed
             _barrier()  # every thread's fence before any warp reads the step's slots
-        elif PIPELINED:
-            async_copy.wait_group(COPY_AHEAD - KB_PER_STEP)  # this thread's copies of the step's blocks landed
-            fence_async_shared()
-            _barrier()  # everyone's; and every warp is past its wait for the previous step's wgmmas
-            for j in gl.static_range(KB_PER_STEP):  # into the slots the previous step freed
-                nxt = kb + COPY_AHEAD + j
-                _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, nxt, nxt < NUM_KB, TILE_N)
         else:  # plain loads and stores into one slot, the wgmma waited for: to tell a fault of the ring apart
-            a_smem.index(0).store(gl.load(a_tile + kb * 32, mask=a_mask, other=0.0))
-            w_smem.index(0).store(gl.load(w_tile + kb * (16 * TILE_N), mask=w_mask, other=0))
+            a_rings[0].index(0).store(gl.load(a_tile + kb * 32, mask=a_mask, other=0.0))
+            w_rings[0].index(0).store(gl.load(w_tile + kb * (16 * TILE_N), mask=w_mask, other=0))
             fence_async_shared()
             _barrier()
         # The step's blocks one after another, each wgmma left in flight while the next block is dequantized:
         # every block's A operand is a value of its own, kept alive (deps) until the step's one wait.
         operands = ()
         for j in gl.static_range(KB_PER_STEP):
-            if RINGS:
-                w_slot = w_rings[j].index(step % (STAGES // KB_PER_STEP))
-                a_slot = a_rings[j].index(step % (STAGES // KB_PER_STEP))
-            else:
-                w_slot = w_smem.index((kb + j) % STAGES if PIPELINED else 0)
-                a_slot = a_smem.index((kb + j) % STAGES if PIPELINED else 0)
+            w_slot = w_rings[j].index(step % (STAGES // KB_PER_STEP))
+            a_slot = a_rings[j].index(step % (STAGES // KB_PER_STEP))
             w = _a_operand(w_slot.load(WORD_LAYOUT), scales[j], WORD_LAYOUT, A_L, ROWS)
             acc = warpgroup_mma(w, a_slot.permute((1, 0)), acc, is_async=True)
             operands = operands + (w,)
@@ -228,7 +216,7 @@ def _moe_wgmma_kernel(
         acc = waited[0]
         if not PIPELINED:
             _barrier()  # every warp's wgmma has read the slot before the next step writes it
-    if PIPELINED or RINGS:
+    if PIPELINED:
         async_copy.wait_group(0)
         # Every thread's copies (the zero-filled ones past the last step too) have landed before any thread's
         # epilogue: the ring's last use is its copies, so the epilogue's layout conversions may reuse its
@@ -281,18 +269,8 @@ def _a_operand(w_bytes, scale, WORD_LAYOUT: gl.constexpr, A_L: gl.constexpr, ROW
 
 
 @gluon.jit
-def _copy_step(a_smem, w_smem, a_tile, a_mask, w_tile, w_mask, step, valid, TILE_N: gl.constexpr):
-    """Asynchronous copies of one K step's activations and weight bytes into ring slot step % STAGES, committed
-    as one group (an empty group past the last step, so that every step waits for the same count)."""
-    slot = step % a_smem.shape[0]
-    _async_load(a_smem.index(slot), a_tile + step * 32, mask=a_mask & valid)
-    _async_load(w_smem.index(slot), w_tile + step * (16 * TILE_N), mask=w_mask & valid)
-    async_copy.commit_group()
-
-
-@gluon.jit
-def _copy_ring_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step, NUM_KB: gl.constexpr,
-                    KB_PER_STEP: gl.constexpr, TILE_N: gl.constexpr):
+def _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step, NUM_KB: gl.constexpr,
+               KB_PER_STEP: gl.constexpr, TILE_N: gl.constexpr):
     """Asynchronous copies of one step's K blocks (block step * KB_PER_STEP + j into slot step % slots of ring j),
     committed as one group (an empty group past the last step, so that every step waits for the same count)."""
     for j in gl.static_range(KB_PER_STEP):
@@ -366,20 +344,12 @@ def moe_wgmma(
         raise ValueError("activations must be to_f16_slots' [rows, K] f16, K matching the weights")
     if n_rows % tile_n or groups.block_m > config["BLOCK_T"]:
         raise ValueError(f"{n_rows} weight rows must be whole tiles of {tile_n}, row blocks at most BLOCK_T")
-    stages = config["STAGES"]
     per_step = largest_divisor(num_k_blocks, config["KB_PER_STEP"]) if config["PIPELINED"] else 1
-    rings = bool(config["RINGS"]) and config["PIPELINED"]
-    if rings:  # whole steps: STAGES // per_step slots a ring, copies ahead by whole steps
-        stages -= stages % per_step
-        ahead = stages - per_step if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
-        if ahead % per_step or not per_step <= ahead <= stages - per_step:
-            raise ValueError(f"the wgmma kernel's rings of {stages // per_step} slots hold 1 to "
-                             f"{stages // per_step - 1} steps of {per_step} K blocks ahead, not {ahead} blocks")
-    else:
-        ahead = stages - per_step - 1 if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
-        if config["PIPELINED"] and not per_step <= ahead <= stages - per_step:
-            raise ValueError(f"the wgmma kernel's ring of {stages} slots holds KB_PER_STEP to STAGES - "
-                             f"KB_PER_STEP blocks of copies ahead ({per_step} a step), not {ahead}")
+    stages = config["STAGES"] - config["STAGES"] % per_step if config["PIPELINED"] else 1  # whole rings
+    ahead = stages - per_step if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
+    if config["PIPELINED"] and (ahead % per_step or not per_step <= ahead <= stages - per_step):
+        raise ValueError(f"the wgmma kernel's rings of {stages // per_step} slots hold 1 to {stages // per_step - 1} "
+                         f"steps of {per_step} K blocks of copies ahead, not {ahead} blocks")
     if not scales_fit_f16(scales):
         raise ValueError(f"the wgmma MoE kernel scales in f16: scale bytes must lie in {F16_SCALE_RANGE}")
     num_warps, m_reps, block_t = config["num_warps"], config["M_REPS"], config["BLOCK_T"]
@@ -397,7 +367,7 @@ def moe_wgmma(
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None, TILE_N=tile_n,
         NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
         BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages,
-        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, RINGS=rings, num_warps=num_warps,
+        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, num_warps=num_warps,
         **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
 
 

@@ -670,7 +670,7 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
     for tokens, experts in ((512, 32), (64, 32), (5, 32), (512, 128)):  # 64-pair, 16-pair and 8-pair blocks
         assert "TAIL" not in mm.wgmma_config(tokens, 4, experts, **gpu)
     decode = mm.wgmma_config(64, 4, 32, **gpu)  # 20b, 8 pairs an expert: row blocks of 16
-    assert (decode["BLOCK_T"], decode["M_REPS"], decode["STAGES"], decode["KB_PER_STEP"]) == (16, 1, 8, 3)
+    assert (decode["BLOCK_T"], decode["M_REPS"], decode["STAGES"], decode["KB_PER_STEP"]) == (16, 1, 6, 3)
     assert mm.wgmma_config(5, 4, 32, **gpu)["M_REPS"] == 1  # 64 weight rows a program: more programs an SM
     assert mm.wgmma_config(512, 4, 128, **gpu)["BLOCK_T"] == 16  # 120b, 16 pairs an expert
     assert mm.wgmma_config(9, 4, 128, **gpu)["BLOCK_T"] == 16  # the first step past the tensor-core decode kernel
@@ -708,20 +708,17 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
     layout = dict(split_nibbles=True, tile_n=tile)
     ref = moe_experts_ref(*args) if num_tokens <= 512 else None  # the twin at 4096 tokens is slow
     grouped = moe_experts(*served, **layout)
-    rings = dict(RINGS=True)
-    tail = dict(TAIL=WGMMA_SMALL_TILE, KB_PER_STEP=3)
+    tail = dict(TAIL=WGMMA_SMALL_TILE)
     for block_t, m_reps, stages, pipelined, warps, per_step, extra in (
             (64, 1, 8, False, 4, 1, {}), (64, 1, 8, True, 4, 1, {}), (128, 2, 4, True, 4, 1, {}),
             (16, 1, 8, True, 4, 1, {}), (128, 1, 8, True, 8, 1, {}), (16, 2, 8, True, 4, 2, {}),
             (128, 2, 9, True, 4, 3, {}), (16, 2, 12, True, 4, 4, {}), (8, 2, 12, True, 4, 3, {}),
             (16, 1, 8, True, 4, 3, {}), (8, 1, 8, True, 4, 3, {}), (128, 2, 9, True, 4, 3, dict(tail, TAIL_PAIRS=16)),
-            (64, 2, 9, True, 4, 3, dict(tail, TAIL_PAIRS=48)), (16, 1, 12, True, 4, 3, rings),
-            (8, 1, 12, True, 4, 3, rings), (128, 2, 9, True, 4, 3, rings), (64, 2, 6, True, 4, 3, rings),
-            (16, 2, 8, True, 4, 2, rings), (16, 1, 12, True, 4, 3, dict(rings, COPY_AHEAD=3)),
-            (128, 2, 9, True, 4, 3, dict(rings, TAIL=dict(WGMMA_SMALL_TILE, STAGES=12, RINGS=True), TAIL_PAIRS=16))):
-        # unpipelined first: the reference for the ring; 8 warps: two warpgroups; several K blocks a step (at most
-        # 4: 3 of 90 or 45 blocks, 1 of 5); each expert's last 48 or 16 pairs in 16-pair tail blocks; a ring for each
-        # K block of a step (copies a whole step ahead or fewer)
+            (64, 2, 9, True, 4, 3, dict(tail, TAIL_PAIRS=48)), (16, 1, 6, True, 4, 3, {}), (8, 1, 12, True, 4, 3, {}),
+            (64, 2, 6, True, 4, 3, {}), (16, 1, 12, True, 4, 3, dict(COPY_AHEAD=3)), (16, 1, 8, True, 4, 2, {})):
+        # unpipelined first: the reference for the rings; 8 warps: two warpgroups; several K blocks a step (at most
+        # 4: 3 of 90 or 45 blocks, 1 of 5; stages rounded down to whole rings); each expert's last 48 or 16 pairs
+        # in 16-pair tail blocks; copies a whole step ahead (of 3 rings of 4 slots) as well as all slots
         config = dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, PIPELINED=pipelined,
                       num_warps=warps, KB_PER_STEP=per_step, **extra)
         out = moe_experts(*served, config=config, **layout)

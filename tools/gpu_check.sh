@@ -35,9 +35,8 @@
 #   bash tools/gpu_check.sh 12   the wgmma GPU tests with the 64-row small tiles, 64-pair tiles with 64-row programs,
 #                                then Nsight Compute's stall reasons: the wgmma decode tile (20b, 64 tokens), the
 #                                128-pair tile (120b, 4096 tokens) and the tensor-core decode kernel (20b, 1 token)
-#   bash tools/gpu_check.sh 13   a ring a K block of a step (RINGS): the wgmma GPU tests, then its tiles against the
-#                                single ring at 8-64 tokens (16- and 8-pair blocks), 512 (64-pair) and 1024-4096
-#                                (128-pair blocks with tail blocks)
+#   bash tools/gpu_check.sh 13   the final defaults (a ring a K block of a step): the wgmma, real-shape and model GPU
+#                                tests, the engine's, the bench's MoE rows, the 20b engine
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -142,14 +141,13 @@ elif [ "$PART" = 12 ]; then
     stalls prefill120b _moe_wgmma 4 4096 128
     stalls mma1 _moe_mma 2 1
 elif [ "$PART" = 13 ]; then
-    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py -k wgmma \
-        -rfE > "$OUT/tests_full.txt" 2>&1; tail -25 "$OUT/tests_full.txt"
-    sweep() { timeout 120 python3 tools/moe_mma_sweep.py --cases "$1" --wgmma "$2" 2>&1 | grep -v Warning \
-        | grep -v "^  mma " | tee -a "$OUT/rings_sweep.txt"; }
-    sweep 32x64,128x64,32x16 16:1:8:3,16:1:12:3:0:0:1,16:1:9:3:0:0:1,16:1:6:3:0:0:1,16:2:12:3:0:0:1
-    sweep 32x8 8:1:8:3,8:1:12:3:0:0:1,8:1:9:3:0:0:1
-    sweep 32x512 64:2:9:3,64:2:9:3:0:0:1,64:2:6:3:0:0:1,64:2:12:3:0:0:1
-    sweep 128x4096,32x1024,32x4096 128:2:9:3:16,128:2:9:3:16:0:1,128:2:6:3:16:0:1
+    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        -k "wgmma or real_shapes or serving" -rfE > "$OUT/tests_full.txt" 2>&1; tail -15 "$OUT/tests_full.txt"
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
+        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -15 "$OUT/tests_model_engine.txt"
+    timeout 100 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/bench.txt"
+    engine_bench "$OUT/engine.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

@@ -157,11 +157,11 @@ def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **ove
                  WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t,
                  M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages, PIPELINED=True, KB_PER_STEP=3)
     const.update(overrides)
-    const.setdefault("RINGS", False)
-    if const["RINGS"]:  # whole steps ahead, as moe_wgmma computes it
+    if const["PIPELINED"]:  # whole rings, copies ahead by all slots but the step's own, as moe_wgmma computes them
         const["STAGES"] -= const["STAGES"] % const["KB_PER_STEP"]
         const.setdefault("COPY_AHEAD", const["STAGES"] - const["KB_PER_STEP"])
-    const.setdefault("COPY_AHEAD", stages - const["KB_PER_STEP"] - 1 if const["PIPELINED"] else 1)
+    else:
+        const.update(STAGES=1, COPY_AHEAD=1)
     return compile_offline(_moe_wgmma_kernel, args, const, num_warps=num_warps)
 
 
@@ -249,7 +249,7 @@ if __name__ == "__main__":
                    fused_20b("w2", rows, k_unroll=unroll), 32 * rows)
     elif which == "wgmma":
         # a step: 3 K blocks, 64 * m_reps rows x 96 weights over 128 threads (48 * m_reps weights a thread)
-        for block_t, m_reps, stages in ((8, 2, 12), (16, 2, 12), (64, 2, 9), (128, 2, 9)):  # the shipped tiles
+        for block_t, m_reps, stages in ((8, 1, 12), (16, 1, 6), (64, 2, 6), (128, 2, 9)):  # the shipped tiles
             report(f"wgmma 20b w1 + SwiGLU, {block_t} pairs x {64 * m_reps} rows, 3 K blocks a step",
                    wgmma_20b_w1(block_t, m_reps, stages=stages), 48 * m_reps)
         report("wgmma 20b w2 (bias, routing weight), 128 pairs x 128 rows", wgmma_20b_w1(128, 2, swiglu=False,

@@ -24,9 +24,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--cases", default="32x1,128x1,32x2,128x2,32x4,128x4,32x8,128x8,32x16,32x32,32x64,128x64")
 parser.add_argument("--configs", default="default", help="default: a few variants; all: the tile sweep")
 parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of the built-in grid: BLOCK_T:M_REPS:"
-                    "STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG[:RINGS]]] (4 warps; TAIL_PAIRS: each expert's last pairs, up "
-                    "to that many, in 16-pair tail blocks, 0 for none; MAXNREG: a register cap, 0 for none; RINGS: 1 "
-                    "for a ring a K block of a step), comma-separated; with "
+                    "STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG]] (4 warps; TAIL_PAIRS: each expert's last pairs, up to "
+                    "that many, in 16-pair tail blocks, 0 for none; MAXNREG: a register cap), comma-separated; with "
                     "it, steps of more than 8 tokens also time "
                     "the grouped kernel (its heuristic tiles) and skip the tensor-core decode kernel")
 args = parser.parse_args()
@@ -77,29 +76,26 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
     stages, warps (4: one warpgroup, 8: two), K blocks a step (at most; 3 of 20b's 90)."""
     if num_tokens < 8:
         return []
-    if args.wgmma:  # BLOCK_T:M_REPS:STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG[:RINGS]]], 4 warps
+    if args.wgmma:  # BLOCK_T:M_REPS:STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG]], 4 warps
         grid = [(spec[0], spec[1], spec[2], 4, spec[3], spec[4] if len(spec) > 4 else 0,
-                 spec[5] if len(spec) > 5 and spec[5] else None, bool(spec[6]) if len(spec) > 6 else False)
+                 spec[5] if len(spec) > 5 and spec[5] else None)
                 for spec in (tuple(int(v) for v in tile.split(":")) for tile in args.wgmma.split(","))]
     elif num_tokens <= 64:
         grid = [(16, 1, 8, 4, 1, 0, None), (16, 2, 8, 4, 1, 0, None), (16, 2, 8, 4, 2, 0, None),
                 (16, 2, 12, 4, 3, 0, None), (16, 2, 8, 4, 3, 0, 64), (16, 1, 8, 4, 3, 0, None),
                 (32, 2, 12, 4, 3, 0, None), (16, 1, 12, 8, 3, 0, None)]
-        grid = [g + (False,) for g in grid]
     else:
         grid = [(64, 1, 8, 4, 1, 0, None), (64, 2, 8, 4, 2, 0, None), (64, 2, 9, 4, 3, 0, None),
                 (64, 2, 9, 4, 3, 16, None), (128, 1, 8, 4, 1, 0, None), (128, 2, 8, 4, 2, 0, None),
                 (128, 2, 9, 4, 3, 0, None), (128, 2, 9, 4, 3, 16, None), (128, 1, 9, 8, 3, 0, None)]
-        grid = [g + (False,) for g in grid]
     grouped = [("grouped, heuristic tiles", _tile_config(num_tokens, num_tokens * 4, num_experts))] \
         if args.wgmma and num_tokens > 8 else []
     return grouped + [(f"wgmma T={block_t} rows={16 * warps * m_reps} stages={stages} w={warps} kb/step<={per_step}"
-                       + (f" tail<={tail}" if tail else "") + (f" regs<={maxnreg}" if maxnreg else "")
-                       + (" rings" if rings else ""),
+                       + (f" tail<={tail}" if tail else "") + (f" regs<={maxnreg}" if maxnreg else ""),
                        dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, num_warps=warps,
-                            KB_PER_STEP=per_step, maxnreg=maxnreg, RINGS=rings,
+                            KB_PER_STEP=per_step, maxnreg=maxnreg,
                             **(dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=tail) if tail else {})))
-                      for block_t, m_reps, stages, warps, per_step, tail, maxnreg, rings in grid]
+                      for block_t, m_reps, stages, warps, per_step, tail, maxnreg in grid]
 
 
 seen_models = set()
