@@ -787,6 +787,11 @@ WGMMA_DECODE_PAIRS_PER_EXPERT = 16
 # 2988 against 3037 with 6).
 WGMMA_SMALL_TILE = dict(BLOCK_T=16, M_REPS=1, STAGES=6)
 WGMMA_PAIR_BLOCK_STAGES = {8: 12, 64: 6, 128: 9}  # ring stages by row block where not WGMMA_SMALL_TILE's
+# Decode steps whose pairs go one by one (`pairs_apart`) take the wgmma kernel's 8-pair blocks from this many
+# tokens, the tensor-core decode kernel below. H100, 2026-12-06 (tools/moe_mma_sweep.py, µs, rings of 12 stages
+# against the decode kernel): 120b 8 tokens 198.8 -> 186.0; it lost at 4 tokens (120b 105.1 against 120.4, 20b
+# 103.4 against 105.3) and at 2 (61.3 against 80.6).
+WGMMA_MIN_APART_TOKENS = 8
 # Tail blocks (moe_routing.group_by_expert): with row blocks of 128 pairs, an expert's last pairs past its whole
 # blocks, up to WGMMA_TAIL_PAIRS[128], take 16-pair blocks in a launch of their own rather than one more large block
 # (most of whose tensor-core work would be on padding): 120b at 4096 tokens has 128 +- 11 pairs an expert, so about
@@ -827,13 +832,15 @@ def pairs_apart(num_tokens: int, top_k: int, num_local_experts: int) -> bool:
 
 def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bool, split_nibbles: bool,
                  swizzled: bool, scales: tuple[torch.Tensor, ...]) -> dict | None:
-    """The wgmma kernel's config where it is the default for this step, else None: row blocks of 16 pairs up to
+    """The wgmma kernel's config where it is the default for this step, else None (decode steps of up to 8 tokens:
+    8-pair row blocks where pairs share experts or from WGMMA_MIN_APART_TOKENS tokens); row blocks of 16 pairs up to
     WGMMA_DECODE_PAIRS_PER_EXPERT pairs an expert, of 64 up to 64, else of 128 (each expert's last few pairs in
-    16-pair tail blocks, WGMMA_TAIL_PAIRS); 128 weight rows a program (4 warps), three K blocks a step; shapes (and
-    the scales' range) only. The scale check reads each weight's scales once
+    16-pair tail blocks, WGMMA_TAIL_PAIRS); 128 weight rows a program (4 warps) with 64- and 128-pair blocks, 64
+    with smaller ones (WGMMA_SMALL_TILE), three K blocks a step; shapes (and the scales' range) only. The scale check reads each weight's scales once
     (TritonKernels.prepare_weights does it at load), later calls only look it up."""
     pairs_per_expert = num_tokens * top_k / max(1, num_local_experts)
-    decode_blocks = 0 < num_tokens <= MMA_MAX_TOKENS and not pairs_apart(num_tokens, top_k, num_local_experts)
+    decode_blocks = 0 < num_tokens <= MMA_MAX_TOKENS and (
+        num_tokens >= WGMMA_MIN_APART_TOKENS or not pairs_apart(num_tokens, top_k, num_local_experts))
     if not (WGMMA_MOE and on_gpu and split_nibbles and not swizzled and (num_tokens > MMA_MAX_TOKENS or decode_blocks)):
         return None
     from gptoss_serve.kernels.moe_wgmma import DEFAULT_WGMMA_CONFIG, scales_fit_f16

@@ -674,7 +674,8 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
     assert mm.wgmma_config(5, 4, 32, **gpu)["M_REPS"] == 1  # 64 weight rows a program: more programs an SM
     assert mm.wgmma_config(512, 4, 128, **gpu)["BLOCK_T"] == 16  # 120b, 16 pairs an expert
     assert mm.wgmma_config(9, 4, 128, **gpu)["BLOCK_T"] == 16  # the first step past the tensor-core decode kernel
-    assert mm.wgmma_config(8, 4, 128, **gpu) is None  # 120b, 8 tokens: pairs one by one on the mma.sync kernel
+    assert mm.wgmma_config(8, 4, 128, **gpu)["BLOCK_T"] == 8  # 120b, 8 tokens: pairs apart, 8-pair blocks still
+    assert mm.wgmma_config(7, 4, 128, **gpu) is None  # 120b, 7 tokens: pairs one by one on the mma.sync kernel
     assert mm.wgmma_config(4, 4, 32, **gpu) is None  # 20b, 4 tokens: likewise
     assert mm.wgmma_config(5, 4, 32, **gpu)["BLOCK_T"] == 8  # 20b, 5 tokens: pairs share experts, 8-pair blocks
     assert mm.wgmma_config(2048, 4, 32, **gpu)["BLOCK_T"] == 128  # 20b, 256 pairs an expert

@@ -37,6 +37,10 @@
 #                                128-pair tile (120b, 4096 tokens) and the tensor-core decode kernel (20b, 1 token)
 #   bash tools/gpu_check.sh 13   the final defaults (a ring a K block of a step): the wgmma, real-shape and model GPU
 #                                tests, the engine's, the bench's MoE rows, the 20b engine
+#   bash tools/gpu_check.sh 14   decode steps whose pairs go one by one (2-8 tokens): the wgmma kernel's 8- and 16-pair
+#                                blocks against the tensor-core decode kernel
+#   bash tools/gpu_check.sh 15   the final policy (8-pair wgmma blocks from 8 tokens whatever the experts): the wgmma
+#                                and real-shape GPU tests, the bench's MoE rows
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -148,6 +152,14 @@ elif [ "$PART" = 13 ]; then
     timeout 100 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
         | grep -v Warning | tee "$OUT/bench.txt"
     engine_bench "$OUT/engine.txt"
+elif [ "$PART" = 14 ]; then
+    timeout 200 python3 tools/moe_mma_sweep.py --cases 128x8,128x4,32x4,128x2,32x2 --wgmma 8:1:12:3,8:1:6:3,16:1:6:3 \
+        2>&1 | grep -v Warning | tee "$OUT/apart_sweep.txt"
+elif [ "$PART" = 15 ]; then
+    timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        -k "wgmma or real_shapes" -rfE > "$OUT/tests_full.txt" 2>&1; tail -15 "$OUT/tests_full.txt"
+    timeout 100 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/bench.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

@@ -74,7 +74,7 @@ def fused_variants(num_tokens: int) -> list[tuple[str, dict]]:
 def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
     """(label, config) of the wgmma kernel: pairs a row block (BLOCK_T), 64-row repetitions a warpgroup, ring
     stages, warps (4: one warpgroup, 8: two), K blocks a step (at most; 3 of 20b's 90)."""
-    if num_tokens < 8:
+    if num_tokens < (2 if args.wgmma else 8):  # one token: no grouping, the pairs are the row blocks
         return []
     if args.wgmma:  # BLOCK_T:M_REPS:STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG]], 4 warps
         grid = [(spec[0], spec[1], spec[2], 4, spec[3], spec[4] if len(spec) > 4 else 0,
