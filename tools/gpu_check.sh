@@ -41,6 +41,8 @@
 #                                blocks against the tensor-core decode kernel
 #   bash tools/gpu_check.sh 15   the final policy (8-pair wgmma blocks from 8 tokens whatever the experts): the wgmma
 #                                and real-shape GPU tests, the bench's MoE rows
+#   bash tools/gpu_check.sh 16   the tensor-core decode kernel with its weights copied to shared memory at once
+#                                (COPY_WEIGHTS): its GPU tests, then its variants at 1-4 tokens
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -160,6 +162,11 @@ elif [ "$PART" = 15 ]; then
         -k "wgmma or real_shapes" -rfE > "$OUT/tests_full.txt" 2>&1; tail -15 "$OUT/tests_full.txt"
     timeout 100 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
         | grep -v Warning | tee "$OUT/bench.txt"
+elif [ "$PART" = 16 ]; then
+    timeout 80 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        -k "mma_checkpoint or mma_matches" -x -rfE > "$OUT/tests_mma.txt" 2>&1; tail -8 "$OUT/tests_mma.txt"
+    timeout 90 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x4 --no-gemv 2>&1 | grep -v Warning \
+        | tee "$OUT/copy_sweep.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

@@ -28,6 +28,7 @@ parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of
                     "that many, in 16-pair tail blocks, 0 for none; MAXNREG: a register cap), comma-separated; with "
                     "it, steps of more than 8 tokens also time "
                     "the grouped kernel (its heuristic tiles) and skip the tensor-core decode kernel")
+parser.add_argument("--no-gemv", action="store_true", help="skip the matrix-vector kernels' variants")
 args = parser.parse_args()
 
 ceil = kb.measure_ceilings()
@@ -45,22 +46,26 @@ def mma_variants(num_tokens: int) -> list[tuple[str, dict]]:
     else:  # the default tiles with each staging, and with the weights prefetched; blocks of 8 or 16 pairs too
         block_ts = [None] if num_tokens <= 2 else [None, 8] if num_tokens <= 8 else [16]
         grid = [(t, 16, 1, 64, 4, once, pre) for t in block_ts
-                for once, pre in ((False, False), (True, False), (True, True), (False, True))]
+                for once, pre in ((False, False), (True, False), (True, True), (False, True), (True, "copy"))]
     out = []
     for block_t, kb_max, m_tiles, rows, warps, stage_once, prefetch in grid:
-        if rows < 16 * warps * m_tiles or (prefetch and rows != 16 * warps * m_tiles):
+        copy = prefetch == "copy"  # the weights by one asynchronous copy to shared memory instead
+        prefetch = prefetch is True
+        if rows < 16 * warps * m_tiles or ((prefetch or copy) and rows != 16 * warps * m_tiles):
             continue
         config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, KB_MAX=kb_max, M_TILES=m_tiles,
-                      ROWS_PER_PROGRAM=rows, num_warps=warps, STAGE_ONCE=stage_once, PREFETCH=prefetch)
+                      ROWS_PER_PROGRAM=rows, num_warps=warps, STAGE_ONCE=stage_once, PREFETCH=prefetch,
+                      COPY_WEIGHTS=copy)
         out.append((f"mma T={block_t} KB<={kb_max} mt={m_tiles} rows={rows} w={warps}"
-                    f"{' staged at once' if stage_once else ''}{' prefetched' if prefetch else ''}", config))
+                    f"{' staged at once' if stage_once else ''}{' prefetched' if prefetch else ''}"
+                    f"{' weights copied' if copy else ''}", config))
     return out
 
 
 def fused_variants(num_tokens: int) -> list[tuple[str, dict]]:
     """(label, config) of the two-launch matrix-vector kernels: rows a thread in w1 and in w2, warps, how many K
     ranges are unrolled and how many pipelined, and w2's own K range and warps (fewer rows a w2 program)."""
-    if num_tokens > 4:
+    if num_tokens > 4 or args.no_gemv:
         return []
     grid = [(2, 1, 4, 6, 1, None, None), (4, 2, 4, 6, 1, None, None), (2, 2, 4, 6, 1, None, None),
             (1, 1, 4, 6, 1, None, None), (2, 1, 8, 6, 1, None, None), (2, 1, 4, 1, 1, None, None),
