@@ -29,7 +29,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from gptoss_serve.kernels.moe_matmul import check_decode_operands, split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_routing import ExpertGroups
@@ -47,7 +47,6 @@ def _split_word_f16_asm() -> str:
 
 SPLIT_WORD_F16_ASM = gl.constexpr(_split_word_f16_asm())
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # gl.thread_barrier in Triton 3.6, gl.barrier later
-_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared  # renamed after 3.6
 
 # H200, 2026-12-04, tools/moe_mma_sweep.py (docs/PERFORMANCE.md): K ranges of up to 16 blocks (15 of K = 2880's 90:
 # 6 splits) and one 64-row tile a program won; ranges of 30 blocks, 8 blocks, and two row tiles a warp (128 rows a
@@ -59,12 +58,7 @@ _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_g
 # H200, 2026-12-04, same sweep: STAGE_ONCE won at every size from 1 to 8 tokens (20b 1 token 41.4 -> 35.9 us,
 # 2 tokens 64.6 -> 57.7, 4 tokens 107.6 -> 100.2, 8 tokens 167.5 -> 160.1; 120b 8 tokens 205.1 -> 185.2), so on;
 # PREFETCH never won, so off.
-# COPY_WEIGHTS (one row tile a program): all of the tile's weight bytes go to shared memory by asynchronous copies
-# issued before the activations are staged, and its scale bytes to registers, so a program's loads are all in
-# flight at once (Nsight, 20b 1 token, H100, 2026-12-06: with plain loads about three K blocks ahead the w1
-# launch reached 55% of DRAM bandwidth, 12.5 warps stalled on the long scoreboard per issued instruction).
-DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=True, PREFETCH=False,
-                          COPY_WEIGHTS=False)
+DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=True, PREFETCH=False)
 
 
 def byte_layout(num_warps: int, m_tiles: int) -> gl.DistributedLinearLayout:
@@ -87,7 +81,7 @@ def _moe_mma_kernel(
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_s_k, stride_ws_split,
     BYTE_LAYOUT: gl.constexpr, PAIR_BLOCKS: gl.constexpr, TILE_N: gl.constexpr, EVEN_ROWS: gl.constexpr,
     KB: gl.constexpr, KB_P2: gl.constexpr, STAGE_ONCE: gl.constexpr, PREFETCH: gl.constexpr, BLOCK_T: gl.constexpr,
-    M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr, COPY_WEIGHTS: gl.constexpr,
+    M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr,
 ):
     """Program (row block, row chunk, K range): ws[split, pairs of the block, rows of the chunk] =
     W_e[rows, K range] @ A[the block's rows, K range]^T, KB blocks a range (KB divides the K blocks)."""
@@ -137,29 +131,6 @@ def _moe_mma_kernel(
             words = words + (w_bytes,)
             scale_bytes = scale_bytes + (s,)
 
-    if COPY_WEIGHTS:  # one row tile a program: its K range's weight bytes in one copy, its scales loaded
-        # [KB_P2 * ROWS, 16] bytes (block kb's rows at kb * ROWS), 8 a thread: one copy op, as the compiler puts a
-        # barrier between copies into one buffer (it cannot tell their slots apart)
-        COPY_L: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [NUM_WARPS, 1], [1, 0])
-        PLAIN: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-        i_c = gl.arange(0, KB_P2 * ROWS, layout=gl.SliceLayout(1, COPY_L))
-        k_c = (i_c // ROWS)[:, None]
-        r_c = (row_begin + i_c % ROWS)[:, None]
-        j_c = gl.arange(0, 16, layout=gl.SliceLayout(0, COPY_L))[None, :]
-        if TILE_N == 1:
-            w_copy = w_expert + r_c.to(gl.int64) * stride_w_row + k_c * 16 + j_c
-        else:  # `tile_rows`: TILE_N rows' block k side by side, then block k + 1
-            w_copy = w_expert + (r_c // TILE_N).to(gl.int64) * (stride_w_row * TILE_N) + k_c * (16 * TILE_N) \
-                + (r_c % TILE_N) * 16 + j_c
-        w_smem = gl.allocate_shared_memory(gl.uint8, [KB_P2 * ROWS, 16], PLAIN)
-        _async_load(w_smem, w_copy, mask=(k_c < KB) & (r_c < row_end) & (j_c < 16))
-        async_copy.commit_group()
-        _, s_rows, _, in_o = _tile_pointers(w_expert, s_expert, row_begin, row_end, stride_w_row, stride_s_row,
-                                            BYTE_LAYOUT, mma, ROWS, TILE_N)
-        scale_bytes = ()
-        for kb in gl.static_range(KB):
-            scale_bytes = scale_bytes + (gl.load(s_rows + kb * stride_s_k, mask=in_o, other=0),)
-
     # The K range of the block's activations as f16 in shared memory, staged once.
     a_range = a_ptr + (pairs_s // a_row_div).to(gl.int64)[:, None] * stride_a + blk_begin * 32  # [BLOCK_T, 1]
     if STAGE_ONCE:  # [BLOCK_T, KB * 32] (padded to KB_P2 blocks): one load, one store, one barrier
@@ -173,23 +144,18 @@ def _moe_mma_kernel(
         b_smem = gl.allocate_shared_memory(gl.float16, [KB, BLOCK_T, 32], SMEM_L)
         for kb in gl.static_range(KB):
             b_smem.index(kb).store(gl.load(a_rows + kb * 32, mask=a_mask, other=0.0).to(gl.float16))
-    if COPY_WEIGHTS:
-        async_copy.wait_group(0)  # this thread's weight copies landed; the barrier makes them everyone's
     _barrier()
 
     r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
     ws_cols = ws_ptr + split * stride_ws_split + pairs_o.to(gl.int64)[None, :] * N  # [1, BLOCK_T]
     for r0 in range(row_begin, row_end, ROWS):
-        if not (PREFETCH or COPY_WEIGHTS):
+        if not PREFETCH:
             w_rows, s_rows, in_b, in_o = _tile_pointers(w_expert, s_expert, r0, row_end, stride_w_row,
                                                         stride_s_row, BYTE_LAYOUT, mma, ROWS, TILE_N)
         acc = gl.zeros([ROWS, BLOCK_T], gl.float32, mma)
         for kb in gl.static_range(KB):
             if PREFETCH:
                 w_bytes = words[kb]
-                s = scale_bytes[kb]
-            elif COPY_WEIGHTS:
-                w_bytes = w_smem.slice(kb * ROWS, ROWS, dim=0).load(BYTE_LAYOUT)
                 s = scale_bytes[kb]
             else:
                 w_bytes, s = _block_loads(w_rows, s_rows, in_b, in_o, kb, stride_s_k, TILE_N, EVEN_ROWS)
@@ -254,11 +220,8 @@ def moe_mma_splitk(
     num_warps, m_tiles = config["num_warps"], config["M_TILES"]
     rows = 16 * num_warps * m_tiles
     rows_per_program = max(rows, config["ROWS_PER_PROGRAM"] // rows * rows)
-    if (config["PREFETCH"] or config["COPY_WEIGHTS"]) and rows_per_program != rows:
-        raise ValueError(f"PREFETCH and COPY_WEIGHTS load a program's one row tile early: ROWS_PER_PROGRAM must be "
-                         f"{rows}")
-    if config["PREFETCH"] and config["COPY_WEIGHTS"]:
-        raise ValueError("PREFETCH (weights to registers) and COPY_WEIGHTS (to shared memory) exclude each other")
+    if config["PREFETCH"] and rows_per_program != rows:
+        raise ValueError(f"PREFETCH loads a program's one row tile early: ROWS_PER_PROGRAM must be {rows}")
     if not a.is_cuda:
         raise ValueError("the tensor-core decode kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")
     splits = num_k_blocks // kb
@@ -279,5 +242,5 @@ def moe_mma_splitk(
         BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks is not None, TILE_N=tile_n,
         EVEN_ROWS=n_rows % rows_per_program == 0, KB=kb, KB_P2=triton.next_power_of_2(kb),
         STAGE_ONCE=config["STAGE_ONCE"], PREFETCH=config["PREFETCH"], BLOCK_T=block_t, M_TILES=m_tiles,
-        NUM_WARPS=num_warps, COPY_WEIGHTS=config["COPY_WEIGHTS"], num_warps=num_warps)
+        NUM_WARPS=num_warps, num_warps=num_warps)
     return ws

@@ -41,8 +41,8 @@
 #                                blocks against the tensor-core decode kernel
 #   bash tools/gpu_check.sh 15   the final policy (8-pair wgmma blocks from 8 tokens whatever the experts): the wgmma
 #                                and real-shape GPU tests, the bench's MoE rows
-#   bash tools/gpu_check.sh 16   the tensor-core decode kernel with its weights copied to shared memory at once
-#                                (COPY_WEIGHTS): its GPU tests, then its variants at 1-4 tokens
+#   bash tools/gpu_check.sh 16   the tensor-core decode kernel's tests and variants at 1-4 tokens (run at 2804b83 with
+#                                its COPY_WEIGHTS variant, which lost and was reverted)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0

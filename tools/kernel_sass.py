@@ -192,7 +192,7 @@ def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=F
                 stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_s_k=1, stride_ws_split=4 * n)
     const = dict(BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks, TILE_N=64, EVEN_ROWS=True,
                  KB=15, KB_P2=16, STAGE_ONCE=stage_once, PREFETCH=prefetch, BLOCK_T=block_t, M_TILES=m_tiles,
-                 NUM_WARPS=num_warps, COPY_WEIGHTS=False)
+                 NUM_WARPS=num_warps)
     const.update(overrides)
     return compile_offline(_moe_mma_kernel, args, const, num_warps=num_warps)
 

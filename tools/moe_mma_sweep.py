@@ -46,19 +46,15 @@ def mma_variants(num_tokens: int) -> list[tuple[str, dict]]:
     else:  # the default tiles with each staging, and with the weights prefetched; blocks of 8 or 16 pairs too
         block_ts = [None] if num_tokens <= 2 else [None, 8] if num_tokens <= 8 else [16]
         grid = [(t, 16, 1, 64, 4, once, pre) for t in block_ts
-                for once, pre in ((False, False), (True, False), (True, True), (False, True), (True, "copy"))]
+                for once, pre in ((False, False), (True, False), (True, True), (False, True))]
     out = []
     for block_t, kb_max, m_tiles, rows, warps, stage_once, prefetch in grid:
-        copy = prefetch == "copy"  # the weights by one asynchronous copy to shared memory instead
-        prefetch = prefetch is True
-        if rows < 16 * warps * m_tiles or ((prefetch or copy) and rows != 16 * warps * m_tiles):
+        if rows < 16 * warps * m_tiles or (prefetch and rows != 16 * warps * m_tiles):
             continue
         config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, KB_MAX=kb_max, M_TILES=m_tiles,
-                      ROWS_PER_PROGRAM=rows, num_warps=warps, STAGE_ONCE=stage_once, PREFETCH=prefetch,
-                      COPY_WEIGHTS=copy)
+                      ROWS_PER_PROGRAM=rows, num_warps=warps, STAGE_ONCE=stage_once, PREFETCH=prefetch)
         out.append((f"mma T={block_t} KB<={kb_max} mt={m_tiles} rows={rows} w={warps}"
-                    f"{' staged at once' if stage_once else ''}{' prefetched' if prefetch else ''}"
-                    f"{' weights copied' if copy else ''}", config))
+                    f"{' staged at once' if stage_once else ''}{' prefetched' if prefetch else ''}", config))
     return out
 
 
