@@ -198,7 +198,7 @@ def _moe_wgmma_kernel(
             _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step + COPY_AHEAD // KB_PER_STEP,
                        NUM_KB, KB_PER_STEP, TILE_N)  # into the slots the previous step freed
             _barrier()  # every thread's fence before any warp reads the step's slots
-        else:  # plain loads and stores into one slot, the wgmma waited for: to tell a fault of the ring apart
+        else:  # plain loads and stores into one slot, the wgmma waited for: to tell a fault of the rings apart
             a_rings[0].index(0).store(gl.load(a_tile + kb * 32, mask=a_mask, other=0.0))
             w_rings[0].index(0).store(gl.load(w_tile + kb * (16 * TILE_N), mask=w_mask, other=0))
             fence_async_shared()
@@ -219,7 +219,7 @@ def _moe_wgmma_kernel(
     if PIPELINED:
         async_copy.wait_group(0)
         # Every thread's copies (the zero-filled ones past the last step too) have landed before any thread's
-        # epilogue: the ring's last use is its copies, so the epilogue's layout conversions may reuse its
+        # epilogue: the rings' last use is their copies, so the epilogue's layout conversions may reuse their
         # shared memory, and a copy of another thread still in flight would overwrite them.
         _barrier()
 
