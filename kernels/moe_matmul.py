@@ -759,20 +759,21 @@ GEMV_EXPERTS_PER_PAIR = 4
 # the combine inside): the same sums (bit for bit under the interpreter); off until timed (tools/gpu_check.sh).
 # GPTOSS_GEMV_FUSED_DECODE=1 turns it on for a process (an engine A/B run).
 GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
-# Steps of more than MMA_MAX_TOKENS tokens on the wgmma kernel (kernels/moe_wgmma.py, Gluon, Hopper) where the layer's scale bytes allow its f16 scaling;
-# GPTOSS_WGMMA_MOE=0 turns it off for a process. H200, 2026-12-04 (tools/moe_wgmma_check.py, docs/PERFORMANCE.md),
-# one K block a step, µs against the grouped kernel, 128 weight rows a program: 64-pair row blocks at 32 and 64
-# pairs an expert (20b 256 tokens 370.5 -> 336.1, 512 tokens 541.0 -> 490.1; 120b 1024 tokens 1532.9 -> 1393.5),
-# 128-pair blocks at 128 and 256 (20b 1024 tokens 895.7 -> 751.9, 2048 tokens 1643.2 -> 1324.8; 120b 4096 tokens
-# 3961.3 -> 3428.5); it lost at 8 pairs an expert (20b 64 tokens 269.4 -> 293.3) and at 512. H200, 2026-12-06
-# (tools/moe_mma_sweep.py): three K blocks a step, and 16-pair row blocks for decode steps (at most
-# WGMMA_DECODE_PAIRS_PER_EXPERT an expert), won at every size timed: 20b 16 tokens 254.0 -> 216.2, 64 tokens
-# 269.0 -> 219.0; 120b 64 tokens 882.4 -> 704.4, 4096 tokens 3575.2 -> 3163.4. On an H100 the same day, against
-# the grouped kernel: 20b 128 tokens 354.3 -> 298.3, 1024 tokens 899.1 -> 702.5, and at 512 pairs an expert (4096
-# tokens) 2389.7 -> 2282.7, so no step size is left to the grouped kernel on a Hopper GPU; 120b 16 tokens 428.1 ->
-# 341.0, 512 tokens 1424.7 -> 1153.1. Decode steps of up to 8 tokens whose pairs share experts (not `pairs_apart`)
-# take it too, with 8-pair row blocks (wgmma N = 8): H100, 20b 8 tokens 174.8 -> 163.1 against the tensor-core
-# decode kernel's blocks of 8; where pairs go one by one that kernel stays (120b 8 tokens 203.8 against 211.0).
+# Steps of more than MMA_MAX_TOKENS tokens on the wgmma kernel (kernels/moe_wgmma.py, Gluon, Hopper) where the layer's
+# scale bytes allow its f16 scaling; GPTOSS_WGMMA_MOE=0 turns it off for a process. H200, 2026-12-04
+# (tools/moe_wgmma_check.py, docs/PERFORMANCE.md), one K block a step, µs against the grouped kernel, 128 weight rows a
+# program: 64-pair row blocks at 32 and 64 pairs an expert (20b 256 tokens 370.5 -> 336.1, 512 tokens 541.0 -> 490.1;
+# 120b 1024 tokens 1532.9 -> 1393.5), 128-pair blocks at 128 and 256 (20b 1024 tokens 895.7 -> 751.9, 2048 tokens 1643.2
+# -> 1324.8; 120b 4096 tokens 3961.3 -> 3428.5); it lost at 8 pairs an expert (20b 64 tokens 269.4 -> 293.3) and at 512.
+# H200, 2026-12-06 (tools/moe_mma_sweep.py): three K blocks a step, and 16-pair row blocks for decode steps (at most
+# WGMMA_DECODE_PAIRS_PER_EXPERT an expert), won at every size timed: 20b 16 tokens 254.0 -> 216.2, 64 tokens 269.0 ->
+# 219.0; 120b 64 tokens 882.4 -> 704.4, 4096 tokens 3575.2 -> 3163.4. On an H100 the same day, against the grouped
+# kernel: 20b 128 tokens 354.3 -> 298.3, 1024 tokens 899.1 -> 702.5, and at 512 pairs an expert (4096 tokens) 2389.7 ->
+# 2282.7, so no step size is left to the grouped kernel on a Hopper GPU; 120b 16 tokens 428.1 -> 341.0, 512 tokens
+# 1424.7 -> 1153.1. Decode steps of up to 8 tokens whose pairs share experts (not `pairs_apart`) take it too, with
+# 8-pair row blocks (wgmma N = 8): H100, 20b 8 tokens 174.8 -> 163.1 against the tensor-core decode kernel's blocks of
+# 8; where pairs went one by one that kernel stayed then (120b 8 tokens 203.8 against 211.0; since the rings see
+# WGMMA_MIN_APART_TOKENS).
 WGMMA_MOE = os.environ.get("GPTOSS_WGMMA_MOE", "1") == "1"
 WGMMA_DECODE_PAIRS_PER_EXPERT = 16
 # Decode steps' row blocks (16 pairs; 8 where pairs share experts at up to 8 tokens) and tail blocks: 64 weight
@@ -785,8 +786,9 @@ WGMMA_DECODE_PAIRS_PER_EXPERT = 16
 # against 677.2 and 718.2 µs; 20b even), 12 beat 9 at 8 pairs (20b 8 tokens 145.8 against 150.3). Row blocks of
 # 64 pairs likewise with 6 stages (20b 512 tokens 412.3 against 434.1 with 9), of 128 with 9 (120b 4096 tokens
 # 2988 against 3037 with 6).
-WGMMA_SMALL_TILE = dict(BLOCK_T=16, M_REPS=1, STAGES=6)
-WGMMA_PAIR_BLOCK_STAGES = {8: 12, 64: 6, 128: 9}  # ring stages by row block where not WGMMA_SMALL_TILE's
+WGMMA_TILES = {block_t: dict(BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages)  # by pairs a row block
+               for block_t, m_reps, stages in ((8, 1, 12), (16, 1, 6), (64, 2, 6), (128, 2, 9))}
+WGMMA_SMALL_TILE = WGMMA_TILES[16]  # decode steps' 16-pair blocks, and tail blocks
 # Decode steps whose pairs go one by one (`pairs_apart`) take the wgmma kernel's 8-pair blocks from this many
 # tokens, the tensor-core decode kernel below. H100, 2026-12-06 (tools/moe_mma_sweep.py, µs, rings of 12 stages
 # against the decode kernel): 120b 8 tokens 198.8 -> 186.0; it lost at 4 tokens (120b 105.1 against 120.4, 20b
@@ -802,13 +804,14 @@ WGMMA_MIN_APART_TOKENS = 8
 WGMMA_TAIL_PAIRS = {128: 16}
 
 
-# Decode steps of MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens go to the tensor-core kernel (kernels/moe_mma.py) on a GPU
-# and the split-nibble layout: pairs one by one while they are at most half the local experts, else row blocks of
-# 8 pairs by expert (on Hopper those take the wgmma kernel, see above). H200, 2026-12-04 (docs/PERFORMANCE.md, tools/moe_mma_sweep.py), µs for the experts against
-# the paths before: 20b 4 tokens 134.1 -> 107.6 (pairs one by one), 8 tokens 199.3 -> 164.1 (blocks of 8); 120b 4
-# tokens 115.7 -> 108.8, 8 tokens 216.8 -> 198.4 (one by one). With its activations staged at once (STAGE_ONCE,
-# a later sweep the same day) it also beat the matrix-vector kernel at 1 and 2 tokens (20b 41.4 -> 35.9 and
-# 64.6 -> 57.7, 120b 1 token 41.2 -> 35.9), so it starts at 1; from 16 tokens on the grouped path won.
+# Decode steps of MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens go to the tensor-core kernel (kernels/moe_mma.py) on a GPU and
+# the split-nibble layout: pairs one by one while they are at most half the local experts, else row blocks of 8 pairs by
+# expert (on Hopper those take the wgmma kernel, see above). H200, 2026-12-04 (docs/PERFORMANCE.md,
+# tools/moe_mma_sweep.py), µs for the experts against the paths before: 20b 4 tokens 134.1 -> 107.6 (pairs one by one),
+# 8 tokens 199.3 -> 164.1 (blocks of 8); 120b 4 tokens 115.7 -> 108.8, 8 tokens 216.8 -> 198.4 (one by one). With its
+# activations staged at once (STAGE_ONCE, a later sweep the same day) it also beat the matrix-vector kernel at 1 and 2
+# tokens (20b 41.4 -> 35.9 and 64.6 -> 57.7, 120b 1 token 41.2 -> 35.9), so it starts at 1; from 16 tokens on the
+# grouped path won.
 MMA_DECODE = True
 MMA_MIN_TOKENS, MMA_MAX_TOKENS = 1, 8
 
@@ -835,9 +838,9 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     """The wgmma kernel's config where it is the default for this step, else None (decode steps of up to 8 tokens:
     8-pair row blocks where pairs share experts or from WGMMA_MIN_APART_TOKENS tokens); row blocks of 16 pairs up to
     WGMMA_DECODE_PAIRS_PER_EXPERT pairs an expert, of 64 up to 64, else of 128 (each expert's last few pairs in
-    16-pair tail blocks, WGMMA_TAIL_PAIRS); 128 weight rows a program (4 warps) with 64- and 128-pair blocks, 64
-    with smaller ones (WGMMA_SMALL_TILE), three K blocks a step; shapes (and the scales' range) only. The scale check reads each weight's scales once
-    (TritonKernels.prepare_weights does it at load), later calls only look it up."""
+    16-pair tail blocks, WGMMA_TAIL_PAIRS); tiles by row block in WGMMA_TILES, three K blocks a step; shapes (and
+    the scales' range) only. The scale check reads each weight's scales once (TritonKernels.prepare_weights does
+    it at load), later calls only look it up."""
     pairs_per_expert = num_tokens * top_k / max(1, num_local_experts)
     decode_blocks = 0 < num_tokens <= MMA_MAX_TOKENS and (
         num_tokens >= WGMMA_MIN_APART_TOKENS or not pairs_apart(num_tokens, top_k, num_local_experts))
@@ -848,14 +851,13 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     if not all(scales_fit_f16(s) for s in scales):
         return None
     if decode_blocks:
-        return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **dict(WGMMA_SMALL_TILE, BLOCK_T=8,
-                                                                STAGES=WGMMA_PAIR_BLOCK_STAGES[8]))
-    if pairs_per_expert <= WGMMA_DECODE_PAIRS_PER_EXPERT:
-        return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **WGMMA_SMALL_TILE)
-    block_t = 64 if pairs_per_expert <= 64 else 128
-    tail = dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=WGMMA_TAIL_PAIRS[block_t]) if WGMMA_TAIL_PAIRS.get(block_t) else {}
-    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", BLOCK_T=block_t, M_REPS=2,
-                STAGES=WGMMA_PAIR_BLOCK_STAGES[block_t], **tail)
+        block_t = 8
+    elif pairs_per_expert <= WGMMA_DECODE_PAIRS_PER_EXPERT:
+        block_t = 16
+    else:
+        block_t = 64 if pairs_per_expert <= 64 else 128
+    tail = dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=WGMMA_TAIL_PAIRS[block_t]) if block_t in WGMMA_TAIL_PAIRS else {}
+    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **WGMMA_TILES[block_t], **tail)
 
 
 def takes_gemv(num_tokens: int, top_k: int, num_local_experts: int) -> bool:

@@ -176,7 +176,7 @@ def max_row_blocks(num_pairs: int, num_local_experts: int, block_m: int) -> int:
 
 def max_tail_blocks(num_pairs: int, num_local_experts: int, tail_m: int, tail_pairs: int) -> int:
     """Static worst case of tail blocks: at most ceil(tail_pairs / tail_m) an expert, each holding a pair."""
-    return max(1, min(num_pairs, num_local_experts * -(-tail_pairs // tail_m)))
+    return max(1, min(num_pairs, num_local_experts * triton.cdiv(tail_pairs, tail_m)))
 
 
 def _block_arrays(num_blocks: int, device: torch.device) -> dict:

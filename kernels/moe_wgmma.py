@@ -206,11 +206,10 @@ def _moe_wgmma_kernel(
         # The step's blocks one after another, each wgmma left in flight while the next block is dequantized:
         # every block's A operand is a value of its own, kept alive (deps) until the step's one wait.
         operands = ()
+        slot = step % (STAGES // KB_PER_STEP)
         for j in gl.static_range(KB_PER_STEP):
-            w_slot = w_rings[j].index(step % (STAGES // KB_PER_STEP))
-            a_slot = a_rings[j].index(step % (STAGES // KB_PER_STEP))
-            w = _a_operand(w_slot.load(WORD_LAYOUT), scales[j], WORD_LAYOUT, A_L, ROWS)
-            acc = warpgroup_mma(w, a_slot.permute((1, 0)), acc, is_async=True)
+            w = _a_operand(w_rings[j].index(slot).load(WORD_LAYOUT), scales[j], WORD_LAYOUT, A_L, ROWS)
+            acc = warpgroup_mma(w, a_rings[j].index(slot).permute((1, 0)), acc, is_async=True)
             operands = operands + (w,)
         waited = warpgroup_mma_wait(num_outstanding=0, deps=(acc,) + operands)
         acc = waited[0]
@@ -273,9 +272,9 @@ def _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step, NUM_KB: g
                KB_PER_STEP: gl.constexpr, TILE_N: gl.constexpr):
     """Asynchronous copies of one step's K blocks (block step * KB_PER_STEP + j into slot step % slots of ring j),
     committed as one group (an empty group past the last step, so that every step waits for the same count)."""
+    slot = step % a_rings[0].shape[0]
     for j in gl.static_range(KB_PER_STEP):
         block = step * KB_PER_STEP + j
-        slot = step % a_rings[j].shape[0]
         _async_load(a_rings[j].index(slot), a_tile + block * 32, mask=a_mask & (block < NUM_KB))
         _async_load(w_rings[j].index(slot), w_tile + block * (16 * TILE_N), mask=w_mask & (block < NUM_KB))
     async_copy.commit_group()
