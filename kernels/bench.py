@@ -263,6 +263,22 @@ def _read_floor_kernel(src_ptr, out_ptr, num_words, WORDS_PER_PROGRAM: tl.conste
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
+def _launch_sequence(prof, layers: int) -> list[tuple[str, float]]:
+    """One layer's kernels in launch order with each one's median GPU time (µs) over the profiled layers (the
+    profiler's events of the replays, `layers` copies of the same sequence); [] where the events do not split
+    evenly."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    if not kernels or len(kernels) % layers:
+        return []
+    per_layer = len(kernels) // layers
+    out = []
+    for j in range(per_layer):
+        times = sorted(kernels[i * per_layer + j].time_range.elapsed_us() for i in range(layers))
+        out.append((kernels[j].name[:40], times[len(times) // 2]))
+    return out
+
+
 def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[int]) -> list[dict]:
     """Where one MoE layer's time goes: the whole layer as the model runs it (norm and routing, grouping,
     both expert matmuls, epilogue and combine kernels) captured in a CUDA graph over 4 layers' weights, then
@@ -313,6 +329,7 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
                     g.replay()
                 torch.cuda.synchronize()
             per_kernel = {}
+            sequence = _launch_sequence(prof, replays * NUM_COPIES)
             for e in prof.key_averages():
                 if e.self_device_time_total > 0:
                     per_kernel[e.key[:70]] = (e.self_device_time_total / replays / NUM_COPIES,
@@ -334,7 +351,8 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
                        floor_ms=best_floor, floor_gbs=nbytes / best_floor / 1e6,
                        floors_us={p: round(t * 1e3, 1) for p, t in floors.items()},
                        kernels_us={n: (round(t, 1), c) for n, (t, c) in
-                                   sorted(per_kernel.items(), key=lambda kv: -kv[1][0])})
+                                   sorted(per_kernel.items(), key=lambda kv: -kv[1][0])},
+                       launches_us=sequence)
             rows.append(row)
             print(f"\nMoE {name}, {num_tokens} tokens, {num_active}/{num_experts} experts, {nbytes / 1e6:.1f} MB: "
                   f"layer {ms * 1e3:.1f} us ({100 * row['gbs'] / ceil['copy_gbs']:.0f}% HBM); read floor "
@@ -343,6 +361,9 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
             print("| kernel | µs per layer | launches per layer |\n| --- | ---: | ---: |")
             for n, (t, c) in row["kernels_us"].items():
                 print(f"| {n} | {t} | {c:g} |", flush=True)
+            if sequence:
+                print("launches in order (µs, median over replays): "
+                      + ", ".join(f"{n} {t:.1f}" for n, t in sequence), flush=True)
         del layers
         torch.cuda.empty_cache()
     return rows
@@ -556,18 +577,22 @@ def main(argv: list[str] | None = None) -> int:
                              "moe-launches (one MoE layer's time per kernel, and the read floor)")
     parser.add_argument("--sweep", action="store_true", help="moe-paths: also sweep split-K variants")
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
+    parser.add_argument("--tokens", help="moe, moe-launches: these token counts (comma-separated) instead")
+    parser.add_argument("--experts", help="moe, moe-launches: these expert counts (32: 20b, 128: 120b) instead")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench kernels needs a CUDA GPU", file=sys.stderr)
         return 1
     sections = set(args.sections.split(","))
+    token_arg = [int(t) for t in args.tokens.split(",")] if args.tokens else None
+    expert_arg = [int(e) for e in args.experts.split(",")] if args.experts else None
     ceil = measure_ceilings()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     rows: list[dict] = []
     if "moe" in sections:
-        tokens = [1, 64] if args.quick else [1, 8, 64, 512, 4096]
-        rows += bench_moe(ceil, tokens, [32, 128], torch_max_tokens=64)
+        tokens = token_arg or ([1, 64] if args.quick else [1, 8, 64, 512, 4096])
+        rows += bench_moe(ceil, tokens, expert_arg or [32, 128], torch_max_tokens=64)
         print(format_table(ceil, rows), flush=True)
     if "moe-paths" in sections:
         path_rows = bench_moe_paths(ceil, [1, 2, 4, 8, 64], [32, 128], args.sweep)
@@ -575,8 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += [dict(r, op=f"MoE {r['model']} {r['variant']}", shape=f"{r['tokens']} tok") for r in path_rows]
     if "moe-launches" in sections:
         rows += [dict(r, op=f"MoE {r['model']} layer by launch", shape=f"{r['tokens']} tok")
-                 for r in bench_moe_launches(ceil, [1, 8, 64] if args.quick else [1, 2, 8, 64, 256],
-                                             [32] if args.quick else [32, 128])]
+                 for r in bench_moe_launches(ceil, token_arg or ([1, 8, 64] if args.quick else [1, 2, 8, 64, 256]),
+                                             expert_arg or ([32] if args.quick else [32, 128]))]
     if "decode" in sections:
         rows += bench_decode(ceil, [1, 32] if args.quick else [1, 32, 128], [1024, 8192] if args.quick else
                              [1024, 8192, 32768], torch_max_tokens=32 * 8192)

@@ -46,6 +46,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from gptoss_serve.kernels.moe_matmul import split_bytes_e4m3_ptx
+from gptoss_serve.kernels.moe_mma import SPLIT_WORD_F16_ASM
 from gptoss_serve.kernels.moe_routing import ExpertGroups
 from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE
 from gptoss_serve.kernels.triton_utils import largest_divisor, launch
@@ -73,8 +74,11 @@ F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value
 # Three K blocks a step beat one at every size timed (H200, 2026-12-06: e.g. 120b 4096 tokens, 128 pairs x 128
 # rows, 3595 -> 3163 us; 20b 64 tokens, 16 x 128, 287.5 -> 219.0 us).
 # maxnreg: a register cap for ptxas (None: its own choice), so that more programs fit an SM.
+# SCALE_AFTER: each K block's wgmma into an accumulator of its own from unscaled weights (FP4 value * 2^-6), the
+# product times 2^(s - 121) added to the sum in float32 (BLOCK_T / 2 FFMA a thread and 64 rows, against 8 f16x2
+# multiplies and the scales' conversion to f16); no scale-range condition then.
 DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=9, PIPELINED=True, COPY_AHEAD=None,
-                            KB_PER_STEP=3, maxnreg=None)
+                            KB_PER_STEP=3, maxnreg=None, SCALE_AFTER=False)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -125,7 +129,7 @@ def _moe_wgmma_kernel(
     SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
-    COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr,
+    COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, EVEN_N: gl.constexpr, SCALE_AFTER: gl.constexpr,
 ):
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
@@ -169,7 +173,10 @@ def _moe_wgmma_kernel(
     else:  # `tile_rows`: TILE_N rows' block k side by side, then block k + 1
         w_tile = w_expert + (n_c // TILE_N).to(gl.int64)[:, None] * (stride_w_row * TILE_N) \
             + (n_c % TILE_N)[:, None] * 16 + j_c[None, :]
-    w_mask = (n_c < N)[:, None] & (j_c < 16)[None, :]
+    if EVEN_N:  # whole tiles of rows: only the copies past the last K block are masked (in _copy_step)
+        w_mask = (r_c < ROWS)[:, None] & (j_c < 16)[None, :]
+    else:
+        w_mask = (n_c < N)[:, None] & (j_c < 16)[None, :]
 
     # Ring j holds the K blocks j, j + KB_PER_STEP, ... (STAGES // KB_PER_STEP slots): a step's copies write
     # distinct buffers, so the compiler puts no barrier between them (it cannot tell slots of one buffer apart).
@@ -181,8 +188,10 @@ def _moe_wgmma_kernel(
     if PIPELINED:
         for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):  # steps 0 .. in flight before the loop
             _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N)
-    # Scale bytes of each thread's rows (a row's 90 bytes share a few sectors: mostly L1 hits).
-    n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, WORD_LAYOUT))
+    # Scale bytes of each thread's rows (a row's 90 bytes share a few sectors: mostly L1 hits): the rows of its A
+    # registers, or with SCALE_AFTER those of its accumulator (the same rows, in the accumulator's layout).
+    S_ROWS: gl.constexpr = gl.SliceLayout(1, mma) if SCALE_AFTER else gl.SliceLayout(1, WORD_LAYOUT)
+    n_w = pid_n * ROWS + gl.arange(0, ROWS, layout=S_ROWS)
     s_tile = scales_ptr + expert.to(gl.int64) * stride_s_expert + n_w.to(gl.int64) * stride_s_row
     in_n = n_w < N
     acc = gl.zeros([ROWS, BLOCK_T], gl.float32, mma)
@@ -190,7 +199,10 @@ def _moe_wgmma_kernel(
         kb = step * KB_PER_STEP
         scales = ()  # the step's scale bytes, loaded while this thread waits for the copies
         for j in gl.static_range(KB_PER_STEP):
-            scales = scales + (gl.load(s_tile + (kb + j), mask=in_n, other=0),)
+            if EVEN_N:  # unmasked: no zeroing of the destination before each load (SASS)
+                scales = scales + (gl.load(s_tile + (kb + j)),)
+            else:
+                scales = scales + (gl.load(s_tile + (kb + j), mask=in_n, other=0),)
         if PIPELINED:  # two barriers a step, both here (the compiler adds one before a fence that follows reads)
             async_copy.wait_group(COPY_AHEAD // KB_PER_STEP - 1)  # this thread's copies of the step landed
             _barrier()  # every warp is past its wait for the previous step's wgmmas: their slots are free
@@ -207,12 +219,24 @@ def _moe_wgmma_kernel(
         # every block's A operand is a value of its own, kept alive (deps) until the step's one wait.
         operands = ()
         slot = step % (STAGES // KB_PER_STEP)
-        for j in gl.static_range(KB_PER_STEP):
-            w = _a_operand(w_rings[j].index(slot).load(WORD_LAYOUT), scales[j], WORD_LAYOUT, A_L, ROWS)
-            acc = warpgroup_mma(w, a_rings[j].index(slot).permute((1, 0)), acc, is_async=True)
-            operands = operands + (w,)
-        waited = warpgroup_mma_wait(num_outstanding=0, deps=(acc,) + operands)
-        acc = waited[0]
+        if SCALE_AFTER:  # each block's product unscaled into an accumulator of its own, scaled in float32 after
+            parts = ()
+            for j in gl.static_range(KB_PER_STEP):
+                w = _a_operand_unscaled(w_rings[j].index(slot).load(WORD_LAYOUT), A_L, ROWS)
+                part = warpgroup_mma(w, a_rings[j].index(slot).permute((1, 0)), acc, use_acc=False, is_async=True)
+                parts = parts + (part,)
+                operands = operands + (w,)
+            waited = warpgroup_mma_wait(num_outstanding=0, deps=parts + operands)
+            for j in gl.static_range(KB_PER_STEP):
+                mult = ((scales[j].to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True)  # 2^(s - 121)
+                acc = acc + waited[j] * gl.expand_dims(mult, 1)
+        else:
+            for j in gl.static_range(KB_PER_STEP):
+                w = _a_operand(w_rings[j].index(slot).load(WORD_LAYOUT), scales[j], WORD_LAYOUT, A_L, ROWS)
+                acc = warpgroup_mma(w, a_rings[j].index(slot).permute((1, 0)), acc, is_async=True)
+                operands = operands + (w,)
+            waited = warpgroup_mma_wait(num_outstanding=0, deps=(acc,) + operands)
+            acc = waited[0]
         if not PIPELINED:
             _barrier()  # every warp's wgmma has read the slot before the next step writes it
     if PIPELINED:
@@ -262,6 +286,16 @@ def _a_operand(w_bytes, scale, WORD_LAYOUT: gl.constexpr, A_L: gl.constexpr, ROW
     mult = mult.to(gl.int16, bitcast=True)  # broadcast over the row's bytes as integers (x + 0 folds away)
     mult = (gl.expand_dims(mult, 1) + gl.zeros([ROWS, 16], gl.int16, WORD_LAYOUT)).to(gl.float16, bitcast=True)
     low, high = gl.inline_asm_elementwise(SPLIT_WORD_F16_SCALED_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
+                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+    w = _slot_order(gl.permute(gl.join(low, high), [0, 2, 1]), ROWS)  # [ROWS, 32] in slot order
+    return gl.convert_layout(w, A_L, assert_trivial=True)  # no data moves (checked at compile time)
+
+
+@gluon.jit
+def _a_operand_unscaled(w_bytes, A_L: gl.constexpr, ROWS: gl.constexpr):
+    """One K block's bytes [ROWS, 16] -> the wgmma A operand [ROWS, 32] f16 in K-slot order (A_L), each value the
+    weight's FP4 value times 2^-6 (the scale applied to the product: SCALE_AFTER)."""
+    low, high = gl.inline_asm_elementwise(SPLIT_WORD_F16_ASM, "=r,=r,=r,=r,r", [w_bytes],
                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
     w = _slot_order(gl.permute(gl.join(low, high), [0, 2, 1]), ROWS)  # [ROWS, 32] in slot order
     return gl.convert_layout(w, A_L, assert_trivial=True)  # no data moves (checked at compile time)
@@ -349,7 +383,7 @@ def moe_wgmma(
     if config["PIPELINED"] and (ahead % per_step or not per_step <= ahead <= stages - per_step):
         raise ValueError(f"the wgmma kernel's rings of {stages // per_step} slots hold 1 to {stages // per_step - 1} "
                          f"steps of {per_step} K blocks of copies ahead, not {ahead} blocks")
-    if not scales_fit_f16(scales):
+    if not config["SCALE_AFTER"] and not scales_fit_f16(scales):
         raise ValueError(f"the wgmma MoE kernel scales in f16: scale bytes must lie in {F16_SCALE_RANGE}")
     num_warps, m_reps, block_t = config["num_warps"], config["M_REPS"], config["BLOCK_T"]
     rows = 16 * num_warps * m_reps
@@ -366,7 +400,8 @@ def moe_wgmma(
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None, TILE_N=tile_n,
         NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
         BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages,
-        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, num_warps=num_warps,
+        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, EVEN_N=n_rows % rows == 0,
+        SCALE_AFTER=config["SCALE_AFTER"], num_warps=num_warps,
         **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
 
 
