@@ -369,6 +369,26 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
     return rows
 
 
+def bench_grouping(token_counts: list[int], expert_counts: list[int]) -> list[dict]:
+    """moe_routing.group_by_expert in one program against the three-launch form (a program a chunk of pairs),
+    128-pair row blocks with 16-pair tails (the prefill policy), µs in a CUDA graph; random top-4 routing."""
+    from gptoss_serve.kernels.moe_ref import route_ref
+    from gptoss_serve.kernels.moe_routing import group_by_expert
+
+    rows = []
+    print("| experts | tokens | one program (µs) | a program a chunk (µs) |\n| ---: | ---: | ---: | ---: |")
+    for num_experts in expert_counts:
+        for num_tokens in token_counts:
+            gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+            ids = route_ref(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), 4)[1]
+            times = [_bench(lambda: group_by_expert(ids, 0, num_experts, 128, tail=(16, 16), parallel=parallel))
+                     for parallel in (False, True)]
+            rows.append(dict(experts=num_experts, tokens=num_tokens, one_program_us=times[0] * 1e3,
+                             chunked_us=times[1] * 1e3))
+            print(f"| {num_experts} | {num_tokens} | {times[0] * 1e3:.1f} | {times[1] * 1e3:.1f} |", flush=True)
+    return rows
+
+
 # Attention -------------------------------------------------------------------------------------------------------
 def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator):
     hkv, d = GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
@@ -574,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: moe, decode, prefill, norm, router (the fused norm + routing "
                              "against the composed path), attention-front (the fused norm + qkv + RoPE + cache "
                              "write against the composed path), moe-paths (split-K vs grouped MoE), "
-                             "moe-launches (one MoE layer's time per kernel, and the read floor)")
+                             "moe-launches (one MoE layer's time per kernel, and the read floor), grouping "
+                             "(group_by_expert in one program and in a program a chunk)")
     parser.add_argument("--sweep", action="store_true", help="moe-paths: also sweep split-K variants")
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--tokens", help="moe, moe-launches: these token counts (comma-separated) instead")
@@ -602,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += [dict(r, op=f"MoE {r['model']} layer by launch", shape=f"{r['tokens']} tok")
                  for r in bench_moe_launches(ceil, token_arg or ([1, 8, 64] if args.quick else [1, 2, 8, 64, 256]),
                                              expert_arg or ([32] if args.quick else [32, 128]))]
+    if "grouping" in sections:
+        grouping_rows = bench_grouping(token_arg or [8, 64, 512, 1024, 4096], expert_arg or [32, 128])
     if "decode" in sections:
         rows += bench_decode(ceil, [1, 32] if args.quick else [1, 32, 128], [1024, 8192] if args.quick else
                              [1024, 8192, 32768], torch_max_tokens=32 * 8192)
@@ -613,11 +636,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_router(ceil, [1, 64] if args.quick else [1, 8, 64, 256], [32, 128])
     if "attention-front" in sections:
         rows += bench_attention_front(ceil, [1, 64] if args.quick else [1, 8, 16, 64])
-    if sections - {"moe-paths", "moe-launches"}:
+    if sections - {"moe-paths", "moe-launches", "grouping"}:
         print(format_table(ceil, rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), ceilings=ceil, rows=rows), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), ceilings=ceil, rows=rows,
+                           **({"grouping": grouping_rows} if "grouping" in sections else {})), f, indent=1)
     return 0
 
 

@@ -110,38 +110,34 @@ def _write_block_table(expert_ptr, row_start_ptr, row_end_ptr, blocks, first_row
         tl.store(row_end_ptr + b, tl.minimum(start_row + BLOCK_M, owner_end_row), mask=in_range)
 
 
-@triton.jit(do_not_specialize=["num_pairs", "max_blocks", "max_tail_blocks"])
-def _group_by_expert_kernel(
-    ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
-    tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr,
-    num_pairs, first_expert, num_local_experts, max_blocks, max_tail_blocks,
-    BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    experts = tl.arange(0, BLOCK_EXPERTS)
-    # Pass 1: how many pairs each local expert receives.
-    counts = tl.zeros([BLOCK_EXPERTS], dtype=tl.int32)
-    for start in range(0, num_pairs, CHUNK):
-        pairs = start + tl.arange(0, CHUNK)
-        local = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1) - first_expert
-        local = tl.where((local >= 0) & (local < num_local_experts), local, -1)
-        counts += tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    # Each expert's rows start after the previous experts'.
-    row_end = tl.cumsum(counts, axis=0)
-    row_start = row_end - counts
-    # Pass 2: scatter each pair to its row; within an expert rows keep the pairs' order (stable sort).
-    placed = row_start
-    for start in range(0, num_pairs, CHUNK):
-        pairs = start + tl.arange(0, CHUNK)
-        local = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1) - first_expert
-        local = tl.where((local >= 0) & (local < num_local_experts), local, -1)
-        one_hot = (local[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, BLOCK_EXPERTS]
-        rank = tl.cumsum(one_hot, axis=0) - one_hot  # earlier pairs of the same expert in this chunk
-        row = tl.sum(one_hot * (rank + placed[None, :]), axis=1)
-        tl.store(sorted_pairs_ptr + row, pairs, mask=local >= 0)
-        placed += tl.sum(one_hot, axis=0)
-    # The block tables. With tail blocks, an expert's last TAIL_PAIRS rows or fewer past its whole blocks of
-    # BLOCK_M go to blocks of TAIL_M in the second table instead of one more block of BLOCK_M.
+@device_function
+def _local_experts(ids_ptr, pairs, num_pairs, first_expert, num_local_experts):
+    """The local expert of each pair in `pairs` (-1 for pairs past the end or routed to another rank)."""
+    local = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1) - first_expert
+    return tl.where((local >= 0) & (local < num_local_experts), local, -1)
+
+
+@device_function
+def _scatter_chunk(ids_ptr, sorted_pairs_ptr, pairs, num_pairs, first_expert, num_local_experts, experts, placed):
+    """Writes each local pair of `pairs` to its row: placed[e] (the chunk's first row of expert e) plus the
+    pair's rank among the chunk's pairs of e, so rows keep the pairs' order (a stable sort). Returns the chunk's
+    counts by expert."""
+    local = _local_experts(ids_ptr, pairs, num_pairs, first_expert, num_local_experts)
+    one_hot = (local[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, BLOCK_EXPERTS]
+    rank = tl.cumsum(one_hot, axis=0) - one_hot  # earlier pairs of the same expert in this chunk
+    row = tl.sum(one_hot * (rank + placed[None, :]), axis=1)
+    tl.store(sorted_pairs_ptr + row, pairs, mask=local >= 0)
+    return tl.sum(one_hot, axis=0)
+
+
+@device_function
+def _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, block_row_start_ptr,
+                        block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, max_blocks,
+                        max_tail_blocks, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr,
+                        CHUNK: tl.constexpr):
+    """Both block tables from each expert's rows [row_start, row_end) (counts of them). With tail blocks, an
+    expert's last TAIL_PAIRS rows or fewer past its whole blocks of BLOCK_M go to blocks of TAIL_M in the second
+    table instead of one more block of BLOCK_M."""
     whole = counts // BLOCK_M
     rest = counts - whole * BLOCK_M
     to_tail = (rest > 0) & (rest <= TAIL_PAIRS)
@@ -155,6 +151,89 @@ def _group_by_expert_kernel(
                            max_tail_blocks, TAIL_M, CHUNK)
 
 
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks", "max_tail_blocks"])
+def _group_by_expert_kernel(
+    ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
+    tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr,
+    num_pairs, first_expert, num_local_experts, max_blocks, max_tail_blocks,
+    BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """The whole grouping in one program (few pairs: one launch)."""
+    experts = tl.arange(0, BLOCK_EXPERTS)
+    # Pass 1: how many pairs each local expert receives.
+    counts = tl.zeros([BLOCK_EXPERTS], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        local = _local_experts(ids_ptr, start + tl.arange(0, CHUNK), num_pairs, first_expert, num_local_experts)
+        counts += tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    # Each expert's rows start after the previous experts'.
+    row_end = tl.cumsum(counts, axis=0)
+    row_start = row_end - counts
+    # Pass 2: scatter each pair to its row, chunk after chunk.
+    placed = row_start
+    for start in range(0, num_pairs, CHUNK):
+        placed += _scatter_chunk(ids_ptr, sorted_pairs_ptr, start + tl.arange(0, CHUNK), num_pairs, first_expert,
+                                 num_local_experts, experts, placed)
+    _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, block_row_start_ptr,
+                        block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, max_blocks,
+                        max_tail_blocks, BLOCK_M, TAIL_M, TAIL_PAIRS, CHUNK)
+
+
+# The grouping of many pairs in three launches, a program a chunk of pairs where the work is (the single program
+# above walks every chunk twice, one after another): count each chunk's pairs by expert; one program turns the
+# counts into each chunk's first row of each expert and writes the block tables; each chunk scatters its pairs.
+@triton.jit(do_not_specialize=["num_pairs"])
+def _count_chunks_kernel(ids_ptr, chunk_counts_ptr, num_pairs, first_expert, num_local_experts,
+                         BLOCK_EXPERTS: tl.constexpr, CHUNK: tl.constexpr):
+    experts = tl.arange(0, BLOCK_EXPERTS)
+    chunk = tl.program_id(0)
+    local = _local_experts(ids_ptr, chunk * CHUNK + tl.arange(0, CHUNK), num_pairs, first_expert,
+                           num_local_experts)
+    counts = tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(chunk_counts_ptr + chunk * BLOCK_EXPERTS + experts, counts)
+
+
+@triton.jit(do_not_specialize=["num_chunks", "max_blocks", "max_tail_blocks"])
+def _plan_chunks_kernel(
+    chunk_counts_ptr, chunk_rows_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
+    tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, num_chunks, max_blocks, max_tail_blocks,
+    BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
+    CHUNKS_A_PASS: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """chunk_rows[c, e] = the first row of chunk c's pairs of expert e (rows grouped by expert, chunks in order),
+    and the block tables."""
+    experts = tl.arange(0, BLOCK_EXPERTS)
+    counts = tl.zeros([BLOCK_EXPERTS], dtype=tl.int32)
+    for first in range(0, num_chunks, CHUNKS_A_PASS):
+        chunks = first + tl.arange(0, CHUNKS_A_PASS)
+        tile = tl.load(chunk_counts_ptr + chunks[:, None] * BLOCK_EXPERTS + experts[None, :],
+                       mask=(chunks < num_chunks)[:, None], other=0)  # [CHUNKS_A_PASS, BLOCK_EXPERTS]
+        counts += tl.sum(tile, axis=0)
+    row_end = tl.cumsum(counts, axis=0)
+    row_start = row_end - counts
+    placed = row_start
+    for first in range(0, num_chunks, CHUNKS_A_PASS):
+        chunks = first + tl.arange(0, CHUNKS_A_PASS)
+        offsets = chunks[:, None] * BLOCK_EXPERTS + experts[None, :]
+        in_chunks = (chunks < num_chunks)[:, None]
+        tile = tl.load(chunk_counts_ptr + offsets, mask=in_chunks, other=0)
+        tl.store(chunk_rows_ptr + offsets, tl.cumsum(tile, axis=0) - tile + placed[None, :], mask=in_chunks)
+        placed += tl.sum(tile, axis=0)
+    _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, block_row_start_ptr,
+                        block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, max_blocks,
+                        max_tail_blocks, BLOCK_M, TAIL_M, TAIL_PAIRS, CHUNK)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _scatter_chunks_kernel(ids_ptr, chunk_rows_ptr, sorted_pairs_ptr, num_pairs, first_expert, num_local_experts,
+                           BLOCK_EXPERTS: tl.constexpr, CHUNK: tl.constexpr):
+    experts = tl.arange(0, BLOCK_EXPERTS)
+    chunk = tl.program_id(0)
+    placed = tl.load(chunk_rows_ptr + chunk * BLOCK_EXPERTS + experts)
+    _scatter_chunk(ids_ptr, sorted_pairs_ptr, chunk * CHUNK + tl.arange(0, CHUNK), num_pairs, first_expert,
+                   num_local_experts, experts, placed)
+
+
 @dataclasses.dataclass
 class ExpertGroups:
     """(token, slot) pairs of one step grouped by this rank's experts, in row blocks for the matmuls."""
@@ -165,6 +244,11 @@ class ExpertGroups:
     block_row_end: torch.Tensor  # [max_blocks] int32, one past its last row
     block_m: int  # rows per block
     tail: "ExpertGroups | None" = None  # rows the table above leaves: each expert's last few, in smaller blocks
+
+
+# From this many chunks of pairs (of 16384 / experts pairs: 128 for 120b, 512 for 20b) the grouping runs a
+# program a chunk in three launches instead of one program that walks every chunk twice.
+GROUPING_MIN_CHUNKS = 4
 
 
 def max_row_blocks(num_pairs: int, num_local_experts: int, block_m: int) -> int:
@@ -190,6 +274,7 @@ def group_by_expert(
     num_local_experts: int,
     block_m: int,
     tail: tuple[int, int] | None = None,  # (tail_m, tail_pairs): see below
+    parallel: bool | None = None,  # three launches, a program a chunk of pairs (None: from GROUPING_MIN_CHUNKS)
 ) -> ExpertGroups:
     """The pairs routed to [first_expert, first_expert + num_local_experts) sorted by expert, in row blocks of
     block_m. With `tail`, an expert whose rows past its whole blocks of block_m number tail_pairs or fewer gets
@@ -210,10 +295,26 @@ def group_by_expert(
     tail_table = groups.tail or groups  # without tail blocks the kernel writes no second table
     block_experts = next_pow2(num_local_experts)
     chunk = max(16, min(256, 16384 // block_experts))
-    launch(_group_by_expert_kernel, (1,),
-           expert_ids.reshape(-1), groups.sorted_pairs, groups.block_expert, groups.block_row_start,
-           groups.block_row_end, tail_table.block_expert, tail_table.block_row_start, tail_table.block_row_end,
-           num_pairs, first_expert, num_local_experts, max_blocks, tail_table.block_expert.numel(),
-           BLOCK_M=block_m, TAIL_M=tail_m, TAIL_PAIRS=tail_pairs, BLOCK_EXPERTS=block_experts, CHUNK=chunk,
-           num_warps=8)
+    ids = expert_ids.reshape(-1)
+    tables = (groups.block_expert, groups.block_row_start, groups.block_row_end, tail_table.block_expert,
+              tail_table.block_row_start, tail_table.block_row_end)
+    sizes = dict(BLOCK_M=block_m, TAIL_M=tail_m, TAIL_PAIRS=tail_pairs, BLOCK_EXPERTS=block_experts)
+    num_chunks = triton.cdiv(num_pairs, chunk)
+    if parallel is None:
+        parallel = num_chunks >= GROUPING_MIN_CHUNKS
+    if not parallel:
+        launch(_group_by_expert_kernel, (1,), ids, groups.sorted_pairs, *tables, num_pairs, first_expert,
+               num_local_experts, max_blocks, tail_table.block_expert.numel(), **sizes, CHUNK=chunk, num_warps=8)
+        return groups
+    chunk_counts = torch.empty((max(num_chunks, 1), block_experts), dtype=torch.int32, device=device)
+    chunk_rows = torch.empty_like(chunk_counts)
+    if num_chunks:
+        launch(_count_chunks_kernel, (num_chunks,), ids, chunk_counts, num_pairs, first_expert, num_local_experts,
+               BLOCK_EXPERTS=block_experts, CHUNK=chunk, num_warps=4)
+    launch(_plan_chunks_kernel, (1,), chunk_counts, chunk_rows, *tables, num_chunks, max_blocks,
+           tail_table.block_expert.numel(), **sizes, CHUNKS_A_PASS=max(1, min(64, 8192 // block_experts)),
+           CHUNK=chunk, num_warps=8)
+    if num_chunks:
+        launch(_scatter_chunks_kernel, (num_chunks,), ids, chunk_rows, groups.sorted_pairs, num_pairs, first_expert,
+               num_local_experts, BLOCK_EXPERTS=block_experts, CHUNK=chunk, num_warps=4)
     return groups

@@ -76,12 +76,20 @@ def test_route_matches_ref(num_tokens, num_experts, top_k):
 def test_group_by_expert_is_a_stable_blocked_sort(num_tokens, num_experts, first_expert, num_local, block_m, tail):
     gen = torch.Generator().manual_seed(1)
     _, ids = route_ref(distinct_logits(num_tokens, num_experts, gen), min(4, num_experts))
-    groups = group_by_expert(ids.to(DEVICE), first_expert, num_local, block_m, tail=tail)
+    groups = group_by_expert(ids.to(DEVICE), first_expert, num_local, block_m, tail=tail, parallel=False)
+    # The three-launch grouping (a program a chunk of pairs) writes the same rows and tables.
+    chunked = group_by_expert(ids.to(DEVICE), first_expert, num_local, block_m, tail=tail, parallel=True)
+    for one, other in ((groups, chunked), (groups.tail, chunked.tail)) if tail else ((groups, chunked),):
+        for name in ("block_expert", "block_row_start", "block_row_end"):
+            valid = getattr(one, "block_expert") >= 0
+            assert torch.equal(getattr(one, name)[valid], getattr(other, name)[valid]), name
+            assert torch.equal(valid, getattr(other, "block_expert") >= 0)
     local = ids.reshape(-1).long() - first_expert
     is_local = (local >= 0) & (local < num_local)
     expected = [p for e in range(num_local) for p in torch.nonzero(local == e).flatten().tolist()]
     num_rows = int(is_local.sum())
     assert groups.sorted_pairs[:num_rows].cpu().tolist() == expected
+    assert chunked.sorted_pairs[:num_rows].cpu().tolist() == expected
     assert groups.block_expert.numel() == max_row_blocks(ids.numel(), num_local, block_m)
     tables = [(groups, block_m)]
     if tail is None:

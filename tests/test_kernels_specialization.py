@@ -15,6 +15,9 @@ PER_STEP_ARGS = {
     "attention_decode._decode_kernel": {"stride_tables"},
     "moe_routing._topk_softmax_kernel": {"num_tokens"},
     "moe_routing._group_by_expert_kernel": {"num_pairs", "max_blocks", "max_tail_blocks"},
+    "moe_routing._count_chunks_kernel": {"num_pairs"},
+    "moe_routing._plan_chunks_kernel": {"num_chunks", "max_blocks", "max_tail_blocks"},
+    "moe_routing._scatter_chunks_kernel": {"num_pairs"},
 }
 
 

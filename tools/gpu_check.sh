@@ -46,8 +46,10 @@
 #   bash tools/gpu_check.sh 17   one MoE layer launch by launch (20b and 120b, 1-4096 tokens: which kernel takes the
 #                                time), and 8- against 16-pair wgmma row blocks at 120b 64 tokens (2 pairs an expert)
 #   bash tools/gpu_check.sh 18   unmasked scale loads (whole row tiles), products scaled after the wgmma, tail launches
-#                                beside the main ones: the wgmma GPU tests, the bench's MoE rows against the tree in
-#                                .basetree (the commit before), the variants, one MoE layer launch by launch
+#                                beside the main ones, the grouping a program a chunk: the wgmma GPU tests, the bench's
+#                                MoE rows against the tree in .basetree (the session's first commit's parent), the
+#                                grouping in one program against a program a chunk, the variants, one MoE layer launch
+#                                by launch
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -184,12 +186,14 @@ elif [ "$PART" = 18 ]; then
         | grep -v Warning | tee "$OUT/bench.txt"
     [ -d .basetree ] && (cd .basetree && PYTHONPATH="$PWD" timeout 75 python3 -m gptoss_serve.kernels.bench \
         --sections moe --json "$OUT/bench_base.json" 2>&1 | grep -v Warning | tee "$OUT/bench_base.txt")
-    timeout 100 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x64,32x16 --no-gemv \
+    timeout 45 python3 -m gptoss_serve.kernels.bench --sections grouping 2>&1 | grep -v Warning \
+        | tee "$OUT/grouping.txt"
+    timeout 85 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x64 --no-gemv \
         --wgmma 8:1:12:3,8:1:12:3:0:0:1,16:1:6:3,16:1:6:3:0:0:1,8:1:6:3:0:0:1 2>&1 | grep -v Warning \
         | tee "$OUT/scale_after_sweep.txt"
     timeout 90 python3 tools/moe_mma_sweep.py --cases 128x4096,32x1024 --no-gemv \
         --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:1 2>&1 | grep -v Warning | tee "$OUT/tail_beside_sweep.txt"
-    timeout 90 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1,64,4096 \
+    timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1,64,4096 \
         --experts 32,128 --json "$OUT/launches.json" 2>&1 | grep -v Warning | tee "$OUT/launches.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
