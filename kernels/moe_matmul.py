@@ -776,6 +776,10 @@ GEMV_FUSED_DECODE = os.environ.get("GPTOSS_GEMV_FUSED_DECODE", "0") == "1"
 # WGMMA_MIN_APART_TOKENS).
 WGMMA_MOE = os.environ.get("GPTOSS_WGMMA_MOE", "1") == "1"
 WGMMA_DECODE_PAIRS_PER_EXPERT = 16
+# Steps of more than 8 tokens with at most this many pairs an expert on average take 8-pair row blocks: H100,
+# 2026-12-06 (later), 120b 64 tokens (2 pairs an expert) 634.8 µs with 16-pair blocks against 603.3 with 8 (589.2
+# scaled after); 20b 64 tokens (8 an expert, up to ~16: two blocks of 8 for many experts) 195.9 against 241.6.
+WGMMA_SMALL_BLOCK_PAIRS_PER_EXPERT = 2
 # Decode steps' row blocks (16 pairs; 8 where pairs share experts at up to 8 tokens) and tail blocks: 64 weight
 # rows a program (58 registers, 12-17 KB of shared memory: 8 programs an SM, against 4 with 128 rows and 12
 # stages, 98 registers; Nsight Compute on that tile at 20b 64 tokens: 3.65 warps a scheduler, issue slots 66%
@@ -785,9 +789,12 @@ WGMMA_DECODE_PAIRS_PER_EXPERT = 16
 # (moe_wgmma.DEFAULT_WGMMA_CONFIG), 6 stages (2 slots a ring) beat 9 and 12 at 16 pairs (120b 64 tokens 659.2
 # against 677.2 and 718.2 µs; 20b even), 12 beat 9 at 8 pairs (20b 8 tokens 145.8 against 150.3). Row blocks of
 # 64 pairs likewise with 6 stages (20b 512 tokens 412.3 against 434.1 with 9), of 128 with 9 (120b 4096 tokens
-# 2988 against 3037 with 6).
-WGMMA_TILES = {block_t: dict(BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages)  # by pairs a row block
-               for block_t, m_reps, stages in ((8, 1, 12), (16, 1, 6), (64, 2, 6), (128, 2, 9))}
+# 2988 against 3037 with 6). 8-pair blocks scale each K block's product after its wgmma (SCALE_AFTER; 177 SASS
+# instructions a step against 189): H100, 2026-12-06 (later), 20b 8 tokens 139.3 -> 135.9 µs, 120b 64 tokens (8-pair
+# blocks) 603.3 -> 589.2; at 16 pairs it lost (20b 64 tokens 195.9 -> 217.6: 82 registers against 58).
+WGMMA_TILES = {block_t: dict(BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, SCALE_AFTER=scale_after)  # by pairs a block
+               for block_t, m_reps, stages, scale_after in ((8, 1, 12, True), (16, 1, 6, False), (64, 2, 6, False),
+                                                            (128, 2, 9, False))}
 WGMMA_SMALL_TILE = WGMMA_TILES[16]  # decode steps' 16-pair blocks, and tail blocks
 # Decode steps whose pairs go one by one (`pairs_apart`) take the wgmma kernel's 8-pair blocks from this many
 # tokens, the tensor-core decode kernel below. H100, 2026-12-06 (tools/moe_mma_sweep.py, µs, rings of 12 stages
@@ -836,7 +843,8 @@ def pairs_apart(num_tokens: int, top_k: int, num_local_experts: int) -> bool:
 def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bool, split_nibbles: bool,
                  swizzled: bool, scales: tuple[torch.Tensor, ...]) -> dict | None:
     """The wgmma kernel's config where it is the default for this step, else None (decode steps of up to 8 tokens:
-    8-pair row blocks where pairs share experts or from WGMMA_MIN_APART_TOKENS tokens); row blocks of 16 pairs up to
+    8-pair row blocks where pairs share experts or from WGMMA_MIN_APART_TOKENS tokens; larger steps too up to
+    WGMMA_SMALL_BLOCK_PAIRS_PER_EXPERT pairs an expert on average); row blocks of 16 pairs up to
     WGMMA_DECODE_PAIRS_PER_EXPERT pairs an expert, of 64 up to 64, else of 128 (each expert's last few pairs in
     16-pair tail blocks, WGMMA_TAIL_PAIRS); tiles by row block in WGMMA_TILES, three K blocks a step; shapes (and
     the scales' range) only. The scale check reads each weight's scales once (TritonKernels.prepare_weights does
@@ -850,7 +858,7 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
 
     if not all(scales_fit_f16(s) for s in scales):
         return None
-    if decode_blocks:
+    if decode_blocks or pairs_per_expert <= WGMMA_SMALL_BLOCK_PAIRS_PER_EXPERT:
         block_t = 8
     elif pairs_per_expert <= WGMMA_DECODE_PAIRS_PER_EXPERT:
         block_t = 16

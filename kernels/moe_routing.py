@@ -134,7 +134,7 @@ def _scatter_chunk(ids_ptr, sorted_pairs_ptr, pairs, num_pairs, first_expert, nu
 def _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, block_row_start_ptr,
                         block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, max_blocks,
                         max_tail_blocks, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr,
-                        CHUNK: tl.constexpr):
+                        TABLE_CHUNK: tl.constexpr):
     """Both block tables from each expert's rows [row_start, row_end) (counts of them). With tail blocks, an
     expert's last TAIL_PAIRS rows or fewer past its whole blocks of BLOCK_M go to blocks of TAIL_M in the second
     table instead of one more block of BLOCK_M."""
@@ -144,11 +144,11 @@ def _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, b
     main_end = tl.where(to_tail, row_start + whole * BLOCK_M, row_end)
     _write_block_table(block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
                        (main_end - row_start + BLOCK_M - 1) // BLOCK_M, row_start, main_end, experts, max_blocks,
-                       BLOCK_M, CHUNK)
+                       BLOCK_M, TABLE_CHUNK)
     if TAIL_M > 0:
         _write_block_table(tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr,
                            tl.where(to_tail, (rest + TAIL_M - 1) // TAIL_M, 0), main_end, row_end, experts,
-                           max_tail_blocks, TAIL_M, CHUNK)
+                           max_tail_blocks, TAIL_M, TABLE_CHUNK)
 
 
 @triton.jit(do_not_specialize=["num_pairs", "max_blocks", "max_tail_blocks"])
@@ -157,7 +157,7 @@ def _group_by_expert_kernel(
     tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr,
     num_pairs, first_expert, num_local_experts, max_blocks, max_tail_blocks,
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, TABLE_CHUNK: tl.constexpr,
 ):
     """The whole grouping in one program (few pairs: one launch)."""
     experts = tl.arange(0, BLOCK_EXPERTS)
@@ -176,7 +176,7 @@ def _group_by_expert_kernel(
                                  num_local_experts, experts, placed)
     _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, block_row_start_ptr,
                         block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, max_blocks,
-                        max_tail_blocks, BLOCK_M, TAIL_M, TAIL_PAIRS, CHUNK)
+                        max_tail_blocks, BLOCK_M, TAIL_M, TAIL_PAIRS, TABLE_CHUNK)
 
 
 # The grouping of many pairs in three launches, a program a chunk of pairs where the work is (the single program
@@ -198,7 +198,7 @@ def _plan_chunks_kernel(
     chunk_counts_ptr, chunk_rows_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
     tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, num_chunks, max_blocks, max_tail_blocks,
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
-    CHUNKS_A_PASS: tl.constexpr, CHUNK: tl.constexpr,
+    CHUNKS_A_PASS: tl.constexpr, TABLE_CHUNK: tl.constexpr,
 ):
     """chunk_rows[c, e] = the first row of chunk c's pairs of expert e (rows grouped by expert, chunks in order),
     and the block tables."""
@@ -221,7 +221,7 @@ def _plan_chunks_kernel(
         placed += tl.sum(tile, axis=0)
     _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, block_row_start_ptr,
                         block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, max_blocks,
-                        max_tail_blocks, BLOCK_M, TAIL_M, TAIL_PAIRS, CHUNK)
+                        max_tail_blocks, BLOCK_M, TAIL_M, TAIL_PAIRS, TABLE_CHUNK)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -247,8 +247,15 @@ class ExpertGroups:
 
 
 # From this many chunks of pairs (of 16384 / experts pairs: 128 for 120b, 512 for 20b) the grouping runs a
-# program a chunk in three launches instead of one program that walks every chunk twice.
-GROUPING_MIN_CHUNKS = 4
+# program a chunk in three launches instead of one program that walks the pairs twice. H100, 2026-12-06 (bench
+# --sections grouping, µs, one program against a program a chunk, 128-pair blocks with tails; the block tables then
+# written 128 or 512 blocks at a time): 20b 8 / 64 / 512 / 1024 / 4096 tokens 11.1 / 11.3 / 33.5 / 58.9 / 210.0
+# against 14.4 / 15.6 / 16.1 / 16.1 / 16.3; 120b 34.3 / 47.5 / 134.1 / 232.2 / 823.2 against 23.4 / 26.8 / 27.3 /
+# 27.7 / 32.5.
+GROUPING_MIN_CHUNKS = 2
+# Block-table entries a pass of _write_block_table: its [entries, experts] tiles cost most of the one-program
+# grouping of a decode step with 128 experts (34 µs at 8 tokens with 128 entries a pass, H100).
+GROUPING_TABLE_CHUNK = 32
 
 
 def max_row_blocks(num_pairs: int, num_local_experts: int, block_m: int) -> int:
@@ -294,17 +301,19 @@ def group_by_expert(
                                    **_block_arrays(max_tail, device))
     tail_table = groups.tail or groups  # without tail blocks the kernel writes no second table
     block_experts = next_pow2(num_local_experts)
-    chunk = max(16, min(256, 16384 // block_experts))
+    chunk = max(16, min(256, 16384 // block_experts))  # pairs a program of the three-launch form
     ids = expert_ids.reshape(-1)
     tables = (groups.block_expert, groups.block_row_start, groups.block_row_end, tail_table.block_expert,
               tail_table.block_row_start, tail_table.block_row_end)
-    sizes = dict(BLOCK_M=block_m, TAIL_M=tail_m, TAIL_PAIRS=tail_pairs, BLOCK_EXPERTS=block_experts)
+    sizes = dict(BLOCK_M=block_m, TAIL_M=tail_m, TAIL_PAIRS=tail_pairs, BLOCK_EXPERTS=block_experts,
+                 TABLE_CHUNK=GROUPING_TABLE_CHUNK)
     num_chunks = triton.cdiv(num_pairs, chunk)
     if parallel is None:
         parallel = num_chunks >= GROUPING_MIN_CHUNKS
     if not parallel:
         launch(_group_by_expert_kernel, (1,), ids, groups.sorted_pairs, *tables, num_pairs, first_expert,
-               num_local_experts, max_blocks, tail_table.block_expert.numel(), **sizes, CHUNK=chunk, num_warps=8)
+               num_local_experts, max_blocks, tail_table.block_expert.numel(), **sizes,
+               CHUNK=max(16, min(256, 4096 // block_experts)), num_warps=8)
         return groups
     chunk_counts = torch.empty((max(num_chunks, 1), block_experts), dtype=torch.int32, device=device)
     chunk_rows = torch.empty_like(chunk_counts)
@@ -313,7 +322,7 @@ def group_by_expert(
                BLOCK_EXPERTS=block_experts, CHUNK=chunk, num_warps=4)
     launch(_plan_chunks_kernel, (1,), chunk_counts, chunk_rows, *tables, num_chunks, max_blocks,
            tail_table.block_expert.numel(), **sizes, CHUNKS_A_PASS=max(1, min(64, 8192 // block_experts)),
-           CHUNK=chunk, num_warps=8)
+           num_warps=8)
     if num_chunks:
         launch(_scatter_chunks_kernel, (num_chunks,), ids, chunk_rows, groups.sorted_pairs, num_pairs, first_expert,
                num_local_experts, BLOCK_EXPERTS=block_experts, CHUNK=chunk, num_warps=4)

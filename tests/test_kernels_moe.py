@@ -681,7 +681,10 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
     assert (decode["BLOCK_T"], decode["M_REPS"], decode["STAGES"], decode["KB_PER_STEP"]) == (16, 1, 6, 3)
     assert mm.wgmma_config(5, 4, 32, **gpu)["M_REPS"] == 1  # 64 weight rows a program: more programs an SM
     assert mm.wgmma_config(512, 4, 128, **gpu)["BLOCK_T"] == 16  # 120b, 16 pairs an expert
-    assert mm.wgmma_config(9, 4, 128, **gpu)["BLOCK_T"] == 16  # the first step past the tensor-core decode kernel
+    assert mm.wgmma_config(9, 4, 128, **gpu)["BLOCK_T"] == 8  # the first step past the tensor-core decode kernel
+    few = mm.wgmma_config(64, 4, 128, **gpu)  # 120b, 2 pairs an expert: 8-pair blocks, scaled after the wgmma
+    assert (few["BLOCK_T"], few["SCALE_AFTER"]) == (8, True) and not decode["SCALE_AFTER"]
+    assert mm.wgmma_config(128, 4, 128, **gpu)["BLOCK_T"] == 16  # 120b, 4 pairs an expert
     assert mm.wgmma_config(8, 4, 128, **gpu)["BLOCK_T"] == 8  # 120b, 8 tokens: pairs apart, 8-pair blocks still
     assert mm.wgmma_config(7, 4, 128, **gpu) is None  # 120b, 7 tokens: pairs one by one on the mma.sync kernel
     assert mm.wgmma_config(4, 4, 32, **gpu) is None  # 20b, 4 tokens: likewise

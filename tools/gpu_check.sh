@@ -50,6 +50,9 @@
 #                                MoE rows against the tree in .basetree (the session's first commit's parent), the
 #                                grouping in one program against a program a chunk, the variants, one MoE layer launch
 #                                by launch
+#   bash tools/gpu_check.sh 19   the final defaults of 2026-12-06 (later): the wgmma, grouping and real-shape GPU tests,
+#                                the grouping in one program against a program a chunk, the bench's MoE rows, the
+#                                20b engine
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -195,6 +198,16 @@ elif [ "$PART" = 18 ]; then
         --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:1 2>&1 | grep -v Warning | tee "$OUT/tail_beside_sweep.txt"
     timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1,64,4096 \
         --experts 32,128 --json "$OUT/launches.json" 2>&1 | grep -v Warning | tee "$OUT/launches.txt"
+elif [ "$PART" = 19 ]; then
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        -k "wgmma or real_shapes or serving or group" -rfE > "$OUT/tests_full.txt" 2>&1
+    timeout 40 python3 -m gptoss_serve.kernels.bench --sections grouping 2>&1 | grep -v Warning \
+        | tee "$OUT/grouping.txt"
+    timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/bench.txt"
+    engine_bench "$OUT/engine.txt" > /dev/null
+    tail -30 "$OUT/engine.txt"
+    tail -12 "$OUT/tests_full.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

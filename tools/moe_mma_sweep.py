@@ -24,8 +24,9 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--cases", default="32x1,128x1,32x2,128x2,32x4,128x4,32x8,128x8,32x16,32x32,32x64,128x64")
 parser.add_argument("--configs", default="default", help="default: a few variants; all: the tile sweep")
 parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of the built-in grid: BLOCK_T:M_REPS:"
-                    "STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG[:SCALE_AFTER[:TAIL_CONCURRENT]]]] (4 warps; TAIL_PAIRS: each expert's "
-                    "last pairs, up to that many, in 16-pair tail blocks, 0 for none; MAXNREG: a register cap, 0 for "
+                    "STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG[:SCALE_AFTER[:TAIL_CONCURRENT]]]] (4 warps; "
+                    "TAIL_PAIRS: each expert's last pairs, up to that many, in 16-pair tail blocks, 0 for none; "
+                    "MAXNREG: a register cap, 0 for "
                     "none; SCALE_AFTER: 1 scales each K block's product after its wgmma; TAIL_CONCURRENT: 1 runs the "
                     "tail launches on a second stream), comma-separated; with "
                     "it, steps of more than 8 tokens also time "
