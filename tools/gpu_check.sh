@@ -199,15 +199,17 @@ elif [ "$PART" = 18 ]; then
     timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1,64,4096 \
         --experts 32,128 --json "$OUT/launches.json" 2>&1 | grep -v Warning | tee "$OUT/launches.txt"
 elif [ "$PART" = 19 ]; then
-    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+    timeout 130 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
         -k "wgmma or real_shapes or serving or group" -rfE > "$OUT/tests_full.txt" 2>&1
-    timeout 40 python3 -m gptoss_serve.kernels.bench --sections grouping 2>&1 | grep -v Warning \
+    tail -12 "$OUT/tests_full.txt"
+    timeout 35 python3 -m gptoss_serve.kernels.bench --sections grouping 2>&1 | grep -v Warning \
         | tee "$OUT/grouping.txt"
     timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
         | grep -v Warning | tee "$OUT/bench.txt"
-    engine_bench "$OUT/engine.txt" > /dev/null
+    timeout 150 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
+        --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --json 2>&1 | tail -40 \
+        > "$OUT/engine.txt"
     tail -30 "$OUT/engine.txt"
-    tail -12 "$OUT/tests_full.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
