@@ -405,33 +405,6 @@ def moe_wgmma(
         **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """A second stream of the device, for the tail blocks' launches (TAIL_CONCURRENT)."""
-    device = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
-def _launch_tables(tables, side, launch_one) -> None:
-    """One matmul over its block tables (main, then tail). With a side stream the tail launch runs there, beside
-    the main one: it forks after the inputs are ready (before the main launch is queued) and joins before
-    anything after. The two write disjoint rows, and in a CUDA graph capture the fork and join are captured too."""
-    if side is None or len(tables) == 1:
-        for table, table_config in tables:
-            launch_one(table, table_config)
-        return
-    current = torch.cuda.current_stream()
-    side.wait_stream(current)  # the inputs, as queued so far
-    launch_one(*tables[0])
-    with torch.cuda.stream(side):
-        launch_one(*tables[1])
-    current.wait_stream(side)
-
-
 def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
                       swiglu_alpha, swiglu_limit, first_expert=0, config=None, split_nibbles=False, tile_n=1,
                       swizzled=False) -> torch.Tensor:  # [num_tokens, hidden] bf16
@@ -440,9 +413,7 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     f16 slots too, the second's rows combined by moe_matmul's combine kernel. With config["TAIL"] (tile keys,
     BLOCK_T among them) and config["TAIL_PAIRS"], an expert's last TAIL_PAIRS pairs or fewer past its whole row
     blocks go to row blocks of TAIL["BLOCK_T"], each matmul a second launch with those tiles (see
-    moe_routing.group_by_expert); with config["TAIL_CONCURRENT"] that launch runs on a second stream beside the
-    main one (the large tiles leave room on each SM for a small one, and the tail's weight reads overlap the
-    main launch's tensor-core work)."""
+    moe_routing.group_by_expert)."""
     from gptoss_serve.kernels.moe_matmul import _combine_kernel
     from gptoss_serve.kernels.moe_routing import group_by_expert
 
@@ -461,16 +432,15 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     tail = (tail_config["BLOCK_T"], config["TAIL_PAIRS"]) if tail_config else None
     groups = group_by_expert(expert_ids, first_expert, w1_blocks.shape[0], config["BLOCK_T"], tail=tail)
     tables = [(groups, config)] + ([(groups.tail, dict(config, **tail_config))] if tail else [])
-    side = _side_stream(x.device) if tail and config.get("TAIL_CONCURRENT") else None
     act = torch.empty((num_pairs, w1_blocks.shape[1] // 2), dtype=torch.float16, device=x.device)  # grouped order
     x_slots = to_f16_slots(x)
-    _launch_tables(tables, side, lambda table, table_config: moe_wgmma(
-        x_slots, w1_blocks, w1_scales, b1, table, top_k, act, table_config, swiglu=(swiglu_alpha, swiglu_limit),
-        tile_n=tile_n))
+    for table, table_config in tables:
+        moe_wgmma(x_slots, w1_blocks, w1_scales, b1, table, top_k, act, table_config,
+                  swiglu=(swiglu_alpha, swiglu_limit), tile_n=tile_n)
     y = torch.empty((num_pairs, hidden), dtype=torch.float32, device=x.device)  # by (token, slot)
-    _launch_tables(tables, side, lambda table, table_config: moe_wgmma(
-        act, w2_blocks, w2_scales, b2, table, top_k, y, table_config, pair_weights=expert_weights.reshape(-1),
-        tile_n=tile_n))
+    for table, table_config in tables:
+        moe_wgmma(act, w2_blocks, w2_scales, b2, table, top_k, y, table_config,
+                  pair_weights=expert_weights.reshape(-1), tile_n=tile_n)
     block_h = min(1024, triton.next_power_of_2(hidden))
     launch(_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
            y, expert_ids, out, hidden, first_expert, w1_blocks.shape[0], y.stride(0), out.stride(0),
