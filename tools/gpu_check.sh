@@ -49,7 +49,8 @@
 #                                beside the main ones, the grouping a program a chunk: the wgmma GPU tests, the bench's
 #                                MoE rows against the tree in .basetree (the session's first commit's parent), the
 #                                grouping in one program against a program a chunk, the variants, one MoE layer launch
-#                                by launch
+#                                by launch (the tail launches beside the main ones, TAIL_CONCURRENT, lost and were
+#                                removed: the sweep ignores an eighth field now)
 #   bash tools/gpu_check.sh 19   the final defaults of 2026-12-06 (later): the wgmma, grouping and real-shape GPU tests,
 #                                the grouping in one program against a program a chunk, the bench's MoE rows, the
 #                                20b engine
