@@ -251,10 +251,11 @@ class ExpertGroups:
 # --sections grouping, µs, one program against a program a chunk, 128-pair blocks with tails; the block tables then
 # written 128 or 512 blocks at a time): 20b 8 / 64 / 512 / 1024 / 4096 tokens 11.1 / 11.3 / 33.5 / 58.9 / 210.0
 # against 14.4 / 15.6 / 16.1 / 16.1 / 16.3; 120b 34.3 / 47.5 / 134.1 / 232.2 / 823.2 against 23.4 / 26.8 / 27.3 /
-# 27.7 / 32.5.
+# 27.7 / 32.5. With the tables 32 entries a pass (below), the same day: one program 7.6 / 10.4 / 43.2 at 20b 8 / 64 /
+# 512 tokens against 11.8 / 13.3 / 13.7; 120b 11.9 / 41.0 at 8 / 64 tokens against 17.9 / 24.3 (2 chunks).
 GROUPING_MIN_CHUNKS = 2
-# Block-table entries a pass of _write_block_table: its [entries, experts] tiles cost most of the one-program
-# grouping of a decode step with 128 experts (34 µs at 8 tokens with 128 entries a pass, H100).
+# Block-table entries a pass of _write_block_table: its [entries, experts] tiles were most of the one-program
+# grouping of a decode step with 128 experts (H100, 120b 8 tokens: 34.3 µs with 128 entries a pass, 11.9 with 32).
 GROUPING_TABLE_CHUNK = 32
 
 
