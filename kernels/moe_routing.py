@@ -3,7 +3,8 @@
 `route` is the twin of moe_ref.route_ref. `group_by_expert` is what the expert matmuls need: the pairs routed
 to this rank's experts, sorted by expert (stable), cut into row blocks of BLOCK_M rows that never straddle two
 experts. Everything stays on the device with sizes fixed by the number of tokens, so it can be captured in a
-CUDA graph: the number of blocks is bounded by the static worst case and unused blocks are marked -1.
+CUDA graph: the number of blocks is bounded by the static worst case and unused blocks are marked -1. A few
+pairs are grouped by one program; more (GROUPING_MIN_CHUNKS chunks) by a program a chunk in three launches.
 """
 
 from __future__ import annotations
