@@ -93,22 +93,24 @@ def route(
 def _write_block_table(expert_ptr, row_start_ptr, row_end_ptr, blocks, first_row, end_row, experts, max_blocks,
                        BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
     """One block table: blocks [BLOCK_EXPERTS] of each expert, cut from its rows [first_row, end_row) in blocks
-    of BLOCK_M (the last one shorter); entries max_blocks, those beyond the last block marked expert -1."""
-    block_end = tl.cumsum(blocks, axis=0)
-    block_start = block_end - blocks
+    of BLOCK_M (the last one shorter); entries max_blocks, those beyond the last block marked expert -1 (rows 0).
+    Each expert writes its own entries, its j-th block in pass j (as many passes as the busiest expert has
+    blocks), then the unused entries CHUNK at a time: no search of an entry's expert."""
+    block_start = tl.cumsum(blocks, axis=0) - blocks  # [BLOCK_EXPERTS] each expert's first entry
     num_blocks = tl.sum(blocks, axis=0)
-    for start in range(0, max_blocks, CHUNK):
+    for j in range(0, tl.max(blocks, axis=0)):
+        b = block_start + j
+        mine = (j < blocks) & (b < max_blocks)
+        start_row = first_row + j * BLOCK_M
+        tl.store(expert_ptr + b, experts, mask=mine)
+        tl.store(row_start_ptr + b, start_row, mask=mine)
+        tl.store(row_end_ptr + b, tl.minimum(start_row + BLOCK_M, end_row), mask=mine)
+    for start in range(num_blocks, max_blocks, CHUNK):
         b = start + tl.arange(0, CHUNK)
-        owner = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), axis=1)  # expert of block b
-        is_owner = experts[None, :] == owner[:, None]
-        first_block = tl.sum(tl.where(is_owner, block_start[None, :], 0), axis=1)
-        owner_first_row = tl.sum(tl.where(is_owner, first_row[None, :], 0), axis=1)
-        owner_end_row = tl.sum(tl.where(is_owner, end_row[None, :], 0), axis=1)
-        start_row = owner_first_row + (b - first_block) * BLOCK_M
-        in_range = b < max_blocks
-        tl.store(expert_ptr + b, tl.where(b < num_blocks, owner, -1), mask=in_range)
-        tl.store(row_start_ptr + b, start_row, mask=in_range)
-        tl.store(row_end_ptr + b, tl.minimum(start_row + BLOCK_M, owner_end_row), mask=in_range)
+        unused = b < max_blocks
+        tl.store(expert_ptr + b, tl.full([CHUNK], -1, tl.int32), mask=unused)
+        tl.store(row_start_ptr + b, tl.zeros([CHUNK], tl.int32), mask=unused)
+        tl.store(row_end_ptr + b, tl.zeros([CHUNK], tl.int32), mask=unused)
 
 
 @device_function
