@@ -257,8 +257,9 @@ class ExpertGroups:
 # 27.7 / 32.5. With the tables 32 entries a pass (below), the same day: one program 7.6 / 10.4 / 43.2 at 20b 8 / 64 /
 # 512 tokens against 11.8 / 13.3 / 13.7; 120b 11.9 / 41.0 at 8 / 64 tokens against 17.9 / 24.3 (2 chunks).
 GROUPING_MIN_CHUNKS = 2
-# Block-table entries a pass of _write_block_table: its [entries, experts] tiles were most of the one-program
-# grouping of a decode step with 128 experts (H100, 120b 8 tokens: 34.3 µs with 128 entries a pass, 11.9 with 32).
+# Unused block-table entries a pass of _write_block_table. (When it searched each entry's expert in [entries,
+# experts] tiles, those were most of the one-program grouping of a decode step with 128 experts: H100, 120b 8
+# tokens, 34.3 µs with 128 entries a pass, 11.9 with 32; now each expert writes its own entries.)
 GROUPING_TABLE_CHUNK = 32
 
 
