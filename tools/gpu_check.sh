@@ -54,6 +54,9 @@
 #   bash tools/gpu_check.sh 19   the final defaults of 2026-12-06 (later): the wgmma, grouping and real-shape GPU tests,
 #                                the grouping in one program against a program a chunk, the bench's MoE rows, the
 #                                20b engine
+#   bash tools/gpu_check.sh 20   the block tables written by expert (after call 2 of 2026-12-06's third session): the
+#                                grouping's GPU tests, the grouping both ways, the bench's MoE rows, decode layers by
+#                                launch
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -211,6 +214,16 @@ elif [ "$PART" = 19 ]; then
         --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --json 2>&1 | tail -40 \
         > "$OUT/engine.txt"
     tail -30 "$OUT/engine.txt"
+elif [ "$PART" = 20 ]; then
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        -k "group or wgmma_matches" -rfE > "$OUT/tests_full.txt" 2>&1
+    tail -5 "$OUT/tests_full.txt"
+    timeout 35 python3 -m gptoss_serve.kernels.bench --sections grouping 2>&1 | grep -v Warning \
+        | tee "$OUT/grouping.txt"
+    timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/bench.txt"
+    timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 8,64 --experts 128,32 2>&1 \
+        | grep -E "^MoE|launches in order" | tee "$OUT/launches.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
