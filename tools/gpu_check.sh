@@ -65,6 +65,19 @@ PART="${1:-1}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 git log -1 --format=%H 2>/dev/null | tee -a "$OUT/device.txt"
+moe_gpu_tests() {  # $1 the -k filter of tests/test_kernels_moe.py's GPU tests, $2 the time limit (s)
+    timeout "$2" python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py -k "$1" -rfE \
+        > "$OUT/tests_full.txt" 2>&1
+    tail -12 "$OUT/tests_full.txt"
+}
+moe_rows() {  # the bench's MoE rows (1-4096 tokens, 20b and 120b)
+    timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/bench.txt"
+}
+grouping_rows() {  # group_by_expert in one program against a program a chunk
+    timeout 45 python3 -m gptoss_serve.kernels.bench --sections grouping 2>&1 | grep -v Warning \
+        | tee "$OUT/grouping.txt"
+}
 engine_bench() {  # the 20b engine: one stream, then 8 prompts of 1024 tokens, decode profiled at 1, 4 and 8
     timeout 240 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
         --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --profile-decode 1 4 8 \
@@ -189,12 +202,10 @@ elif [ "$PART" = 17 ]; then
 elif [ "$PART" = 18 ]; then
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
         -k "wgmma or real_shapes" -rfE > "$OUT/tests_full.txt" 2>&1; tail -15 "$OUT/tests_full.txt"
-    timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
-        | grep -v Warning | tee "$OUT/bench.txt"
+    moe_rows
     [ -d .basetree ] && (cd .basetree && PYTHONPATH="$PWD" timeout 75 python3 -m gptoss_serve.kernels.bench \
         --sections moe --json "$OUT/bench_base.json" 2>&1 | grep -v Warning | tee "$OUT/bench_base.txt")
-    timeout 45 python3 -m gptoss_serve.kernels.bench --sections grouping 2>&1 | grep -v Warning \
-        | tee "$OUT/grouping.txt"
+    grouping_rows
     timeout 85 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x64 --no-gemv \
         --wgmma 8:1:12:3,8:1:12:3:0:0:1,16:1:6:3,16:1:6:3:0:0:1,8:1:6:3:0:0:1 2>&1 | grep -v Warning \
         | tee "$OUT/scale_after_sweep.txt"
@@ -203,25 +214,17 @@ elif [ "$PART" = 18 ]; then
     timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1,64,4096 \
         --experts 32,128 --json "$OUT/launches.json" 2>&1 | grep -v Warning | tee "$OUT/launches.txt"
 elif [ "$PART" = 19 ]; then
-    timeout 130 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
-        -k "wgmma or real_shapes or serving or group" -rfE > "$OUT/tests_full.txt" 2>&1
-    tail -12 "$OUT/tests_full.txt"
-    timeout 35 python3 -m gptoss_serve.kernels.bench --sections grouping 2>&1 | grep -v Warning \
-        | tee "$OUT/grouping.txt"
-    timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
-        | grep -v Warning | tee "$OUT/bench.txt"
+    moe_gpu_tests "wgmma or real_shapes or serving or group" 130
+    grouping_rows
+    moe_rows
     timeout 150 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
         --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --json 2>&1 | tail -40 \
         > "$OUT/engine.txt"
     tail -30 "$OUT/engine.txt"
 elif [ "$PART" = 20 ]; then
-    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
-        -k "group or wgmma_matches" -rfE > "$OUT/tests_full.txt" 2>&1
-    tail -5 "$OUT/tests_full.txt"
-    timeout 35 python3 -m gptoss_serve.kernels.bench --sections grouping 2>&1 | grep -v Warning \
-        | tee "$OUT/grouping.txt"
-    timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
-        | grep -v Warning | tee "$OUT/bench.txt"
+    moe_gpu_tests "group or wgmma_matches" 150
+    grouping_rows
+    moe_rows
     timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 8,64 --experts 128,32 2>&1 \
         | grep -E "^MoE|launches in order" | tee "$OUT/launches.txt"
 else
