@@ -18,7 +18,8 @@ terms come, only that A and B agree.
 
 Scales: each value of the e4m3 -> f16 conversion is the weight times 2^-6; one f16x2 multiply by 2^(s - 121)
 makes it the weight, exactly while every scale byte s of the tensor is within F16_SCALE_RANGE (no f16 overflow,
-no bits lost to subnormals). Activations as f16: exact for normalized MoE inputs and clamped SwiGLU outputs
+no bits lost to subnormals); or (SCALE_AFTER, the 8-pair tiles) each K block's wgmma takes the unscaled values
+into an accumulator of its own and the product is scaled by 2^(s - 121) in float32. Activations as f16: exact for normalized MoE inputs and clamped SwiGLU outputs
 (see moe_mma.py); they are rounded to bf16 first, as the torch twin rounds them. The accumulator is float32; the
 epilogues are those of moe_matmul's grouped kernel (bias and SwiGLU for w1, written in grouped order; bias and
 routing weight for w2, by pair, for its combine kernel), with the same roundings.
