@@ -16,13 +16,13 @@ activations come in that order too (`to_f16_slots`, one small kernel before the 
 matmul's epilogue writes its activations so for the second). The sum over K does not care in which order its
 terms come, only that A and B agree.
 
-Scales: each value of the e4m3 -> f16 conversion is the weight times 2^-6; one f16x2 multiply by 2^(s - 121)
-makes it the weight, exactly while every scale byte s of the tensor is within F16_SCALE_RANGE (no f16 overflow,
-no bits lost to subnormals); or (SCALE_AFTER, the 8-pair tiles) each K block's wgmma takes the unscaled values
-into an accumulator of its own and the product is scaled by 2^(s - 121) in float32. Activations as f16: exact for normalized MoE inputs and clamped SwiGLU outputs
-(see moe_mma.py); they are rounded to bf16 first, as the torch twin rounds them. The accumulator is float32; the
-epilogues are those of moe_matmul's grouped kernel (bias and SwiGLU for w1, written in grouped order; bias and
-routing weight for w2, by pair, for its combine kernel), with the same roundings.
+Scales: each value of the e4m3 -> f16 conversion is the weight times 2^-6; one f16x2 multiply by 2^(s - 121) makes
+it the weight, exactly while every scale byte s of the tensor is within F16_SCALE_RANGE (no f16 overflow, no bits
+lost to subnormals); or (SCALE_AFTER, the 8-pair tiles) each K block's wgmma takes the unscaled values into an
+accumulator of its own and the product is scaled by 2^(s - 121) in float32. Activations as f16: exact for normalized
+MoE inputs and clamped SwiGLU outputs (see moe_mma.py); they are rounded to bf16 first, as the torch twin rounds
+them. The accumulator is float32; the epilogues are those of moe_matmul's grouped kernel (bias and SwiGLU for w1,
+written in grouped order; bias and routing weight for w2, by pair, for its combine kernel), with the same roundings.
 
 A program: one row block of an expert's pairs (BLOCK_T, the wgmma N) and ROWS weight rows (the wgmma M: 64 a
 warpgroup, M_REPS times), all of K, KB_PER_STEP 32-wide K blocks a step. Each block's activations [BLOCK_T, 32]
@@ -120,21 +120,78 @@ def _slot_order(x, ROWS: gl.constexpr):
     return gl.reshape(gl.permute(x, [0, 1, 4, 2, 3, 5]), [ROWS, 32])  # [rows, half, e1, e3, e2, e0]
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["num_main_blocks"])
 def _moe_wgmma_kernel(
     a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr,
     sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr, pair_weights_ptr,
-    N, top_k, num_n_tiles,
+    tail_start_ptr, tail_end_ptr, tail_orphan_ptr,
+    N, top_k, num_n_tiles, num_main_blocks,
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert, stride_out,
     swiglu_alpha, swiglu_limit,
     SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
     COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, EVEN_N: gl.constexpr, SCALE_AFTER: gl.constexpr,
+    TAIL_FUSED: gl.constexpr, TAIL_T: gl.constexpr, TAIL_B_SMEM: gl.constexpr, TAIL_STAGES: gl.constexpr,
+    TAIL_COPY_AHEAD: gl.constexpr,
 ):
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
-    order, from to_f16_slots, and the first matmul writes its activations so too)."""
+    order, from to_f16_slots, and the first matmul writes its activations so too). With TAIL_FUSED the program
+    of an expert's last main row block also runs the expert's tail rows [tail_start[e], tail_end[e]) right after,
+    on the same weight rows (just read: L2), with TAIL_T-pair tiles; programs past num_main_blocks run the tails
+    of experts with no main block (tail_orphan[e])."""
+    pid = gl.program_id(0)
+    pid_m = pid // num_n_tiles
+    pid_n = pid % num_n_tiles
+    if TAIL_FUSED:
+        in_main = pid_m < num_main_blocks
+        expert = gl.load(block_expert_ptr + pid_m, mask=in_main, other=-1)
+        row_start = gl.load(block_row_start_ptr + pid_m, mask=in_main, other=0)
+        row_end = gl.load(block_row_end_ptr + pid_m, mask=in_main, other=0)
+        if expert >= 0:
+            _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, pair_weights_ptr, expert,
+                       row_start, row_end, pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row,
+                       stride_s_expert, stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit,
+                       SWIGLU, HAS_BIAS, GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, B_SMEM, BLOCK_T, M_REPS,
+                       NUM_WARPS, STAGES, PIPELINED, COPY_AHEAD, KB_PER_STEP, EVEN_N, SCALE_AFTER)
+        tail_expert = gl.where(in_main, expert, pid_m - num_main_blocks)
+        has_expert = tail_expert >= 0
+        tail_start = gl.load(tail_start_ptr + tail_expert, mask=has_expert, other=0)
+        tail_end = gl.load(tail_end_ptr + tail_expert, mask=has_expert, other=0)
+        orphan = gl.load(tail_orphan_ptr + tail_expert, mask=has_expert & (pid_m >= num_main_blocks), other=0)
+        if (tail_end > tail_start) & ((in_main & (row_end == tail_start)) | (orphan != 0)):
+            _barrier()  # every warp past the main block's epilogue before the tail's copies reuse shared memory
+            _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, pair_weights_ptr,
+                       tail_expert, tail_start, tail_end, pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row,
+                       stride_s_expert, stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit,
+                       SWIGLU, HAS_BIAS, GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, TAIL_B_SMEM, TAIL_T, M_REPS,
+                       NUM_WARPS, TAIL_STAGES, PIPELINED, TAIL_COPY_AHEAD, KB_PER_STEP, EVEN_N, False)
+    else:
+        expert = gl.load(block_expert_ptr + pid_m)
+        if expert < 0:  # beyond the last row block: the grid is the static worst case
+            return
+        row_start = gl.load(block_row_start_ptr + pid_m)
+        row_end = gl.load(block_row_end_ptr + pid_m)
+        _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, pair_weights_ptr, expert,
+                   row_start, row_end, pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row, stride_s_expert,
+                   stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit, SWIGLU, HAS_BIAS,
+                   GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, B_SMEM, BLOCK_T, M_REPS, NUM_WARPS, STAGES,
+                   PIPELINED, COPY_AHEAD, KB_PER_STEP, EVEN_N, SCALE_AFTER)
+
+
+@gluon.jit
+def _row_block(
+    a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, pair_weights_ptr, expert, row_start, row_end,
+    pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert,
+    stride_out, swiglu_alpha, swiglu_limit,
+    SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
+    NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
+    M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
+    COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, EVEN_N: gl.constexpr, SCALE_AFTER: gl.constexpr,
+):
+    """One row block [row_start, row_end) of an expert's pairs against weight-row tile pid_n: the K loop through
+    the rings and the epilogue."""
     ROWS: gl.constexpr = 16 * NUM_WARPS * M_REPS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_T, 16])
@@ -142,15 +199,6 @@ def _moe_wgmma_kernel(
     COPY_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])  # 16-byte copies of [*, 32] f16
     BYTES_L: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [NUM_WARPS, 1], [1, 0])  # 8-byte copies, 64 rows a pass
     PLAIN: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-
-    pid = gl.program_id(0)
-    pid_m = pid // num_n_tiles
-    pid_n = pid % num_n_tiles
-    expert = gl.load(block_expert_ptr + pid_m)
-    if expert < 0:  # beyond the last row block: the grid is the static worst case
-        return
-    row_start = gl.load(block_row_start_ptr + pid_m)
-    row_end = gl.load(block_row_end_ptr + pid_m)
 
     # Activation rows of the block's pairs, 32 slots a step.
     t_c = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, COPY_L))
@@ -390,11 +438,20 @@ def moe_wgmma(
     rows = 16 * num_warps * m_reps
     num_n_tiles = triton.cdiv(n_rows, rows)
     dummy = scales  # never read: the flags below switch off its use
-    _moe_wgmma_kernel[(groups.block_expert.numel() * num_n_tiles,)](
+    num_main = groups.block_expert.numel()
+    fused = bool(config.get("TAIL_FUSED")) and groups.by_expert is not None
+    tail_t, tail_stages = (config["TAIL"]["BLOCK_T"], config["TAIL"]["STAGES"]) if fused else (block_t, stages)
+    tail_stages -= tail_stages % per_step
+    if fused and not (config["PIPELINED"] and tail_stages >= 2 * per_step and groups.tail.block_m == tail_t):
+        raise ValueError("fused tail blocks need the pipelined kernel, rings of 2 slots or more, and tail blocks of "
+                         "the TAIL tile's pairs")
+    by_expert = groups.by_expert if fused else (dummy, dummy, dummy)
+    grid = (num_main + (num_local_experts if fused else 0)) * num_n_tiles
+    _moe_wgmma_kernel[(grid,)](
         a, blocks, scales, bias if bias is not None else dummy, out,
         groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end,
-        pair_weights if pair_weights is not None else dummy,
-        n_rows, top_k, num_n_tiles,
+        pair_weights if pair_weights is not None else dummy, *by_expert,
+        n_rows, top_k, num_n_tiles, num_main,
         a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
         bias.stride(0) if bias is not None else 0, out.stride(0),
         float(swiglu[0]) if swiglu else 0.0, float(swiglu[1]) if swiglu else 0.0,
@@ -402,7 +459,8 @@ def moe_wgmma(
         NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
         BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages,
         PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, EVEN_N=n_rows % rows == 0,
-        SCALE_AFTER=config["SCALE_AFTER"], num_warps=num_warps,
+        SCALE_AFTER=config["SCALE_AFTER"], TAIL_FUSED=fused, TAIL_T=tail_t, TAIL_B_SMEM=b_smem_layout(tail_t),
+        TAIL_STAGES=tail_stages, TAIL_COPY_AHEAD=tail_stages - per_step, num_warps=num_warps,
         **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
 
 
@@ -414,7 +472,9 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     f16 slots too, the second's rows combined by moe_matmul's combine kernel. With config["TAIL"] (tile keys,
     BLOCK_T among them) and config["TAIL_PAIRS"], an expert's last TAIL_PAIRS pairs or fewer past its whole row
     blocks go to row blocks of TAIL["BLOCK_T"], each matmul a second launch with those tiles (see
-    moe_routing.group_by_expert)."""
+    moe_routing.group_by_expert); with config["TAIL_FUSED"] (TAIL_PAIRS at most TAIL["BLOCK_T"]: one tail block
+    an expert) no second launch: the program of an expert's last main block runs its tail rows next, on the
+    weight rows it has just read (an experiment, off by default: not yet timed)."""
     from gptoss_serve.kernels.moe_matmul import _combine_kernel
     from gptoss_serve.kernels.moe_routing import group_by_expert
 
@@ -431,8 +491,10 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     num_pairs = num_tokens * top_k
     tail_config = config.get("TAIL")  # each expert's last few pairs in small row blocks, a launch of their own
     tail = (tail_config["BLOCK_T"], config["TAIL_PAIRS"]) if tail_config else None
-    groups = group_by_expert(expert_ids, first_expert, w1_blocks.shape[0], config["BLOCK_T"], tail=tail)
-    tables = [(groups, config)] + ([(groups.tail, dict(config, **tail_config))] if tail else [])
+    fused = bool(tail and config.get("TAIL_FUSED"))  # or run by the program of the expert's last main block
+    groups = group_by_expert(expert_ids, first_expert, w1_blocks.shape[0], config["BLOCK_T"], tail=tail,
+                             tail_by_expert=fused)
+    tables = [(groups, config)] + ([(groups.tail, dict(config, **tail_config))] if tail and not fused else [])
     act = torch.empty((num_pairs, w1_blocks.shape[1] // 2), dtype=torch.float16, device=x.device)  # grouped order
     x_slots = to_f16_slots(x)
     for table, table_config in tables:
