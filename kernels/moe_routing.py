@@ -121,6 +121,13 @@ def _local_experts(ids_ptr, pairs, num_pairs, first_expert, num_local_experts):
 
 
 @device_function
+def _count_chunk(ids_ptr, pairs, num_pairs, first_expert, num_local_experts, experts):
+    """How many of `pairs` each local expert receives ([BLOCK_EXPERTS])."""
+    local = _local_experts(ids_ptr, pairs, num_pairs, first_expert, num_local_experts)
+    return tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
+
+
+@device_function
 def _scatter_chunk(ids_ptr, sorted_pairs_ptr, pairs, num_pairs, first_expert, num_local_experts, experts, placed):
     """Writes each local pair of `pairs` to its row: placed[e] (the chunk's first row of expert e) plus the
     pair's rank among the chunk's pairs of e, so rows keep the pairs' order (a stable sort). Returns the chunk's
@@ -141,7 +148,8 @@ def _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, b
     """Both block tables from each expert's rows [row_start, row_end) (counts of them). With tail blocks, an
     expert's last TAIL_PAIRS rows or fewer past its whole blocks of BLOCK_M go to blocks of TAIL_M in the second
     table instead of one more block of BLOCK_M. BY_EXPERT: also by_expert [3, num_local_experts]: each expert's
-    tail rows' start and end (equal: none), and 1 where it has no main block."""
+    tail rows' start and end (its rows past its main blocks: none where those end at row_end), and 1 where it has
+    no main block."""
     whole = counts // BLOCK_M
     rest = counts - whole * BLOCK_M
     to_tail = (rest > 0) & (rest <= TAIL_PAIRS)
@@ -149,7 +157,7 @@ def _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, b
     if BY_EXPERT:
         local = experts < num_local_experts
         tl.store(by_expert_ptr + experts, main_end, mask=local)
-        tl.store(by_expert_ptr + num_local_experts + experts, tl.where(to_tail, row_end, main_end), mask=local)
+        tl.store(by_expert_ptr + num_local_experts + experts, row_end, mask=local)
         tl.store(by_expert_ptr + 2 * num_local_experts + experts, (to_tail & (whole == 0)).to(tl.int32), mask=local)
     _write_block_table(block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
                        (main_end - row_start + BLOCK_M - 1) // BLOCK_M, row_start, main_end, experts, max_blocks,
@@ -173,8 +181,8 @@ def _group_by_expert_kernel(
     # Pass 1: how many pairs each local expert receives.
     counts = tl.zeros([BLOCK_EXPERTS], dtype=tl.int32)
     for start in range(0, num_pairs, CHUNK):
-        local = _local_experts(ids_ptr, start + tl.arange(0, CHUNK), num_pairs, first_expert, num_local_experts)
-        counts += tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        counts += _count_chunk(ids_ptr, start + tl.arange(0, CHUNK), num_pairs, first_expert, num_local_experts,
+                               experts)
     # Each expert's rows start after the previous experts'.
     row_end = tl.cumsum(counts, axis=0)
     row_start = row_end - counts
@@ -197,9 +205,8 @@ def _count_chunks_kernel(ids_ptr, chunk_counts_ptr, num_pairs, first_expert, num
                          BLOCK_EXPERTS: tl.constexpr, CHUNK: tl.constexpr):
     experts = tl.arange(0, BLOCK_EXPERTS)
     chunk = tl.program_id(0)
-    local = _local_experts(ids_ptr, chunk * CHUNK + tl.arange(0, CHUNK), num_pairs, first_expert,
-                           num_local_experts)
-    counts = tl.sum((local[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    counts = _count_chunk(ids_ptr, chunk * CHUNK + tl.arange(0, CHUNK), num_pairs, first_expert, num_local_experts,
+                          experts)
     tl.store(chunk_counts_ptr + chunk * BLOCK_EXPERTS + experts, counts)
 
 
@@ -255,8 +262,8 @@ class ExpertGroups:
     block_row_end: torch.Tensor  # [max_blocks] int32, one past its last row
     block_m: int  # rows per block
     tail: "ExpertGroups | None" = None  # rows the table above leaves: each expert's last few, in smaller blocks
-    # (tail start [E], tail end [E], 1 where no main block [E]) int32, with tail_by_expert: each expert's tail rows
-    by_expert: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # [3, E] int32 with tail_by_expert: each expert's tail rows (start; end), and 1 where it has no main block
+    by_expert: torch.Tensor | None = None
 
 
 # From this many chunks of pairs (of 16384 / experts pairs: 128 for 120b, 512 for 20b) the grouping runs a
@@ -320,10 +327,8 @@ def group_by_expert(
         if not tail_m or tail_pairs > tail_m:
             raise ValueError(f"tails by expert need tail blocks holding each expert's whole tail ({tail_pairs} "
                              f"rows in blocks of {tail_m})")
-        by_expert = torch.empty((3, num_local_experts), dtype=torch.int32, device=device)
-        groups.by_expert = (by_expert[0], by_expert[1], by_expert[2])
-    else:
-        by_expert = groups.block_expert  # never written: BY_EXPERT off
+        groups.by_expert = torch.empty((3, num_local_experts), dtype=torch.int32, device=device)
+    by_expert = groups.by_expert if tail_by_expert else groups.block_expert  # the latter never written
     block_experts = next_pow2(num_local_experts)
     chunk = max(16, min(256, 16384 // block_experts))  # pairs a program of the three-launch form
     ids = expert_ids.reshape(-1)

@@ -144,17 +144,20 @@ def _moe_wgmma_kernel(
     pid = gl.program_id(0)
     pid_m = pid // num_n_tiles
     pid_n = pid % num_n_tiles
-    if TAIL_FUSED:
-        in_main = pid_m < num_main_blocks
-        expert = gl.load(block_expert_ptr + pid_m, mask=in_main, other=-1)
-        row_start = gl.load(block_row_start_ptr + pid_m, mask=in_main, other=0)
-        row_end = gl.load(block_row_end_ptr + pid_m, mask=in_main, other=0)
-        if expert >= 0:
-            _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, pair_weights_ptr, expert,
-                       row_start, row_end, pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row,
-                       stride_s_expert, stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit,
-                       SWIGLU, HAS_BIAS, GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, B_SMEM, BLOCK_T, M_REPS,
-                       NUM_WARPS, STAGES, PIPELINED, COPY_AHEAD, KB_PER_STEP, EVEN_N, SCALE_AFTER)
+    in_main = pid_m < num_main_blocks  # always, without TAIL_FUSED (the grid is the main table's)
+    expert = gl.load(block_expert_ptr + pid_m, mask=in_main, other=-1)  # -1: beyond the last row block
+    if not TAIL_FUSED:
+        if expert < 0:  # the grid is the static worst case
+            return
+    row_start = gl.load(block_row_start_ptr + pid_m, mask=in_main, other=0)
+    row_end = gl.load(block_row_end_ptr + pid_m, mask=in_main, other=0)
+    if expert >= 0:
+        _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, pair_weights_ptr, expert,
+                   row_start, row_end, pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row, stride_s_expert,
+                   stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit, SWIGLU, HAS_BIAS,
+                   GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, B_SMEM, BLOCK_T, M_REPS, NUM_WARPS, STAGES,
+                   PIPELINED, COPY_AHEAD, KB_PER_STEP, EVEN_N, SCALE_AFTER)
+    if TAIL_FUSED:  # the expert's tail rows: after its last main block, or alone past the main table
         tail_expert = gl.where(in_main, expert, pid_m - num_main_blocks)
         has_expert = tail_expert >= 0
         tail_start = gl.load(tail_start_ptr + tail_expert, mask=has_expert, other=0)
@@ -167,17 +170,6 @@ def _moe_wgmma_kernel(
                        stride_s_expert, stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit,
                        SWIGLU, HAS_BIAS, GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, TAIL_B_SMEM, TAIL_T, M_REPS,
                        NUM_WARPS, TAIL_STAGES, PIPELINED, TAIL_COPY_AHEAD, KB_PER_STEP, EVEN_N, False)
-    else:
-        expert = gl.load(block_expert_ptr + pid_m)
-        if expert < 0:  # beyond the last row block: the grid is the static worst case
-            return
-        row_start = gl.load(block_row_start_ptr + pid_m)
-        row_end = gl.load(block_row_end_ptr + pid_m)
-        _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, pair_weights_ptr, expert,
-                   row_start, row_end, pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row, stride_s_expert,
-                   stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit, SWIGLU, HAS_BIAS,
-                   GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, B_SMEM, BLOCK_T, M_REPS, NUM_WARPS, STAGES,
-                   PIPELINED, COPY_AHEAD, KB_PER_STEP, EVEN_N, SCALE_AFTER)
 
 
 @gluon.jit
@@ -439,12 +431,12 @@ def moe_wgmma(
     num_n_tiles = triton.cdiv(n_rows, rows)
     dummy = scales  # never read: the flags below switch off its use
     num_main = groups.block_expert.numel()
-    fused = bool(config.get("TAIL_FUSED")) and groups.by_expert is not None
-    tail_t, tail_stages = (config["TAIL"]["BLOCK_T"], config["TAIL"]["STAGES"]) if fused else (block_t, stages)
+    fused = groups.by_expert is not None  # each expert's tail rows listed by expert: run with the main blocks
+    # The tail rows' tile: the tail blocks' pairs, the TAIL tile's stages (whole rings).
+    tail_t, tail_stages = (groups.tail.block_m, config["TAIL"]["STAGES"]) if fused else (block_t, stages)
     tail_stages -= tail_stages % per_step
-    if fused and not (config["PIPELINED"] and tail_stages >= 2 * per_step and groups.tail.block_m == tail_t):
-        raise ValueError("fused tail blocks need the pipelined kernel, rings of 2 slots or more, and tail blocks of "
-                         "the TAIL tile's pairs")
+    if fused and not (config["PIPELINED"] and tail_stages >= 2 * per_step):
+        raise ValueError("fused tail blocks need the pipelined kernel and rings of 2 slots or more")
     by_expert = groups.by_expert if fused else (dummy, dummy, dummy)
     grid = (num_main + (num_local_experts if fused else 0)) * num_n_tiles
     _moe_wgmma_kernel[(grid,)](

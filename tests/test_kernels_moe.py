@@ -81,9 +81,9 @@ def test_group_by_expert_is_a_stable_blocked_sort(num_tokens, num_experts, first
     chunked = group_by_expert(ids.to(DEVICE), first_expert, num_local, block_m, tail=tail, parallel=True)
     for one, other in ((groups, chunked), (groups.tail, chunked.tail)) if tail else ((groups, chunked),):
         for name in ("block_expert", "block_row_start", "block_row_end"):
-            valid = getattr(one, "block_expert") >= 0
+            valid = one.block_expert >= 0
             assert torch.equal(getattr(one, name)[valid], getattr(other, name)[valid]), name
-            assert torch.equal(valid, getattr(other, "block_expert") >= 0)
+            assert torch.equal(valid, other.block_expert >= 0)
     local = ids.reshape(-1).long() - first_expert
     is_local = (local >= 0) & (local < num_local)
     expected = [p for e in range(num_local) for p in torch.nonzero(local == e).flatten().tolist()]
