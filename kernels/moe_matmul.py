@@ -21,9 +21,11 @@ Under the interpreter (no inline asm there) the same nibble goes into float8 e4m
 0 and 0.5 the same way, scaled by 2^(s - 121) in float32. Both are exact for every scale byte below 249.
 
 Epilogues: the first matmul (w1, gate and linear rows interleaved) adds its bias and applies the clamped SwiGLU,
-storing the activation rows in grouped order; the second (w2) adds its bias, multiplies by the routing weight
-and stores each pair's row at its (token, slot) place; `combine` then sums a token's top_k rows in a fixed
-order (deterministic, unlike atomics). Intermediate roundings to bf16 mirror the torch twin's.
+storing the activation rows in grouped order; the second (w2) adds its bias and stores each pair's row, in the
+activation dtype, at its (token, slot) place; `combine` then weights a token's top_k rows by their routing
+weights and sums them in float32 in a fixed order (deterministic, unlike atomics): the products the epilogue
+would form (the rows are exact in bf16), at half the bytes of float32 rows. Intermediate roundings to bf16
+mirror the torch twin's.
 
 Decode (`moe_experts_splitk`, taken at SPLITK_MAX_TOKENS tokens and fewer, or where `takes_gemv`): the K
 dimension is split over programs that store float32 partial sums; follow-up kernels sum the splits in a fixed
@@ -125,7 +127,7 @@ SWIZZLED_MIN_BLOCK_K = 128  # the tensor-core paths on the swizzled layout: dots
 @triton.jit
 def _moe_matmul_kernel(
     a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr,
-    sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr, pair_weights_ptr,
+    sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
     N, K, top_k, num_n_tiles,
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert, stride_out,
     swiglu_alpha, swiglu_limit,
@@ -234,17 +236,18 @@ def _moe_matmul_kernel(
         tl.store(out_ptr + rows[None, :].to(tl.int64) * stride_out + cols[:, None],
                  cast_rne(act, out_ptr.dtype.element_ty, EMULATE_BF16), mask=out_mask)
     else:
-        weight = tl.load(pair_weights_ptr + pairs, mask=in_rows, other=0.0)
-        out_mask = in_n[:, None] & in_rows[None, :]
-        tl.store(out_ptr + pairs[None, :].to(tl.int64) * stride_out + n[:, None],
-                 (h * weight[None, :]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        out_mask = in_n[:, None] & in_rows[None, :]  # h is already in the activation dtype: stored exactly
+        tl.store(out_ptr + pairs[None, :].to(tl.int64) * stride_out + n[:, None], h.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
 
 
 @triton.jit
 def _combine_kernel(
-    y_ptr, ids_ptr, out_ptr, hidden, first_expert, num_local_experts, stride_y, stride_out,
+    y_ptr, ids_ptr, weights_ptr, out_ptr, hidden, first_expert, num_local_experts, stride_y, stride_out,
     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
+    """out[token] = sum over its slots, in slot order, of y[pair] (the second matmul's rows with their bias, in
+    the activation dtype) times the pair's routing weight, in float32: the twin's product and sum."""
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_cols = cols < hidden
@@ -254,7 +257,8 @@ def _combine_kernel(
         here = (local >= 0) & (local < num_local_experts)  # pairs routed to other ranks were never written
         # masked, not branched around: the slots' loads go out together (see _splitk_combine_kernel)
         y = tl.load(y_ptr + (token * TOP_K + slot) * stride_y + cols, mask=tl.where(here, in_cols, False), other=0.0)
-        total = tl.where(here, total + y, total)
+        weight = tl.load(weights_ptr + token * TOP_K + slot)
+        total = tl.where(here, total + y.to(tl.float32) * weight, total)
     tl.store(out_ptr + token * stride_out + cols, cast_rne(total, out_ptr.dtype.element_ty, EMULATE_BF16), mask=in_cols)
 
 
@@ -702,10 +706,9 @@ def moe_matmul(
     bias: torch.Tensor | None,  # [num_local_experts, N]
     groups: ExpertGroups,
     top_k: int,
-    out: torch.Tensor,  # swiglu: [num_pairs, N / 2] grouped order; else [num_pairs, N] float32 by pair
+    out: torch.Tensor,  # swiglu: [num_pairs, N / 2] grouped order; else [num_pairs, N] by pair (unweighted)
     config: dict,
     swiglu: tuple[float, float] | None = None,  # (alpha, limit): the first matmul's epilogue
-    pair_weights: torch.Tensor | None = None,  # [num_pairs] float32: the second matmul's routing weights
     split_nibbles: bool = False,
     tile_n: int = 1,  # blocks re-laid out by `tile_rows(blocks, tile_n)`; 1 = rows one after the other
     swizzled: bool = False,  # bits re-laid out by `swizzle_bits` (after split_nibbles)
@@ -734,7 +737,6 @@ def moe_matmul(
     launch(_moe_matmul_kernel, grid,
            a, blocks, scales, bias if bias is not None else dummy, out,
            groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end,
-           pair_weights if pair_weights is not None else dummy,
            n_rows, k, top_k, num_n_tiles,
            a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
            bias.stride(0) if bias is not None else 0, out.stride(0),
@@ -1115,12 +1117,12 @@ def moe_experts(
     layout = dict(split_nibbles=split_nibbles, tile_n=tile_n, swizzled=swizzled, fold_scales=fold_scales)
     moe_matmul(x, w1_blocks, w1_scales, b1, groups, top_k, act, config, swiglu=(swiglu_alpha, swiglu_limit),
                **layout)
-    y = torch.empty((num_pairs, hidden), dtype=torch.float32, device=x.device)  # by (token, slot)
-    moe_matmul(act, w2_blocks, w2_scales, b2, groups, top_k, y, config,
-               pair_weights=expert_weights.reshape(-1), **layout)
+    y = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # by (token, slot), unweighted
+    moe_matmul(act, w2_blocks, w2_scales, b2, groups, top_k, y, config, **layout)
     block_h = min(1024, next_pow2(hidden))
     launch(_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
-           y, expert_ids, out, hidden, first_expert, num_local_experts, y.stride(0), out.stride(0),
+           y, expert_ids, expert_weights.reshape(-1), out, hidden, first_expert, num_local_experts, y.stride(0),
+           out.stride(0),
            TOP_K=top_k, BLOCK_H=block_h, EMULATE_BF16=emulate_bf16(), num_warps=4)
     return out
 

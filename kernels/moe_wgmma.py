@@ -22,7 +22,7 @@ lost to subnormals); or (SCALE_AFTER, the 8-pair tiles) each K block's wgmma tak
 accumulator of its own and the product is scaled by 2^(s - 121) in float32. Activations as f16: exact for normalized
 MoE inputs and clamped SwiGLU outputs (see moe_mma.py); they are rounded to bf16 first, as the torch twin rounds
 them. The accumulator is float32; the epilogues are those of moe_matmul's grouped kernel (bias and SwiGLU for w1,
-written in grouped order; bias and routing weight for w2, by pair, for its combine kernel), with the same roundings.
+written in grouped order; bias for w2, bf16 by pair, weighted by its combine kernel), with the same roundings.
 
 A program: one row block of an expert's pairs (BLOCK_T, the wgmma N) and ROWS weight rows (the wgmma M: 64 a
 warpgroup, M_REPS times), all of K, KB_PER_STEP 32-wide K blocks a step. Each block's activations [BLOCK_T, 32]
@@ -123,7 +123,7 @@ def _slot_order(x, ROWS: gl.constexpr):
 @gluon.jit(do_not_specialize=["num_main_blocks"])
 def _moe_wgmma_kernel(
     a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr,
-    sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr, pair_weights_ptr,
+    sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
     tail_start_ptr, tail_end_ptr, tail_orphan_ptr,
     N, top_k, num_n_tiles, num_main_blocks,
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert, stride_out,
@@ -152,7 +152,7 @@ def _moe_wgmma_kernel(
     row_start = gl.load(block_row_start_ptr + pid_m, mask=in_main, other=0)
     row_end = gl.load(block_row_end_ptr + pid_m, mask=in_main, other=0)
     if expert >= 0:
-        _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, pair_weights_ptr, expert,
+        _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, expert,
                    row_start, row_end, pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row, stride_s_expert,
                    stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit, SWIGLU, HAS_BIAS,
                    GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, B_SMEM, BLOCK_T, M_REPS, NUM_WARPS, STAGES,
@@ -165,7 +165,7 @@ def _moe_wgmma_kernel(
         orphan = gl.load(tail_orphan_ptr + tail_expert, mask=has_expert & (pid_m >= num_main_blocks), other=0)
         if (tail_end > tail_start) & ((in_main & (row_end == tail_start)) | (orphan != 0)):
             _barrier()  # every warp past the main block's epilogue before the tail's copies reuse shared memory
-            _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, pair_weights_ptr,
+            _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr,
                        tail_expert, tail_start, tail_end, pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row,
                        stride_s_expert, stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit,
                        SWIGLU, HAS_BIAS, GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, TAIL_B_SMEM, TAIL_T, M_REPS,
@@ -174,7 +174,7 @@ def _moe_wgmma_kernel(
 
 @gluon.jit
 def _row_block(
-    a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, pair_weights_ptr, expert, row_start, row_end,
+    a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, expert, row_start, row_end,
     pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert,
     stride_out, swiglu_alpha, swiglu_limit,
     SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
@@ -313,10 +313,9 @@ def _row_block(
                  mask=out_mask)
     else:
         pairs_o = gl.load(sorted_pairs_ptr + rows_o, mask=in_rows, other=0)
-        weight = gl.load(pair_weights_ptr + pairs_o, mask=in_rows, other=0.0)
-        out_mask = (n_o < N)[:, None] & in_rows[None, :]
+        out_mask = (n_o < N)[:, None] & in_rows[None, :]  # h is bf16 already: stored exactly, unweighted
         gl.store(out_ptr + pairs_o.to(gl.int64)[None, :] * stride_out + n_o[:, None],
-                 (h * gl.expand_dims(weight, 0)).to(out_ptr.dtype.element_ty), mask=out_mask)
+                 h.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @gluon.jit
@@ -403,10 +402,9 @@ def moe_wgmma(
     bias: torch.Tensor | None,  # [num_local_experts, N]
     groups: ExpertGroups,  # row blocks of at most config["BLOCK_T"] pairs
     top_k: int,
-    out: torch.Tensor,  # swiglu: [num_pairs, N / 2] f16 slots, grouped order; else [num_pairs, N] float32 by pair
+    out: torch.Tensor,  # swiglu: [num_pairs, N / 2] f16 slots, grouped order; else [num_pairs, N] bf16 by pair
     config: dict,
     swiglu: tuple[float, float] | None = None,  # (alpha, limit): the first matmul's epilogue
-    pair_weights: torch.Tensor | None = None,  # [num_pairs] float32: the second matmul's routing weights
     tile_n: int = 1,
 ) -> None:
     """moe_matmul.moe_matmul on the wgmma kernel (activations as to_f16_slots gives them; split-nibble layout)."""
@@ -442,7 +440,7 @@ def moe_wgmma(
     _moe_wgmma_kernel[(grid,)](
         a, blocks, scales, bias if bias is not None else dummy, out,
         groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end,
-        pair_weights if pair_weights is not None else dummy, *by_expert,
+        *by_expert,
         n_rows, top_k, num_n_tiles, num_main,
         a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
         bias.stride(0) if bias is not None else 0, out.stride(0),
@@ -492,12 +490,12 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     for table, table_config in tables:
         moe_wgmma(x_slots, w1_blocks, w1_scales, b1, table, top_k, act, table_config,
                   swiglu=(swiglu_alpha, swiglu_limit), tile_n=tile_n)
-    y = torch.empty((num_pairs, hidden), dtype=torch.float32, device=x.device)  # by (token, slot)
+    y = torch.empty((num_pairs, hidden), dtype=torch.bfloat16, device=x.device)  # by (token, slot), unweighted
     for table, table_config in tables:
-        moe_wgmma(act, w2_blocks, w2_scales, b2, table, top_k, y, table_config,
-                  pair_weights=expert_weights.reshape(-1), tile_n=tile_n)
+        moe_wgmma(act, w2_blocks, w2_scales, b2, table, top_k, y, table_config, tile_n=tile_n)
     block_h = min(1024, triton.next_power_of_2(hidden))
     launch(_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
-           y, expert_ids, out, hidden, first_expert, w1_blocks.shape[0], y.stride(0), out.stride(0),
+           y, expert_ids, expert_weights.reshape(-1), out, hidden, first_expert, w1_blocks.shape[0], y.stride(0),
+           out.stride(0),
            TOP_K=top_k, BLOCK_H=block_h, EMULATE_BF16=False, num_warps=4)
     return out

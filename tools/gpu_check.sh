@@ -54,10 +54,11 @@
 #   bash tools/gpu_check.sh 19   the final defaults of 2026-12-06 (later): the wgmma, grouping and real-shape GPU tests,
 #                                the grouping in one program against a program a chunk, the bench's MoE rows, the
 #                                20b engine
-#   bash tools/gpu_check.sh 20   the block tables written by expert and the fused tail blocks (TAIL_FUSED), both after
-#                                call 2 of 2026-12-06's third session: the grouping's and wgmma GPU tests, the grouping
-#                                both ways, the bench's MoE rows, tail blocks fused against their own launches at
-#                                1024-4096 tokens, decode layers by launch
+#   bash tools/gpu_check.sh 20   the block tables written by expert, the fused tail blocks (TAIL_FUSED) and the second
+#                                matmul's rows stored bf16 unweighted (weighted in the combine): the grouping's, wgmma
+#                                and grouped-kernel GPU tests, the grouping both ways, the bench's MoE rows against the
+#                                tree in .basetree (b6f2dea), tail blocks fused against their own launches at 1024-4096
+#                                tokens, the 120b layer at 4096 tokens by launch
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -223,13 +224,15 @@ elif [ "$PART" = 19 ]; then
         > "$OUT/engine.txt"
     tail -30 "$OUT/engine.txt"
 elif [ "$PART" = 20 ]; then
-    moe_gpu_tests "group or wgmma_matches" 170
+    moe_gpu_tests "wgmma or real_shapes or serving or group" 150
     grouping_rows
     moe_rows
-    timeout 120 python3 tools/moe_mma_sweep.py --cases 128x4096,32x1024,128x2048 --no-gemv \
+    [ -d .basetree ] && (cd .basetree && PYTHONPATH="$PWD" timeout 75 python3 -m gptoss_serve.kernels.bench \
+        --sections moe --json "$OUT/bench_base.json" 2>&1 | grep -v Warning | tee "$OUT/bench_base.txt")
+    timeout 100 python3 tools/moe_mma_sweep.py --cases 128x4096,32x1024,128x2048 --no-gemv \
         --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:1 2>&1 | grep -v Warning | tee "$OUT/tail_fused_sweep.txt"
-    timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 8,64 --experts 128,32 2>&1 \
-        | grep -E "^MoE|launches in order" | tee "$OUT/launches.txt"
+    timeout 50 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 4096 --experts 128 2>&1 \
+        | grep -v Warning | tee "$OUT/launches.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

@@ -147,9 +147,9 @@ def fused_20b(which: str, rows_per_thread: int = 2, num_warps: int = 4, k_unroll
 def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **overrides):
     from gptoss_serve.kernels.moe_wgmma import _moe_wgmma_kernel, b_smem_layout, word_layout
     n, kblocks = 5760, 90
-    args = dict(a_ptr="*fp16", w_ptr="*u8", scales_ptr="*u8", bias_ptr="*bf16", out_ptr="*fp16" if swiglu else "*fp32",
+    args = dict(a_ptr="*fp16", w_ptr="*u8", scales_ptr="*u8", bias_ptr="*bf16", out_ptr="*fp16" if swiglu else "*bf16",
                 sorted_pairs_ptr="*i32", block_expert_ptr="*i32", block_row_start_ptr="*i32",
-                block_row_end_ptr="*i32", pair_weights_ptr="*fp32", tail_start_ptr="*i32", tail_end_ptr="*i32",
+                block_row_end_ptr="*i32", tail_start_ptr="*i32", tail_end_ptr="*i32",
                 tail_orphan_ptr="*i32", N=n, top_k=4, num_main_blocks=37,
                 num_n_tiles=n // (64 * m_reps), stride_a=2880, stride_w_expert=n * kblocks * 16,
                 stride_w_row=kblocks * 16, stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_bias_expert=n,
@@ -173,7 +173,7 @@ def grouped_20b_w1(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=
     n, kblocks = 5760, 90
     args = dict(a_ptr="*bf16", w_ptr="*u8", scales_ptr="*u8", bias_ptr="*bf16", out_ptr="*bf16",
                 sorted_pairs_ptr="*i32", block_expert_ptr="*i32", block_row_start_ptr="*i32",
-                block_row_end_ptr="*i32", pair_weights_ptr="*fp32", N=n, K=2880, top_k=4, num_n_tiles=n // block_n,
+                block_row_end_ptr="*i32", N=n, K=2880, top_k=4, num_n_tiles=n // block_n,
                 stride_a=2880, stride_w_expert=n * kblocks * 16, stride_w_row=kblocks * 16,
                 stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_bias_expert=n, stride_out=2880,
                 swiglu_alpha=3, swiglu_limit=7)
