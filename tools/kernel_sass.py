@@ -255,7 +255,7 @@ if __name__ == "__main__":
         for block_t, m_reps, stages in ((8, 1, 12), (16, 1, 6), (64, 2, 6), (128, 2, 9)):  # the shipped tiles
             report(f"wgmma 20b w1 + SwiGLU, {block_t} pairs x {64 * m_reps} rows, 3 K blocks a step",
                    wgmma_20b_w1(block_t, m_reps, stages=stages), 48 * m_reps)
-        report("wgmma 20b w2 (bias, routing weight), 128 pairs x 128 rows", wgmma_20b_w1(128, 2, swiglu=False,
+        report("wgmma 20b w2 (bias, bf16 rows), 128 pairs x 128 rows", wgmma_20b_w1(128, 2, swiglu=False,
                                                                                    stages=9), 96)
         report("wgmma 20b w1, 16 x 128, one K block a step", wgmma_20b_w1(16, 2, KB_PER_STEP=1), 32)
         report("wgmma 20b w1 + SwiGLU, 128 x 128 with its tail blocks (16 pairs) fused",
