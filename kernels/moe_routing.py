@@ -142,23 +142,16 @@ def _scatter_chunk(ids_ptr, sorted_pairs_ptr, pairs, num_pairs, first_expert, nu
 
 @device_function
 def _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, block_row_start_ptr,
-                        block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, by_expert_ptr,
-                        max_blocks, max_tail_blocks, num_local_experts, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
-                        TAIL_PAIRS: tl.constexpr, TABLE_CHUNK: tl.constexpr, BY_EXPERT: tl.constexpr):
+                        block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, max_blocks,
+                        max_tail_blocks, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr,
+                        TABLE_CHUNK: tl.constexpr):
     """Both block tables from each expert's rows [row_start, row_end) (counts of them). With tail blocks, an
     expert's last TAIL_PAIRS rows or fewer past its whole blocks of BLOCK_M go to blocks of TAIL_M in the second
-    table instead of one more block of BLOCK_M. BY_EXPERT: also by_expert [3, num_local_experts]: each expert's
-    tail rows' start and end (its rows past its main blocks: none where those end at row_end), and 1 where it has
-    no main block."""
+    table instead of one more block of BLOCK_M."""
     whole = counts // BLOCK_M
     rest = counts - whole * BLOCK_M
     to_tail = (rest > 0) & (rest <= TAIL_PAIRS)
     main_end = tl.where(to_tail, row_start + whole * BLOCK_M, row_end)
-    if BY_EXPERT:
-        local = experts < num_local_experts
-        tl.store(by_expert_ptr + experts, main_end, mask=local)
-        tl.store(by_expert_ptr + num_local_experts + experts, row_end, mask=local)
-        tl.store(by_expert_ptr + 2 * num_local_experts + experts, (to_tail & (whole == 0)).to(tl.int32), mask=local)
     _write_block_table(block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
                        (main_end - row_start + BLOCK_M - 1) // BLOCK_M, row_start, main_end, experts, max_blocks,
                        BLOCK_M, TABLE_CHUNK)
@@ -171,10 +164,10 @@ def _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, b
 @triton.jit(do_not_specialize=["num_pairs", "max_blocks", "max_tail_blocks"])
 def _group_by_expert_kernel(
     ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
-    tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, by_expert_ptr,
+    tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr,
     num_pairs, first_expert, num_local_experts, max_blocks, max_tail_blocks,
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
-    CHUNK: tl.constexpr, TABLE_CHUNK: tl.constexpr, BY_EXPERT: tl.constexpr,
+    CHUNK: tl.constexpr, TABLE_CHUNK: tl.constexpr,
 ):
     """The whole grouping in one program (few pairs: one launch)."""
     experts = tl.arange(0, BLOCK_EXPERTS)
@@ -192,9 +185,8 @@ def _group_by_expert_kernel(
         placed += _scatter_chunk(ids_ptr, sorted_pairs_ptr, start + tl.arange(0, CHUNK), num_pairs, first_expert,
                                  num_local_experts, experts, placed)
     _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, block_row_start_ptr,
-                        block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, by_expert_ptr,
-                        max_blocks, max_tail_blocks, num_local_experts, BLOCK_M, TAIL_M, TAIL_PAIRS, TABLE_CHUNK,
-                        BY_EXPERT)
+                        block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, max_blocks,
+                        max_tail_blocks, BLOCK_M, TAIL_M, TAIL_PAIRS, TABLE_CHUNK)
 
 
 # The grouping of many pairs in three launches, a program a chunk of pairs where the work is (the single program
@@ -213,9 +205,9 @@ def _count_chunks_kernel(ids_ptr, chunk_counts_ptr, num_pairs, first_expert, num
 @triton.jit(do_not_specialize=["num_chunks", "max_blocks", "max_tail_blocks"])
 def _plan_chunks_kernel(
     chunk_counts_ptr, chunk_rows_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
-    tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, by_expert_ptr, num_chunks, max_blocks, max_tail_blocks,
-    num_local_experts, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr,
-    BLOCK_EXPERTS: tl.constexpr, CHUNKS_A_PASS: tl.constexpr, TABLE_CHUNK: tl.constexpr, BY_EXPERT: tl.constexpr,
+    tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, num_chunks, max_blocks, max_tail_blocks,
+    BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr,
+    BLOCK_EXPERTS: tl.constexpr, CHUNKS_A_PASS: tl.constexpr, TABLE_CHUNK: tl.constexpr,
 ):
     """chunk_rows[c, e] = the first row of chunk c's pairs of expert e (rows grouped by expert, chunks in order),
     and the block tables."""
@@ -237,9 +229,8 @@ def _plan_chunks_kernel(
         tl.store(chunk_rows_ptr + offsets, tl.cumsum(tile, axis=0) - tile + placed[None, :], mask=in_chunks)
         placed += tl.sum(tile, axis=0)
     _write_block_tables(counts, row_start, row_end, experts, block_expert_ptr, block_row_start_ptr,
-                        block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, by_expert_ptr,
-                        max_blocks, max_tail_blocks, num_local_experts, BLOCK_M, TAIL_M, TAIL_PAIRS, TABLE_CHUNK,
-                        BY_EXPERT)
+                        block_row_end_ptr, tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr, max_blocks,
+                        max_tail_blocks, BLOCK_M, TAIL_M, TAIL_PAIRS, TABLE_CHUNK)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -262,8 +253,6 @@ class ExpertGroups:
     block_row_end: torch.Tensor  # [max_blocks] int32, one past its last row
     block_m: int  # rows per block
     tail: "ExpertGroups | None" = None  # rows the table above leaves: each expert's last few, in smaller blocks
-    # [3, E] int32 with tail_by_expert: each expert's tail rows (start; end), and 1 where it has no main block
-    by_expert: torch.Tensor | None = None
 
 
 # From this many chunks of pairs (of 16384 / experts pairs: 128 for 120b, 512 for 20b) the grouping runs a
@@ -304,7 +293,6 @@ def group_by_expert(
     block_m: int,
     tail: tuple[int, int] | None = None,  # (tail_m, tail_pairs): see below
     parallel: bool | None = None,  # three launches, a program a chunk of pairs (None: from GROUPING_MIN_CHUNKS)
-    tail_by_expert: bool = False,  # also each expert's tail rows by expert (.by_expert): tail_pairs <= tail_m
 ) -> ExpertGroups:
     """The pairs routed to [first_expert, first_expert + num_local_experts) sorted by expert, in row blocks of
     block_m. With `tail`, an expert whose rows past its whole blocks of block_m number tail_pairs or fewer gets
@@ -323,19 +311,13 @@ def group_by_expert(
         groups.tail = ExpertGroups(sorted_pairs=groups.sorted_pairs, block_m=tail_m,
                                    **_block_arrays(max_tail, device))
     tail_table = groups.tail or groups  # without tail blocks the kernel writes no second table
-    if tail_by_expert:
-        if not tail_m or tail_pairs > tail_m:
-            raise ValueError(f"tails by expert need tail blocks holding each expert's whole tail ({tail_pairs} "
-                             f"rows in blocks of {tail_m})")
-        groups.by_expert = torch.empty((3, num_local_experts), dtype=torch.int32, device=device)
-    by_expert = groups.by_expert if tail_by_expert else groups.block_expert  # the latter never written
     block_experts = next_pow2(num_local_experts)
     chunk = max(16, min(256, 16384 // block_experts))  # pairs a program of the three-launch form
     ids = expert_ids.reshape(-1)
     tables = (groups.block_expert, groups.block_row_start, groups.block_row_end, tail_table.block_expert,
-              tail_table.block_row_start, tail_table.block_row_end, by_expert)
+              tail_table.block_row_start, tail_table.block_row_end)
     sizes = dict(BLOCK_M=block_m, TAIL_M=tail_m, TAIL_PAIRS=tail_pairs, BLOCK_EXPERTS=block_experts,
-                 TABLE_CHUNK=GROUPING_TABLE_CHUNK, BY_EXPERT=tail_by_expert)
+                 TABLE_CHUNK=GROUPING_TABLE_CHUNK)
     num_chunks = triton.cdiv(num_pairs, chunk)
     if parallel is None:
         parallel = num_chunks >= GROUPING_MIN_CHUNKS
@@ -350,7 +332,7 @@ def group_by_expert(
         launch(_count_chunks_kernel, (num_chunks,), ids, chunk_counts, num_pairs, first_expert, num_local_experts,
                BLOCK_EXPERTS=block_experts, CHUNK=chunk, num_warps=4)
     launch(_plan_chunks_kernel, (1,), chunk_counts, chunk_rows, *tables, num_chunks, max_blocks,
-           tail_table.block_expert.numel(), num_local_experts, **sizes,
+           tail_table.block_expert.numel(), **sizes,
            CHUNKS_A_PASS=max(1, min(64, 8192 // block_experts)), num_warps=8)
     if num_chunks:
         launch(_scatter_chunks_kernel, (num_chunks,), ids, chunk_rows, groups.sorted_pairs, num_pairs, first_expert,

@@ -78,8 +78,11 @@ F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value
 # SCALE_AFTER: each K block's wgmma into an accumulator of its own from unscaled weights (FP4 value * 2^-6), the
 # product times 2^(s - 121) added to the sum in float32 (BLOCK_T / 2 FFMA a thread and 64 rows, against 8 f16x2
 # multiplies and the scales' conversion to f16); no scale-range condition then.
+# VECTOR_STORE: the second matmul's rows go through shared memory into a layout of 8 rows of one pair a thread
+# (16-byte stores) rather than straight from the accumulator's (2-byte stores, 64-bit addresses for each of a
+# thread's BLOCK_T / 4 pairs: 255 registers and spills at 256 pairs).
 DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=9, PIPELINED=True, COPY_AHEAD=None,
-                            KB_PER_STEP=3, maxnreg=None, SCALE_AFTER=False)
+                            KB_PER_STEP=3, maxnreg=None, SCALE_AFTER=False, VECTOR_STORE=False)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -120,56 +123,35 @@ def _slot_order(x, ROWS: gl.constexpr):
     return gl.reshape(gl.permute(x, [0, 1, 4, 2, 3, 5]), [ROWS, 32])  # [rows, half, e1, e3, e2, e0]
 
 
-@gluon.jit(do_not_specialize=["num_main_blocks"])
+@gluon.jit
 def _moe_wgmma_kernel(
     a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr,
     sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
-    tail_start_ptr, tail_end_ptr, tail_orphan_ptr,
-    N, top_k, num_n_tiles, num_main_blocks,
+    N, top_k, num_n_tiles,
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert, stride_out,
     swiglu_alpha, swiglu_limit,
     SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
     COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, EVEN_N: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    TAIL_FUSED: gl.constexpr, TAIL_T: gl.constexpr, TAIL_B_SMEM: gl.constexpr, TAIL_STAGES: gl.constexpr,
-    TAIL_COPY_AHEAD: gl.constexpr,
+    VECTOR_STORE: gl.constexpr,
 ):
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
-    order, from to_f16_slots, and the first matmul writes its activations so too). With TAIL_FUSED the program
-    of an expert's last main row block also runs the expert's tail rows [tail_start[e], tail_end[e]) right after,
-    on the same weight rows (just read: L2), with TAIL_T-pair tiles; programs past num_main_blocks run the tails
-    of experts with no main block (tail_orphan[e])."""
+    order, from to_f16_slots, and the first matmul writes its activations so too)."""
     pid = gl.program_id(0)
     pid_m = pid // num_n_tiles
     pid_n = pid % num_n_tiles
-    in_main = pid_m < num_main_blocks  # always, without TAIL_FUSED (the grid is the main table's)
-    expert = gl.load(block_expert_ptr + pid_m, mask=in_main, other=-1)  # -1: beyond the last row block
-    if not TAIL_FUSED:
-        if expert < 0:  # the grid is the static worst case
-            return
-    row_start = gl.load(block_row_start_ptr + pid_m, mask=in_main, other=0)
-    row_end = gl.load(block_row_end_ptr + pid_m, mask=in_main, other=0)
-    if expert >= 0:
-        _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, expert,
-                   row_start, row_end, pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row, stride_s_expert,
-                   stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit, SWIGLU, HAS_BIAS,
-                   GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, B_SMEM, BLOCK_T, M_REPS, NUM_WARPS, STAGES,
-                   PIPELINED, COPY_AHEAD, KB_PER_STEP, EVEN_N, SCALE_AFTER)
-    if TAIL_FUSED:  # the expert's tail rows: after its last main block, or alone past the main table
-        tail_expert = gl.where(in_main, expert, pid_m - num_main_blocks)
-        has_expert = tail_expert >= 0
-        tail_start = gl.load(tail_start_ptr + tail_expert, mask=has_expert, other=0)
-        tail_end = gl.load(tail_end_ptr + tail_expert, mask=has_expert, other=0)
-        orphan = gl.load(tail_orphan_ptr + tail_expert, mask=has_expert & (pid_m >= num_main_blocks), other=0)
-        if (tail_end > tail_start) & ((in_main & (row_end == tail_start)) | (orphan != 0)):
-            _barrier()  # every warp past the main block's epilogue before the tail's copies reuse shared memory
-            _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr,
-                       tail_expert, tail_start, tail_end, pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row,
-                       stride_s_expert, stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit,
-                       SWIGLU, HAS_BIAS, GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, TAIL_B_SMEM, TAIL_T, M_REPS,
-                       NUM_WARPS, TAIL_STAGES, PIPELINED, TAIL_COPY_AHEAD, KB_PER_STEP, EVEN_N, False)
+    expert = gl.load(block_expert_ptr + pid_m)
+    if expert < 0:  # the grid is the static worst case
+        return
+    row_start = gl.load(block_row_start_ptr + pid_m)
+    row_end = gl.load(block_row_end_ptr + pid_m)
+    _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, expert, row_start, row_end, pid_n, N,
+               top_k, stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert,
+               stride_out, swiglu_alpha, swiglu_limit, SWIGLU, HAS_BIAS, GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT,
+               B_SMEM, BLOCK_T, M_REPS, NUM_WARPS, STAGES, PIPELINED, COPY_AHEAD, KB_PER_STEP, EVEN_N, SCALE_AFTER,
+               VECTOR_STORE)
 
 
 @gluon.jit
@@ -181,6 +163,7 @@ def _row_block(
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
     COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, EVEN_N: gl.constexpr, SCALE_AFTER: gl.constexpr,
+    VECTOR_STORE: gl.constexpr,
 ):
     """One row block [row_start, row_end) of an expert's pairs against weight-row tile pid_n: the K loop through
     the rings and the epilogue."""
@@ -311,9 +294,18 @@ def _row_block(
         out_mask = (cols < N // 2)[:, None] & (rows_g < row_end)[None, :]
         gl.store(out_ptr + rows_g.to(gl.int64)[None, :] * stride_out + slot_of_element(cols)[:, None], act,
                  mask=out_mask)
-    else:
+    elif VECTOR_STORE:  # h is bf16 already (stored exactly, unweighted); 8 rows of a pair a thread: 16-byte stores
+        LANES_N: gl.constexpr = ROWS // 8 if ROWS < 256 else 32
+        STORE_L: gl.constexpr = gl.BlockedLayout([8, 1], [LANES_N, 32 // LANES_N], [1, NUM_WARPS], [0, 1])
+        y = gl.convert_layout(h.to(out_ptr.dtype.element_ty), STORE_L)
+        n_s = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, STORE_L))
+        rows_s = row_start + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, STORE_L))
+        pairs_s = gl.load(sorted_pairs_ptr + rows_s, mask=rows_s < row_end, other=0)
+        gl.store(out_ptr + pairs_s.to(gl.int64)[None, :] * stride_out + n_s[:, None], y,
+                 mask=(n_s < N)[:, None] & (rows_s < row_end)[None, :])
+    else:  # straight from the accumulator's layout: 2-byte stores
         pairs_o = gl.load(sorted_pairs_ptr + rows_o, mask=in_rows, other=0)
-        out_mask = (n_o < N)[:, None] & in_rows[None, :]  # h is bf16 already: stored exactly, unweighted
+        out_mask = (n_o < N)[:, None] & in_rows[None, :]
         gl.store(out_ptr + pairs_o.to(gl.int64)[None, :] * stride_out + n_o[:, None],
                  h.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -428,20 +420,10 @@ def moe_wgmma(
     rows = 16 * num_warps * m_reps
     num_n_tiles = triton.cdiv(n_rows, rows)
     dummy = scales  # never read: the flags below switch off its use
-    num_main = groups.block_expert.numel()
-    fused = groups.by_expert is not None  # each expert's tail rows listed by expert: run with the main blocks
-    # The tail rows' tile: the tail blocks' pairs, the TAIL tile's stages (whole rings).
-    tail_t, tail_stages = (groups.tail.block_m, config["TAIL"]["STAGES"]) if fused else (block_t, stages)
-    tail_stages -= tail_stages % per_step
-    if fused and not (config["PIPELINED"] and tail_stages >= 2 * per_step):
-        raise ValueError("fused tail blocks need the pipelined kernel and rings of 2 slots or more")
-    by_expert = groups.by_expert if fused else (dummy, dummy, dummy)
-    grid = (num_main + (num_local_experts if fused else 0)) * num_n_tiles
-    _moe_wgmma_kernel[(grid,)](
+    _moe_wgmma_kernel[(groups.block_expert.numel() * num_n_tiles,)](
         a, blocks, scales, bias if bias is not None else dummy, out,
         groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end,
-        *by_expert,
-        n_rows, top_k, num_n_tiles, num_main,
+        n_rows, top_k, num_n_tiles,
         a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
         bias.stride(0) if bias is not None else 0, out.stride(0),
         float(swiglu[0]) if swiglu else 0.0, float(swiglu[1]) if swiglu else 0.0,
@@ -449,8 +431,7 @@ def moe_wgmma(
         NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
         BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages,
         PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, EVEN_N=n_rows % rows == 0,
-        SCALE_AFTER=config["SCALE_AFTER"], TAIL_FUSED=fused, TAIL_T=tail_t, TAIL_B_SMEM=b_smem_layout(tail_t),
-        TAIL_STAGES=tail_stages, TAIL_COPY_AHEAD=tail_stages - per_step, num_warps=num_warps,
+        SCALE_AFTER=config["SCALE_AFTER"], VECTOR_STORE=config["VECTOR_STORE"], num_warps=num_warps,
         **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
 
 
@@ -462,9 +443,7 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     f16 slots too, the second's rows combined by moe_matmul's combine kernel. With config["TAIL"] (tile keys,
     BLOCK_T among them) and config["TAIL_PAIRS"], an expert's last TAIL_PAIRS pairs or fewer past its whole row
     blocks go to row blocks of TAIL["BLOCK_T"], each matmul a second launch with those tiles (see
-    moe_routing.group_by_expert); with config["TAIL_FUSED"] (TAIL_PAIRS at most TAIL["BLOCK_T"]: one tail block
-    an expert) no second launch: the program of an expert's last main block runs its tail rows next, on the
-    weight rows it has just read (an experiment, off by default: not yet timed)."""
+    moe_routing.group_by_expert)."""
     from gptoss_serve.kernels.moe_matmul import _combine_kernel
     from gptoss_serve.kernels.moe_routing import group_by_expert
 
@@ -481,10 +460,8 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     num_pairs = num_tokens * top_k
     tail_config = config.get("TAIL")  # each expert's last few pairs in small row blocks, a launch of their own
     tail = (tail_config["BLOCK_T"], config["TAIL_PAIRS"]) if tail_config else None
-    fused = bool(tail and config.get("TAIL_FUSED"))  # or run by the program of the expert's last main block
-    groups = group_by_expert(expert_ids, first_expert, w1_blocks.shape[0], config["BLOCK_T"], tail=tail,
-                             tail_by_expert=fused)
-    tables = [(groups, config)] + ([(groups.tail, dict(config, **tail_config))] if tail and not fused else [])
+    groups = group_by_expert(expert_ids, first_expert, w1_blocks.shape[0], config["BLOCK_T"], tail=tail)
+    tables = [(groups, config)] + ([(groups.tail, dict(config, **tail_config))] if tail else [])
     act = torch.empty((num_pairs, w1_blocks.shape[1] // 2), dtype=torch.float16, device=x.device)  # grouped order
     x_slots = to_f16_slots(x)
     for table, table_config in tables:

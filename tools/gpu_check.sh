@@ -58,7 +58,10 @@
 #                                matmul's rows stored bf16 unweighted (weighted in the combine): the grouping's, wgmma
 #                                and grouped-kernel GPU tests, the grouping both ways, the bench's MoE rows against the
 #                                tree in .basetree (b6f2dea), tail blocks fused against their own launches at 1024-4096
-#                                tokens, the 120b layer at 4096 tokens by launch
+#                                tokens, the 120b layer at 4096 tokens by launch (TAIL_FUSED lost and was removed)
+#   bash tools/gpu_check.sh 21   prefill tiles: the wgmma GPU tests (256-pair row blocks, 16-byte stores of the second
+#                                matmul's rows), row blocks of 256 pairs on one and two warpgroups and 16-byte stores
+#                                against the defaults at 2048-4096 tokens, then the 20b engine
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -233,6 +236,16 @@ elif [ "$PART" = 20 ]; then
         --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:1 2>&1 | grep -v Warning | tee "$OUT/tail_fused_sweep.txt"
     timeout 50 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 4096 --experts 128 2>&1 \
         | grep -v Warning | tee "$OUT/launches.txt"
+elif [ "$PART" = 21 ]; then
+    moe_gpu_tests "wgmma_matches or group" 170
+    timeout 230 python3 tools/moe_mma_sweep.py --cases 128x4096,32x4096,32x2048 --no-gemv \
+        --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:4:1,256:1:6:3:0:0:0:4:1,256:1:6:3:0:0:0:8:1,256:1:6:3:32:0:0:8:1 2>&1 \
+        | grep -v Warning | tee "$OUT/prefill_tile_sweep.txt"
+    timeout 150 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
+        --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --json 2>&1 | tail -40 \
+        > "$OUT/engine.txt"
+    tail -25 "$OUT/engine.txt"
+    tail -4 "$OUT/tests_full.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

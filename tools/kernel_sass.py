@@ -149,16 +149,14 @@ def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **ove
     n, kblocks = 5760, 90
     args = dict(a_ptr="*fp16", w_ptr="*u8", scales_ptr="*u8", bias_ptr="*bf16", out_ptr="*fp16" if swiglu else "*bf16",
                 sorted_pairs_ptr="*i32", block_expert_ptr="*i32", block_row_start_ptr="*i32",
-                block_row_end_ptr="*i32", tail_start_ptr="*i32", tail_end_ptr="*i32",
-                tail_orphan_ptr="*i32", N=n, top_k=4, num_main_blocks=37,
-                num_n_tiles=n // (64 * m_reps), stride_a=2880, stride_w_expert=n * kblocks * 16,
+                block_row_end_ptr="*i32", N=n, top_k=4,
+                num_n_tiles=n // (16 * num_warps * m_reps), stride_a=2880, stride_w_expert=n * kblocks * 16,
                 stride_w_row=kblocks * 16, stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_bias_expert=n,
                 stride_out=2880, swiglu_alpha=3, swiglu_limit=7)
     const = dict(SWIGLU=swiglu, HAS_BIAS=True, GATHER_TOKENS=swiglu, TILE_N=64, NUM_KB=kblocks,
                  WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t,
                  M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages, PIPELINED=True, KB_PER_STEP=3,
-                 EVEN_N=n % (64 * m_reps) == 0, SCALE_AFTER=False, TAIL_FUSED=False, TAIL_T=16,
-                 TAIL_B_SMEM=b_smem_layout(16), TAIL_STAGES=6, TAIL_COPY_AHEAD=3)
+                 EVEN_N=n % (16 * num_warps * m_reps) == 0, SCALE_AFTER=False, VECTOR_STORE=False)
     const.update(overrides)
     if const["PIPELINED"]:  # whole rings, copies ahead by all slots but the step's own, as moe_wgmma computes them
         const["STAGES"] -= const["STAGES"] % const["KB_PER_STEP"]
@@ -258,8 +256,13 @@ if __name__ == "__main__":
         report("wgmma 20b w2 (bias, bf16 rows), 128 pairs x 128 rows", wgmma_20b_w1(128, 2, swiglu=False,
                                                                                    stages=9), 96)
         report("wgmma 20b w1, 16 x 128, one K block a step", wgmma_20b_w1(16, 2, KB_PER_STEP=1), 32)
-        report("wgmma 20b w1 + SwiGLU, 128 x 128 with its tail blocks (16 pairs) fused",
-               wgmma_20b_w1(128, 2, stages=9, TAIL_FUSED=True), 96)
+        for warps in (4, 8):  # row blocks of 256 pairs: 64 rows on one warpgroup, 128 on two
+            report(f"wgmma 20b w1 + SwiGLU, 256 pairs x {16 * warps} rows", wgmma_20b_w1(256, 1, warps, stages=6), 48)
+            for vector in (False, True):
+                report(f"wgmma 20b w2, 256 pairs x {16 * warps} rows, 16-byte stores {vector}",
+                       wgmma_20b_w1(256, 1, warps, False, stages=6, VECTOR_STORE=vector), 48)
+        report("wgmma 20b w2, 128 pairs x 128 rows, 16-byte stores", wgmma_20b_w1(128, 2, swiglu=False, stages=9,
+                                                                                 VECTOR_STORE=True), 96)
         report("wgmma 20b w1, 64 x 64, not pipelined (the reference)",
                wgmma_20b_w1(PIPELINED=False, KB_PER_STEP=1), 16)
     elif which == "router":
