@@ -62,6 +62,10 @@
 #   bash tools/gpu_check.sh 21   prefill tiles: the wgmma GPU tests (256-pair row blocks, 16-byte stores of the second
 #                                matmul's rows), row blocks of 256 pairs on one and two warpgroups and 16-byte stores
 #                                against the defaults at 2048-4096 tokens, then the 20b engine
+#   bash tools/gpu_check.sh 22   the fourth session's final defaults (16-byte stores on): the wgmma, real-shape, serving
+#                                and grouping GPU tests, the bench's MoE rows, 16-byte against 2-byte stores on the
+#                                decode tiles (8-64 pairs a block), the 20b engine; then the bench's MoE rows and the
+#                                engine on the tree in .basetree (b6f2dea, the session's start)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -245,6 +249,22 @@ elif [ "$PART" = 21 ]; then
         --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --json 2>&1 | tail -40 \
         > "$OUT/engine.txt"
     tail -25 "$OUT/engine.txt"
+    tail -4 "$OUT/tests_full.txt"
+elif [ "$PART" = 22 ]; then
+    moe_gpu_tests "wgmma or real_shapes or serving or group" 150
+    moe_rows
+    timeout 100 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x64,32x512 --no-gemv \
+        --wgmma 8:1:12:3:0:0:1:4:0,8:1:12:3:0:0:1:4:1,16:1:6:3:0:0:0:4:0,16:1:6:3:0:0:0:4:1,64:2:6:3:0:0:0:4:0,64:2:6:3:0:0:0:4:1 \
+        2>&1 | grep -v Warning | tee "$OUT/store_sweep.txt"
+    engine_once() {  # $1 output file: the 20b engine, one stream then 8 prompts of 1024 tokens
+        timeout 110 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
+            --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --json 2>&1 \
+            | grep -E "^ours|^run " > "$1"; cat "$1"
+    }
+    engine_once "$OUT/engine.txt"
+    [ -d .basetree ] && (cd .basetree && export PYTHONPATH="$PWD" && timeout 75 python3 -m gptoss_serve.kernels.bench \
+        --sections moe 2>&1 | grep -v Warning > "$OUT/bench_base.txt"; tail -12 "$OUT/bench_base.txt"
+        engine_once "$OUT/engine_base.txt")
     tail -4 "$OUT/tests_full.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \

@@ -156,7 +156,7 @@ def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **ove
     const = dict(SWIGLU=swiglu, HAS_BIAS=True, GATHER_TOKENS=swiglu, TILE_N=64, NUM_KB=kblocks,
                  WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t,
                  M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages, PIPELINED=True, KB_PER_STEP=3,
-                 EVEN_N=n % (16 * num_warps * m_reps) == 0, SCALE_AFTER=False, VECTOR_STORE=False)
+                 EVEN_N=n % (16 * num_warps * m_reps) == 0, SCALE_AFTER=False, VECTOR_STORE=True)
     const.update(overrides)
     if const["PIPELINED"]:  # whole rings, copies ahead by all slots but the step's own, as moe_wgmma computes them
         const["STAGES"] -= const["STAGES"] % const["KB_PER_STEP"]
@@ -253,16 +253,15 @@ if __name__ == "__main__":
         for block_t, m_reps, stages in ((8, 1, 12), (16, 1, 6), (64, 2, 6), (128, 2, 9)):  # the shipped tiles
             report(f"wgmma 20b w1 + SwiGLU, {block_t} pairs x {64 * m_reps} rows, 3 K blocks a step",
                    wgmma_20b_w1(block_t, m_reps, stages=stages), 48 * m_reps)
-        report("wgmma 20b w2 (bias, bf16 rows), 128 pairs x 128 rows", wgmma_20b_w1(128, 2, swiglu=False,
-                                                                                   stages=9), 96)
+        for vector in (True, False):  # the second matmul's rows: 16-byte stores (the default) or 2-byte ones
+            report(f"wgmma 20b w2, 128 pairs x 128 rows, 16-byte stores {vector}",
+                   wgmma_20b_w1(128, 2, swiglu=False, stages=9, VECTOR_STORE=vector), 96)
         report("wgmma 20b w1, 16 x 128, one K block a step", wgmma_20b_w1(16, 2, KB_PER_STEP=1), 32)
         for warps in (4, 8):  # row blocks of 256 pairs: 64 rows on one warpgroup, 128 on two
             report(f"wgmma 20b w1 + SwiGLU, 256 pairs x {16 * warps} rows", wgmma_20b_w1(256, 1, warps, stages=6), 48)
             for vector in (False, True):
                 report(f"wgmma 20b w2, 256 pairs x {16 * warps} rows, 16-byte stores {vector}",
                        wgmma_20b_w1(256, 1, warps, False, stages=6, VECTOR_STORE=vector), 48)
-        report("wgmma 20b w2, 128 pairs x 128 rows, 16-byte stores", wgmma_20b_w1(128, 2, swiglu=False, stages=9,
-                                                                                 VECTOR_STORE=True), 96)
         report("wgmma 20b w1, 64 x 64, not pipelined (the reference)",
                wgmma_20b_w1(PIPELINED=False, KB_PER_STEP=1), 16)
     elif which == "router":
