@@ -66,6 +66,8 @@
 #                                and grouping GPU tests, the bench's MoE rows, 16-byte against 2-byte stores on the
 #                                decode tiles (8-64 pairs a block), the 20b engine; then the bench's MoE rows and the
 #                                engine on the tree in .basetree (b6f2dea, the session's start)
+#   bash tools/gpu_check.sh 23   the MoE GPU tests in full (part 22's 150-second step stopped at 60 of them), then the
+#                                model at the 20b layer shapes and the engine's GPU tests
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -266,6 +268,10 @@ elif [ "$PART" = 22 ]; then
         --sections moe 2>&1 | grep -v Warning > "$OUT/bench_base.txt"; tail -12 "$OUT/bench_base.txt"
         engine_once "$OUT/engine_base.txt")
     tail -4 "$OUT/tests_full.txt"
+elif [ "$PART" = 23 ]; then
+    moe_gpu_tests "" 330
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
+        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -8 "$OUT/tests_model_engine.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
