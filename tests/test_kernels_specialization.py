@@ -18,7 +18,6 @@ PER_STEP_ARGS = {
     "moe_routing._count_chunks_kernel": {"num_pairs"},
     "moe_routing._plan_chunks_kernel": {"num_chunks", "max_blocks", "max_tail_blocks"},
     "moe_routing._scatter_chunks_kernel": {"num_pairs"},
-    "moe_wgmma._moe_wgmma_kernel": {"num_main_blocks"},
 }
 
 
