@@ -446,7 +446,9 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     f16 slots too, the second's rows combined by moe_matmul's combine kernel. With config["TAIL"] (tile keys,
     BLOCK_T among them) and config["TAIL_PAIRS"], an expert's last TAIL_PAIRS pairs or fewer past its whole row
     blocks go to row blocks of TAIL["BLOCK_T"], each matmul a second launch with those tiles (see
-    moe_routing.group_by_expert)."""
+    moe_routing.group_by_expert). config["W2"] (tile keys but BLOCK_T, e.g. {"M_REPS": 1}): the second matmul's
+    main row blocks with those instead (an experiment, off by default: w2's 2880 rows are 22.5 tiles of 128, 45
+    of 64; not yet timed)."""
     from gptoss_serve.kernels.moe_matmul import _combine_kernel
     from gptoss_serve.kernels.moe_routing import group_by_expert
 
@@ -472,6 +474,8 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
                   swiglu=(swiglu_alpha, swiglu_limit), tile_n=tile_n)
     y = torch.empty((num_pairs, hidden), dtype=torch.bfloat16, device=x.device)  # by (token, slot), unweighted
     for table, table_config in tables:
+        if table is groups and config.get("W2"):  # the second matmul's own tile keys for its main row blocks
+            table_config = dict(table_config, **config["W2"])
         moe_wgmma(act, w2_blocks, w2_scales, b2, table, top_k, y, table_config, tile_n=tile_n)
     block_h = min(1024, triton.next_power_of_2(hidden))
     launch(_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),

@@ -66,8 +66,10 @@
 #                                and grouping GPU tests, the bench's MoE rows, 16-byte against 2-byte stores on the
 #                                decode tiles (8-64 pairs a block), the 20b engine; then the bench's MoE rows and the
 #                                engine on the tree in .basetree (b6f2dea, the session's start)
-#   bash tools/gpu_check.sh 23   the MoE GPU tests in full (part 22's 150-second step stopped at 60 of them), then the
-#                                model at the 20b layer shapes and the engine's GPU tests
+#   bash tools/gpu_check.sh 23   the MoE GPU tests in full (part 22's 150-second step stopped at 60 of them), the
+#                                second matmul on 64-row tiles beside the first's 128 (W2, built after part 22) against
+#                                the defaults at 2048-4096 tokens, then the model at the 20b layer shapes and the
+#                                engine's GPU tests
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -269,7 +271,9 @@ elif [ "$PART" = 22 ]; then
         engine_once "$OUT/engine_base.txt")
     tail -4 "$OUT/tests_full.txt"
 elif [ "$PART" = 23 ]; then
-    moe_gpu_tests "" 330
+    moe_gpu_tests "" 300
+    timeout 90 python3 tools/moe_mma_sweep.py --cases 128x4096,32x4096,32x2048 --no-gemv \
+        --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:4:1:1 2>&1 | grep -v Warning | tee "$OUT/w2_tile_sweep.txt"
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
         tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -8 "$OUT/tests_model_engine.txt"
 else
