@@ -1119,12 +1119,24 @@ def moe_experts(
                **layout)
     y = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # by (token, slot), unweighted
     moe_matmul(act, w2_blocks, w2_scales, b2, groups, top_k, y, config, **layout)
-    block_h = min(1024, next_pow2(hidden))
-    launch(_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
-           y, expert_ids, expert_weights.reshape(-1), out, hidden, first_expert, num_local_experts, y.stride(0),
-           out.stride(0),
-           TOP_K=top_k, BLOCK_H=block_h, EMULATE_BF16=emulate_bf16(), num_warps=4)
+    combine(y, expert_ids, expert_weights, out, first_expert, num_local_experts)
     return out
+
+
+def combine(
+    y: torch.Tensor,  # [num_tokens * top_k, hidden] the second matmul's rows by (token, slot), unweighted
+    expert_ids: torch.Tensor,  # [num_tokens, top_k] global expert ids (slots of other ranks' experts are skipped)
+    expert_weights: torch.Tensor,  # [num_tokens, top_k] float32
+    out: torch.Tensor,  # [num_tokens, hidden], written
+    first_expert: int,
+    num_local_experts: int,
+) -> None:
+    """Each token's rows weighted and summed in slot order (_combine_kernel)."""
+    hidden = y.shape[1]
+    block_h = min(1024, next_pow2(hidden))
+    launch(_combine_kernel, (out.shape[0], triton.cdiv(hidden, block_h)),
+           y, expert_ids, expert_weights.reshape(-1), out, hidden, first_expert, num_local_experts, y.stride(0),
+           out.stride(0), TOP_K=expert_ids.shape[1], BLOCK_H=block_h, EMULATE_BF16=emulate_bf16(), num_warps=4)
 
 
 def split_nibbles(blocks: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from gptoss_serve.kernels.moe_matmul import split_bytes_e4m3_ptx
+from gptoss_serve.kernels.moe_matmul import combine, split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_mma import SPLIT_WORD_F16_ASM
-from gptoss_serve.kernels.moe_routing import ExpertGroups
+from gptoss_serve.kernels.moe_routing import ExpertGroups, group_by_expert
 from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE
 from gptoss_serve.kernels.triton_utils import largest_divisor, launch
 
@@ -142,6 +142,14 @@ def _moe_wgmma_kernel(
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
     order, from to_f16_slots, and the first matmul writes its activations so too)."""
+    ROWS: gl.constexpr = 16 * NUM_WARPS * M_REPS
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, BLOCK_T, 16])
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    COPY_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])  # 16-byte copies of [*, 32] f16
+    BYTES_L: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [NUM_WARPS, 1], [1, 0])  # 8-byte copies, 64 rows a pass
+    PLAIN: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+
     pid = gl.program_id(0)
     pid_m = pid // num_n_tiles
     pid_n = pid % num_n_tiles
@@ -150,33 +158,6 @@ def _moe_wgmma_kernel(
         return
     row_start = gl.load(block_row_start_ptr + pid_m)
     row_end = gl.load(block_row_end_ptr + pid_m)
-    _row_block(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, expert, row_start, row_end, pid_n, N,
-               top_k, stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert,
-               stride_out, swiglu_alpha, swiglu_limit, SWIGLU, HAS_BIAS, GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT,
-               B_SMEM, BLOCK_T, M_REPS, NUM_WARPS, STAGES, PIPELINED, COPY_AHEAD, KB_PER_STEP, EVEN_N, SCALE_AFTER,
-               VECTOR_STORE)
-
-
-@gluon.jit
-def _row_block(
-    a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, expert, row_start, row_end,
-    pid_n, N, top_k, stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert,
-    stride_out, swiglu_alpha, swiglu_limit,
-    SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
-    NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
-    M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
-    COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, EVEN_N: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    VECTOR_STORE: gl.constexpr,
-):
-    """One row block [row_start, row_end) of an expert's pairs against weight-row tile pid_n: the K loop through
-    the rings and the epilogue."""
-    ROWS: gl.constexpr = 16 * NUM_WARPS * M_REPS
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                  instr_shape=[16, BLOCK_T, 16])
-    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    COPY_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])  # 16-byte copies of [*, 32] f16
-    BYTES_L: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [NUM_WARPS, 1], [1, 0])  # 8-byte copies, 64 rows a pass
-    PLAIN: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
 
     # Activation rows of the block's pairs, 32 slots a step.
     t_c = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, COPY_L))
@@ -274,11 +255,7 @@ def _row_block(
         _barrier()
 
     # Epilogue, with the grouped kernel's roundings (activations rounded to bf16, the twin's dtype).
-    r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
-    t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma))
-    n_o = pid_n * ROWS + r_o
-    rows_o = row_start + t_o
-    in_rows = rows_o < row_end
+    n_o = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))  # the accumulator's weight rows
     h = acc.to(gl.bfloat16).to(gl.float32)
     if HAS_BIAS:
         bias = gl.load(bias_ptr + expert.to(gl.int64) * stride_bias_expert + n_o, mask=n_o < N, other=0.0)
@@ -307,6 +284,8 @@ def _row_block(
         gl.store(out_ptr + pairs_s.to(gl.int64)[None, :] * stride_out + n_s[:, None], y,
                  mask=(n_s < N)[:, None] & (rows_s < row_end)[None, :])
     else:  # straight from the accumulator's layout: 2-byte stores
+        rows_o = row_start + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma))
+        in_rows = rows_o < row_end
         pairs_o = gl.load(sorted_pairs_ptr + rows_o, mask=in_rows, other=0)
         out_mask = (n_o < N)[:, None] & in_rows[None, :]
         gl.store(out_ptr + pairs_o.to(gl.int64)[None, :] * stride_out + n_o[:, None],
@@ -449,9 +428,6 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     moe_routing.group_by_expert). config["W2"] (tile keys but BLOCK_T, e.g. {"M_REPS": 1}): the second matmul's
     main row blocks with those instead (an experiment, off by default: w2's 2880 rows are 22.5 tiles of 128, 45
     of 64; not yet timed)."""
-    from gptoss_serve.kernels.moe_matmul import _combine_kernel
-    from gptoss_serve.kernels.moe_routing import group_by_expert
-
     config = dict(DEFAULT_WGMMA_CONFIG, **(config or {}))
     if not split_nibbles or swizzled:
         raise ValueError("the wgmma MoE kernel reads the split-nibble layout, unswizzled")
@@ -477,9 +453,5 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
         if table is groups and config.get("W2"):  # the second matmul's own tile keys for its main row blocks
             table_config = dict(table_config, **config["W2"])
         moe_wgmma(act, w2_blocks, w2_scales, b2, table, top_k, y, table_config, tile_n=tile_n)
-    block_h = min(1024, triton.next_power_of_2(hidden))
-    launch(_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
-           y, expert_ids, expert_weights.reshape(-1), out, hidden, first_expert, w1_blocks.shape[0], y.stride(0),
-           out.stride(0),
-           TOP_K=top_k, BLOCK_H=block_h, EMULATE_BF16=False, num_warps=4)
+    combine(y, expert_ids, expert_weights, out, first_expert, w1_blocks.shape[0])
     return out
