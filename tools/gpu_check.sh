@@ -91,10 +91,16 @@ grouping_rows() {  # group_by_expert in one program against a program a chunk
     timeout 45 python3 -m gptoss_serve.kernels.bench --sections grouping 2>&1 | grep -v Warning \
         | tee "$OUT/grouping.txt"
 }
-engine_bench() {  # the 20b engine: one stream, then 8 prompts of 1024 tokens, decode profiled at 1, 4 and 8
-    timeout 240 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
-        --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --profile-decode 1 4 8 \
-        --json 2>&1 | tail -60 | tee "$1"
+engine_run() {  # $1 time limit (s), then extra arguments: the 20b engine, one stream, then 8 prompts of 1024 tokens
+    local limit=$1; shift
+    timeout "$limit" python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
+        --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --json "$@" 2>&1
+}
+engine_bench() {  # $1 output file: engine_run with decode profiled at 1, 4 and 8
+    engine_run 240 --profile-decode 1 4 8 | tail -60 | tee "$1"
+}
+engine_table() {  # $1 output file, $2 time limit: engine_run's summary table only
+    engine_run "$2" | grep -E "^ours|^run " > "$1"; cat "$1"
 }
 if [ "$PART" = 1 ]; then
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
@@ -230,9 +236,7 @@ elif [ "$PART" = 19 ]; then
     moe_gpu_tests "wgmma or real_shapes or serving or group" 130
     grouping_rows
     moe_rows
-    timeout 150 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
-        --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --json 2>&1 | tail -40 \
-        > "$OUT/engine.txt"
+    engine_run 150 | tail -40 > "$OUT/engine.txt"
     tail -30 "$OUT/engine.txt"
 elif [ "$PART" = 20 ]; then
     moe_gpu_tests "wgmma or real_shapes or serving or group" 150
@@ -249,9 +253,7 @@ elif [ "$PART" = 21 ]; then
     timeout 230 python3 tools/moe_mma_sweep.py --cases 128x4096,32x4096,32x2048 --no-gemv \
         --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:4:1,256:1:6:3:0:0:0:4:1,256:1:6:3:0:0:0:8:1,256:1:6:3:32:0:0:8:1 2>&1 \
         | grep -v Warning | tee "$OUT/prefill_tile_sweep.txt"
-    timeout 150 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
-        --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --json 2>&1 | tail -40 \
-        > "$OUT/engine.txt"
+    engine_run 150 | tail -40 > "$OUT/engine.txt"
     tail -25 "$OUT/engine.txt"
     tail -4 "$OUT/tests_full.txt"
 elif [ "$PART" = 22 ]; then
@@ -260,15 +262,10 @@ elif [ "$PART" = 22 ]; then
     timeout 100 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x64,32x512 --no-gemv \
         --wgmma 8:1:12:3:0:0:1:4:0,8:1:12:3:0:0:1:4:1,16:1:6:3:0:0:0:4:0,16:1:6:3:0:0:0:4:1,64:2:6:3:0:0:0:4:0,64:2:6:3:0:0:0:4:1 \
         2>&1 | grep -v Warning | tee "$OUT/store_sweep.txt"
-    engine_once() {  # $1 output file: the 20b engine, one stream then 8 prompts of 1024 tokens
-        timeout 110 python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
-            --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --json 2>&1 \
-            | grep -E "^ours|^run " > "$1"; cat "$1"
-    }
-    engine_once "$OUT/engine.txt"
+    engine_table "$OUT/engine.txt" 110
     [ -d .basetree ] && (cd .basetree && export PYTHONPATH="$PWD" && timeout 75 python3 -m gptoss_serve.kernels.bench \
         --sections moe 2>&1 | grep -v Warning > "$OUT/bench_base.txt"; tail -12 "$OUT/bench_base.txt"
-        engine_once "$OUT/engine_base.txt")
+        engine_table "$OUT/engine_base.txt" 110)
     tail -4 "$OUT/tests_full.txt"
 elif [ "$PART" = 23 ]; then
     moe_gpu_tests "" 300
