@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2
+from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2, pdl_args, pdl_wait
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -54,8 +54,9 @@ def _decode_kernel(
     stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_tables,
     stride_out_token, stride_out_head,
     QUERIES_PER_KV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # q and the cache's new rows come from the kernels before
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -124,7 +125,9 @@ def _decode_kernel(
 def _merge_splits_kernel(
     part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_q_heads, head_dim, stride_out_token, stride_out_head,
     NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # the slices come from the kernel before
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P2)
@@ -182,6 +185,7 @@ def paged_attention_decode(
     else:
         part_acc = part_max = part_sum = out  # unused
     emulate = emulate_bf16()
+    pdl = pdl_args(q.device)
     launch(_decode_kernel, (num_seqs, num_kv_heads, num_splits),
            q, k_cache, v_cache, block_tables, context_lens, sinks, out, part_acc, part_max, part_sum,
            sm_scale * LOG2E, sliding_window, partition, block_size, num_q_heads, head_dim,
@@ -189,10 +193,10 @@ def paged_attention_decode(
            block_tables.stride(0), out.stride(0), out.stride(1),
            QUERIES_PER_KV=queries_per_kv, BLOCK_G=max(16, next_pow2(queries_per_kv)), BLOCK_D=block_d,
            BLOCK_N=block_n, NUM_SPLITS=num_splits, EMULATE_BF16=emulate, num_warps=tiles["num_warps"],
-           num_stages=tiles["num_stages"])
+           num_stages=tiles["num_stages"], **pdl)
     if num_splits > 1:
         launch(_merge_splits_kernel, (num_seqs, num_q_heads),
                part_acc, part_max, part_sum, out, num_q_heads, head_dim, out.stride(0), out.stride(1),
                NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), BLOCK_D=block_d, EMULATE_BF16=emulate,
-               num_warps=1)
+               num_warps=1, **pdl)
     return out

@@ -47,7 +47,8 @@ import triton.language as tl
 
 from gptoss_serve.kernels.moe_routing import ExpertGroups, group_by_expert
 from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE, MXFP4_BYTES_PER_BLOCK
-from gptoss_serve.kernels.triton_utils import cast_rne, device_function, emulate_bf16, launch, next_pow2
+from gptoss_serve.kernels.triton_utils import (cast_rne, device_function, emulate_bf16, launch, next_pow2, pdl_args,
+                                              pdl_wait)
 
 
 # Four split-layout bytes -> their eight bf16 values, times the scale (one asm for both nibbles, so the byte
@@ -244,10 +245,11 @@ def _moe_matmul_kernel(
 @triton.jit
 def _combine_kernel(
     y_ptr, ids_ptr, weights_ptr, out_ptr, hidden, first_expert, num_local_experts, stride_y, stride_out,
-    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[token] = sum over its slots, in slot order, of y[pair] (the second matmul's rows with their bias, in
     the activation dtype) times the pair's routing weight, in float32: the twin's product and sum."""
+    pdl_wait(PDL)  # y comes from the kernel before
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_cols = cols < hidden
@@ -597,8 +599,10 @@ def _splitk_swiglu_kernel(
     ws_ptr, ids_ptr, bias_ptr, act_ptr, N, first_expert, num_local_experts,
     stride_ws_split, stride_bias_expert, stride_act, swiglu_alpha, swiglu_limit,
     NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """act[pair, c] = SwiGLU(rows 2c, 2c + 1 of sum over splits + bias), for each pair routed to this rank."""
+    pdl_wait(PDL)  # the partial sums come from the kernel before
     pair = tl.program_id(0).to(tl.int64)
     local = tl.load(ids_ptr + pair) - first_expert
     if (local < 0) | (local >= num_local_experts):  # never read by the second matmul
@@ -639,12 +643,13 @@ def _splitk_combine_kernel(
     ws_ptr, ids_ptr, weights_ptr, bias_ptr, out_ptr, hidden, first_expert, num_local_experts,
     stride_ws_split, stride_bias_expert, stride_out,
     NUM_SPLITS: tl.constexpr, TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[token] = sum over its slots (fixed order) of weight * (sum over splits + bias), rounded as
     _moe_matmul_kernel's second-matmul epilogue and _combine_kernel round. A slot routed to another rank adds
     nothing; its loads are masked off rather than branched around, so every slot's loads go out together (a
     branch a slot made four dependent rounds of loads, SASS)."""
+    pdl_wait(PDL)  # the partial sums come from the kernel before
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_cols = cols < hidden
@@ -1049,14 +1054,15 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
     launch(_splitk_swiglu_kernel, (num_pairs, triton.cdiv(intermediate, block)),
            ws1, ids, b1, act, n1, first_expert, num_local_experts,
            ws1.stride(0), b1.stride(0), act.stride(0), float(swiglu_alpha), float(swiglu_limit),
-           NUM_SPLITS=ws1.shape[0], HAS_BIAS=True, EMULATE_BF16=emulate_bf16(), BLOCK=block, num_warps=2)
+           NUM_SPLITS=ws1.shape[0], HAS_BIAS=True, EMULATE_BF16=emulate_bf16(), BLOCK=block, num_warps=2,
+           **pdl_args(x.device))
     ws2 = matmul(act, w2_blocks, w2_scales, 1)
     block_h = min(epilogue_block, next_pow2(hidden))
     launch(_splitk_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
            ws2, ids, expert_weights.reshape(-1), b2 if b2 is not None else ws2, out, hidden,
            first_expert, num_local_experts, ws2.stride(0), b2.stride(0) if b2 is not None else 0, out.stride(0),
            NUM_SPLITS=ws2.shape[0], TOP_K=top_k, HAS_BIAS=b2 is not None, EMULATE_BF16=emulate_bf16(),
-           BLOCK_H=block_h, num_warps=2)
+           BLOCK_H=block_h, num_warps=2, **pdl_args(x.device))
     return out
 
 
@@ -1136,7 +1142,8 @@ def combine(
     block_h = min(1024, next_pow2(hidden))
     launch(_combine_kernel, (out.shape[0], triton.cdiv(hidden, block_h)),
            y, expert_ids, expert_weights.reshape(-1), out, hidden, first_expert, num_local_experts, y.stride(0),
-           out.stride(0), TOP_K=expert_ids.shape[1], BLOCK_H=block_h, EMULATE_BF16=emulate_bf16(), num_warps=4)
+           out.stride(0), TOP_K=expert_ids.shape[1], BLOCK_H=block_h, EMULATE_BF16=emulate_bf16(), num_warps=4,
+           **pdl_args(out.device))
 
 
 def split_nibbles(blocks: torch.Tensor) -> torch.Tensor:

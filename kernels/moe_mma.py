@@ -33,7 +33,8 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from gptoss_serve.kernels.moe_matmul import check_decode_operands, split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_routing import ExpertGroups
-from gptoss_serve.kernels.triton_utils import largest_divisor
+from gptoss_serve.kernels.gluon_utils import pdl_wait
+from gptoss_serve.kernels.triton_utils import largest_divisor, pdl_args
 
 
 def _split_word_f16_asm() -> str:
@@ -81,10 +82,11 @@ def _moe_mma_kernel(
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_s_k, stride_ws_split,
     BYTE_LAYOUT: gl.constexpr, PAIR_BLOCKS: gl.constexpr, TILE_N: gl.constexpr, EVEN_ROWS: gl.constexpr,
     KB: gl.constexpr, KB_P2: gl.constexpr, STAGE_ONCE: gl.constexpr, PREFETCH: gl.constexpr, BLOCK_T: gl.constexpr,
-    M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr,
+    M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr, PDL: gl.constexpr,
 ):
     """Program (row block, row chunk, K range): ws[split, pairs of the block, rows of the chunk] =
     W_e[rows, K range] @ A[the block's rows, K range]^T, KB blocks a range (KB divides the K blocks)."""
+    pdl_wait(PDL)  # the routing, the block tables or the activations come from the kernel before
     ROWS: gl.constexpr = 16 * M_TILES * NUM_WARPS  # weight rows an iteration
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
@@ -242,5 +244,5 @@ def moe_mma_splitk(
         BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks is not None, TILE_N=tile_n,
         EVEN_ROWS=n_rows % rows_per_program == 0, KB=kb, KB_P2=triton.next_power_of_2(kb),
         STAGE_ONCE=config["STAGE_ONCE"], PREFETCH=config["PREFETCH"], BLOCK_T=block_t, M_TILES=m_tiles,
-        NUM_WARPS=num_warps, num_warps=num_warps)
+        NUM_WARPS=num_warps, num_warps=num_warps, **pdl_args(a.device))
     return ws

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.triton_utils import device_function, launch, next_pow2
+from gptoss_serve.kernels.triton_utils import device_function, launch, next_pow2, pdl_args, pdl_wait
 
 
 @device_function
@@ -167,9 +167,10 @@ def _group_by_expert_kernel(
     tail_expert_ptr, tail_row_start_ptr, tail_row_end_ptr,
     num_pairs, first_expert, num_local_experts, max_blocks, max_tail_blocks,
     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, TAIL_PAIRS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
-    CHUNK: tl.constexpr, TABLE_CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, TABLE_CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
     """The whole grouping in one program (few pairs: one launch)."""
+    pdl_wait(PDL)  # the expert ids come from the kernel before
     experts = tl.arange(0, BLOCK_EXPERTS)
     # Pass 1: how many pairs each local expert receives.
     counts = tl.zeros([BLOCK_EXPERTS], dtype=tl.int32)
@@ -325,7 +326,7 @@ def group_by_expert(
     if not parallel:
         launch(_group_by_expert_kernel, (1,), ids, groups.sorted_pairs, *tables, num_pairs, first_expert,
                num_local_experts, max_blocks, tail_table.block_expert.numel(), **sizes,
-               CHUNK=max(16, min(256, 4096 // block_experts)), num_warps=8)
+               CHUNK=max(16, min(256, 4096 // block_experts)), num_warps=8, **pdl_args(device))
         return groups
     chunk_counts = torch.empty((max(num_chunks, 1), block_experts), dtype=torch.int32, device=device)
     chunk_rows = torch.empty_like(chunk_counts)

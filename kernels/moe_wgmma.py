@@ -50,7 +50,9 @@ from gptoss_serve.kernels.moe_matmul import combine, split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_mma import SPLIT_WORD_F16_ASM
 from gptoss_serve.kernels.moe_routing import ExpertGroups, group_by_expert
 from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE
-from gptoss_serve.kernels.triton_utils import largest_divisor, launch
+from gptoss_serve.kernels.gluon_utils import pdl_wait
+from gptoss_serve.kernels.triton_utils import largest_divisor, launch, pdl_args
+from gptoss_serve.kernels.triton_utils import pdl_wait as triton_pdl_wait
 
 F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value is an exact f16
 # PIPELINED False: plain loads into one shared slot and a waited wgmma each step (slow; a reference for the rings).
@@ -137,11 +139,13 @@ def _moe_wgmma_kernel(
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
     COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, EVEN_N: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    VECTOR_STORE: gl.constexpr,
+    VECTOR_STORE: gl.constexpr, PDL: gl.constexpr, EARLY_WEIGHTS: gl.constexpr,
 ):
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
-    order, from to_f16_slots, and the first matmul writes its activations so too)."""
+    order, from to_f16_slots, and the first matmul writes its activations so too). With PDL (see
+    triton_utils.PDL) the program waits for the kernel before at its start, or with EARLY_WEIGHTS (the block tables
+    written at least two launches before) after reading its block and issuing its first steps' weight copies."""
     ROWS: gl.constexpr = 16 * NUM_WARPS * M_REPS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_T, 16])
@@ -153,8 +157,12 @@ def _moe_wgmma_kernel(
     pid = gl.program_id(0)
     pid_m = pid // num_n_tiles
     pid_n = pid % num_n_tiles
+    if not EARLY_WEIGHTS:
+        pdl_wait(PDL)
     expert = gl.load(block_expert_ptr + pid_m)
     if expert < 0:  # the grid is the static worst case
+        if EARLY_WEIGHTS:
+            pdl_wait(PDL)  # every program waits before it ends (triton_utils.PDL)
         return
     row_start = gl.load(block_row_start_ptr + pid_m)
     row_end = gl.load(block_row_end_ptr + pid_m)
@@ -193,9 +201,18 @@ def _moe_wgmma_kernel(
     for j in gl.static_range(KB_PER_STEP):
         a_rings = a_rings + (gl.allocate_shared_memory(gl.float16, [STAGES // KB_PER_STEP, BLOCK_T, 32], B_SMEM),)
         w_rings = w_rings + (gl.allocate_shared_memory(gl.uint8, [STAGES // KB_PER_STEP, ROWS, 16], PLAIN),)
-    if PIPELINED:
+    if EARLY_WEIGHTS:  # steps 0 .. in flight before the loop: their weights before the wait, all in step 0's group
+        for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):
+            _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N,
+                       COPY_A=False, COPY_W=True, COMMIT=False)
+        pdl_wait(PDL)
+        for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):
+            _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N,
+                       COPY_A=True, COPY_W=False, COMMIT=True)
+    elif PIPELINED:
         for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):  # steps 0 .. in flight before the loop
-            _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N)
+            _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N,
+                       COPY_A=True, COPY_W=True, COMMIT=True)
     # Scale bytes of each thread's rows (a row's 90 bytes share a few sectors: mostly L1 hits): the rows of its A
     # registers, or with SCALE_AFTER those of its accumulator (the same rows, in the accumulator's layout).
     S_ROWS: gl.constexpr = gl.SliceLayout(1, mma) if SCALE_AFTER else gl.SliceLayout(1, WORD_LAYOUT)
@@ -216,7 +233,8 @@ def _moe_wgmma_kernel(
             _barrier()  # every warp is past its wait for the previous step's wgmmas: their slots are free
             fence_async_shared()  # this thread's landed copies, for the wgmmas (async proxy) of every warp
             _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step + COPY_AHEAD // KB_PER_STEP,
-                       NUM_KB, KB_PER_STEP, TILE_N)  # into the slots the previous step freed
+                       NUM_KB, KB_PER_STEP, TILE_N, COPY_A=True, COPY_W=True,
+                       COMMIT=True)  # into the slots the previous step freed
             _barrier()  # every thread's fence before any warp reads the step's slots
         else:  # plain loads and stores into one slot, the wgmma waited for: to tell a fault of the rings apart
             a_rings[0].index(0).store(gl.load(a_tile + kb * 32, mask=a_mask, other=0.0))
@@ -317,15 +335,20 @@ def _a_operand_unscaled(w_bytes, A_L: gl.constexpr, ROWS: gl.constexpr):
 
 @gluon.jit
 def _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step, NUM_KB: gl.constexpr,
-               KB_PER_STEP: gl.constexpr, TILE_N: gl.constexpr):
+               KB_PER_STEP: gl.constexpr, TILE_N: gl.constexpr, COPY_A: gl.constexpr, COPY_W: gl.constexpr,
+               COMMIT: gl.constexpr):
     """Asynchronous copies of one step's K blocks (block step * KB_PER_STEP + j into slot step % slots of ring j),
-    committed as one group (an empty group past the last step, so that every step waits for the same count)."""
+    the activations' (COPY_A) and the weights' (COPY_W), committed as one group with COMMIT (an empty group past
+    the last step, so that every step waits for the same count); uncommitted copies join the next group."""
     slot = step % a_rings[0].shape[0]
     for j in gl.static_range(KB_PER_STEP):
         block = step * KB_PER_STEP + j
-        _async_load(a_rings[j].index(slot), a_tile + block * 32, mask=a_mask & (block < NUM_KB))
-        _async_load(w_rings[j].index(slot), w_tile + block * (16 * TILE_N), mask=w_mask & (block < NUM_KB))
-    async_copy.commit_group()
+        if COPY_A:
+            _async_load(a_rings[j].index(slot), a_tile + block * 32, mask=a_mask & (block < NUM_KB))
+        if COPY_W:
+            _async_load(w_rings[j].index(slot), w_tile + block * (16 * TILE_N), mask=w_mask & (block < NUM_KB))
+    if COMMIT:
+        async_copy.commit_group()
 
 
 @gluon.jit
@@ -351,8 +374,9 @@ def scales_fit_f16(scales: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _to_f16_slots_kernel(x_ptr, out_ptr, K, stride_x, stride_out, BLOCK: tl.constexpr):
+def _to_f16_slots_kernel(x_ptr, out_ptr, K, stride_x, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[row, slot] = x[row, element of the slot] as f16: the wgmma kernel's activation operand."""
+    triton_pdl_wait(PDL)  # x comes from the kernel before
     row = tl.program_id(0).to(tl.int64)
     slots = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     element = (slots & ~15) + (slots & 1) + ((slots >> 3) & 1) * 2 + ((slots >> 1) & 3) * 4
@@ -365,7 +389,7 @@ def to_f16_slots(x: torch.Tensor) -> torch.Tensor:  # [rows, K] f16, K in slot o
     out = torch.empty(x.shape, dtype=torch.float16, device=x.device)
     if x.shape[0]:
         launch(_to_f16_slots_kernel, (x.shape[0], triton.cdiv(x.shape[1], 1024)), x, out, x.shape[1], x.stride(0),
-               out.stride(0), BLOCK=1024, num_warps=4)
+               out.stride(0), BLOCK=1024, num_warps=4, **pdl_args(x.device))
     return out
 
 
@@ -380,8 +404,11 @@ def moe_wgmma(
     config: dict,
     swiglu: tuple[float, float] | None = None,  # (alpha, limit): the first matmul's epilogue
     tile_n: int = 1,
+    tables_settled: bool = False,  # groups written at least two launches before this one (see triton_utils.PDL)
 ) -> None:
-    """moe_matmul.moe_matmul on the wgmma kernel (activations as to_f16_slots gives them; split-nibble layout)."""
+    """moe_matmul.moe_matmul on the wgmma kernel (activations as to_f16_slots gives them; split-nibble layout).
+    With programmatic dependent launch and tables_settled, each program reads its row block and starts its weight
+    copies before it waits for the kernel before."""
     config = dict(DEFAULT_WGMMA_CONFIG, **config)
     num_local_experts, n_rows, num_k_blocks, _ = blocks.shape
     if not a.is_cuda:
@@ -402,6 +429,7 @@ def moe_wgmma(
     rows = 16 * num_warps * m_reps
     num_n_tiles = triton.cdiv(n_rows, rows)
     dummy = scales  # never read: the flags below switch off its use
+    pdl = pdl_args(a.device)
     _moe_wgmma_kernel[(groups.block_expert.numel() * num_n_tiles,)](
         a, blocks, scales, bias if bias is not None else dummy, out,
         groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end,
@@ -414,6 +442,7 @@ def moe_wgmma(
         BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages,
         PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, EVEN_N=n_rows % rows == 0,
         SCALE_AFTER=config["SCALE_AFTER"], VECTOR_STORE=config["VECTOR_STORE"], num_warps=num_warps,
+        EARLY_WEIGHTS=pdl["PDL"] and tables_settled and bool(config["PIPELINED"]), **pdl,
         **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
 
 
@@ -445,13 +474,13 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     tables = [(groups, config)] + ([(groups.tail, dict(config, **tail_config))] if tail else [])
     act = torch.empty((num_pairs, w1_blocks.shape[1] // 2), dtype=torch.float16, device=x.device)  # grouped order
     x_slots = to_f16_slots(x)
-    for table, table_config in tables:
+    for table, table_config in tables:  # to_f16_slots came between the grouping and these: its tables are settled
         moe_wgmma(x_slots, w1_blocks, w1_scales, b1, table, top_k, act, table_config,
-                  swiglu=(swiglu_alpha, swiglu_limit), tile_n=tile_n)
+                  swiglu=(swiglu_alpha, swiglu_limit), tile_n=tile_n, tables_settled=True)
     y = torch.empty((num_pairs, hidden), dtype=torch.bfloat16, device=x.device)  # by (token, slot), unweighted
     for table, table_config in tables:
         if table is groups and config.get("W2"):  # the second matmul's own tile keys for its main row blocks
             table_config = dict(table_config, **config["W2"])
-        moe_wgmma(act, w2_blocks, w2_scales, b2, table, top_k, y, table_config, tile_n=tile_n)
+        moe_wgmma(act, w2_blocks, w2_scales, b2, table, top_k, y, table_config, tile_n=tile_n, tables_settled=True)
     combine(y, expert_ids, expert_weights, out, first_expert, w1_blocks.shape[0])
     return out

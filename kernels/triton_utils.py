@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -89,3 +90,37 @@ def next_pow2(n: int) -> int:
 def largest_divisor(n: int, at_most: int) -> int:
     """The largest divisor of n up to at_most (K ranges or steps of whole blocks, no masks in a loop)."""
     return max(d for d in range(1, min(at_most, n) + 1) if n % d == 0)
+
+
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the kernel before it
+# on the stream still runs. Its programs do only what needs none of that kernel's results, then `pdl_wait`:
+# griddepcontrol.wait (until the kernel before has finished and its writes are visible), then launch_dependents
+# (the kernel after may start once every program has got here). Every program of such a kernel waits before it
+# ends, so a kernel's end implies the end of every kernel before it; what a program may read before its wait is
+# therefore constant data (weights) and what kernels at least two launches back wrote (block tables). What it
+# saves: the launch and the first programs' start, hidden behind the previous kernel's last programs.
+# GPTOSS_PDL=0 turns it off (the benchmarks compare both).
+PDL = os.environ.get("GPTOSS_PDL", "1").lower() not in ("0", "false", "off", "no")
+
+
+def pdl_args(device: torch.device) -> dict:
+    """The launch arguments of a kernel that takes a PDL flag: dict(PDL=True, launch_pdl=True) where programmatic
+    dependent launch applies (a Hopper or later GPU, compiled, PDL set), else dict(PDL=False)."""
+    if PDL and device.type == "cuda" and not interpreting() and _capability(device.index)[0] >= 9:
+        return dict(PDL=True, launch_pdl=True)
+    return dict(PDL=False)
+
+
+def _capability(index: int | None) -> tuple[int, int]:
+    return _CAPABILITIES.setdefault(index, torch.cuda.get_device_capability(index))
+
+
+_CAPABILITIES: dict[int | None, tuple[int, int]] = {}
+
+
+@device_function
+def pdl_wait(PDL: tl.constexpr):
+    """With PDL: wait for the kernel before to finish (its writes visible), then let the kernel after launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()

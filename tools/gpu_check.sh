@@ -70,6 +70,10 @@
 #                                second matmul on 64-row tiles beside the first's 128 (W2, built after part 22) against
 #                                the defaults at 2048-4096 tokens, then the model at the 20b layer shapes and the
 #                                engine's GPU tests
+#   bash tools/gpu_check.sh 24   programmatic dependent launch (triton_utils.PDL): its GPU tests (each chain in a CUDA
+#                                graph against serialized launches), the bench's MoE rows at 1-64 tokens and decode
+#                                attention rows with it and without (GPTOSS_PDL=0), part 23's W2 sweep, the 20b
+#                                engine both ways
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -101,6 +105,10 @@ engine_bench() {  # $1 output file: engine_run with decode profiled at 1, 4 and 
 }
 engine_table() {  # $1 output file, $2 time limit: engine_run's summary table only
     engine_run "$2" | grep -E "^ours|^run " > "$1"; cat "$1"
+}
+w2_sweep() {  # $1 time limit (s): the second matmul on 64-row tiles (W2) against the default 128, 2048-4096 tokens
+    timeout "$1" python3 tools/moe_mma_sweep.py --cases 128x4096,32x4096,32x2048 --no-gemv \
+        --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:4:1:1 2>&1 | grep -v Warning | tee "$OUT/w2_tile_sweep.txt"
 }
 if [ "$PART" = 1 ]; then
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
@@ -269,10 +277,20 @@ elif [ "$PART" = 22 ]; then
     tail -4 "$OUT/tests_full.txt"
 elif [ "$PART" = 23 ]; then
     moe_gpu_tests "" 300
-    timeout 90 python3 tools/moe_mma_sweep.py --cases 128x4096,32x4096,32x2048 --no-gemv \
-        --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:4:1:1 2>&1 | grep -v Warning | tee "$OUT/w2_tile_sweep.txt"
+    w2_sweep 90
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
         tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -8 "$OUT/tests_model_engine.txt"
+elif [ "$PART" = 24 ]; then
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -rfE \
+        > "$OUT/tests_pdl.txt" 2>&1; tail -12 "$OUT/tests_pdl.txt"
+    for pdl in 1 0; do
+        GPTOSS_PDL=$pdl timeout 110 python3 -m gptoss_serve.kernels.bench --sections moe,decode --tokens 1,8,64 \
+            --json "$OUT/bench_pdl$pdl.json" 2>&1 | grep -v Warning | tail -17 | tee "$OUT/bench_pdl$pdl.txt"
+    done
+    w2_sweep 75
+    for pdl in 1 0; do
+        (export GPTOSS_PDL=$pdl; engine_table "$OUT/engine_pdl$pdl.txt" 100)
+    done
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

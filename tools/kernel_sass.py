@@ -156,7 +156,8 @@ def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **ove
     const = dict(SWIGLU=swiglu, HAS_BIAS=True, GATHER_TOKENS=swiglu, TILE_N=64, NUM_KB=kblocks,
                  WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t,
                  M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages, PIPELINED=True, KB_PER_STEP=3,
-                 EVEN_N=n % (16 * num_warps * m_reps) == 0, SCALE_AFTER=False, VECTOR_STORE=True)
+                 EVEN_N=n % (16 * num_warps * m_reps) == 0, SCALE_AFTER=False, VECTOR_STORE=True, PDL=False,
+                 EARLY_WEIGHTS=False)
     const.update(overrides)
     if const["PIPELINED"]:  # whole rings, copies ahead by all slots but the step's own, as moe_wgmma computes them
         const["STAGES"] -= const["STAGES"] % const["KB_PER_STEP"]
@@ -193,7 +194,7 @@ def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=F
                 stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_s_k=1, stride_ws_split=4 * n)
     const = dict(BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks, TILE_N=64, EVEN_ROWS=True,
                  KB=15, KB_P2=16, STAGE_ONCE=stage_once, PREFETCH=prefetch, BLOCK_T=block_t, M_TILES=m_tiles,
-                 NUM_WARPS=num_warps)
+                 NUM_WARPS=num_warps, PDL=False)
     const.update(overrides)
     return compile_offline(_moe_mma_kernel, args, const, num_warps=num_warps)
 
@@ -257,6 +258,9 @@ if __name__ == "__main__":
             report(f"wgmma 20b w2, 128 pairs x 128 rows, 16-byte stores {vector}",
                    wgmma_20b_w1(128, 2, swiglu=False, stages=9, VECTOR_STORE=vector), 96)
         report("wgmma 20b w1, 16 x 128, one K block a step", wgmma_20b_w1(16, 2, KB_PER_STEP=1), 32)
+        for early in (False, True):  # programmatic dependent launch: the wait at the start, or after the weights
+            report(f"wgmma 20b w1 + SwiGLU, 8 x 64, PDL, weights before the wait {early}",
+                   wgmma_20b_w1(8, 1, stages=12, SCALE_AFTER=True, PDL=True, EARLY_WEIGHTS=early), 48)
         for warps in (4, 8):  # row blocks of 256 pairs: 64 rows on one warpgroup, 128 on two
             report(f"wgmma 20b w1 + SwiGLU, 256 pairs x {16 * warps} rows", wgmma_20b_w1(256, 1, warps, stages=6), 48)
             for vector in (False, True):

@@ -1,0 +1,149 @@
+"""Programmatic dependent launch (kernels/triton_utils.PDL): the decode chains' kernels start while the kernel
+before them still runs and wait for it inside. Their results must be those of serialized launches, bitwise. A
+kernel that read what the kernel before it writes ahead of its wait would show here: each CUDA graph below first
+copies fresh inputs (routing, activations, queries) into the buffers its kernels read, and the replays alternate
+between two sets of inputs, so a stale read gives the other set's answer.
+
+GPU only (griddepcontrol needs Hopper or later); without PDL (CPU, the interpreter) the kernels take PDL=False.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, as the other kernel tests set it
+
+from gptoss_serve.kernels import triton_utils  # noqa: E402
+from gptoss_serve.kernels.attention_decode import paged_attention_decode  # noqa: E402
+from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles, tile_rows  # noqa: E402
+
+needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                                  reason="needs a Hopper (or later) GPU")
+
+REPLAYS = 8
+
+
+def replay_alternating(run, inputs: list[tuple[torch.Tensor, ...]], buffers: tuple[torch.Tensor, ...]) -> list:
+    """run() captured in a CUDA graph after copies of an input set into `buffers` (inside the graph, so the first
+    kernel of run() follows a write of what it reads); replayed REPLAYS times, the sets taken in turn; the
+    outputs of each replay."""
+    sources = tuple(torch.empty_like(b) for b in buffers)
+
+    def step():
+        for buffer, source in zip(buffers, sources):
+            buffer.copy_(source)
+        return run()
+
+    for buffer, value in zip(sources, inputs[0]):
+        buffer.copy_(value)
+    step()  # compiles, and reads what is read once before capture (the wgmma path's scale range)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    outs = []
+    for i in range(REPLAYS):
+        for buffer, value in zip(sources, inputs[i % len(inputs)]):
+            buffer.copy_(value)
+        graph.replay()
+        outs.append(out.clone())
+    torch.cuda.synchronize()
+    return outs
+
+
+def serialized(monkeypatch, run, inputs, buffers) -> list:
+    """run() eagerly with PDL off, once for each input set."""
+    monkeypatch.setattr(triton_utils, "PDL", False)
+    outs = []
+    for values in inputs:
+        for buffer, value in zip(buffers, values):
+            buffer.copy_(value)
+        outs.append(run().clone())
+    monkeypatch.setattr(triton_utils, "PDL", True)
+    return outs
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("num_experts,num_tokens", [(32, 1), (32, 4), (32, 8), (32, 64), (128, 8), (128, 64),
+                                                    (128, 512), (32, 2048)])
+def test_moe_layer_with_pdl_equals_serialized_launches(monkeypatch, num_experts, num_tokens):
+    # Every decode path (tensor-core decode kernel, wgmma 8- and 16-pair blocks) and a prefill one (tail blocks).
+    gen = torch.Generator(device="cuda").manual_seed(num_experts * 10 + num_tokens)
+    hidden = intermediate = 2880
+
+    def mxfp4(rows, cols):
+        blocks = torch.randint(0, 256, (num_experts, rows, cols // 32, 16), dtype=torch.uint8, generator=gen,
+                               device="cuda")
+        scales = torch.randint(116, 124, (num_experts, rows, cols // 32), dtype=torch.uint8, generator=gen,
+                               device="cuda")
+        return tile_rows(split_nibbles(blocks), 64), scales
+
+    w1, s1 = mxfp4(2 * intermediate, hidden)
+    w2, s2 = mxfp4(hidden, intermediate)
+    b1 = torch.randn(num_experts, 2 * intermediate, generator=gen, device="cuda").to(torch.bfloat16)
+    b2 = torch.randn(num_experts, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+
+    def routing():
+        ids = torch.rand(num_tokens, num_experts, generator=gen, device="cuda").argsort(dim=1)[:, :4].int()
+        weights = torch.rand(num_tokens, 4, generator=gen, device="cuda").softmax(dim=1)
+        x = torch.randn(num_tokens, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+        return x, weights, ids
+
+    inputs = [routing(), routing()]
+    buffers = tuple(torch.empty_like(t) for t in inputs[0])
+
+    def run():
+        x, weights, ids = buffers
+        return moe_experts(x, weights, ids, w1, s1, b1, w2, s2, b2, 1.702, 7.0, 0, split_nibbles=True,
+                           fold_scales=True, tile_n=64)
+
+    expected = serialized(monkeypatch, run, inputs, buffers)
+    assert not torch.equal(expected[0], expected[1])
+    for i, out in enumerate(replay_alternating(run, inputs, buffers)):
+        assert torch.equal(out, expected[i % 2]), f"replay {i} differs from the serialized launches"
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("num_seqs,context", [(1, 32768), (32, 1024), (4, 5000)])
+def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_seqs, context):
+    gen = torch.Generator(device="cuda").manual_seed(num_seqs + context)
+    block_size, kv_heads, q_heads, head_dim = 16, 8, 64, 64
+    blocks_per_seq = -(-context // block_size)
+    k_cache = torch.randn(num_seqs * blocks_per_seq, block_size, kv_heads, head_dim, generator=gen,
+                          device="cuda").to(torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_seqs * blocks_per_seq, generator=gen, device="cuda").int().view(num_seqs, -1)
+    sinks = torch.randn(q_heads, generator=gen, device="cuda")
+
+    def queries():
+        q = torch.randn(num_seqs, q_heads, head_dim, generator=gen, device="cuda").to(torch.bfloat16)
+        lens = torch.randint(context // 2, context + 1, (num_seqs,), generator=gen, device="cuda").int()
+        return q, lens
+
+    inputs = [queries(), queries()]
+    buffers = tuple(torch.empty_like(t) for t in inputs[0])
+
+    def run():
+        q, lens = buffers
+        return paged_attention_decode(q, k_cache, v_cache, tables, lens, sinks, head_dim ** -0.5)
+
+    expected = serialized(monkeypatch, run, inputs, buffers)
+    for i, out in enumerate(replay_alternating(run, inputs, buffers)):
+        assert torch.equal(out, expected[i % 2]), f"replay {i} differs from the serialized launches"
+
+
+def test_pdl_launch_arguments_follow_the_switch_and_the_device(monkeypatch):
+    monkeypatch.setattr(triton_utils, "PDL", True)
+    assert triton_utils.pdl_args(torch.device("cpu")) == dict(PDL=False)
+    if torch.cuda.is_available() and not triton_utils.interpreting():
+        hopper = torch.cuda.get_device_capability()[0] >= 9
+        assert triton_utils.pdl_args(torch.device("cuda")) == (dict(PDL=True, launch_pdl=True) if hopper
+                                                               else dict(PDL=False))
+    monkeypatch.setattr(triton_utils, "PDL", False)
+    assert triton_utils.pdl_args(torch.device("cpu")) == dict(PDL=False)
+    if torch.cuda.is_available():
+        assert triton_utils.pdl_args(torch.device("cuda")) == dict(PDL=False)
