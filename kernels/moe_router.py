@@ -30,7 +30,7 @@ import triton.language as tl
 
 from gptoss_serve.kernels.moe_routing import route
 from gptoss_serve.kernels.rmsnorm import rmsnorm
-from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2
+from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2, pdl_args, pdl_wait
 
 # Steps of up to FUSED_MAX_TOKENS tokens, and of up to FUSED_MAX_LOGITS logits (tokens x experts), take the
 # logits kernel (GPTOSS_FUSED_ROUTER_MAX_TOKENS sets the first for a process; 0 turns the kernel off). Every
@@ -48,10 +48,11 @@ def _norm_logits_kernel(
     h_ptr, residual_ptr, norm_scale_ptr, gate_w_ptr, gate_b_ptr, normed_ptr, residual_out_ptr, logits_ptr,
     num_experts, stride_h, stride_residual, stride_normed, stride_residual_out, stride_gate, stride_logits, eps,
     HIDDEN: tl.constexpr, BLOCK_HIDDEN: tl.constexpr, EXPERTS_PER_PROGRAM: tl.constexpr,
-    EMULATE_BF16: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (token row, expert group). All arithmetic is float32 (loads upcast), so the interpreter's bf16
     bugs never apply; roundings to bf16 go through cast_rne."""
+    pdl_wait(PDL)  # the rows come from the kernel before
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     cols = tl.arange(0, BLOCK_HIDDEN)
@@ -113,7 +114,7 @@ def norm_and_route(
                num_experts, h.stride(0), residual.stride(0), normed.stride(0), residual_out.stride(0),
                gate_weight.stride(0), logits.stride(0), eps,
                HIDDEN=hidden, BLOCK_HIDDEN=block_hidden, EXPERTS_PER_PROGRAM=experts_per_program,
-               EMULATE_BF16=emulate_bf16(),
+               EMULATE_BF16=emulate_bf16(), **pdl_args(h.device),
                num_warps=4 if block_hidden <= 2048 else 8)  # rmsnorm's, so that the mean square sums alike
     expert_weights, expert_ids = route(logits, top_k, expert_counts, counted)
     return normed, residual_out, expert_weights, expert_ids

@@ -43,8 +43,9 @@ def topk_softmax(logits, experts, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BL
 def _topk_softmax_kernel(
     logits_ptr, weights_ptr, ids_ptr, counts_ptr, counted_ptr, num_tokens, num_experts, stride_logits,
     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_EXPERTS: tl.constexpr,
-    COUNT: tl.constexpr,
+    COUNT: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # the logits come from the kernel before
     tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
     experts = tl.arange(0, BLOCK_EXPERTS)
     in_tokens = tokens < num_tokens
@@ -85,7 +86,7 @@ def route(
            router_logits, weights, expert_ids, expert_counts if count else expert_ids,
            counted if count else expert_ids, num_tokens, num_experts, router_logits.stride(0),
            TOP_K=top_k, BLOCK_K=next_pow2(top_k), BLOCK_TOKENS=block_tokens, BLOCK_EXPERTS=block_experts,
-           COUNT=count, num_warps=4)
+           COUNT=count, num_warps=4, **pdl_args(router_logits.device))
     return weights, expert_ids
 
 

@@ -10,15 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2
+from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2, pdl_args, pdl_wait
 
 
 @triton.jit
 def _rmsnorm_kernel(
     x_ptr, residual_ptr, scale_ptr, normed_ptr, residual_out_ptr,
     hidden, stride_x, stride_residual, stride_normed, stride_residual_out, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # the rows come from the kernel before
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < hidden
@@ -55,5 +56,6 @@ def rmsnorm(
     launch(_rmsnorm_kernel, (num_tokens,),
            x, residual_arg, scale, normed, residual_out,
            hidden, x.stride(0), residual_arg.stride(0), normed.stride(0), residual_out.stride(0), eps,
-           HAS_RESIDUAL=residual is not None, BLOCK=block, EMULATE_BF16=emulate_bf16(), num_warps=4 if block <= 2048 else 8)
+           HAS_RESIDUAL=residual is not None, BLOCK=block, EMULATE_BF16=emulate_bf16(),
+           num_warps=4 if block <= 2048 else 8, **pdl_args(x.device))
     return normed, residual_out

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2
+from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2, pdl_args, pdl_wait
 
 
 @triton.jit
@@ -20,8 +20,9 @@ def _rope_cache_kernel(
     concentration, num_q_heads, num_kv_heads, half,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_cache_block, stride_cache_slot, stride_cache_head, block_size,
-    BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # q, k and v come from the kernel before
     token = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
     dims = tl.arange(0, BLOCK_HALF)[None, :]
@@ -95,5 +96,6 @@ def rope_and_cache_write(
            float(concentration), num_q_heads, num_kv_heads, half,
            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1],
-           BLOCK_HEADS=next_pow2(num_q_heads), BLOCK_HALF=next_pow2(half), EMULATE_BF16=emulate_bf16(), num_warps=4)
+           BLOCK_HEADS=next_pow2(num_q_heads), BLOCK_HALF=next_pow2(half), EMULATE_BF16=emulate_bf16(), num_warps=4,
+           **pdl_args(q.device))
     return q_out, k_out

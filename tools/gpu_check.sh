@@ -72,8 +72,8 @@
 #                                engine's GPU tests
 #   bash tools/gpu_check.sh 24   programmatic dependent launch (triton_utils.PDL): its GPU tests (each chain in a CUDA
 #                                graph against serialized launches), the bench's MoE rows at 1-64 tokens and decode
-#                                attention rows with it and without (GPTOSS_PDL=0), part 23's W2 sweep, the 20b
-#                                engine both ways
+#                                attention rows with it and without (GPTOSS_PDL=0), the 20b engine both ways, the
+#                                model at the 20b layer shapes (triton against torch)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -281,16 +281,17 @@ elif [ "$PART" = 23 ]; then
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
         tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -8 "$OUT/tests_model_engine.txt"
 elif [ "$PART" = 24 ]; then
-    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -rfE \
+    timeout 140 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -rfE \
         > "$OUT/tests_pdl.txt" 2>&1; tail -12 "$OUT/tests_pdl.txt"
     for pdl in 1 0; do
-        GPTOSS_PDL=$pdl timeout 110 python3 -m gptoss_serve.kernels.bench --sections moe,decode --tokens 1,8,64 \
+        GPTOSS_PDL=$pdl timeout 85 python3 -m gptoss_serve.kernels.bench --sections moe,decode --tokens 1,8,64 \
             --json "$OUT/bench_pdl$pdl.json" 2>&1 | grep -v Warning | tail -17 | tee "$OUT/bench_pdl$pdl.txt"
     done
-    w2_sweep 75
     for pdl in 1 0; do
-        (export GPTOSS_PDL=$pdl; engine_table "$OUT/engine_pdl$pdl.txt" 100)
+        (export GPTOSS_PDL=$pdl; engine_table "$OUT/engine_pdl$pdl.txt" 95)
     done
+    timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py -rfE \
+        > "$OUT/tests_model.txt" 2>&1; tail -6 "$OUT/tests_model.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
