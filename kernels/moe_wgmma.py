@@ -454,9 +454,9 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     f16 slots too, the second's rows combined by moe_matmul's combine kernel. With config["TAIL"] (tile keys,
     BLOCK_T among them) and config["TAIL_PAIRS"], an expert's last TAIL_PAIRS pairs or fewer past its whole row
     blocks go to row blocks of TAIL["BLOCK_T"], each matmul a second launch with those tiles (see
-    moe_routing.group_by_expert). config["W2"] (tile keys but BLOCK_T, e.g. {"M_REPS": 1}): the second matmul's
-    main row blocks with those instead (an experiment, off by default: w2's 2880 rows are 22.5 tiles of 128, 45
-    of 64; not yet timed)."""
+    moe_routing.group_by_expert). The second matmul takes the first's tiles: on 64-row tiles of its own (w2's 2880
+    rows are 22.5 tiles of 128, 45 of 64) it lost (H100, 2026-12-06, tools/moe_mma_sweep.py, 128-pair blocks, µs:
+    120b 4096 tokens 2227 -> 2343, 20b 4096 1872 -> 2045, 20b 2048 1057 -> 1100)."""
     config = dict(DEFAULT_WGMMA_CONFIG, **(config or {}))
     if not split_nibbles or swizzled:
         raise ValueError("the wgmma MoE kernel reads the split-nibble layout, unswizzled")
@@ -479,8 +479,6 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
                   swiglu=(swiglu_alpha, swiglu_limit), tile_n=tile_n, tables_settled=True)
     y = torch.empty((num_pairs, hidden), dtype=torch.bfloat16, device=x.device)  # by (token, slot), unweighted
     for table, table_config in tables:
-        if table is groups and config.get("W2"):  # the second matmul's own tile keys for its main row blocks
-            table_config = dict(table_config, **config["W2"])
         moe_wgmma(act, w2_blocks, w2_scales, b2, table, top_k, y, table_config, tile_n=tile_n, tables_settled=True)
     combine(y, expert_ids, expert_weights, out, first_expert, w1_blocks.shape[0])
     return out

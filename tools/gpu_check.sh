@@ -68,12 +68,15 @@
 #                                engine on the tree in .basetree (b6f2dea, the session's start)
 #   bash tools/gpu_check.sh 23   the MoE GPU tests in full (part 22's 150-second step stopped at 60 of them), the
 #                                second matmul on 64-row tiles beside the first's 128 (W2, built after part 22) against
-#                                the defaults at 2048-4096 tokens, then the model at the 20b layer shapes and the
-#                                engine's GPU tests
+#                                the defaults at 2048-4096 tokens (W2 lost and was removed: the sweep ignores a tenth
+#                                field now), then the model at the 20b layer shapes and the engine's GPU tests
 #   bash tools/gpu_check.sh 24   programmatic dependent launch (triton_utils.PDL): its GPU tests (each chain in a CUDA
 #                                graph against serialized launches), the bench's MoE rows at 1-64 tokens and decode
 #                                attention rows with it and without (GPTOSS_PDL=0), the 20b engine both ways, the
 #                                model at the 20b layer shapes (triton against torch)
+#   bash tools/gpu_check.sh 25   the tensor-core decode kernel's second matmul loading its weights before its PDL wait
+#                                (EARLY_WEIGHTS): the PDL tests, the bench's MoE rows at 1-8 tokens and the 20b engine
+#                                with it and without (GPTOSS_MMA_EARLY_WEIGHTS=0), the model test
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -105,10 +108,6 @@ engine_bench() {  # $1 output file: engine_run with decode profiled at 1, 4 and 
 }
 engine_table() {  # $1 output file, $2 time limit: engine_run's summary table only
     engine_run "$2" | grep -E "^ours|^run " > "$1"; cat "$1"
-}
-w2_sweep() {  # $1 time limit (s): the second matmul on 64-row tiles (W2) against the default 128, 2048-4096 tokens
-    timeout "$1" python3 tools/moe_mma_sweep.py --cases 128x4096,32x4096,32x2048 --no-gemv \
-        --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:4:1:1 2>&1 | grep -v Warning | tee "$OUT/w2_tile_sweep.txt"
 }
 if [ "$PART" = 1 ]; then
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
@@ -277,7 +276,8 @@ elif [ "$PART" = 22 ]; then
     tail -4 "$OUT/tests_full.txt"
 elif [ "$PART" = 23 ]; then
     moe_gpu_tests "" 300
-    w2_sweep 90
+    timeout 90 python3 tools/moe_mma_sweep.py --cases 128x4096,32x4096,32x2048 --no-gemv \
+        --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:4:1:1 2>&1 | grep -v Warning | tee "$OUT/w2_tile_sweep.txt"
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
         tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -8 "$OUT/tests_model_engine.txt"
 elif [ "$PART" = 24 ]; then
@@ -292,6 +292,19 @@ elif [ "$PART" = 24 ]; then
     done
     timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py -rfE \
         > "$OUT/tests_model.txt" 2>&1; tail -6 "$OUT/tests_model.txt"
+elif [ "$PART" = 25 ]; then
+    timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -rfE \
+        > "$OUT/tests_pdl.txt" 2>&1; tail -8 "$OUT/tests_pdl.txt"
+    for early in 1 0; do
+        GPTOSS_MMA_EARLY_WEIGHTS=$early timeout 70 python3 -m gptoss_serve.kernels.bench --sections moe \
+            --tokens 1,2,4,8 --json "$OUT/bench_early$early.json" 2>&1 | grep -v Warning | tail -10 \
+            | tee "$OUT/bench_early$early.txt"
+    done
+    for early in 1 0; do
+        (export GPTOSS_MMA_EARLY_WEIGHTS=$early; engine_table "$OUT/engine_early$early.txt" 90)
+    done
+    timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py -rfE \
+        > "$OUT/tests_model.txt" 2>&1; tail -4 "$OUT/tests_model.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

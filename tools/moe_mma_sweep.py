@@ -24,12 +24,12 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--cases", default="32x1,128x1,32x2,128x2,32x4,128x4,32x8,128x8,32x16,32x32,32x64,128x64")
 parser.add_argument("--configs", default="default", help="default: a few variants; all: the tile sweep")
 parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of the built-in grid: BLOCK_T:M_REPS:"
-                    "STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG[:SCALE_AFTER[:WARPS[:VECTOR_STORE[:W2_M_REPS]]]]]] "
+                    "STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG[:SCALE_AFTER[:WARPS[:VECTOR_STORE]]]]] "
                     "(TAIL_PAIRS: each expert's last pairs, up to that many, in 16-pair tail blocks, 0 for none; "
                     "MAXNREG: a register cap, 0 for none; SCALE_AFTER: 1 scales each K block's product after its "
                     "wgmma, 0 before; WARPS: 4 (one warpgroup, the default) or 8 (two); VECTOR_STORE: 1 (the "
-                    "default) stores the second matmul's rows 16 bytes at a time, 0 2 bytes; W2_M_REPS: the second "
-                    "matmul's own 64-row repetitions, 0 for the same), comma-separated; with it, steps of more "
+                    "default) stores the second matmul's rows 16 bytes at a time, 0 2 bytes), comma-separated; "
+                    "with it, steps of more "
                     "than 8 tokens also time the grouped kernel (its heuristic tiles) and skip the tensor-core "
                     "decode kernel")
 parser.add_argument("--no-gemv", action="store_true", help="skip the matrix-vector kernels' variants")
@@ -81,10 +81,10 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
     stages, warps (4: one warpgroup, 8: two), K blocks a step (at most; 3 of 20b's 90)."""
     if num_tokens < (2 if args.wgmma else 8):  # one token: no grouping, the pairs are the row blocks
         return []
-    if args.wgmma:  # BLOCK_T:M_REPS:STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG[:SCALE_AFTER[:WARPS[:VECTOR_STORE[:W2]]]]]]
+    if args.wgmma:  # BLOCK_T:M_REPS:STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG[:SCALE_AFTER[:WARPS[:VECTOR_STORE]]]]]
         grid = [(spec[0], spec[1], spec[2], spec[7] if len(spec) > 7 else 4, spec[3], spec[4] if len(spec) > 4 else 0,
                  spec[5] if len(spec) > 5 and spec[5] else None, len(spec) > 6 and spec[6] == 1,
-                 len(spec) <= 8 or spec[8] == 1, spec[9] if len(spec) > 9 else 0)
+                 len(spec) <= 8 or spec[8] == 1)
                 for spec in (tuple(int(v) for v in tile.split(":")) for tile in args.wgmma.split(","))]
     elif num_tokens <= 64:
         grid = [(16, 1, 8, 4, 1, 0, None), (16, 2, 8, 4, 1, 0, None), (16, 2, 8, 4, 2, 0, None),
@@ -95,19 +95,16 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
                 (64, 2, 9, 4, 3, 16, None), (128, 1, 8, 4, 1, 0, None), (128, 2, 8, 4, 2, 0, None),
                 (128, 2, 9, 4, 3, 0, None), (128, 2, 9, 4, 3, 16, None), (128, 1, 9, 8, 3, 0, None)]
     if not args.wgmma:
-        grid = [tile + (False, True, 0) for tile in grid]  # scaled before the wgmma, 16-byte stores, w2 alike
+        grid = [tile + (False, True) for tile in grid]  # scaled before the wgmma, 16-byte stores
     grouped = [("grouped, heuristic tiles", _tile_config(num_tokens, num_tokens * 4, num_experts))] \
         if args.wgmma and num_tokens > 8 else []
     return grouped + [(f"wgmma T={block_t} rows={16 * warps * m_reps} stages={stages} w={warps} kb/step<={per_step}"
                        + (f" tail<={tail}" if tail else "") + (f" regs<={maxnreg}" if maxnreg else "")
-                       + (" scaled after" if scale_after else "") + ("" if vector else " 2-byte stores")
-                       + (f" w2 rows={16 * warps * w2_reps}" if w2_reps else ""),
+                       + (" scaled after" if scale_after else "") + ("" if vector else " 2-byte stores"),
                        dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, num_warps=warps,
                             KB_PER_STEP=per_step, maxnreg=maxnreg, SCALE_AFTER=scale_after, VECTOR_STORE=vector,
-                            **(dict(W2=dict(M_REPS=w2_reps)) if w2_reps else {}),
                             **(dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=tail) if tail else {})))
-                      for block_t, m_reps, stages, warps, per_step, tail, maxnreg, scale_after, vector, w2_reps
-                      in grid]
+                      for block_t, m_reps, stages, warps, per_step, tail, maxnreg, scale_after, vector in grid]
 
 
 seen_models = set()
