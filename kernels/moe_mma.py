@@ -25,8 +25,6 @@ GPUs (tests/test_kernels_moe.py, marker gpu) against the torch twin and the othe
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -60,13 +58,10 @@ _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # gl.thread_barrie
 # program): the tile's weight loads issued before the staging, so their latency and the staging's overlap.
 # H200, 2026-12-04, same sweep: STAGE_ONCE won at every size from 1 to 8 tokens (20b 1 token 41.4 -> 35.9 us,
 # 2 tokens 64.6 -> 57.7, 4 tokens 107.6 -> 100.2, 8 tokens 167.5 -> 160.1; 120b 8 tokens 205.1 -> 185.2), so on;
-# PREFETCH never won, so off.
-# EARLY_WEIGHTS: with programmatic dependent launch (triton_utils.PDL), one row tile a program, and the routing or
-# block tables written at least two launches before (the second matmul), the tile's weight loads go out (as with
-# PREFETCH) before the program waits for the kernel before it (the SwiGLU epilogue). GPTOSS_MMA_EARLY_WEIGHTS=0
-# turns it off.
-DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=True, PREFETCH=False,
-                          EARLY_WEIGHTS=os.environ.get("GPTOSS_MMA_EARLY_WEIGHTS", "1") != "0")
+# PREFETCH never won, so off. Nor did it with programmatic dependent launch, the second matmul's weight loads put
+# before the PDL wait (its routing two launches old): H100, 2026-12-06 (tools/gpu_check.sh 25, bench MoE rows, us,
+# before the wait / after) 20b 1 token 37.6 / 36.4, 2 tokens 59.0 / 58.4, 120b 1 token 37.2 / 36.5: removed.
+DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=True, PREFETCH=False)
 
 
 def byte_layout(num_warps: int, m_tiles: int) -> gl.DistributedLinearLayout:
@@ -89,13 +84,11 @@ def _moe_mma_kernel(
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_s_k, stride_ws_split,
     BYTE_LAYOUT: gl.constexpr, PAIR_BLOCKS: gl.constexpr, TILE_N: gl.constexpr, EVEN_ROWS: gl.constexpr,
     KB: gl.constexpr, KB_P2: gl.constexpr, STAGE_ONCE: gl.constexpr, PREFETCH: gl.constexpr, BLOCK_T: gl.constexpr,
-    M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr, PDL: gl.constexpr, EARLY_WEIGHTS: gl.constexpr,
+    M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr, PDL: gl.constexpr,
 ):
     """Program (row block, row chunk, K range): ws[split, pairs of the block, rows of the chunk] =
-    W_e[rows, K range] @ A[the block's rows, K range]^T, KB blocks a range (KB divides the K blocks). With PDL the
-    program waits for the kernel before at its start, or with EARLY_WEIGHTS once its weight loads are out."""
-    if not EARLY_WEIGHTS:
-        pdl_wait(PDL)  # the routing, the block tables or the activations come from the kernel before
+    W_e[rows, K range] @ A[the block's rows, K range]^T, KB blocks a range (KB divides the K blocks)."""
+    pdl_wait(PDL)  # the routing, the block tables or the activations come from the kernel before
     ROWS: gl.constexpr = 16 * M_TILES * NUM_WARPS  # weight rows an iteration
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
@@ -114,8 +107,6 @@ def _moe_mma_kernel(
     if PAIR_BLOCKS:  # pairs one by one: row block b is pair b, its expert straight from the routing
         expert = gl.load(block_expert_ptr + block) - first_expert
         if (expert < 0) | (expert >= num_local_experts):  # routed to another rank's expert
-            if EARLY_WEIGHTS:
-                pdl_wait(PDL)  # every program waits before it ends (triton_utils.PDL)
             return
         count = 1
         pairs_s = block + t_s * 0
@@ -123,8 +114,6 @@ def _moe_mma_kernel(
     else:
         expert = gl.load(block_expert_ptr + block)
         if expert < 0:  # beyond the last row block: the grid is the static worst case
-            if EARLY_WEIGHTS:
-                pdl_wait(PDL)
             return
         row_start = gl.load(block_row_start_ptr + block)
         count = gl.load(block_row_end_ptr + block) - row_start
@@ -136,7 +125,7 @@ def _moe_mma_kernel(
     row_begin = chunk * rows_per_program
     row_end = gl.minimum(row_begin + rows_per_program, N)
 
-    if PREFETCH or EARLY_WEIGHTS:  # one row tile a program: its weight loads go out before the staging
+    if PREFETCH:  # one row tile a program: its weight loads go out before the activations are staged
         w_rows, s_rows, in_b, in_o = _tile_pointers(w_expert, s_expert, row_begin, row_end, stride_w_row,
                                                     stride_s_row, BYTE_LAYOUT, mma, ROWS, TILE_N)
         words = ()
@@ -145,8 +134,6 @@ def _moe_mma_kernel(
             w_bytes, s = _block_loads(w_rows, s_rows, in_b, in_o, kb, stride_s_k, TILE_N, EVEN_ROWS)
             words = words + (w_bytes,)
             scale_bytes = scale_bytes + (s,)
-    if EARLY_WEIGHTS:
-        pdl_wait(PDL)  # the activations come from the kernel before
 
     # The K range of the block's activations as f16 in shared memory, staged once.
     a_range = a_ptr + (pairs_s // a_row_div).to(gl.int64)[:, None] * stride_a + blk_begin * 32  # [BLOCK_T, 1]
@@ -166,12 +153,12 @@ def _moe_mma_kernel(
     r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
     ws_cols = ws_ptr + split * stride_ws_split + pairs_o.to(gl.int64)[None, :] * N  # [1, BLOCK_T]
     for r0 in range(row_begin, row_end, ROWS):
-        if not (PREFETCH or EARLY_WEIGHTS):
+        if not PREFETCH:
             w_rows, s_rows, in_b, in_o = _tile_pointers(w_expert, s_expert, r0, row_end, stride_w_row,
                                                         stride_s_row, BYTE_LAYOUT, mma, ROWS, TILE_N)
         acc = gl.zeros([ROWS, BLOCK_T], gl.float32, mma)
         for kb in gl.static_range(KB):
-            if PREFETCH or EARLY_WEIGHTS:
+            if PREFETCH:
                 w_bytes = words[kb]
                 s = scale_bytes[kb]
             else:
@@ -230,7 +217,6 @@ def moe_mma_splitk(
     tile_n: int = 1,
     groups: ExpertGroups | None = None,  # row blocks of pairs by expert (BLOCK_T pairs at most)
     pair_blocks: tuple[torch.Tensor, int] | None = None,  # (expert ids [num_pairs], first_expert): pairs one by one
-    tables_settled: bool = False,  # routing / groups written at least two launches before (see triton_utils.PDL)
 ) -> torch.Tensor:  # [splits, num_pairs, N] float32 partial sums by pair index (rows of other ranks' pairs unset)
     config = dict(DEFAULT_MMA_CONFIG, **config)
     num_local_experts, n_rows, num_k_blocks = check_decode_operands(a, blocks, tile_n)
@@ -242,8 +228,6 @@ def moe_mma_splitk(
         raise ValueError(f"PREFETCH loads a program's one row tile early: ROWS_PER_PROGRAM must be {rows}")
     if not a.is_cuda:
         raise ValueError("the tensor-core decode kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")
-    pdl = pdl_args(a.device)
-    early = pdl["PDL"] and tables_settled and bool(config["EARLY_WEIGHTS"]) and rows_per_program == rows
     splits = num_k_blocks // kb
     ws = torch.empty((splits, max(num_pairs, 1), n_rows), dtype=torch.float32, device=a.device)
     if pair_blocks is not None:
@@ -262,5 +246,5 @@ def moe_mma_splitk(
         BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks is not None, TILE_N=tile_n,
         EVEN_ROWS=n_rows % rows_per_program == 0, KB=kb, KB_P2=triton.next_power_of_2(kb),
         STAGE_ONCE=config["STAGE_ONCE"], PREFETCH=config["PREFETCH"], BLOCK_T=block_t, M_TILES=m_tiles,
-        NUM_WARPS=num_warps, num_warps=num_warps, EARLY_WEIGHTS=early, **pdl)
+        NUM_WARPS=num_warps, num_warps=num_warps, **pdl_args(a.device))
     return ws

@@ -76,7 +76,7 @@
 #                                model at the 20b layer shapes (triton against torch)
 #   bash tools/gpu_check.sh 25   the tensor-core decode kernel's second matmul loading its weights before its PDL wait
 #                                (EARLY_WEIGHTS): the PDL tests, the bench's MoE rows at 1-8 tokens with it and
-#                                without (GPTOSS_MMA_EARLY_WEIGHTS=0)
+#                                without (GPTOSS_MMA_EARLY_WEIGHTS=0); it lost and was removed (the variable is ignored)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
