@@ -282,10 +282,12 @@ def _launch_sequence(prof, layers: int) -> list[tuple[str, float]]:
 def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[int]) -> list[dict]:
     """Where one MoE layer's time goes: the whole layer as the model runs it (norm and routing, grouping,
     both expert matmuls, epilogue and combine kernels) captured in a CUDA graph over 4 layers' weights, then
-    the torch profiler's GPU time per kernel over replays. Beside it, the read floor: a kernel that only reads
-    the active experts' bytes, over as many programs as the two matmuls run together."""
+    the torch profiler's GPU time per kernel over replays of that graph captured without programmatic dependent
+    launch (with it a kernel's time would include its wait for the kernel before). Beside it, the read floor: a
+    kernel that only reads the active experts' bytes, over as many programs as the two matmuls run together."""
     from torch.profiler import ProfilerActivity, profile
 
+    from gptoss_serve.kernels import triton_utils
     from gptoss_serve.kernels.moe_matmul import moe_experts
     from gptoss_serve.kernels.moe_router import norm_and_route
 
@@ -318,11 +320,18 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
 
             ids = norm_and_route(attn_out, residual, norm_scale, 1e-5, layers[0][0].weight, layers[0][0].bias, k)[3]
             num_active = torch.unique(ids).numel()
-            ms = _bench(lambda: [layer(g, w) for g, w in layers]) / NUM_COPIES
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for gl, w in layers:
+            ms = _bench(lambda: [layer(g, w) for g, w in layers]) / NUM_COPIES  # as served (PDL where it applies)
+            pdl, triton_utils.PDL = triton_utils.PDL, False
+            try:
+                for gl, w in layers:  # compiles the kernels without PDL before the capture
                     layer(gl, w)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for gl, w in layers:
+                        layer(gl, w)
+            finally:
+                triton_utils.PDL = pdl
             replays = 20
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(replays):

@@ -56,7 +56,9 @@ def warm_up(engine: LLMEngine, input_len: int = 64, num_prompts: int = 8) -> Non
 
 def profile_decode(engine: LLMEngine, num_seqs: int, input_len: int, num_steps: int = 20) -> dict:
     """Decode-only steps of num_seqs sequences: wall time per step, and the GPU time per kernel under the
-    torch profiler (top 40 by self CUDA time)."""
+    torch profiler (top 40 by self CUDA time). With programmatic dependent launch (kernels.triton_utils.PDL) a
+    kernel's time includes its programs' wait for the kernel before, so the kernels sum to more than the step:
+    GPTOSS_PDL=0 gives each kernel's own time."""
     from torch.profiler import ProfilerActivity, profile
 
     max_tokens = min(3 * num_steps + 10, engine.max_model_len - input_len - 1)

@@ -185,6 +185,7 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     from gptoss_serve.cluster.engine.llm import default_device, resolve_dtype, resolve_kernels
     from gptoss_serve.cluster.engine.llm_engine import LLMEngine
     from gptoss_serve.kernels.backend import get_kernels
+    from gptoss_serve.kernels.triton_utils import pdl_args
 
     device = args.device or default_device()
     args.kernels = resolve_kernels(args.kernels, device)
@@ -194,6 +195,8 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     rows, results = [], {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                          "kernels": args.kernels, "dtype": args.dtype,
                          "cuda_graphs": engine.model_runner.graphs is not None,
+                         "programmatic_dependent_launch": args.kernels == "triton" and device.startswith("cuda")
+                         and pdl_args(torch.device(device))["PDL"],
                          "num_kv_blocks": engine.stats().num_kv_blocks}
     print(json.dumps(results), file=sys.stderr, flush=True)
     if args.single_stream:

@@ -78,3 +78,4 @@ def test_bench_offline_runs(capsys):
     assert result["throughput"]["num_prompts"] == 4 and result["throughput"]["output_tokens_per_s"] > 0
     assert result["single_stream"]["num_prompts"] == 1 and result["single_stream_sync"]["num_prompts"] == 1
     assert "ours, 1 stream, sync scheduling" in out
+    assert result["programmatic_dependent_launch"] is False  # CPU, torch kernels: nothing is launched with it
