@@ -1051,18 +1051,18 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
     # Small blocks: a few pairs' rows still spread over many SMs (these kernels are latency-bound).
     epilogue_block = config.get("EPILOGUE_BLOCK", 256)
     block = min(epilogue_block, next_pow2(intermediate))
+    pdl = pdl_args(x.device)
     launch(_splitk_swiglu_kernel, (num_pairs, triton.cdiv(intermediate, block)),
            ws1, ids, b1, act, n1, first_expert, num_local_experts,
            ws1.stride(0), b1.stride(0), act.stride(0), float(swiglu_alpha), float(swiglu_limit),
-           NUM_SPLITS=ws1.shape[0], HAS_BIAS=True, EMULATE_BF16=emulate_bf16(), BLOCK=block, num_warps=2,
-           **pdl_args(x.device))
+           NUM_SPLITS=ws1.shape[0], HAS_BIAS=True, EMULATE_BF16=emulate_bf16(), BLOCK=block, num_warps=2, **pdl)
     ws2 = matmul(act, w2_blocks, w2_scales, 1)
     block_h = min(epilogue_block, next_pow2(hidden))
     launch(_splitk_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
            ws2, ids, expert_weights.reshape(-1), b2 if b2 is not None else ws2, out, hidden,
            first_expert, num_local_experts, ws2.stride(0), b2.stride(0) if b2 is not None else 0, out.stride(0),
            NUM_SPLITS=ws2.shape[0], TOP_K=top_k, HAS_BIAS=b2 is not None, EMULATE_BF16=emulate_bf16(),
-           BLOCK_H=block_h, num_warps=2, **pdl_args(x.device))
+           BLOCK_H=block_h, num_warps=2, **pdl)
     return out
 
 

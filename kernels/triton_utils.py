@@ -14,6 +14,7 @@ set from `emulate_bf16()` at launch, under which they upcast dot operands to flo
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -114,10 +115,12 @@ def pdl_args(device: torch.device) -> dict:
 
 
 def _capability(index: int | None) -> tuple[int, int]:
-    return _CAPABILITIES.setdefault(index, torch.cuda.get_device_capability(index))
+    return _device_capability(torch.cuda.current_device() if index is None else index)
 
 
-_CAPABILITIES: dict[int | None, tuple[int, int]] = {}
+@functools.lru_cache(maxsize=None)  # asked at every launch of a PDL kernel: once per device
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 @device_function

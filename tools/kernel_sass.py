@@ -207,7 +207,8 @@ def router(num_experts: int, experts_per_program: int = 8):
     args.update(norm_scale_ptr="*fp32", num_experts=num_experts, stride_h=2880, stride_residual=2880,
                 stride_normed=2880, stride_residual_out=2880, stride_gate=2880, stride_logits=num_experts,
                 eps="fp32")
-    const = dict(HIDDEN=2880, BLOCK_HIDDEN=4096, EXPERTS_PER_PROGRAM=experts_per_program, EMULATE_BF16=False, PDL=False)
+    const = dict(HIDDEN=2880, BLOCK_HIDDEN=4096, EXPERTS_PER_PROGRAM=experts_per_program, EMULATE_BF16=False,
+                 PDL=False)
     return compile_offline(_norm_logits_kernel, args, const, num_warps=8)
 
 

@@ -29,9 +29,8 @@ parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of
                     "MAXNREG: a register cap, 0 for none; SCALE_AFTER: 1 scales each K block's product after its "
                     "wgmma, 0 before; WARPS: 4 (one warpgroup, the default) or 8 (two); VECTOR_STORE: 1 (the "
                     "default) stores the second matmul's rows 16 bytes at a time, 0 2 bytes), comma-separated; "
-                    "with it, steps of more "
-                    "than 8 tokens also time the grouped kernel (its heuristic tiles) and skip the tensor-core "
-                    "decode kernel")
+                    "with it, steps of more than 8 tokens also time the grouped kernel (its heuristic tiles) and "
+                    "skip the tensor-core decode kernel")
 parser.add_argument("--no-gemv", action="store_true", help="skip the matrix-vector kernels' variants")
 args = parser.parse_args()
 

@@ -195,7 +195,7 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     rows, results = [], {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                          "kernels": args.kernels, "dtype": args.dtype,
                          "cuda_graphs": engine.model_runner.graphs is not None,
-                         "programmatic_dependent_launch": args.kernels == "triton" and device.startswith("cuda")
+                         "programmatic_dependent_launch": args.kernels == "triton"
                          and pdl_args(torch.device(device))["PDL"],
                          "num_kv_blocks": engine.stats().num_kv_blocks}
     print(json.dumps(results), file=sys.stderr, flush=True)
