@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 from gptoss_serve.kernels import triton_utils  # noqa: E402
 from gptoss_serve.kernels.attention_decode import paged_attention_decode  # noqa: E402
 from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles, tile_rows  # noqa: E402
+from gptoss_serve.kernels.rope import rope_and_cache_write  # noqa: E402
 
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                                   reason="needs a Hopper (or later) GPU")
@@ -127,9 +128,47 @@ def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_s
     inputs = [queries(), queries()]
     buffers = tuple(torch.empty_like(t) for t in inputs[0])
 
-    def run():
+    def run():  # the lengths come from a copy, not from a kernel: settled, as the engine's step metadata are
         q, lens = buffers
-        return paged_attention_decode(q, k_cache, v_cache, tables, lens, sinks, head_dim ** -0.5)
+        return paged_attention_decode(q, k_cache, v_cache, tables, lens, sinks, head_dim ** -0.5, tables_settled=True)
+
+    expected = serialized(monkeypatch, run, inputs, buffers)
+    for i, out in enumerate(replay_alternating(run, inputs, buffers)):
+        assert torch.equal(out, expected[i % 2]), f"replay {i} differs from the serialized launches"
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("num_seqs,context", [(1, 32768), (32, 1024)])
+def test_cache_write_then_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_seqs, context):
+    """As the model runs them: the RoPE kernel writes q and the new token's K and V rows, then decode attention
+    prefetches its slices' first key blocks (the new token's among them) into L2 before its wait. The new rows
+    alternate between two sets: a prefetch that kept the other set's row would show."""
+    gen = torch.Generator(device="cuda").manual_seed(num_seqs * 7 + context)
+    block_size, kv_heads, q_heads, head_dim = 16, 8, 64, 64
+    blocks_per_seq = -(-context // block_size)
+    k_cache = torch.randn(num_seqs * blocks_per_seq, block_size, kv_heads, head_dim, generator=gen,
+                          device="cuda").to(torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_seqs * blocks_per_seq, generator=gen, device="cuda").int().view(num_seqs, -1)
+    sinks = torch.randn(q_heads, generator=gen, device="cuda")
+    lens = torch.randint(context // 2, context + 1, (num_seqs,), generator=gen, device="cuda").int()
+    positions = (lens - 1).long()  # [num_seqs]
+    slots = tables.gather(1, (positions // block_size)[:, None])[:, 0].long() * block_size + positions % block_size
+    inv_freq = 1.0 / 150000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim)
+
+    def new_rows():
+        return tuple(torch.randn(num_seqs, heads, head_dim, generator=gen, device="cuda").to(torch.bfloat16)
+                     for heads in (q_heads, kv_heads, kv_heads))
+
+    inputs = [new_rows(), new_rows()]
+    buffers = tuple(torch.empty_like(t) for t in inputs[0])
+
+    def run():
+        q, k, v = buffers
+        q_rotated, _ = rope_and_cache_write(q, k, v, positions, inv_freq, 1.0, k_cache, v_cache, slots)
+        return paged_attention_decode(q_rotated, k_cache, v_cache, tables, lens, sinks, head_dim ** -0.5,
+                                      tables_settled=True)
 
     expected = serialized(monkeypatch, run, inputs, buffers)
     for i, out in enumerate(replay_alternating(run, inputs, buffers)):

@@ -77,6 +77,10 @@
 #   bash tools/gpu_check.sh 25   the tensor-core decode kernel's second matmul loading its weights before its PDL wait
 #                                (EARLY_WEIGHTS): the PDL tests, the bench's MoE rows at 1-8 tokens with it and
 #                                without (GPTOSS_MMA_EARLY_WEIGHTS=0); it lost and was removed (the variable is ignored)
+#   bash tools/gpu_check.sh 26   decode attention prefetching its first key blocks into L2 before its PDL wait: the PDL
+#                                and attention GPU tests, the plan's tiles with 0, 1, 2 and 4 blocks prefetched at batch
+#                                1-128 x 1k-32k, the bench's decode rows with PDL and without, one MoE layer by launch
+#                                (profiled without PDL), the 20b engine with 2 blocks prefetched and with none
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -299,6 +303,20 @@ elif [ "$PART" = 25 ]; then
         GPTOSS_MMA_EARLY_WEIGHTS=$early timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe \
             --tokens 1,2,4,8 --json "$OUT/bench_early$early.json" 2>&1 | grep -v Warning | tail -10 \
             | tee "$OUT/bench_early$early.txt"
+    done
+elif [ "$PART" = 26 ]; then
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py \
+        tests/test_kernels_attention.py -rfE > "$OUT/tests_pdl_attention.txt" 2>&1; tail -8 "$OUT/tests_pdl_attention.txt"
+    timeout 170 python3 tools/attention_decode_sweep.py --prefetch 0,1,2,4 --json "$OUT/prefetch_sweep.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/prefetch_sweep.txt"
+    for pdl in 1 0; do
+        GPTOSS_PDL=$pdl timeout 60 python3 -m gptoss_serve.kernels.bench --sections decode \
+            --json "$OUT/bench_decode_pdl$pdl.json" 2>&1 | grep -v Warning | tail -11 | tee "$OUT/bench_decode_pdl$pdl.txt"
+    done
+    timeout 50 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1,8 --experts 32 2>&1 \
+        | grep -v Warning | tee "$OUT/moe_launches.txt"
+    for blocks in 2 0; do
+        (export GPTOSS_ATTN_PREFETCH_BLOCKS=$blocks; engine_table "$OUT/engine_prefetch$blocks.txt" 80)
     done
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \

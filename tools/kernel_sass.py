@@ -11,6 +11,7 @@ divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image ha
     python3 tools/kernel_sass.py wgmma           # the wgmma grouped kernel (Gluon) at the 20b w1 and w2 shapes
     python3 tools/kernel_sass.py router          # the fused norm + router logits kernel at 20b
     python3 tools/kernel_sass.py front           # the fused norm + qkv + rope + cache write kernel at 20b
+    python3 tools/kernel_sass.py attention       # decode attention, PDL: key blocks prefetched before the wait
 """
 from __future__ import annotations
 
@@ -228,6 +229,31 @@ def attention_front(num_tokens: int, num_splits: int | None = None, has_residual
     return tiling, compile_offline(_norm_qkv_rope_kernel, args, const, num_warps=4, maxnreg=max_registers(tiling))
 
 
+def attention_decode(block_n: int = 128, prefetch_blocks: int = 0, pdl: bool = True):
+    """Decode attention at gpt-oss's heads (64 query, 8 KV, head_dim 64), a 16-slot paged cache, slices."""
+    from gptoss_serve.kernels.attention_decode import _decode_kernel
+
+    args = {name: "*bf16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+    args.update(block_tables_ptr="*i32", context_lens_ptr="*i32", sinks_ptr="*fp32", part_acc_ptr="*fp32",
+                part_max_ptr="*fp32", part_sum_ptr="*fp32", scale_log2="fp32", sliding_window="i32",
+                partition_tokens=512, block_size=16, num_q_heads=64, head_dim=64, stride_q_token=64 * 64,
+                stride_q_head=64, stride_cache_block=16 * 8 * 64, stride_cache_slot=8 * 64, stride_cache_head=64,
+                stride_tables="i32", stride_out_token=64 * 64, stride_out_head=64)
+    const = dict(QUERIES_PER_KV=8, BLOCK_G=16, BLOCK_D=64, BLOCK_N=block_n, NUM_SPLITS=2, EMULATE_BF16=False,
+                 PREFETCH_BLOCKS=prefetch_blocks, PDL=pdl)
+    return compile_offline(_decode_kernel, args, const, num_warps=4, num_stages=2)
+
+
+def first_lines(text: str, opcodes: tuple[str, ...]) -> str:
+    """Where each of opcodes first appears in the SASS (instruction index), to read what precedes the PDL wait."""
+    index = {}
+    for i, line in enumerate(l for l in text.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", l)):
+        for op in opcodes:
+            if op in line and op not in index:
+                index[op] = i
+    return ", ".join(f"{op} at {index.get(op, '-')}" for op in opcodes)
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "gemv"
     if which == "gemv":
@@ -277,6 +303,11 @@ if __name__ == "__main__":
             tiling, compiled = attention_front(num_tokens, num_splits)
             report(f"norm + qkv + rope + cache, {num_tokens} tokens, " + ", ".join(f"{k} {v}" for k, v in
                                                                                    tiling.items()), compiled)
+    elif which == "attention":
+        for prefetch in (0, 1, 2):
+            compiled = attention_decode(prefetch_blocks=prefetch)
+            report(f"decode attention, 128-key blocks, PDL, {prefetch} blocks prefetched before the wait", compiled)
+            print("  " + first_lines(sass(compiled), ("CCTL", "ACQBULK", "LDGSTS", "PREEXIT")))
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):
