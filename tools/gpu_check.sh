@@ -81,6 +81,9 @@
 #                                and attention GPU tests, the plan's tiles with 0, 1, 2 and 4 blocks prefetched at batch
 #                                1-128 x 1k-32k, the bench's decode rows with PDL and without, one MoE layer by launch
 #                                (profiled without PDL), the 20b engine with 2 blocks prefetched and with none
+#   bash tools/gpu_check.sh 27   part 26's tests and prefetch sweep at batch 1 and 32 again, then the 20b engine four
+#                                times each way in alternation: no blocks prefetched against 2, and PDL off against on
+#                                (part 26 ran each pair once, in one order)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -317,6 +320,23 @@ elif [ "$PART" = 26 ]; then
         | grep -v Warning | tee "$OUT/moe_launches.txt"
     for blocks in 2 0; do
         (export GPTOSS_ATTN_PREFETCH_BLOCKS=$blocks; engine_table "$OUT/engine_prefetch$blocks.txt" 80)
+    done
+elif [ "$PART" = 27 ]; then
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py \
+        tests/test_kernels_attention.py -rfE 2>&1 | tail -6
+    timeout 90 python3 tools/attention_decode_sweep.py --batches 1,32 --prefetch 0,1,2 2>&1 | grep -v Warning \
+        | sed -e 's/ *splits None//' -e 's/PREFETCH_BLOCKS/p/'
+    for round in 1 2 3 4; do
+        for blocks in 0 2; do
+            echo "round $round, GPTOSS_ATTN_PREFETCH_BLOCKS=$blocks"
+            GPTOSS_ATTN_PREFETCH_BLOCKS=$blocks engine_run 60 | grep -E "^ours"
+        done
+    done
+    for round in 1 2 3 4; do
+        for pdl in 0 1; do
+            echo "round $round, GPTOSS_PDL=$pdl"
+            GPTOSS_PDL=$pdl engine_run 60 | grep -E "^ours"
+        done
     done
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
