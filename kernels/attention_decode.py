@@ -12,20 +12,15 @@ The number of slices is chosen from static shapes only (block table width), so t
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.triton_utils import (cast_rne, emulate_bf16, launch, next_pow2, pdl_args, pdl_wait,
-                                              prefetch_l2)
+from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2, pdl_args, pdl_wait
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-# Key blocks a slice prefetches into L2 before its PDL wait, where the caller's block tables are settled (see the
-# kernel); GPTOSS_ATTN_PREFETCH_BLOCKS=0 waits first, as every program did before (the benchmarks compare both).
-PREFETCH_BLOCKS = int(os.environ.get("GPTOSS_ATTN_PREFETCH_BLOCKS", "2"))
 
 
 @functools.lru_cache(maxsize=256)  # eager decode asks once a layer a step, with a handful of distinct shapes
@@ -44,7 +39,7 @@ def decode_plan(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: int) -
         splits //= 2
     partition = triton.cdiv(max_keys, splits)
     wide = partition >= 2048 or (partition >= 512 and programs * splits <= 4 * num_sms)
-    return splits, dict(BLOCK_N=128 if wide else 64, num_warps=4, num_stages=2, PREFETCH_BLOCKS=PREFETCH_BLOCKS)
+    return splits, dict(BLOCK_N=128 if wide else 64, num_warps=4, num_stages=2)
 
 
 def _prev_pow2(n: int) -> int:
@@ -59,10 +54,9 @@ def _decode_kernel(
     stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_tables,
     stride_out_token, stride_out_head,
     QUERIES_PER_KV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, EMULATE_BF16: tl.constexpr, PREFETCH_BLOCKS: tl.constexpr, PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PREFETCH_BLOCKS == 0:
-        pdl_wait(PDL)  # q and the cache's new rows come from the kernel before
+    pdl_wait(PDL)  # q and the cache's new rows come from the kernels before
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -72,20 +66,6 @@ def _decode_kernel(
         first_key = tl.maximum(context_len - sliding_window, 0)
     start = first_key + split * partition_tokens
     end = tl.minimum(context_len, start + partition_tokens)
-    table_row = block_tables_ptr + seq.to(tl.int64) * stride_tables
-    head_offset = kv_head * stride_cache_head
-    if PREFETCH_BLOCKS > 0:
-        # Before the wait (PREFETCH_BLOCKS is 0 without PDL): the context length and block table were written at
-        # least two launches back (the caller says so), so this slice's first key blocks are known while the
-        # kernel before still runs; their K and V lines go to L2. That kernel may be writing the new token's
-        # row meanwhile: the loads after the wait read it from L2 fresh (prefetch_l2 holds nothing stale).
-        for b in tl.static_range(PREFETCH_BLOCKS):
-            keys = start + b * BLOCK_N + tl.arange(0, BLOCK_N)
-            page = tl.load(table_row + keys // block_size, mask=keys < end, other=0).to(tl.int64)
-            row = page * stride_cache_block + (keys % block_size) * stride_cache_slot + head_offset  # [BLOCK_N]
-            prefetch_l2(k_cache_ptr + row)  # keys past the slice: rows of block 0, harmless
-            prefetch_l2(v_cache_ptr + row)
-        pdl_wait(PDL)  # q and the new token's cache row come from the kernel before
 
     g = tl.arange(0, BLOCK_G)
     heads = kv_head * QUERIES_PER_KV + g
@@ -104,6 +84,8 @@ def _decode_kernel(
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
 
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_tables
+    head_offset = kv_head * stride_cache_head
     for key0 in range(start, end, BLOCK_N):
         keys = key0 + tl.arange(0, BLOCK_N)
         in_keys = keys < end
@@ -177,8 +159,7 @@ def paged_attention_decode(
     sm_scale: float,
     sliding_window: int = 0,
     num_splits: int | None = None,  # slices of the context (any count >= 1); None = chosen from the shapes
-    tiles: dict | None = None,  # BLOCK_N, num_warps, num_stages, PREFETCH_BLOCKS over decode_plan's (sweeps)
-    tables_settled: bool = False,  # context_lens and block_tables written two or more launches back (the model)
+    tiles: dict | None = None,  # BLOCK_N, num_warps, num_stages over decode_plan's (sweeps)
 ) -> torch.Tensor:  # [num_seqs, num_q_heads, head_dim]
     num_seqs, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -211,9 +192,8 @@ def paged_attention_decode(
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            block_tables.stride(0), out.stride(0), out.stride(1),
            QUERIES_PER_KV=queries_per_kv, BLOCK_G=max(16, next_pow2(queries_per_kv)), BLOCK_D=block_d,
-           BLOCK_N=block_n, NUM_SPLITS=num_splits, EMULATE_BF16=emulate,
-           PREFETCH_BLOCKS=tiles["PREFETCH_BLOCKS"] if pdl["PDL"] and tables_settled else 0,
-           num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **pdl)
+           BLOCK_N=block_n, NUM_SPLITS=num_splits, EMULATE_BF16=emulate, num_warps=tiles["num_warps"],
+           num_stages=tiles["num_stages"], **pdl)
     if num_splits > 1:
         launch(_merge_splits_kernel, (num_seqs, num_q_heads),
                part_acc, part_max, part_sum, out, num_q_heads, head_dim, out.stride(0), out.stride(1),

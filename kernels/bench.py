@@ -263,6 +263,20 @@ def _read_floor_kernel(src_ptr, out_ptr, num_words, WORDS_PER_PROGRAM: tl.conste
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
+def _read_floor_ms(copies: list[torch.Tensor]) -> dict[int, float]:
+    """Milliseconds per copy of a kernel that only reads each of `copies` (contiguous tensors of whole int32
+    words, one launch each, replayed in a CUDA graph as the ops are), by number of programs (132 to 2112)."""
+    words = [c.view(-1).view(torch.int32) for c in copies]
+    sink = torch.empty(1 << 16, dtype=torch.int32, device="cuda")
+    floors = {}
+    for programs in (132, 528, 1056, 2112):
+        per_program = triton.cdiv(triton.cdiv(words[0].numel(), programs), 512) * 512
+        grid = (triton.cdiv(words[0].numel(), per_program),)
+        floors[programs] = _bench(lambda: [_read_floor_kernel[grid](w, sink, w.numel(), WORDS_PER_PROGRAM=per_program,
+                                                                   BLOCK=512) for w in words]) / len(words)
+    return floors
+
+
 def _launch_sequence(prof, layers: int) -> list[tuple[str, float]]:
     """One layer's kernels in launch order with each one's median GPU time (µs) over the profiled layers (the
     profiler's events of the replays, `layers` copies of the same sequence); [] where the events do not split
@@ -346,14 +360,7 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
             # Read floor: the same bytes (active experts' w1 and w2 blocks, scales, biases) in one pass.
             nbytes = num_active * bytes_per_expert
             words = torch.randint(0, 2 ** 30, (NUM_COPIES, nbytes // 4), dtype=torch.int32, device="cuda", generator=gen)
-            sink = torch.empty(1 << 16, dtype=torch.int32, device="cuda")
-            floors = {}
-            for programs in (132, 528, 1056, 2112):
-                per_program = triton.cdiv(triton.cdiv(words.shape[1], programs), 512) * 512
-                grid = (triton.cdiv(words.shape[1], per_program),)
-                floors[programs] = _bench(lambda: [_read_floor_kernel[grid](words[c], sink, words.shape[1],
-                                                                           WORDS_PER_PROGRAM=per_program, BLOCK=512)
-                                                   for c in range(NUM_COPIES)]) / NUM_COPIES
+            floors = _read_floor_ms(list(words))
             del words
             best_floor = min(floors.values())
             row = dict(model=name, tokens=num_tokens, active=num_active, ms=ms, gbs=nbytes / ms / 1e6,
@@ -404,10 +411,9 @@ def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator
     blocks_per_seq = math.ceil(context / block_size)
     num_blocks = num_seqs * blocks_per_seq
     caches = []
-    for _ in range(NUM_COPIES):
-        k = torch.empty(num_blocks, block_size, hkv, d, dtype=torch.bfloat16, device="cuda").normal_()
-        v = torch.empty_like(k).normal_()
-        caches.append((k, v))
+    for _ in range(NUM_COPIES):  # a copy's K and V caches in one tensor: the read floor reads it in one launch
+        kv = torch.empty(2, num_blocks, block_size, hkv, d, dtype=torch.bfloat16, device="cuda").normal_()
+        caches.append((kv[0], kv[1]))
     tables = torch.randperm(num_blocks, generator=gen).view(num_seqs, blocks_per_seq).to(torch.int32).cuda()
     return caches, tables
 
@@ -425,12 +431,22 @@ def bench_decode(ceil: dict, batches: list[int], contexts: list[int], torch_max_
             q = torch.randn(num_seqs, hq, d, generator=gen).to(torch.bfloat16).cuda()
             lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
             sinks = torch.randn(hq, generator=gen).cuda()
-            # lens and tables are made once, as the model's are before a step's kernels: settled
-            ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125, tables_settled=True)
+            ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125)
                                  for kc, vc in caches]) / NUM_COPIES
             nbytes = num_seqs * context * hkv * d * 2 * 2 + 2 * q.numel() * 2
             row = dict(op="decode attn", shape=f"batch {num_seqs}, ctx {context}", ms=ms, gbs=nbytes / ms / 1e6,
                        tflops=4 * num_seqs * hq * d * context / ms / 1e9)
+            # The read floor: one kernel that only reads the caches' bytes (every context is whole blocks here);
+            # up to 4 GB a copy (the floor kernel's word offsets are int32), which leaves out batch 128 x 32k only.
+            whole = [kc._base for kc, _ in caches]  # K and V of a copy are views of one tensor (_kv_setup)
+            if whole[0].numel() * whole[0].element_size() <= 2 ** 32:
+                floors = _read_floor_ms(whole)
+                row.update(floor_ms=min(floors.values()), floors_us={p: round(t * 1e3, 1) for p, t in floors.items()})
+                print(f"decode attn batch {num_seqs}, ctx {context}: {nbytes / 1e6:.1f} MB, {ms * 1e3:.1f} us; read "
+                      f"floor {row['floor_ms'] * 1e3:.1f} us ({nbytes / row['floor_ms'] / 1e6 / ceil['copy_gbs']:.0%} "
+                      f"HBM; by programs {row['floors_us']}): the kernels at {row['floor_ms'] / ms:.0%} of the floor",
+                      flush=True)
+            del whole
             if num_seqs * context <= torch_max_tokens:
                 cu = torch.arange(num_seqs + 1, dtype=torch.int32, device="cuda")
                 kc, vc = caches[0]

@@ -36,7 +36,7 @@ def paged_attention(
     least one), else the prefill kernel; decided from shapes alone, so it is graph-safe."""
     if q.shape[0] == context_lens.shape[0]:
         return paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, sinks, sm_scale,
-                                      sliding_window, tables_settled=True)  # the batch's metadata, then the front
+                                      sliding_window)
     return paged_attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks,
                                    sm_scale, sliding_window)
 

@@ -124,15 +124,6 @@ def _device_capability(index: int) -> tuple[int, int]:
 
 
 @device_function
-def prefetch_l2(ptrs):
-    """Asks L2 for the lines holding ptrs (any shape of pointers); holds no register, returns nothing, and cannot
-    read stale data: L2 is where every SM's writes meet, so a later load sees a write made after the prefetch.
-    Compiled kernels only (inline PTX): callers guard it with a flag that is off under the interpreter."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@device_function
 def pdl_wait(PDL: tl.constexpr):
     """With PDL: wait for the kernel before to finish (its writes visible), then let the kernel after launch."""
     if PDL:

@@ -12,7 +12,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported; the kernels re-read it at launch too
 
-from gptoss_serve.kernels import attention_decode  # noqa: E402
 from gptoss_serve.kernels.attention_decode import MAX_SPLITS, decode_plan, paged_attention_decode  # noqa: E402
 from gptoss_serve.kernels.attention_ref import paged_attention_ref  # noqa: E402
 from gptoss_serve.kernels.triton_backend import paged_attention  # noqa: E402
@@ -95,9 +94,8 @@ def test_decode_plan_is_a_function_of_static_shapes():
             assert tiles["BLOCK_N"] in (64, 128) and tiles["num_stages"] == 2
             assert (splits, tiles) == decode_plan(num_seqs, 8, max_keys, 132)
     # Choices measured best on an H200 (132 SMs; docs/PERFORMANCE.md, 2026-12-02):
-    prefetch = dict(PREFETCH_BLOCKS=attention_decode.PREFETCH_BLOCKS)
-    assert decode_plan(1, 8, 32768, 132) == (64, dict(BLOCK_N=128, num_warps=4, num_stages=2, **prefetch))
-    assert decode_plan(32, 8, 8192, 132) == (8, dict(BLOCK_N=64, num_warps=4, num_stages=2, **prefetch))
+    assert decode_plan(1, 8, 32768, 132) == (64, dict(BLOCK_N=128, num_warps=4, num_stages=2))
+    assert decode_plan(32, 8, 8192, 132) == (8, dict(BLOCK_N=64, num_warps=4, num_stages=2))
     assert decode_plan(128, 8, 8192, 132)[0] == 2
 
 

@@ -128,9 +128,9 @@ def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_s
     inputs = [queries(), queries()]
     buffers = tuple(torch.empty_like(t) for t in inputs[0])
 
-    def run():  # the lengths come from a copy, not from a kernel: settled, as the engine's step metadata are
+    def run():
         q, lens = buffers
-        return paged_attention_decode(q, k_cache, v_cache, tables, lens, sinks, head_dim ** -0.5, tables_settled=True)
+        return paged_attention_decode(q, k_cache, v_cache, tables, lens, sinks, head_dim ** -0.5)
 
     expected = serialized(monkeypatch, run, inputs, buffers)
     for i, out in enumerate(replay_alternating(run, inputs, buffers)):
@@ -142,8 +142,7 @@ def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_s
 @pytest.mark.parametrize("num_seqs,context", [(1, 32768), (32, 1024)])
 def test_cache_write_then_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_seqs, context):
     """As the model runs them: the RoPE kernel writes q and the new token's K and V rows, then decode attention
-    prefetches its slices' first key blocks (the new token's among them) into L2 before its wait. The new rows
-    alternate between two sets: a prefetch that kept the other set's row would show."""
+    reads them. The new rows alternate between two sets: a read of the cache ahead of the wait would show."""
     gen = torch.Generator(device="cuda").manual_seed(num_seqs * 7 + context)
     block_size, kv_heads, q_heads, head_dim = 16, 8, 64, 64
     blocks_per_seq = -(-context // block_size)
@@ -167,8 +166,7 @@ def test_cache_write_then_decode_attention_with_pdl_equals_serialized_launches(m
     def run():
         q, k, v = buffers
         q_rotated, _ = rope_and_cache_write(q, k, v, positions, inv_freq, 1.0, k_cache, v_cache, slots)
-        return paged_attention_decode(q_rotated, k_cache, v_cache, tables, lens, sinks, head_dim ** -0.5,
-                                      tables_settled=True)
+        return paged_attention_decode(q_rotated, k_cache, v_cache, tables, lens, sinks, head_dim ** -0.5)
 
     expected = serialized(monkeypatch, run, inputs, buffers)
     for i, out in enumerate(replay_alternating(run, inputs, buffers)):

@@ -1,12 +1,9 @@
 """Decode attention tile and split sweep on a GPU (paged KV cache, gpt-oss heads), for choosing the defaults of
 kernels/attention_decode.py. Times every variant as kernels/bench.py does (CUDA-graph replays over 4 caches) and
 prints µs and % of the copy bandwidth measured in the same run. Stage 1 sweeps the number of context slices at
-decode_plan's tiles; stage 2 sweeps tiles at the best slice count. With --prefetch, only the plan's slices and
-tiles, with each count of key blocks prefetched before the PDL wait (block tables settled, as the model's), each
-timed twice in turn.
+decode_plan's tiles; stage 2 sweeps tiles at the best slice count.
 
     python3 tools/attention_decode_sweep.py [--batches 1,32,128] [--contexts 1024,8192,32768] [--json FILE]
-    python3 tools/attention_decode_sweep.py --prefetch 0,1,2
 """
 from __future__ import annotations
 
@@ -25,7 +22,6 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32,128")
     parser.add_argument("--contexts", default="1024,8192,32768")
     parser.add_argument("--json")
-    parser.add_argument("--prefetch", help="counts of key blocks prefetched before the PDL wait, e.g. 0,1,2")
     args = parser.parse_args()
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
@@ -41,15 +37,11 @@ def main() -> None:
             nbytes = num_seqs * context * hkv * d * 2 * 2 + 2 * q.numel() * 2
             ref = paged_attention_decode(q, *caches[0], tables, lens, sinks, 0.125).float()
 
-            settled = args.prefetch is not None
-
             def run(splits, tiles):
-                out = paged_attention_decode(q, *caches[0], tables, lens, sinks, 0.125, num_splits=splits, tiles=tiles,
-                                             tables_settled=settled)
+                out = paged_attention_decode(q, *caches[0], tables, lens, sinks, 0.125, num_splits=splits, tiles=tiles)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125, num_splits=splits,
-                                                            tiles=tiles, tables_settled=settled) for kc, vc in caches],
-                            rep_ms=60) / NUM_COPIES
+                                                            tiles=tiles) for kc, vc in caches], rep_ms=60) / NUM_COPIES
                 row = dict(batch=num_seqs, context=context, splits=splits, tiles=tiles, us=ms * 1e3,
                            hbm=nbytes / ms / 1e6 / ceil["copy_gbs"], err=err)
                 results.append(row)
@@ -57,12 +49,6 @@ def main() -> None:
                       f"{ms * 1e3:8.1f} us {row['hbm'] * 100:5.1f}% HBM err {err:.1e}", flush=True)
                 return ms
 
-            if settled:
-                for _, blocks in itertools.product(range(2), map(int, args.prefetch.split(","))):
-                    run(None, dict(PREFETCH_BLOCKS=blocks))
-                del caches
-                torch.cuda.empty_cache()
-                continue
             default = run(None, None)
             stage1 = {}
             # Powers of two and the counts between them (3 * 2^k): a grid of whole waves of programs may lie there.

@@ -80,7 +80,8 @@
 #   bash tools/gpu_check.sh 26   decode attention prefetching its first key blocks into L2 before its PDL wait: the PDL
 #                                and attention GPU tests, the plan's tiles with 0, 1, 2 and 4 blocks prefetched at batch
 #                                1-128 x 1k-32k, the bench's decode rows with PDL and without, one MoE layer by launch
-#                                (profiled without PDL), the 20b engine with 2 blocks prefetched and with none
+#                                (profiled without PDL), the 20b engine with 2 blocks prefetched and with none; the
+#                                prefetch lost and was removed (the sweep's --prefetch is gone, the variable ignored)
 #   bash tools/gpu_check.sh 27   part 26's tests and prefetch sweep at batch 1 and 32 again, then the 20b engine four
 #                                times each way in alternation: no blocks prefetched against 2, and PDL off against on
 #                                (part 26 ran each pair once, in one order)

@@ -11,7 +11,7 @@ divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image ha
     python3 tools/kernel_sass.py wgmma           # the wgmma grouped kernel (Gluon) at the 20b w1 and w2 shapes
     python3 tools/kernel_sass.py router          # the fused norm + router logits kernel at 20b
     python3 tools/kernel_sass.py front           # the fused norm + qkv + rope + cache write kernel at 20b
-    python3 tools/kernel_sass.py attention       # decode attention, PDL: key blocks prefetched before the wait
+    python3 tools/kernel_sass.py attention       # decode attention (gpt-oss heads, 128-key blocks), with PDL and not
 """
 from __future__ import annotations
 
@@ -229,7 +229,7 @@ def attention_front(num_tokens: int, num_splits: int | None = None, has_residual
     return tiling, compile_offline(_norm_qkv_rope_kernel, args, const, num_warps=4, maxnreg=max_registers(tiling))
 
 
-def attention_decode(block_n: int = 128, prefetch_blocks: int = 0, pdl: bool = True):
+def attention_decode(block_n: int = 128, pdl: bool = True):
     """Decode attention at gpt-oss's heads (64 query, 8 KV, head_dim 64), a 16-slot paged cache, slices."""
     from gptoss_serve.kernels.attention_decode import _decode_kernel
 
@@ -240,7 +240,7 @@ def attention_decode(block_n: int = 128, prefetch_blocks: int = 0, pdl: bool = T
                 stride_q_head=64, stride_cache_block=16 * 8 * 64, stride_cache_slot=8 * 64, stride_cache_head=64,
                 stride_tables="i32", stride_out_token=64 * 64, stride_out_head=64)
     const = dict(QUERIES_PER_KV=8, BLOCK_G=16, BLOCK_D=64, BLOCK_N=block_n, NUM_SPLITS=2, EMULATE_BF16=False,
-                 PREFETCH_BLOCKS=prefetch_blocks, PDL=pdl)
+                 PDL=pdl)
     return compile_offline(_decode_kernel, args, const, num_warps=4, num_stages=2)
 
 
@@ -304,10 +304,10 @@ if __name__ == "__main__":
             report(f"norm + qkv + rope + cache, {num_tokens} tokens, " + ", ".join(f"{k} {v}" for k, v in
                                                                                    tiling.items()), compiled)
     elif which == "attention":
-        for prefetch in (0, 1, 2):
-            compiled = attention_decode(prefetch_blocks=prefetch)
-            report(f"decode attention, 128-key blocks, PDL, {prefetch} blocks prefetched before the wait", compiled)
-            print("  " + first_lines(sass(compiled), ("CCTL", "ACQBULK", "LDGSTS", "PREEXIT")))
+        for pdl in (False, True):
+            compiled = attention_decode(pdl=pdl)
+            report(f"decode attention, 128-key blocks, PDL {pdl}", compiled)
+            print("  " + first_lines(sass(compiled), ("ACQBULK", "PREEXIT", "LDG", "LDGSTS")))
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):
