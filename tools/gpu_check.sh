@@ -85,6 +85,9 @@
 #   bash tools/gpu_check.sh 27   part 26's tests and prefetch sweep at batch 1 and 32 again, then the 20b engine four
 #                                times each way in alternation: no blocks prefetched against 2, and PDL off against on
 #                                (part 26 ran each pair once, in one order)
+#   bash tools/gpu_check.sh 28   the read floors beside the targets' rows: the PDL and attention GPU tests (the prefetch
+#                                removed), the bench's decode rows with a read floor each, one MoE layer by launch with
+#                                its read floor at 1, 8 and 64 tokens (20b and 120b)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -339,6 +342,13 @@ elif [ "$PART" = 27 ]; then
             GPTOSS_PDL=$pdl engine_run 60 | grep -E "^ours"
         done
     done
+elif [ "$PART" = 28 ]; then
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py \
+        tests/test_kernels_attention.py -rfE 2>&1 | tail -6
+    timeout 120 python3 -m gptoss_serve.kernels.bench --sections decode --json "$OUT/bench_decode.json" 2>&1 \
+        | grep -v Warning | grep -E "^decode attn|^\| decode" | tee "$OUT/bench_decode.txt"
+    timeout 200 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1,8,64 --experts 32,128 \
+        --json "$OUT/moe_launches.json" 2>&1 | grep -v Warning | grep -E "^MoE|^launches" | tee "$OUT/moe_launches.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
