@@ -89,7 +89,8 @@
 #                                removed), the bench's decode rows with a read floor each, one MoE layer by launch with
 #                                its read floor at 1, 8 and 64 tokens (20b and 120b)
 #   bash tools/gpu_check.sh 29   more K blocks a wgmma step at decode sizes (5, 6, 9 of 90: fewer instructions a weight,
-#                                tools/kernel_sass.py) against the 8- and 16-pair tiles' 3, 8-64 tokens, 20b and 120b
+#                                tools/kernel_sass.py) against the 8- and 16-pair tiles' 3, 8-64 tokens, 20b and 120b;
+#                                the wgmma GPU tests at 8-64 tokens with those tiles too
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -352,9 +353,10 @@ elif [ "$PART" = 28 ]; then
     timeout 200 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1,8,64 --experts 32,128 \
         --json "$OUT/moe_launches.json" 2>&1 | grep -v Warning | grep -E "^MoE|^launches" | tee "$OUT/moe_launches.txt"
 elif [ "$PART" = 29 ]; then
-    timeout 420 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x64,128x64,32x16 --no-gemv \
-        --wgmma 8:1:12:3:0:0:1,8:1:20:5:0:0:1,8:1:18:6:0:0:1,8:1:18:9:0:0:1,8:1:27:9:0:0:1,16:1:6:3,16:1:10:5,16:1:12:6,16:1:18:9 \
-        2>&1 | grep -v Warning | grep -v "^  mma\|tensor-core" | tee "$OUT/kb_sweep.txt"
+    timeout 250 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x64,128x64 --no-gemv --no-mma \
+        --wgmma 8:1:12:3:0:0:1,8:1:20:5:0:0:1,8:1:18:6:0:0:1,8:1:27:9:0:0:1,16:1:6:3,16:1:10:5,16:1:12:6 \
+        2>&1 | grep -v Warning | tee "$OUT/kb_sweep.txt"
+    moe_gpu_tests "wgmma_matches and not 4096 and not 512" 170
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

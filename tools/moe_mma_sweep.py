@@ -32,6 +32,7 @@ parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of
                     "with it, steps of more than 8 tokens also time the grouped kernel (its heuristic tiles) and "
                     "skip the tensor-core decode kernel")
 parser.add_argument("--no-gemv", action="store_true", help="skip the matrix-vector kernels' variants")
+parser.add_argument("--no-mma", action="store_true", help="skip the tensor-core decode kernel's variants")
 args = parser.parse_args()
 
 ceil = kb.measure_ceilings()
@@ -127,7 +128,7 @@ for case in args.cases.split(","):
     else:
         twin = None
     variants = fused_variants(num_tokens) + wgmma_variants(num_tokens, num_experts) + (
-        mma_variants(num_tokens) if num_tokens <= (8 if args.wgmma else 64) else [])
+        mma_variants(num_tokens) if num_tokens <= (8 if args.wgmma else 64) and not args.no_mma else [])
     for label, config in [("default", None)] + variants:
         try:
             ms, err = kb.time_variant(run, layers, config, ref)
