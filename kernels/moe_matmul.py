@@ -799,10 +799,18 @@ WGMMA_SMALL_BLOCK_PAIRS_PER_EXPERT = 2
 # 2988 against 3037 with 6). 8-pair blocks scale each K block's product after its wgmma (SCALE_AFTER; 177 SASS
 # instructions a step against 189): H100, 2026-12-06 (later), 20b 8 tokens 139.3 -> 135.9 µs, 120b 64 tokens (8-pair
 # blocks) 603.3 -> 589.2; at 16 pairs it lost (20b 64 tokens 195.9 -> 217.6: 82 registers against 58).
-WGMMA_TILES = {block_t: dict(BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, SCALE_AFTER=scale_after)  # by pairs a block
-               for block_t, m_reps, stages, scale_after in ((8, 1, 12, True), (16, 1, 6, False), (64, 2, 6, False),
-                                                            (128, 2, 9, False))}
-WGMMA_SMALL_TILE = WGMMA_TILES[16]  # decode steps' 16-pair blocks, and tail blocks
+# The decode tiles take 5 K blocks a step (of 90), the others 3: fewer instructions a weight (the loop's barriers,
+# waits and address arithmetic shared by more blocks; tools/kernel_sass.py, 8 pairs x 64 rows: 3.69 -> 3.26 a
+# weight, 68 -> 94 registers). H100, 2026-12-06 (sixth session, gpu_check 29; tools/moe_mma_sweep.py, µs, 3 / 5 / 6
+# K blocks a step; outputs bitwise equal): 8-pair blocks with 12 / 20 / 18 stages: 20b 8 tokens 130.4 / 121.9 /
+# 121.1, 120b 8 tokens 157.7 / 153.3 / 152.5, 120b 64 tokens 557.0 / 548.0 / 554.3 (9 a step lost: 126.2, 160.0,
+# 579.0); 16-pair blocks with 6 / 10 / 12 stages: 20b 64 tokens 191.1 / 180.6 / 183.6.
+WGMMA_TILES = {block_t: dict(BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, SCALE_AFTER=scale_after,  # by pairs a block
+                             KB_PER_STEP=per_step)
+               for block_t, m_reps, stages, scale_after, per_step in (
+                   (8, 1, 20, True, 5), (16, 1, 10, False, 5), (64, 2, 6, False, 3), (128, 2, 9, False, 3))}
+# Tail blocks of prefill steps (16 pairs, 3 K blocks a step as timed with the 128-pair blocks they follow).
+WGMMA_SMALL_TILE = dict(WGMMA_TILES[16], STAGES=6, KB_PER_STEP=3)
 # Decode steps whose pairs go one by one (`pairs_apart`) take the wgmma kernel's 8-pair blocks from this many
 # tokens, the tensor-core decode kernel below. H100, 2026-12-06 (tools/moe_mma_sweep.py, µs, rings of 12 stages
 # against the decode kernel): 120b 8 tokens 198.8 -> 186.0; it lost at 4 tokens (120b 105.1 against 120.4, 20b
@@ -853,7 +861,7 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     8-pair row blocks where pairs share experts or from WGMMA_MIN_APART_TOKENS tokens; larger steps too up to
     WGMMA_SMALL_BLOCK_PAIRS_PER_EXPERT pairs an expert on average); row blocks of 16 pairs up to
     WGMMA_DECODE_PAIRS_PER_EXPERT pairs an expert, of 64 up to 64, else of 128 (each expert's last few pairs in
-    16-pair tail blocks, WGMMA_TAIL_PAIRS); tiles by row block in WGMMA_TILES, three K blocks a step; shapes (and
+    16-pair tail blocks, WGMMA_TAIL_PAIRS); tiles by row block in WGMMA_TILES (K blocks a step too); shapes (and
     the scales' range) only. The scale check reads each weight's scales once (TritonKernels.prepare_weights does
     it at load), later calls only look it up."""
     pairs_per_expert = num_tokens * top_k / max(1, num_local_experts)

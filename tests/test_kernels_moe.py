@@ -678,7 +678,9 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
     for tokens, experts in ((512, 32), (64, 32), (5, 32), (512, 128)):  # 64-pair, 16-pair and 8-pair blocks
         assert "TAIL" not in mm.wgmma_config(tokens, 4, experts, **gpu)
     decode = mm.wgmma_config(64, 4, 32, **gpu)  # 20b, 8 pairs an expert: row blocks of 16
-    assert (decode["BLOCK_T"], decode["M_REPS"], decode["STAGES"], decode["KB_PER_STEP"]) == (16, 1, 6, 3)
+    assert (decode["BLOCK_T"], decode["M_REPS"], decode["STAGES"], decode["KB_PER_STEP"]) == (16, 1, 10, 5)
+    assert (mm.WGMMA_SMALL_TILE["STAGES"], mm.WGMMA_SMALL_TILE["KB_PER_STEP"]) == (6, 3)  # tail blocks as timed
+    assert mm.wgmma_config(8, 4, 32, **gpu)["KB_PER_STEP"] == 5  # 8-pair blocks: 5 K blocks a step, 20 stages
     assert mm.wgmma_config(5, 4, 32, **gpu)["M_REPS"] == 1  # 64 weight rows a program: more programs an SM
     assert mm.wgmma_config(512, 4, 128, **gpu)["BLOCK_T"] == 16  # 120b, 16 pairs an expert
     assert mm.wgmma_config(9, 4, 128, **gpu)["BLOCK_T"] == 8  # the first step past the tensor-core decode kernel

@@ -91,6 +91,8 @@
 #   bash tools/gpu_check.sh 29   more K blocks a wgmma step at decode sizes (5, 6, 9 of 90: fewer instructions a weight,
 #                                tools/kernel_sass.py) against the 8- and 16-pair tiles' 3, 8-64 tokens, 20b and 120b;
 #                                the wgmma GPU tests at 8-64 tokens with those tiles too
+#   bash tools/gpu_check.sh 30   5 K blocks a step on the decode tiles by default: the PDL tests of the MoE chains, the
+#                                bench's MoE rows at 1-64 tokens
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -357,6 +359,11 @@ elif [ "$PART" = 29 ]; then
         --wgmma 8:1:12:3:0:0:1,8:1:20:5:0:0:1,8:1:18:6:0:0:1,8:1:27:9:0:0:1,16:1:6:3,16:1:10:5,16:1:12:6 \
         2>&1 | grep -v Warning | tee "$OUT/kb_sweep.txt"
     moe_gpu_tests "wgmma_matches and not 4096 and not 512" 130
+elif [ "$PART" = 30 ]; then
+    timeout 70 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
+        | tail -4
+    timeout 80 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 1,8,64 --json "$OUT/bench_moe.json" 2>&1 \
+        | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
