@@ -75,7 +75,8 @@ F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value
 # two barriers: each block's wgmma stays in flight while the next block is dequantized into registers of its own,
 # and the step ends with one wait. 1 when unpipelined.
 # Three K blocks a step beat one at every size timed (H200, 2026-12-06: e.g. 120b 4096 tokens, 128 pairs x 128
-# rows, 3595 -> 3163 us; 20b 64 tokens, 16 x 128, 287.5 -> 219.0 us).
+# rows, 3595 -> 3163 us; 20b 64 tokens, 16 x 128, 287.5 -> 219.0 us); five beat three on the decode tiles of 8 and
+# 16 pairs (moe_matmul.WGMMA_TILES).
 # maxnreg: a register cap for ptxas (None: its own choice), so that more programs fit an SM.
 # SCALE_AFTER: each K block's wgmma into an accumulator of its own from unscaled weights (FP4 value * 2^-6), the
 # product times 2^(s - 121) added to the sum in float32 (BLOCK_T / 2 FFMA a thread and 64 rows, against 8 f16x2
