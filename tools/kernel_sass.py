@@ -278,9 +278,13 @@ if __name__ == "__main__":
                    fused_20b("w2", rows, k_unroll=unroll), 32 * rows)
     elif which == "wgmma":
         # a step: 3 K blocks, 64 * m_reps rows x 96 weights over 128 threads (48 * m_reps weights a thread)
-        for block_t, m_reps, stages in ((8, 1, 12), (16, 1, 6), (64, 2, 6), (128, 2, 9)):  # the shipped tiles
-            report(f"wgmma 20b w1 + SwiGLU, {block_t} pairs x {64 * m_reps} rows, 3 K blocks a step",
-                   wgmma_20b_w1(block_t, m_reps, stages=stages), 48 * m_reps)
+        from gptoss_serve.kernels.moe_matmul import WGMMA_TILES
+
+        for tile in WGMMA_TILES.values():  # the shipped tiles (K blocks a step, stages, scaled after or before)
+            block_t, m_reps, per_step = tile["BLOCK_T"], tile["M_REPS"], tile["KB_PER_STEP"]
+            report(f"wgmma 20b w1 + SwiGLU, {block_t} pairs x {64 * m_reps} rows, {per_step} K blocks a step",
+                   wgmma_20b_w1(block_t, m_reps, stages=tile["STAGES"], KB_PER_STEP=per_step,
+                                SCALE_AFTER=tile["SCALE_AFTER"]), 16 * per_step * m_reps)
         for vector in (True, False):  # the second matmul's rows: 16-byte stores (the default) or 2-byte ones
             report(f"wgmma 20b w2, 128 pairs x 128 rows, 16-byte stores {vector}",
                    wgmma_20b_w1(128, 2, swiglu=False, stages=9, VECTOR_STORE=vector), 96)
