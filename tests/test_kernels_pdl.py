@@ -107,21 +107,28 @@ def test_moe_layer_with_pdl_equals_serialized_launches(monkeypatch, num_experts,
         assert torch.equal(out, expected[i % 2]), f"replay {i} differs from the serialized launches"
 
 
+BLOCK_SIZE, KV_HEADS, Q_HEADS, HEAD_DIM = 16, 8, 64, 64  # gpt-oss's attention heads, 16-slot cache blocks
+
+
+def paged_cache(num_seqs: int, context: int, gen: torch.Generator):
+    """Random K and V caches with room for each sequence's context, its blocks in shuffled places; sinks."""
+    blocks_per_seq = -(-context // BLOCK_SIZE)
+    k_cache = torch.randn(num_seqs * blocks_per_seq, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=gen,
+                          device="cuda").to(torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_seqs * blocks_per_seq, generator=gen, device="cuda").int().view(num_seqs, -1)
+    return k_cache, v_cache, tables, torch.randn(Q_HEADS, generator=gen, device="cuda")
+
+
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("num_seqs,context", [(1, 32768), (32, 1024), (4, 5000)])
 def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_seqs, context):
     gen = torch.Generator(device="cuda").manual_seed(num_seqs + context)
-    block_size, kv_heads, q_heads, head_dim = 16, 8, 64, 64
-    blocks_per_seq = -(-context // block_size)
-    k_cache = torch.randn(num_seqs * blocks_per_seq, block_size, kv_heads, head_dim, generator=gen,
-                          device="cuda").to(torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(num_seqs * blocks_per_seq, generator=gen, device="cuda").int().view(num_seqs, -1)
-    sinks = torch.randn(q_heads, generator=gen, device="cuda")
+    k_cache, v_cache, tables, sinks = paged_cache(num_seqs, context, gen)
 
     def queries():
-        q = torch.randn(num_seqs, q_heads, head_dim, generator=gen, device="cuda").to(torch.bfloat16)
+        q = torch.randn(num_seqs, Q_HEADS, HEAD_DIM, generator=gen, device="cuda").to(torch.bfloat16)
         lens = torch.randint(context // 2, context + 1, (num_seqs,), generator=gen, device="cuda").int()
         return q, lens
 
@@ -130,7 +137,7 @@ def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_s
 
     def run():
         q, lens = buffers
-        return paged_attention_decode(q, k_cache, v_cache, tables, lens, sinks, head_dim ** -0.5)
+        return paged_attention_decode(q, k_cache, v_cache, tables, lens, sinks, HEAD_DIM ** -0.5)
 
     expected = serialized(monkeypatch, run, inputs, buffers)
     for i, out in enumerate(replay_alternating(run, inputs, buffers)):
@@ -144,21 +151,15 @@ def test_cache_write_then_decode_attention_with_pdl_equals_serialized_launches(m
     """As the model runs them: the RoPE kernel writes q and the new token's K and V rows, then decode attention
     reads them. The new rows alternate between two sets: a read of the cache ahead of the wait would show."""
     gen = torch.Generator(device="cuda").manual_seed(num_seqs * 7 + context)
-    block_size, kv_heads, q_heads, head_dim = 16, 8, 64, 64
-    blocks_per_seq = -(-context // block_size)
-    k_cache = torch.randn(num_seqs * blocks_per_seq, block_size, kv_heads, head_dim, generator=gen,
-                          device="cuda").to(torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(num_seqs * blocks_per_seq, generator=gen, device="cuda").int().view(num_seqs, -1)
-    sinks = torch.randn(q_heads, generator=gen, device="cuda")
+    k_cache, v_cache, tables, sinks = paged_cache(num_seqs, context, gen)
     lens = torch.randint(context // 2, context + 1, (num_seqs,), generator=gen, device="cuda").int()
     positions = (lens - 1).long()  # [num_seqs]
-    slots = tables.gather(1, (positions // block_size)[:, None])[:, 0].long() * block_size + positions % block_size
-    inv_freq = 1.0 / 150000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim)
+    slots = tables.gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0].long() * BLOCK_SIZE + positions % BLOCK_SIZE
+    inv_freq = 1.0 / 150000 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM)
 
     def new_rows():
-        return tuple(torch.randn(num_seqs, heads, head_dim, generator=gen, device="cuda").to(torch.bfloat16)
-                     for heads in (q_heads, kv_heads, kv_heads))
+        return tuple(torch.randn(num_seqs, heads, HEAD_DIM, generator=gen, device="cuda").to(torch.bfloat16)
+                     for heads in (Q_HEADS, KV_HEADS, KV_HEADS))
 
     inputs = [new_rows(), new_rows()]
     buffers = tuple(torch.empty_like(t) for t in inputs[0])
@@ -166,7 +167,7 @@ def test_cache_write_then_decode_attention_with_pdl_equals_serialized_launches(m
     def run():
         q, k, v = buffers
         q_rotated, _ = rope_and_cache_write(q, k, v, positions, inv_freq, 1.0, k_cache, v_cache, slots)
-        return paged_attention_decode(q_rotated, k_cache, v_cache, tables, lens, sinks, head_dim ** -0.5)
+        return paged_attention_decode(q_rotated, k_cache, v_cache, tables, lens, sinks, HEAD_DIM ** -0.5)
 
     expected = serialized(monkeypatch, run, inputs, buffers)
     for i, out in enumerate(replay_alternating(run, inputs, buffers)):

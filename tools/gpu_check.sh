@@ -119,6 +119,14 @@ engine_run() {  # $1 time limit (s), then extra arguments: the 20b engine, one s
     timeout "$limit" python3 -m gptoss_serve.cluster.engine.cli bench offline --preset gpt-oss-20b --random-weights \
         --kernels triton --num-prompts 8 --input-len 1024 --output-len 256 --single-stream --json "$@" 2>&1
 }
+engine_alternating() {  # $1 an environment variable, $2 $3 its two values: engine_run's rows, four rounds in turn
+    for round in 1 2 3 4; do
+        for value in "$2" "$3"; do
+            echo "round $round, $1=$value"
+            (export "$1=$value"; engine_run 60) | grep -E "^ours"
+        done
+    done
+}
 engine_bench() {  # $1 output file: engine_run with decode profiled at 1, 4 and 8
     engine_run 240 --profile-decode 1 4 8 | tail -60 | tee "$1"
 }
@@ -335,18 +343,8 @@ elif [ "$PART" = 27 ]; then
         tests/test_kernels_attention.py -rfE 2>&1 | tail -6
     timeout 90 python3 tools/attention_decode_sweep.py --batches 1,32 --prefetch 0,1,2 2>&1 | grep -v Warning \
         | sed -e 's/ *splits None//' -e 's/PREFETCH_BLOCKS/p/'
-    for round in 1 2 3 4; do
-        for blocks in 0 2; do
-            echo "round $round, GPTOSS_ATTN_PREFETCH_BLOCKS=$blocks"
-            GPTOSS_ATTN_PREFETCH_BLOCKS=$blocks engine_run 60 | grep -E "^ours"
-        done
-    done
-    for round in 1 2 3 4; do
-        for pdl in 0 1; do
-            echo "round $round, GPTOSS_PDL=$pdl"
-            GPTOSS_PDL=$pdl engine_run 60 | grep -E "^ours"
-        done
-    done
+    engine_alternating GPTOSS_ATTN_PREFETCH_BLOCKS 0 2
+    engine_alternating GPTOSS_PDL 0 1
 elif [ "$PART" = 28 ]; then
     timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py \
         tests/test_kernels_attention.py -rfE 2>&1 | tail -6
