@@ -410,10 +410,10 @@ def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator
     hkv, d = GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
     blocks_per_seq = math.ceil(context / block_size)
     num_blocks = num_seqs * blocks_per_seq
-    caches = []
-    for _ in range(NUM_COPIES):  # a copy's K and V caches in one tensor: the read floor reads it in one launch
-        kv = torch.empty(2, num_blocks, block_size, hkv, d, dtype=torch.bfloat16, device="cuda").normal_()
-        caches.append((kv[0], kv[1]))
+    # A copy's K and V caches in one tensor [2, blocks, block size, KV heads, head_dim], which unpacks into the two
+    # (k, v = caches[c]), so that the read floor reads a copy in one launch.
+    caches = [torch.empty(2, num_blocks, block_size, hkv, d, dtype=torch.bfloat16, device="cuda").normal_()
+              for _ in range(NUM_COPIES)]
     tables = torch.randperm(num_blocks, generator=gen).view(num_seqs, blocks_per_seq).to(torch.int32).cuda()
     return caches, tables
 
@@ -438,15 +438,13 @@ def bench_decode(ceil: dict, batches: list[int], contexts: list[int], torch_max_
                        tflops=4 * num_seqs * hq * d * context / ms / 1e9)
             # The read floor: one kernel that only reads the caches' bytes (every context is whole blocks here);
             # up to 4 GB a copy (the floor kernel's word offsets are int32), which leaves out batch 128 x 32k only.
-            whole = [kc._base for kc, _ in caches]  # K and V of a copy are views of one tensor (_kv_setup)
-            if whole[0].numel() * whole[0].element_size() <= 2 ** 32:
-                floors = _read_floor_ms(whole)
+            if caches[0].numel() * caches[0].element_size() <= 2 ** 32:
+                floors = _read_floor_ms(caches)
                 row.update(floor_ms=min(floors.values()), floors_us={p: round(t * 1e3, 1) for p, t in floors.items()})
                 print(f"decode attn batch {num_seqs}, ctx {context}: {nbytes / 1e6:.1f} MB, {ms * 1e3:.1f} us; read "
                       f"floor {row['floor_ms'] * 1e3:.1f} us ({nbytes / row['floor_ms'] / 1e6 / ceil['copy_gbs']:.0%} "
                       f"HBM; by programs {row['floors_us']}): the kernels at {row['floor_ms'] / ms:.0%} of the floor",
                       flush=True)
-            del whole
             if num_seqs * context <= torch_max_tokens:
                 cu = torch.arange(num_seqs + 1, dtype=torch.int32, device="cuda")
                 kc, vc = caches[0]

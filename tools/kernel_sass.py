@@ -277,7 +277,8 @@ if __name__ == "__main__":
             report(f"fused w2 + combine, {rows} rows a thread, unroll {unroll} (4 slots)",
                    fused_20b("w2", rows, k_unroll=unroll), 32 * rows)
     elif which == "wgmma":
-        # a step: 3 K blocks, 64 * m_reps rows x 96 weights over 128 threads (48 * m_reps weights a thread)
+        # a step: KB_PER_STEP K blocks (3 unless named), 64 * m_reps rows x 32 weights each over 128 threads (16 *
+        # m_reps weights a thread a block)
         from gptoss_serve.kernels.moe_matmul import WGMMA_TILES
 
         for tile in WGMMA_TILES.values():  # the shipped tiles (K blocks a step, stages, scaled after or before)
