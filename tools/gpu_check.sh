@@ -95,8 +95,9 @@
 #                                bench's MoE rows at 1-64 tokens
 #   bash tools/gpu_check.sh 31   register caps on the 5-K-block decode tiles (94 and 74 registers uncapped: 5 and 6
 #                                programs an SM; under a cap of 80 / 72 ptxas fits them in 70 / 56 without spills,
-#                                tools/kernel_sass.py: 7 and 9), fewer or more stages beside them, 8-64 tokens, 20b
-#                                and 120b; then part 30 and one 20b MoE layer by launch at 8 and 64 tokens
+#                                tools/kernel_sass.py: 7 and 9) and weight blocks asked of L2 ahead of the ring's
+#                                copies (L2_AHEAD: before the PDL wait, and each step), 8-64 tokens, 20b and 120b; the
+#                                wgmma GPU tests at 8-64 tokens (L2 variants too); then part 30
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -367,15 +368,14 @@ elif [ "$PART" = 30 ]; then
     timeout 80 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 1,8,64 --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
 elif [ "$PART" = 31 ]; then
-    timeout 260 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x64,128x64 --no-gemv --no-mma \
-        --wgmma 8:1:20:5:0:80:1,8:1:15:5:0:80:1,8:1:16:4:0:72:1,8:1:24:6:0:80:1,16:1:10:5:0:72,16:1:15:5:0:72,16:1:20:5:0:72 \
-        2>&1 | grep -v Warning | tee "$OUT/regcap_sweep.txt"
+    timeout 270 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x64,128x64 --no-gemv --no-mma \
+        --wgmma 8:1:20:5:0:80:1,8:1:15:5:0:80:1,8:1:20:5:0:0:1/l2=30,8:1:20:5:0:0:1/l2=45,8:1:20:5:0:0:1/l2=15r,8:1:20:5:0:80:1/l2=30r,16:1:10:5:0:72,16:1:10:5/l2=30,16:1:10:5/l2=15r \
+        2>&1 | grep -v Warning | tee "$OUT/regcap_l2_sweep.txt"
+    moe_gpu_tests "wgmma_matches and not 4096 and not 512" 110
     timeout 70 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
         | tail -4
     timeout 80 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 1,8,64 --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
-    timeout 80 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 8,64 --experts 32 \
-        --json "$OUT/moe_launches.json" 2>&1 | grep -v Warning | grep -E "^MoE|^launches|wgmma" | tee "$OUT/moe_launches.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
