@@ -368,14 +368,14 @@ elif [ "$PART" = 30 ]; then
     timeout 80 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 1,8,64 --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
 elif [ "$PART" = 31 ]; then
-    timeout 210 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x64,128x64 --no-gemv --no-mma \
+    timeout 200 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x64,128x64 --no-gemv --no-mma \
         --wgmma 8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,8:1:20:5:0:0:1/l2=15r,8:1:20:5:0:80:1/l2=30r,16:1:10:5:0:72,16:1:10:5/l2=30,16:1:10:5/l2=15r \
         2>&1 | grep -v Warning | tee "$OUT/regcap_l2_sweep.txt"
-    moe_gpu_tests "wgmma_matches and not 4096 and not 512" 110
-    timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
-        | tail -4
     timeout 80 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 1,8,64 --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
+    timeout 50 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
+        | tail -4
+    moe_gpu_tests "wgmma_matches and not 4096 and not 512" 110
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
