@@ -87,7 +87,7 @@ F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value
 # 1632 -> 1112 SASS instructions, 246 -> 219 registers, the same 92 KB of shared memory; 64 x 128 1016 -> 808.
 # H100, 2026-12-06 (fourth session; tools/moe_mma_sweep.py, µs, 128-pair blocks with 16-pair tails): 120b 4096
 # tokens 2302.8 -> 2280.2, 20b 4096 tokens 2011.1 -> 1932.0, 20b 2048 tokens 1080.8 -> 1060.9.
-# L2_AHEAD: K blocks past the ring's copies asked of L2 ahead of time (cp.async.bulk.prefetch.L2, a quarter of
+# L2_AHEAD: K blocks past the ring's copies asked of L2 ahead of time (cp.async.bulk.prefetch.L2, a share of
 # the range a warp), where a program's weight blocks lie one after another (rows tiled by ROWS, the serving
 # layout's 64 at 64-row tiles): before the PDL wait, the blocks after the early copies (the kernel before's last
 # programs leave bandwidth unused); with L2_ROLLING, each step then asks for the step that far ahead, so a program
