@@ -100,6 +100,8 @@
 #                                wgmma GPU tests at 8-64 tokens (L2 variants too); then part 30
 #   bash tools/gpu_check.sh 32   part 31 cut to fit what device time was left: register caps and L2 prefetch at 20b 8
 #                                and 64 tokens and 120b 8 tokens, the bench's MoE rows at 8 and 64 tokens
+#   bash tools/gpu_check.sh 33   part 32 with the wgmma GPU tests at 8-64 tokens (the L2 variants' correctness) before
+#                                the bench's rows
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -378,10 +380,11 @@ elif [ "$PART" = 31 ]; then
     timeout 50 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
         | tail -4
     moe_gpu_tests "wgmma_matches and not 4096 and not 512" 110
-elif [ "$PART" = 32 ]; then
+elif [ "$PART" = 32 ] || [ "$PART" = 33 ]; then
     timeout 150 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x8 --no-gemv --no-mma \
         --wgmma 8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,8:1:20:5:0:0:1/l2=15r,16:1:10:5:0:72,16:1:10:5/l2=30 \
         2>&1 | grep -v Warning | tee "$OUT/regcap_l2_sweep.txt"
+    [ "$PART" = 33 ] && moe_gpu_tests "wgmma_matches and not 4096 and not 512" 110
     timeout 70 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 8,64 --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
 else
