@@ -102,6 +102,8 @@
 #                                and 64 tokens and 120b 8 tokens, the bench's MoE rows at 8 and 64 tokens
 #   bash tools/gpu_check.sh 33   part 32 with the wgmma GPU tests at 8-64 tokens (the L2 variants' correctness) before
 #                                the bench's rows
+#   bash tools/gpu_check.sh 34   the least of part 32: a register cap on each decode tile and the L2 prefetch on the
+#                                8-pair one, 20b 8 and 64 tokens, against the defaults
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -387,6 +389,10 @@ elif [ "$PART" = 32 ] || [ "$PART" = 33 ]; then
     [ "$PART" = 33 ] && moe_gpu_tests "wgmma_matches and not 4096 and not 512" 110
     timeout 70 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 8,64 --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
+elif [ "$PART" = 34 ]; then
+    timeout 120 python3 tools/moe_mma_sweep.py --cases 32x8,32x64 --no-gemv --no-mma \
+        --wgmma 8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,16:1:10:5:0:72 2>&1 | grep -v Warning \
+        | tee "$OUT/regcap_l2_sweep.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
