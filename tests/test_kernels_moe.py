@@ -744,11 +744,10 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
         # 4: 3 of 90 or 45 blocks, 1 of 5; 5, 6 and 9, with 5 of 5 and of 45; stages rounded down to whole rings);
         # each expert's last 48 or 16 pairs in 16-pair tail blocks; copies a whole step ahead (of 3 rings of 4
         # slots) as well as all slots; each K block's product scaled after its wgmma (SCALE_AFTER); rows of 160 (w2
-        # of the third shape): a partial tile;
-        # row blocks of 256 pairs (the largest wgmma N), on one warpgroup and on two; the second matmul's rows
-        # stored straight from the accumulator's layout (VECTOR_STORE off) as well as 16 bytes at a time; weight
-        # blocks asked of L2 ahead of the copies, before the PDL wait and each step (the third shape's 32-row tiles
-        # are not one block after another: none asked there)
+        # of the third shape): a partial tile; row blocks of 256 pairs (the largest wgmma N), on one warpgroup and
+        # on two; the second matmul's rows stored straight from the accumulator's layout (VECTOR_STORE off) as well
+        # as 16 bytes at a time; weight blocks asked of L2 ahead of the copies, before the PDL wait and each step
+        # (the third shape's 32-row tiles are not one block after another: none asked there)
         config = dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, PIPELINED=pipelined,
                       num_warps=warps, KB_PER_STEP=per_step, **extra)
         out = moe_experts(*served, config=config, **layout)

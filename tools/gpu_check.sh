@@ -144,6 +144,18 @@ engine_bench() {  # $1 output file: engine_run with decode profiled at 1, 4 and 
 engine_table() {  # $1 output file, $2 time limit: engine_run's summary table only
     engine_run "$2" | grep -E "^ours|^run " > "$1"; cat "$1"
 }
+moe_rows_at() {  # $1 time limit (s), $2 token counts: the bench's MoE rows at those counts only
+    timeout "$1" python3 -m gptoss_serve.kernels.bench --sections moe --tokens "$2" --json "$OUT/bench_moe.json" 2>&1 \
+        | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
+}
+pdl_moe_tests() {  # $1 time limit (s): the PDL tests of the MoE chains
+    timeout "$1" python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
+        | tail -4
+}
+regcap_l2_sweep() {  # $1 time limit (s), $2 cases, $3 wgmma tiles: the decode tiles' caps and L2 prefetch
+    timeout "$1" python3 tools/moe_mma_sweep.py --cases "$2" --no-gemv --no-mma --wgmma "$3" 2>&1 | grep -v Warning \
+        | tee "$OUT/regcap_l2_sweep.txt"
+}
 if [ "$PART" = 1 ]; then
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
         tests/test_kernels_attention.py tests/test_kernels_model.py tests/test_kernels_norm_rope.py \
@@ -369,30 +381,21 @@ elif [ "$PART" = 29 ]; then
         2>&1 | grep -v Warning | tee "$OUT/kb_sweep.txt"
     moe_gpu_tests "wgmma_matches and not 4096 and not 512" 130
 elif [ "$PART" = 30 ]; then
-    timeout 70 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
-        | tail -4
-    timeout 80 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 1,8,64 --json "$OUT/bench_moe.json" 2>&1 \
-        | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
+    pdl_moe_tests 70
+    moe_rows_at 80 1,8,64
 elif [ "$PART" = 31 ]; then
-    timeout 200 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x64,128x64 --no-gemv --no-mma \
-        --wgmma 8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,8:1:20:5:0:0:1/l2=15r,8:1:20:5:0:80:1/l2=30r,16:1:10:5:0:72,16:1:10:5/l2=30,16:1:10:5/l2=15r \
-        2>&1 | grep -v Warning | tee "$OUT/regcap_l2_sweep.txt"
-    timeout 80 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 1,8,64 --json "$OUT/bench_moe.json" 2>&1 \
-        | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
-    timeout 50 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
-        | tail -4
+    regcap_l2_sweep 200 32x8,128x8,32x64,128x64 \
+        8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,8:1:20:5:0:0:1/l2=15r,8:1:20:5:0:80:1/l2=30r,16:1:10:5:0:72,16:1:10:5/l2=30,16:1:10:5/l2=15r
+    moe_rows_at 80 1,8,64
+    pdl_moe_tests 50
     moe_gpu_tests "wgmma_matches and not 4096 and not 512" 110
 elif [ "$PART" = 32 ] || [ "$PART" = 33 ]; then
-    timeout 150 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x8 --no-gemv --no-mma \
-        --wgmma 8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,8:1:20:5:0:0:1/l2=15r,16:1:10:5:0:72,16:1:10:5/l2=30 \
-        2>&1 | grep -v Warning | tee "$OUT/regcap_l2_sweep.txt"
+    regcap_l2_sweep 150 32x8,32x64,128x8 \
+        8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,8:1:20:5:0:0:1/l2=15r,16:1:10:5:0:72,16:1:10:5/l2=30
     [ "$PART" = 33 ] && moe_gpu_tests "wgmma_matches and not 4096 and not 512" 110
-    timeout 70 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 8,64 --json "$OUT/bench_moe.json" 2>&1 \
-        | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
+    moe_rows_at 70 8,64
 elif [ "$PART" = 34 ]; then
-    timeout 120 python3 tools/moe_mma_sweep.py --cases 32x8,32x64 --no-gemv --no-mma \
-        --wgmma 8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,16:1:10:5:0:72 2>&1 | grep -v Warning \
-        | tee "$OUT/regcap_l2_sweep.txt"
+    regcap_l2_sweep 120 32x8,32x64 8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,16:1:10:5:0:72
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
