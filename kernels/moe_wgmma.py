@@ -50,7 +50,7 @@ from gptoss_serve.kernels.moe_matmul import combine, split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_mma import SPLIT_WORD_F16_ASM
 from gptoss_serve.kernels.moe_routing import ExpertGroups, group_by_expert
 from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE
-from gptoss_serve.kernels.gluon_utils import pdl_wait, prefetch_l2_bulk
+from gptoss_serve.kernels.gluon_utils import pdl_wait
 from gptoss_serve.kernels.triton_utils import largest_divisor, launch, pdl_args
 from gptoss_serve.kernels.triton_utils import pdl_wait as triton_pdl_wait
 
@@ -87,14 +87,8 @@ F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value
 # 1632 -> 1112 SASS instructions, 246 -> 219 registers, the same 92 KB of shared memory; 64 x 128 1016 -> 808.
 # H100, 2026-12-06 (fourth session; tools/moe_mma_sweep.py, µs, 128-pair blocks with 16-pair tails): 120b 4096
 # tokens 2302.8 -> 2280.2, 20b 4096 tokens 2011.1 -> 1932.0, 20b 2048 tokens 1080.8 -> 1060.9.
-# L2_AHEAD: K blocks past the ring's copies asked of L2 ahead of time (cp.async.bulk.prefetch.L2, a share of
-# the range a warp), where a program's weight blocks lie one after another (rows tiled by ROWS, the serving
-# layout's 64 at 64-row tiles): before the PDL wait, the blocks after the early copies (the kernel before's last
-# programs leave bandwidth unused); with L2_ROLLING, each step then asks for the step that far ahead, so a program
-# alone on an SM (a kernel's last programs) has more bytes in flight than its ring holds. 0: none.
 DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=9, PIPELINED=True, COPY_AHEAD=None,
-                            KB_PER_STEP=3, maxnreg=None, SCALE_AFTER=False, VECTOR_STORE=True, L2_AHEAD=0,
-                            L2_ROLLING=False)
+                            KB_PER_STEP=3, maxnreg=None, SCALE_AFTER=False, VECTOR_STORE=True)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -146,8 +140,7 @@ def _moe_wgmma_kernel(
     NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
     COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, EVEN_N: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    VECTOR_STORE: gl.constexpr, PDL: gl.constexpr, EARLY_WEIGHTS: gl.constexpr, L2_AHEAD: gl.constexpr,
-    L2_ROLLING: gl.constexpr,
+    VECTOR_STORE: gl.constexpr, PDL: gl.constexpr, EARLY_WEIGHTS: gl.constexpr,
 ):
     """Program (row block, weight-row tile): out^T[ROWS rows, the block's pairs] = W_e[rows, :] @ A[pairs, :]^T,
     then the epilogue (see moe_matmul._moe_matmul_kernel, whose arguments these are; A here is f16 in K-slot
@@ -197,7 +190,6 @@ def _moe_wgmma_kernel(
     else:  # `tile_rows`: TILE_N rows' block k side by side, then block k + 1
         w_tile = w_expert + (n_c // TILE_N).to(gl.int64)[:, None] * (stride_w_row * TILE_N) \
             + (n_c % TILE_N)[:, None] * 16 + j_c[None, :]
-    w_rows = w_expert + pid_n * (stride_w_row * ROWS)  # with L2_AHEAD (TILE_N == ROWS): the tile's blocks in turn
     if EVEN_N:  # whole tiles of rows: only the copies past the last K block are masked (in _copy_step)
         w_mask = (r_c < ROWS)[:, None] & (j_c < 16)[None, :]
     else:
@@ -214,8 +206,6 @@ def _moe_wgmma_kernel(
         for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):
             _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N,
                        COPY_A=False, COPY_W=True, COMMIT=False)
-        if L2_AHEAD:
-            _prefetch_blocks(w_rows, COPY_AHEAD, L2_AHEAD, NUM_KB, 16 * ROWS, NUM_WARPS)
         pdl_wait(PDL)
         for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):
             _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N,
@@ -224,8 +214,6 @@ def _moe_wgmma_kernel(
         for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):  # steps 0 .. in flight before the loop
             _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N,
                        COPY_A=True, COPY_W=True, COMMIT=True)
-        if L2_AHEAD:
-            _prefetch_blocks(w_rows, COPY_AHEAD, L2_AHEAD, NUM_KB, 16 * ROWS, NUM_WARPS)
     # Scale bytes of each thread's rows (a row's 90 bytes share a few sectors: mostly L1 hits): the rows of its A
     # registers, or with SCALE_AFTER those of its accumulator (the same rows, in the accumulator's layout).
     S_ROWS: gl.constexpr = gl.SliceLayout(1, mma) if SCALE_AFTER else gl.SliceLayout(1, WORD_LAYOUT)
@@ -248,8 +236,6 @@ def _moe_wgmma_kernel(
             _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step + COPY_AHEAD // KB_PER_STEP,
                        NUM_KB, KB_PER_STEP, TILE_N, COPY_A=True, COPY_W=True,
                        COMMIT=True)  # into the slots the previous step freed
-            if L2_ROLLING:  # the window ahead of the copies moves on by a step
-                _prefetch_blocks(w_rows, kb + COPY_AHEAD + L2_AHEAD, KB_PER_STEP, NUM_KB, 16 * ROWS, NUM_WARPS)
             _barrier()  # every thread's fence before any warp reads the step's slots
         else:  # plain loads and stores into one slot, the wgmma waited for: to tell a fault of the rings apart
             a_rings[0].index(0).store(gl.load(a_tile + kb * 32, mask=a_mask, other=0.0))
@@ -367,17 +353,6 @@ def _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step, NUM_KB: g
 
 
 @gluon.jit
-def _prefetch_blocks(w_rows, first, COUNT: gl.constexpr, NUM_KB: gl.constexpr, BLOCK_BYTES: gl.constexpr,
-                     NUM_WARPS: gl.constexpr):
-    """Asks L2 for K blocks [first, first + COUNT) of a tile whose blocks lie one after another from w_rows
-    (BLOCK_BYTES each), clipped at NUM_KB: one bulk prefetch a warp, each its share of the range."""
-    L: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
-    warp = gl.arange(0, 32 * NUM_WARPS, layout=L) // 32
-    chunk = gl.minimum(gl.maximum(NUM_KB - first, 0), COUNT) * (BLOCK_BYTES // NUM_WARPS)  # bytes a warp
-    prefetch_l2_bulk(w_rows + first * BLOCK_BYTES + warp * chunk, gl.zeros([32 * NUM_WARPS], gl.int32, L) + chunk)
-
-
-@gluon.jit
 def slot_of_element(e):
     """Inverse of the K-slot order: the slot that carries element e (bits e3 e2 e1 e0 -> slot e1 e3 e2 e0)."""
     return (e & ~15) + (e & 1) + ((e >> 2) & 3) * 2 + ((e >> 1) & 1) * 8
@@ -456,9 +431,6 @@ def moe_wgmma(
     num_n_tiles = triton.cdiv(n_rows, rows)
     dummy = scales  # never read: the flags below switch off its use
     pdl = pdl_args(a.device)
-    # L2 prefetch where a tile's blocks lie one after another (rows tiled by the tile's own count), in whole steps
-    contiguous = tile_n == rows and config["PIPELINED"]
-    l2_ahead = -(-config["L2_AHEAD"] // per_step) * per_step if contiguous else 0
     _moe_wgmma_kernel[(groups.block_expert.numel() * num_n_tiles,)](
         a, blocks, scales, bias if bias is not None else dummy, out,
         groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end,
@@ -471,8 +443,7 @@ def moe_wgmma(
         BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages,
         PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, EVEN_N=n_rows % rows == 0,
         SCALE_AFTER=config["SCALE_AFTER"], VECTOR_STORE=config["VECTOR_STORE"], num_warps=num_warps,
-        EARLY_WEIGHTS=pdl["PDL"] and tables_settled and bool(config["PIPELINED"]), L2_AHEAD=l2_ahead,
-        L2_ROLLING=bool(l2_ahead and config["L2_ROLLING"]), **pdl,
+        EARLY_WEIGHTS=pdl["PDL"] and tables_settled and bool(config["PIPELINED"]), **pdl,
         **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
 
 

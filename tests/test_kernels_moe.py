@@ -737,17 +737,14 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
             (64, 2, 6, True, 4, 3, dict(VECTOR_STORE=False)), (16, 1, 6, True, 4, 3, dict(VECTOR_STORE=False)),
             (8, 1, 12, True, 4, 3, dict(SCALE_AFTER=True, VECTOR_STORE=False)),
             (8, 1, 20, True, 4, 5, dict(SCALE_AFTER=True)), (8, 1, 18, True, 4, 6, dict(SCALE_AFTER=True)),
-            (8, 1, 27, True, 4, 9, dict(SCALE_AFTER=True)), (16, 1, 10, True, 4, 5, {}), (16, 1, 12, True, 4, 6, {}),
-            (8, 1, 20, True, 4, 5, dict(SCALE_AFTER=True, L2_AHEAD=30)),
-            (16, 1, 10, True, 4, 5, dict(L2_AHEAD=15, L2_ROLLING=True))):
+            (8, 1, 27, True, 4, 9, dict(SCALE_AFTER=True)), (16, 1, 10, True, 4, 5, {}), (16, 1, 12, True, 4, 6, {})):
         # unpipelined first: the reference for the rings; 8 warps: two warpgroups; several K blocks a step (at most
         # 4: 3 of 90 or 45 blocks, 1 of 5; 5, 6 and 9, with 5 of 5 and of 45; stages rounded down to whole rings);
         # each expert's last 48 or 16 pairs in 16-pair tail blocks; copies a whole step ahead (of 3 rings of 4
         # slots) as well as all slots; each K block's product scaled after its wgmma (SCALE_AFTER); rows of 160 (w2
         # of the third shape): a partial tile; row blocks of 256 pairs (the largest wgmma N), on one warpgroup and
         # on two; the second matmul's rows stored straight from the accumulator's layout (VECTOR_STORE off) as well
-        # as 16 bytes at a time; weight blocks asked of L2 ahead of the copies, before the PDL wait and each step
-        # (the third shape's 32-row tiles are not one block after another: none asked there)
+        # as 16 bytes at a time
         config = dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, PIPELINED=pipelined,
                       num_warps=warps, KB_PER_STEP=per_step, **extra)
         out = moe_experts(*served, config=config, **layout)

@@ -93,17 +93,6 @@
 #                                the wgmma GPU tests at 8-64 tokens with those tiles too
 #   bash tools/gpu_check.sh 30   5 K blocks a step on the decode tiles by default: the PDL tests of the MoE chains, the
 #                                bench's MoE rows at 1-64 tokens
-#   bash tools/gpu_check.sh 31   register caps on the 5-K-block decode tiles (94 and 74 registers uncapped: 5 and 6
-#                                programs an SM; under a cap of 80 / 72 ptxas fits them in 70 / 56 without spills,
-#                                tools/kernel_sass.py: 7 and 9) and weight blocks asked of L2 ahead of the ring's
-#                                copies (L2_AHEAD: before the PDL wait, and each step), 8-64 tokens, 20b and 120b; the
-#                                wgmma GPU tests at 8-64 tokens (L2 variants too); then part 30
-#   bash tools/gpu_check.sh 32   part 31 cut to fit what device time was left: register caps and L2 prefetch at 20b 8
-#                                and 64 tokens and 120b 8 tokens, the bench's MoE rows at 8 and 64 tokens
-#   bash tools/gpu_check.sh 33   part 32 with the wgmma GPU tests at 8-64 tokens (the L2 variants' correctness) before
-#                                the bench's rows
-#   bash tools/gpu_check.sh 34   the least of part 32: a register cap on each decode tile and the L2 prefetch on the
-#                                8-pair one, 20b 8 and 64 tokens, against the defaults
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -151,10 +140,6 @@ moe_rows_at() {  # $1 time limit (s), $2 token counts: the bench's MoE rows at t
 pdl_moe_tests() {  # $1 time limit (s): the PDL tests of the MoE chains
     timeout "$1" python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
         | tail -4
-}
-regcap_l2_sweep() {  # $1 time limit (s), $2 cases, $3 wgmma tiles: the decode tiles' caps and L2 prefetch
-    timeout "$1" python3 tools/moe_mma_sweep.py --cases "$2" --no-gemv --no-mma --wgmma "$3" 2>&1 | grep -v Warning \
-        | tee "$OUT/regcap_l2_sweep.txt"
 }
 if [ "$PART" = 1 ]; then
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
@@ -383,19 +368,6 @@ elif [ "$PART" = 29 ]; then
 elif [ "$PART" = 30 ]; then
     pdl_moe_tests 70
     moe_rows_at 80 1,8,64
-elif [ "$PART" = 31 ]; then
-    regcap_l2_sweep 200 32x8,128x8,32x64,128x64 \
-        8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,8:1:20:5:0:0:1/l2=15r,8:1:20:5:0:80:1/l2=30r,16:1:10:5:0:72,16:1:10:5/l2=30,16:1:10:5/l2=15r
-    moe_rows_at 80 1,8,64
-    pdl_moe_tests 50
-    moe_gpu_tests "wgmma_matches and not 4096 and not 512" 110
-elif [ "$PART" = 32 ] || [ "$PART" = 33 ]; then
-    regcap_l2_sweep 150 32x8,32x64,128x8 \
-        8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,8:1:20:5:0:0:1/l2=15r,16:1:10:5:0:72,16:1:10:5/l2=30
-    [ "$PART" = 33 ] && moe_gpu_tests "wgmma_matches and not 4096 and not 512" 110
-    moe_rows_at 70 8,64
-elif [ "$PART" = 34 ]; then
-    regcap_l2_sweep 120 32x8,32x64 8:1:20:5:0:80:1,8:1:20:5:0:0:1/l2=30,16:1:10:5:0:72
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

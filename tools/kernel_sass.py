@@ -158,7 +158,7 @@ def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **ove
                  WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t,
                  M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages, PIPELINED=True, KB_PER_STEP=3,
                  EVEN_N=n % (16 * num_warps * m_reps) == 0, SCALE_AFTER=False, VECTOR_STORE=True, PDL=False,
-                 EARLY_WEIGHTS=False, L2_AHEAD=0, L2_ROLLING=False)
+                 EARLY_WEIGHTS=False)
     const.update(overrides)
     if const["PIPELINED"]:  # whole rings, copies ahead by all slots but the step's own, as moe_wgmma computes them
         const["STAGES"] -= const["STAGES"] % const["KB_PER_STEP"]

@@ -30,8 +30,7 @@ parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of
                     "wgmma, 0 before; WARPS: 4 (one warpgroup, the default) or 8 (two); VECTOR_STORE: 1 (the "
                     "default) stores the second matmul's rows 16 bytes at a time, 0 2 bytes), comma-separated; "
                     "with it, steps of more than 8 tokens also time the grouped kernel (its heuristic tiles) and "
-                    "skip the tensor-core decode kernel; a tile may end in /l2=N (L2_AHEAD: N K blocks past the "
-                    "ring's copies asked of L2 before the PDL wait) or /l2=Nr (and the window kept each step)")
+                    "skip the tensor-core decode kernel")
 parser.add_argument("--no-gemv", action="store_true", help="skip the matrix-vector kernels' variants")
 parser.add_argument("--no-mma", action="store_true", help="skip the tensor-core decode kernel's variants")
 args = parser.parse_args()
@@ -85,9 +84,8 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
     if args.wgmma:  # BLOCK_T:M_REPS:STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG[:SCALE_AFTER[:WARPS[:VECTOR_STORE]]]]]
         grid = [(spec[0], spec[1], spec[2], spec[7] if len(spec) > 7 else 4, spec[3], spec[4] if len(spec) > 4 else 0,
                  spec[5] if len(spec) > 5 and spec[5] else None, len(spec) > 6 and spec[6] == 1,
-                 len(spec) <= 8 or spec[8] == 1, l2)
-                for spec, l2 in ((tuple(int(v) for v in tile.split("/")[0].split(":")), _l2_option(tile))
-                                 for tile in args.wgmma.split(","))]
+                 len(spec) <= 8 or spec[8] == 1)
+                for spec in (tuple(int(v) for v in tile.split(":")) for tile in args.wgmma.split(","))]
     elif num_tokens <= 64:
         grid = [(16, 1, 8, 4, 1, 0, None), (16, 2, 8, 4, 1, 0, None), (16, 2, 8, 4, 2, 0, None),
                 (16, 2, 12, 4, 3, 0, None), (16, 2, 8, 4, 3, 0, 64), (16, 1, 8, 4, 3, 0, None),
@@ -97,26 +95,16 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
                 (64, 2, 9, 4, 3, 16, None), (128, 1, 8, 4, 1, 0, None), (128, 2, 8, 4, 2, 0, None),
                 (128, 2, 9, 4, 3, 0, None), (128, 2, 9, 4, 3, 16, None), (128, 1, 9, 8, 3, 0, None)]
     if not args.wgmma:
-        grid = [tile + (False, True, (0, False)) for tile in grid]  # scaled before the wgmma, 16-byte stores
+        grid = [tile + (False, True) for tile in grid]  # scaled before the wgmma, 16-byte stores
     grouped = [("grouped, heuristic tiles", _tile_config(num_tokens, num_tokens * 4, num_experts))] \
         if args.wgmma and num_tokens > 8 else []
     return grouped + [(f"wgmma T={block_t} rows={16 * warps * m_reps} stages={stages} w={warps} kb/step<={per_step}"
                        + (f" tail<={tail}" if tail else "") + (f" regs<={maxnreg}" if maxnreg else "")
-                       + (" scaled after" if scale_after else "") + ("" if vector else " 2-byte stores")
-                       + (f" L2 {l2[0]}{' rolling' if l2[1] else ''}" if l2[0] else ""),
+                       + (" scaled after" if scale_after else "") + ("" if vector else " 2-byte stores"),
                        dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, num_warps=warps,
                             KB_PER_STEP=per_step, maxnreg=maxnreg, SCALE_AFTER=scale_after, VECTOR_STORE=vector,
-                            L2_AHEAD=l2[0], L2_ROLLING=l2[1],
                             **(dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=tail) if tail else {})))
-                      for block_t, m_reps, stages, warps, per_step, tail, maxnreg, scale_after, vector, l2 in grid]
-
-
-def _l2_option(tile: str) -> tuple[int, bool]:
-    """A --wgmma tile's /l2=N or /l2=Nr suffix as (L2_AHEAD, L2_ROLLING); (0, False) without one."""
-    option = tile.split("/")[1] if "/" in tile else "l2=0"
-    if not option.startswith("l2="):
-        raise SystemExit(f"unknown option {option!r} in --wgmma tile {tile!r}")
-    return int(option[3:].rstrip("r")), option.endswith("r")
+                      for block_t, m_reps, stages, warps, per_step, tail, maxnreg, scale_after, vector in grid]
 
 
 seen_models = set()
