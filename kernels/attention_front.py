@@ -39,7 +39,8 @@ import triton.language as tl
 from gptoss_serve.kernels.attention_front_ref import split_qkv
 from gptoss_serve.kernels.rmsnorm import rmsnorm
 from gptoss_serve.kernels.rope import rope_and_cache_write
-from gptoss_serve.kernels.triton_utils import cast_rne, device_function, emulate_bf16, launch, next_pow2
+from gptoss_serve.kernels.triton_utils import (arrival_counters, cast_rne, device_function, emulate_bf16, launch,
+                                              next_pow2)
 
 # Steps of up to this many tokens (one block of them) take the fused kernel; GPTOSS_FUSED_ATTN_FRONT_MAX_TOKENS
 # sets it for a process. Off (0) by default: it still loses. On an H100 (2026-12-06, `python3 -m
@@ -67,22 +68,6 @@ NORM_ELEMENTS = 1024
 # 64K); the compiler left alone takes 98, which fits 4. At 96, tools/kernel_sass.py front (Triton 3.9) shows only
 # the 32-byte stack of sin and cos's slow path, as uncapped; Triton 3.6 on an H200 reported 8-10 bytes of spills.
 MAX_REGISTERS_SPLIT_16 = 96
-MIN_ARRIVAL_COUNTERS = 4096
-
-# Per device, arrival counters that are zero between launches (the last arriving program resets its tile's), so
-# no launch clears them and CUDA graphs replay them as they are. Launches on concurrent streams must not share
-# them (the engine runs one stream). A buffer outgrown stays referenced: a captured graph may still use it.
-_arrival_counters: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def arrival_counters(num_tiles: int, device: torch.device) -> torch.Tensor:
-    """[>= num_tiles] int32 zeros, kept for the process."""
-    held = _arrival_counters.setdefault(device, [])
-    if not held or held[-1].numel() < num_tiles:
-        held.append(torch.zeros(max(num_tiles, MIN_ARRIVAL_COUNTERS), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 def pick_num_splits(num_tiles: int, num_tokens: int, num_chunks: int) -> int:
     """Splits of K a tile, from shapes alone (so CUDA graphs capture it); see TARGET_PROGRAMS."""
     by_programs = TARGET_PROGRAMS // num_tiles
@@ -318,7 +303,7 @@ def norm_qkv_rope(
     num_tiles = triton.cdiv(num_tokens, block_m) * num_tiles_n
     if num_splits > 1:
         partials = torch.empty((num_splits, num_tiles, block_m, 2 * ROWS), dtype=torch.float32, device=h.device)
-        arrivals = arrival_counters(num_tiles, h.device)
+        arrivals = arrival_counters("attention_front", num_tiles, h.device)
     else:  # unused by the kernel
         partials, arrivals = q_out, q_out
     launch(_norm_qkv_rope_kernel, (num_tiles // num_tiles_n, num_tiles_n, num_splits),

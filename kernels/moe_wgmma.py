@@ -50,8 +50,8 @@ from gptoss_serve.kernels.moe_matmul import combine, split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_mma import SPLIT_WORD_F16_ASM
 from gptoss_serve.kernels.moe_routing import ExpertGroups, group_by_expert
 from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE
-from gptoss_serve.kernels.gluon_utils import pdl_wait
-from gptoss_serve.kernels.triton_utils import largest_divisor, launch, pdl_args
+from gptoss_serve.kernels.gluon_utils import fence_gpu, pdl_wait
+from gptoss_serve.kernels.triton_utils import arrival_counters, largest_divisor, launch, pdl_args
 from gptoss_serve.kernels.triton_utils import pdl_wait as triton_pdl_wait
 
 F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value is an exact f16
@@ -87,8 +87,9 @@ F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value
 # 1632 -> 1112 SASS instructions, 246 -> 219 registers, the same 92 KB of shared memory; 64 x 128 1016 -> 808.
 # H100, 2026-12-06 (fourth session; tools/moe_mma_sweep.py, µs, 128-pair blocks with 16-pair tails): 120b 4096
 # tokens 2302.8 -> 2280.2, 20b 4096 tokens 2011.1 -> 1932.0, 20b 2048 tokens 1080.8 -> 1060.9.
+# CHAIN: both matmuls in one launch (_moe_wgmma_chain_kernel), where they take the same rings and no tail blocks.
 DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=9, PIPELINED=True, COPY_AHEAD=None,
-                            KB_PER_STEP=3, maxnreg=None, SCALE_AFTER=False, VECTOR_STORE=True)
+                            KB_PER_STEP=3, maxnreg=None, SCALE_AFTER=False, VECTOR_STORE=True, CHAIN=False)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -147,17 +148,98 @@ def _moe_wgmma_kernel(
     order, from to_f16_slots, and the first matmul writes its activations so too). With PDL (see
     triton_utils.PDL) the program waits for the kernel before at its start, or with EARLY_WEIGHTS (the block tables
     written at least two launches before) after reading its block and issuing its first steps' weight copies."""
+    a_rings, w_rings = _rings(BLOCK_T, 16 * NUM_WARPS * M_REPS, STAGES, KB_PER_STEP, B_SMEM)
+    pid = gl.program_id(0)
+    _wgmma_tile(pid // num_n_tiles, pid % num_n_tiles, a_rings, w_rings, a_ptr, w_ptr, scales_ptr, bias_ptr,
+                out_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
+                block_expert_ptr, N, top_k, 0, 0, stride_a, stride_w_expert, stride_w_row, stride_s_expert,
+                stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit,
+                SWIGLU, HAS_BIAS, GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, BLOCK_T, M_REPS, NUM_WARPS, STAGES,
+                PIPELINED, COPY_AHEAD, KB_PER_STEP, EVEN_N, SCALE_AFTER, VECTOR_STORE, PDL, EARLY_WEIGHTS, READY=0)
+
+
+@gluon.jit
+def _moe_wgmma_chain_kernel(
+    x_ptr, act_ptr, y_ptr, w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr,
+    sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr, ready_ptr,
+    N1, N2, top_k, num_n_tiles1, num_n_tiles2, num_w1_programs,
+    stride_x, stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_b1_expert, stride_act,
+    stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_b2_expert, stride_y,
+    swiglu_alpha, swiglu_limit,
+    HAS_B1: gl.constexpr, HAS_B2: gl.constexpr, TILE_N: gl.constexpr, NUM_KB1: gl.constexpr,
+    NUM_KB2: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
+    M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, COPY_AHEAD: gl.constexpr,
+    KB_PER_STEP: gl.constexpr, EVEN_N1: gl.constexpr, EVEN_N2: gl.constexpr, SCALE_AFTER: gl.constexpr,
+    VECTOR_STORE: gl.constexpr, PDL: gl.constexpr, EARLY_WEIGHTS: gl.constexpr,
+):
+    """Both matmuls of the experts in one launch (CHAIN): programs [0, num_w1_programs) are the first matmul's
+    (row block, tile) programs, the rest the second's, each row block's tiles together. A first-matmul program
+    counts its row block's tile as done (ready_ptr, one counter a row block) once its activations are stored; a
+    second-matmul program issues its first weight copies, then waits until all num_n_tiles1 tiles of its row
+    block are counted, then reads their activations. Programs start in the order of their ids, so a waiting
+    program's row block has all its first-matmul programs started ahead of it: none waits on a program that cannot
+    run. The second matmul's programs count themselves too, and the last of a row block sets its counter back to
+    zero (triton_utils.arrival_counters). What it saves: the second launch's start and the first's last programs
+    alone on the GPU, the second matmul's programs streaming their weights beside them."""
+    a_rings, w_rings = _rings(BLOCK_T, 16 * NUM_WARPS * M_REPS, STAGES, KB_PER_STEP, B_SMEM)
+    pid = gl.program_id(0)
+    if pid < num_w1_programs:
+        _wgmma_tile(pid // num_n_tiles1, pid % num_n_tiles1, a_rings, w_rings, x_ptr, w1_ptr, s1_ptr, b1_ptr,
+                    act_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
+                    ready_ptr, N1, top_k, 0, 0, stride_x, stride_w1_expert, stride_w1_row, stride_s1_expert,
+                    stride_s1_row, stride_b1_expert, stride_act, swiglu_alpha, swiglu_limit,
+                    True, HAS_B1, True, TILE_N, NUM_KB1, WORD_LAYOUT, BLOCK_T, M_REPS, NUM_WARPS, STAGES,
+                    True, COPY_AHEAD, KB_PER_STEP, EVEN_N1, SCALE_AFTER, VECTOR_STORE, PDL, EARLY_WEIGHTS, READY=1)
+    else:
+        pid2 = pid - num_w1_programs
+        _wgmma_tile(pid2 // num_n_tiles2, pid2 % num_n_tiles2, a_rings, w_rings, act_ptr, w2_ptr, s2_ptr, b2_ptr,
+                    y_ptr, sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
+                    ready_ptr, N2, top_k, num_n_tiles1, num_n_tiles1 + num_n_tiles2, stride_act, stride_w2_expert,
+                    stride_w2_row, stride_s2_expert, stride_s2_row, stride_b2_expert, stride_y, swiglu_alpha,
+                    swiglu_limit, False, HAS_B2, False, TILE_N, NUM_KB2, WORD_LAYOUT, BLOCK_T, M_REPS, NUM_WARPS,
+                    STAGES, True, COPY_AHEAD, KB_PER_STEP, EVEN_N2, SCALE_AFTER, VECTOR_STORE, PDL, EARLY_WEIGHTS,
+                    READY=2)
+
+
+@gluon.jit
+def _rings(BLOCK_T: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr, KB_PER_STEP: gl.constexpr,
+           B_SMEM: gl.constexpr):
+    """Shared-memory rings: ring j holds the K blocks j, j + KB_PER_STEP, ... (STAGES // KB_PER_STEP slots), the
+    activations' [BLOCK_T, 32] f16 and the weights' [ROWS, 16] bytes. A step's copies write distinct buffers, so
+    the compiler puts no barrier between them (it cannot tell slots of one buffer apart)."""
+    PLAIN: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    a_rings = ()
+    w_rings = ()
+    for j in gl.static_range(KB_PER_STEP):
+        a_rings = a_rings + (gl.allocate_shared_memory(gl.float16, [STAGES // KB_PER_STEP, BLOCK_T, 32], B_SMEM),)
+        w_rings = w_rings + (gl.allocate_shared_memory(gl.uint8, [STAGES // KB_PER_STEP, ROWS, 16], PLAIN),)
+    return a_rings, w_rings
+
+
+@gluon.jit
+def _wgmma_tile(
+    pid_m, pid_n, a_rings, w_rings, a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr,
+    sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr, ready_ptr,
+    N, top_k, ready_count, ready_total,
+    stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_bias_expert, stride_out,
+    swiglu_alpha, swiglu_limit,
+    SWIGLU: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER_TOKENS: gl.constexpr, TILE_N: gl.constexpr,
+    NUM_KB: gl.constexpr, WORD_LAYOUT: gl.constexpr, BLOCK_T: gl.constexpr,
+    M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
+    COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, EVEN_N: gl.constexpr, SCALE_AFTER: gl.constexpr,
+    VECTOR_STORE: gl.constexpr, PDL: gl.constexpr, EARLY_WEIGHTS: gl.constexpr, READY: gl.constexpr,
+):
+    """One program of the wgmma kernel (see _moe_wgmma_kernel) on row block pid_m and weight-row tile pid_n, in the
+    rings given. READY (the chained launch, _moe_wgmma_chain_kernel): 0 none; 1 count the tile on its row block's
+    counter once its activations are stored; 2 wait, before the activations' copies, until the counter reaches
+    ready_count, then count the tile, the last of ready_total setting the counter back to zero."""
     ROWS: gl.constexpr = 16 * NUM_WARPS * M_REPS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_T, 16])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     COPY_L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])  # 16-byte copies of [*, 32] f16
     BYTES_L: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [NUM_WARPS, 1], [1, 0])  # 8-byte copies, 64 rows a pass
-    PLAIN: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
 
-    pid = gl.program_id(0)
-    pid_m = pid // num_n_tiles
-    pid_n = pid % num_n_tiles
     if not EARLY_WEIGHTS:
         pdl_wait(PDL)
     expert = gl.load(block_expert_ptr + pid_m)
@@ -165,6 +247,8 @@ def _moe_wgmma_kernel(
         if EARLY_WEIGHTS:
             pdl_wait(PDL)  # every program waits before it ends (triton_utils.PDL)
         return
+    if READY == 2 and not EARLY_WEIGHTS:
+        _wait_ready(ready_ptr + pid_m, ready_count, ready_total)
     row_start = gl.load(block_row_start_ptr + pid_m)
     row_end = gl.load(block_row_end_ptr + pid_m)
 
@@ -195,18 +279,13 @@ def _moe_wgmma_kernel(
     else:
         w_mask = (n_c < N)[:, None] & (j_c < 16)[None, :]
 
-    # Ring j holds the K blocks j, j + KB_PER_STEP, ... (STAGES // KB_PER_STEP slots): a step's copies write
-    # distinct buffers, so the compiler puts no barrier between them (it cannot tell slots of one buffer apart).
-    a_rings = ()
-    w_rings = ()
-    for j in gl.static_range(KB_PER_STEP):
-        a_rings = a_rings + (gl.allocate_shared_memory(gl.float16, [STAGES // KB_PER_STEP, BLOCK_T, 32], B_SMEM),)
-        w_rings = w_rings + (gl.allocate_shared_memory(gl.uint8, [STAGES // KB_PER_STEP, ROWS, 16], PLAIN),)
     if EARLY_WEIGHTS:  # steps 0 .. in flight before the loop: their weights before the wait, all in step 0's group
         for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):
             _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N,
                        COPY_A=False, COPY_W=True, COMMIT=False)
         pdl_wait(PDL)
+        if READY == 2:
+            _wait_ready(ready_ptr + pid_m, ready_count, ready_total)
         for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):
             _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N,
                        COPY_A=True, COPY_W=False, COMMIT=True)
@@ -293,6 +372,10 @@ def _moe_wgmma_kernel(
         out_mask = (cols < N // 2)[:, None] & (rows_g < row_end)[None, :]
         gl.store(out_ptr + rows_g.to(gl.int64)[None, :] * stride_out + slot_of_element(cols)[:, None], act,
                  mask=out_mask)
+        if READY == 1:  # every thread's stores visible at the GPU's scope, then one count for the program
+            fence_gpu()
+            _barrier()
+            gl.atomic_add(ready_ptr + pid_m, 1, sem="release", scope="gpu")
     elif VECTOR_STORE:  # h is bf16 already (stored exactly, unweighted); 8 rows of a pair a thread: 16-byte stores
         LANES_N: gl.constexpr = ROWS // 8 if ROWS < 256 else 32
         STORE_L: gl.constexpr = gl.BlockedLayout([8, 1], [LANES_N, 32 // LANES_N], [1, NUM_WARPS], [0, 1])
@@ -353,6 +436,17 @@ def _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step, NUM_KB: g
 
 
 @gluon.jit
+def _wait_ready(counter_ptr, ready_count, ready_total):
+    """Spins until the counter reaches ready_count (acquiring the writes counted), then adds this program to it;
+    the program that brings it to ready_total sets it back to zero for the next launch."""
+    seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while seen < ready_count:
+        seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    if gl.atomic_add(counter_ptr, 1, sem="relaxed", scope="gpu") == ready_total - 1:
+        gl.store(counter_ptr, 0)
+
+
+@gluon.jit
 def slot_of_element(e):
     """Inverse of the K-slot order: the slot that carries element e (bits e3 e2 e1 e0 -> slot e1 e3 e2 e0)."""
     return (e & ~15) + (e & 1) + ((e >> 2) & 3) * 2 + ((e >> 1) & 1) * 8
@@ -394,6 +488,40 @@ def to_f16_slots(x: torch.Tensor) -> torch.Tensor:  # [rows, K] f16, K in slot o
     return out
 
 
+def _plan(a: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, groups: ExpertGroups, config: dict,
+          tile_n: int) -> dict:
+    """The wgmma kernel's constexprs for one matmul (rings, steps, tiles), after checking its operands."""
+    num_local_experts, n_rows, num_k_blocks, _ = blocks.shape
+    if not a.is_cuda:
+        raise ValueError("the wgmma MoE kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")
+    if a.dtype != torch.float16 or a.shape[1] != num_k_blocks * MXFP4_BLOCK_SIZE or a.stride(1) != 1:
+        raise ValueError("activations must be to_f16_slots' [rows, K] f16, K matching the weights")
+    if n_rows % tile_n or groups.block_m > config["BLOCK_T"]:
+        raise ValueError(f"{n_rows} weight rows must be whole tiles of {tile_n}, row blocks at most BLOCK_T")
+    per_step = largest_divisor(num_k_blocks, config["KB_PER_STEP"]) if config["PIPELINED"] else 1
+    stages = config["STAGES"] - config["STAGES"] % per_step if config["PIPELINED"] else 1  # whole rings
+    ahead = stages - per_step if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
+    if config["PIPELINED"] and (ahead % per_step or not per_step <= ahead <= stages - per_step):
+        raise ValueError(f"the wgmma kernel's rings of {stages // per_step} slots hold 1 to {stages // per_step - 1} "
+                         f"steps of {per_step} K blocks of copies ahead, not {ahead} blocks")
+    if not config["SCALE_AFTER"] and not scales_fit_f16(scales):
+        raise ValueError(f"the wgmma MoE kernel scales in f16: scale bytes must lie in {F16_SCALE_RANGE}")
+    rows = 16 * config["num_warps"] * config["M_REPS"]
+    return dict(NUM_KB=num_k_blocks, STAGES=stages, COPY_AHEAD=ahead, KB_PER_STEP=per_step,
+                EVEN_N=n_rows % rows == 0, num_n_tiles=triton.cdiv(n_rows, rows))
+
+
+def _launch_options(config: dict, a: torch.Tensor, tables_settled: bool) -> dict:
+    """The constexprs and launch options both kernels take from the config and the device."""
+    num_warps, m_reps, block_t = config["num_warps"], config["M_REPS"], config["BLOCK_T"]
+    pdl = pdl_args(a.device)
+    return dict(WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t,
+                M_REPS=m_reps, NUM_WARPS=num_warps, SCALE_AFTER=config["SCALE_AFTER"],
+                VECTOR_STORE=config["VECTOR_STORE"], num_warps=num_warps,
+                EARLY_WEIGHTS=pdl["PDL"] and tables_settled and bool(config["PIPELINED"]), **pdl,
+                **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
+
+
 def moe_wgmma(
     a: torch.Tensor,  # [num_tokens, K] (gathered through the pairs) or [num_pairs, K] (grouped order), f16 slots
     blocks: torch.Tensor,  # [num_local_experts, N, K / 32, 16] uint8, split-nibble layout (maybe tiled rows)
@@ -411,40 +539,52 @@ def moe_wgmma(
     With programmatic dependent launch and tables_settled, each program reads its row block and starts its weight
     copies before it waits for the kernel before."""
     config = dict(DEFAULT_WGMMA_CONFIG, **config)
-    num_local_experts, n_rows, num_k_blocks, _ = blocks.shape
-    if not a.is_cuda:
-        raise ValueError("the wgmma MoE kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")
-    if a.dtype != torch.float16 or a.shape[1] != num_k_blocks * MXFP4_BLOCK_SIZE or a.stride(1) != 1:
-        raise ValueError("activations must be to_f16_slots' [rows, K] f16, K matching the weights")
-    if n_rows % tile_n or groups.block_m > config["BLOCK_T"]:
-        raise ValueError(f"{n_rows} weight rows must be whole tiles of {tile_n}, row blocks at most BLOCK_T")
-    per_step = largest_divisor(num_k_blocks, config["KB_PER_STEP"]) if config["PIPELINED"] else 1
-    stages = config["STAGES"] - config["STAGES"] % per_step if config["PIPELINED"] else 1  # whole rings
-    ahead = stages - per_step if config["COPY_AHEAD"] is None else config["COPY_AHEAD"]
-    if config["PIPELINED"] and (ahead % per_step or not per_step <= ahead <= stages - per_step):
-        raise ValueError(f"the wgmma kernel's rings of {stages // per_step} slots hold 1 to {stages // per_step - 1} "
-                         f"steps of {per_step} K blocks of copies ahead, not {ahead} blocks")
-    if not config["SCALE_AFTER"] and not scales_fit_f16(scales):
-        raise ValueError(f"the wgmma MoE kernel scales in f16: scale bytes must lie in {F16_SCALE_RANGE}")
-    num_warps, m_reps, block_t = config["num_warps"], config["M_REPS"], config["BLOCK_T"]
-    rows = 16 * num_warps * m_reps
-    num_n_tiles = triton.cdiv(n_rows, rows)
+    plan = _plan(a, blocks, scales, groups, config, tile_n)
+    num_n_tiles = plan.pop("num_n_tiles")
     dummy = scales  # never read: the flags below switch off its use
-    pdl = pdl_args(a.device)
     _moe_wgmma_kernel[(groups.block_expert.numel() * num_n_tiles,)](
         a, blocks, scales, bias if bias is not None else dummy, out,
         groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end,
-        n_rows, top_k, num_n_tiles,
+        blocks.shape[1], top_k, num_n_tiles,
         a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
         bias.stride(0) if bias is not None else 0, out.stride(0),
         float(swiglu[0]) if swiglu else 0.0, float(swiglu[1]) if swiglu else 0.0,
         SWIGLU=swiglu is not None, HAS_BIAS=bias is not None, GATHER_TOKENS=swiglu is not None, TILE_N=tile_n,
-        NUM_KB=num_k_blocks, WORD_LAYOUT=word_layout(num_warps, m_reps), B_SMEM=b_smem_layout(block_t),
-        BLOCK_T=block_t, M_REPS=m_reps, NUM_WARPS=num_warps, STAGES=stages,
-        PIPELINED=config["PIPELINED"], COPY_AHEAD=ahead, KB_PER_STEP=per_step, EVEN_N=n_rows % rows == 0,
-        SCALE_AFTER=config["SCALE_AFTER"], VECTOR_STORE=config["VECTOR_STORE"], num_warps=num_warps,
-        EARLY_WEIGHTS=pdl["PDL"] and tables_settled and bool(config["PIPELINED"]), **pdl,
-        **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
+        PIPELINED=config["PIPELINED"], **plan, **_launch_options(config, a, tables_settled))
+
+
+def moe_wgmma_chain(x_slots, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, groups: ExpertGroups, top_k: int,
+                    act: torch.Tensor, y: torch.Tensor, config: dict, swiglu: tuple[float, float],
+                    tile_n: int = 1) -> bool:
+    """Both matmuls of moe_experts_wgmma in one launch (_moe_wgmma_chain_kernel): x_slots [num_tokens, hidden] f16
+    slots -> act [num_pairs, intermediate] f16 slots (grouped order) -> y [num_pairs, hidden] bf16 by pair, as the
+    two moe_wgmma calls would write them. The block tables must be settled (written two launches before). False,
+    launching nothing, where the two matmuls' rings differ (K blocks a step that divide one's K and not the
+    other's) or the rings are unpipelined: the caller then makes the two launches."""
+    config = dict(DEFAULT_WGMMA_CONFIG, **config)
+    if not config["PIPELINED"]:
+        return False
+    plan1 = _plan(x_slots, w1_blocks, w1_scales, groups, config, tile_n)
+    plan2 = _plan(act, w2_blocks, w2_scales, groups, config, tile_n)
+    rings = ("STAGES", "COPY_AHEAD", "KB_PER_STEP")
+    if any(plan1[key] != plan2[key] for key in rings):
+        return False
+    num_blocks = groups.block_expert.numel()  # the static worst case: programs of unused blocks return at once
+    ready = arrival_counters("moe_wgmma_chain", num_blocks, x_slots.device)
+    dummy = w1_scales  # never read: the flags below switch off its use
+    _moe_wgmma_chain_kernel[(num_blocks * (plan1["num_n_tiles"] + plan2["num_n_tiles"]),)](
+        x_slots, act, y, w1_blocks, w1_scales, b1 if b1 is not None else dummy, w2_blocks, w2_scales,
+        b2 if b2 is not None else dummy, groups.sorted_pairs, groups.block_expert, groups.block_row_start,
+        groups.block_row_end, ready, w1_blocks.shape[1], w2_blocks.shape[1], top_k, plan1["num_n_tiles"],
+        plan2["num_n_tiles"], num_blocks * plan1["num_n_tiles"],
+        x_slots.stride(0), w1_blocks.stride(0), w1_blocks.stride(1), w1_scales.stride(0), w1_scales.stride(1),
+        b1.stride(0) if b1 is not None else 0, act.stride(0),
+        w2_blocks.stride(0), w2_blocks.stride(1), w2_scales.stride(0), w2_scales.stride(1),
+        b2.stride(0) if b2 is not None else 0, y.stride(0), float(swiglu[0]), float(swiglu[1]),
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None, TILE_N=tile_n, NUM_KB1=plan1["NUM_KB"],
+        NUM_KB2=plan2["NUM_KB"], EVEN_N1=plan1["EVEN_N"], EVEN_N2=plan2["EVEN_N"],
+        **{key: plan1[key] for key in rings}, **_launch_options(config, x_slots, tables_settled=True))
+    return True
 
 
 def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
@@ -475,11 +615,17 @@ def moe_experts_wgmma(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w
     tables = [(groups, config)] + ([(groups.tail, dict(config, **tail_config))] if tail else [])
     act = torch.empty((num_pairs, w1_blocks.shape[1] // 2), dtype=torch.float16, device=x.device)  # grouped order
     x_slots = to_f16_slots(x)
-    for table, table_config in tables:  # to_f16_slots came between the grouping and these: its tables are settled
-        moe_wgmma(x_slots, w1_blocks, w1_scales, b1, table, top_k, act, table_config,
-                  swiglu=(swiglu_alpha, swiglu_limit), tile_n=tile_n, tables_settled=True)
     y = torch.empty((num_pairs, hidden), dtype=torch.bfloat16, device=x.device)  # by (token, slot), unweighted
-    for table, table_config in tables:
-        moe_wgmma(act, w2_blocks, w2_scales, b2, table, top_k, y, table_config, tile_n=tile_n, tables_settled=True)
+    # to_f16_slots came between the grouping and the matmuls: their tables are settled
+    chained = config["CHAIN"] and not tail and moe_wgmma_chain(
+        x_slots, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, groups, top_k, act, y, config,
+        (swiglu_alpha, swiglu_limit), tile_n)
+    if not chained:
+        for table, table_config in tables:
+            moe_wgmma(x_slots, w1_blocks, w1_scales, b1, table, top_k, act, table_config,
+                      swiglu=(swiglu_alpha, swiglu_limit), tile_n=tile_n, tables_settled=True)
+        for table, table_config in tables:
+            moe_wgmma(act, w2_blocks, w2_scales, b2, table, top_k, y, table_config, tile_n=tile_n,
+                      tables_settled=True)
     combine(y, expert_ids, expert_weights, out, first_expert, w1_blocks.shape[0])
     return out

@@ -129,3 +129,20 @@ def pdl_wait(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+MIN_ARRIVAL_COUNTERS = 4096
+
+# Per (user, device), arrival counters that are zero between launches (each user's kernel resets what it counted
+# before it ends), so no launch clears them and CUDA graphs replay them as they are. Launches on concurrent streams
+# must not share them (the engine runs one stream). A buffer outgrown stays referenced: a captured graph may still
+# use it.
+_arrival_counters: dict[tuple[str, torch.device], list[torch.Tensor]] = {}
+
+
+def arrival_counters(user: str, count: int, device: torch.device) -> torch.Tensor:
+    """[>= count] int32 zeros for the kernel named by user, kept for the process."""
+    held = _arrival_counters.setdefault((user, device), [])
+    if not held or held[-1].numel() < count:
+        held.append(torch.zeros(max(count, MIN_ARRIVAL_COUNTERS), dtype=torch.int32, device=device))
+    return held[-1]

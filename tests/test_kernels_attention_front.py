@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 from gptoss_serve.kernels.attention_front import norm_qkv_rope  # noqa: E402
 from gptoss_serve.kernels.attention_front_ref import norm_qkv_rope_ref  # noqa: E402
+from gptoss_serve.kernels.triton_utils import arrival_counters  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED_LIMIT = 64  # the fused kernel is off by default (slower than the composed path, see attention_front.py)
@@ -141,14 +142,12 @@ def test_norm_qkv_rope_forced_splits(monkeypatch, num_splits, num_tokens, has_re
 def test_norm_qkv_rope_splits_repeat(monkeypatch):
     """Two calls in a row on the split path, the second on new data: each finds its tile counters at zero (the
     last program of a tile resets it), and leaves them so."""
-    import gptoss_serve.kernels.attention_front as af
-
     splits = launched_splits(monkeypatch)
     for seed in (1, 2):
         check_against_twin(make_inputs(3, 600, 2, 1, 64, torch.bfloat16, seed), num_splits=3)
     assert splits == [3, 3]
     device = torch.empty(0, device=DEVICE).device  # with its index, as the kernel's tensors carry it
-    assert not af.arrival_counters(1, device).any()
+    assert not arrival_counters("attention_front", 1, device).any()
 
 
 def test_pick_num_splits():

@@ -753,6 +753,44 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
         assert rel_err(out, grouped) < 3e-3, config  # f16 operands against bf16 ones; both float32 sums
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", ["20b", "120b rank 1 of 4 by experts", "20b intermediate half, rows 160"])
+@pytest.mark.parametrize("num_tokens", [5, 8, 16, 64, 512])
+def test_wgmma_chain_equals_two_launches_gpu(monkeypatch, shape, num_tokens):
+    """CHAIN: both matmuls in one launch, bitwise what the two launches give; on each decode tile and a prefill
+    one, skewed routing at 64 tokens (some experts many pairs, some none), each call finding its row blocks'
+    counters at zero and leaving them so. Where the two matmuls' K blocks a step differ (the third shape's 5 and
+    45 K blocks at 3 a step) the two launches run instead."""
+    import gptoss_serve.kernels.moe_wgmma as mw
+    from gptoss_serve.kernels.triton_utils import arrival_counters, largest_divisor
+
+    spec = {"20b": (32, 2880, 2880, 0, 32, True, 64),
+            "120b rank 1 of 4 by experts": (128, 2880, 2880, 32, 32, True, 64),
+            "20b intermediate half, rows 160": (32, 160, 1440, 0, 32, False, 32)}[shape]
+    num_experts, hidden, intermediate, first, num_local, has_b2, tile = spec
+    args = make_moe(num_tokens, num_experts, hidden, intermediate, 4, first, num_local, has_b2, seed=300 + num_tokens,
+                    device="cuda", skewed=num_tokens == 64)
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    served = [x, w, ids, tile_rows(split_nibbles(w1b), tile), w1s, b1, tile_rows(split_nibbles(w2b), tile), w2s, b2,
+              alpha, limit, first]
+    layout = dict(split_nibbles=True, tile_n=tile)
+    launched = []
+    chain = mw.moe_wgmma_chain
+    monkeypatch.setattr(mw, "moe_wgmma_chain", lambda *a, **k: launched.append(chain(*a, **k)) or launched[-1])
+    tiles = (dict(BLOCK_T=8, STAGES=20, KB_PER_STEP=5, SCALE_AFTER=True), dict(BLOCK_T=16, STAGES=10, KB_PER_STEP=5),
+             dict(BLOCK_T=64, M_REPS=2, STAGES=6, KB_PER_STEP=3))
+    for tile_config in tiles:
+        config = dict(kernel="wgmma", **tile_config)
+        two = moe_experts(*served, config=config, **layout)
+        one = moe_experts(*served, config=dict(config, CHAIN=True), **layout)
+        per_step = tile_config["KB_PER_STEP"]
+        same_rings = largest_divisor(hidden // 32, per_step) == largest_divisor(intermediate // 32, per_step)
+        assert launched.pop() == same_rings, tile_config
+        assert torch.equal(one, two), tile_config
+        assert not arrival_counters("moe_wgmma_chain", 1, x.device).any()
+
+
 def test_decode_steps_of_1_to_8_tokens_take_the_mma_kernel_on_a_gpu_only():
     from gptoss_serve.kernels.moe_matmul import mma_decode_config
 

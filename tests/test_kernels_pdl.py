@@ -66,15 +66,11 @@ def serialized(monkeypatch, run, inputs, buffers) -> list:
     return outs
 
 
-@pytest.mark.gpu
-@needs_hopper
-@pytest.mark.parametrize("num_experts,num_tokens", [(32, 1), (32, 4), (32, 8), (32, 64), (128, 8), (128, 64),
-                                                    (128, 512), (32, 2048)])
-def test_moe_layer_with_pdl_equals_serialized_launches(monkeypatch, num_experts, num_tokens):
-    # Every decode path (tensor-core decode kernel, wgmma 8- and 16-pair blocks) and a prefill one (tail blocks).
-    gen = torch.Generator(device="cuda").manual_seed(num_experts * 10 + num_tokens)
-    hidden = intermediate = 2880
+HIDDEN = INTERMEDIATE = 2880  # gpt-oss's MoE shapes
 
+
+def moe_weights(num_experts: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random MXFP4 experts in the serving layout (split nibbles, 64-row tiles): w1, s1, w2, s2, b1, b2."""
     def mxfp4(rows, cols):
         blocks = torch.randint(0, 256, (num_experts, rows, cols // 32, 16), dtype=torch.uint8, generator=gen,
                                device="cuda")
@@ -82,18 +78,30 @@ def test_moe_layer_with_pdl_equals_serialized_launches(monkeypatch, num_experts,
                                device="cuda")
         return tile_rows(split_nibbles(blocks), 64), scales
 
-    w1, s1 = mxfp4(2 * intermediate, hidden)
-    w2, s2 = mxfp4(hidden, intermediate)
-    b1 = torch.randn(num_experts, 2 * intermediate, generator=gen, device="cuda").to(torch.bfloat16)
-    b2 = torch.randn(num_experts, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    w1, s1 = mxfp4(2 * INTERMEDIATE, HIDDEN)
+    w2, s2 = mxfp4(HIDDEN, INTERMEDIATE)
+    b1 = torch.randn(num_experts, 2 * INTERMEDIATE, generator=gen, device="cuda").to(torch.bfloat16)
+    b2 = torch.randn(num_experts, HIDDEN, generator=gen, device="cuda").to(torch.bfloat16)
+    return w1, s1, w2, s2, b1, b2
 
-    def routing():
-        ids = torch.rand(num_tokens, num_experts, generator=gen, device="cuda").argsort(dim=1)[:, :4].int()
-        weights = torch.rand(num_tokens, 4, generator=gen, device="cuda").softmax(dim=1)
-        x = torch.randn(num_tokens, hidden, generator=gen, device="cuda").to(torch.bfloat16)
-        return x, weights, ids
 
-    inputs = [routing(), routing()]
+def moe_routing(num_experts: int, num_tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """A step's tokens and their routing: x [num_tokens, HIDDEN] bf16, weights [num_tokens, 4], ids int32."""
+    ids = torch.rand(num_tokens, num_experts, generator=gen, device="cuda").argsort(dim=1)[:, :4].int()
+    weights = torch.rand(num_tokens, 4, generator=gen, device="cuda").softmax(dim=1)
+    x = torch.randn(num_tokens, HIDDEN, generator=gen, device="cuda").to(torch.bfloat16)
+    return x, weights, ids
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("num_experts,num_tokens", [(32, 1), (32, 4), (32, 8), (32, 64), (128, 8), (128, 64),
+                                                    (128, 512), (32, 2048)])
+def test_moe_layer_with_pdl_equals_serialized_launches(monkeypatch, num_experts, num_tokens):
+    # Every decode path (tensor-core decode kernel, wgmma 8- and 16-pair blocks) and a prefill one (tail blocks).
+    gen = torch.Generator(device="cuda").manual_seed(num_experts * 10 + num_tokens)
+    w1, s1, w2, s2, b1, b2 = moe_weights(num_experts, gen)
+    inputs = [moe_routing(num_experts, num_tokens, gen), moe_routing(num_experts, num_tokens, gen)]
     buffers = tuple(torch.empty_like(t) for t in inputs[0])
 
     def run():
@@ -105,6 +113,29 @@ def test_moe_layer_with_pdl_equals_serialized_launches(monkeypatch, num_experts,
     assert not torch.equal(expected[0], expected[1])
     for i, out in enumerate(replay_alternating(run, inputs, buffers)):
         assert torch.equal(out, expected[i % 2]), f"replay {i} differs from the serialized launches"
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("num_experts,num_tokens", [(32, 8), (32, 64), (128, 64)])
+def test_chained_moe_in_a_graph_equals_two_serialized_launches(monkeypatch, num_experts, num_tokens):
+    """The wgmma kernel's chained launch (CHAIN: both matmuls, the second's programs waiting on counters the
+    first's fill) in a CUDA graph with PDL, replayed on alternating inputs: bitwise the two launches, serialized."""
+    gen = torch.Generator(device="cuda").manual_seed(num_experts + num_tokens)
+    w1, s1, w2, s2, b1, b2 = moe_weights(num_experts, gen)
+    inputs = [moe_routing(num_experts, num_tokens, gen), moe_routing(num_experts, num_tokens, gen)]
+    buffers = tuple(torch.empty_like(t) for t in inputs[0])
+    tile = dict(kernel="wgmma", BLOCK_T=16, STAGES=10, KB_PER_STEP=5) if num_tokens > 8 else \
+        dict(kernel="wgmma", BLOCK_T=8, STAGES=20, KB_PER_STEP=5, SCALE_AFTER=True)
+
+    def run(chain):
+        x, weights, ids = buffers
+        return moe_experts(x, weights, ids, w1, s1, b1, w2, s2, b2, 1.702, 7.0, 0, split_nibbles=True,
+                           tile_n=64, config=dict(tile, CHAIN=chain))
+
+    expected = serialized(monkeypatch, lambda: run(False), inputs, buffers)
+    for i, out in enumerate(replay_alternating(lambda: run(True), inputs, buffers)):
+        assert torch.equal(out, expected[i % 2]), f"replay {i} differs from the two serialized launches"
 
 
 BLOCK_SIZE, KV_HEADS, Q_HEADS, HEAD_DIM = 16, 8, 64, 64  # gpt-oss's attention heads, 16-slot cache blocks

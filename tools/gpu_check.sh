@@ -93,6 +93,9 @@
 #                                the wgmma GPU tests at 8-64 tokens with those tiles too
 #   bash tools/gpu_check.sh 30   5 K blocks a step on the decode tiles by default: the PDL tests of the MoE chains, the
 #                                bench's MoE rows at 1-64 tokens
+#   bash tools/gpu_check.sh 35   both matmuls of the wgmma decode tiles in one launch (CHAIN: the second's programs
+#                                wait on counters the first's fill) against two launches, 8-64 tokens, 20b and 120b;
+#                                then its GPU tests (bitwise the two launches, eager and in CUDA graphs with PDL)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -368,6 +371,12 @@ elif [ "$PART" = 29 ]; then
 elif [ "$PART" = 30 ]; then
     pdl_moe_tests 70
     moe_rows_at 80 1,8,64
+elif [ "$PART" = 35 ]; then
+    timeout 220 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x16,32x64,128x64 --no-gemv --no-mma \
+        --wgmma 8:1:20:5:0:0:1,8:1:20:5:0:0:1/chain,16:1:10:5,16:1:10:5/chain 2>&1 | grep -v Warning \
+        | tee "$OUT/chain_sweep.txt"
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        tests/test_kernels_pdl.py -k chain -rfE 2>&1 | tail -8 | tee "$OUT/chain_tests.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

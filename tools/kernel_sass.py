@@ -9,6 +9,7 @@ divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image ha
     python3 tools/kernel_sass.py mma             # the tensor-core decode kernel (Gluon) at the 20b w1 shape
     python3 tools/kernel_sass.py fused           # the two-launch matrix-vector kernels (epilogues inside)
     python3 tools/kernel_sass.py wgmma           # the wgmma grouped kernel (Gluon) at the 20b w1 and w2 shapes
+    python3 tools/kernel_sass.py chain           # both of its matmuls in one launch, at the decode tiles
     python3 tools/kernel_sass.py router          # the fused norm + router logits kernel at 20b
     python3 tools/kernel_sass.py front           # the fused norm + qkv + rope + cache write kernel at 20b
     python3 tools/kernel_sass.py attention       # decode attention (gpt-oss heads, 128-key blocks), with PDL and not
@@ -168,6 +169,26 @@ def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **ove
     return compile_offline(_moe_wgmma_kernel, args, const, num_warps=num_warps)
 
 
+def wgmma_chain_20b(block_t: int, stages: int, per_step: int, scale_after: bool, early: bool = True):
+    """Both matmuls of the 20b experts in one launch (the chained wgmma kernel), 64-row programs, PDL on."""
+    from gptoss_serve.kernels.moe_wgmma import _moe_wgmma_chain_kernel, b_smem_layout, word_layout
+    n1, n2, kblocks = 5760, 2880, 90
+    args = dict(x_ptr="*fp16", act_ptr="*fp16", y_ptr="*bf16", w1_ptr="*u8", s1_ptr="*u8", b1_ptr="*bf16",
+                w2_ptr="*u8", s2_ptr="*u8", b2_ptr="*bf16", sorted_pairs_ptr="*i32", block_expert_ptr="*i32",
+                block_row_start_ptr="*i32", block_row_end_ptr="*i32", ready_ptr="*i32", N1=n1, N2=n2, top_k=4,
+                num_n_tiles1=n1 // 64, num_n_tiles2=n2 // 64, num_w1_programs="i32", stride_x=2880,
+                stride_w1_expert=n1 * kblocks * 16, stride_w1_row=kblocks * 16, stride_s1_expert=n1 * kblocks,
+                stride_s1_row=kblocks, stride_b1_expert=n1, stride_act=2880, stride_w2_expert=n2 * kblocks * 16,
+                stride_w2_row=kblocks * 16, stride_s2_expert=n2 * kblocks, stride_s2_row=kblocks,
+                stride_b2_expert=n2, stride_y=2880, swiglu_alpha=3, swiglu_limit=7)
+    stages -= stages % per_step
+    const = dict(HAS_B1=True, HAS_B2=True, TILE_N=64, NUM_KB1=kblocks, NUM_KB2=kblocks,
+                 WORD_LAYOUT=word_layout(4, 1), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t, M_REPS=1,
+                 NUM_WARPS=4, STAGES=stages, COPY_AHEAD=stages - per_step, KB_PER_STEP=per_step, EVEN_N1=True,
+                 EVEN_N2=True, SCALE_AFTER=scale_after, VECTOR_STORE=True, PDL=True, EARLY_WEIGHTS=early)
+    return compile_offline(_moe_wgmma_chain_kernel, args, const, num_warps=4)
+
+
 def grouped_20b_w1(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, **overrides):
     from gptoss_serve.kernels.moe_matmul import _moe_matmul_kernel
     n, kblocks = 5760, 90
@@ -300,6 +321,14 @@ if __name__ == "__main__":
                        wgmma_20b_w1(256, 1, warps, False, stages=6, VECTOR_STORE=vector), 48)
         report("wgmma 20b w1, 64 x 64, not pipelined (the reference)",
                wgmma_20b_w1(PIPELINED=False, KB_PER_STEP=1), 16)
+    elif which == "chain":  # both matmuls in one launch, at the decode tiles
+        from gptoss_serve.kernels.moe_matmul import WGMMA_TILES
+
+        for block_t in (8, 16):
+            tile = WGMMA_TILES[block_t]
+            report(f"wgmma chain 20b, {block_t} pairs x 64 rows, {tile['KB_PER_STEP']} K blocks a step",
+                   wgmma_chain_20b(block_t, tile["STAGES"], tile["KB_PER_STEP"], tile["SCALE_AFTER"]),
+                   16 * tile["KB_PER_STEP"])
     elif which == "router":
         for experts_per_program in (4, 8, 16):
             report(f"norm + router logits, 20b, {experts_per_program} experts a program", router(32, experts_per_program))

@@ -30,7 +30,8 @@ parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of
                     "wgmma, 0 before; WARPS: 4 (one warpgroup, the default) or 8 (two); VECTOR_STORE: 1 (the "
                     "default) stores the second matmul's rows 16 bytes at a time, 0 2 bytes), comma-separated; "
                     "with it, steps of more than 8 tokens also time the grouped kernel (its heuristic tiles) and "
-                    "skip the tensor-core decode kernel")
+                    "skip the tensor-core decode kernel; a tile ending in /chain runs both matmuls in one launch "
+                    "(CHAIN)")
 parser.add_argument("--no-gemv", action="store_true", help="skip the matrix-vector kernels' variants")
 parser.add_argument("--no-mma", action="store_true", help="skip the tensor-core decode kernel's variants")
 args = parser.parse_args()
@@ -84,8 +85,9 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
     if args.wgmma:  # BLOCK_T:M_REPS:STAGES:KB_PER_STEP[:TAIL_PAIRS[:MAXNREG[:SCALE_AFTER[:WARPS[:VECTOR_STORE]]]]]
         grid = [(spec[0], spec[1], spec[2], spec[7] if len(spec) > 7 else 4, spec[3], spec[4] if len(spec) > 4 else 0,
                  spec[5] if len(spec) > 5 and spec[5] else None, len(spec) > 6 and spec[6] == 1,
-                 len(spec) <= 8 or spec[8] == 1)
-                for spec in (tuple(int(v) for v in tile.split(":")) for tile in args.wgmma.split(","))]
+                 len(spec) <= 8 or spec[8] == 1, chain)
+                for spec, chain in ((tuple(int(v) for v in tile.removesuffix("/chain").split(":")),
+                                     tile.endswith("/chain")) for tile in args.wgmma.split(","))]
     elif num_tokens <= 64:
         grid = [(16, 1, 8, 4, 1, 0, None), (16, 2, 8, 4, 1, 0, None), (16, 2, 8, 4, 2, 0, None),
                 (16, 2, 12, 4, 3, 0, None), (16, 2, 8, 4, 3, 0, 64), (16, 1, 8, 4, 3, 0, None),
@@ -95,16 +97,18 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
                 (64, 2, 9, 4, 3, 16, None), (128, 1, 8, 4, 1, 0, None), (128, 2, 8, 4, 2, 0, None),
                 (128, 2, 9, 4, 3, 0, None), (128, 2, 9, 4, 3, 16, None), (128, 1, 9, 8, 3, 0, None)]
     if not args.wgmma:
-        grid = [tile + (False, True) for tile in grid]  # scaled before the wgmma, 16-byte stores
+        grid = [tile + (False, True, False) for tile in grid]  # scaled before the wgmma, 16-byte stores
     grouped = [("grouped, heuristic tiles", _tile_config(num_tokens, num_tokens * 4, num_experts))] \
         if args.wgmma and num_tokens > 8 else []
     return grouped + [(f"wgmma T={block_t} rows={16 * warps * m_reps} stages={stages} w={warps} kb/step<={per_step}"
                        + (f" tail<={tail}" if tail else "") + (f" regs<={maxnreg}" if maxnreg else "")
-                       + (" scaled after" if scale_after else "") + ("" if vector else " 2-byte stores"),
+                       + (" scaled after" if scale_after else "") + ("" if vector else " 2-byte stores")
+                       + (" chained" if chain else ""),
                        dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, num_warps=warps,
                             KB_PER_STEP=per_step, maxnreg=maxnreg, SCALE_AFTER=scale_after, VECTOR_STORE=vector,
+                            CHAIN=chain,
                             **(dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=tail) if tail else {})))
-                      for block_t, m_reps, stages, warps, per_step, tail, maxnreg, scale_after, vector in grid]
+                      for block_t, m_reps, stages, warps, per_step, tail, maxnreg, scale_after, vector, chain in grid]
 
 
 seen_models = set()
