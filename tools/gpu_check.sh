@@ -372,10 +372,10 @@ elif [ "$PART" = 30 ]; then
     pdl_moe_tests 70
     moe_rows_at 80 1,8,64
 elif [ "$PART" = 35 ]; then
-    timeout 160 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x8,128x64 --no-gemv --no-mma \
+    timeout 120 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x8,128x64 --no-gemv --no-mma \
         --wgmma 8:1:20:5:0:0:1,8:1:20:5:0:0:1/chain,16:1:10:5,16:1:10:5/chain 2>&1 | grep -v Warning \
         | tee "$OUT/chain_sweep.txt"
-    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+    timeout 80 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
         tests/test_kernels_pdl.py -k chain -rfE 2>&1 | tail -8 | tee "$OUT/chain_tests.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
