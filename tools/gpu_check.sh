@@ -96,6 +96,7 @@
 #   bash tools/gpu_check.sh 35   both matmuls of the wgmma decode tiles in one launch (CHAIN: the second's programs
 #                                wait on counters the first's fill) against two launches, 8-64 tokens, 20b and 120b;
 #                                then its GPU tests (bitwise the two launches, eager and in CUDA graphs with PDL)
+#   bash tools/gpu_check.sh 36   the least of part 35 (about two minutes): 20b at 8 and 64 tokens, the 20b tests
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -251,7 +252,7 @@ elif [ "$PART" = 15 ]; then
     timeout 100 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
         | grep -v Warning | tee "$OUT/bench.txt"
 elif [ "$PART" = 16 ]; then
-    timeout 50 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
         -k "mma_checkpoint or mma_matches" -x -rfE > "$OUT/tests_mma.txt" 2>&1; tail -8 "$OUT/tests_mma.txt"
     timeout 90 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x4 --no-gemv 2>&1 | grep -v Warning \
         | tee "$OUT/copy_sweep.txt"
@@ -372,11 +373,17 @@ elif [ "$PART" = 30 ]; then
     pdl_moe_tests 70
     moe_rows_at 80 1,8,64
 elif [ "$PART" = 35 ]; then
-    timeout 100 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x8 --no-gemv --no-mma \
+    timeout 200 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x16,32x64,128x64 --no-gemv --no-mma \
+        --wgmma 8:1:20:5:0:0:1,8:1:20:5:0:0:1/chain,16:1:10:5,16:1:10:5/chain 2>&1 | grep -v Warning \
+        | tee "$OUT/chain_sweep.txt"
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        tests/test_kernels_pdl.py -k chain -rfE 2>&1 | tail -8 | tee "$OUT/chain_tests.txt"
+elif [ "$PART" = 36 ]; then
+    timeout 100 python3 tools/moe_mma_sweep.py --cases 32x8,32x64 --no-gemv --no-mma \
         --wgmma 8:1:20:5:0:0:1,8:1:20:5:0:0:1/chain,16:1:10:5,16:1:10:5/chain 2>&1 | grep -v Warning \
         | tee "$OUT/chain_sweep.txt"
     timeout 50 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
-        tests/test_kernels_pdl.py -k "chain and not 512" -rfE 2>&1 | tail -8 | tee "$OUT/chain_tests.txt"
+        tests/test_kernels_pdl.py -k "chain and not 512 and not 120b" -rfE 2>&1 | tail -8 | tee "$OUT/chain_tests.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
