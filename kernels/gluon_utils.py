@@ -14,10 +14,3 @@ def pdl_wait(PDL: gl.constexpr):
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
-
-
-@gluon.jit
-def fence_gpu():
-    """fence.acq_rel.gpu: this thread's writes before it are visible at the GPU's scope to whoever acquires what
-    it writes after (a barrier then brings every thread's under one thread's release)."""
-    gl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)

@@ -50,7 +50,7 @@ from gptoss_serve.kernels.moe_matmul import combine, split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_mma import SPLIT_WORD_F16_ASM
 from gptoss_serve.kernels.moe_routing import ExpertGroups, group_by_expert
 from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE
-from gptoss_serve.kernels.gluon_utils import fence_gpu, pdl_wait
+from gptoss_serve.kernels.gluon_utils import pdl_wait
 from gptoss_serve.kernels.triton_utils import arrival_counters, largest_divisor, launch, pdl_args
 from gptoss_serve.kernels.triton_utils import pdl_wait as triton_pdl_wait
 
@@ -372,9 +372,8 @@ def _wgmma_tile(
         out_mask = (cols < N // 2)[:, None] & (rows_g < row_end)[None, :]
         gl.store(out_ptr + rows_g.to(gl.int64)[None, :] * stride_out + slot_of_element(cols)[:, None], act,
                  mask=out_mask)
-        if READY == 1:  # every thread's stores visible at the GPU's scope, then one count for the program
-            fence_gpu()
-            _barrier()
+        if READY == 1:  # one count for the program once every thread has stored: the barrier orders the block's
+            _barrier()  # stores before the one release add (its fence at the GPU's scope covers them all)
             gl.atomic_add(ready_ptr + pid_m, 1, sem="release", scope="gpu")
     elif VECTOR_STORE:  # h is bf16 already (stored exactly, unweighted); 8 rows of a pair a thread: 16-byte stores
         LANES_N: gl.constexpr = ROWS // 8 if ROWS < 256 else 32
@@ -491,7 +490,7 @@ def to_f16_slots(x: torch.Tensor) -> torch.Tensor:  # [rows, K] f16, K in slot o
 def _plan(a: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, groups: ExpertGroups, config: dict,
           tile_n: int) -> dict:
     """The wgmma kernel's constexprs for one matmul (rings, steps, tiles), after checking its operands."""
-    num_local_experts, n_rows, num_k_blocks, _ = blocks.shape
+    _, n_rows, num_k_blocks, _ = blocks.shape
     if not a.is_cuda:
         raise ValueError("the wgmma MoE kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")
     if a.dtype != torch.float16 or a.shape[1] != num_k_blocks * MXFP4_BLOCK_SIZE or a.stride(1) != 1:

@@ -705,21 +705,30 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
     assert rel_err(moe_experts(*args), moe_experts_ref(*args)) < (1e-2 if DEVICE == "cuda" else 1e-3)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("shape", ["20b", "120b rank 1 of 4 by experts", "20b intermediate half, rows 160"])
-@pytest.mark.parametrize("num_tokens", [8, 16, 64, 512, 4096])
-def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
-    spec = {"20b": (32, 2880, 2880, 0, 32, True, 64),
-            "120b rank 1 of 4 by experts": (128, 2880, 2880, 32, 32, True, 64),
-            "20b intermediate half, rows 160": (32, 160, 1440, 0, 32, False, 32)}[shape]
-    num_experts, hidden, intermediate, first, num_local, has_b2, tile = spec
-    args = make_moe(num_tokens, num_experts, hidden, intermediate, 4, first, num_local, has_b2, seed=200 + num_tokens,
-                    device="cuda")
+WGMMA_SHAPES = {  # experts, hidden, intermediate, first local expert, local experts, has b2, row tile
+    "20b": (32, 2880, 2880, 0, 32, True, 64),
+    "120b rank 1 of 4 by experts": (128, 2880, 2880, 32, 32, True, 64),
+    "20b intermediate half, rows 160": (32, 160, 1440, 0, 32, False, 32)}
+
+
+def wgmma_case(shape: str, num_tokens: int, seed: int, skewed: bool = False) -> tuple[list, list, dict]:
+    """A WGMMA_SHAPES case on the GPU: make_moe's arguments (checkpoint layout), the same in the serving layout
+    (split nibbles, rows tiled), and moe_experts' layout keywords for it."""
+    num_experts, hidden, intermediate, first, num_local, has_b2, tile = WGMMA_SHAPES[shape]
+    args = make_moe(num_tokens, num_experts, hidden, intermediate, 4, first, num_local, has_b2, seed=seed,
+                    device="cuda", skewed=skewed)
     x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
     served = [x, w, ids, tile_rows(split_nibbles(w1b), tile), w1s, b1, tile_rows(split_nibbles(w2b), tile), w2s, b2,
               alpha, limit, first]
-    layout = dict(split_nibbles=True, tile_n=tile)
+    return args, served, dict(split_nibbles=True, tile_n=tile)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", list(WGMMA_SHAPES))
+@pytest.mark.parametrize("num_tokens", [8, 16, 64, 512, 4096])
+def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
+    args, served, layout = wgmma_case(shape, num_tokens, seed=200 + num_tokens)
     ref = moe_experts_ref(*args) if num_tokens <= 512 else None  # the twin at 4096 tokens is slow
     grouped = moe_experts(*served, **layout)
     tail = dict(TAIL=WGMMA_SMALL_TILE)
@@ -755,7 +764,7 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("shape", ["20b", "120b rank 1 of 4 by experts", "20b intermediate half, rows 160"])
+@pytest.mark.parametrize("shape", list(WGMMA_SHAPES))
 @pytest.mark.parametrize("num_tokens", [5, 8, 16, 64, 512])
 def test_wgmma_chain_equals_two_launches_gpu(monkeypatch, shape, num_tokens):
     """CHAIN: both matmuls in one launch, bitwise what the two launches give; on each decode tile and a prefill
@@ -765,16 +774,8 @@ def test_wgmma_chain_equals_two_launches_gpu(monkeypatch, shape, num_tokens):
     import gptoss_serve.kernels.moe_wgmma as mw
     from gptoss_serve.kernels.triton_utils import arrival_counters, largest_divisor
 
-    spec = {"20b": (32, 2880, 2880, 0, 32, True, 64),
-            "120b rank 1 of 4 by experts": (128, 2880, 2880, 32, 32, True, 64),
-            "20b intermediate half, rows 160": (32, 160, 1440, 0, 32, False, 32)}[shape]
-    num_experts, hidden, intermediate, first, num_local, has_b2, tile = spec
-    args = make_moe(num_tokens, num_experts, hidden, intermediate, 4, first, num_local, has_b2, seed=300 + num_tokens,
-                    device="cuda", skewed=num_tokens == 64)
-    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
-    served = [x, w, ids, tile_rows(split_nibbles(w1b), tile), w1s, b1, tile_rows(split_nibbles(w2b), tile), w2s, b2,
-              alpha, limit, first]
-    layout = dict(split_nibbles=True, tile_n=tile)
+    _, served, layout = wgmma_case(shape, num_tokens, seed=300 + num_tokens, skewed=num_tokens == 64)
+    _, hidden, intermediate, *_ = WGMMA_SHAPES[shape]
     launched = []
     chain = mw.moe_wgmma_chain
     monkeypatch.setattr(mw, "moe_wgmma_chain", lambda *a, **k: launched.append(chain(*a, **k)) or launched[-1])
@@ -788,7 +789,7 @@ def test_wgmma_chain_equals_two_launches_gpu(monkeypatch, shape, num_tokens):
         same_rings = largest_divisor(hidden // 32, per_step) == largest_divisor(intermediate // 32, per_step)
         assert launched.pop() == same_rings, tile_config
         assert torch.equal(one, two), tile_config
-        assert not arrival_counters("moe_wgmma_chain", 1, x.device).any()
+        assert not arrival_counters("moe_wgmma_chain", 1, served[0].device).any()
 
 
 def test_decode_steps_of_1_to_8_tokens_take_the_mma_kernel_on_a_gpu_only():

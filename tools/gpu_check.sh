@@ -145,6 +145,13 @@ pdl_moe_tests() {  # $1 time limit (s): the PDL tests of the MoE chains
     timeout "$1" python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
         | tail -4
 }
+chain_check() {  # $1 sweep limit (s), $2 cases, $3 test limit (s), $4 -k filter: the chained launch against two
+    timeout "$1" python3 tools/moe_mma_sweep.py --cases "$2" --no-gemv --no-mma \
+        --wgmma 8:1:20:5:0:0:1,8:1:20:5:0:0:1/chain,16:1:10:5,16:1:10:5/chain 2>&1 | grep -v Warning \
+        | tee "$OUT/chain_sweep.txt"
+    timeout "$3" python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        tests/test_kernels_pdl.py -k "$4" -rfE 2>&1 | tail -8 | tee "$OUT/chain_tests.txt"
+}
 if [ "$PART" = 1 ]; then
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
         tests/test_kernels_attention.py tests/test_kernels_model.py tests/test_kernels_norm_rope.py \
@@ -373,17 +380,9 @@ elif [ "$PART" = 30 ]; then
     pdl_moe_tests 70
     moe_rows_at 80 1,8,64
 elif [ "$PART" = 35 ]; then
-    timeout 200 python3 tools/moe_mma_sweep.py --cases 32x8,128x8,32x16,32x64,128x64 --no-gemv --no-mma \
-        --wgmma 8:1:20:5:0:0:1,8:1:20:5:0:0:1/chain,16:1:10:5,16:1:10:5/chain 2>&1 | grep -v Warning \
-        | tee "$OUT/chain_sweep.txt"
-    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
-        tests/test_kernels_pdl.py -k chain -rfE 2>&1 | tail -8 | tee "$OUT/chain_tests.txt"
+    chain_check 200 32x8,128x8,32x16,32x64,128x64 150 chain
 elif [ "$PART" = 36 ]; then
-    timeout 100 python3 tools/moe_mma_sweep.py --cases 32x8,32x64 --no-gemv --no-mma \
-        --wgmma 8:1:20:5:0:0:1,8:1:20:5:0:0:1/chain,16:1:10:5,16:1:10:5/chain 2>&1 | grep -v Warning \
-        | tee "$OUT/chain_sweep.txt"
-    timeout 50 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
-        tests/test_kernels_pdl.py -k "chain and not 512 and not 120b" -rfE 2>&1 | tail -8 | tee "$OUT/chain_tests.txt"
+    chain_check 100 32x8,32x64 50 "chain and not 512 and not 120b"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
