@@ -235,7 +235,8 @@ def bench_moe_paths(ceil: dict, token_counts: list[int], expert_counts: list[int
 
 def format_paths_table(ceil: dict, rows: list[dict]) -> str:
     labels = ["grouped (old)", "grouped, tiled rows", "split-K (new)", "split-K, tiled rows"]
-    lines = ["| model | tokens | experts hit | " + " | ".join(f"{l} µs" for l in labels) + " | best vs old | best % HBM |",
+    header = " | ".join(f"{label} µs" for label in labels)
+    lines = ["| model | tokens | experts hit | " + header + " | best vs old | best % HBM |",
              "| --- | ---: | ---: | " + " | ".join("---:" for _ in labels) + " | ---: | ---: |"]
     by_key = {}
     for r in rows:
@@ -246,8 +247,9 @@ def format_paths_table(ceil: dict, rows: list[dict]) -> str:
             continue
         best = min(v.values(), key=lambda r: r["ms"])
         cells = [f"{v[l]['ms'] * 1e3:.1f}" if l in v else "—" for l in labels]
+        hbm_percent = 100 * best["gbs"] / ceil["copy_gbs"]
         lines.append(f"| {model} | {tokens} | {old['active']} | " + " | ".join(cells) +
-                     f" | {old['ms'] / best['ms']:.2f}x ({best['variant']}) | {100 * best['gbs'] / ceil['copy_gbs']:.0f}% |")
+                     f" | {old['ms'] / best['ms']:.2f}x ({best['variant']}) | {hbm_percent:.0f}% |")
     return "\n".join(lines)
 
 
@@ -316,7 +318,8 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
                 blocks = torch.randint(0, 256, (num_experts, r, c // 32, 16), dtype=torch.uint8, device="cuda",
                                        generator=gen)
                 w += [serving_blocks(blocks),
-                      torch.randint(116, 124, (num_experts, r, c // 32), dtype=torch.uint8, device="cuda", generator=gen),
+                      torch.randint(116, 124, (num_experts, r, c // 32), dtype=torch.uint8, device="cuda",
+                                    generator=gen),
                       torch.randn(num_experts, r, device="cuda", generator=gen).to(torch.bfloat16)]
             gate = torch.nn.Linear(h, num_experts, dtype=torch.bfloat16, device="cuda")
             layers.append((gate, w))
@@ -359,7 +362,8 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
                                               e.count / replays / NUM_COPIES)
             # Read floor: the same bytes (active experts' w1 and w2 blocks, scales, biases) in one pass.
             nbytes = num_active * bytes_per_expert
-            words = torch.randint(0, 2 ** 30, (NUM_COPIES, nbytes // 4), dtype=torch.int32, device="cuda", generator=gen)
+            words = torch.randint(0, 2 ** 30, (NUM_COPIES, nbytes // 4), dtype=torch.int32, device="cuda",
+                                  generator=gen)
             floors = _read_floor_ms(list(words))
             del words
             best_floor = min(floors.values())

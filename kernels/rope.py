@@ -40,8 +40,9 @@ def _rope_cache_kernel(
     q1 = tl.load(q_row + dims, mask=q_mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_row + half + dims, mask=q_mask, other=0.0).to(tl.float32)
     q_out_row = q_out_ptr + (token * num_q_heads + heads) * head_dim
-    tl.store(q_out_row + dims, cast_rne(q1 * cos - q2 * sin, q_out_ptr.dtype.element_ty, EMULATE_BF16), mask=q_mask)
-    tl.store(q_out_row + half + dims, cast_rne(q2 * cos + q1 * sin, q_out_ptr.dtype.element_ty, EMULATE_BF16), mask=q_mask)
+    out_type = q_out_ptr.dtype.element_ty
+    tl.store(q_out_row + dims, cast_rne(q1 * cos - q2 * sin, out_type, EMULATE_BF16), mask=q_mask)
+    tl.store(q_out_row + half + dims, cast_rne(q2 * cos + q1 * sin, out_type, EMULATE_BF16), mask=q_mask)
 
     # k: rotate, write to the output and to the cache slot; v: copy to the cache slot.
     kv_mask = (heads < num_kv_heads) & in_half

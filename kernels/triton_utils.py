@@ -52,8 +52,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 def emulate_bf16() -> bool:
     """Whether kernels must upcast bf16 operands of tl.dot (and bf16 arithmetic) to float32, and round to bf16
-    by hand (their EMULATE_BF16 flag): under the interpreter (see the module docstring); on a GPU the tensor cores take bf16 operands
-    and accumulate in float32, and casts round to nearest even."""
+    by hand (their EMULATE_BF16 flag): under the interpreter (see the module docstring); on a GPU the tensor cores
+    take bf16 operands and accumulate in float32, and casts round to nearest even."""
     return interpreting()
 
 

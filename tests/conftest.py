@@ -29,8 +29,8 @@ def ray_cluster():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    ray.init(address="local", num_cpus=NUM_LOGICAL_CPUS, num_gpus=NUM_FAKE_GPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
-             namespace="gptoss_tests", log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=NUM_LOGICAL_CPUS, num_gpus=NUM_FAKE_GPUS, include_dashboard=False,
+             _node_ip_address="127.0.0.1", namespace="gptoss_tests", log_to_driver=False, configure_logging=False)
     yield ray
     try:
         from ray import serve

@@ -331,7 +331,8 @@ if __name__ == "__main__":
                    16 * tile["KB_PER_STEP"])
     elif which == "router":
         for experts_per_program in (4, 8, 16):
-            report(f"norm + router logits, 20b, {experts_per_program} experts a program", router(32, experts_per_program))
+            report(f"norm + router logits, 20b, {experts_per_program} experts a program",
+                   router(32, experts_per_program))
     elif which == "front":
         for num_tokens, num_splits in ((1, None), (8, None), (16, None), (64, None), (1, 8), (16, 1)):
             tiling, compiled = attention_front(num_tokens, num_splits)
