@@ -824,6 +824,14 @@ WGMMA_MIN_APART_TOKENS = 8
 # 32-64), 20b 4096 tokens 2265 -> 2254. Beside 64-pair blocks they lost at 20b 512 tokens (451 -> 467) and won
 # little at 120b 2048 (2019 -> 1972), so those have none.
 WGMMA_TAIL_PAIRS = {128: 16}
+# Both matmuls in one launch (moe_wgmma's CHAIN: the second's programs wait on their row block only, not on the
+# whole first launch) for steps of up to this many tokens, by row block; GPTOSS_WGMMA_CHAIN=0 turns it off for a
+# process. H100, 2026-12-07 (tenth session, gpu_check 35; tools/moe_mma_sweep.py, µs, two launches -> one):
+# 8-pair blocks 20b 8 tokens 122.2 -> 119.0, 16 tokens 159.9 -> 155.6, 120b 8 tokens 152.9 -> 151.1, but 120b 64
+# tokens 547.0 -> 557.8; 16-pair blocks 20b 64 tokens 180.9 -> 177.3, 16 tokens 166.7 -> 160.1, 120b 64 tokens
+# 639.4 -> 607.4.
+WGMMA_CHAIN = os.environ.get("GPTOSS_WGMMA_CHAIN", "1") == "1"
+WGMMA_CHAIN_MAX_TOKENS = {8: 16, 16: 512}
 
 
 # Decode steps of MMA_MIN_TOKENS to MMA_MAX_TOKENS tokens go to the tensor-core kernel (kernels/moe_mma.py) on a GPU and
@@ -861,9 +869,9 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     8-pair row blocks where pairs share experts or from WGMMA_MIN_APART_TOKENS tokens; larger steps too up to
     WGMMA_SMALL_BLOCK_PAIRS_PER_EXPERT pairs an expert on average); row blocks of 16 pairs up to
     WGMMA_DECODE_PAIRS_PER_EXPERT pairs an expert, of 64 up to 64, else of 128 (each expert's last few pairs in
-    16-pair tail blocks, WGMMA_TAIL_PAIRS); tiles by row block in WGMMA_TILES (K blocks a step too); shapes (and
-    the scales' range) only. The scale check reads each weight's scales once (TritonKernels.prepare_weights does
-    it at load), later calls only look it up."""
+    16-pair tail blocks, WGMMA_TAIL_PAIRS); tiles by row block in WGMMA_TILES (K blocks a step too), both matmuls
+    in one launch up to WGMMA_CHAIN_MAX_TOKENS; shapes (and the scales' range) only. The scale check reads each
+    weight's scales once (TritonKernels.prepare_weights does it at load), later calls only look it up."""
     pairs_per_expert = num_tokens * top_k / max(1, num_local_experts)
     decode_blocks = 0 < num_tokens <= MMA_MAX_TOKENS and (
         num_tokens >= WGMMA_MIN_APART_TOKENS or not pairs_apart(num_tokens, top_k, num_local_experts))
@@ -880,7 +888,8 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     else:
         block_t = 64 if pairs_per_expert <= 64 else 128
     tail = dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=WGMMA_TAIL_PAIRS[block_t]) if block_t in WGMMA_TAIL_PAIRS else {}
-    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **WGMMA_TILES[block_t], **tail)
+    chain = WGMMA_CHAIN and num_tokens <= WGMMA_CHAIN_MAX_TOKENS.get(block_t, 0)
+    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **WGMMA_TILES[block_t], **tail, CHAIN=chain)
 
 
 def takes_gemv(num_tokens: int, top_k: int, num_local_experts: int) -> bool:

@@ -694,6 +694,13 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
     assert mm.wgmma_config(2048, 4, 32, **gpu)["BLOCK_T"] == 128  # 20b, 256 pairs an expert
     assert mm.wgmma_config(4096, 4, 32, **gpu)["BLOCK_T"] == 128  # 20b, 512 pairs an expert
     assert mm.wgmma_config(2048, 4, 32, **dict(gpu, on_gpu=False)) is None
+    # one launch for both matmuls on the decode tiles, where it was timed faster
+    assert mm.wgmma_config(8, 4, 32, **gpu)["CHAIN"] and mm.wgmma_config(64, 4, 32, **gpu)["CHAIN"]
+    assert mm.wgmma_config(512, 4, 128, **gpu)["CHAIN"]  # 120b, 16-pair blocks
+    assert not mm.wgmma_config(64, 4, 128, **gpu)["CHAIN"]  # 120b 64 tokens, 8-pair blocks: it lost there
+    assert not mm.wgmma_config(512, 4, 32, **gpu)["CHAIN"] and not mm.wgmma_config(4096, 4, 128, **gpu)["CHAIN"]
+    monkeypatch.setattr(mm, "WGMMA_CHAIN", False)
+    assert not mm.wgmma_config(8, 4, 32, **gpu)["CHAIN"]
     assert not mm.is_hopper(torch.device("cpu"))  # moe_experts asks is_hopper too: no wgmma before or after sm_90
     if DEVICE == "cuda":
         assert mm.is_hopper(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] == 9)

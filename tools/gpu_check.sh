@@ -97,6 +97,10 @@
 #                                wait on counters the first's fill) against two launches, 8-64 tokens, 20b and 120b;
 #                                then its GPU tests (bitwise the two launches, eager and in CUDA graphs with PDL)
 #   bash tools/gpu_check.sh 36   the least of part 35 (about two minutes): 20b at 8 and 64 tokens, the 20b tests
+#   bash tools/gpu_check.sh 37   where CHAIN pays (8-pair blocks at 120b 16-64 tokens, 16-pair blocks at 20b 32 and
+#                                128 and 120b 128 and 512), then the defaults with it: the model's and the engine's
+#                                GPU tests, the bench's MoE rows at 8 and 64 tokens, the 20b engine with and without
+#                                it (GPTOSS_WGMMA_CHAIN=0)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -383,6 +387,17 @@ elif [ "$PART" = 35 ]; then
     chain_check 200 32x8,128x8,32x16,32x64,128x64 150 chain
 elif [ "$PART" = 36 ]; then
     chain_check 100 32x8,32x64 50 "chain and not 512 and not 120b"
+elif [ "$PART" = 37 ]; then
+    for tiles in "128x16,128x32,128x48,128x64,32x8 8:1:20:5:0:0:1" "32x32,32x128,128x128,128x512 16:1:10:5"; do
+        set -- $tiles
+        timeout 100 python3 tools/moe_mma_sweep.py --cases "$1" --no-gemv --no-mma --wgmma "$2,$2/chain" 2>&1 \
+            | grep -v Warning | tee -a "$OUT/chain_reach.txt"
+    done
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
+        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -6 "$OUT/tests_model_engine.txt"
+    moe_rows_at 60 8,64
+    engine_table "$OUT/engine.txt" 110
+    (export GPTOSS_WGMMA_CHAIN=0; engine_table "$OUT/engine_two_launches.txt" 110)
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
