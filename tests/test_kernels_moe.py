@@ -776,8 +776,9 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
 def test_wgmma_chain_equals_two_launches_gpu(monkeypatch, shape, num_tokens):
     """CHAIN: both matmuls in one launch, bitwise what the two launches give; on each decode tile and a prefill
     one, skewed routing at 64 tokens (some experts many pairs, some none), each call finding its row blocks'
-    counters at zero and leaving them so. Where the two matmuls' K blocks a step differ (the third shape's 5 and
-    45 K blocks at 3 a step) the two launches run instead."""
+    counters at zero and leaving them so; the second matmul's wait acquiring on every read and relaxed until its
+    count (RELAXED_SPIN). Where the two matmuls' K blocks a step differ (the third shape's 5 and 45 K blocks at 3
+    a step) the two launches run instead."""
     import gptoss_serve.kernels.moe_wgmma as mw
     from gptoss_serve.kernels.triton_utils import arrival_counters, largest_divisor
 
@@ -791,12 +792,13 @@ def test_wgmma_chain_equals_two_launches_gpu(monkeypatch, shape, num_tokens):
     for tile_config in tiles:
         config = dict(kernel="wgmma", **tile_config)
         two = moe_experts(*served, config=config, **layout)
-        one = moe_experts(*served, config=dict(config, CHAIN=True), **layout)
         per_step = tile_config["KB_PER_STEP"]
         same_rings = largest_divisor(hidden // 32, per_step) == largest_divisor(intermediate // 32, per_step)
-        assert launched.pop() == same_rings, tile_config
-        assert torch.equal(one, two), tile_config
-        assert not arrival_counters("moe_wgmma_chain", 1, served[0].device).any()
+        for relaxed in (False, True):
+            one = moe_experts(*served, config=dict(config, CHAIN=True, RELAXED_SPIN=relaxed), **layout)
+            assert launched.pop() == same_rings, (tile_config, relaxed)
+            assert torch.equal(one, two), (tile_config, relaxed)
+            assert not arrival_counters("moe_wgmma_chain", 1, served[0].device).any()
 
 
 def test_decode_steps_of_1_to_8_tokens_take_the_mma_kernel_on_a_gpu_only():

@@ -101,8 +101,9 @@
 #                                128 and 120b 128 and 512), then the defaults with it: the model's and the engine's
 #                                GPU tests, the bench's MoE rows at 8 and 64 tokens, the 20b engine with and without
 #                                it (GPTOSS_WGMMA_CHAIN=0)
-#   bash tools/gpu_check.sh 38   the chained decode tiles' ring stages (8-pair blocks 15/20/25, 16-pair 10/15/20) at
-#                                20b 8 and 64 tokens and 120b 8, then the bench's MoE rows at 8 and 64 tokens twice
+#   bash tools/gpu_check.sh 38   the chained launch's wait on relaxed reads (RELAXED_SPIN: no L1 invalidation a read)
+#                                against acquiring ones and two launches, 8-512 tokens, with 25 / 15 ring stages too;
+#                                its GPU tests; then the bench's MoE rows at 8 and 64 tokens twice
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -401,9 +402,15 @@ elif [ "$PART" = 37 ]; then
     engine_table "$OUT/engine.txt" 110
     (export GPTOSS_WGMMA_CHAIN=0; engine_table "$OUT/engine_two_launches.txt" 110)
 elif [ "$PART" = 38 ]; then
-    timeout 80 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x8 --no-gemv --no-mma --wgmma \
-        8:1:20:5:0:0:1/chain,8:1:15:5:0:0:1/chain,8:1:25:5:0:0:1/chain,16:1:10:5/chain,16:1:15:5/chain,16:1:20:5/chain \
-        2>&1 | grep -v Warning | tee "$OUT/chain_stages.txt"
+    small=8:1:20:5:0:0:1 decode=16:1:10:5
+    for tiles in "32x8,128x8,32x64,128x16,128x64 $small,$small/chain,$small/relaxed,8:1:25:5:0:0:1/relaxed" \
+        "32x64,128x16,32x128,128x512 $decode,$decode/chain,$decode/relaxed,16:1:15:5/relaxed"; do
+        set -- $tiles
+        timeout 120 python3 tools/moe_mma_sweep.py --cases "$1" --no-gemv --no-mma --wgmma "$2" 2>&1 \
+            | grep -v Warning | tee -a "$OUT/relaxed_spin.txt"
+    done
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        tests/test_kernels_pdl.py -k "chain and not 512" -rfE 2>&1 | tail -6 | tee "$OUT/chain_tests.txt"
     moe_rows_at 40 8,64
     moe_rows_at 40 8,64
 else

@@ -31,7 +31,7 @@ parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of
                     "default) stores the second matmul's rows 16 bytes at a time, 0 2 bytes), comma-separated; "
                     "with it, steps of more than 8 tokens also time the grouped kernel (its heuristic tiles) and "
                     "skip the tensor-core decode kernel; a tile ending in /chain runs both matmuls in one launch "
-                    "(CHAIN)")
+                    "(CHAIN), in /relaxed likewise with the wait's reads relaxed (RELAXED_SPIN)")
 parser.add_argument("--no-gemv", action="store_true", help="skip the matrix-vector kernels' variants")
 parser.add_argument("--no-mma", action="store_true", help="skip the tensor-core decode kernel's variants")
 args = parser.parse_args()
@@ -86,8 +86,8 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
         grid = [(spec[0], spec[1], spec[2], spec[7] if len(spec) > 7 else 4, spec[3], spec[4] if len(spec) > 4 else 0,
                  spec[5] if len(spec) > 5 and spec[5] else None, len(spec) > 6 and spec[6] == 1,
                  len(spec) <= 8 or spec[8] == 1, chain)
-                for spec, chain in ((tuple(int(v) for v in tile.removesuffix("/chain").split(":")),
-                                     tile.endswith("/chain")) for tile in args.wgmma.split(","))]
+                for spec, chain in ((tuple(int(v) for v in tile.split("/")[0].split(":")),
+                                     tile.partition("/")[2]) for tile in args.wgmma.split(","))]
     elif num_tokens <= 64:
         grid = [(16, 1, 8, 4, 1, 0, None), (16, 2, 8, 4, 1, 0, None), (16, 2, 8, 4, 2, 0, None),
                 (16, 2, 12, 4, 3, 0, None), (16, 2, 8, 4, 3, 0, 64), (16, 1, 8, 4, 3, 0, None),
@@ -103,10 +103,10 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
     return grouped + [(f"wgmma T={block_t} rows={16 * warps * m_reps} stages={stages} w={warps} kb/step<={per_step}"
                        + (f" tail<={tail}" if tail else "") + (f" regs<={maxnreg}" if maxnreg else "")
                        + (" scaled after" if scale_after else "") + ("" if vector else " 2-byte stores")
-                       + (" chained" if chain else ""),
+                       + (f" chained{', relaxed spin' if chain == 'relaxed' else ''}" if chain else ""),
                        dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, num_warps=warps,
                             KB_PER_STEP=per_step, maxnreg=maxnreg, SCALE_AFTER=scale_after, VECTOR_STORE=vector,
-                            CHAIN=chain,
+                            CHAIN=bool(chain), RELAXED_SPIN=chain == "relaxed",
                             **(dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=tail) if tail else {})))
                       for block_t, m_reps, stages, warps, per_step, tail, maxnreg, scale_after, vector, chain in grid]
 
