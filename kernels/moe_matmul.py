@@ -828,12 +828,12 @@ WGMMA_TAIL_PAIRS = {128: 16}
 # whole first launch) for steps that hit at most WGMMA_CHAIN_MAX_EXPERTS experts (pairs or local experts, the fewer)
 # with at most WGMMA_CHAIN_MAX_PAIRS_PER_EXPERT pairs each on average; GPTOSS_WGMMA_CHAIN=0 turns it off for a
 # process. It saves a few µs a step whatever its size (the second launch's start, the first's last programs alone on
-# the GPU) and costs a share of larger steps (likely each first-matmul program's release: its stores acknowledged
-# before it ends). H100, 2026-12-07 (tenth session, gpu_check 35 and 37; tools/moe_mma_sweep.py, µs, two launches
-# -> one): won at 20b 8 tokens 122.2 -> 119.0 and 122.6 -> 120.2, 16 tokens 159.9 -> 155.6, 32 tokens 167.1 -> 162.2,
-# 64 tokens 180.9 -> 177.3, 120b 8 tokens 152.9 -> 151.1; even at 20b 128 tokens 237.9 -> 238.9; lost at 120b 16
-# tokens 251.7 -> 253.9, 32 398.6 -> 405.1, 48 467.5 -> 476.3, 64 546.7 -> 578.0, 128 623.1 -> 627.8, 512 924.9 ->
-# 964.1.
+# the GPU) and costs a share of larger steps (a candidate: each acquire read of the second matmul's spin invalidates
+# its SM's L1, where the programs beside it keep their scales; moe_wgmma's RELAXED_SPIN, untimed). H100,
+# 2026-12-07 (tenth session, gpu_check 35 and 37; tools/moe_mma_sweep.py, µs, two launches -> one): won at 20b 8
+# tokens 122.2 -> 119.0 and 122.6 -> 120.2, 16 tokens 159.9 -> 155.6, 32 tokens 167.1 -> 162.2, 64 tokens 180.9 ->
+# 177.3, 120b 8 tokens 152.9 -> 151.1; even at 20b 128 tokens 237.9 -> 238.9; lost at 120b 16 tokens 251.7 ->
+# 253.9, 32 398.6 -> 405.1, 48 467.5 -> 476.3, 64 546.7 -> 578.0, 128 623.1 -> 627.8, 512 924.9 -> 964.1.
 WGMMA_CHAIN = os.environ.get("GPTOSS_WGMMA_CHAIN", "1") == "1"
 WGMMA_CHAIN_MAX_EXPERTS = 32
 WGMMA_CHAIN_MAX_PAIRS_PER_EXPERT = 8
@@ -875,8 +875,8 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     WGMMA_SMALL_BLOCK_PAIRS_PER_EXPERT pairs an expert on average); row blocks of 16 pairs up to
     WGMMA_DECODE_PAIRS_PER_EXPERT pairs an expert, of 64 up to 64, else of 128 (each expert's last few pairs in
     16-pair tail blocks, WGMMA_TAIL_PAIRS); tiles by row block in WGMMA_TILES (K blocks a step too), both matmuls
-    in one launch for small steps (WGMMA_CHAIN_MAX_EXPERTS); shapes (and the scales' range) only. The scale check reads each
-    weight's scales once (TritonKernels.prepare_weights does it at load), later calls only look it up."""
+    in one launch for small steps (WGMMA_CHAIN_MAX_EXPERTS); shapes (and the scales' range) only. The scale check
+    reads each weight's scales once (TritonKernels.prepare_weights does it at load), later calls only look it up."""
     pairs_per_expert = num_tokens * top_k / max(1, num_local_experts)
     decode_blocks = 0 < num_tokens <= MMA_MAX_TOKENS and (
         num_tokens >= WGMMA_MIN_APART_TOKENS or not pairs_apart(num_tokens, top_k, num_local_experts))
