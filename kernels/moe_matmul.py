@@ -835,6 +835,7 @@ WGMMA_TAIL_PAIRS = {128: 16}
 # 177.3, 120b 8 tokens 152.9 -> 151.1; even at 20b 128 tokens 237.9 -> 238.9; lost at 120b 16 tokens 251.7 ->
 # 253.9, 32 398.6 -> 405.1, 48 467.5 -> 476.3, 64 546.7 -> 578.0, 128 623.1 -> 627.8, 512 924.9 -> 964.1.
 WGMMA_CHAIN = os.environ.get("GPTOSS_WGMMA_CHAIN", "1") == "1"
+WGMMA_RELAXED_SPIN = os.environ.get("GPTOSS_WGMMA_RELAXED_SPIN", "0") == "1"  # untimed: see moe_wgmma._wait_ready
 WGMMA_CHAIN_MAX_EXPERTS = 32
 WGMMA_CHAIN_MAX_PAIRS_PER_EXPERT = 8
 
@@ -895,7 +896,8 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     tail = dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=WGMMA_TAIL_PAIRS[block_t]) if block_t in WGMMA_TAIL_PAIRS else {}
     chain = WGMMA_CHAIN and min(num_tokens * top_k, num_local_experts) <= WGMMA_CHAIN_MAX_EXPERTS \
         and pairs_per_expert <= WGMMA_CHAIN_MAX_PAIRS_PER_EXPERT
-    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **WGMMA_TILES[block_t], **tail, CHAIN=chain)
+    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **WGMMA_TILES[block_t], **tail, CHAIN=chain,
+                RELAXED_SPIN=chain and WGMMA_RELAXED_SPIN)
 
 
 def takes_gemv(num_tokens: int, top_k: int, num_local_experts: int) -> bool:

@@ -699,6 +699,9 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
     assert mm.wgmma_config(8, 4, 128, **gpu)["CHAIN"]  # 120b 8 tokens: 32 pairs
     for tokens, experts in ((128, 32), (16, 128), (64, 128), (512, 128), (4096, 128), (512, 32)):
         assert not mm.wgmma_config(tokens, 4, experts, **gpu)["CHAIN"]
+    assert not mm.wgmma_config(8, 4, 32, **gpu)["RELAXED_SPIN"]  # the spin acquires on every read until timed
+    monkeypatch.setattr(mm, "WGMMA_RELAXED_SPIN", True)
+    assert mm.wgmma_config(8, 4, 32, **gpu)["RELAXED_SPIN"] and not mm.wgmma_config(512, 4, 32, **gpu)["RELAXED_SPIN"]
     monkeypatch.setattr(mm, "WGMMA_CHAIN", False)
     assert not mm.wgmma_config(8, 4, 32, **gpu)["CHAIN"]
     assert not mm.is_hopper(torch.device("cpu"))  # moe_experts asks is_hopper too: no wgmma before or after sm_90
