@@ -446,17 +446,12 @@ def _wait_ready(counter_ptr, ready_count, ready_total, RELAXED_SPIN: gl.constexp
     invalidates the SM's L1 (SASS: CCTL.IVALL), where the programs beside this one keep their scales; with
     RELAXED_SPIN the spin reads relaxed and the add acquires, once: it reads a count later than every release add
     counted, all read-modify-writes of one counter, so it synchronizes with each."""
-    if RELAXED_SPIN:
-        seen = gl.atomic_add(counter_ptr, 0, sem="relaxed", scope="gpu")
-        while seen < ready_count:
-            seen = gl.atomic_add(counter_ptr, 0, sem="relaxed", scope="gpu")
-        counted = gl.atomic_add(counter_ptr, 1, sem="acquire", scope="gpu")
-    else:
-        seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-        while seen < ready_count:
-            seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-        counted = gl.atomic_add(counter_ptr, 1, sem="relaxed", scope="gpu")
-    if counted == ready_total - 1:
+    SPIN: gl.constexpr = "relaxed" if RELAXED_SPIN else "acquire"
+    COUNT: gl.constexpr = "acquire" if RELAXED_SPIN else "relaxed"
+    seen = gl.atomic_add(counter_ptr, 0, sem=SPIN, scope="gpu")
+    while seen < ready_count:
+        seen = gl.atomic_add(counter_ptr, 0, sem=SPIN, scope="gpu")
+    if gl.atomic_add(counter_ptr, 1, sem=COUNT, scope="gpu") == ready_total - 1:
         gl.store(counter_ptr, 0)
 
 
@@ -574,8 +569,8 @@ def moe_wgmma_chain(x_slots, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
     slots -> act [num_pairs, intermediate] f16 slots (grouped order) -> y [num_pairs, hidden] bf16 by pair, as the
     two moe_wgmma calls would write them. The block tables must be settled (written two launches before). False,
     launching nothing, where the two matmuls' rings differ (K blocks a step that divide one's K and not the
-    other's) or the rings are unpipelined: the caller then makes the two launches."""
-    config = dict(DEFAULT_WGMMA_CONFIG, **config)
+    other's) or the rings are unpipelined: the caller then makes the two launches. config: whole (every
+    DEFAULT_WGMMA_CONFIG key), as moe_experts_wgmma holds it."""
     if not config["PIPELINED"]:
         return False
     plan1 = _plan(x_slots, w1_blocks, w1_scales, groups, config, tile_n)

@@ -153,10 +153,16 @@ pdl_moe_tests() {  # $1 time limit (s): the PDL tests of the MoE chains
     timeout "$1" python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
         | tail -4
 }
+model_engine_tests() {  # $1 lines shown: the model at the 20b layer shapes (triton against torch), the engine's
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
+        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -"$1" "$OUT/tests_model_engine.txt"
+}
+wgmma_sweep() {  # $1 time limit (s), $2 cases, $3 wgmma tiles, $4 output file (appended): the wgmma tiles only
+    timeout "$1" python3 tools/moe_mma_sweep.py --cases "$2" --no-gemv --no-mma --wgmma "$3" 2>&1 \
+        | grep -v Warning | tee -a "$OUT/$4"
+}
 chain_check() {  # $1 sweep limit (s), $2 cases, $3 test limit (s), $4 -k filter: the chained launch against two
-    timeout "$1" python3 tools/moe_mma_sweep.py --cases "$2" --no-gemv --no-mma \
-        --wgmma 8:1:20:5:0:0:1,8:1:20:5:0:0:1/chain,16:1:10:5,16:1:10:5/chain 2>&1 | grep -v Warning \
-        | tee "$OUT/chain_sweep.txt"
+    wgmma_sweep "$1" "$2" 8:1:20:5:0:0:1,8:1:20:5:0:0:1/chain,16:1:10:5,16:1:10:5/chain chain_sweep.txt
     timeout "$3" python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
         tests/test_kernels_pdl.py -k "$4" -rfE 2>&1 | tail -8 | tee "$OUT/chain_tests.txt"
 }
@@ -253,8 +259,7 @@ elif [ "$PART" = 12 ]; then
 elif [ "$PART" = 13 ]; then
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
         -k "wgmma or real_shapes or serving" -rfE > "$OUT/tests_full.txt" 2>&1; tail -15 "$OUT/tests_full.txt"
-    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
-        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -15 "$OUT/tests_model_engine.txt"
+    model_engine_tests 15
     timeout 100 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
         | grep -v Warning | tee "$OUT/bench.txt"
     engine_bench "$OUT/engine.txt"
@@ -329,8 +334,7 @@ elif [ "$PART" = 23 ]; then
     moe_gpu_tests "" 300
     timeout 90 python3 tools/moe_mma_sweep.py --cases 128x4096,32x4096,32x2048 --no-gemv \
         --wgmma 128:2:9:3:16,128:2:9:3:16:0:0:4:1:1 2>&1 | grep -v Warning | tee "$OUT/w2_tile_sweep.txt"
-    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
-        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -8 "$OUT/tests_model_engine.txt"
+    model_engine_tests 8
 elif [ "$PART" = 24 ]; then
     timeout 140 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -rfE \
         > "$OUT/tests_pdl.txt" 2>&1; tail -12 "$OUT/tests_pdl.txt"
@@ -392,24 +396,18 @@ elif [ "$PART" = 35 ]; then
 elif [ "$PART" = 36 ]; then
     chain_check 100 32x8,32x64 50 "chain and not 512 and not 120b"
 elif [ "$PART" = 37 ]; then
-    for tiles in "128x16,128x32,128x48,128x64,32x8 8:1:20:5:0:0:1" "32x32,32x128,128x128,128x512 16:1:10:5"; do
-        set -- $tiles
-        timeout 100 python3 tools/moe_mma_sweep.py --cases "$1" --no-gemv --no-mma --wgmma "$2,$2/chain" 2>&1 \
-            | grep -v Warning | tee -a "$OUT/chain_reach.txt"
-    done
-    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
-        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -6 "$OUT/tests_model_engine.txt"
+    wgmma_sweep 100 128x16,128x32,128x48,128x64,32x8 8:1:20:5:0:0:1,8:1:20:5:0:0:1/chain chain_reach.txt
+    wgmma_sweep 100 32x32,32x128,128x128,128x512 16:1:10:5,16:1:10:5/chain chain_reach.txt
+    model_engine_tests 6
     moe_rows_at 60 8,64
     engine_table "$OUT/engine.txt" 110
     (export GPTOSS_WGMMA_CHAIN=0; engine_table "$OUT/engine_two_launches.txt" 110)
 elif [ "$PART" = 38 ]; then
     small=8:1:20:5:0:0:1 decode=16:1:10:5
-    for tiles in "32x8,128x8,32x64,128x16,128x64 $small,$small/chain,$small/relaxed,8:1:25:5:0:0:1/relaxed" \
-        "32x64,128x16,32x128,128x512 $decode,$decode/chain,$decode/relaxed,16:1:15:5/relaxed"; do
-        set -- $tiles
-        timeout 120 python3 tools/moe_mma_sweep.py --cases "$1" --no-gemv --no-mma --wgmma "$2" 2>&1 \
-            | grep -v Warning | tee -a "$OUT/relaxed_spin.txt"
-    done
+    wgmma_sweep 120 32x8,128x8,32x64,128x16,128x64 \
+        "$small,$small/chain,$small/relaxed,8:1:25:5:0:0:1/relaxed" relaxed_spin.txt
+    wgmma_sweep 120 32x64,128x16,32x128,128x512 \
+        "$decode,$decode/chain,$decode/relaxed,16:1:15:5/relaxed" relaxed_spin.txt
     timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
         tests/test_kernels_pdl.py -k "chain and not 512" -rfE 2>&1 | tail -6 | tee "$OUT/chain_tests.txt"
     moe_rows_at 40 8,64
