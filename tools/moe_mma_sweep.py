@@ -86,8 +86,8 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
         grid = [(spec[0], spec[1], spec[2], spec[7] if len(spec) > 7 else 4, spec[3], spec[4] if len(spec) > 4 else 0,
                  spec[5] if len(spec) > 5 and spec[5] else None, len(spec) > 6 and spec[6] == 1,
                  len(spec) <= 8 or spec[8] == 1, chain)
-                for spec, chain in ((tuple(int(v) for v in tile.split("/")[0].split(":")),
-                                     tile.partition("/")[2]) for tile in args.wgmma.split(","))]
+                for spec, chain in ((tuple(int(v) for v in tile.split("/")[0].split(":")), _launch_option(tile))
+                                    for tile in args.wgmma.split(","))]
     elif num_tokens <= 64:
         grid = [(16, 1, 8, 4, 1, 0, None), (16, 2, 8, 4, 1, 0, None), (16, 2, 8, 4, 2, 0, None),
                 (16, 2, 12, 4, 3, 0, None), (16, 2, 8, 4, 3, 0, 64), (16, 1, 8, 4, 3, 0, None),
@@ -109,6 +109,14 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
                             CHAIN=bool(chain), RELAXED_SPIN=chain == "relaxed",
                             **(dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=tail) if tail else {})))
                       for block_t, m_reps, stages, warps, per_step, tail, maxnreg, scale_after, vector, chain in grid]
+
+
+def _launch_option(tile: str) -> str:
+    """A --wgmma tile's suffix: "" (two launches), "chain" or "relaxed" (one launch, the wait's reads relaxed)."""
+    option = tile.partition("/")[2]
+    if option not in ("", "chain", "relaxed"):
+        raise SystemExit(f"unknown option {option!r} in --wgmma tile {tile!r}: /chain or /relaxed")
+    return option
 
 
 seen_models = set()
