@@ -101,10 +101,14 @@
 #                                128 and 120b 128 and 512), then the defaults with it: the model's and the engine's
 #                                GPU tests, the bench's MoE rows at 8 and 64 tokens, the 20b engine with and without
 #                                it (GPTOSS_WGMMA_CHAIN=0)
-#   bash tools/gpu_check.sh 38   the chained launch's wait on relaxed reads (RELAXED_SPIN: no L1 invalidation a read)
+#   bash tools/gpu_check.sh 38   the chained launch's wait on relaxed reads (SPIN=relaxed: no L1 invalidation a read)
 #                                against acquiring ones and two launches, 8-512 tokens, with 25 / 15 ring stages too;
 #                                its GPU tests; then the bench's MoE rows at 8 and 64 tokens, the spin acquiring
-#                                and relaxed (GPTOSS_WGMMA_RELAXED_SPIN=1)
+#                                and relaxed (GPTOSS_WGMMA_SPIN=relaxed; GPTOSS_WGMMA_RELAXED_SPIN=1 when it ran)
+#   bash tools/gpu_check.sh 39   the chained launch's wait on plain loads, with and without a nanosleep between them
+#                                (SPIN=load, SPIN_SLEEP_NS), against acquiring reads and two launches, 8-512 tokens;
+#                                its GPU tests; the bench's MoE rows at 8 and 64 tokens, default and
+#                                GPTOSS_WGMMA_SPIN=load+200
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -411,7 +415,17 @@ elif [ "$PART" = 38 ]; then
     timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
         tests/test_kernels_pdl.py -k "chain and not 512" -rfE 2>&1 | tail -6 | tee "$OUT/chain_tests.txt"
     moe_rows_at 40 8,64
-    (export GPTOSS_WGMMA_RELAXED_SPIN=1; moe_rows_at 40 8,64)
+    (export GPTOSS_WGMMA_SPIN=relaxed; moe_rows_at 40 8,64)
+elif [ "$PART" = 39 ]; then
+    small=8:1:20:5:0:0:1 decode=16:1:10:5
+    wgmma_sweep 120 32x8,128x8,128x64 \
+        "$small,$small/chain,$small/load,$small/load+200,$small/load+1000,$small/chain+500" spin.txt
+    wgmma_sweep 150 32x64,128x16,128x512 \
+        "$decode,$decode/chain,$decode/load,$decode/load+200,$decode/load+1000,$decode/chain+500" spin.txt
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        tests/test_kernels_pdl.py -k "chain and not 512" -rfE 2>&1 | tail -6 | tee "$OUT/chain_tests.txt"
+    moe_rows_at 70 8,64
+    (export GPTOSS_WGMMA_SPIN=load+200; moe_rows_at 70 8,64)
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

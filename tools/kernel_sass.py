@@ -170,7 +170,7 @@ def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **ove
 
 
 def wgmma_chain_20b(block_t: int, stages: int, per_step: int, scale_after: bool, early: bool = True,
-                    relaxed_spin: bool = False):
+                    spin: str = "acquire", spin_sleep_ns: int = 0):
     """Both matmuls of the 20b experts in one launch (the chained wgmma kernel), 64-row programs, PDL on."""
     from gptoss_serve.kernels.moe_wgmma import _moe_wgmma_chain_kernel, b_smem_layout, word_layout
     n1, n2, kblocks = 5760, 2880, 90
@@ -187,7 +187,7 @@ def wgmma_chain_20b(block_t: int, stages: int, per_step: int, scale_after: bool,
                  WORD_LAYOUT=word_layout(4, 1), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t, M_REPS=1,
                  NUM_WARPS=4, STAGES=stages, COPY_AHEAD=stages - per_step, KB_PER_STEP=per_step, EVEN_N1=True,
                  EVEN_N2=True, SCALE_AFTER=scale_after, VECTOR_STORE=True, PDL=True, EARLY_WEIGHTS=early,
-                 RELAXED_SPIN=relaxed_spin)
+                 SPIN=spin, SPIN_SLEEP_NS=spin_sleep_ns)
     return compile_offline(_moe_wgmma_chain_kernel, args, const, num_warps=4)
 
 
@@ -326,11 +326,12 @@ if __name__ == "__main__":
     elif which == "chain":  # both matmuls in one launch, at the decode tiles
         from gptoss_serve.kernels.moe_matmul import WGMMA_TILES
 
-        for block_t, relaxed in ((8, False), (16, False), (8, True)):  # the spin's reads acquiring or relaxed
+        for block_t, spin, sleep in ((8, "acquire", 0), (16, "acquire", 0), (8, "relaxed", 0), (8, "load", 0),
+                                     (8, "load", 200)):  # how the second matmul's programs read their counter
             tile = WGMMA_TILES[block_t]
-            report(f"wgmma chain 20b, {block_t} pairs x 64 rows, {tile['KB_PER_STEP']} K blocks a step, relaxed "
-                   f"spin {relaxed}", wgmma_chain_20b(block_t, tile["STAGES"], tile["KB_PER_STEP"],
-                                                      tile["SCALE_AFTER"], relaxed_spin=relaxed),
+            report(f"wgmma chain 20b, {block_t} pairs x 64 rows, {tile['KB_PER_STEP']} K blocks a step, spin {spin}"
+                   f", sleep {sleep} ns", wgmma_chain_20b(block_t, tile["STAGES"], tile["KB_PER_STEP"],
+                                                          tile["SCALE_AFTER"], spin=spin, spin_sleep_ns=sleep),
                    16 * tile["KB_PER_STEP"])
     elif which == "router":
         for experts_per_program in (4, 8, 16):
