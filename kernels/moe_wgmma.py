@@ -449,7 +449,7 @@ def _wait_ready(counter_ptr, ready_count, ready_total, SPIN: gl.constexpr, SLEEP
     the program that brings it to ready_total sets it back to zero for the next launch. SPIN, how it reads the
     counter: "acquire", each read an acquire read-modify-write (SASS: ATOMG + CCTL.IVALL, which also invalidates
     the SM's L1, where the programs beside it keep their scales); "relaxed", relaxed read-modify-writes; "load",
-    volatile loads (no atomic on the counter's L2 line while it waits). With "relaxed" and "load" the add acquires,
+    volatile loads by every thread (no barrier a read; the program's warps leave the loop apart). With "relaxed" and "load" the add acquires,
     once: it reads a count later than every release add counted, all read-modify-writes of one counter, so it
     synchronizes with each. SLEEP_NS: a nanosleep between reads, 0 for none (less traffic on the counter's line,
     where the first matmul's programs add)."""
@@ -460,6 +460,8 @@ def _wait_ready(counter_ptr, ready_count, ready_total, SPIN: gl.constexpr, SLEEP
             gl.inline_asm_elementwise("nanosleep.u32 $1; // $0", "=r,r", [seen * 0 + SLEEP_NS], dtype=gl.int32,
                                       is_pure=False, pack=1)
         seen = _read_counter(counter_ptr, SPIN)
+    if SPIN == "load":  # each thread read its own count: every warp out of the loop before the program counts
+        _barrier()  # itself, or the last program's reset could come before a late warp's read, which waits forever
     if gl.atomic_add(counter_ptr, 1, sem=COUNT, scope="gpu") == ready_total - 1:
         gl.store(counter_ptr, 0)
 

@@ -109,6 +109,9 @@
 #                                (SPIN=load, SPIN_SLEEP_NS), against acquiring reads and two launches, 8-512 tokens;
 #                                its GPU tests; the bench's MoE rows at 8 and 64 tokens, default and
 #                                GPTOSS_WGMMA_SPIN=load+200
+#   bash tools/gpu_check.sh 40   the chained launch called 3000 times in a row (eager, then graph replays), each way
+#                                of waiting (tools/chain_stress.py: a hang stops a step at its time limit), PDL on
+#                                and off; then the 20b 64-token sweep with plain-load waits and nanosleeps
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -426,6 +429,17 @@ elif [ "$PART" = 39 ]; then
         tests/test_kernels_pdl.py -k "chain and not 512" -rfE 2>&1 | tail -6 | tee "$OUT/chain_tests.txt"
     moe_rows_at 70 8,64
     (export GPTOSS_WGMMA_SPIN=load+200; moe_rows_at 70 8,64)
+elif [ "$PART" = 40 ]; then
+    stress() {  # $1 time limit (s), $2 cases: tools/chain_stress.py, 3000 calls a case
+        timeout "$1" python3 tools/chain_stress.py --calls 3000 --cases "$2" 2>&1 | grep -v Warning \
+            | tee -a "$OUT/chain_stress.txt"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/chain_stress.txt"
+    }
+    stress 100 32x64:16:acquire,32x8:8:acquire,128x64:8:acquire,32x64:16:relaxed
+    stress 60 32x64:16:load
+    stress 60 32x8:8:load,128x64:8:load
+    stress 60 32x64:16:load+1000
+    (export GPTOSS_PDL=0; stress 60 32x64:16:load)
+    wgmma_sweep 90 32x64 16:1:10:5,16:1:10:5/chain,16:1:10:5/load+1000,16:1:10:5/load+3000 spin.txt
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
