@@ -41,6 +41,8 @@ for case in args.cases.split(","):
     eager_us = (time.perf_counter() - start) / args.calls * 1e6
     print(f"{case}: {args.calls} eager calls {eager_us:.1f} us a call (with a compare), outputs equal {same}, "
           f"counters at zero {not counters.any().item()}", flush=True)
+    for w in layers:  # each layer's scales checked once, before the capture (moe_wgmma.scales_fit_f16)
+        run(w)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = [run(w) for w in layers]

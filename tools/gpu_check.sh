@@ -111,7 +111,8 @@
 #                                GPTOSS_WGMMA_SPIN=load+200
 #   bash tools/gpu_check.sh 40   the chained launch called 3000 times in a row (eager, then graph replays), each way
 #                                of waiting (tools/chain_stress.py: a hang stops a step at its time limit), PDL on
-#                                and off; then the 20b 64-token sweep with plain-load waits and nanosleeps
+#                                and off; then the 20b 64-token sweep, acquiring waits and plain loads with 3 µs
+#                                nanosleeps in turn
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -434,12 +435,12 @@ elif [ "$PART" = 40 ]; then
         timeout "$1" python3 tools/chain_stress.py --calls 3000 --cases "$2" 2>&1 | grep -v Warning \
             | tee -a "$OUT/chain_stress.txt"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/chain_stress.txt"
     }
-    stress 100 32x64:16:acquire,32x8:8:acquire,128x64:8:acquire,32x64:16:relaxed
+    stress 100 32x64:16:acquire,32x8:8:acquire,128x64:8:acquire,32x64:16:relaxed,128x16:16:acquire
     stress 60 32x64:16:load
-    stress 60 32x8:8:load,128x64:8:load
-    stress 60 32x64:16:load+1000
+    stress 60 32x64:16:load+200
     (export GPTOSS_PDL=0; stress 60 32x64:16:load)
-    wgmma_sweep 90 32x64 16:1:10:5,16:1:10:5/chain,16:1:10:5/load+1000,16:1:10:5/load+3000 spin.txt
+    stress 60 32x64:16:acquire,128x16:16:acquire,32x16:8:acquire
+    wgmma_sweep 90 32x64 16:1:10:5,16:1:10:5/chain,16:1:10:5/load+3000,16:1:10:5/chain,16:1:10:5/load+3000 spin.txt
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
