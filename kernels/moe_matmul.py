@@ -828,15 +828,12 @@ WGMMA_TAIL_PAIRS = {128: 16}
 # whole first launch) for steps that hit at most WGMMA_CHAIN_MAX_EXPERTS experts (pairs or local experts, the fewer)
 # with at most WGMMA_CHAIN_MAX_PAIRS_PER_EXPERT pairs each on average; GPTOSS_WGMMA_CHAIN=0 turns it off for a
 # process. It saves a few µs a step whatever its size (the second launch's start, the first's last programs alone on
-# the GPU) and costs a share of larger steps. GPTOSS_WGMMA_SPIN=MODE[+NS] sets how the second matmul's programs
-# read their counters (moe_wgmma._wait_ready: SPIN acquire, relaxed or load, a nanosleep of NS between reads). H100,
+# the GPU) and costs a share of larger steps (how its programs wait is not it: moe_wgmma._wait_ready). H100,
 # 2026-12-07 (tenth session, gpu_check 35 and 37; tools/moe_mma_sweep.py, µs, two launches -> one): won at 20b 8
 # tokens 122.2 -> 119.0 and 122.6 -> 120.2, 16 tokens 159.9 -> 155.6, 32 tokens 167.1 -> 162.2, 64 tokens 180.9 ->
 # 177.3, 120b 8 tokens 152.9 -> 151.1; even at 20b 128 tokens 237.9 -> 238.9; lost at 120b 16 tokens 251.7 ->
 # 253.9, 32 398.6 -> 405.1, 48 467.5 -> 476.3, 64 546.7 -> 578.0, 128 623.1 -> 627.8, 512 924.9 -> 964.1.
 WGMMA_CHAIN = os.environ.get("GPTOSS_WGMMA_CHAIN", "1") == "1"
-WGMMA_SPIN, _, _sleep = os.environ.get("GPTOSS_WGMMA_SPIN", "acquire").partition("+")
-WGMMA_SPIN_SLEEP_NS = int(_sleep or 0)
 WGMMA_CHAIN_MAX_EXPERTS = 32
 WGMMA_CHAIN_MAX_PAIRS_PER_EXPERT = 8
 
@@ -897,8 +894,7 @@ def wgmma_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bo
     tail = dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=WGMMA_TAIL_PAIRS[block_t]) if block_t in WGMMA_TAIL_PAIRS else {}
     chain = WGMMA_CHAIN and min(num_tokens * top_k, num_local_experts) <= WGMMA_CHAIN_MAX_EXPERTS \
         and pairs_per_expert <= WGMMA_CHAIN_MAX_PAIRS_PER_EXPERT
-    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **WGMMA_TILES[block_t], **tail, CHAIN=chain,
-                SPIN=WGMMA_SPIN, SPIN_SLEEP_NS=WGMMA_SPIN_SLEEP_NS)
+    return dict(DEFAULT_WGMMA_CONFIG, kernel="wgmma", **WGMMA_TILES[block_t], **tail, CHAIN=chain)
 
 
 def takes_gemv(num_tokens: int, top_k: int, num_local_experts: int) -> bool:

@@ -87,12 +87,9 @@ F16_SCALE_RANGE = (104, 136)  # scale bytes whose 2^(s - 127) times an FP4 value
 # 1632 -> 1112 SASS instructions, 246 -> 219 registers, the same 92 KB of shared memory; 64 x 128 1016 -> 808.
 # H100, 2026-12-06 (fourth session; tools/moe_mma_sweep.py, µs, 128-pair blocks with 16-pair tails): 120b 4096
 # tokens 2302.8 -> 2280.2, 20b 4096 tokens 2011.1 -> 1932.0, 20b 2048 tokens 1080.8 -> 1060.9.
-# CHAIN: both matmuls in one launch (_moe_wgmma_chain_kernel), where they take the same rings and no tail blocks;
-# SPIN, SPIN_SLEEP_NS: how its second matmul's programs wait on the first's (_wait_ready).
+# CHAIN: both matmuls in one launch (_moe_wgmma_chain_kernel), where they take the same rings and no tail blocks.
 DEFAULT_WGMMA_CONFIG = dict(BLOCK_T=64, M_REPS=1, num_warps=4, STAGES=9, PIPELINED=True, COPY_AHEAD=None,
-                            KB_PER_STEP=3, maxnreg=None, SCALE_AFTER=False, VECTOR_STORE=True, CHAIN=False,
-                            SPIN="acquire", SPIN_SLEEP_NS=0)
-SPINS = ("acquire", "relaxed", "load")
+                            KB_PER_STEP=3, maxnreg=None, SCALE_AFTER=False, VECTOR_STORE=True, CHAIN=False)
 
 
 def _split_word_f16_scaled_asm() -> str:
@@ -158,8 +155,7 @@ def _moe_wgmma_kernel(
                 block_expert_ptr, N, top_k, 0, 0, stride_a, stride_w_expert, stride_w_row, stride_s_expert,
                 stride_s_row, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit,
                 SWIGLU, HAS_BIAS, GATHER_TOKENS, TILE_N, NUM_KB, WORD_LAYOUT, BLOCK_T, M_REPS, NUM_WARPS, STAGES,
-                PIPELINED, COPY_AHEAD, KB_PER_STEP, EVEN_N, SCALE_AFTER, VECTOR_STORE, PDL, EARLY_WEIGHTS, READY=0,
-                SPIN="acquire", SPIN_SLEEP_NS=0)
+                PIPELINED, COPY_AHEAD, KB_PER_STEP, EVEN_N, SCALE_AFTER, VECTOR_STORE, PDL, EARLY_WEIGHTS, READY=0)
 
 
 @gluon.jit
@@ -174,8 +170,7 @@ def _moe_wgmma_chain_kernel(
     NUM_KB2: gl.constexpr, WORD_LAYOUT: gl.constexpr, B_SMEM: gl.constexpr, BLOCK_T: gl.constexpr,
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, COPY_AHEAD: gl.constexpr,
     KB_PER_STEP: gl.constexpr, EVEN_N1: gl.constexpr, EVEN_N2: gl.constexpr, SCALE_AFTER: gl.constexpr,
-    VECTOR_STORE: gl.constexpr, PDL: gl.constexpr, EARLY_WEIGHTS: gl.constexpr, SPIN: gl.constexpr,
-    SPIN_SLEEP_NS: gl.constexpr,
+    VECTOR_STORE: gl.constexpr, PDL: gl.constexpr, EARLY_WEIGHTS: gl.constexpr,
 ):
     """Both matmuls of the experts in one launch (CHAIN): programs [0, num_w1_programs) are the first matmul's
     (row block, tile) programs, the rest the second's, each row block's tiles together. A first-matmul program
@@ -185,8 +180,7 @@ def _moe_wgmma_chain_kernel(
     program's row block has all its first-matmul programs started ahead of it: none waits on a program that cannot
     run. The second matmul's programs count themselves too, and the last of a row block sets its counter back to
     zero (triton_utils.arrival_counters). What it saves: the second launch's start and the first's last programs
-    alone on the GPU, the second matmul's programs streaming their weights beside them. SPIN, SPIN_SLEEP_NS: see
-    _wait_ready."""
+    alone on the GPU, the second matmul's programs streaming their weights beside them."""
     a_rings, w_rings = _rings(BLOCK_T, 16 * NUM_WARPS * M_REPS, STAGES, KB_PER_STEP, B_SMEM)
     pid = gl.program_id(0)
     if pid < num_w1_programs:
@@ -195,8 +189,7 @@ def _moe_wgmma_chain_kernel(
                     ready_ptr, N1, top_k, 0, 0, stride_x, stride_w1_expert, stride_w1_row, stride_s1_expert,
                     stride_s1_row, stride_b1_expert, stride_act, swiglu_alpha, swiglu_limit,
                     True, HAS_B1, True, TILE_N, NUM_KB1, WORD_LAYOUT, BLOCK_T, M_REPS, NUM_WARPS, STAGES,
-                    True, COPY_AHEAD, KB_PER_STEP, EVEN_N1, SCALE_AFTER, VECTOR_STORE, PDL, EARLY_WEIGHTS, READY=1,
-                    SPIN=SPIN, SPIN_SLEEP_NS=SPIN_SLEEP_NS)
+                    True, COPY_AHEAD, KB_PER_STEP, EVEN_N1, SCALE_AFTER, VECTOR_STORE, PDL, EARLY_WEIGHTS, READY=1)
     else:
         pid2 = pid - num_w1_programs
         _wgmma_tile(pid2 // num_n_tiles2, pid2 % num_n_tiles2, a_rings, w_rings, act_ptr, w2_ptr, s2_ptr, b2_ptr,
@@ -205,7 +198,7 @@ def _moe_wgmma_chain_kernel(
                     stride_w2_row, stride_s2_expert, stride_s2_row, stride_b2_expert, stride_y, swiglu_alpha,
                     swiglu_limit, False, HAS_B2, False, TILE_N, NUM_KB2, WORD_LAYOUT, BLOCK_T, M_REPS, NUM_WARPS,
                     STAGES, True, COPY_AHEAD, KB_PER_STEP, EVEN_N2, SCALE_AFTER, VECTOR_STORE, PDL, EARLY_WEIGHTS,
-                    READY=2, SPIN=SPIN, SPIN_SLEEP_NS=SPIN_SLEEP_NS)
+                    READY=2)
 
 
 @gluon.jit
@@ -235,13 +228,11 @@ def _wgmma_tile(
     M_REPS: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, PIPELINED: gl.constexpr,
     COPY_AHEAD: gl.constexpr, KB_PER_STEP: gl.constexpr, EVEN_N: gl.constexpr, SCALE_AFTER: gl.constexpr,
     VECTOR_STORE: gl.constexpr, PDL: gl.constexpr, EARLY_WEIGHTS: gl.constexpr, READY: gl.constexpr,
-    SPIN: gl.constexpr, SPIN_SLEEP_NS: gl.constexpr,
 ):
     """One program of the wgmma kernel (see _moe_wgmma_kernel) on row block pid_m and weight-row tile pid_n, in the
     rings given. READY (the chained launch, _moe_wgmma_chain_kernel): 0 none; 1 count the tile on its row block's
     counter once its activations are stored; 2 wait, before the activations' copies, until the counter reaches
-    ready_count (_wait_ready, SPIN and SPIN_SLEEP_NS), then count the tile, the last of ready_total setting the
-    counter back to zero."""
+    ready_count (_wait_ready), then count the tile, the last of ready_total setting the counter back to zero."""
     ROWS: gl.constexpr = 16 * NUM_WARPS * M_REPS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_T, 16])
@@ -257,7 +248,7 @@ def _wgmma_tile(
             pdl_wait(PDL)  # every program waits before it ends (triton_utils.PDL)
         return
     if READY == 2 and not EARLY_WEIGHTS:
-        _wait_ready(ready_ptr + pid_m, ready_count, ready_total, SPIN, SPIN_SLEEP_NS)
+        _wait_ready(ready_ptr + pid_m, ready_count, ready_total)
     row_start = gl.load(block_row_start_ptr + pid_m)
     row_end = gl.load(block_row_end_ptr + pid_m)
 
@@ -294,7 +285,7 @@ def _wgmma_tile(
                        COPY_A=False, COPY_W=True, COMMIT=False)
         pdl_wait(PDL)
         if READY == 2:
-            _wait_ready(ready_ptr + pid_m, ready_count, ready_total, SPIN, SPIN_SLEEP_NS)
+            _wait_ready(ready_ptr + pid_m, ready_count, ready_total)
         for st in gl.static_range(COPY_AHEAD // KB_PER_STEP):
             _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, st, NUM_KB, KB_PER_STEP, TILE_N,
                        COPY_A=True, COPY_W=False, COMMIT=True)
@@ -444,34 +435,17 @@ def _copy_step(a_rings, w_rings, a_tile, a_mask, w_tile, w_mask, step, NUM_KB: g
 
 
 @gluon.jit
-def _wait_ready(counter_ptr, ready_count, ready_total, SPIN: gl.constexpr, SLEEP_NS: gl.constexpr):
+def _wait_ready(counter_ptr, ready_count, ready_total):
     """Spins until the counter reaches ready_count (acquiring the writes counted), then adds this program to it;
-    the program that brings it to ready_total sets it back to zero for the next launch. SPIN, how it reads the
-    counter: "acquire", each read an acquire read-modify-write (SASS: ATOMG + CCTL.IVALL, which also invalidates
-    the SM's L1, where the programs beside it keep their scales); "relaxed", relaxed read-modify-writes; "load",
-    volatile loads by every thread (no barrier a read; the program's warps leave the loop apart). With "relaxed" and "load" the add acquires,
-    once: it reads a count later than every release add counted, all read-modify-writes of one counter, so it
-    synchronizes with each. SLEEP_NS: a nanosleep between reads, 0 for none (less traffic on the counter's line,
-    where the first matmul's programs add)."""
-    COUNT: gl.constexpr = "relaxed" if SPIN == "acquire" else "acquire"
-    seen = _read_counter(counter_ptr, SPIN)
+    the program that brings it to ready_total sets it back to zero for the next launch. One thread reads, the
+    program's warps leave the loop together (the read's result goes through shared memory). Other ways to wait,
+    timed 2026-12-07 and dropped (no gain beyond the run-to-run spread): relaxed reads, plain loads by every thread,
+    nanosleeps between reads (docs/PERFORMANCE.md)."""
+    seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     while seen < ready_count:
-        if SLEEP_NS > 0:
-            gl.inline_asm_elementwise("nanosleep.u32 $1; // $0", "=r,r", [seen * 0 + SLEEP_NS], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-        seen = _read_counter(counter_ptr, SPIN)
-    if SPIN == "load":  # each thread read its own count: every warp out of the loop before the program counts
-        _barrier()  # itself, or the last program's reset could come before a late warp's read, which waits forever
-    if gl.atomic_add(counter_ptr, 1, sem=COUNT, scope="gpu") == ready_total - 1:
+        seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    if gl.atomic_add(counter_ptr, 1, sem="relaxed", scope="gpu") == ready_total - 1:
         gl.store(counter_ptr, 0)
-
-
-@gluon.jit
-def _read_counter(counter_ptr, SPIN: gl.constexpr):
-    if SPIN == "load":
-        return gl.load(counter_ptr, volatile=True)
-    else:
-        return gl.atomic_add(counter_ptr, 0, sem=SPIN, scope="gpu")
 
 
 @gluon.jit
@@ -590,8 +564,6 @@ def moe_wgmma_chain(x_slots, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
     launching nothing, where the two matmuls' rings differ (K blocks a step that divide one's K and not the
     other's) or the rings are unpipelined: the caller then makes the two launches. config: whole (every
     DEFAULT_WGMMA_CONFIG key), as moe_experts_wgmma holds it."""
-    if config["SPIN"] not in SPINS:
-        raise ValueError(f"SPIN {config['SPIN']!r}: one of {SPINS}")
     if not config["PIPELINED"]:
         return False
     plan1 = _plan(x_slots, w1_blocks, w1_scales, groups, config, tile_n)
@@ -613,8 +585,7 @@ def moe_wgmma_chain(x_slots, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
         b2.stride(0) if b2 is not None else 0, y.stride(0), float(swiglu[0]), float(swiglu[1]),
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, TILE_N=tile_n, NUM_KB1=plan1["NUM_KB"],
         NUM_KB2=plan2["NUM_KB"], EVEN_N1=plan1["EVEN_N"], EVEN_N2=plan2["EVEN_N"],
-        SPIN=config["SPIN"], SPIN_SLEEP_NS=int(config["SPIN_SLEEP_NS"]), **{key: plan1[key] for key in rings},
-        **_launch_options(config, x_slots, tables_settled=True))
+        **{key: plan1[key] for key in rings}, **_launch_options(config, x_slots, tables_settled=True))
     return True
 
 

@@ -699,13 +699,6 @@ def test_wgmma_kernel_takes_steps_of_9_tokens_and_more_on_gpus_only(monkeypatch)
     assert mm.wgmma_config(8, 4, 128, **gpu)["CHAIN"]  # 120b 8 tokens: 32 pairs
     for tokens, experts in ((128, 32), (16, 128), (64, 128), (512, 128), (4096, 128), (512, 32)):
         assert not mm.wgmma_config(tokens, 4, experts, **gpu)["CHAIN"]
-    def spin(config):
-        return config["SPIN"], config["SPIN_SLEEP_NS"]
-
-    assert spin(mm.wgmma_config(8, 4, 32, **gpu)) == ("acquire", 0)
-    monkeypatch.setattr(mm, "WGMMA_SPIN", "load")
-    monkeypatch.setattr(mm, "WGMMA_SPIN_SLEEP_NS", 200)
-    assert spin(mm.wgmma_config(8, 4, 32, **gpu)) == ("load", 200)
     monkeypatch.setattr(mm, "WGMMA_CHAIN", False)
     assert not mm.wgmma_config(8, 4, 32, **gpu)["CHAIN"]
     assert not mm.is_hopper(torch.device("cpu"))  # moe_experts asks is_hopper too: no wgmma before or after sm_90
@@ -783,9 +776,8 @@ def test_moe_experts_wgmma_matches_twin_and_grouped_path_gpu(shape, num_tokens):
 def test_wgmma_chain_equals_two_launches_gpu(monkeypatch, shape, num_tokens):
     """CHAIN: both matmuls in one launch, bitwise what the two launches give; on each decode tile and a prefill
     one, skewed routing at 64 tokens (some experts many pairs, some none), each call finding its row blocks'
-    counters at zero and leaving them so; each way the second matmul's programs read their counters (SPIN), one
-    with a nanosleep between reads (SPIN_SLEEP_NS). Where the two matmuls' K blocks a step differ (the third
-    shape's 5 and 45 K blocks at 3 a step) the two launches run instead."""
+    counters at zero and leaving them so. Where the two matmuls' K blocks a step differ (the third shape's 5 and
+    45 K blocks at 3 a step) the two launches run instead."""
     import gptoss_serve.kernels.moe_wgmma as mw
     from gptoss_serve.kernels.triton_utils import arrival_counters, largest_divisor
 
@@ -799,13 +791,12 @@ def test_wgmma_chain_equals_two_launches_gpu(monkeypatch, shape, num_tokens):
     for tile_config in tiles:
         config = dict(kernel="wgmma", **tile_config)
         two = moe_experts(*served, config=config, **layout)
+        one = moe_experts(*served, config=dict(config, CHAIN=True), **layout)
         per_step = tile_config["KB_PER_STEP"]
         same_rings = largest_divisor(hidden // 32, per_step) == largest_divisor(intermediate // 32, per_step)
-        for spin, sleep in [(spin, 0) for spin in mw.SPINS] + [("load", 200)]:
-            one = moe_experts(*served, config=dict(config, CHAIN=True, SPIN=spin, SPIN_SLEEP_NS=sleep), **layout)
-            assert launched.pop() == same_rings, (tile_config, spin, sleep)
-            assert torch.equal(one, two), (tile_config, spin, sleep)
-            assert not arrival_counters("moe_wgmma_chain", 1, served[0].device).any()
+        assert launched.pop() == same_rings, tile_config
+        assert torch.equal(one, two), tile_config
+        assert not arrival_counters("moe_wgmma_chain", 1, served[0].device).any()
 
 
 def test_decode_steps_of_1_to_8_tokens_take_the_mma_kernel_on_a_gpu_only():

@@ -1,10 +1,10 @@
 """The chained wgmma launch (both MoE matmuls in one launch, moe_wgmma's CHAIN) called many times in a row, eagerly
 and as CUDA-graph replays over 4 layers' weights: each case prints its time a call, whether every output equals the
 first and whether the row blocks' counters are back at zero. A case that hangs (a program waiting on a count that
-never comes) stops the script; run it under `timeout`. Cases: EXPERTSxTOKENS:PAIRS_A_BLOCK:SPIN[+SLEEP_NS],
-PAIRS_A_BLOCK 8 or 16 (the decode tiles of moe_matmul.WGMMA_TILES).
+never comes) stops the script; run it under `timeout`. Cases: EXPERTSxTOKENS:PAIRS_A_BLOCK, PAIRS_A_BLOCK 8 or 16
+(the decode tiles of moe_matmul.WGMMA_TILES).
 
-    python3 tools/chain_stress.py --cases 32x64:16:acquire,32x64:16:load --calls 2000"""
+    python3 tools/chain_stress.py --cases 32x64:16,128x8:8 --calls 2000"""
 import argparse
 import time
 
@@ -15,17 +15,16 @@ from gptoss_serve.kernels.moe_matmul import WGMMA_TILES, moe_experts
 from gptoss_serve.kernels.triton_utils import PDL, arrival_counters
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--cases", default="32x64:16:acquire,32x8:8:acquire")
+parser.add_argument("--cases", default="32x64:16,32x8:8")
 parser.add_argument("--calls", type=int, default=2000, help="eager calls, then as many graph replays, a case")
 args = parser.parse_args()
 h, i = kb.GPT_OSS["hidden"], kb.GPT_OSS["intermediate"]
 print(f"PDL {PDL}", flush=True)
 
 for case in args.cases.split(","):
-    shape, block_t, spin = case.split(":")
+    shape, block_t = case.split(":")
     num_experts, num_tokens = (int(v) for v in shape.split("x"))
-    spin, _, sleep = spin.partition("+")
-    config = dict(kernel="wgmma", **WGMMA_TILES[int(block_t)], CHAIN=True, SPIN=spin, SPIN_SLEEP_NS=int(sleep or 0))
+    config = dict(kernel="wgmma", **WGMMA_TILES[int(block_t)], CHAIN=True)
     layers, x, weights, ids = kb.sweep_case(num_experts, num_tokens, h, i)
 
     def run(w):

@@ -101,18 +101,11 @@
 #                                128 and 120b 128 and 512), then the defaults with it: the model's and the engine's
 #                                GPU tests, the bench's MoE rows at 8 and 64 tokens, the 20b engine with and without
 #                                it (GPTOSS_WGMMA_CHAIN=0)
-#   bash tools/gpu_check.sh 38   the chained launch's wait on relaxed reads (SPIN=relaxed: no L1 invalidation a read)
-#                                against acquiring ones and two launches, 8-512 tokens, with 25 / 15 ring stages too;
-#                                its GPU tests; then the bench's MoE rows at 8 and 64 tokens, the spin acquiring
-#                                and relaxed (GPTOSS_WGMMA_SPIN=relaxed; GPTOSS_WGMMA_RELAXED_SPIN=1 when it ran)
-#   bash tools/gpu_check.sh 39   the chained launch's wait on plain loads, with and without a nanosleep between them
-#                                (SPIN=load, SPIN_SLEEP_NS), against acquiring reads and two launches, 8-512 tokens;
-#                                its GPU tests; the bench's MoE rows at 8 and 64 tokens, default and
-#                                GPTOSS_WGMMA_SPIN=load+200
-#   bash tools/gpu_check.sh 40   the chained launch called 3000 times in a row (eager, then graph replays), each way
-#                                of waiting (tools/chain_stress.py: a hang stops a step at its time limit), PDL on
-#                                and off; then the 20b 64-token sweep, acquiring waits and plain loads with 3 µs
-#                                nanosleeps in turn
+#   bash tools/gpu_check.sh 40   the chained launch called 3000 times in a row (eager, then graph replays) at the
+#                                decode tiles, 8-64 tokens (tools/chain_stress.py: a hang stops a step at its time
+#                                limit), PDL on and off
+#   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; those ways are
+#   gone, docs/PERFORMANCE.md has their figures)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -410,37 +403,13 @@ elif [ "$PART" = 37 ]; then
     moe_rows_at 60 8,64
     engine_table "$OUT/engine.txt" 110
     (export GPTOSS_WGMMA_CHAIN=0; engine_table "$OUT/engine_two_launches.txt" 110)
-elif [ "$PART" = 38 ]; then
-    small=8:1:20:5:0:0:1 decode=16:1:10:5
-    wgmma_sweep 120 32x8,128x8,32x64,128x16,128x64 \
-        "$small,$small/chain,$small/relaxed,8:1:25:5:0:0:1/relaxed" relaxed_spin.txt
-    wgmma_sweep 120 32x64,128x16,32x128,128x512 \
-        "$decode,$decode/chain,$decode/relaxed,16:1:15:5/relaxed" relaxed_spin.txt
-    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
-        tests/test_kernels_pdl.py -k "chain and not 512" -rfE 2>&1 | tail -6 | tee "$OUT/chain_tests.txt"
-    moe_rows_at 40 8,64
-    (export GPTOSS_WGMMA_SPIN=relaxed; moe_rows_at 40 8,64)
-elif [ "$PART" = 39 ]; then
-    small=8:1:20:5:0:0:1 decode=16:1:10:5
-    wgmma_sweep 120 32x8,128x8,128x64 \
-        "$small,$small/chain,$small/load,$small/load+200,$small/load+1000,$small/chain+500" spin.txt
-    wgmma_sweep 150 32x64,128x16,128x512 \
-        "$decode,$decode/chain,$decode/load,$decode/load+200,$decode/load+1000,$decode/chain+500" spin.txt
-    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
-        tests/test_kernels_pdl.py -k "chain and not 512" -rfE 2>&1 | tail -6 | tee "$OUT/chain_tests.txt"
-    moe_rows_at 70 8,64
-    (export GPTOSS_WGMMA_SPIN=load+200; moe_rows_at 70 8,64)
 elif [ "$PART" = 40 ]; then
     stress() {  # $1 time limit (s), $2 cases: tools/chain_stress.py, 3000 calls a case
         timeout "$1" python3 tools/chain_stress.py --calls 3000 --cases "$2" 2>&1 | grep -v Warning \
             | tee -a "$OUT/chain_stress.txt"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/chain_stress.txt"
     }
-    stress 100 32x64:16:acquire,32x8:8:acquire,128x64:8:acquire,32x64:16:relaxed,128x16:16:acquire
-    stress 60 32x64:16:load
-    stress 60 32x64:16:load+200
-    (export GPTOSS_PDL=0; stress 60 32x64:16:load)
-    stress 60 32x64:16:acquire,128x16:16:acquire,32x16:8:acquire
-    wgmma_sweep 90 32x64 16:1:10:5,16:1:10:5/chain,16:1:10:5/load+3000,16:1:10:5/chain,16:1:10:5/load+3000 spin.txt
+    stress 150 32x8:8,32x16:8,32x64:16,128x8:8,128x16:16,128x64:8
+    (export GPTOSS_PDL=0; stress 60 32x8:8,32x64:16)
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

@@ -169,8 +169,7 @@ def wgmma_20b_w1(block_t=64, m_reps=1, num_warps=4, swiglu=True, stages=8, **ove
     return compile_offline(_moe_wgmma_kernel, args, const, num_warps=num_warps)
 
 
-def wgmma_chain_20b(block_t: int, stages: int, per_step: int, scale_after: bool, early: bool = True,
-                    spin: str = "acquire", spin_sleep_ns: int = 0):
+def wgmma_chain_20b(block_t: int, stages: int, per_step: int, scale_after: bool, early: bool = True):
     """Both matmuls of the 20b experts in one launch (the chained wgmma kernel), 64-row programs, PDL on."""
     from gptoss_serve.kernels.moe_wgmma import _moe_wgmma_chain_kernel, b_smem_layout, word_layout
     n1, n2, kblocks = 5760, 2880, 90
@@ -186,8 +185,7 @@ def wgmma_chain_20b(block_t: int, stages: int, per_step: int, scale_after: bool,
     const = dict(HAS_B1=True, HAS_B2=True, TILE_N=64, NUM_KB1=kblocks, NUM_KB2=kblocks,
                  WORD_LAYOUT=word_layout(4, 1), B_SMEM=b_smem_layout(block_t), BLOCK_T=block_t, M_REPS=1,
                  NUM_WARPS=4, STAGES=stages, COPY_AHEAD=stages - per_step, KB_PER_STEP=per_step, EVEN_N1=True,
-                 EVEN_N2=True, SCALE_AFTER=scale_after, VECTOR_STORE=True, PDL=True, EARLY_WEIGHTS=early,
-                 SPIN=spin, SPIN_SLEEP_NS=spin_sleep_ns)
+                 EVEN_N2=True, SCALE_AFTER=scale_after, VECTOR_STORE=True, PDL=True, EARLY_WEIGHTS=early)
     return compile_offline(_moe_wgmma_chain_kernel, args, const, num_warps=4)
 
 
@@ -326,12 +324,10 @@ if __name__ == "__main__":
     elif which == "chain":  # both matmuls in one launch, at the decode tiles
         from gptoss_serve.kernels.moe_matmul import WGMMA_TILES
 
-        for block_t, spin, sleep in ((8, "acquire", 0), (16, "acquire", 0), (8, "relaxed", 0), (8, "load", 0),
-                                     (8, "load", 200)):  # how the second matmul's programs read their counter
+        for block_t in (8, 16):
             tile = WGMMA_TILES[block_t]
-            report(f"wgmma chain 20b, {block_t} pairs x 64 rows, {tile['KB_PER_STEP']} K blocks a step, spin {spin}"
-                   f", sleep {sleep} ns", wgmma_chain_20b(block_t, tile["STAGES"], tile["KB_PER_STEP"],
-                                                          tile["SCALE_AFTER"], spin=spin, spin_sleep_ns=sleep),
+            report(f"wgmma chain 20b, {block_t} pairs x 64 rows, {tile['KB_PER_STEP']} K blocks a step",
+                   wgmma_chain_20b(block_t, tile["STAGES"], tile["KB_PER_STEP"], tile["SCALE_AFTER"]),
                    16 * tile["KB_PER_STEP"])
     elif which == "router":
         for experts_per_program in (4, 8, 16):

@@ -31,8 +31,7 @@ parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of
                     "default) stores the second matmul's rows 16 bytes at a time, 0 2 bytes), comma-separated; "
                     "with it, steps of more than 8 tokens also time the grouped kernel (its heuristic tiles) and "
                     "skip the tensor-core decode kernel; a tile ending in /chain runs both matmuls in one launch "
-                    "(CHAIN), in /relaxed or /load likewise with the wait's reads relaxed or plain loads (SPIN), "
-                    "any of them followed by +NS with a nanosleep of NS between reads (SPIN_SLEEP_NS)")
+                    "(CHAIN)")
 parser.add_argument("--no-gemv", action="store_true", help="skip the matrix-vector kernels' variants")
 parser.add_argument("--no-mma", action="store_true", help="skip the tensor-core decode kernel's variants")
 args = parser.parse_args()
@@ -104,29 +103,20 @@ def wgmma_variants(num_tokens: int, num_experts: int) -> list[tuple[str, dict]]:
     return grouped + [(f"wgmma T={block_t} rows={16 * warps * m_reps} stages={stages} w={warps} kb/step<={per_step}"
                        + (f" tail<={tail}" if tail else "") + (f" regs<={maxnreg}" if maxnreg else "")
                        + (" scaled after" if scale_after else "") + ("" if vector else " 2-byte stores")
-                       + (f" chained{_spin_label(*chain)}" if chain else ""),
+                       + (" chained" if chain else ""),
                        dict(kernel="wgmma", BLOCK_T=block_t, M_REPS=m_reps, STAGES=stages, num_warps=warps,
                             KB_PER_STEP=per_step, maxnreg=maxnreg, SCALE_AFTER=scale_after, VECTOR_STORE=vector,
-                            CHAIN=bool(chain), **(dict(SPIN=chain[0], SPIN_SLEEP_NS=chain[1]) if chain else {}),
+                            CHAIN=chain,
                             **(dict(TAIL=WGMMA_SMALL_TILE, TAIL_PAIRS=tail) if tail else {})))
                       for block_t, m_reps, stages, warps, per_step, tail, maxnreg, scale_after, vector, chain in grid]
 
 
-def _launch_option(tile: str) -> tuple[str, int] | None:
-    """A --wgmma tile's suffix: None for none (two launches), else one launch's (SPIN, SPIN_SLEEP_NS): /chain
-    ("acquire"), /relaxed or /load, each with an optional +NS."""
+def _launch_option(tile: str) -> bool:
+    """A --wgmma tile's suffix: "" (two launches) or "/chain" (one launch, CHAIN)."""
     option = tile.partition("/")[2]
-    if not option:
-        return None
-    name, _, sleep = option.partition("+")
-    spin = {"chain": "acquire", "relaxed": "relaxed", "load": "load"}.get(name)
-    if spin is None or not (sleep == "" or sleep.isdigit()):
-        raise SystemExit(f"unknown option {option!r} in --wgmma tile {tile!r}: /chain, /relaxed or /load[+NS]")
-    return spin, int(sleep or 0)
-
-
-def _spin_label(spin: str, sleep: int) -> str:
-    return ("" if spin == "acquire" else f", {spin} spin") + (f", sleep {sleep} ns" if sleep else "")
+    if option not in ("", "chain"):
+        raise SystemExit(f"unknown option {option!r} in --wgmma tile {tile!r}: /chain or none")
+    return option == "chain"
 
 
 seen_models = set()
