@@ -104,6 +104,8 @@
 #   bash tools/gpu_check.sh 40   the chained launch called 3000 times in a row (eager, then graph replays) at the
 #                                decode tiles, 8-64 tokens (tools/chain_stress.py: a hang stops a step at its time
 #                                limit), PDL on and off
+#   bash tools/gpu_check.sh 41   the chained launch's GPU tests and part 40's stress on the defaults, then the bench's
+#                                20b MoE rows at 8 and 64 tokens four times over (their spread between runs)
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; those ways are
 #   gone, docs/PERFORMANCE.md has their figures)
 # Each step has its own time limit, so a slow one costs only itself.
@@ -410,6 +412,15 @@ elif [ "$PART" = 40 ]; then
     }
     stress 150 32x8:8,32x16:8,32x64:16,128x8:8,128x16:16,128x64:8
     (export GPTOSS_PDL=0; stress 60 32x8:8,32x64:16)
+elif [ "$PART" = 41 ]; then
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        tests/test_kernels_pdl.py -k "chain" -rfE 2>&1 | tail -6 | tee "$OUT/chain_tests.txt"
+    timeout 100 python3 tools/chain_stress.py --calls 3000 --cases 32x8:8,32x64:16,128x8:8,128x64:8 2>&1 \
+        | grep -v Warning | tee "$OUT/chain_stress.txt"
+    for round in 1 2 3 4; do  # the 20b rows again and again: the spread of one figure between runs
+        timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 8,64 --experts 32 2>&1 \
+            | grep "^| MoE" | sort -u | tee -a "$OUT/bench_moe_rounds.txt"
+    done
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
