@@ -24,20 +24,22 @@ from gptoss_serve.kernels.moe_matmul import (_dequant_mxfp4_tile, check_decode_o
 from gptoss_serve.kernels.triton_utils import device_function, emulate_bf16, launch
 
 
-def _split_bytes_e4m3_f32_asm() -> str:
-    """PTX: four split-layout bytes ($8) -> their eight values times 2^-6 as float32, unscaled ($0..$3 the low
+def _split_bytes_e4m3_f32_asm(split: bool) -> str:
+    """PTX: four split-layout bytes ($8; the checkpoint's if not split) -> their eight values times 2^-6 as
+    float32, unscaled ($0..$3 the low
     nibbles' of bytes 0..3, $4..$7 the high nibbles'). The nibbles move to float8 e4m3 bits as in
     moe_matmul.split_bytes_e4m3 (four at a time), cvt reads two e4m3 bytes as an f16 pair (sm_89+), and each half
     widens to float32: about 3.4 instructions a weight with the FMA, against 4.5 for bf16 values times their scale
     widened (the scale is applied to each block's sum instead)."""
-    lines = ["{", ".reg .b32 t, u, lo, hi, f<4>;", ".reg .b16 e<4>, h<8>;"] + split_bytes_e4m3_ptx("$8")
+    lines = ["{", ".reg .b32 t, u, lo, hi, f<4>;", ".reg .b16 e<4>, h<8>;"] + split_bytes_e4m3_ptx("$8", split)
     for i in range(4):  # e4m3 byte pair i -> f16 pair -> $2i, $2i + 1
         lines += [f"cvt.rn.f16x2.e4m3x2 f{i}, e{i};", f"mov.b32 {{h{2 * i}, h{2 * i + 1}}}, f{i};",
                   f"cvt.f32.f16 ${2 * i}, h{2 * i};", f"cvt.f32.f16 ${2 * i + 1}, h{2 * i + 1};"]
     return "\n".join(lines + ["}"])
 
 
-SPLIT_BYTES_E4M3_F32_ASM = tl.constexpr(_split_bytes_e4m3_f32_asm())
+SPLIT_BYTES_E4M3_F32_ASM = tl.constexpr(_split_bytes_e4m3_f32_asm(split=True))
+PAIRED_BYTES_E4M3_F32_ASM = tl.constexpr(_split_bytes_e4m3_f32_asm(split=False))  # the checkpoint's layout
 
 # Tiles chosen on an H200 (docs/PERFORMANCE.md, 2026-12-01, tools/moe_gemv_sweep.py; the same on 2026-12-02 with
 # the scale applied to block sums, 4 rows a thread included): a K range of 16 blocks
@@ -72,7 +74,7 @@ def _moe_gemv_kernel(
     row_end = tl.minimum(row_begin + rows_per_program, N)
     for r0 in range(row_begin, row_end, RB):
         row_sum = rows_times_slice(w_expert, s_expert, tile, r0, row_end, a_low, a_high, stride_w_row,
-                                   stride_s_row, SWIZZLED, FOLD_SCALES, TILE_N, EMULATE_BF16, KB, RB)
+                                   stride_s_row, SWIZZLED, FOLD_SCALES, TILE_N, EMULATE_BF16, KB, RB, SPLIT_NIBBLES)
         out_rows = r0 + tl.arange(0, RB)
         tl.store(ws_ptr + split * stride_ws_split + pair.to(tl.int64) * N + out_rows, row_sum, mask=out_rows < row_end)
 
@@ -121,7 +123,7 @@ def tile_offsets(split, num_blocks_k, stride_w_row, stride_s_row, stride_s_k, TI
 @device_function
 def rows_times_slice(w_expert, s_expert, tile, r0, row_end, a_low, a_high, stride_w_row, stride_s_row,
                      SWIZZLED: tl.constexpr, FOLD_SCALES: tl.constexpr, TILE_N: tl.constexpr,
-                     EMULATE_BF16: tl.constexpr, KB: tl.constexpr, RB: tl.constexpr):
+                     EMULATE_BF16: tl.constexpr, KB: tl.constexpr, RB: tl.constexpr, SPLIT_NIBBLES: tl.constexpr):
     """[RB] float32: rows r0 .. r0 + RB of one expert's weights (`tile` from tile_offsets) times the activation
     slice; rows from row_end on give 0 (and read nothing)."""
     w_inner, s_inner, in_k, r_of = tile
@@ -135,25 +137,27 @@ def rows_times_slice(w_expert, s_expert, tile, r0, row_end, a_low, a_high, strid
     w_bytes = tl.reshape(w_bytes, [RB, KB, 16])
     scale_bytes = tl.reshape(scale_bytes, [RB, KB]).to(tl.int32)
     if SWIZZLED:  # scaled bf16 values, widened
-        w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, RB, KB, EMULATE_BF16, SWIZZLED, FOLD_SCALES)
+        w_low, w_high = _dequant_mxfp4_tile(w_bytes, scale_bytes, RB, KB, EMULATE_BF16, SWIZZLED, FOLD_SCALES,
+                                            SPLIT_NIBBLES)
         part = _fma_sum(tl.zeros([RB, KB], dtype=tl.float32), w_low.to(tl.float32), a_low,
                         w_high.to(tl.float32), a_high)  # [RB, KB]
     else:  # values * 2^-6, each block's sum scaled once (powers of two: the same float32 products)
-        w_low, w_high = _split_bytes_unscaled(w_bytes, EMULATE_BF16)
+        w_low, w_high = _split_bytes_unscaled(w_bytes, EMULATE_BF16, SPLIT_NIBBLES)
         part = _fma_sum(tl.zeros([RB, KB], dtype=tl.float32), w_low, a_low, w_high, a_high)
         part = part * e4m3_block_scale(scale_bytes)  # [RB, KB]
     return tl.sum(part, axis=1)
 
 
 @device_function
-def _split_bytes_unscaled(w_bytes, EMULATE_BF16: tl.constexpr):
-    """Split-layout bytes [RB, KB, 16] -> the low- and high-nibble values times 2^-6 as float32 [RB, KB, 16]
-    each, without their scale (one asm for four bytes on a GPU)."""
+def _split_bytes_unscaled(w_bytes, EMULATE_BF16: tl.constexpr, SPLIT_NIBBLES: tl.constexpr):
+    """Split-layout bytes [RB, KB, 16] (the checkpoint's if not SPLIT_NIBBLES) -> the low- and high-nibble values
+    times 2^-6 as float32 [RB, KB, 16] each, without their scale (one asm for four bytes on a GPU)."""
     if EMULATE_BF16:
-        low, high = split_bytes_e4m3(w_bytes)
+        low, high = split_bytes_e4m3(w_bytes, SPLIT_NIBBLES)
         return low.to(tl.float32), high.to(tl.float32)
-    return tl.inline_asm_elementwise(SPLIT_BYTES_E4M3_F32_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w_bytes],
-                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(SPLIT_BYTES_E4M3_F32_ASM if SPLIT_NIBBLES else PAIRED_BYTES_E4M3_F32_ASM,
+                                     "=r,=r,=r,=r,=r,=r,=r,=r,r", [w_bytes], dtype=(tl.float32, tl.float32),
+                                     is_pure=True, pack=4)
 
 
 @device_function

@@ -120,7 +120,7 @@ def _rows_over_k(a_row, w_expert, s_expert, r0, N, num_blocks_k, stride_w_row, s
         a_low, a_high = activation_slice(a_row, split, num_blocks_k, SPLIT_NIBBLES, KB)
         tile = tile_offsets(split, num_blocks_k, stride_w_row, stride_s_row, stride_s_k, TILE_N, KB, RB)
         acc += rows_times_slice(w_expert, s_expert, tile, r0, N, a_low, a_high, stride_w_row, stride_s_row,
-                                SWIZZLED, FOLD_SCALES, TILE_N, EMULATE_BF16, KB, RB)
+                                SWIZZLED, FOLD_SCALES, TILE_N, EMULATE_BF16, KB, RB, SPLIT_NIBBLES)
     return acc
 
 

@@ -14,8 +14,9 @@ if not torch.cuda.is_available():
 
 from gptoss_serve.kernels.moe_gemv import DEFAULT_GEMV_CONFIG  # noqa: E402
 from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, SPLITK_MAX_TOKENS, WGMMA_SMALL_TILE,  # noqa: E402
-                                             _tile_config, moe_experts, moe_experts_splitk, split_nibbles, swizzle_bits,
-                                             takes_gemv, tile_rows, unswizzle_bits)
+                                             _tile_config, merge_nibbles, moe_experts, moe_experts_splitk,
+                                             pack_split_bytes, split_bytes_e4m3_ptx, split_nibbles, swizzle_bits,
+                                             takes_gemv, tile_rows, unpack_split_bytes, unswizzle_bits)
 from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref  # noqa: E402
 from gptoss_serve.kernels.moe_routing import (group_by_expert, max_row_blocks, max_tail_blocks,  # noqa: E402
                                               route)
@@ -150,10 +151,28 @@ def test_split_nibble_layout_gives_the_same_result():
     x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
     split = split_nibbles(w1b).cpu()
     in_order = torch.stack((w1b.cpu() & 15, w1b.cpu() >> 4), dim=-1).flatten(-2)  # [..., 32] element order
-    assert torch.equal(torch.cat((split & 15, split >> 4), dim=-1), in_order)
+    assert torch.equal(torch.cat(unpack_split_bytes(split), dim=-1), in_order)
+    assert torch.equal(merge_nibbles(split), w1b.cpu())
     out = moe_experts(x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first,
                       split_nibbles=True)
     torch.testing.assert_close(out, moe_experts(*args), rtol=0, atol=0)
+
+
+def test_split_bytes_read_as_e4m3_with_an_and_and_a_shift_each():
+    """Every pair of nibbles: the split layout's byte unpacks to them, its low nibble is an e4m3 byte after one AND
+    and its high after the two shifts of split_bytes_e4m3 (the moves of the GPU asm, split_bytes_e4m3_ptx), each
+    reading as the FP4 value * 2^-6."""
+    nibbles = torch.arange(16, dtype=torch.uint8)
+    low, high = nibbles.repeat_interleave(16), nibbles.repeat(16)
+    packed = pack_split_bytes(low, high)
+    assert packed.unique().numel() == 256
+    assert all(torch.equal(a, b) for a, b in zip(unpack_split_bytes(packed), (low, high)))
+    fp4 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+    as_e4m3 = lambda t: t.view(torch.float8_e4m3fn).float() * 64  # noqa: E731
+    assert torch.equal(as_e4m3(packed & 0x9C), fp4[low.long()])
+    assert torch.equal(as_e4m3(((packed << 2) & 0x8C) | ((packed >> 2) & 0x10)), fp4[high.long()])
+    ptx = "\n".join(split_bytes_e4m3_ptx("w"))
+    assert all(mask in ptx for mask in ("0x9C9C9C9C", "0x8C8C8C8C", "0x10101010"))
 
 
 @pytest.mark.parametrize("join_k", [True, False])
@@ -249,7 +268,7 @@ def test_swizzle_bits_is_a_bit_permutation_within_each_word():
     popcount = lambda t: sum(((t.reshape(-1, 4).long() >> b) & 1).sum(1) for b in range(8))  # noqa: E731
     assert torch.equal(popcount(swizzled), popcount(blocks))  # bits move only within their 4-byte word
     one = torch.zeros(16, dtype=torch.uint8)
-    one[1] = 0x02  # L1 = element 1 of the block, nibble 0b0010: e0 set -> bit 23 of word 0
+    one[1] = pack_split_bytes(torch.tensor(2), torch.tensor(0))  # L1 = element 1, nibble 0b0010: e0 -> bit 23
     assert swizzle_bits(one)[2] == 0x80 and int(swizzle_bits(one).count_nonzero()) == 1
 
 

@@ -70,23 +70,7 @@ def _checkpoint_blocks(model: GptOssModel, blocks: torch.Tensor, expert: int) ->
     """One expert's bytes in the checkpoint's layout: the kernel backend undoes its own re-layout where it has
     one (the triton backend's `checkpoint_blocks`: nibble split and row tiles)."""
     undo = getattr(model.kernels, "checkpoint_blocks", None)
-    if undo is not None:
-        return undo(blocks, expert)
-    return merge_nibbles(blocks[expert]) if _is_relaid_out(model, blocks) else blocks[expert]
-
-
-def _is_relaid_out(model: GptOssModel, blocks: torch.Tensor) -> bool:
-    """Whether the kernel backend re-laid these expert bytes out in place when it prepared the weights (the
-    triton backend does; it has no public way to ask yet)."""
-    is_split = getattr(model.kernels, "_is_split", None)
-    return bool(is_split is not None and is_split(blocks))
-
-
-def merge_nibbles(blocks: torch.Tensor) -> torch.Tensor:
-    """The inverse of kernels.moe_matmul.split_nibbles: byte j of a block back to elements 2j (low nibble) and
-    2j + 1 (high), the checkpoint's order, from j and j + 16."""
-    values = torch.cat((blocks & 0x0F, blocks >> 4), dim=-1)  # [..., 32] nibbles in element order
-    return (values[..., 0::2] | (values[..., 1::2] << 4)).contiguous()
+    return undo(blocks, expert) if undo is not None else blocks[expert]
 
 
 @torch.inference_mode()

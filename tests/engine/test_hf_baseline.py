@@ -5,20 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_serve.cluster.engine.hf_baseline import hf_model_from, merge_nibbles
+from gptoss_serve.cluster.engine.hf_baseline import hf_model_from
 from gptoss_serve.kernels.backend import get_kernels
 from gptoss_serve.model.batch import KVCache, build_forward_batch
 from gptoss_serve.model.config import preset
 from gptoss_serve.model.loader import random_model
 
 pytest.importorskip("transformers")
-
-
-def test_merge_nibbles_inverts_the_triton_relayout():
-    from gptoss_serve.kernels.moe_matmul import split_nibbles
-
-    blocks = torch.randint(0, 256, (3, 5, 16), dtype=torch.uint8)
-    assert torch.equal(merge_nibbles(split_nibbles(blocks)), blocks)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
