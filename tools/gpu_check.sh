@@ -106,6 +106,9 @@
 #                                limit), PDL on and off
 #   bash tools/gpu_check.sh 41   the chained launch's GPU tests and part 40's stress on the defaults, then the bench's
 #                                20b MoE rows at 8 and 64 tokens four times over (their spread between runs)
+#   bash tools/gpu_check.sh 42   the split layout's new byte (pack_split_bytes): every MoE, PDL, model and engine GPU
+#                                test, then the bench's MoE rows against OLD_TREE (a checkout of the old bytes) in
+#                                turn, then the 20b engine
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; those ways are
 #   gone, docs/PERFORMANCE.md has their figures)
 # Each step has its own time limit, so a slow one costs only itself.
@@ -421,6 +424,19 @@ elif [ "$PART" = 41 ]; then
         timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 8,64 --experts 32 2>&1 \
             | grep "^| MoE" | sort -u | tee -a "$OUT/bench_moe_rounds.txt"
     done
+elif [ "$PART" = 42 ]; then
+    timeout 230 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
+        tests/test_kernels_pdl.py tests/test_kernels_model.py tests/engine/test_engine_gpu.py -rfE \
+        > "$OUT/tests_full.txt" 2>&1; tail -12 "$OUT/tests_full.txt"
+    rows() {  # $1 label, $2 checkout, $3 experts, $4 tokens: the bench's MoE rows from that checkout
+        (cd "$2" && PYTHONPATH="$PWD" timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe --tokens "$4" \
+            --experts "$3" 2>&1) | grep -E "^\| MoE|^HBM copy" | sort -u | sed "s/^/$1 /" | tee -a "$OUT/bench_ab.txt"
+    }
+    for round in 1 2 3; do  # the new bytes (this tree) and the old (OLD_TREE: a checkout of 108a724), in turn
+        rows new . 32 8,64; rows old "$OLD_TREE" 32 8,64
+    done
+    rows new . 128 1,8,64; rows old "$OLD_TREE" 128 1,8,64; rows new . 32 1; rows old "$OLD_TREE" 32 1
+    engine_table "$OUT/engine.txt" 100
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
