@@ -26,11 +26,11 @@ from gptoss_serve.kernels.triton_utils import device_function, emulate_bf16, lau
 
 def _split_bytes_e4m3_f32_asm(split: bool) -> str:
     """PTX: four split-layout bytes ($8; the checkpoint's if not split) -> their eight values times 2^-6 as
-    float32, unscaled ($0..$3 the low
-    nibbles' of bytes 0..3, $4..$7 the high nibbles'). The nibbles move to float8 e4m3 bits as in
-    moe_matmul.split_bytes_e4m3 (four at a time), cvt reads two e4m3 bytes as an f16 pair (sm_89+), and each half
-    widens to float32: about 3.4 instructions a weight with the FMA, against 4.5 for bf16 values times their scale
-    widened (the scale is applied to each block's sum instead)."""
+    float32, unscaled ($0..$3 the low nibbles' of bytes 0..3, $4..$7 the high nibbles'). The nibbles move to float8
+    e4m3 bits as in moe_matmul.split_bytes_e4m3 (four at a time), cvt reads two e4m3 bytes as an f16 pair (sm_89+),
+    and each half widens to float32: about 3.4 instructions a weight with the FMA (before the split layout's bytes
+    were laid out for e4m3), against 4.5 for bf16 values times their scale widened (the scale is applied to each
+    block's sum instead)."""
     lines = ["{", ".reg .b32 t, u, lo, hi, f<4>;", ".reg .b16 e<4>, h<8>;"] + split_bytes_e4m3_ptx("$8", split)
     for i in range(4):  # e4m3 byte pair i -> f16 pair -> $2i, $2i + 1
         lines += [f"cvt.rn.f16x2.e4m3x2 f{i}, e{i};", f"mov.b32 {{h{2 * i}, h{2 * i + 1}}}, f{i};",

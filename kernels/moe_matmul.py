@@ -298,7 +298,7 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
             low, high = split_bytes_e4m3(w_bytes, SPLIT_NIBBLES)
             w_low = low.to(tl.float32) * scale
             w_high = high.to(tl.float32) * scale
-    else:  # four bytes an asm: the swizzled layout's (CUDA-core split-K path only) or the split layout's
+    else:  # four bytes an asm: the swizzled layout's (CUDA-core split-K path only), the split or the checkpoint's
         mult = tl.broadcast_to(_bf16_multiplier(scale_bytes, FOLD_SCALES)[:, :, None], [BLOCK_N, NUM_SCALES, 16])
         if SWIZZLED:
             w_low, w_high = tl.inline_asm_elementwise(SWIZZLED_BYTES_FOLDED_ASM if FOLD_SCALES else SWIZZLED_BYTES_ASM,
