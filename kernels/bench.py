@@ -599,6 +599,8 @@ def bench_attention_front(ceil: dict, token_counts: list[int]) -> list[dict]:
 
 
 def format_table(ceil: dict, rows: list[dict]) -> str:
+    """The bench's markdown table: each row's µs, GB/s and its share of the copy measured in the same run (to a
+    tenth of a percent: the targets sit at round numbers), TFLOP/s and the torch path's time beside it."""
     lines = [f"HBM copy bandwidth (read + write): {ceil['copy_gbs']:.0f} GB/s; "
              f"bf16 matmul 8192^3: {ceil['bf16_tflops']:.0f} TFLOP/s", "",
              "| op | shape | triton µs | GB/s | % HBM | TFLOP/s | % bf16 peak | torch µs | torch path | speed-up |",
@@ -609,7 +611,7 @@ def format_table(ceil: dict, rows: list[dict]) -> str:
         torch_ms = r.get("torch_ms")
         lines.append("| {} | {} | {:.1f} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["op"], r["shape"], r["ms"] * 1e3,
-            f"{gbs:.0f}" if gbs else "", f"{100 * gbs / ceil['copy_gbs']:.0f}%" if gbs else "",
+            f"{gbs:.0f}" if gbs else "", f"{100 * gbs / ceil['copy_gbs']:.1f}%" if gbs else "",
             f"{tf:.1f}" if tf else "", f"{100 * tf / ceil['bf16_tflops']:.0f}%" if tf else "",
             f"{torch_ms * 1e3:.1f}" if torch_ms else "—", r.get("torch_path", "—"),
             f"{torch_ms / r['ms']:.1f}x" if torch_ms else ""))
