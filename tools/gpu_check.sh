@@ -31,7 +31,8 @@
 #                                tiles with and without 16-pair tail blocks at 512-4096 tokens, then Nsight Compute
 #                                on the 20b layer at 64 tokens (the wgmma decode tiles: stall reasons, issue slots)
 #   bash tools/gpu_check.sh 11   occupancy of the wgmma decode tiles: 16- and 8-pair row blocks with fewer ring stages,
-#                                64-row programs and register caps (more programs an SM) against the defaults, 8-64 tokens
+#                                64-row programs and register caps (more programs an SM) against the defaults,
+#                                8-64 tokens
 #   bash tools/gpu_check.sh 12   the wgmma GPU tests with the 64-row small tiles, 64-pair tiles with 64-row programs,
 #                                then Nsight Compute's stall reasons: the wgmma decode tile (20b, 64 tokens), the
 #                                128-pair tile (120b, 4096 tokens) and the tensor-core decode kernel (20b, 1 token)
@@ -161,7 +162,8 @@ pdl_moe_tests() {  # $1 time limit (s): the PDL tests of the MoE chains
 }
 model_engine_tests() {  # $1 lines shown: the model at the 20b layer shapes (triton against torch), the engine's
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_model.py \
-        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1; tail -"$1" "$OUT/tests_model_engine.txt"
+        tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_model_engine.txt" 2>&1
+    tail -"$1" "$OUT/tests_model_engine.txt"
 }
 wgmma_sweep() {  # $1 time limit (s), $2 cases, $3 wgmma tiles, $4 output file (appended): the wgmma tiles only
     timeout "$1" python3 tools/moe_mma_sweep.py --cases "$2" --no-gemv --no-mma --wgmma "$3" 2>&1 \
@@ -175,7 +177,8 @@ chain_check() {  # $1 sweep limit (s), $2 cases, $3 test limit (s), $4 -k filter
 if [ "$PART" = 1 ]; then
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
         tests/test_kernels_attention.py tests/test_kernels_model.py tests/test_kernels_norm_rope.py \
-        tests/test_kernels_router.py tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_full.txt" 2>&1; tail -30 "$OUT/tests_full.txt"
+        tests/test_kernels_router.py tests/engine/test_engine_gpu.py -rfE > "$OUT/tests_full.txt" 2>&1
+    tail -30 "$OUT/tests_full.txt"
     timeout 90 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | tee "$OUT/bench_moe.txt"
     timeout 230 python3 tools/moe_mma_sweep.py --cases 32x16,32x64,128x64,32x512,32x4096,128x4096 2>&1 \
@@ -329,7 +332,8 @@ elif [ "$PART" = 22 ]; then
     moe_gpu_tests "wgmma or real_shapes or serving or group" 150
     moe_rows
     timeout 100 python3 tools/moe_mma_sweep.py --cases 32x8,32x64,128x64,32x512 --no-gemv \
-        --wgmma 8:1:12:3:0:0:1:4:0,8:1:12:3:0:0:1:4:1,16:1:6:3:0:0:0:4:0,16:1:6:3:0:0:0:4:1,64:2:6:3:0:0:0:4:0,64:2:6:3:0:0:0:4:1 \
+        --wgmma 8:1:12:3:0:0:1:4:0,8:1:12:3:0:0:1:4:1,16:1:6:3:0:0:0:4:0,16:1:6:3:0:0:0:4:1,\
+64:2:6:3:0:0:0:4:0,64:2:6:3:0:0:0:4:1 \
         2>&1 | grep -v Warning | tee "$OUT/store_sweep.txt"
     engine_table "$OUT/engine.txt" 110
     [ -d .basetree ] && (cd .basetree && export PYTHONPATH="$PWD" && timeout 75 python3 -m gptoss_serve.kernels.bench \
@@ -363,12 +367,14 @@ elif [ "$PART" = 25 ]; then
     done
 elif [ "$PART" = 26 ]; then
     timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py \
-        tests/test_kernels_attention.py -rfE > "$OUT/tests_pdl_attention.txt" 2>&1; tail -8 "$OUT/tests_pdl_attention.txt"
+        tests/test_kernels_attention.py -rfE > "$OUT/tests_pdl_attention.txt" 2>&1
+    tail -8 "$OUT/tests_pdl_attention.txt"
     timeout 170 python3 tools/attention_decode_sweep.py --prefetch 0,1,2,4 --json "$OUT/prefetch_sweep.json" 2>&1 \
         | grep -v Warning | tee "$OUT/prefetch_sweep.txt"
     for pdl in 1 0; do
         GPTOSS_PDL=$pdl timeout 60 python3 -m gptoss_serve.kernels.bench --sections decode \
-            --json "$OUT/bench_decode_pdl$pdl.json" 2>&1 | grep -v Warning | tail -11 | tee "$OUT/bench_decode_pdl$pdl.txt"
+            --json "$OUT/bench_decode_pdl$pdl.json" 2>&1 | grep -v Warning | tail -11 \
+            | tee "$OUT/bench_decode_pdl$pdl.txt"
     done
     timeout 50 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1,8 --experts 32 2>&1 \
         | grep -v Warning | tee "$OUT/moe_launches.txt"
