@@ -1,10 +1,11 @@
 """A decode step's MoE experts (one token, or --tokens) on one GPU: the default path and the split-K kernel
-against the matrix-vector kernel (kernels/moe_gemv.py) over a sweep of its tiles, on the serving layout (split nibbles, rows tiled by 64) and on
-the swizzled one; then the 20b engine's single-stream decode with each 1-token kernel, in the same run.
+against the matrix-vector kernel (kernels/moe_gemv.py) over a sweep of its tiles, on the serving layout (split
+nibbles, rows tiled by 64) and on the swizzled one; then the 20b engine's single-stream decode with each 1-token
+kernel, in the same run.
 Each variant is checked against the default path's output. Times: CUDA-graph replays over 4 layers' weights
 (kernels/bench.py's method); % HBM of the copy bandwidth measured first.
 E.g. python3 tools/moe_gemv_sweep.py [--engine] [--around-best] [--experts 32] [--quick]"""
-import argparse, itertools, json, os, sys, time
+import argparse, itertools, json
 import torch
 from gptoss_serve.kernels import bench as kb
 from gptoss_serve.kernels import moe_gemv, moe_matmul
@@ -61,7 +62,8 @@ for num_experts, swizzled in itertools.product([int(e) for e in args.experts.spl
     ref = run(layers[0], None)
     name = f"{'20b' if num_experts == 32 else '120b'}{' swizzled' if swizzled else ''} {args.tokens} tok"
     gemv = moe_matmul.takes_gemv(args.tokens, k, num_experts)
-    baseline = f"default ({'gemv' if gemv else 'split-K' if args.tokens <= moe_matmul.SPLITK_MAX_TOKENS else 'grouped'})"
+    path = 'gemv' if gemv else 'split-K' if args.tokens <= moe_matmul.SPLITK_MAX_TOKENS else 'grouped'
+    baseline = f"default ({path})"
     splitk = moe_matmul._splitk_config(args.tokens, x.device)
     variants = [(baseline, None)] + ([("split-K, CUDA cores", splitk)] if args.tokens == 1 else [])
     variants += [(json.dumps({k_: v for k_, v in c.items() if k_ != "kernel"}), c) for c in configs]
@@ -74,7 +76,8 @@ for num_experts, swizzled in itertools.product([int(e) for e in args.experts.spl
         row = dict(model=name, variant=label, us=round(ms * 1e3, 1),
                    hbm_pct=round(100 * nbytes / ms / 1e6 / ceil["copy_gbs"], 1), err=err)
         rows.append(row)
-        print(f"{name:<14} | {label:<75} | {row['us']:7.1f} us | {row['hbm_pct']:5.1f}% HBM | err {err:.1e}", flush=True)
+        print(f"{name:<14} | {label:<75} | {row['us']:7.1f} us | {row['hbm_pct']:5.1f}% HBM | err {err:.1e}",
+              flush=True)
     del layers
     torch.cuda.empty_cache()
 
