@@ -60,14 +60,18 @@ from gptoss_serve.kernels.triton_utils import (cast_rne, device_function, emulat
 # is 2^(s - 1) = 2^126 * 2^(s - 127), one multiply a pair (every scale byte of the weight at most FOLD_MAX_SCALE);
 # else 2^126 first, then 2^(s - 127). The high nibble's bits sit in three places (pack_split_bytes, laid out for
 # the e4m3 moves of split_bytes_e4m3_ptx, which Hopper's kernels use): three pieces against the low nibble's two.
+# (shift left, mask) of each piece of a bf16 pair's bits, from a byte in each 16-bit half: (low nibble, high nibble)
+BF16_PIECES = {
+    True: (((4, 0x01C001C0), (8, 0x80008000)),  # split layout (`pack_split_bytes`): magnitude at 4..2, sign at 7
+           ((2, 0x01000100), (6, 0x00C000C0), (10, 0x80008000))),  # e1 at 6, e0 m at 1..0, sign at 5
+    False: (((6, 0x01C001C0), (12, 0x80008000)), ((2, 0x01C001C0), (8, 0x80008000))),  # checkpoint: 3..0, 7..4
+}
+
+
 def _split_bytes_asm(folded: bool, split: bool = True) -> str:
     lines = ["{", ".reg .b32 z, k, t0, t1, m, s;", "mov.b32 z, 0;", "mov.b32 k, 0x7E807E80;",
              "prmt.b32 t0, $4, z, 0x4140;", "prmt.b32 t1, $4, z, 0x4342;"]
-    if split:  # (shift left, mask) of each piece of a value: `pack_split_bytes`' places
-        low = ((4, 0x01C001C0), (8, 0x80008000))  # magnitude at 4..2, sign at 7
-        high = ((2, 0x01000100), (6, 0x00C000C0), (10, 0x80008000))  # e1 at 6, e0 m at 1..0, sign at 5
-    else:  # the checkpoint's bytes: nibbles at 3..0 and 7..4
-        low, high = ((6, 0x01C001C0), (12, 0x80008000)), ((2, 0x01C001C0), (8, 0x80008000))
+    low, high = BF16_PIECES[split]
     for out, src, pieces, mult in (("$0", "t0", low, "$5"), ("$1", "t1", low, "$6"), ("$2", "t0", high, "$5"),
                                    ("$3", "t1", high, "$6")):
         for i, (shift, mask) in enumerate(pieces):

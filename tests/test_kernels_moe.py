@@ -13,10 +13,11 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported; the kernels re-read it at launch too
 
 from gptoss_serve.kernels.moe_gemv import DEFAULT_GEMV_CONFIG  # noqa: E402
-from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, SPLITK_MAX_TOKENS, WGMMA_SMALL_TILE,  # noqa: E402
-                                             _tile_config, merge_nibbles, moe_experts, moe_experts_splitk,
-                                             pack_split_bytes, split_bytes_e4m3_ptx, split_nibbles, swizzle_bits,
-                                             takes_gemv, tile_rows, unpack_split_bytes, unswizzle_bits)
+from gptoss_serve.kernels.moe_matmul import (BF16_PIECES, FOLD_MAX_SCALE, SPLITK_MAX_TOKENS,  # noqa: E402
+                                             WGMMA_SMALL_TILE, _tile_config, merge_nibbles, moe_experts,
+                                             moe_experts_splitk, pack_split_bytes, split_bytes_e4m3_ptx,
+                                             split_nibbles, swizzle_bits, takes_gemv, tile_rows, unpack_split_bytes,
+                                             unswizzle_bits)
 from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref  # noqa: E402
 from gptoss_serve.kernels.moe_routing import (group_by_expert, max_row_blocks, max_tail_blocks,  # noqa: E402
                                               route)
@@ -173,6 +174,20 @@ def test_split_bytes_read_as_e4m3_with_an_and_and_a_shift_each():
     assert torch.equal(as_e4m3(((packed << 2) & 0x8C) | ((packed >> 2) & 0x10)), fp4[high.long()])
     ptx = "\n".join(split_bytes_e4m3_ptx("w"))
     assert all(mask in ptx for mask in ("0x9C9C9C9C", "0x8C8C8C8C", "0x10101010"))
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_bf16_asm_pieces_give_every_nibble_times_2_to_the_minus_126(split):
+    """The bf16 asm (the grouped kernel's on a GPU) ORs shifted, masked pieces of a byte into bf16 bits
+    (BF16_PIECES): for every byte of either layout, each nibble's bits read as its FP4 value * 2^-126."""
+    nibbles = torch.arange(16, dtype=torch.int64)
+    low, high = nibbles.repeat_interleave(16), nibbles.repeat(16)
+    byte = pack_split_bytes(low, high) if split else low | (high << 4)
+    fp4 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
+    for pieces, nibble in zip(BF16_PIECES[split], (low, high)):
+        bits = sum((byte << shift) & (mask & 0xFFFF) for shift, mask in pieces)
+        value = (bits << 16).to(torch.int32).view(torch.float32).double() * 2.0 ** 126
+        assert torch.equal(value, fp4[nibble]), pieces
 
 
 @pytest.mark.parametrize("join_k", [True, False])
