@@ -110,6 +110,9 @@
 #   bash tools/gpu_check.sh 42   the split layout's new byte (pack_split_bytes): every MoE, PDL, model and engine GPU
 #                                test, then the bench's MoE rows against OLD_TREE (a checkout of the old bytes) in
 #                                turn, then the 20b engine
+#   bash tools/gpu_check.sh 43   the 1-token MoE rows, new bytes against OLD_TREE (a checkout of 108a724: `git
+#                                archive 108a724 kernels gptoss_serve tools | tar -x -C .old_split`, carried), six
+#                                rounds each going first as often; then every kernel, PDL and engine GPU test
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; those ways are
 #   gone, docs/PERFORMANCE.md has their figures)
 # Each step has its own time limit, so a slow one costs only itself.
@@ -155,6 +158,10 @@ engine_table() {  # $1 output file, $2 time limit: engine_run's summary table on
 moe_rows_at() {  # $1 time limit (s), $2 token counts: the bench's MoE rows at those counts only
     timeout "$1" python3 -m gptoss_serve.kernels.bench --sections moe --tokens "$2" --json "$OUT/bench_moe.json" 2>&1 \
         | grep -v Warning | grep "^| MoE" | tee "$OUT/bench_moe.txt"
+}
+tree_rows() {  # $1 label, $2 checkout, $3 experts, $4 tokens: the bench's MoE rows from that checkout (A/B runs)
+    (cd "$2" && PYTHONPATH="$PWD" timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe --tokens "$4" \
+        --experts "$3" 2>&1) | grep -E "^\| MoE|^HBM copy" | sort -u | sed "s/^/$1 /" | tee -a "$OUT/bench_ab.txt"
 }
 pdl_moe_tests() {  # $1 time limit (s): the PDL tests of the MoE chains
     timeout "$1" python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
@@ -434,15 +441,22 @@ elif [ "$PART" = 42 ]; then
     timeout 230 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
         tests/test_kernels_pdl.py tests/test_kernels_model.py tests/engine/test_engine_gpu.py -rfE \
         > "$OUT/tests_full.txt" 2>&1; tail -12 "$OUT/tests_full.txt"
-    rows() {  # $1 label, $2 checkout, $3 experts, $4 tokens: the bench's MoE rows from that checkout
-        (cd "$2" && PYTHONPATH="$PWD" timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe --tokens "$4" \
-            --experts "$3" 2>&1) | grep -E "^\| MoE|^HBM copy" | sort -u | sed "s/^/$1 /" | tee -a "$OUT/bench_ab.txt"
-    }
     for round in 1 2 3; do  # the new bytes (this tree) and the old (OLD_TREE: a checkout of 108a724), in turn
-        rows new . 32 8,64; rows old "$OLD_TREE" 32 8,64
+        tree_rows new . 32 8,64; tree_rows old "$OLD_TREE" 32 8,64
     done
-    rows new . 128 1,8,64; rows old "$OLD_TREE" 128 1,8,64; rows new . 32 1; rows old "$OLD_TREE" 32 1
+    tree_rows new . 128 1,8,64; tree_rows old "$OLD_TREE" 128 1,8,64
+    tree_rows new . 32 1; tree_rows old "$OLD_TREE" 32 1
     engine_table "$OUT/engine.txt" 100
+elif [ "$PART" = 43 ]; then
+    for round in 1 2 3; do  # 1 token, the new bytes and the old (OLD_TREE) in turn, each going first as often
+        tree_rows new . 32,128 1; tree_rows old "$OLD_TREE" 32,128 1
+        tree_rows old "$OLD_TREE" 32,128 1; tree_rows new . 32,128 1
+    done
+    timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
+        tests/test_kernels_attention.py tests/test_kernels_model.py tests/test_kernels_norm_rope.py \
+        tests/test_kernels_router.py tests/test_kernels_pdl.py tests/engine/test_engine_gpu.py -rfE \
+        > "$OUT/tests_full.txt" 2>&1
+    tail -12 "$OUT/tests_full.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
