@@ -26,7 +26,7 @@ NUM_COPIES = 4  # layers' worth of distinct weights or caches in one timed graph
 
 def serving_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """MXFP4 bytes in the layout TritonKernels.prepare_weights serves (rows of 64 tiled; swizzled if SWIZZLE)."""
-    from gptoss_serve.kernels.moe_matmul import split_nibbles, swizzle_bits, tile_rows
+    from gptoss_serve.kernels.weight_layout import split_nibbles, swizzle_bits, tile_rows
     from gptoss_serve.kernels.triton_backend import TritonKernels
 
     split = split_nibbles(blocks)
@@ -164,8 +164,8 @@ def bench_moe_paths(ceil: dict, token_counts: list[int], expert_counts: list[int
     """The decode (split-K) path against the grouped path with fused epilogues, on the serving layout; with
     `sweep`, also split targets, tile widths and a K-major scale layout at 1 and 8 tokens. Both paths also on
     the tiled-row layout (`tile_rows`, 64 rows). Each variant is checked against the grouped path's output."""
-    from gptoss_serve.kernels.moe_matmul import (_num_sms, _splitk_config, _tile_config, moe_experts, split_nibbles,
-                                                 tile_rows)
+    from gptoss_serve.kernels.moe_matmul import _num_sms, _splitk_config, _tile_config, moe_experts
+    from gptoss_serve.kernels.weight_layout import split_nibbles, tile_rows
 
     from gptoss_serve.kernels.moe_ref import route_ref
 

@@ -14,11 +14,12 @@ from gptoss_serve.kernels.attention_decode import paged_attention_decode
 from gptoss_serve.kernels.attention_front import norm_qkv_rope
 from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
 from gptoss_serve.kernels.backend import register_backend
-from gptoss_serve.kernels.moe_matmul import (FOLD_MAX_SCALE, merge_nibbles, moe_experts, split_nibbles,
-                                             swizzle_bits, tile_rows, unswizzle_bits, untile_rows)
+from gptoss_serve.kernels.moe_matmul import FOLD_MAX_SCALE, moe_experts
 from gptoss_serve.kernels.moe_router import norm_and_route
 from gptoss_serve.kernels.moe_wgmma import scales_fit_f16
 from gptoss_serve.kernels.rmsnorm import rmsnorm
+from gptoss_serve.kernels.weight_layout import (merge_nibbles, split_nibbles, swizzle_bits, tile_rows, unswizzle_bits,
+                                                untile_rows)
 
 
 def paged_attention(

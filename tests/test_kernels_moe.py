@@ -14,10 +14,10 @@ if not torch.cuda.is_available():
 
 from gptoss_serve.kernels.moe_gemv import DEFAULT_GEMV_CONFIG  # noqa: E402
 from gptoss_serve.kernels.moe_matmul import (BF16_PIECES, FOLD_MAX_SCALE, SPLITK_MAX_TOKENS,  # noqa: E402
-                                             WGMMA_SMALL_TILE, _tile_config, merge_nibbles, moe_experts,
-                                             moe_experts_splitk, pack_split_bytes, split_bytes_e4m3_ptx,
-                                             split_nibbles, swizzle_bits, takes_gemv, tile_rows, unpack_split_bytes,
-                                             unswizzle_bits)
+                                             WGMMA_SMALL_TILE, _tile_config, moe_experts, moe_experts_splitk,
+                                             split_bytes_e4m3_ptx, takes_gemv)
+from gptoss_serve.kernels.weight_layout import (merge_nibbles, pack_split_bytes, split_nibbles,  # noqa: E402
+                                                swizzle_bits, tile_rows, unpack_split_bytes, unswizzle_bits)
 from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref  # noqa: E402
 from gptoss_serve.kernels.moe_routing import (group_by_expert, max_row_blocks, max_tail_blocks,  # noqa: E402
                                               route)

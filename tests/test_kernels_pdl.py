@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 
 from gptoss_serve.kernels import triton_utils  # noqa: E402
 from gptoss_serve.kernels.attention_decode import paged_attention_decode  # noqa: E402
-from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles, tile_rows  # noqa: E402
+from gptoss_serve.kernels.moe_matmul import moe_experts  # noqa: E402
+from gptoss_serve.kernels.weight_layout import split_nibbles, tile_rows  # noqa: E402
 from gptoss_serve.kernels.rope import rope_and_cache_write  # noqa: E402
 
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,

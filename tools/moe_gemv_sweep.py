@@ -9,7 +9,8 @@ import argparse, itertools, json
 import torch
 from gptoss_serve.kernels import bench as kb
 from gptoss_serve.kernels import moe_gemv, moe_matmul
-from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles, swizzle_bits, tile_rows
+from gptoss_serve.kernels.moe_matmul import moe_experts
+from gptoss_serve.kernels.weight_layout import split_nibbles, swizzle_bits, tile_rows
 from gptoss_serve.kernels.moe_ref import route_ref
 
 parser = argparse.ArgumentParser()

@@ -14,8 +14,8 @@ import itertools
 import torch
 
 from gptoss_serve.kernels import bench as kb
-from gptoss_serve.kernels.moe_matmul import (WGMMA_SMALL_TILE, _tile_config, merge_nibbles, moe_experts,
-                                             untile_rows)
+from gptoss_serve.kernels.moe_matmul import WGMMA_SMALL_TILE, _tile_config, moe_experts
+from gptoss_serve.kernels.weight_layout import merge_nibbles, untile_rows
 from gptoss_serve.kernels.moe_gemv_fused import DEFAULT_GEMV_FUSED_CONFIG
 from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
 from gptoss_serve.kernels.moe_ref import moe_experts_ref

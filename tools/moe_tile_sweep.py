@@ -2,7 +2,8 @@
 the run behind docs/PERFORMANCE.md's swizzled-layout figures. argv: copy GB/s, bf16 TFLOP/s (for the
 percentages), optionally cases like 32x1,32x64 (experts x tokens). E.g. python3 tools/moe_tile_sweep.py 4300 790"""
 import sys, torch
-from gptoss_serve.kernels.moe_matmul import moe_experts, split_nibbles, swizzle_bits, tile_rows, _tile_config, _num_sms
+from gptoss_serve.kernels.moe_matmul import moe_experts, _tile_config, _num_sms
+from gptoss_serve.kernels.weight_layout import split_nibbles, swizzle_bits, tile_rows
 from gptoss_serve.kernels.moe_ref import route_ref
 from gptoss_serve.kernels.bench import _bench, NUM_COPIES
 copy_gbs, peak = float(sys.argv[1]), float(sys.argv[2])
