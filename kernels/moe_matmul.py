@@ -10,10 +10,10 @@ and mostly find the tiles in L2.
 MXFP4 in registers: a 16-byte block holds 32 values, two per byte. The kernel dequantizes the low nibbles and
 the high nibbles of a byte tile (one asm for both) and joins them into one tile in element order for a single
 dot a K step (JOIN_K, the default; else two dots over BLOCK_K/2 against the matching columns of A). In the
-checkpoint's layout byte j holds elements 2j and 2j+1 (A read with stride 2); `split_nibbles` (done once at load
-by TritonKernels.prepare_weights) re-lays each block out so that byte j holds elements j and j+16, and A is read
-in contiguous runs of 16; within the byte their bits sit where float8 e4m3 wants them, or a shift away
-(`pack_split_bytes`: element j's sign at bit 7 and magnitude at bits 4..2, one AND from an e4m3 byte).
+checkpoint's layout byte j holds elements 2j and 2j+1 (A read with stride 2); `split_nibbles` (weight_layout.py,
+done once at load by TritonKernels.prepare_weights) re-lays each block out so that byte j holds elements j and
+j+16, and A is read in contiguous runs of 16; within the byte their bits sit where float8 e4m3 wants them, or a
+shift away (`pack_split_bytes`: element j's sign at bit 7 and magnitude at bits 4..2, one AND from an e4m3 byte).
 Nibble s|e1 e0|m to bf16, on the GPU (inline PTX, four bytes at a time): the bits go to bf16 sign and to the
 low exponent bits and top mantissa bit, giving value * 2^-126 exactly (e1 e0 = 0 lands on bf16 subnormals,
 which are exactly 0 and 0.5 * 2^-126); two bf16x2 multiplies apply 2^126 and the E8M0 scale 2^(s - 127), or one

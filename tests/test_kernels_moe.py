@@ -159,7 +159,7 @@ def test_split_nibble_layout_gives_the_same_result():
     torch.testing.assert_close(out, moe_experts(*args), rtol=0, atol=0)
 
 
-def test_split_bytes_read_as_e4m3_with_an_and_and_a_shift_each():
+def test_split_bytes_become_e4m3_bytes_through_the_asm_moves():
     """Every pair of nibbles: the split layout's byte unpacks to them, its low nibble is an e4m3 byte after one AND
     and its high after the two shifts of split_bytes_e4m3 (the moves of the GPU asm, split_bytes_e4m3_ptx), each
     reading as the FP4 value * 2^-6."""
