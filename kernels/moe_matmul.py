@@ -60,12 +60,34 @@ from gptoss_serve.kernels.triton_utils import (cast_rne, device_function, emulat
 # is 2^(s - 1) = 2^126 * 2^(s - 127), one multiply a pair (every scale byte of the weight at most FOLD_MAX_SCALE);
 # else 2^126 first, then 2^(s - 127). The high nibble's bits sit in three places (pack_split_bytes, laid out for
 # the e4m3 moves of split_bytes_e4m3_ptx, which Hopper's kernels use): three pieces against the low nibble's two.
-# (shift left, mask) of each piece of a bf16 pair's bits, from a byte in each 16-bit half: (low nibble, high nibble)
+# Where each nibble's bits go, as pieces (shift: left if > 0, right if < 0; then mask) ORed together
+# (pieces_ptx), by layout (True: the split layout's `pack_split_bytes`, False: the checkpoint's, nibbles at 3..0
+# and 7..4): (low nibble, high nibble). BF16_PIECES: from a byte in each 16-bit half to a bf16 pair's bits.
 BF16_PIECES = {
-    True: (((4, 0x01C001C0), (8, 0x80008000)),  # split layout (`pack_split_bytes`): magnitude at 4..2, sign at 7
+    True: (((4, 0x01C001C0), (8, 0x80008000)),  # magnitude at 4..2, sign at 7
            ((2, 0x01000100), (6, 0x00C000C0), (10, 0x80008000))),  # e1 at 6, e0 m at 1..0, sign at 5
-    False: (((6, 0x01C001C0), (12, 0x80008000)), ((2, 0x01C001C0), (8, 0x80008000))),  # checkpoint: 3..0, 7..4
+    False: (((6, 0x01C001C0), (12, 0x80008000)), ((2, 0x01C001C0), (8, 0x80008000))),
 }
+# E4M3_PIECES: four bytes to four float8 e4m3 bytes (split_bytes_e4m3_ptx).
+E4M3_PIECES = {
+    True: (((0, 0x9C9C9C9C),),  # sign 7, magnitude 4..2: already in place
+           ((2, 0x8C8C8C8C), (-2, 0x10101010))),  # sign 5 -> 7, e0 m 1..0 -> 3..2; e1 6 -> 4
+    False: (((2, 0x1C1C1C1C), (4, 0x80808080)),  # magnitude 2..0 -> 4..2, sign 3 -> 7
+            ((-2, 0x1C1C1C1C), (0, 0x80808080))),  # magnitude 6..4 -> 4..2, the sign stays at 7
+}
+
+
+def pieces_ptx(out: str, src: str, pieces: tuple[tuple[int, int], ...], tmp: str) -> list[str]:
+    """PTX lines: out = the OR of (src shifted as each piece says) & its mask; tmp a scratch register."""
+    lines = []
+    for i, (shift, mask) in enumerate(pieces):
+        dst = tmp if i else out
+        if shift:
+            lines.append(f"{'shl' if shift > 0 else 'shr'}.b32 {dst}, {src}, {abs(shift)};")
+        lines.append(f"and.b32 {dst}, {dst if shift else src}, {mask:#010x};")
+        if i:
+            lines.append(f"or.b32 {out}, {out}, {tmp};")
+    return lines
 
 
 def _split_bytes_asm(folded: bool, split: bool = True) -> str:
@@ -74,11 +96,7 @@ def _split_bytes_asm(folded: bool, split: bool = True) -> str:
     low, high = BF16_PIECES[split]
     for out, src, pieces, mult in (("$0", "t0", low, "$5"), ("$1", "t1", low, "$6"), ("$2", "t0", high, "$5"),
                                    ("$3", "t1", high, "$6")):
-        for i, (shift, mask) in enumerate(pieces):
-            part = "m" if i == 0 else "s"
-            lines += [f"shl.b32 {part}, {src}, {shift};", f"and.b32 {part}, {part}, {mask:#010x};"]
-            if i:
-                lines.append("or.b32 m, m, s;")
+        lines += pieces_ptx("m", src, pieces, "s")
         if not folded:
             lines.append("mul.rn.bf16x2 m, m, k;")
         lines.append(f"mul.rn.bf16x2 {out}, m, {mult};")
@@ -320,28 +338,19 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
 def split_bytes_e4m3_ptx(word: str, split: bool = True) -> list[str]:
     """PTX lines: four split-layout bytes in `word` (the checkpoint's with split=False) -> their low nibbles as
     float8 e4m3 bytes in register lo and the high nibbles in hi, split into the e4m3 byte pairs e0, e1 (low) and
-    e2, e3 (high); the bit moves of split_bytes_e4m3, four bytes at a time (5 instructions, the checkpoint's bytes
-    7). The caller declares .b32 t, u, lo, hi and .b16 e<4>."""
-    if not split:
-        return [f"shl.b32 t, {word}, 2;", "and.b32 t, t, 0x1C1C1C1C;", f"shl.b32 u, {word}, 4;",
-                "and.b32 u, u, 0x80808080;",
-                "or.b32 lo, t, u;",  # low nibbles: magnitude bits 2..0 -> 4..2, sign 3 -> 7, in each byte
-                f"shr.b32 t, {word}, 2;", "and.b32 t, t, 0x1C1C1C1C;", f"and.b32 u, {word}, 0x80808080;",
-                "or.b32 hi, t, u;",  # high nibbles: magnitude 6..4 -> 4..2, the sign stays at 7
-                "mov.b32 {e0, e1}, lo;", "mov.b32 {e2, e3}, hi;"]
-    return [f"and.b32 lo, {word}, 0x9C9C9C9C;",  # element j: sign 7, magnitude 4..2 already in place
-            f"shl.b32 t, {word}, 2;", "and.b32 t, t, 0x8C8C8C8C;", f"shr.b32 u, {word}, 2;",
-            "and.b32 u, u, 0x10101010;",
-            "or.b32 hi, t, u;",  # element j + 16: sign 5 -> 7, e1 6 -> 4, e0 m 1..0 -> 3..2
-            "mov.b32 {e0, e1}, lo;", "mov.b32 {e2, e3}, hi;"]
+    e2, e3 (high); the bit moves of split_bytes_e4m3 (E4M3_PIECES), four bytes at a time (5 instructions, the
+    checkpoint's bytes 7). The caller declares .b32 t, u, lo, hi and .b16 e<4>."""
+    low, high = E4M3_PIECES[split]
+    return (pieces_ptx("lo", word, low, "t") + pieces_ptx("hi", word, high, "t")
+            + ["mov.b32 {e0, e1}, lo;", "mov.b32 {e2, e3}, hi;"])
 
 
 @device_function
 def split_bytes_e4m3(w_bytes, SPLIT: tl.constexpr):
     """Split-layout bytes (uint8, any shape; `pack_split_bytes`), or the checkpoint's where not SPLIT -> the low
     and high nibbles as float8 e4m3 bytes that read as value * 2^-6: s|e1 e0|m lands as s|0 0 e1 e0|m 0 0 (e1 e0
-    = 0 on e4m3 subnormals, exactly 0 and 0.5 * 2^-6). The same bit moves as split_bytes_e4m3_ptx (the asm of
-    moe_gemv.py, moe_mma.py and moe_wgmma.py), one byte at a time."""
+    = 0 on e4m3 subnormals, exactly 0 and 0.5 * 2^-6). The moves of E4M3_PIECES (the asm of moe_gemv.py,
+    moe_mma.py and moe_wgmma.py: split_bytes_e4m3_ptx), one byte at a time."""
     if SPLIT:
         low = (w_bytes & 0x9C).to(tl.float8e4nv, bitcast=True)
         high = (((w_bytes << 2) & 0x8C) | ((w_bytes >> 2) & 0x10)).to(tl.float8e4nv, bitcast=True)

@@ -13,12 +13,13 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported; the kernels re-read it at launch too
 
 from gptoss_serve.kernels.moe_gemv import DEFAULT_GEMV_CONFIG  # noqa: E402
-from gptoss_serve.kernels.moe_matmul import (BF16_PIECES, FOLD_MAX_SCALE, SPLITK_MAX_TOKENS,  # noqa: E402
-                                             WGMMA_SMALL_TILE, _tile_config, moe_experts, moe_experts_splitk,
-                                             split_bytes_e4m3_ptx, takes_gemv)
+from gptoss_serve.kernels.moe_matmul import (BF16_PIECES, E4M3_PIECES, FOLD_MAX_SCALE,  # noqa: E402
+                                             SPLITK_MAX_TOKENS, WGMMA_SMALL_TILE, _tile_config, moe_experts,
+                                             moe_experts_splitk, takes_gemv)
 from gptoss_serve.kernels.weight_layout import (merge_nibbles, pack_split_bytes, split_nibbles,  # noqa: E402
                                                 swizzle_bits, tile_rows, unpack_split_bytes, unswizzle_bits)
 from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref  # noqa: E402
+from gptoss_serve.kernels.mxfp4 import fp4_lut  # noqa: E402
 from gptoss_serve.kernels.moe_routing import (group_by_expert, max_row_blocks, max_tail_blocks,  # noqa: E402
                                               route)
 
@@ -159,21 +160,30 @@ def test_split_nibble_layout_gives_the_same_result():
     torch.testing.assert_close(out, moe_experts(*args), rtol=0, atol=0)
 
 
+def shifted_pieces(words: torch.Tensor, pieces) -> torch.Tensor:
+    """What moe_matmul.pieces_ptx computes, on int64 words of 32 bits."""
+    return sum(((words << shift) if shift >= 0 else (words >> -shift)) & mask for shift, mask in pieces)
+
+
 def test_split_bytes_become_e4m3_bytes_through_the_asm_moves():
-    """Every pair of nibbles: the split layout's byte unpacks to them, its low nibble is an e4m3 byte after one AND
-    and its high after the two shifts of split_bytes_e4m3 (the moves of the GPU asm, split_bytes_e4m3_ptx), each
-    reading as the FP4 value * 2^-6."""
+    """Every pair of nibbles: the split layout's byte unpacks to them, and the asm's moves (E4M3_PIECES, on 4-byte
+    words whatever the neighbouring bytes) turn each nibble into an e4m3 byte that reads as its FP4 value * 2^-6;
+    the checkpoint's bytes likewise through theirs."""
     nibbles = torch.arange(16, dtype=torch.uint8)
     low, high = nibbles.repeat_interleave(16), nibbles.repeat(16)
     packed = pack_split_bytes(low, high)
     assert packed.unique().numel() == 256
     assert all(torch.equal(a, b) for a, b in zip(unpack_split_bytes(packed), (low, high)))
-    fp4 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
-    as_e4m3 = lambda t: t.view(torch.float8_e4m3fn).float() * 64  # noqa: E731
-    assert torch.equal(as_e4m3(packed & 0x9C), fp4[low.long()])
-    assert torch.equal(as_e4m3(((packed << 2) & 0x8C) | ((packed >> 2) & 0x10)), fp4[high.long()])
-    ptx = "\n".join(split_bytes_e4m3_ptx("w"))
-    assert all(mask in ptx for mask in ("0x9C9C9C9C", "0x8C8C8C8C", "0x10101010"))
+    fp4 = fp4_lut()
+    for split, layout_bytes in ((True, packed), (False, low | (high << 4))):
+        for roll in range(4):  # each byte at each place of a word, beside other bytes
+            in_words = layout_bytes.roll(roll).reshape(64, 4).long()
+            words = sum(in_words[:, b] << (8 * b) for b in range(4))
+            for pieces, nibble in zip(E4M3_PIECES[split], (low, high)):
+                out = shifted_pieces(words, pieces)
+                out_bytes = torch.stack([(out >> (8 * b)) & 0xFF for b in range(4)], dim=1).to(torch.uint8)
+                values = out_bytes.reshape(-1).view(torch.float8_e4m3fn).float() * 64
+                assert torch.equal(values, fp4[nibble.roll(roll).long()]), (split, pieces)
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -183,9 +193,9 @@ def test_bf16_asm_pieces_give_every_nibble_times_2_to_the_minus_126(split):
     nibbles = torch.arange(16, dtype=torch.int64)
     low, high = nibbles.repeat_interleave(16), nibbles.repeat(16)
     byte = pack_split_bytes(low, high) if split else low | (high << 4)
-    fp4 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
+    fp4 = fp4_lut(dtype=torch.float64)
     for pieces, nibble in zip(BF16_PIECES[split], (low, high)):
-        bits = sum((byte << shift) & (mask & 0xFFFF) for shift, mask in pieces)
+        bits = shifted_pieces(byte, pieces) & 0xFFFF  # the byte sits alone in its 16-bit half
         value = (bits << 16).to(torch.int32).view(torch.float32).double() * 2.0 ** 126
         assert torch.equal(value, fp4[nibble]), pieces
 
