@@ -410,14 +410,19 @@ def bench_grouping(token_counts: list[int], expert_counts: list[int]) -> list[di
 
 
 # Attention -------------------------------------------------------------------------------------------------------
-def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator):
+def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator, head_major: bool = False):
     hkv, d = GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
     blocks_per_seq = math.ceil(context / block_size)
     num_blocks = num_seqs * blocks_per_seq
     # A copy's K and V caches in one tensor [2, blocks, block size, KV heads, head_dim], which unpacks into the two
-    # (k, v = caches[c]), so that the read floor reads a copy in one launch.
-    caches = [torch.empty(2, num_blocks, block_size, hkv, d, dtype=torch.bfloat16, device="cuda").normal_()
-              for _ in range(NUM_COPIES)]
+    # (k, v = caches[c]), so that the read floor reads a copy in one launch. head_major: stored [2, blocks, KV heads,
+    # block size, head_dim] (a KV head's rows of a block contiguous) and seen through the same shape by strides.
+    if head_major:
+        caches = [torch.empty(2, num_blocks, hkv, block_size, d, dtype=torch.bfloat16, device="cuda").normal_()
+                  .transpose(2, 3) for _ in range(NUM_COPIES)]
+    else:
+        caches = [torch.empty(2, num_blocks, block_size, hkv, d, dtype=torch.bfloat16, device="cuda").normal_()
+                  for _ in range(NUM_COPIES)]
     tables = torch.randperm(num_blocks, generator=gen).view(num_seqs, blocks_per_seq).to(torch.int32).cuda()
     return caches, tables
 

@@ -4,6 +4,10 @@ prints µs and % of the copy bandwidth measured in the same run. Stage 1 sweeps 
 decode_plan's tiles; stage 2 sweeps tiles at the best slice count.
 
     python3 tools/attention_decode_sweep.py [--batches 1,32,128] [--contexts 1024,8192,32768] [--json FILE]
+
+With --layouts token,head [--block-sizes 16,32] [--rounds N] it times decode_plan's default instead, on each cache
+layout and block size in turn, N rounds: token-major blocks [blocks, block size, KV heads, head_dim] (the engine's)
+against head-major ones (a KV head's rows of a block contiguous, seen through the same shape by strides).
 """
 from __future__ import annotations
 
@@ -22,7 +26,12 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32,128")
     parser.add_argument("--contexts", default="1024,8192,32768")
     parser.add_argument("--json")
+    parser.add_argument("--layouts", help="comma-separated token,head: the default on each layout instead of a sweep")
+    parser.add_argument("--block-sizes", default="16")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    if args.layouts:
+        return compare_layouts(args)
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
     hq, hkv, d = GPT_OSS["num_q_heads"], GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
@@ -74,6 +83,42 @@ def main() -> None:
                   f"{top['splits']} {top['tiles']}; default {default * 1e3:.1f} us", flush=True)
             del caches
             torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(ceilings=ceil, rows=results), f, indent=1)
+
+
+def compare_layouts(args) -> None:
+    """decode_plan's default on each (layout, block size) in turn, args.rounds rounds a size; µs and % of the copy."""
+    ceil = measure_ceilings()
+    print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
+    hq, hkv, d = GPT_OSS["num_q_heads"], GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
+    variants = [(layout, int(bs)) for layout in args.layouts.split(",") for bs in args.block_sizes.split(",")]
+    results = []
+    for num_seqs in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            gen = torch.Generator().manual_seed(num_seqs * context)
+            q = torch.randn(num_seqs, hq, d, generator=gen).to(torch.bfloat16).cuda()
+            lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
+            sinks = torch.randn(hq, generator=gen).cuda()
+            nbytes = num_seqs * context * hkv * d * 2 * 2 + 2 * q.numel() * 2
+            times = {v: [] for v in variants}
+            for _ in range(args.rounds):
+                for layout, block_size in variants:
+                    caches, tables = _kv_setup(num_seqs, context, block_size, torch.Generator().manual_seed(1),
+                                               head_major=layout == "head")
+                    ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125)
+                                         for kc, vc in caches], rep_ms=100) / NUM_COPIES
+                    times[(layout, block_size)].append(ms * 1e3)
+                    del caches
+                    torch.cuda.empty_cache()
+            for (layout, block_size), us in times.items():
+                row = dict(batch=num_seqs, context=context, layout=layout, block_size=block_size, us=us,
+                           hbm=[nbytes / (t * 1e-3) / 1e6 / ceil["copy_gbs"] for t in us])
+                results.append(row)
+                print(f"| {num_seqs} x {context} | {layout} | {block_size} | "
+                      + " / ".join(f"{t:.1f}" for t in us) + " | "
+                      + " / ".join(f"{100 * h:.1f}%" for h in row["hbm"]) + " |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(ceilings=ceil, rows=results), f, indent=1)

@@ -113,6 +113,9 @@
 #   bash tools/gpu_check.sh 43   the 1-token MoE rows, new bytes against OLD_TREE (a checkout of 108a724: `git
 #                                archive 108a724 kernels gptoss_serve tools | tar -x -C .old_split`, carried), six
 #                                rounds each going first as often; then every kernel, PDL and engine GPU test
+#   bash tools/gpu_check.sh 44   decode attention on token-major KV blocks (the engine's) against head-major ones (a
+#                                KV head's rows of a block contiguous), block sizes 16 and 32, two rounds in turn;
+#                                then the 1-token MoE rows, this tree against OLD_TREE, two rounds each first once
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; those ways are
 #   gone, docs/PERFORMANCE.md has their figures)
 # Each step has its own time limit, so a slow one costs only itself.
@@ -457,6 +460,17 @@ elif [ "$PART" = 43 ]; then
         tests/test_kernels_router.py tests/test_kernels_pdl.py tests/engine/test_engine_gpu.py -rfE \
         > "$OUT/tests_full.txt" 2>&1
     tail -12 "$OUT/tests_full.txt"
+elif [ "$PART" = 44 ]; then
+    layouts() {  # $1 time limit (s), $2 batches, $3 contexts
+        timeout "$1" python3 tools/attention_decode_sweep.py --layouts token,head --block-sizes 16,32 --rounds 2 \
+            --batches "$2" --contexts "$3" 2>&1 | grep -v Warning | tee -a "$OUT/decode_layouts.txt"
+    }
+    layouts 150 1,32 1024,8192,32768
+    layouts 120 128 1024,8192
+    for round in 1 2; do
+        tree_rows new . 32,128 1; tree_rows old "$OLD_TREE" 32,128 1
+        tree_rows old "$OLD_TREE" 32,128 1; tree_rows new . 32,128 1
+    done
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
