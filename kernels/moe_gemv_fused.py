@@ -30,8 +30,9 @@ from gptoss_serve.kernels.moe_gemv import activation_slice, rows_times_slice, ti
 from gptoss_serve.kernels.moe_matmul import add_slot, check_decode_operands, swiglu_of_sums
 from gptoss_serve.kernels.triton_utils import cast_rne, device_function, emulate_bf16, launch
 
-# Not yet timed on a GPU: `moe_experts` takes this path when a config names it (kernel="gemv_fused"), or for the
-# steps that take the matrix-vector kernel once moe_matmul.GEMV_FUSED_DECODE is set.
+# Off by default: on an H200 (2026-12-04, docs/PERFORMANCE.md) it lost 22-28% to the tensor-core decode kernel at
+# 1-4 tokens with every config tried. `moe_experts` takes it when a config names it (kernel="gemv_fused"), or for
+# the steps that take the matrix-vector kernel once moe_matmul.GEMV_FUSED_DECODE is set.
 # KB = 16 blocks a K range as in moe_gemv.py; 2 rows a thread over 4 warps gives RB = 16 rows a program (1440
 # programs for the 20b's w1 at one token, 180 for its w2); w2 takes 1 row a thread (RB = 8, 360 programs).
 # K_UNROLL 6 unrolls the 6 K ranges of K = 2880, so a program's loads can all go out before the first is used
