@@ -3,7 +3,8 @@
 The twin of attention_ref.paged_attention_ref for batches where every sequence brings exactly one token.
 A program takes one sequence, one KV head with its whole group of query heads (so each key and value row is
 read once for the group), and one slice of the context: with few sequences and long contexts the slices keep
-every SM busy (flash-decoding); a second small kernel merges the slices. The sink is one more logit with no
+every SM busy (flash-decoding); a second small kernel merges the slices, or (FUSED_MERGE) the last of a
+sequence's and KV head's slices to finish merges them in its program, with the same arithmetic. The sink is one more logit with no
 value: slice 0 starts its running max at the sink and its normaliser at exp(sink - sink) = 1, which is the
 flash form of l + exp(sink - m). Keys outside the sliding window are never loaded: their blocks may be freed.
 The number of slices is chosen from static shapes only (block table width), so the launch is graph-safe.
@@ -12,15 +13,21 @@ The number of slices is chosen from static shapes only (block table width), so t
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.triton_utils import cast_rne, emulate_bf16, launch, next_pow2, pdl_args, pdl_wait
+from gptoss_serve.kernels.triton_utils import (arrival_counters, cast_rne, device_function, emulate_bf16, launch,
+                                                next_pow2, pdl_args, pdl_wait)
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+# Launches of at most this many slices merge them in the last slice's program instead of a merge kernel (one launch
+# fewer; the merge of a (sequence, KV head) runs in one program, which at 64 slices lost before, docs/PERFORMANCE.md
+# 2026-12-02). Not yet timed: 0 (off) unless GPTOSS_DECODE_FUSED_MERGE_MAX_SPLITS says otherwise.
+FUSED_MERGE_MAX_SPLITS = int(os.environ.get("GPTOSS_DECODE_FUSED_MERGE_MAX_SPLITS", "0"))
 
 
 @functools.lru_cache(maxsize=256)  # eager decode asks once a layer a step, with a handful of distinct shapes
@@ -49,12 +56,12 @@ def _prev_pow2(n: int) -> int:
 @triton.jit(do_not_specialize=["stride_tables"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, sinks_ptr,
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, arrivals_ptr,
     scale_log2, sliding_window, partition_tokens, block_size, num_q_heads, head_dim,
     stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_tables,
     stride_out_token, stride_out_head,
     QUERIES_PER_KV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, FUSED_MERGE: tl.constexpr, EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_wait(PDL)  # q and the cache's new rows come from the kernels before
     seq = tl.program_id(0)
@@ -119,28 +126,49 @@ def _decode_kernel(
         tl.store(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
         tl.store(part_max_ptr + part, m_i, mask=in_group)
         tl.store(part_sum_ptr + part, l_i, mask=in_group)
+        if FUSED_MERGE:
+            counter = arrivals_ptr + seq * tl.num_programs(1) + kv_head
+            tl.debug_barrier()  # every thread's partials stored before the one atomic releases them
+            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:  # the last slice of the group to finish
+                tl.store(counter, 0)  # zero for the next launch
+                base = (seq.to(tl.int64) * num_q_heads + heads) * NUM_SPLITS  # [BLOCK_G]
+                _merge(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, seq.to(tl.int64) * stride_out_token
+                       + heads * stride_out_head, in_group, d, head_dim, NUM_SPLITS, BLOCK_D, EMULATE_BF16)
 
 
 @triton.jit
 def _merge_splits_kernel(
     part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_q_heads, head_dim, stride_out_token, stride_out_head,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr,
-    PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_wait(PDL)  # the slices come from the kernel before
     seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_P2)
-    in_splits = splits < NUM_SPLITS
-    part = (seq * num_q_heads + head) * NUM_SPLITS + splits
-    m = tl.load(part_max_ptr + part, mask=in_splits, other=float("-inf"))  # slice 0 holds the sink: a finite max
-    l = tl.load(part_sum_ptr + part, mask=in_splits, other=0.0)
-    weight = tl.exp2(m - tl.max(m, axis=0))  # empty slices: exp2(-inf) = 0
-    d = tl.arange(0, BLOCK_D)
-    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], mask=in_splits[:, None], other=0.0)
-    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
-    tl.store(out_ptr + seq * stride_out_token + head * stride_out_head + d,
-             cast_rne(out, out_ptr.dtype.element_ty, EMULATE_BF16), mask=d < head_dim)
+    head = tl.program_id(1) + tl.zeros([1], dtype=tl.int32)  # [1]: one head, as _merge takes a group
+    _merge(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, (seq * num_q_heads + head) * NUM_SPLITS,
+           seq * stride_out_token + head * stride_out_head, head >= 0, tl.arange(0, BLOCK_D), head_dim, NUM_SPLITS,
+           BLOCK_D, EMULATE_BF16)
+
+
+@device_function
+def _merge(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, out_offset, in_group, d, head_dim,
+           NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """out[heads] = the slices' weighted sums over their weighted normalisers, heads [G] at partial rows base
+    (slice s at base + s) and outputs out_offset; the slices added one by one in order, so the merge kernel and
+    the last slice's program (FUSED_MERGE) give the same bits. Loads `.cg`: the other programs' partials are in
+    L2, and an L1 line of an earlier launch's would be stale."""
+    m = tl.full(base.shape, float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):  # slice 0 holds the sink: a finite max
+        m = tl.maximum(m, tl.load(part_max_ptr + base + s, mask=in_group, other=0.0, cache_modifier=".cg"))
+    num = tl.zeros([base.shape[0], BLOCK_D], dtype=tl.float32)
+    den = tl.zeros(base.shape, dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        weight = tl.exp2(tl.load(part_max_ptr + base + s, mask=in_group, other=0.0, cache_modifier=".cg") - m)
+        num += tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=in_group[:, None], other=0.0,
+                       cache_modifier=".cg") * weight[:, None]  # empty slices: weight exp2(-inf) = 0
+        den += tl.load(part_sum_ptr + base + s, mask=in_group, other=0.0, cache_modifier=".cg") * weight
+    out = num / tl.where(in_group, den, 1.0)[:, None]  # (the group's padding heads: no 0 / 0)
+    tl.store(out_ptr + out_offset[:, None] + d[None, :], cast_rne(out, out_ptr.dtype.element_ty, EMULATE_BF16),
+             mask=in_group[:, None] & (d < head_dim)[None, :])
 
 
 def _num_sms(device: torch.device) -> int:
@@ -160,6 +188,7 @@ def paged_attention_decode(
     sliding_window: int = 0,
     num_splits: int | None = None,  # slices of the context (any count >= 1); None = chosen from the shapes
     tiles: dict | None = None,  # BLOCK_N, num_warps, num_stages over decode_plan's (sweeps)
+    fused_merge: bool | None = None,  # slices merged by the last one's program; None = up to FUSED_MERGE_MAX_SPLITS
 ) -> torch.Tensor:  # [num_seqs, num_q_heads, head_dim]
     num_seqs, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -178,25 +207,27 @@ def paged_attention_decode(
     block_n = tiles["BLOCK_N"]
     partition = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
     block_d = next_pow2(head_dim)
+    fused_merge = num_splits > 1 and (num_splits <= FUSED_MERGE_MAX_SPLITS if fused_merge is None else fused_merge)
     if num_splits > 1:
         part_acc = torch.empty((num_seqs, num_q_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
         part_max = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
     else:
         part_acc = part_max = part_sum = out  # unused
+    arrivals = arrival_counters("attention_decode", num_seqs * num_kv_heads, q.device) if fused_merge else out
     emulate = emulate_bf16()
     pdl = pdl_args(q.device)
     launch(_decode_kernel, (num_seqs, num_kv_heads, num_splits),
-           q, k_cache, v_cache, block_tables, context_lens, sinks, out, part_acc, part_max, part_sum,
+           q, k_cache, v_cache, block_tables, context_lens, sinks, out, part_acc, part_max, part_sum, arrivals,
            sm_scale * LOG2E, sliding_window, partition, block_size, num_q_heads, head_dim,
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            block_tables.stride(0), out.stride(0), out.stride(1),
            QUERIES_PER_KV=queries_per_kv, BLOCK_G=max(16, next_pow2(queries_per_kv)), BLOCK_D=block_d,
-           BLOCK_N=block_n, NUM_SPLITS=num_splits, EMULATE_BF16=emulate, num_warps=tiles["num_warps"],
+           BLOCK_N=block_n, NUM_SPLITS=num_splits, FUSED_MERGE=fused_merge, EMULATE_BF16=emulate,
+           num_warps=tiles["num_warps"],
            num_stages=tiles["num_stages"], **pdl)
-    if num_splits > 1:
+    if num_splits > 1 and not fused_merge:
         launch(_merge_splits_kernel, (num_seqs, num_q_heads),
                part_acc, part_max, part_sum, out, num_q_heads, head_dim, out.stride(0), out.stride(1),
-               NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), BLOCK_D=block_d, EMULATE_BF16=emulate,
-               num_warps=1, **pdl)
+               NUM_SPLITS=num_splits, BLOCK_D=block_d, EMULATE_BF16=emulate, num_warps=1, **pdl)
     return out

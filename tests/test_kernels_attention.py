@@ -76,6 +76,22 @@ def test_decode_split_k_merges_with_the_sink(num_splits):
                                        num_splits=num_splits))
 
 
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
+def test_decode_merge_in_the_last_slice_equals_the_merge_kernel(num_splits):
+    """FUSED_MERGE: the last slice of a (sequence, KV head) to finish merges its group's slices: the merge kernel's
+    bits (the same slice-by-slice sums), empty slices and a sliding window too; the counters left at zero."""
+    from gptoss_serve.kernels.triton_utils import arrival_counters
+
+    for window in (0, 128):
+        args = make_batch([1] * 3, [1, 200, 517], 8, 2, 64, 16, window, seed=num_splits + window)
+        q, k_cache, v_cache, table, _, context_lens, sinks, sm_scale, window = args
+        outs = [paged_attention_decode(q, k_cache, v_cache, table, context_lens, sinks, sm_scale, window,
+                                       num_splits=num_splits, fused_merge=fused) for fused in (False, True)]
+        assert torch.equal(outs[0], outs[1])
+        check(args, outs[1])
+        assert not arrival_counters("attention_decode", 1, q.device).any()
+
+
 @pytest.mark.parametrize("splits,block_n", [(1, 128), (2, 128), (4, 32)])
 def test_decode_tiles_of_the_plan_give_the_same_result(splits, block_n):
     """The tiles decode_plan picks besides the default 64-key blocks, with slices cut at awkward places."""

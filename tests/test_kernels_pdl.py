@@ -182,7 +182,8 @@ def paged_cache(num_seqs: int, context: int, gen: torch.Generator):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("num_seqs,context", [(1, 32768), (32, 1024), (4, 5000)])
-def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_seqs, context):
+@pytest.mark.parametrize("fused_merge", [False, True])  # slices merged by a kernel, or by the last slice
+def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_seqs, context, fused_merge):
     gen = torch.Generator(device="cuda").manual_seed(num_seqs + context)
     k_cache, v_cache, tables, sinks = paged_cache(num_seqs, context, gen)
 
@@ -196,7 +197,8 @@ def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_s
 
     def run():
         q, lens = buffers
-        return paged_attention_decode(q, k_cache, v_cache, tables, lens, sinks, HEAD_DIM ** -0.5)
+        return paged_attention_decode(q, k_cache, v_cache, tables, lens, sinks, HEAD_DIM ** -0.5,
+                                      fused_merge=fused_merge)
 
     expected = serialized(monkeypatch, run, inputs, buffers)
     for i, out in enumerate(replay_alternating(run, inputs, buffers)):

@@ -119,7 +119,8 @@
 #   bash tools/gpu_check.sh 45   SwiGLU and the combine in the tensor-core decode kernel's last programs
 #                                (FUSED_EPILOGUES): its GPU tests (bitwise the four launches, in graphs with PDL), the
 #                                bench's MoE rows at 1-4 tokens with it off and on in turn (GPTOSS_MMA_FUSED_EPILOGUES),
-#                                then part 44's decode attention layouts
+#                                then decode attention: its GPU tests, token- against head-major KV blocks and the
+#                                slices merged by a kernel against by the last slice (FUSED_MERGE), 1-128 x 1k-32k
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; those ways are
 #   gone, docs/PERFORMANCE.md has their figures)
 # Each step has its own time limit, so a slow one costs only itself.
@@ -486,8 +487,12 @@ elif [ "$PART" = 45 ]; then
     for round in 1 2; do
         fused_rows 0 32 1,2,4; fused_rows 1 32 1,2,4; fused_rows 1 128 1; fused_rows 0 128 1
     done
-    timeout 150 python3 tools/attention_decode_sweep.py --layouts token,head --block-sizes 16,32 --rounds 2 \
-        --batches 1,32 --contexts 1024,8192,32768 2>&1 | grep -v Warning | tee -a "$OUT/decode_layouts.txt"
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
+        tests/test_kernels_pdl.py -k "decode" -rfE 2>&1 | tail -4 | tee "$OUT/decode_tests.txt"
+    timeout 150 python3 tools/attention_decode_sweep.py --layouts token,head --block-sizes 16 --fused-merge 0,1 \
+        --rounds 2 --batches 1,32,128 --contexts 1024,8192 2>&1 | grep -v Warning | tee -a "$OUT/decode_layouts.txt"
+    timeout 100 python3 tools/attention_decode_sweep.py --layouts token,head --block-sizes 16 --fused-merge 0,1 \
+        --rounds 2 --batches 1,32 --contexts 32768 2>&1 | grep -v Warning | tee -a "$OUT/decode_layouts.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
