@@ -410,13 +410,13 @@ def bench_grouping(token_counts: list[int], expert_counts: list[int]) -> list[di
 
 
 # Attention -------------------------------------------------------------------------------------------------------
-def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator, head_major: bool = False):
+def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator, head_major: bool = True):
     hkv, d = GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
     blocks_per_seq = math.ceil(context / block_size)
     num_blocks = num_seqs * blocks_per_seq
     # A copy's K and V caches in one tensor [2, blocks, block size, KV heads, head_dim], which unpacks into the two
-    # (k, v = caches[c]), so that the read floor reads a copy in one launch. head_major: stored [2, blocks, KV heads,
-    # block size, head_dim] (a KV head's rows of a block contiguous) and seen through the same shape by strides.
+    # (k, v = caches[c]), so that the read floor reads a copy in one launch. head_major (as KVCache stores them):
+    # stored [2, blocks, KV heads, block size, head_dim] and seen through the same shape by strides.
     if head_major:
         caches = [torch.empty(2, num_blocks, hkv, block_size, d, dtype=torch.bfloat16, device="cuda").normal_()
                   .transpose(2, 3) for _ in range(NUM_COPIES)]
@@ -448,7 +448,7 @@ def bench_decode(ceil: dict, batches: list[int], contexts: list[int], torch_max_
             # The read floor: one kernel that only reads the caches' bytes (every context is whole blocks here);
             # up to 4 GB a copy (the floor kernel's word offsets are int32), which leaves out batch 128 x 32k only.
             if caches[0].numel() * caches[0].element_size() <= 2 ** 32:
-                floors = _read_floor_ms(caches)
+                floors = _read_floor_ms([c.transpose(2, 3) for c in caches])  # as stored: contiguous
                 row.update(floor_ms=min(floors.values()), floors_us={p: round(t * 1e3, 1) for p, t in floors.items()})
                 print(f"decode attn batch {num_seqs}, ctx {context}: {nbytes / 1e6:.1f} MB, {ms * 1e3:.1f} us; read "
                       f"floor {row['floor_ms'] * 1e3:.1f} us ({nbytes / row['floor_ms'] / 1e6 / ceil['copy_gbs']:.0%} "

@@ -890,9 +890,6 @@ WGMMA_CHAIN_MAX_PAIRS_PER_EXPERT = 8
 # grouped path won.
 MMA_DECODE = True
 MMA_MIN_TOKENS, MMA_MAX_TOKENS = 1, 8
-# Pairs one by one with SwiGLU and the combine done by the matmuls' last programs of each row chunk (moe_mma.MmaEpilogue):
-# two launches instead of four. Not yet timed on a GPU: off unless GPTOSS_MMA_FUSED_EPILOGUES=1.
-MMA_FUSED_EPILOGUES = os.environ.get("GPTOSS_MMA_FUSED_EPILOGUES", "0") == "1"
 
 
 def mma_decode_config(num_tokens: int, top_k: int, num_local_experts: int, on_gpu: bool, split_nibbles: bool,
@@ -903,9 +900,8 @@ def mma_decode_config(num_tokens: int, top_k: int, num_local_experts: int, on_gp
         return None
     from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
 
-    apart = pairs_apart(num_tokens, top_k, num_local_experts)
-    return dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=None if apart else 8,
-                FUSED_EPILOGUES=apart and MMA_FUSED_EPILOGUES)
+    return dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=None if pairs_apart(num_tokens, top_k, num_local_experts)
+                else 8)
 
 
 def pairs_apart(num_tokens: int, top_k: int, num_local_experts: int) -> bool:
@@ -1099,9 +1095,6 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
             raise ValueError("the tensor-core decode kernel reads the split-nibble layout, unswizzled")
         if config.get("BLOCK_T") is None:  # pairs one by one (a token's experts are distinct)
             pair_args = dict(pair_blocks=(ids, first_expert))
-            if config.get("FUSED_EPILOGUES"):  # SwiGLU and the combine in the matmuls' last programs: 2 launches
-                return _mma_fused_epilogues(x, expert_weights, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
-                                            swiglu_alpha, swiglu_limit, config, tile_n, pair_args, out)
         else:
             pair_args = dict(groups=group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_T"]))
 
@@ -1134,21 +1127,6 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
            first_expert, num_local_experts, ws2.stride(0), b2.stride(0) if b2 is not None else 0, out.stride(0),
            NUM_SPLITS=ws2.shape[0], TOP_K=top_k, HAS_BIAS=b2 is not None, EMULATE_BF16=emulate_bf16(),
            BLOCK_H=block_h, num_warps=2, **pdl)
-    return out
-
-
-def _mma_fused_epilogues(x, expert_weights, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, swiglu_alpha,
-                         swiglu_limit, config, tile_n, pair_args, out) -> torch.Tensor:
-    """moe_experts_splitk's tensor-core path for pairs one by one in two launches: each matmul's last programs of
-    a row chunk finish it (moe_mma.MmaEpilogue), with the epilogue kernels' sums and roundings."""
-    from gptoss_serve.kernels.moe_mma import MmaEpilogue, moe_mma_splitk
-
-    num_tokens, top_k = expert_weights.shape
-    act = torch.empty((num_tokens * top_k, w1_blocks.shape[1] // 2), dtype=x.dtype, device=x.device)  # by pair
-    moe_mma_splitk(x, w1_blocks, w1_scales, top_k, num_tokens * top_k, config, tile_n=tile_n,
-                   epilogue=MmaEpilogue(act, b1, swiglu=(swiglu_alpha, swiglu_limit)), **pair_args)
-    moe_mma_splitk(act, w2_blocks, w2_scales, 1, num_tokens * top_k, config, tile_n=tile_n,
-                   epilogue=MmaEpilogue(out, b2, weights=expert_weights.reshape(-1), top_k=top_k), **pair_args)
     return out
 
 

@@ -25,8 +25,6 @@ GPUs (tests/test_kernels_moe.py, marker gpu) against the torch twin and the othe
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -36,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from gptoss_serve.kernels.moe_matmul import check_decode_operands, split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_routing import ExpertGroups
 from gptoss_serve.kernels.gluon_utils import pdl_wait
-from gptoss_serve.kernels.triton_utils import arrival_counters, largest_divisor, pdl_args
+from gptoss_serve.kernels.triton_utils import largest_divisor, pdl_args
 
 
 def _split_word_f16_asm() -> str:
@@ -49,10 +47,6 @@ def _split_word_f16_asm() -> str:
 
 
 SPLIT_WORD_F16_ASM = gl.constexpr(_split_word_f16_asm())
-# What the last program of a row chunk does once every program has counted its sums there (_arrive).
-NO_EPILOGUE = gl.constexpr(0)
-SWIGLU_EPILOGUE = gl.constexpr(1)  # first matmul: the pair's activations (bias, clamped SwiGLU)
-COMBINE_EPILOGUE = gl.constexpr(2)  # second matmul: the token's output rows (bias, routing weights, slots summed)
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # gl.thread_barrier in Triton 3.6, gl.barrier later
 
 # H200, 2026-12-04, tools/moe_mma_sweep.py (docs/PERFORMANCE.md): K ranges of up to 16 blocks (15 of K = 2880's 90:
@@ -88,16 +82,12 @@ def _moe_mma_kernel(
     sorted_pairs_ptr, block_expert_ptr, block_row_start_ptr, block_row_end_ptr,
     N, a_row_div, rows_per_program, first_expert, num_local_experts,
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_s_k, stride_ws_split,
-    counters_ptr, bias_ptr, out_ptr, weights_ptr, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit,
     BYTE_LAYOUT: gl.constexpr, PAIR_BLOCKS: gl.constexpr, TILE_N: gl.constexpr, EVEN_ROWS: gl.constexpr,
     KB: gl.constexpr, KB_P2: gl.constexpr, STAGE_ONCE: gl.constexpr, PREFETCH: gl.constexpr, BLOCK_T: gl.constexpr,
-    M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr, EPILOGUE: gl.constexpr, NUM_SPLITS: gl.constexpr,
-    TOP_K: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
+    M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr, PDL: gl.constexpr,
 ):
     """Program (row block, row chunk, K range): ws[split, pairs of the block, rows of the chunk] =
-    W_e[rows, K range] @ A[the block's rows, K range]^T, KB blocks a range (KB divides the K blocks). With an
-    EPILOGUE (pairs one by one only), the last program to finish a row chunk's sums also finishes the layer's step
-    there: SWIGLU_EPILOGUE, the pair's activations; COMBINE_EPILOGUE, the token's output rows (_arrive)."""
+    W_e[rows, K range] @ A[the block's rows, K range]^T, KB blocks a range (KB divides the K blocks)."""
     pdl_wait(PDL)  # the routing, the block tables or the activations come from the kernel before
     ROWS: gl.constexpr = 16 * M_TILES * NUM_WARPS  # weight rows an iteration
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
@@ -117,11 +107,6 @@ def _moe_mma_kernel(
     if PAIR_BLOCKS:  # pairs one by one: row block b is pair b, its expert straight from the routing
         expert = gl.load(block_expert_ptr + block) - first_expert
         if (expert < 0) | (expert >= num_local_experts):  # routed to another rank's expert
-            if EPILOGUE == COMBINE_EPILOGUE:  # the token's rows still wait for this slot's count
-                _arrive(ws_ptr, block_expert_ptr, counters_ptr, bias_ptr, out_ptr, weights_ptr, block, chunk, N,
-                        rows_per_program, first_expert, num_local_experts, stride_ws_split, stride_bias_expert,
-                        stride_out, swiglu_alpha, swiglu_limit, EPILOGUE, NUM_SPLITS, TOP_K, HAS_BIAS, ROWS,
-                        NUM_WARPS)
             return
         count = 1
         pairs_s = block + t_s * 0
@@ -192,101 +177,6 @@ def _moe_mma_kernel(
             acc = acc + part * gl.expand_dims(scale, 1)
         out = ws_cols + (r0 + r_o)[:, None]
         gl.store(out, acc, mask=(r0 + r_o < row_end)[:, None] & (t_o < count)[None, :])
-    if EPILOGUE != NO_EPILOGUE:
-        _arrive(ws_ptr, block_expert_ptr, counters_ptr, bias_ptr, out_ptr, weights_ptr, block, chunk, N,
-                rows_per_program, first_expert, num_local_experts, stride_ws_split, stride_bias_expert, stride_out,
-                swiglu_alpha, swiglu_limit, EPILOGUE, NUM_SPLITS, TOP_K, HAS_BIAS, ROWS, NUM_WARPS)
-
-
-@gluon.jit
-def _arrive(ws_ptr, ids_ptr, counters_ptr, bias_ptr, out_ptr, weights_ptr, pair, chunk, N, rows_per_program,
-            first_expert, num_local_experts, stride_ws_split, stride_bias_expert, stride_out, swiglu_alpha,
-            swiglu_limit, EPILOGUE: gl.constexpr, NUM_SPLITS: gl.constexpr, TOP_K: gl.constexpr,
-            HAS_BIAS: gl.constexpr, ROWS: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """Counts this program's sums of its row chunk as stored; the program that counts last (every K range of the
-    pair, or of each of the token's slots) sets the counter back to zero for the next launch and finishes the
-    chunk from the workspace, adding the K ranges (and slots) in the order and with the roundings of the epilogue
-    kernels of moe_matmul.py (_splitk_swiglu_kernel, _splitk_combine_kernel): the same bits, one launch fewer."""
-    num_chunks = gl.cdiv(N, rows_per_program)
-    if EPILOGUE == SWIGLU_EPILOGUE:  # counted by every K range of the pair
-        counter = counters_ptr + pair * num_chunks + chunk
-        last = NUM_SPLITS - 1
-    else:  # by every K range of each of the token's slots
-        counter = counters_ptr + (pair // TOP_K) * num_chunks + chunk
-        last = NUM_SPLITS * TOP_K - 1
-    _barrier()  # every thread's sums stored before the one acq_rel add (its fence at the GPU's scope covers them)
-    if gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == last:
-        gl.store(counter, 0)
-        # The add's result reaches the program's threads through shared memory and a barrier, after the acquire;
-        # the workspace is read past L1 (.cg), which may hold lines of an earlier launch's workspace.
-        L: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
-        row_begin = chunk * rows_per_program
-        row_end = gl.minimum(row_begin + rows_per_program, N)
-        if EPILOGUE == SWIGLU_EPILOGUE:
-            _swiglu_rows(ws_ptr, ids_ptr, bias_ptr, out_ptr, pair, row_begin // 2, row_end // 2, N, first_expert,
-                         stride_ws_split, stride_bias_expert, stride_out, swiglu_alpha, swiglu_limit, NUM_SPLITS,
-                         HAS_BIAS, ROWS // 2, L)
-        else:
-            _combine_rows(ws_ptr, ids_ptr, bias_ptr, out_ptr, weights_ptr, pair // TOP_K, row_begin, row_end, N,
-                          first_expert, num_local_experts, stride_ws_split, stride_bias_expert, stride_out,
-                          NUM_SPLITS, TOP_K, HAS_BIAS, ROWS, L)
-
-
-@gluon.jit
-def _swiglu_rows(ws_ptr, ids_ptr, bias_ptr, act_ptr, pair, col_begin, col_end, N, first_expert, stride_ws_split,
-                 stride_bias_expert, stride_act, swiglu_alpha, swiglu_limit, NUM_SPLITS: gl.constexpr,
-                 HAS_BIAS: gl.constexpr, COLS: gl.constexpr, L: gl.constexpr):
-    """act[pair, col_begin:col_end] = SwiGLU(rows 2c, 2c + 1 of the splits' sum + bias) (_splitk_swiglu_kernel)."""
-    bias_row = bias_ptr + (gl.load(ids_ptr + pair) - first_expert).to(gl.int64) * stride_bias_expert
-    ws_row = ws_ptr + pair.to(gl.int64) * N
-    for c0 in range(col_begin, col_end, COLS):
-        cols = c0 + gl.arange(0, COLS, layout=L)
-        in_cols = cols < col_end
-        gate = gl.zeros([COLS], gl.float32, L)
-        linear = gl.zeros([COLS], gl.float32, L)
-        for s in gl.static_range(NUM_SPLITS):
-            gate += gl.load(ws_row + s * stride_ws_split + 2 * cols, mask=in_cols, other=0.0, cache_modifier=".cg")
-            linear += gl.load(ws_row + s * stride_ws_split + 2 * cols + 1, mask=in_cols, other=0.0,
-                              cache_modifier=".cg")
-        act_dtype: gl.constexpr = act_ptr.dtype.element_ty
-        gate = gate.to(act_dtype).to(gl.float32)
-        linear = linear.to(act_dtype).to(gl.float32)
-        if HAS_BIAS:
-            gate_bias = gl.load(bias_row + 2 * cols, mask=in_cols, other=0.0).to(gl.float32)
-            linear_bias = gl.load(bias_row + 2 * cols + 1, mask=in_cols, other=0.0).to(gl.float32)
-            gate = (gate + gate_bias).to(act_dtype).to(gl.float32)
-            linear = (linear + linear_bias).to(act_dtype).to(gl.float32)
-        gate = gl.minimum(gate, swiglu_limit)
-        linear = gl.minimum(gl.maximum(linear, -swiglu_limit), swiglu_limit)
-        act = gate * (1.0 / (1.0 + gl.exp(-swiglu_alpha * gate))) * (linear + 1.0)
-        gl.store(act_ptr + pair.to(gl.int64) * stride_act + cols, act.to(act_dtype), mask=in_cols)
-
-
-@gluon.jit
-def _combine_rows(ws_ptr, ids_ptr, bias_ptr, out_ptr, weights_ptr, token, row_begin, row_end, N, first_expert,
-                  num_local_experts, stride_ws_split, stride_bias_expert, stride_out, NUM_SPLITS: gl.constexpr,
-                  TOP_K: gl.constexpr, HAS_BIAS: gl.constexpr, ROWS: gl.constexpr, L: gl.constexpr):
-    """out[token, row_begin:row_end] = sum over its slots in order of weight * (the splits' sum + bias), a slot of
-    another rank adding nothing (_splitk_combine_kernel)."""
-    for r0 in range(row_begin, row_end, ROWS):
-        rows = r0 + gl.arange(0, ROWS, layout=L)
-        in_rows = rows < row_end
-        total = gl.zeros([ROWS], gl.float32, L)
-        for slot in range(TOP_K):  # a loop (unrolled all the same): 54 registers, 72 with static_range (SASS)
-            pair = token * TOP_K + slot
-            local = gl.load(ids_ptr + pair) - first_expert
-            here = (local >= 0) & (local < num_local_experts)
-            in_slot = in_rows & here
-            h = gl.zeros([ROWS], gl.float32, L)
-            for s in gl.static_range(NUM_SPLITS):
-                h += gl.load(ws_ptr + s * stride_ws_split + pair.to(gl.int64) * N + rows, mask=in_slot, other=0.0,
-                             cache_modifier=".cg")
-            h = h.to(out_ptr.dtype.element_ty).to(gl.float32)
-            if HAS_BIAS:
-                bias = gl.load(bias_ptr + local.to(gl.int64) * stride_bias_expert + rows, mask=in_slot, other=0.0)
-                h = (h + bias.to(gl.float32)).to(out_ptr.dtype.element_ty).to(gl.float32)
-            total = gl.where(here, total + h * gl.load(weights_ptr + pair), total)
-        gl.store(out_ptr + token.to(gl.int64) * stride_out + rows, total.to(out_ptr.dtype.element_ty), mask=in_rows)
 
 
 @gluon.jit
@@ -327,7 +217,6 @@ def moe_mma_splitk(
     tile_n: int = 1,
     groups: ExpertGroups | None = None,  # row blocks of pairs by expert (BLOCK_T pairs at most)
     pair_blocks: tuple[torch.Tensor, int] | None = None,  # (expert ids [num_pairs], first_expert): pairs one by one
-    epilogue: MmaEpilogue | None = None,  # the layer's step after this matmul, in its last programs (pairs one by one)
 ) -> torch.Tensor:  # [splits, num_pairs, N] float32 partial sums by pair index (rows of other ranks' pairs unset)
     config = dict(DEFAULT_MMA_CONFIG, **config)
     num_local_experts, n_rows, num_k_blocks = check_decode_operands(a, blocks, tile_n)
@@ -348,49 +237,14 @@ def moe_mma_splitk(
         first_expert = 0
         table = (groups.sorted_pairs, groups.block_expert, groups.block_row_start, groups.block_row_end)
         num_blocks, block_t = groups.block_expert.numel(), max(8, config["BLOCK_T"])
-    num_chunks = triton.cdiv(n_rows, rows_per_program)
-    epi = epilogue.launch_args(n_rows, num_blocks, num_chunks, ws, pair_blocks is not None) if epilogue else dict(
-        counters=ws, bias=ws, out=ws, weights=ws, stride_bias=0, stride_out=0, alpha=0.0, limit=0.0,
-        EPILOGUE=NO_EPILOGUE.value, TOP_K=1, HAS_BIAS=False)
-    _moe_mma_kernel[(num_blocks, num_chunks, splits)](
+    grid = (num_blocks, triton.cdiv(n_rows, rows_per_program), splits)
+    _moe_mma_kernel[grid](
         a, blocks, scales, ws, *table,
         n_rows, a_row_div, rows_per_program, first_expert, num_local_experts,
         a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), scales.stride(2),
-        ws.stride(0), epi["counters"], epi["bias"], epi["out"], epi["weights"], epi["stride_bias"], epi["stride_out"],
-        epi["alpha"], epi["limit"],
+        ws.stride(0),
         BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks is not None, TILE_N=tile_n,
         EVEN_ROWS=n_rows % rows_per_program == 0, KB=kb, KB_P2=triton.next_power_of_2(kb),
         STAGE_ONCE=config["STAGE_ONCE"], PREFETCH=config["PREFETCH"], BLOCK_T=block_t, M_TILES=m_tiles,
-        NUM_WARPS=num_warps, EPILOGUE=epi["EPILOGUE"], NUM_SPLITS=splits, TOP_K=epi["TOP_K"],
-        HAS_BIAS=epi["HAS_BIAS"], num_warps=num_warps, **pdl_args(a.device))
+        NUM_WARPS=num_warps, num_warps=num_warps, **pdl_args(a.device))
     return ws
-
-
-@dataclasses.dataclass
-class MmaEpilogue:
-    """The layer's step after a matmul of pairs one by one, done by the last program of each row chunk
-    (_arrive) instead of a kernel of its own (moe_matmul's _splitk_swiglu_kernel or _splitk_combine_kernel).
-    swiglu: act [pairs, N / 2] = SwiGLU(sums + bias) by pair; else combine: out [tokens, N] = the token's slots'
-    weight * (sums + bias), summed in slot order (bias None: no bias, as on all tensor-parallel ranks but one)."""
-
-    out: torch.Tensor
-    bias: torch.Tensor | None
-    swiglu: tuple[float, float] | None = None  # (alpha, limit)
-    weights: torch.Tensor | None = None  # [pairs] float32, combine only
-    top_k: int = 1
-
-    def launch_args(self, n_rows: int, num_pairs: int, num_chunks: int, ws: torch.Tensor, pairs_apart: bool) -> dict:
-        if not pairs_apart:
-            raise ValueError("the matmul's epilogue in its last programs needs the pairs one by one")
-        if self.swiglu is None and (self.weights is None or self.out.shape[1] != n_rows):
-            raise ValueError("the combine epilogue needs routing weights and [tokens, N] output rows")
-        num_tokens = num_pairs // self.top_k
-        user = "moe_mma_swiglu" if self.swiglu else "moe_mma_combine"
-        counters = arrival_counters(user, (num_pairs if self.swiglu else num_tokens) * num_chunks, ws.device)
-        alpha, limit = self.swiglu or (0.0, 0.0)
-        return dict(counters=counters, bias=self.bias if self.bias is not None else ws, out=self.out,
-                    weights=self.weights if self.weights is not None else ws,
-                    stride_bias=self.bias.stride(0) if self.bias is not None else 0, stride_out=self.out.stride(0),
-                    alpha=float(alpha), limit=float(limit),
-                    EPILOGUE=(SWIGLU_EPILOGUE if self.swiglu else COMBINE_EPILOGUE).value, TOP_K=self.top_k,
-                    HAS_BIAS=self.bias is not None)

@@ -23,6 +23,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_SIZE = 8
 
 
+def test_kv_cache_blocks_are_stored_head_major():
+    """[blocks, block_size, KV heads, head_dim] to every reader, each KV head's rows of a block contiguous in memory
+    (the decode kernel reads one KV head a program); the sliding layers' pool too. The model tests here run the
+    torch and triton paths on these caches."""
+    config = preset("tiny")
+    cache = KVCache.allocate(config, num_blocks=5, block_size=BLOCK_SIZE, dtype=torch.bfloat16, num_sliding_blocks=3)
+    heads, dim = config.num_key_value_heads, config.head_dim
+    for n, (k, v) in enumerate(zip(cache.k, cache.v)):
+        blocks = 3 if config.is_sliding_layer(n) else 5
+        assert k.shape == v.shape == (blocks, BLOCK_SIZE, heads, dim)
+        assert k.stride() == v.stride() == (heads * BLOCK_SIZE * dim, dim, BLOCK_SIZE * dim, 1)
+    assert cache.block_size == BLOCK_SIZE and cache.num_blocks == 5
+
+
 def greedy_tokens(kernels_name: str, prompts: list[list[int]], chunk: int, num_steps: int) -> list[list[int]]:
     config = preset("tiny")
     model = random_model(config, seed=0, device=DEVICE, kernels=get_kernels(kernels_name))

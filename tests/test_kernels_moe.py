@@ -629,28 +629,6 @@ def test_moe_experts_mma_matches_twin_and_gemv_gpu(shape, num_tokens, block_t):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("shape", list(MMA_SHAPES))
-@pytest.mark.parametrize("num_tokens", [1, 2, 7])
-def test_mma_fused_epilogues_equal_four_launches_gpu(shape, num_tokens):
-    """FUSED_EPILOGUES: SwiGLU and the combine done by each matmul's last program of a row chunk, bitwise what
-    the epilogue kernels give: other ranks' pairs (120b rank 1 of 4) still counted, no second bias, partial row
-    chunks (awkward), 256-row programs of two row tiles a warp and K ranges of 1 or 3 blocks; each call finding
-    the counters at zero and leaving them so."""
-    from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
-    from gptoss_serve.kernels.triton_utils import arrival_counters
-
-    _, served, layout = _mma_case(shape, num_tokens, seed=200 + num_tokens)
-    for extra in ({}, dict(M_TILES=2, ROWS_PER_PROGRAM=256), dict(KB_MAX=1), dict(KB_MAX=3, STAGE_ONCE=False)):
-        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=None, **extra)
-        four = moe_experts(*served, config=config, **layout)
-        two = moe_experts(*served, config=dict(config, FUSED_EPILOGUES=True), **layout)
-        assert torch.equal(two, four), extra
-        for user in ("moe_mma_swiglu", "moe_mma_combine"):
-            assert not arrival_counters(user, 1, served[0].device).any()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_moe_mma_checkpoint_rows_and_k_ranges_gpu():
     # Rows one after the other (no tiles) and K ranges of 1 or 7 blocks (K = 224) give the same sums.
     from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
@@ -865,8 +843,7 @@ def test_wgmma_chain_equals_two_launches_gpu(monkeypatch, shape, num_tokens):
         assert not arrival_counters("moe_wgmma_chain", 1, served[0].device).any()
 
 
-def test_decode_steps_of_1_to_8_tokens_take_the_mma_kernel_on_a_gpu_only(monkeypatch):
-    import gptoss_serve.kernels.moe_matmul as mm
+def test_decode_steps_of_1_to_8_tokens_take_the_mma_kernel_on_a_gpu_only():
     from gptoss_serve.kernels.moe_matmul import mma_decode_config
 
     split = dict(on_gpu=True, split_nibbles=True, swizzled=False)
@@ -875,10 +852,6 @@ def test_decode_steps_of_1_to_8_tokens_take_the_mma_kernel_on_a_gpu_only(monkeyp
     assert mma_decode_config(8, 4, 128, **split)["BLOCK_T"] is None  # 120b, 8 tokens
     assert mma_decode_config(1, 4, 32, **split)["BLOCK_T"] is None  # 20b, 1 token
     assert mma_decode_config(1, 4, 32, **split)["STAGE_ONCE"]  # activations staged at once (timed, H200)
-    for flag in (False, True):  # the epilogues in the matmuls' last programs: pairs one by one, where the flag is on
-        monkeypatch.setattr(mm, "MMA_FUSED_EPILOGUES", flag)
-        assert mma_decode_config(1, 4, 32, **split)["FUSED_EPILOGUES"] == flag
-        assert not mma_decode_config(8, 4, 32, **split)["FUSED_EPILOGUES"]
     assert mma_decode_config(0, 4, 32, **split) is None and mma_decode_config(9, 4, 32, **split) is None
     assert mma_decode_config(4, 4, 32, on_gpu=False, split_nibbles=True, swizzled=False) is None
     assert mma_decode_config(4, 4, 32, on_gpu=True, split_nibbles=True, swizzled=True) is None

@@ -139,33 +139,6 @@ def test_chained_moe_in_a_graph_equals_two_serialized_launches(monkeypatch, num_
         assert torch.equal(out, expected[i % 2]), f"replay {i} differs from the two serialized launches"
 
 
-@pytest.mark.gpu
-@needs_hopper
-@pytest.mark.parametrize("num_experts,num_tokens", [(32, 1), (128, 1), (32, 4)])
-def test_mma_fused_epilogues_in_a_graph_equal_four_serialized_launches(monkeypatch, num_experts, num_tokens):
-    """The tensor-core decode kernel with SwiGLU and the combine in its last programs (FUSED_EPILOGUES, counters
-    the launches reset themselves) in a CUDA graph with PDL, three layers a replay, on alternating inputs: bitwise
-    the four launches a layer, serialized."""
-    from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
-
-    gen = torch.Generator(device="cuda").manual_seed(num_experts + num_tokens + 7)
-    layers = [moe_weights(num_experts, gen) for _ in range(3)]
-    inputs = [moe_routing(num_experts, num_tokens, gen), moe_routing(num_experts, num_tokens, gen)]
-    buffers = tuple(torch.empty_like(t) for t in inputs[0])
-
-    def run(fused):
-        x, weights, ids = buffers
-        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=None, FUSED_EPILOGUES=fused)
-        for w1, s1, w2, s2, b1, b2 in layers:  # each layer's output is the next one's input
-            x = moe_experts(x, weights, ids, w1, s1, b1, w2, s2, b2, 1.702, 7.0, 0, split_nibbles=True, tile_n=64,
-                            config=config)
-        return x
-
-    expected = serialized(monkeypatch, lambda: run(False), inputs, buffers)
-    for i, out in enumerate(replay_alternating(lambda: run(True), inputs, buffers)):
-        assert torch.equal(out, expected[i % 2]), f"replay {i} differs from the four serialized launches a layer"
-
-
 BLOCK_SIZE, KV_HEADS, Q_HEADS, HEAD_DIM = 16, 8, 64, 64  # gpt-oss's attention heads, 16-slot cache blocks
 
 

@@ -5,10 +5,11 @@ decode_plan's tiles; stage 2 sweeps tiles at the best slice count.
 
     python3 tools/attention_decode_sweep.py [--batches 1,32,128] [--contexts 1024,8192,32768] [--json FILE]
 
-With --layouts token,head [--block-sizes 16,32] [--fused-merge 0,1] [--rounds N] it times decode_plan's default
-instead, on each cache layout, block size and way to merge the slices in turn, N rounds: token-major blocks
-[blocks, block size, KV heads, head_dim] (the engine's) against head-major ones (a KV head's rows of a block
-contiguous, seen through the same shape by strides); slices merged by a kernel (0) or by the last slice (1).
+With --layouts token,head [--block-sizes 16,32] [--fused-merge 0,1] [--splits 0,2] [--rounds N] it times
+decode_plan's tiles (and slice count where --splits says 0) instead, on each cache layout, block size, way to merge
+the slices and slice count in turn, N rounds: token-major blocks [blocks, block size, KV heads, head_dim] against
+head-major ones (a KV head's rows of a block contiguous, the engine's; the same shape through strides); slices
+merged by a kernel (0) or by the last slice (1).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--layouts", help="comma-separated token,head: the default on each layout instead of a sweep")
     parser.add_argument("--block-sizes", default="16")
     parser.add_argument("--fused-merge", default="0")
+    parser.add_argument("--splits", default="0", help="with --layouts: slice counts (0: decode_plan's)")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     if args.layouts:
@@ -95,8 +97,9 @@ def compare_layouts(args) -> None:
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
     hq, hkv, d = GPT_OSS["num_q_heads"], GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
-    variants = [(layout, int(bs), fused == "1") for layout in args.layouts.split(",")
-                for bs in args.block_sizes.split(",") for fused in args.fused_merge.split(",")]
+    variants = [(layout, int(bs), fused == "1", int(splits)) for layout in args.layouts.split(",")
+                for bs in args.block_sizes.split(",") for fused in args.fused_merge.split(",")
+                for splits in args.splits.split(",")]
     results = []
     for num_seqs in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
@@ -107,20 +110,21 @@ def compare_layouts(args) -> None:
             nbytes = num_seqs * context * hkv * d * 2 * 2 + 2 * q.numel() * 2
             times = {v: [] for v in variants}
             for _ in range(args.rounds):
-                for layout, block_size, fused in variants:
+                for layout, block_size, fused, splits in variants:
                     caches, tables = _kv_setup(num_seqs, context, block_size, torch.Generator().manual_seed(1),
                                                head_major=layout == "head")
                     ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125,
-                                                                fused_merge=fused)
+                                                                num_splits=splits or None, fused_merge=fused)
                                          for kc, vc in caches], rep_ms=100) / NUM_COPIES
-                    times[(layout, block_size, fused)].append(ms * 1e3)
+                    times[(layout, block_size, fused, splits)].append(ms * 1e3)
                     del caches
                     torch.cuda.empty_cache()
-            for (layout, block_size, fused), us in times.items():
+            for (layout, block_size, fused, splits), us in times.items():
                 row = dict(batch=num_seqs, context=context, layout=layout, block_size=block_size, fused_merge=fused,
-                           us=us, hbm=[nbytes / (t * 1e-3) / 1e6 / ceil["copy_gbs"] for t in us])
+                           splits=splits, us=us, hbm=[nbytes / (t * 1e-3) / 1e6 / ceil["copy_gbs"] for t in us])
                 results.append(row)
                 print(f"| {num_seqs} x {context} | {layout} | {block_size} | {'last slice' if fused else 'kernel'} | "
+                      f"{splits or 'plan'} | "
                       + " / ".join(f"{t:.1f}" for t in us) + " | "
                       + " / ".join(f"{100 * h:.1f}%" for h in row["hbm"]) + " |", flush=True)
     if args.json:

@@ -116,13 +116,13 @@
 #   bash tools/gpu_check.sh 44   decode attention on token-major KV blocks (the engine's) against head-major ones (a
 #                                KV head's rows of a block contiguous), block sizes 16 and 32, two rounds in turn;
 #                                then the 1-token MoE rows, this tree against OLD_TREE, two rounds each first once
-#   bash tools/gpu_check.sh 45   SwiGLU and the combine in the tensor-core decode kernel's last programs
-#                                (FUSED_EPILOGUES): its GPU tests (bitwise the four launches, in graphs with PDL), the
-#                                bench's MoE rows at 1-4 tokens with it off and on in turn (GPTOSS_MMA_FUSED_EPILOGUES),
-#                                then decode attention: its GPU tests, token- against head-major KV blocks and the
-#                                slices merged by a kernel against by the last slice (FUSED_MERGE), 1-128 x 1k-32k
-#   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; those ways are
-#   gone, docs/PERFORMANCE.md has their figures)
+#   bash tools/gpu_check.sh 46   decode attention on head-major KV blocks (the engine's since part 45) with the
+#                                slices merged by the last slice at 2 slices (FUSED_MERGE_MAX_SPLITS): the attention,
+#                                PDL, model and engine GPU tests, slice counts and block sizes at 32 x 1k and 1 x 32k,
+#                                the bench's decode rows with their read floors, the 20b engine
+#   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
+#   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
+#   has their figures)
 # Each step has its own time limit, so a slow one costs only itself.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" NCCL_NVLS_ENABLE=0
@@ -476,23 +476,16 @@ elif [ "$PART" = 44 ]; then
         tree_rows new . 32,128 1; tree_rows old "$OLD_TREE" 32,128 1
         tree_rows old "$OLD_TREE" 32,128 1; tree_rows new . 32,128 1
     done
-elif [ "$PART" = 45 ]; then
-    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py \
-        tests/test_kernels_pdl.py -k "fused_epilogues" -rfE 2>&1 | tail -8 | tee "$OUT/fused_tests.txt"
-    fused_rows() {  # $1 GPTOSS_MMA_FUSED_EPILOGUES, $2 experts, $3 tokens
-        GPTOSS_MMA_FUSED_EPILOGUES="$1" timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe --tokens "$3" \
-            --experts "$2" 2>&1 | grep -E "^\| MoE|^HBM copy" | sort -u | sed "s/^/fused=$1 /" \
-            | tee -a "$OUT/bench_fused.txt"
-    }
-    for round in 1 2; do
-        fused_rows 0 32 1,2,4; fused_rows 1 32 1,2,4; fused_rows 1 128 1; fused_rows 0 128 1
-    done
-    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
-        tests/test_kernels_pdl.py -k "decode" -rfE 2>&1 | tail -4 | tee "$OUT/decode_tests.txt"
-    timeout 150 python3 tools/attention_decode_sweep.py --layouts token,head --block-sizes 16 --fused-merge 0,1 \
-        --rounds 2 --batches 1,32,128 --contexts 1024,8192 2>&1 | grep -v Warning | tee -a "$OUT/decode_layouts.txt"
-    timeout 100 python3 tools/attention_decode_sweep.py --layouts token,head --block-sizes 16 --fused-merge 0,1 \
-        --rounds 2 --batches 1,32 --contexts 32768 2>&1 | grep -v Warning | tee -a "$OUT/decode_layouts.txt"
+elif [ "$PART" = 46 ]; then
+    timeout 130 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
+        tests/test_kernels_pdl.py tests/test_kernels_model.py tests/engine/test_engine_gpu.py -k "not moe" -rfE \
+        > "$OUT/tests.txt" 2>&1; tail -6 "$OUT/tests.txt"
+    timeout 110 python3 -m gptoss_serve.kernels.bench --sections decode --json "$OUT/bench_decode.json" 2>&1 \
+        | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" | tee "$OUT/bench_decode.txt"
+    engine_table "$OUT/engine.txt" 100
+    timeout 70 python3 tools/attention_decode_sweep.py --layouts head --block-sizes 16,32 --fused-merge 0,1 \
+        --splits 0,1,4 --rounds 1 --batches 32 --contexts 1024 2>&1 | grep -v Warning \
+        | tee -a "$OUT/decode_splits.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

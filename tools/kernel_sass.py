@@ -205,22 +205,18 @@ def grouped_20b_w1(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=
     return compile_offline(_moe_matmul_kernel, args, const, num_warps=num_warps, num_stages=num_stages)
 
 
-def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=False, prefetch=False, epilogue=0,
+def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=False, prefetch=False,
                **overrides):
-    """The tensor-core decode kernel at the 20b w1 shape (epilogue 1: SwiGLU in the last programs; 2: the w2
-    shape, K = 2880 too, with the combine)."""
     from gptoss_serve.kernels.moe_mma import _moe_mma_kernel, byte_layout
-    n, kblocks = (2880 if epilogue == 2 else 5760), 90
+    n, kblocks = 5760, 90
     args = dict(a_ptr="*bf16", w_ptr="*u8", scales_ptr="*u8", ws_ptr="*fp32", sorted_pairs_ptr="*i32",
                 block_expert_ptr="*i32", block_row_start_ptr="*i32", block_row_end_ptr="*i32",
                 N=n, a_row_div=4, rows_per_program=64 * m_tiles, first_expert=0, num_local_experts=32,
                 stride_a=2880, stride_w_expert=n * kblocks * 16, stride_w_row=kblocks * 16,
-                stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_s_k=1, stride_ws_split=4 * n,
-                counters_ptr="*i32", bias_ptr="*bf16", out_ptr="*bf16", weights_ptr="*fp32", stride_bias_expert=n,
-                stride_out=2880, swiglu_alpha="fp32", swiglu_limit="fp32")
+                stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_s_k=1, stride_ws_split=4 * n)
     const = dict(BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks, TILE_N=64, EVEN_ROWS=True,
                  KB=15, KB_P2=16, STAGE_ONCE=stage_once, PREFETCH=prefetch, BLOCK_T=block_t, M_TILES=m_tiles,
-                 NUM_WARPS=num_warps, EPILOGUE=epilogue, NUM_SPLITS=6, TOP_K=4, HAS_BIAS=True, PDL=False)
+                 NUM_WARPS=num_warps, PDL=False)
     const.update(overrides)
     return compile_offline(_moe_mma_kernel, args, const, num_warps=num_warps)
 
@@ -294,9 +290,6 @@ if __name__ == "__main__":
         report("mma 20b w1, one token, activations staged at once", mma_20b_w1(stage_once=True), 240)
         report("mma 20b w1, one token, staged at once, weights prefetched",
                mma_20b_w1(stage_once=True, prefetch=True), 240)
-        for epilogue, name in ((1, "w1 + SwiGLU"), (2, "w2 + combine")):  # by the last program of a row chunk
-            report(f"mma 20b {name} in the last programs, one token, staged at once",
-                   mma_20b_w1(stage_once=True, epilogue=epilogue, PDL=True), 240)
     elif which == "fused":
         # a K range: RB rows x KB 16 blocks over 128 threads, rows_per_thread x 32 weights a thread
         for rows, unroll, stages in ((2, 1, 1), (2, 6, 1), (2, 1, 2), (4, 1, 1)):
