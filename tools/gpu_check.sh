@@ -118,8 +118,8 @@
 #                                then the 1-token MoE rows, this tree against OLD_TREE, two rounds each first once
 #   bash tools/gpu_check.sh 46   decode attention on head-major KV blocks (the engine's since part 45) with the
 #                                slices merged by the last slice at 2 slices (FUSED_MERGE_MAX_SPLITS): the attention,
-#                                PDL, model and engine GPU tests, slice counts and block sizes at 32 x 1k and 1 x 32k,
-#                                the bench's decode rows with their read floors, the 20b engine
+#                                PDL, model and engine GPU tests, then the bench's decode rows with their read floors
+#   bash tools/gpu_check.sh 47   the 20b engine, then slice counts and block sizes at batch 32 x 1k
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -482,6 +482,7 @@ elif [ "$PART" = 46 ]; then
         > "$OUT/tests.txt" 2>&1; tail -6 "$OUT/tests.txt"
     timeout 110 python3 -m gptoss_serve.kernels.bench --sections decode --json "$OUT/bench_decode.json" 2>&1 \
         | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" | tee "$OUT/bench_decode.txt"
+elif [ "$PART" = 47 ]; then
     engine_table "$OUT/engine.txt" 100
     timeout 70 python3 tools/attention_decode_sweep.py --layouts head --block-sizes 16,32 --fused-merge 0,1 \
         --splits 0,1,4 --rounds 1 --batches 32 --contexts 1024 2>&1 | grep -v Warning \
