@@ -148,7 +148,60 @@ def test_sinks_only_add_mass_to_the_denominator():
     check(tuple(args), out)
 
 
+def head_major(cache: torch.Tensor) -> torch.Tensor:
+    """The same blocks stored as KVCache stores them: each KV head's rows of a block contiguous, same shape."""
+    return cache.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def check_head_major_layout(args, num_splits=None):
+    """Decode (one token a sequence), prefill and the RoPE cache write on head-major blocks (the engine's) give
+    the bits they give on token-major ones: every kernel reads and writes the caches through their strides."""
+    from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
+    from gptoss_serve.kernels.rope import rope_and_cache_write
+
+    q, k_cache, v_cache, table, cu, lens, sinks, sm_scale, window = args
+    stored = (head_major(k_cache), head_major(v_cache))
+    assert stored[0].stride(1) == k_cache.shape[-1] and same_bits(stored[0], k_cache)
+    last = q[cu[1:].long() - 1]  # each sequence's last token, as a decode step
+    decodes = [paged_attention_decode(last, k, v, table, lens, sinks, sm_scale, window, num_splits=num_splits)
+               for k, v in ((k_cache, v_cache), stored)]
+    assert torch.equal(decodes[0], decodes[1])
+    prefills = [paged_attention_prefill(q, k, v, table, cu, lens, sinks, sm_scale, window)
+                for k, v in ((k_cache, v_cache), stored)]
+    assert torch.equal(prefills[0], prefills[1])
+    num_tokens, num_kv_heads, head_dim = q.shape[0], k_cache.shape[2], k_cache.shape[3]
+    gen = torch.Generator(device=q.device).manual_seed(3)
+    k_new, v_new = (torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen, device=q.device).to(q.dtype)
+                    for _ in range(2))
+    slots = torch.randperm(k_cache.shape[0] * k_cache.shape[1], generator=gen, device=q.device)[:num_tokens]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, device=q.device).float() / head_dim)
+    written = []
+    for k, v in ((k_cache.clone(), v_cache.clone()), (stored[0].clone(), stored[1].clone())):
+        rope_and_cache_write(q, k_new, v_new, torch.arange(num_tokens, device=q.device), inv_freq, 1.0, k, v, slots)
+        written.append((k, v))
+    assert same_bits(written[0][0], written[1][0]) and same_bits(written[0][1], written[1][1])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of two bf16 tensors, the NaN blocks (freed, reused) included."""
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("window", [0, 128])
+def test_head_major_blocks_give_the_same_bits(window):
+    args = make_batch([3, 1, 40], [300, 17, 517], 8, 2, 64, 16, window, seed=30 + window)
+    for num_splits in (None, 2, 5):  # the plan's; two slices, merged by the last one; five, by the merge kernel
+        check_head_major_layout(args, num_splits)
+
+
 # GPU: the real head shapes and long contexts -------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", [0, 128])
+def test_head_major_blocks_give_the_same_bits_gpu(window):
+    check_head_major_layout(make_batch([1000, 1, 300], [1000, 5000, 2300], 64, 8, 64, 16, window, seed=22,
+                                       device="cuda"))
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("window", [0, 128])
