@@ -3,10 +3,11 @@
 The twin of attention_ref.paged_attention_ref for batches where every sequence brings exactly one token.
 A program takes one sequence, one KV head with its whole group of query heads (so each key and value row is
 read once for the group), and one slice of the context: with few sequences and long contexts the slices keep
-every SM busy (flash-decoding); a second small kernel merges the slices, or (FUSED_MERGE) the last of a
-sequence's and KV head's slices to finish merges them in its program, with the same arithmetic. The sink is one more logit with no
-value: slice 0 starts its running max at the sink and its normaliser at exp(sink - sink) = 1, which is the
-flash form of l + exp(sink - m). Keys outside the sliding window are never loaded: their blocks may be freed.
+every SM busy (flash-decoding); a second small kernel merges the slices, or (FUSED_MERGE, two slices) the last of
+a sequence's and KV head's slices to finish merges them in its program, with the same arithmetic. The sink is one
+more logit with no value: slice 0 starts its running max at the sink and its normaliser at exp(sink - sink) = 1,
+which is the flash form of l + exp(sink - m). Keys outside the sliding window are never loaded: their blocks may
+be freed.
 The number of slices is chosen from static shapes only (block table width), so the launch is graph-safe.
 """
 
@@ -63,7 +64,8 @@ def _decode_kernel(
     stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_tables,
     stride_out_token, stride_out_head,
     QUERIES_PER_KV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, FUSED_MERGE: tl.constexpr, EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, FUSED_MERGE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl_wait(PDL)  # q and the cache's new rows come from the kernels before
     seq = tl.program_id(0)
@@ -134,41 +136,52 @@ def _decode_kernel(
             if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:  # the last slice of the group to finish
                 tl.store(counter, 0)  # zero for the next launch
                 base = (seq.to(tl.int64) * num_q_heads + heads) * NUM_SPLITS  # [BLOCK_G]
-                _merge(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, seq.to(tl.int64) * stride_out_token
-                       + heads * stride_out_head, in_group, d, head_dim, NUM_SPLITS, BLOCK_D, EMULATE_BF16)
+                _merge_group(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base,
+                             seq.to(tl.int64) * stride_out_token + heads * stride_out_head, in_group, d, head_dim,
+                             NUM_SPLITS, SPLITS_P2, BLOCK_D, EMULATE_BF16)
 
 
 @triton.jit
 def _merge_splits_kernel(
     part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_q_heads, head_dim, stride_out_token, stride_out_head,
-    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl_wait(PDL)  # the slices come from the kernel before
     seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1) + tl.zeros([1], dtype=tl.int32)  # [1]: one head, as _merge takes a group
-    _merge(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, (seq * num_q_heads + head) * NUM_SPLITS,
-           seq * stride_out_token + head * stride_out_head, head >= 0, tl.arange(0, BLOCK_D), head_dim, NUM_SPLITS,
-           BLOCK_D, EMULATE_BF16)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_P2)
+    in_splits = splits < NUM_SPLITS
+    part = (seq * num_q_heads + head) * NUM_SPLITS + splits
+    m = tl.load(part_max_ptr + part, mask=in_splits, other=float("-inf"))  # slice 0 holds the sink: a finite max
+    l = tl.load(part_sum_ptr + part, mask=in_splits, other=0.0)
+    weight = tl.exp2(m - tl.max(m, axis=0))  # empty slices: exp2(-inf) = 0
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], mask=in_splits[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    tl.store(out_ptr + seq * stride_out_token + head * stride_out_head + d,
+             cast_rne(out, out_ptr.dtype.element_ty, EMULATE_BF16), mask=d < head_dim)
 
 
 @device_function
-def _merge(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, out_offset, in_group, d, head_dim,
-           NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """out[heads] = the slices' weighted sums over their weighted normalisers, heads [G] at partial rows base
-    (slice s at base + s) and outputs out_offset; the slices added one by one in order, so the merge kernel and
-    the last slice's program (FUSED_MERGE) give the same bits. Loads `.cg`: the other programs' partials are in
-    L2, and an L1 line of an earlier launch's would be stale."""
-    m = tl.full(base.shape, float("-inf"), dtype=tl.float32)
-    for s in tl.static_range(NUM_SPLITS):  # slice 0 holds the sink: a finite max
-        m = tl.maximum(m, tl.load(part_max_ptr + base + s, mask=in_group, other=0.0, cache_modifier=".cg"))
-    num = tl.zeros([base.shape[0], BLOCK_D], dtype=tl.float32)
-    den = tl.zeros(base.shape, dtype=tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        weight = tl.exp2(tl.load(part_max_ptr + base + s, mask=in_group, other=0.0, cache_modifier=".cg") - m)
-        num += tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=in_group[:, None], other=0.0,
-                       cache_modifier=".cg") * weight[:, None]  # empty slices: weight exp2(-inf) = 0
-        den += tl.load(part_sum_ptr + base + s, mask=in_group, other=0.0, cache_modifier=".cg") * weight
-    out = num / tl.where(in_group, den, 1.0)[:, None]  # (the group's padding heads: no 0 / 0)
+def _merge_group(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, out_offset, in_group, d, head_dim,
+                 NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr,
+                 EMULATE_BF16: tl.constexpr):
+    """_merge_splits_kernel's arithmetic for a group of heads [G] at once (FUSED_MERGE): partial rows base (slice s
+    at base + s), outputs at out_offset. At two slices each sum is one addition, so the bits are the merge kernel's;
+    with more, the reductions' order may differ from its. Loads `.cg`: the other programs' partials are in L2,
+    and an L1 line of an earlier launch's would be stale."""
+    splits = tl.arange(0, SPLITS_P2)
+    part = base[:, None] + splits[None, :]  # [G, SPLITS_P2]
+    mask = in_group[:, None] & (splits < NUM_SPLITS)[None, :]
+    m = tl.load(part_max_ptr + part, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    m = tl.where(in_group[:, None], m, 0.0)  # the group's padding heads: finite, never stored
+    l = tl.load(part_sum_ptr + part, mask=mask, other=0.0, cache_modifier=".cg")
+    weight = tl.exp2(m - tl.max(m, axis=1)[:, None])  # empty slices: exp2(-inf) = 0
+    acc = tl.load(part_acc_ptr + part[:, :, None] * BLOCK_D + d[None, None, :], mask=mask[:, :, None], other=0.0,
+                  cache_modifier=".cg")  # [G, SPLITS_P2, BLOCK_D]
+    den = tl.where(in_group, tl.sum(l * weight, axis=1), 1.0)  # (padding heads: no 0 / 0)
+    out = tl.sum(acc * weight[:, :, None], axis=1) / den[:, None]
     tl.store(out_ptr + out_offset[:, None] + d[None, :], cast_rne(out, out_ptr.dtype.element_ty, EMULATE_BF16),
              mask=in_group[:, None] & (d < head_dim)[None, :])
 
@@ -225,11 +238,11 @@ def paged_attention_decode(
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            block_tables.stride(0), out.stride(0), out.stride(1),
            QUERIES_PER_KV=queries_per_kv, BLOCK_G=max(16, next_pow2(queries_per_kv)), BLOCK_D=block_d,
-           BLOCK_N=block_n, NUM_SPLITS=num_splits, FUSED_MERGE=fused_merge, EMULATE_BF16=emulate,
-           num_warps=tiles["num_warps"],
-           num_stages=tiles["num_stages"], **pdl)
+           BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), FUSED_MERGE=fused_merge,
+           EMULATE_BF16=emulate, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **pdl)
     if num_splits > 1 and not fused_merge:
         launch(_merge_splits_kernel, (num_seqs, num_q_heads),
                part_acc, part_max, part_sum, out, num_q_heads, head_dim, out.stride(0), out.stride(1),
-               NUM_SPLITS=num_splits, BLOCK_D=block_d, EMULATE_BF16=emulate, num_warps=1, **pdl)
+               NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), BLOCK_D=block_d, EMULATE_BF16=emulate,
+               num_warps=1, **pdl)
     return out

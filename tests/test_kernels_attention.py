@@ -79,7 +79,8 @@ def test_decode_split_k_merges_with_the_sink(num_splits):
 @pytest.mark.parametrize("num_splits", [2, 3, 8])
 def test_decode_merge_in_the_last_slice_equals_the_merge_kernel(num_splits):
     """FUSED_MERGE: the last slice of a (sequence, KV head) to finish merges its group's slices: the merge kernel's
-    bits (the same slice-by-slice sums), empty slices and a sliding window too; the counters left at zero."""
+    arithmetic (its bits at two slices, where each sum is one addition; near them with more), empty slices and a
+    sliding window too; the counters left at zero."""
     from gptoss_serve.kernels.triton_utils import arrival_counters
 
     for window in (0, 128):
@@ -87,7 +88,7 @@ def test_decode_merge_in_the_last_slice_equals_the_merge_kernel(num_splits):
         q, k_cache, v_cache, table, _, context_lens, sinks, sm_scale, window = args
         outs = [paged_attention_decode(q, k_cache, v_cache, table, context_lens, sinks, sm_scale, window,
                                        num_splits=num_splits, fused_merge=fused) for fused in (False, True)]
-        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(outs[0], outs[1]) if num_splits == 2 else rel_err(outs[0], outs[1]) < 1e-6
         check(args, outs[1])
         assert not arrival_counters("attention_decode", 1, q.device).any()
 

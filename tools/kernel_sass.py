@@ -261,8 +261,8 @@ def attention_decode(block_n: int = 128, pdl: bool = True, fused_merge: bool = F
                 partition_tokens=512, block_size=16, num_q_heads=64, head_dim=64, stride_q_token=64 * 64,
                 stride_q_head=64, stride_cache_block=16 * 8 * 64, stride_cache_slot=8 * 64, stride_cache_head=64,
                 stride_tables="i32", stride_out_token=64 * 64, stride_out_head=64)
-    const = dict(QUERIES_PER_KV=8, BLOCK_G=16, BLOCK_D=64, BLOCK_N=block_n, NUM_SPLITS=2, FUSED_MERGE=fused_merge,
-                 EMULATE_BF16=False, PDL=pdl)
+    const = dict(QUERIES_PER_KV=8, BLOCK_G=16, BLOCK_D=64, BLOCK_N=block_n, NUM_SPLITS=2, SPLITS_P2=2,
+                 FUSED_MERGE=fused_merge, EMULATE_BF16=False, PDL=pdl)
     return compile_offline(_decode_kernel, args, const, num_warps=4, num_stages=2)
 
 
