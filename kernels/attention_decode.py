@@ -27,7 +27,7 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 # Launches of at most this many slices merge them in the last slice's program instead of a merge kernel (one launch
 # fewer, but the merge of a (sequence, KV head) then runs in one program, after an atomic). H100, 2026-12-07
-# (docs/PERFORMANCE.md, µs, head-major blocks): 2 slices won (batch 32 x 1k 32.9 -> 31.1, 128 x 1k 110.1 -> 103.7,
+# (docs/PERFORMANCE.md, µs, head-major blocks, both merges then adding slices one by one): 2 slices won (batch 32 x 1k 32.9 -> 31.1, 128 x 1k 110.1 -> 103.7,
 # 128 x 8k 733.4 -> 725.2), 8 lost (32 x 8k 192.4 -> 206.9) or tied (32 x 32k), 64 lost (1 x 32k 33.1 -> 37.4).
 # GPTOSS_DECODE_FUSED_MERGE_MAX_SPLITS overrides it for a process.
 FUSED_MERGE_MAX_SPLITS = int(os.environ.get("GPTOSS_DECODE_FUSED_MERGE_MAX_SPLITS", "2"))
