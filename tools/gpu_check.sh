@@ -113,8 +113,8 @@
 #   bash tools/gpu_check.sh 43   the 1-token MoE rows, new bytes against OLD_TREE (a checkout of 108a724: `git
 #                                archive 108a724 kernels gptoss_serve tools | tar -x -C .old_split`, carried), six
 #                                rounds each going first as often; then every kernel, PDL and engine GPU test
-#   bash tools/gpu_check.sh 44   decode attention on token-major KV blocks (the engine's) against head-major ones (a
-#                                KV head's rows of a block contiguous), block sizes 16 and 32, two rounds in turn;
+#   bash tools/gpu_check.sh 44   decode attention on token-major KV blocks against head-major ones (a KV head's rows
+#                                of a block contiguous: the engine's since part 45), block sizes 16 and 32, in turn;
 #                                then the 1-token MoE rows, this tree against OLD_TREE, two rounds each first once
 #   bash tools/gpu_check.sh 46   decode attention on head-major KV blocks (the engine's since part 45) with the
 #                                slices merged by the last slice at 2 slices (FUSED_MERGE_MAX_SPLITS): the attention,
