@@ -417,12 +417,10 @@ def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator
     # A copy's K and V caches in one tensor [2, blocks, block size, KV heads, head_dim], which unpacks into the two
     # (k, v = caches[c]), so that the read floor reads a copy in one launch. head_major (as KVCache stores them):
     # stored [2, blocks, KV heads, block size, head_dim] and seen through the same shape by strides.
+    stored = (2, num_blocks, hkv, block_size, d) if head_major else (2, num_blocks, block_size, hkv, d)
+    caches = [torch.empty(stored, dtype=torch.bfloat16, device="cuda").normal_() for _ in range(NUM_COPIES)]
     if head_major:
-        caches = [torch.empty(2, num_blocks, hkv, block_size, d, dtype=torch.bfloat16, device="cuda").normal_()
-                  .transpose(2, 3) for _ in range(NUM_COPIES)]
-    else:
-        caches = [torch.empty(2, num_blocks, block_size, hkv, d, dtype=torch.bfloat16, device="cuda").normal_()
-                  for _ in range(NUM_COPIES)]
+        caches = [c.transpose(2, 3) for c in caches]
     tables = torch.randperm(num_blocks, generator=gen).view(num_seqs, blocks_per_seq).to(torch.int32).cuda()
     return caches, tables
 

@@ -321,17 +321,13 @@ def _dequant_mxfp4_tile(w_bytes, scale_bytes, BLOCK_N: tl.constexpr, NUM_SCALES:
     else:  # four bytes an asm: the swizzled layout's (CUDA-core split-K path only), the split or the checkpoint's
         mult = tl.broadcast_to(_bf16_multiplier(scale_bytes, FOLD_SCALES)[:, :, None], [BLOCK_N, NUM_SCALES, 16])
         if SWIZZLED:
-            w_low, w_high = tl.inline_asm_elementwise(SWIZZLED_BYTES_FOLDED_ASM if FOLD_SCALES else SWIZZLED_BYTES_ASM,
-                                                      "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
-                                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            asm: tl.constexpr = SWIZZLED_BYTES_FOLDED_ASM if FOLD_SCALES else SWIZZLED_BYTES_ASM
         elif SPLIT_NIBBLES:
-            w_low, w_high = tl.inline_asm_elementwise(SPLIT_BYTES_FOLDED_ASM if FOLD_SCALES else SPLIT_BYTES_ASM,
-                                                      "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
-                                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            asm: tl.constexpr = SPLIT_BYTES_FOLDED_ASM if FOLD_SCALES else SPLIT_BYTES_ASM
         else:
-            w_low, w_high = tl.inline_asm_elementwise(PAIRED_BYTES_FOLDED_ASM if FOLD_SCALES else PAIRED_BYTES_ASM,
-                                                      "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
-                                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            asm: tl.constexpr = PAIRED_BYTES_FOLDED_ASM if FOLD_SCALES else PAIRED_BYTES_ASM
+        w_low, w_high = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     return w_low, w_high
 
 

@@ -171,6 +171,12 @@ tree_rows() {  # $1 label, $2 checkout, $3 experts, $4 tokens: the bench's MoE r
     (cd "$2" && PYTHONPATH="$PWD" timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe --tokens "$4" \
         --experts "$3" 2>&1) | grep -E "^\| MoE|^HBM copy" | sort -u | sed "s/^/$1 /" | tee -a "$OUT/bench_ab.txt"
 }
+one_token_ab() {  # $1 rounds: the 1-token MoE rows, this tree and OLD_TREE in turn, each going first as often
+    for round in $(seq "$1"); do
+        tree_rows new . 32,128 1; tree_rows old "$OLD_TREE" 32,128 1
+        tree_rows old "$OLD_TREE" 32,128 1; tree_rows new . 32,128 1
+    done
+}
 pdl_moe_tests() {  # $1 time limit (s): the PDL tests of the MoE chains
     timeout "$1" python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_pdl.py -k moe -rfE 2>&1 \
         | tail -4
@@ -456,10 +462,7 @@ elif [ "$PART" = 42 ]; then
     tree_rows new . 32 1; tree_rows old "$OLD_TREE" 32 1
     engine_table "$OUT/engine.txt" 100
 elif [ "$PART" = 43 ]; then
-    for round in 1 2 3; do  # 1 token, the new bytes and the old (OLD_TREE) in turn, each going first as often
-        tree_rows new . 32,128 1; tree_rows old "$OLD_TREE" 32,128 1
-        tree_rows old "$OLD_TREE" 32,128 1; tree_rows new . 32,128 1
-    done
+    one_token_ab 3
     timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_moe.py \
         tests/test_kernels_attention.py tests/test_kernels_model.py tests/test_kernels_norm_rope.py \
         tests/test_kernels_router.py tests/test_kernels_pdl.py tests/engine/test_engine_gpu.py -rfE \
@@ -472,10 +475,7 @@ elif [ "$PART" = 44 ]; then
     }
     layouts 150 1,32 1024,8192,32768
     layouts 120 128 1024,8192
-    for round in 1 2; do
-        tree_rows new . 32,128 1; tree_rows old "$OLD_TREE" 32,128 1
-        tree_rows old "$OLD_TREE" 32,128 1; tree_rows new . 32,128 1
-    done
+    one_token_ab 2
 elif [ "$PART" = 46 ]; then
     timeout 130 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
         tests/test_kernels_pdl.py tests/test_kernels_model.py tests/engine/test_engine_gpu.py -k "not moe" -rfE \
