@@ -120,6 +120,9 @@
 #                                slices merged by the last slice at 2 slices (FUSED_MERGE_MAX_SPLITS): the attention,
 #                                PDL, model and engine GPU tests, then the bench's decode rows with their read floors
 #   bash tools/gpu_check.sh 47   the 20b engine, then slice counts and block sizes at batch 32 x 1k
+#   bash tools/gpu_check.sh 48   slice counts on head-major blocks where decode_plan's rules were set on token-major
+#                                ones: batch 16-128 at 1k and 2k keys (1, 2 and 4 slices, both merges), batch 1 at 8k
+#                                and 32k keys (16 to 256 slices)
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -487,6 +490,13 @@ elif [ "$PART" = 47 ]; then
     timeout 70 python3 tools/attention_decode_sweep.py --layouts head --block-sizes 16,32 --fused-merge 0,1 \
         --splits 0,1,4 --rounds 1 --batches 32 --contexts 1024 2>&1 | grep -v Warning \
         | tee -a "$OUT/decode_splits.txt"
+elif [ "$PART" = 48 ]; then
+    slices() {  # $1 time limit (s), $2 batches, $3 contexts, $4 merges, $5 slice counts
+        timeout "$1" python3 tools/attention_decode_sweep.py --layouts head --fused-merge "$4" --splits "$5" \
+            --rounds 2 --batches "$2" --contexts "$3" 2>&1 | grep -v Warning | tee -a "$OUT/decode_slices.txt"
+    }
+    slices 240 16,32,64,128 1024,2048 0,1 0,1,2,4
+    slices 150 1 8192,32768 0 0,16,32,128,256
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
