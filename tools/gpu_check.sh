@@ -123,6 +123,9 @@
 #   bash tools/gpu_check.sh 48   slice counts on head-major blocks where decode_plan's rules were set on token-major
 #                                ones: batch 16-128 at 1k and 2k keys (1, 2 and 4 slices, both merges), batch 1 at 8k
 #                                and 32k keys (16 to 256 slices)
+#   bash tools/gpu_check.sh 49   the 20b engine on head-major KV blocks against a copy of this tree with token-major
+#                                ones (KVCache.allocate patched in the copy), two rounds each first once: part 47's
+#                                single-stream TTFT was twice the eleventh session's
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -497,6 +500,27 @@ elif [ "$PART" = 48 ]; then
     }
     slices 240 16,32,64,128 1024,2048 0,1 0,1,2,4
     slices 150 1 8192,32768 0 0,16,32,128,256
+elif [ "$PART" = 49 ]; then
+    token_tree=/tmp/token_major_tree
+    rm -rf "$token_tree"; mkdir -p "$token_tree"; cp -r gptoss_serve kernels model cluster "$token_tree"/
+    python3 - "$token_tree/model/batch.py" <<'PATCH'
+import sys
+path = sys.argv[1]
+text = open(path).read()
+head_major = ("num_kv_heads or config.num_key_value_heads,\n                      block_size, config.head_dim)\n"
+              "            return torch.zeros(stored, dtype=dtype, device=device).transpose(1, 2)")
+assert head_major in text, "KVCache.allocate changed: update part 49's patch"
+open(path, "w").write(text.replace(head_major, "block_size,\n                      num_kv_heads or "
+                                   "config.num_key_value_heads, config.head_dim)\n"
+                                   "            return torch.zeros(stored, dtype=dtype, device=device)"))
+PATCH
+    layout_run() {  # $1 label, $2 tree
+        (cd "$2" && PYTHONPATH="$PWD" engine_run 100) | grep -E "^ours" | sed "s/^/$1 /" | tee -a "$OUT/engine_layouts.txt"
+    }
+    for round in 1 2; do
+        if [ "$round" = 1 ]; then layout_run head .; layout_run token "$token_tree"
+        else layout_run token "$token_tree"; layout_run head .; fi
+    done
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
