@@ -113,9 +113,14 @@ def compare_layouts(args) -> None:
                 for layout, block_size, fused, splits in variants:
                     caches, tables = _kv_setup(num_seqs, context, block_size, torch.Generator().manual_seed(1),
                                                head_major=layout == "head")
-                    ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125,
-                                                                num_splits=splits or None, fused_merge=fused)
-                                         for kc, vc in caches], rep_ms=100) / NUM_COPIES
+                    try:
+                        ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125,
+                                                                    num_splits=splits or None, fused_merge=fused)
+                                             for kc, vc in caches], rep_ms=100) / NUM_COPIES
+                    except Exception as e:  # noqa: BLE001 - a sweep reports and goes on
+                        print(f"{num_seqs} x {context} {layout} {block_size} fused {fused} splits {splits}: "
+                              f"{type(e).__name__}: {str(e)[:120]}", flush=True)
+                        ms = float("nan")
                     times[(layout, block_size, fused, splits)].append(ms * 1e3)
                     del caches
                     torch.cuda.empty_cache()
