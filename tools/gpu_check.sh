@@ -121,10 +121,10 @@
 #                                PDL, model and engine GPU tests, then the bench's decode rows with their read floors
 #   bash tools/gpu_check.sh 47   the 20b engine, then slice counts and block sizes at batch 32 x 1k
 #   bash tools/gpu_check.sh 48   slice counts on head-major blocks where decode_plan's rules were set on token-major
-#                                ones: batch 16-128 at 1k and 2k keys (1, 2 and 4 slices, both merges), batch 1 at 1k,
-#                                8k and 32k keys (4 to 16 slices, both merges; 32 to 256 with the merge kernel)
+#                                ones: batch 16-128 at 1k and 2k keys (1, 2 and 4 slices, merged by the last slice),
+#                                batch 1 at 8k and 32k keys (16 to 128 slices, the merge kernel)
 #   bash tools/gpu_check.sh 49   the 20b engine on head-major KV blocks against a copy of this tree with token-major
-#                                ones (KVCache.allocate patched in the copy), two rounds each first once: part 47's
+#                                ones (KVCache.allocate patched in the copy), ROUNDS rounds (2), each first in turn: part 47's
 #                                single-stream TTFT was twice the eleventh session's
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
@@ -498,9 +498,8 @@ elif [ "$PART" = 48 ]; then
         timeout "$1" python3 tools/attention_decode_sweep.py --layouts head --fused-merge "$4" --splits "$5" \
             --rounds 2 --batches "$2" --contexts "$3" 2>&1 | grep -v Warning | tee -a "$OUT/decode_slices.txt"
     }
-    slices 240 16,32,64,128 1024,2048 0,1 0,1,2,4
-    slices 100 1 1024,8192,32768 0,1 0,4,8,16
-    slices 100 1 8192,32768 0 32,128,256
+    slices 150 16,32,64,128 1024,2048 1 1,2,4
+    slices 100 1 8192,32768 0 16,32,64,128
 elif [ "$PART" = 49 ]; then
     token_tree=/tmp/token_major_tree
     rm -rf "$token_tree"; mkdir -p "$token_tree"; cp -r gptoss_serve kernels model cluster "$token_tree"/
@@ -518,7 +517,7 @@ PATCH
     layout_run() {  # $1 label, $2 tree
         (cd "$2" && PYTHONPATH="$PWD" engine_run 100) | grep -E "^ours" | sed "s/^/$1 /" | tee -a "$OUT/engine_layouts.txt"
     }
-    for round in 1 2; do
+    for round in $(seq "${ROUNDS:-2}"); do  # ROUNDS=1: one run each
         if [ "$round" = 1 ]; then layout_run head .; layout_run token "$token_tree"
         else layout_run token "$token_tree"; layout_run head .; fi
     done
