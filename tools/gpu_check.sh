@@ -498,8 +498,10 @@ elif [ "$PART" = 48 ]; then
         timeout "$1" python3 tools/attention_decode_sweep.py --layouts head --fused-merge "$4" --splits "$5" \
             --rounds 2 --batches "$2" --contexts "$3" 2>&1 | grep -v Warning | tee -a "$OUT/decode_slices.txt"
     }
-    slices 150 16,32,64,128 1024,2048 1 1,2,4
-    slices 100 1 8192,32768 0 16,32,64,128
+    slices 40 32,128 1024 1 1,2  # the most telling first: a call cut short still brings them back
+    slices 40 1 32768 0 32,64,128
+    slices 120 16,64 1024,2048 1 1,2,4
+    slices 60 1 8192 0 16,32,64,128
 elif [ "$PART" = 49 ]; then
     token_tree=/tmp/token_major_tree
     rm -rf "$token_tree"; mkdir -p "$token_tree"; cp -r gptoss_serve kernels model cluster "$token_tree"/
