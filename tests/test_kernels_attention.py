@@ -114,6 +114,12 @@ def test_decode_plan_is_a_function_of_static_shapes():
     assert decode_plan(1, 8, 32768, 132) == (64, dict(BLOCK_N=128, num_warps=4, num_stages=2))
     assert decode_plan(32, 8, 8192, 132) == (8, dict(BLOCK_N=64, num_warps=4, num_stages=2))
     assert decode_plan(128, 8, 8192, 132)[0] == 2
+    # On head-major blocks, H100 (docs/PERFORMANCE.md, 2026-12-07): a context of at most 1024 keys whole in one
+    # program from about two programs a SM; fewer programs keep their slices.
+    assert decode_plan(32, 8, 1024, 132) == (1, dict(BLOCK_N=128, num_warps=4, num_stages=2))
+    assert decode_plan(32, 8, 128, 132)[0] == 1  # a sliding layer's window (2 slices before)
+    assert decode_plan(16, 8, 1024, 132)[0] == 4
+    assert decode_plan(32, 8, 2048, 132)[0] == 4
 
 
 @pytest.mark.parametrize("window", [0, 128, 7])
