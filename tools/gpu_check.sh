@@ -122,7 +122,9 @@
 #   bash tools/gpu_check.sh 47   the 20b engine, then slice counts and block sizes at batch 32 x 1k
 #   bash tools/gpu_check.sh 48   slice counts on head-major blocks where decode_plan's rules were set on token-major
 #                                ones: batch 16-128 at 1k and 2k keys (1, 2 and 4 slices, merged by the last slice),
-#                                batch 1 at 8k and 32k keys (16 to 128 slices, the merge kernel)
+#                                batch 1 at 8k and 32k keys (16 to 128 slices, the merge kernel); decode_plan keeps
+#                                contexts of <= 1024 keys whole from ~2 programs a SM since 972ef30, timed at 32 x 1k
+#                                only: this times 64 and 128 x 1k at one slice against two
 #   bash tools/gpu_check.sh 49   the 20b engine on head-major KV blocks against a copy of this tree with token-major
 #                                ones (KVCache.allocate patched in the copy), ROUNDS rounds (2), each first in turn: part 47's
 #                                single-stream TTFT was twice the eleventh session's
