@@ -27,8 +27,9 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 # Launches of at most this many slices merge them in the last slice's program instead of a merge kernel (one launch
 # fewer, but the merge of a (sequence, KV head) then runs in one program, after an atomic). H100, 2026-12-07
-# (docs/PERFORMANCE.md, µs, head-major blocks, both merges then adding slices one by one): 2 slices won (batch 32 x 1k 32.9 -> 31.1, 128 x 1k 110.1 -> 103.7,
-# 128 x 8k 733.4 -> 725.2), 8 lost (32 x 8k 192.4 -> 206.9) or tied (32 x 32k), 64 lost (1 x 32k 33.1 -> 37.4).
+# (docs/PERFORMANCE.md, µs, head-major blocks, both merges then adding slices one by one): 2 slices won (batch
+# 32 x 1k 32.9 -> 31.1, 128 x 1k 110.1 -> 103.7, 128 x 8k 733.4 -> 725.2), 8 lost (32 x 8k 192.4 -> 206.9) or
+# tied (32 x 32k), 64 lost (1 x 32k 33.1 -> 37.4). Batch 32 x 1k has since gone to one slice (decode_plan).
 # GPTOSS_DECODE_FUSED_MERGE_MAX_SPLITS overrides it for a process.
 FUSED_MERGE_MAX_SPLITS = int(os.environ.get("GPTOSS_DECODE_FUSED_MERGE_MAX_SPLITS", "2"))
 
@@ -251,5 +252,5 @@ def paged_attention_decode(
         launch(_merge_splits_kernel, (num_seqs, num_q_heads),
                part_acc, part_max, part_sum, out, num_q_heads, head_dim, out.stride(0), out.stride(1),
                NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), BLOCK_D=block_d, EMULATE_BF16=emulate,
-               num_warps=1, **pdl)
+               num_warps=max(1, next_pow2(num_splits) // 64), **pdl)  # one warp up to the plan's 64 slices
     return out

@@ -68,7 +68,8 @@ def test_decode_at_window_edges_and_block_boundaries(window):
     check(make_batch([1] * len(contexts), contexts, 8, 2, 64, 16, window, seed=window))
 
 
-@pytest.mark.parametrize("num_splits", [2, 3, 4, 5, 8])  # 3 and 5: the merge masks its power-of-two range
+# 3, 5 and 130: the merge masks its power-of-two range; 130: more slices than the plan's 64 (a wider merge on a GPU)
+@pytest.mark.parametrize("num_splits", [2, 3, 4, 5, 8, 130])
 def test_decode_split_k_merges_with_the_sink(num_splits):
     args = make_batch([1, 1, 1], [1, 200, 517], 4, 1, 32, 16, 0, seed=num_splits)
     q, k_cache, v_cache, table, _, context_lens, sinks, sm_scale, window = args

@@ -126,8 +126,8 @@
 #                                contexts of <= 1024 keys whole from ~2 programs a SM since 972ef30, timed at 32 x 1k
 #                                only: this times 64 and 128 x 1k at one slice against two
 #   bash tools/gpu_check.sh 49   the 20b engine on head-major KV blocks against a copy of this tree with token-major
-#                                ones (KVCache.allocate patched in the copy), ROUNDS rounds (2), each first in turn: part 47's
-#                                single-stream TTFT was twice the eleventh session's
+#                                ones (KVCache.allocate patched in the copy), ROUNDS rounds (2), each first in turn:
+#                                part 47's single-stream TTFT was twice the eleventh session's
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -519,7 +519,8 @@ open(path, "w").write(text.replace(head_major, "block_size,\n                   
                                    "            return torch.zeros(stored, dtype=dtype, device=device)"))
 PATCH
     layout_run() {  # $1 label, $2 tree
-        (cd "$2" && PYTHONPATH="$PWD" engine_run 100) | grep -E "^ours" | sed "s/^/$1 /" | tee -a "$OUT/engine_layouts.txt"
+        (cd "$2" && PYTHONPATH="$PWD" engine_run 100) | grep -E "^ours" | sed "s/^/$1 /" \
+            | tee -a "$OUT/engine_layouts.txt"
     }
     for round in $(seq "${ROUNDS:-2}"); do  # ROUNDS=1: one run each
         if [ "$round" = 1 ]; then layout_run head .; layout_run token "$token_tree"
