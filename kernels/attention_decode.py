@@ -47,7 +47,8 @@ def decode_plan(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: int) -
     Then, on head-major KV blocks (an H100, 2026-12-07): a context of at most 1024 keys stays whole in one program
     where that grid still has about two programs a SM, with no partials and no merge. Batch 32 x 1k (256
     programs on 132 SMs): one slice 29.8-29.9 µs against the two slices above at 30.7 (merged by the last slice)
-    and 32.4 (merge kernel), 75% of the copy against 73%."""
+    and 32.4 (merge kernel), 75% of the copy against 73%. Not yet timed at the other shapes the rule moves (1k
+    contexts at batch 33-263, the 128-key window at batch 32-49): tools/gpu_check.sh 48."""
     programs = num_seqs * num_kv_heads
     splits = _prev_pow2(max(1, min(MAX_SPLITS, triton.cdiv(16 * num_sms, programs))))
     splits = min(splits, _prev_pow2(max(1, max_keys // 64)))  # a slice holds at least one 64-key block
