@@ -425,22 +425,29 @@ def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator
     return caches, tables
 
 
+def _decode_inputs(num_seqs: int, context: int, gen: torch.Generator):
+    """One decode step's q [num_seqs, q heads, head_dim] bf16, context lengths [num_seqs] (all `context`), sinks
+    [q heads], and the bytes the step moves: every K and V row once, q in and out."""
+    hq, hkv, d = GPT_OSS["num_q_heads"], GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
+    q = torch.randn(num_seqs, hq, d, generator=gen).to(torch.bfloat16).cuda()
+    lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
+    sinks = torch.randn(hq, generator=gen).cuda()
+    return q, lens, sinks, num_seqs * context * hkv * d * 2 * 2 + 2 * q.numel() * 2
+
+
 def bench_decode(ceil: dict, batches: list[int], contexts: list[int], torch_max_tokens: int) -> list[dict]:
     from gptoss_serve.kernels.attention_decode import paged_attention_decode
     from gptoss_serve.kernels.attention_ref import paged_attention_ref
 
-    hq, hkv, d = GPT_OSS["num_q_heads"], GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
+    hq, d = GPT_OSS["num_q_heads"], GPT_OSS["head_dim"]
     rows = []
     for num_seqs in batches:
         for context in contexts:
             gen = torch.Generator().manual_seed(num_seqs * context)
             caches, tables = _kv_setup(num_seqs, context, 16, gen)
-            q = torch.randn(num_seqs, hq, d, generator=gen).to(torch.bfloat16).cuda()
-            lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
-            sinks = torch.randn(hq, generator=gen).cuda()
+            q, lens, sinks, nbytes = _decode_inputs(num_seqs, context, gen)
             ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125)
                                  for kc, vc in caches]) / NUM_COPIES
-            nbytes = num_seqs * context * hkv * d * 2 * 2 + 2 * q.numel() * 2
             row = dict(op="decode attn", shape=f"batch {num_seqs}, ctx {context}", ms=ms, gbs=nbytes / ms / 1e6,
                        tflops=4 * num_seqs * hq * d * context / ms / 1e9)
             # The read floor: one kernel that only reads the caches' bytes (every context is whole blocks here);

@@ -20,7 +20,7 @@ import json
 import torch
 
 from gptoss_serve.kernels.attention_decode import paged_attention_decode
-from gptoss_serve.kernels.bench import GPT_OSS, NUM_COPIES, _bench, _kv_setup, measure_ceilings
+from gptoss_serve.kernels.bench import NUM_COPIES, _bench, _decode_inputs, _kv_setup, measure_ceilings
 
 
 def main() -> None:
@@ -38,16 +38,12 @@ def main() -> None:
         return compare_layouts(args)
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
-    hq, hkv, d = GPT_OSS["num_q_heads"], GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
     results = []
     for num_seqs in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
             gen = torch.Generator().manual_seed(num_seqs * context)
             caches, tables = _kv_setup(num_seqs, context, 16, gen)
-            q = torch.randn(num_seqs, hq, d, generator=gen).to(torch.bfloat16).cuda()
-            lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
-            sinks = torch.randn(hq, generator=gen).cuda()
-            nbytes = num_seqs * context * hkv * d * 2 * 2 + 2 * q.numel() * 2
+            q, lens, sinks, nbytes = _decode_inputs(num_seqs, context, gen)
             ref = paged_attention_decode(q, *caches[0], tables, lens, sinks, 0.125).float()
 
             def run(splits, tiles):
@@ -96,7 +92,6 @@ def compare_layouts(args) -> None:
     """decode_plan's default on each (layout, block size) in turn, args.rounds rounds a size; µs and % of the copy."""
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
-    hq, hkv, d = GPT_OSS["num_q_heads"], GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
     variants = [(layout, int(bs), fused == "1", int(splits)) for layout in args.layouts.split(",")
                 for bs in args.block_sizes.split(",") for fused in args.fused_merge.split(",")
                 for splits in args.splits.split(",")]
@@ -104,10 +99,7 @@ def compare_layouts(args) -> None:
     for num_seqs in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
             gen = torch.Generator().manual_seed(num_seqs * context)
-            q = torch.randn(num_seqs, hq, d, generator=gen).to(torch.bfloat16).cuda()
-            lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
-            sinks = torch.randn(hq, generator=gen).cuda()
-            nbytes = num_seqs * context * hkv * d * 2 * 2 + 2 * q.numel() * 2
+            q, lens, sinks, nbytes = _decode_inputs(num_seqs, context, gen)
             times = {v: [] for v in variants}
             for _ in range(args.rounds):
                 for layout, block_size, fused, splits in variants:

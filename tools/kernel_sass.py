@@ -257,9 +257,10 @@ def attention_decode(block_n: int = 128, pdl: bool = True, fused_merge: bool = F
 
     args = {name: "*bf16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
     args.update(block_tables_ptr="*i32", context_lens_ptr="*i32", sinks_ptr="*fp32", part_acc_ptr="*fp32",
-                part_max_ptr="*fp32", part_sum_ptr="*fp32", arrivals_ptr="*i32", scale_log2="fp32", sliding_window="i32",
-                partition_tokens=512, block_size=16, num_q_heads=64, head_dim=64, stride_q_token=64 * 64,
-                stride_q_head=64, stride_cache_block=16 * 8 * 64, stride_cache_slot=8 * 64, stride_cache_head=64,
+                part_max_ptr="*fp32", part_sum_ptr="*fp32", arrivals_ptr="*i32", scale_log2="fp32",
+                sliding_window="i32", partition_tokens=512, block_size=16, num_q_heads=64, head_dim=64,
+                stride_q_token=64 * 64, stride_q_head=64,  # the cache head-major, as KVCache stores it:
+                stride_cache_block=8 * 16 * 64, stride_cache_slot=64, stride_cache_head=16 * 64,
                 stride_tables="i32", stride_out_token=64 * 64, stride_out_head=64)
     const = dict(QUERIES_PER_KV=8, BLOCK_G=16, BLOCK_D=64, BLOCK_N=block_n, NUM_SPLITS=2, SPLITS_P2=2,
                  FUSED_MERGE=fused_merge, EMULATE_BF16=False, PDL=pdl)
@@ -344,7 +345,8 @@ if __name__ == "__main__":
             compiled = attention_decode(pdl=pdl)
             report(f"decode attention, 128-key blocks, PDL {pdl}", compiled)
             print("  " + first_lines(sass(compiled), ("ACQBULK", "PREEXIT", "LDG", "LDGSTS")))
-        report("decode attention, 128-key blocks, PDL, slices merged by the last one", attention_decode(fused_merge=True))
+        report("decode attention, 128-key blocks, PDL, slices merged by the last one",
+               attention_decode(fused_merge=True))
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):
