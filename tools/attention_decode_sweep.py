@@ -5,11 +5,12 @@ decode_plan's tiles; stage 2 sweeps tiles at the best slice count.
 
     python3 tools/attention_decode_sweep.py [--batches 1,32,128] [--contexts 1024,8192,32768] [--json FILE]
 
-With --layouts token,head [--block-sizes 16,32] [--fused-merge 0,1] [--splits 0,2] [--rounds N] it times
-decode_plan's tiles (and slice count where --splits says 0) instead, on each cache layout, block size, way to merge
-the slices and slice count in turn, N rounds: token-major blocks [blocks, block size, KV heads, head_dim] against
-head-major ones (a KV head's rows of a block contiguous, the engine's; the same shape through strides); slices
-merged by a kernel (0) or by the last slice (1).
+With --layouts token,head [--block-sizes 16,32] [--fused-merge 0,1] [--splits 0,2] [--tiles plan,128:8:2:2]
+[--rounds N] it times decode_plan's tiles (and slice count where --splits says 0) instead, on each cache layout,
+block size, way to merge the slices, slice count and tiles in turn, N rounds: token-major blocks [blocks, block size,
+KV heads, head_dim] against head-major ones (a KV head's rows of a block contiguous, the engine's; the same shape
+through strides); slices merged by a kernel (0) or by the last slice (1); tiles BLOCK_N:num_warps:num_stages:
+head_groups ("plan": decode_plan's for the slice count the plan picks; a field left empty keeps the plan's).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--block-sizes", default="16")
     parser.add_argument("--fused-merge", default="0")
     parser.add_argument("--splits", default="0", help="with --layouts: slice counts (0: decode_plan's)")
+    parser.add_argument("--tiles", default="plan", help="with --layouts: plan or N:W:S:G entries, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     if args.layouts:
@@ -92,9 +94,9 @@ def compare_layouts(args) -> None:
     """decode_plan's default on each (layout, block size) in turn, args.rounds rounds a size; µs and % of the copy."""
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
-    variants = [(layout, int(bs), fused == "1", int(splits)) for layout in args.layouts.split(",")
+    variants = [(layout, int(bs), fused == "1", int(splits), tiles) for layout in args.layouts.split(",")
                 for bs in args.block_sizes.split(",") for fused in args.fused_merge.split(",")
-                for splits in args.splits.split(",")]
+                for splits in args.splits.split(",") for tiles in args.tiles.split(",")]
     results = []
     for num_seqs in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
@@ -102,31 +104,41 @@ def compare_layouts(args) -> None:
             q, lens, sinks, nbytes = _decode_inputs(num_seqs, context, gen)
             times = {v: [] for v in variants}
             for _ in range(args.rounds):
-                for layout, block_size, fused, splits in variants:
+                for variant in variants:
+                    layout, block_size, fused, splits, tiles = variant
                     caches, tables = _kv_setup(num_seqs, context, block_size, torch.Generator().manual_seed(1),
                                                head_major=layout == "head")
                     try:
                         ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125,
-                                                                    num_splits=splits or None, fused_merge=fused)
+                                                                    num_splits=splits or None, fused_merge=fused,
+                                                                    tiles=_tiles(tiles))
                                              for kc, vc in caches], rep_ms=100) / NUM_COPIES
                     except Exception as e:  # noqa: BLE001 - a sweep reports and goes on
-                        print(f"{num_seqs} x {context} {layout} {block_size} fused {fused} splits {splits}: "
+                        print(f"{num_seqs} x {context} {layout} {block_size} fused {fused} splits {splits} {tiles}: "
                               f"{type(e).__name__}: {str(e)[:120]}", flush=True)
                         ms = float("nan")
-                    times[(layout, block_size, fused, splits)].append(ms * 1e3)
+                    times[variant].append(ms * 1e3)
                     del caches
                     torch.cuda.empty_cache()
-            for (layout, block_size, fused, splits), us in times.items():
+            for (layout, block_size, fused, splits, tiles), us in times.items():
                 row = dict(batch=num_seqs, context=context, layout=layout, block_size=block_size, fused_merge=fused,
-                           splits=splits, us=us, hbm=[nbytes / (t * 1e-3) / 1e6 / ceil["copy_gbs"] for t in us])
+                           splits=splits, tiles=tiles, us=us, hbm=[nbytes / (t * 1e-3) / 1e6 / ceil["copy_gbs"] for t in us])
                 results.append(row)
                 print(f"| {num_seqs} x {context} | {layout} | {block_size} | {'last slice' if fused else 'kernel'} | "
-                      f"{splits or 'plan'} | "
+                      f"{splits or 'plan'} | {tiles} | "
                       + " / ".join(f"{t:.1f}" for t in us) + " | "
                       + " / ".join(f"{100 * h:.1f}%" for h in row["hbm"]) + " |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(ceilings=ceil, rows=results), f, indent=1)
+
+
+def _tiles(spec: str) -> dict | None:
+    """'plan' -> None; 'N:W:S:G' -> the tiles dict paged_attention_decode takes over the plan's (empty: the plan's)."""
+    if spec == "plan":
+        return None
+    names = ("BLOCK_N", "num_warps", "num_stages", "head_groups")
+    return {name: int(value) for name, value in zip(names, spec.split(":")) if value}
 
 
 if __name__ == "__main__":

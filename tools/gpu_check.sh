@@ -128,6 +128,10 @@
 #   bash tools/gpu_check.sh 49   the 20b engine on head-major KV blocks against a copy of this tree with token-major
 #                                ones (KVCache.allocate patched in the copy), ROUNDS rounds (2), each first in turn:
 #                                part 47's single-stream TTFT was twice the eleventh session's
+#   bash tools/gpu_check.sh 50   head groups (several programs a KV head, each with some of its queries): the attention
+#                                tests on the GPU, then head groups 1-8 against the plan at batch 1 (1k-32k keys),
+#                                32 x 1k and 128 x 1k; the one-slice rule (<= 2048 keys, one wave of 2-4 programs a
+#                                SM) at 32 and 64 x 2k with 64- and 128-key blocks; then part 49 with ROUNDS=1
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -526,6 +530,22 @@ PATCH
         if [ "$round" = 1 ]; then layout_run head .; layout_run token "$token_tree"
         else layout_run token "$token_tree"; layout_run head .; fi
     done
+elif [ "$PART" = 50 ]; then
+    timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py -rfE \
+        > "$OUT/tests_attention.txt" 2>&1; tail -4 "$OUT/tests_attention.txt"
+    variants() {  # $1 time limit (s), $2 batches, $3 contexts, $4 slice counts, $5 tiles (N:W:S:G), $6 merges
+        timeout "$1" python3 tools/attention_decode_sweep.py --layouts head --splits "$4" --tiles "$5" \
+            --fused-merge "${6:-0}" --rounds 2 --batches "$2" --contexts "$3" 2>&1 | grep -v Warning \
+            | tee -a "$OUT/decode_head_groups.txt"
+    }
+    variants 45 32 1024 0 plan,:::2,:::4,:8::
+    variants 45 1 32768 32,64 plan,:::2,:::4
+    variants 30 1 32768 128 plan,64:::2
+    variants 40 1 8192 32,64 plan,:::2,:::4
+    variants 30 1 1024 0 plan,:::2,:::4,:::8
+    variants 30 128 1024 0 plan,:::2
+    variants 45 32,64 2048 0,4 plan,64:::,128:::
+    ROUNDS=1 bash "$0" 49
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
