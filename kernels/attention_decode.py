@@ -46,8 +46,11 @@ def decode_plan(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: int) -
 
     Then, on head-major KV blocks (an H100, 2026-12-07, µs): a context of at most 2048 keys stays whole in one
     program where that grid is one wave of two to four programs a SM, with no partials and no merge. One slice
-    against the slices above: batch 32 x 1k 29.8-30.0 against 30.6 (two), 64 x 1k 51.1 against 54.8 (two), 64 x 2k
-    99.4-100.5 against 105.7-106.2 (four). Past one wave it loses: 128 x 1k 113.6-114.2 against 106.7 (two)."""
+    against the slices above: batch 32 x 1k 29.8-30.0 against 30.6 (two), 64 x 1k 51.1 against 54.8 (two), 32 x 2k
+    52.0-52.4 against 54.6-55.6 (four), 64 x 2k 94.0 against 102.1-103.2 (four); 128-key blocks there (64: 62.8 and
+    99.6). Past one wave it loses: 128 x 1k 113.6-114.2 against 106.7-107.1 (two). Other ways to more programs
+    lost too (2026-12-07): several programs a KV head, each with some of its queries (K and V read by each, L2 or
+    not), 2-8% slower at batch 1 and 32 x 1k; 8 warps at 32 x 1k 32.8 against 29.9."""
     programs = num_seqs * num_kv_heads
     splits = _prev_pow2(max(1, min(MAX_SPLITS, triton.cdiv(16 * num_sms, programs))))
     splits = min(splits, _prev_pow2(max(1, max_keys // 64)))  # a slice holds at least one 64-key block
@@ -71,14 +74,13 @@ def _decode_kernel(
     scale_log2, sliding_window, partition_tokens, block_size, num_q_heads, head_dim,
     stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_tables,
     stride_out_token, stride_out_head,
-    QUERIES_PER_KV: tl.constexpr, HEAD_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, FUSED_MERGE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    QUERIES_PER_KV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, FUSED_MERGE: tl.constexpr, EMULATE_BF16: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)  # q and the cache's new rows come from the kernels before
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1) // HEAD_GROUPS  # HEAD_GROUPS programs share a KV head, each a group of its queries
-    head_group = tl.program_id(1) % HEAD_GROUPS
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     first_key = 0
@@ -88,8 +90,8 @@ def _decode_kernel(
     end = tl.minimum(context_len, start + partition_tokens)
 
     g = tl.arange(0, BLOCK_G)
-    heads = kv_head * QUERIES_PER_KV + head_group * (QUERIES_PER_KV // HEAD_GROUPS) + g
-    in_group = g < QUERIES_PER_KV // HEAD_GROUPS
+    heads = kv_head * QUERIES_PER_KV + g
+    in_group = g < QUERIES_PER_KV
     d = tl.arange(0, BLOCK_D)
     in_d = d < head_dim
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_q_token + heads[:, None] * stride_q_head + d[None, :],
@@ -140,7 +142,7 @@ def _decode_kernel(
         tl.store(part_max_ptr + part, m_i, mask=in_group)
         tl.store(part_sum_ptr + part, l_i, mask=in_group)
         if FUSED_MERGE:
-            counter = arrivals_ptr + seq * tl.num_programs(1) + tl.program_id(1)
+            counter = arrivals_ptr + seq * tl.num_programs(1) + kv_head
             tl.debug_barrier()  # every thread's partials stored before the one atomic releases them
             if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:  # the last slice of the group to finish
                 tl.store(counter, 0)  # zero for the next launch
@@ -211,7 +213,7 @@ def paged_attention_decode(
     sm_scale: float,
     sliding_window: int = 0,
     num_splits: int | None = None,  # slices of the context (any count >= 1); None = chosen from the shapes
-    tiles: dict | None = None,  # BLOCK_N, num_warps, num_stages, head_groups over decode_plan's (sweeps)
+    tiles: dict | None = None,  # BLOCK_N, num_warps, num_stages over decode_plan's (sweeps)
     fused_merge: bool | None = None,  # slices merged by the last one's program; None = up to FUSED_MERGE_MAX_SPLITS
 ) -> torch.Tensor:  # [num_seqs, num_q_heads, head_dim]
     num_seqs, num_q_heads, head_dim = q.shape
@@ -229,9 +231,6 @@ def paged_attention_decode(
     num_splits = num_splits if num_splits is not None else plan_splits  # any count (the plan's: powers of two)
     tiles = dict(plan_tiles, **(tiles or {}))
     block_n = tiles["BLOCK_N"]
-    head_groups = tiles.get("head_groups", 1)  # programs a KV head, each a group of its queries (reading its K, V)
-    if queries_per_kv % head_groups:
-        raise ValueError(f"head_groups={head_groups} does not divide the {queries_per_kv} queries a KV head")
     partition = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
     block_d = next_pow2(head_dim)
     fused_merge = num_splits > 1 and (num_splits <= FUSED_MERGE_MAX_SPLITS if fused_merge is None else fused_merge)
@@ -241,17 +240,15 @@ def paged_attention_decode(
         part_sum = torch.empty_like(part_max)
     else:
         part_acc = part_max = part_sum = out  # unused
-    arrivals = (arrival_counters("attention_decode", num_seqs * num_kv_heads * head_groups, q.device)
-                if fused_merge else out)
+    arrivals = arrival_counters("attention_decode", num_seqs * num_kv_heads, q.device) if fused_merge else out
     emulate = emulate_bf16()
     pdl = pdl_args(q.device)
-    launch(_decode_kernel, (num_seqs, num_kv_heads * head_groups, num_splits),
+    launch(_decode_kernel, (num_seqs, num_kv_heads, num_splits),
            q, k_cache, v_cache, block_tables, context_lens, sinks, out, part_acc, part_max, part_sum, arrivals,
            sm_scale * LOG2E, sliding_window, partition, block_size, num_q_heads, head_dim,
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            block_tables.stride(0), out.stride(0), out.stride(1),
-           QUERIES_PER_KV=queries_per_kv, HEAD_GROUPS=head_groups,
-           BLOCK_G=max(16, next_pow2(queries_per_kv // head_groups)), BLOCK_D=block_d,
+           QUERIES_PER_KV=queries_per_kv, BLOCK_G=max(16, next_pow2(queries_per_kv)), BLOCK_D=block_d,
            BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), FUSED_MERGE=fused_merge,
            EMULATE_BF16=emulate, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **pdl)
     if num_splits > 1 and not fused_merge:

@@ -22,6 +22,7 @@ import triton.language as tl
 
 GPT_OSS = dict(hidden=2880, intermediate=2880, top_k=4, num_q_heads=64, num_kv_heads=8, head_dim=64)
 NUM_COPIES = 4  # layers' worth of distinct weights or caches in one timed graph
+KV_HEAD_MAJOR = True  # KV cache blocks as KVCache stores them; --kv-layout token: token-major (comparisons)
 
 
 def serving_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -410,13 +411,14 @@ def bench_grouping(token_counts: list[int], expert_counts: list[int]) -> list[di
 
 
 # Attention -------------------------------------------------------------------------------------------------------
-def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator, head_major: bool = True):
+def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator, head_major: bool | None = None):
     hkv, d = GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
     blocks_per_seq = math.ceil(context / block_size)
     num_blocks = num_seqs * blocks_per_seq
     # A copy's K and V caches in one tensor [2, blocks, block size, KV heads, head_dim], which unpacks into the two
     # (k, v = caches[c]), so that the read floor reads a copy in one launch. head_major (as KVCache stores them):
     # stored [2, blocks, KV heads, block size, head_dim] and seen through the same shape by strides.
+    head_major = KV_HEAD_MAJOR if head_major is None else head_major
     stored = (2, num_blocks, hkv, block_size, d) if head_major else (2, num_blocks, block_size, hkv, d)
     caches = [torch.empty(stored, dtype=torch.bfloat16, device="cuda").normal_() for _ in range(NUM_COPIES)]
     if head_major:
@@ -572,10 +574,13 @@ def bench_attention_front(ceil: dict, token_counts: list[int]) -> list[dict]:
     num_rows, block_size = (hq + 2 * hkv) * d, 16
     num_blocks = max(token_counts) // block_size + 1
     gen = torch.Generator(device="cuda").manual_seed(0)
+    def cache():  # [num_blocks, block_size, hkv, d], stored head-major unless --kv-layout token
+        stored = (num_blocks, hkv, block_size, d) if KV_HEAD_MAJOR else (num_blocks, block_size, hkv, d)
+        made = torch.randn(stored, device="cuda", generator=gen).to(torch.bfloat16)
+        return made.transpose(1, 2) if KV_HEAD_MAJOR else made
+
     layers = [((torch.randn(num_rows, hidden, device="cuda", generator=gen) / hidden ** 0.5).to(torch.bfloat16),
-               (0.1 * torch.randn(num_rows, device="cuda", generator=gen)).to(torch.bfloat16),
-               torch.randn(num_blocks, block_size, hkv, d, device="cuda", generator=gen).to(torch.bfloat16),
-               torch.randn(num_blocks, block_size, hkv, d, device="cuda", generator=gen).to(torch.bfloat16))
+               (0.1 * torch.randn(num_rows, device="cuda", generator=gen)).to(torch.bfloat16), cache(), cache())
               for _ in range(NUM_COPIES)]  # (qkv weight, qkv bias, k cache, v cache) a layer
     scale = torch.rand(hidden, device="cuda", generator=gen) + 0.5
     inv_freq = 150000.0 ** -(torch.arange(0, d, 2, device="cuda") / d)  # [head_dim // 2]: any angles will do
@@ -638,10 +643,16 @@ def main(argv: list[str] | None = None) -> int:
                              "(group_by_expert in one program and in a program a chunk)")
     parser.add_argument("--sweep", action="store_true", help="moe-paths: also sweep split-K variants")
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
-    parser.add_argument("--tokens", help="moe, moe-launches: these token counts (comma-separated) instead")
+    parser.add_argument("--tokens", help="moe, moe-launches, attention-front: these token counts (comma-separated) "
+                                         "instead")
     parser.add_argument("--experts", help="moe, moe-launches: these expert counts (32: 20b, 128: 120b) instead")
+    parser.add_argument("--kv-layout", choices=["head", "token"], default="head",
+                        help="KV cache blocks of the decode, prefill and attention-front rows: head-major (as the "
+                             "engine stores them) or token-major [blocks, block size, KV heads, head_dim]")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
+    global KV_HEAD_MAJOR
+    KV_HEAD_MAJOR = args.kv_layout == "head"
     if not torch.cuda.is_available():
         print("bench kernels needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -675,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     if "router" in sections:
         rows += bench_router(ceil, [1, 64] if args.quick else [1, 8, 64, 256], [32, 128])
     if "attention-front" in sections:
-        rows += bench_attention_front(ceil, [1, 64] if args.quick else [1, 8, 16, 64])
+        rows += bench_attention_front(ceil, token_arg or ([1, 64] if args.quick else [1, 8, 16, 64]))
     if sections - {"moe-paths", "moe-launches", "grouping"}:
         print(format_table(ceil, rows))
     if args.json:

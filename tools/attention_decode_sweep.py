@@ -5,12 +5,12 @@ decode_plan's tiles; stage 2 sweeps tiles at the best slice count.
 
     python3 tools/attention_decode_sweep.py [--batches 1,32,128] [--contexts 1024,8192,32768] [--json FILE]
 
-With --layouts token,head [--block-sizes 16,32] [--fused-merge 0,1] [--splits 0,2] [--tiles plan,128:8:2:2]
+With --layouts token,head [--block-sizes 16,32] [--fused-merge 0,1] [--splits 0,2] [--tiles plan,128:8:2]
 [--rounds N] it times decode_plan's tiles (and slice count where --splits says 0) instead, on each cache layout,
 block size, way to merge the slices, slice count and tiles in turn, N rounds: token-major blocks [blocks, block size,
 KV heads, head_dim] against head-major ones (a KV head's rows of a block contiguous, the engine's; the same shape
-through strides); slices merged by a kernel (0) or by the last slice (1); tiles BLOCK_N:num_warps:num_stages:
-head_groups ("plan": decode_plan's for the slice count the plan picks; a field left empty keeps the plan's).
+through strides); slices merged by a kernel (0) or by the last slice (1); tiles BLOCK_N:num_warps:num_stages
+("plan": decode_plan's for the slice count the plan picks; a field left empty keeps the plan's).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--block-sizes", default="16")
     parser.add_argument("--fused-merge", default="0")
     parser.add_argument("--splits", default="0", help="with --layouts: slice counts (0: decode_plan's)")
-    parser.add_argument("--tiles", default="plan", help="with --layouts: plan or N:W:S:G entries, comma-separated")
+    parser.add_argument("--tiles", default="plan", help="with --layouts: plan or N:W:S entries, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     if args.layouts:
@@ -134,10 +134,10 @@ def compare_layouts(args) -> None:
 
 
 def _tiles(spec: str) -> dict | None:
-    """'plan' -> None; 'N:W:S:G' -> the tiles dict paged_attention_decode takes over the plan's (empty: the plan's)."""
+    """'plan' -> None; 'N:W:S' -> the tiles dict paged_attention_decode takes over the plan's (empty: the plan's)."""
     if spec == "plan":
         return None
-    names = ("BLOCK_N", "num_warps", "num_stages", "head_groups")
+    names = ("BLOCK_N", "num_warps", "num_stages")
     return {name: int(value) for name, value in zip(names, spec.split(":")) if value}
 
 

@@ -128,10 +128,16 @@
 #   bash tools/gpu_check.sh 49   the 20b engine on head-major KV blocks against a copy of this tree with token-major
 #                                ones (KVCache.allocate patched in the copy), ROUNDS rounds (2), each first in turn:
 #                                part 47's single-stream TTFT was twice the eleventh session's
-#   bash tools/gpu_check.sh 50   head groups (several programs a KV head, each with some of its queries): the attention
-#                                tests on the GPU, then head groups 1-8 against the plan at batch 1 (1k-32k keys),
-#                                32 x 1k and 128 x 1k; the one-slice rule (<= 2048 keys, one wave of 2-4 programs a
-#                                SM) at 32 and 64 x 2k with 64- and 128-key blocks; then part 49 with ROUNDS=1
+#   bash tools/gpu_check.sh 50   (ran at 47ae117; head groups lost and are gone, so the sweep now reads ":::2" as the
+#                                plan's tiles) head groups (several programs a KV head, each with some of its
+#                                queries): the attention tests on the GPU, then head groups 1-8 against the plan at
+#                                batch 1 (1k-32k keys), 32 x 1k and 128 x 1k; the one-slice rule (<= 2048 keys, one
+#                                wave of 2-4 programs a SM) at 32 and 64 x 2k with 64- and 128-key blocks; then part
+#                                49 with ROUNDS=1
+#   bash tools/gpu_check.sh 51   the single stream's TTFT on head- against token-major caches: the bench's prefill
+#                                attention and attention-front rows at 1024 tokens on each layout in turn (two rounds),
+#                                then part 49 with ROUNDS=2 (each single stream now the median of 3 prompts); then the
+#                                bench's decode rows with decode_plan's final one-slice rule
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -546,6 +552,17 @@ elif [ "$PART" = 50 ]; then
     variants 30 128 1024 0 plan,:::2
     variants 45 32,64 2048 0,4 plan,64:::,128:::
     ROUNDS=1 bash "$0" 49
+elif [ "$PART" = 51 ]; then
+    for round in 1 2; do
+        for layout in head token; do
+            timeout 70 python3 -m gptoss_serve.kernels.bench --sections prefill,attention-front --tokens 1024 \
+                --kv-layout "$layout" 2>&1 | grep -E "^\| (prefill|norm)|^HBM" | sed "s/^/$layout /" \
+                | tee -a "$OUT/prefill_layouts.txt"
+        done
+    done
+    ROUNDS=2 bash "$0" 49
+    timeout 110 python3 -m gptoss_serve.kernels.bench --sections decode --json "$OUT/bench_decode.json" 2>&1 \
+        | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" | tee "$OUT/bench_decode.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

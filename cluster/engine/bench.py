@@ -36,6 +36,17 @@ class OfflineResult:
     tpot_ms_median: float  # time per output token after the first, median over requests
     num_preemptions: int
     peak_kv_cache_usage: float
+    num_cached_prompt_tokens: int = 0  # found in the prefix cache: 0 unless a run's prompts repeat an earlier one's
+
+
+def median_result(results: list[OfflineResult]) -> OfflineResult:
+    """Each field's median over runs of one configuration (the runs' own medians; a run of one prompt has one
+    TTFT, a single sample)."""
+    fields = {}
+    for field in dataclasses.fields(OfflineResult):
+        values = [getattr(r, field.name) for r in results]
+        fields[field.name] = type(values[0])(statistics.median(values))
+    return OfflineResult(**fields)
 
 
 def random_prompts(num_prompts: int, input_len: int, seed: int) -> list[list[int]]:
@@ -119,7 +130,8 @@ def run_offline(engine: LLMEngine, num_prompts: int, input_len: int, output_len:
         ttft_ms_median=statistics.median(ttfts), ttft_ms_p99=ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
         per_stream_decode_tokens_per_s=1.0 / statistics.median(decode_times) if output_len > 1 else 0.0,
         tpot_ms_median=statistics.median(decode_times) * 1e3,
-        num_preemptions=engine.stats().num_preemptions - preemptions_before, peak_kv_cache_usage=peak_usage)
+        num_preemptions=engine.stats().num_preemptions - preemptions_before, peak_kv_cache_usage=peak_usage,
+        num_cached_prompt_tokens=sum(o.metrics.num_cached_prompt_tokens for o in finished))
 
 
 def _sync(engine: LLMEngine) -> None:

@@ -73,8 +73,15 @@ def test_generate_text_and_chat_prompts(model_dir, capsys):
 
 def test_bench_offline_runs(capsys):
     out = run(["bench", "offline", "--preset", "tiny", "--random-weights", "--dtype", "float32", "--num-prompts",
-               "4", "--input-len", "20", "--output-len", "5", "--single-stream", "--compare-sync", "--json"], capsys)
+               "4", "--input-len", "20", "--output-len", "5", "--single-stream", "--single-stream-runs", "3",
+               "--compare-sync", "--json"], capsys)
     result = json.loads(out.strip().splitlines()[-1])
+    ttfts = result["single_stream_ttft_ms_runs"]
+    assert len(ttfts) == 3 and result["single_stream"]["ttft_ms_median"] == pytest.approx(sorted(ttfts)[1], abs=0.01)
+    assert "ours, 1 stream (median of 3)" in out
+    # every run's prompts new to the engine (the batch's first prompt once repeated the single stream's)
+    assert all(result[key]["num_cached_prompt_tokens"] == 0 for key in ("single_stream", "single_stream_sync",
+                                                                        "throughput"))
     assert result["throughput"]["num_prompts"] == 4 and result["throughput"]["output_tokens_per_s"] > 0
     assert result["single_stream"]["num_prompts"] == 1 and result["single_stream_sync"]["num_prompts"] == 1
     assert "ours, 1 stream, sync scheduling" in out
