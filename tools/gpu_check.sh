@@ -138,6 +138,9 @@
 #                                attention and attention-front rows at 1024 tokens on each layout in turn (two rounds),
 #                                then part 49 with ROUNDS=2 (each single stream now the median of 3 prompts); then the
 #                                bench's decode rows with decode_plan's final one-slice rule
+#   bash tools/gpu_check.sh 52   where the head-major caches' prefill time goes: the 20b engine's prompts of 1024 tokens
+#                                alone to their first token (5 a run) and one under the profiler (GPU time by kernel),
+#                                head- and token-major trees in turn, two rounds
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -177,6 +180,20 @@ engine_alternating() {  # $1 an environment variable, $2 $3 its two values: engi
 }
 engine_bench() {  # $1 output file: engine_run with decode profiled at 1, 4 and 8
     engine_run 240 --profile-decode 1 4 8 | tail -60 | tee "$1"
+}
+make_token_tree() {  # $1 a folder: a copy of this tree whose KVCache.allocate stores blocks token-major
+    rm -rf "$1"; mkdir -p "$1"; cp -r gptoss_serve kernels model cluster "$1"/
+    python3 - "$1/model/batch.py" <<'PATCH'
+import sys
+path = sys.argv[1]
+text = open(path).read()
+head_major = ("num_kv_heads or config.num_key_value_heads,\n                      block_size, config.head_dim)\n"
+              "            return torch.zeros(stored, dtype=dtype, device=device).transpose(1, 2)")
+assert head_major in text, "KVCache.allocate changed: update make_token_tree"
+open(path, "w").write(text.replace(head_major, "block_size,\n                      num_kv_heads or "
+                                   "config.num_key_value_heads, config.head_dim)\n"
+                                   "            return torch.zeros(stored, dtype=dtype, device=device)"))
+PATCH
 }
 engine_table() {  # $1 output file, $2 time limit: engine_run's summary table only
     engine_run "$2" | grep -E "^ours|^run " > "$1"; cat "$1"
@@ -515,19 +532,7 @@ elif [ "$PART" = 48 ]; then
     slices 120 16,64 1024,2048 1 1,2,4
     slices 60 1 8192 0 16,32,64,128
 elif [ "$PART" = 49 ]; then
-    token_tree=/tmp/token_major_tree
-    rm -rf "$token_tree"; mkdir -p "$token_tree"; cp -r gptoss_serve kernels model cluster "$token_tree"/
-    python3 - "$token_tree/model/batch.py" <<'PATCH'
-import sys
-path = sys.argv[1]
-text = open(path).read()
-head_major = ("num_kv_heads or config.num_key_value_heads,\n                      block_size, config.head_dim)\n"
-              "            return torch.zeros(stored, dtype=dtype, device=device).transpose(1, 2)")
-assert head_major in text, "KVCache.allocate changed: update part 49's patch"
-open(path, "w").write(text.replace(head_major, "block_size,\n                      num_kv_heads or "
-                                   "config.num_key_value_heads, config.head_dim)\n"
-                                   "            return torch.zeros(stored, dtype=dtype, device=device)"))
-PATCH
+    token_tree=/tmp/token_major_tree; make_token_tree "$token_tree"
     layout_run() {  # $1 label, $2 tree
         (cd "$2" && PYTHONPATH="$PWD" engine_run 100) | grep -E "^ours" | sed "s/^/$1 /" \
             | tee -a "$OUT/engine_layouts.txt"
@@ -563,6 +568,23 @@ elif [ "$PART" = 51 ]; then
     ROUNDS=2 bash "$0" 49
     timeout 110 python3 -m gptoss_serve.kernels.bench --sections decode --json "$OUT/bench_decode.json" 2>&1 \
         | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" | tee "$OUT/bench_decode.txt"
+elif [ "$PART" = 52 ]; then
+    token_tree=/tmp/token_major_tree; make_token_tree "$token_tree"
+    prefill_run() {  # $1 label, $2 tree: bench offline's --profile-prefill, summarized
+        (cd "$2" && PYTHONPATH="$PWD" timeout 100 python3 -m gptoss_serve.cluster.engine.cli bench offline \
+            --preset gpt-oss-20b --random-weights --kernels triton --num-prompts 1 --input-len 1024 --output-len 2 \
+            --profile-prefill 2>&1) | grep '"wall_ms"' | python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read())
+print(sys.argv[1], "wall ms", r["wall_ms"], "median", r["wall_ms_median"], "profiled", round(r["profiled_wall_ms"], 2),
+      "GPU ms", round(r["gpu_ms"], 2))
+for name, ms, count in r["top_kernels_ms"][:15]:
+    print(sys.argv[1], f"  {ms:8.3f} ms {count:4d}x {name}")' "$1" | tee -a "$OUT/prefill_profile.txt"
+    }
+    for round in 1 2; do
+        if [ "$round" = 1 ]; then prefill_run head .; prefill_run token "$token_tree"
+        else prefill_run token "$token_tree"; prefill_run head .; fi
+    done
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

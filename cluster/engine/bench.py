@@ -92,12 +92,45 @@ def profile_decode(engine: LLMEngine, num_seqs: int, input_len: int, num_steps: 
             engine.step()
         _sync(engine)
     engine.abort_request([f"profile-{i}" for i in range(num_seqs)])
+    gpu_ms, top = _kernel_table(prof, num_steps)
+    return {"num_seqs": num_seqs, "step_ms": step_ms, "gpu_ms_per_step": gpu_ms, "top_kernels_ms_per_step": top}
+
+
+def profile_prefill(engine: LLMEngine, input_len: int, num_prompts: int = 5) -> dict:
+    """Prompts alone, one after another, each new to the prefix cache and asked for one token: the wall time
+    from add_request to its finished output (what a single stream's TTFT holds), then one more such prompt under
+    the torch profiler (GPU time per kernel, top 40)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=1.0, max_tokens=1, ignore_eos=True, detokenize=False)
+    prompts = random_prompts(num_prompts + 1, input_len, seed=888)
+
+    def one(i: int) -> float:
+        _sync(engine)
+        start = time.perf_counter()
+        engine.add_request(f"prefill-{i}", prompts[i], params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        _sync(engine)
+        return (time.perf_counter() - start) * 1e3
+
+    wall_ms = [round(one(i), 2) for i in range(num_prompts)]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        profiled_ms = one(num_prompts)
+    gpu_ms, top = _kernel_table(prof, 1)
+    return {"input_len": input_len, "wall_ms": wall_ms, "wall_ms_median": statistics.median(wall_ms),
+            "profiled_wall_ms": profiled_ms, "gpu_ms": gpu_ms, "top_kernels_ms": top}
+
+
+def _kernel_table(prof, num_steps: int) -> tuple[float, list]:
+    """(GPU ms a step, [(kernel, ms a step, launches a step)] top 40 by self device time) from a profile of
+    num_steps steps."""
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / num_steps
-    top = [(e.key[:90], round(e.self_device_time_total / 1e3 / num_steps, 3), e.count // num_steps)
-           for e in events[:40]]
-    return {"num_seqs": num_seqs, "step_ms": step_ms, "gpu_ms_per_step": gpu_ms, "top_kernels_ms_per_step": top}
+    return gpu_ms, [(e.key[:90], round(e.self_device_time_total / 1e3 / num_steps, 3), e.count // num_steps)
+                    for e in events[:40]]
 
 
 def run_offline(engine: LLMEngine, num_prompts: int, input_len: int, output_len: int, temperature: float = 1.0,

@@ -176,6 +176,9 @@ def add_bench_offline_parser(subparsers: argparse._SubParsersAction) -> argparse
     parser.add_argument("--hf-output-len", type=int, default=128)
     parser.add_argument("--profile-decode", type=int, nargs="*", default=[], metavar="NUM_SEQS",
                         help="afterwards, profile decode steps at these batch sizes (GPU time per kernel)")
+    parser.add_argument("--profile-prefill", action="store_true",
+                        help="afterwards, time prompts of --input-len alone to their one token (5 of them), and "
+                             "profile one more (GPU time per kernel)")
     parser.add_argument("--json", action="store_true", help="also print all results as one JSON line")
     parser.set_defaults(func=run_bench_offline)
     return parser
@@ -223,6 +226,9 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     rows.append((f"ours, {args.num_prompts} prompts", dataclasses.asdict(batch)))
     results["throughput"] = dataclasses.asdict(batch)
     print(json.dumps(results["throughput"]), file=sys.stderr, flush=True)
+    if args.profile_prefill:
+        results["profile_prefill"] = bench.profile_prefill(engine, args.input_len)
+        print(json.dumps(results["profile_prefill"]), file=sys.stderr, flush=True)
     for num_seqs in args.profile_decode:
         results.setdefault("profile_decode", []).append(bench.profile_decode(engine, num_seqs, args.input_len))
         print(json.dumps(results["profile_decode"][-1]), file=sys.stderr, flush=True)

@@ -74,11 +74,13 @@ def test_generate_text_and_chat_prompts(model_dir, capsys):
 def test_bench_offline_runs(capsys):
     out = run(["bench", "offline", "--preset", "tiny", "--random-weights", "--dtype", "float32", "--num-prompts",
                "4", "--input-len", "20", "--output-len", "5", "--single-stream", "--single-stream-runs", "3",
-               "--compare-sync", "--json"], capsys)
+               "--compare-sync", "--profile-prefill", "--json"], capsys)
     result = json.loads(out.strip().splitlines()[-1])
     ttfts = result["single_stream_ttft_ms_runs"]
     assert len(ttfts) == 3 and result["single_stream"]["ttft_ms_median"] == pytest.approx(sorted(ttfts)[1], abs=0.01)
     assert "ours, 1 stream (median of 3)" in out
+    prefill = result["profile_prefill"]
+    assert len(prefill["wall_ms"]) == 5 and all(ms > 0 for ms in prefill["wall_ms"]) and prefill["input_len"] == 20
     # every run's prompts new to the engine (the batch's first prompt once repeated the single stream's)
     assert all(result[key]["num_cached_prompt_tokens"] == 0 for key in ("single_stream", "single_stream_sync",
                                                                         "throughput"))
