@@ -50,7 +50,7 @@ def decode_plan(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: int) -
     52.0-52.4 against 54.6-55.6 (four), 64 x 2k 94.0 against 102.1-103.2 (four); 128-key blocks there (64: 62.8 and
     99.6). Past one wave it loses: 128 x 1k 113.6-114.2 against 106.7-107.1 (two). Other ways to more programs
     lost too (2026-12-07): several programs a KV head, each with some of its queries (K and V read by each, L2 or
-    not), 2-8% slower at batch 1 and 32 x 1k; 8 warps at 32 x 1k 32.8 against 29.9."""
+    not), two of them 4-15% slower at batch 1, 32 x 1k and 128 x 1k; 8 warps at 32 x 1k 32.8 against 29.9."""
     programs = num_seqs * num_kv_heads
     splits = _prev_pow2(max(1, min(MAX_SPLITS, triton.cdiv(16 * num_sms, programs))))
     splits = min(splits, _prev_pow2(max(1, max_keys // 64)))  # a slice holds at least one 64-key block
