@@ -140,7 +140,7 @@
 #                                bench's decode rows with decode_plan's final one-slice rule
 #   bash tools/gpu_check.sh 52   where the head-major caches' prefill time goes: the 20b engine's prompts of 1024 tokens
 #                                alone to their first token (5 a run) and one under the profiler (GPU time by kernel),
-#                                head- and token-major trees in turn, two rounds
+#                                head- and token-major trees in turn, ROUNDS rounds (2)
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -581,7 +581,7 @@ print(sys.argv[1], "wall ms", r["wall_ms"], "median", r["wall_ms_median"], "prof
 for name, ms, count in r["top_kernels_ms"][:15]:
     print(sys.argv[1], f"  {ms:8.3f} ms {count:4d}x {name}")' "$1" | tee -a "$OUT/prefill_profile.txt"
     }
-    for round in 1 2; do
+    for round in $(seq "${ROUNDS:-2}"); do
         if [ "$round" = 1 ]; then prefill_run head .; prefill_run token "$token_tree"
         else prefill_run token "$token_tree"; prefill_run head .; fi
     done
