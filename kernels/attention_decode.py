@@ -52,12 +52,13 @@ def decode_plan(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: int) -
     lost too (2026-12-07): several programs a KV head, each with some of its queries (K and V read by each, L2 or
     not), two of them 4-15% slower at batch 1, 32 x 1k and 128 x 1k; 8 warps at 32 x 1k 32.8 against 29.9."""
     programs = num_seqs * num_kv_heads
-    splits = _prev_pow2(max(1, min(MAX_SPLITS, triton.cdiv(16 * num_sms, programs))))
-    splits = min(splits, _prev_pow2(max(1, max_keys // 64)))  # a slice holds at least one 64-key block
-    while splits > 1 and triton.cdiv(max_keys, splits) < 512 and programs * splits // 2 >= 3 * num_sms:
-        splits //= 2
     if max_keys <= 2048 and 1.9 * num_sms <= programs <= 4 * num_sms:
-        splits = 1
+        splits = 1  # whole contexts, one wave
+    else:
+        splits = _prev_pow2(max(1, min(MAX_SPLITS, triton.cdiv(16 * num_sms, programs))))
+        splits = min(splits, _prev_pow2(max(1, max_keys // 64)))  # a slice holds at least one 64-key block
+        while splits > 1 and triton.cdiv(max_keys, splits) < 512 and programs * splits // 2 >= 3 * num_sms:
+            splits //= 2
     partition = triton.cdiv(max_keys, splits)
     wide = partition >= 2048 or (partition >= 512 and programs * splits <= 4 * num_sms)
     return splits, dict(BLOCK_N=128 if wide else 64, num_warps=4, num_stages=2)

@@ -412,6 +412,8 @@ def bench_grouping(token_counts: list[int], expert_counts: list[int]) -> list[di
 
 # Attention -------------------------------------------------------------------------------------------------------
 def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator, head_major: bool | None = None):
+    """NUM_COPIES caches of num_seqs sequences of `context` keys, and their block tables [num_seqs, blocks a seq]
+    (blocks shuffled); head_major None: KV_HEAD_MAJOR (--kv-layout)."""
     hkv, d = GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
     blocks_per_seq = math.ceil(context / block_size)
     num_blocks = num_seqs * blocks_per_seq
@@ -574,14 +576,10 @@ def bench_attention_front(ceil: dict, token_counts: list[int]) -> list[dict]:
     num_rows, block_size = (hq + 2 * hkv) * d, 16
     num_blocks = max(token_counts) // block_size + 1
     gen = torch.Generator(device="cuda").manual_seed(0)
-    def cache():  # [num_blocks, block_size, hkv, d], stored head-major unless --kv-layout token
-        stored = (num_blocks, hkv, block_size, d) if KV_HEAD_MAJOR else (num_blocks, block_size, hkv, d)
-        made = torch.randn(stored, device="cuda", generator=gen).to(torch.bfloat16)
-        return made.transpose(1, 2) if KV_HEAD_MAJOR else made
-
+    caches, _ = _kv_setup(1, num_blocks * block_size, block_size, torch.Generator().manual_seed(0))  # (k, v) a copy
     layers = [((torch.randn(num_rows, hidden, device="cuda", generator=gen) / hidden ** 0.5).to(torch.bfloat16),
-               (0.1 * torch.randn(num_rows, device="cuda", generator=gen)).to(torch.bfloat16), cache(), cache())
-              for _ in range(NUM_COPIES)]  # (qkv weight, qkv bias, k cache, v cache) a layer
+               (0.1 * torch.randn(num_rows, device="cuda", generator=gen)).to(torch.bfloat16), *kv)
+              for kv in caches]  # (qkv weight, qkv bias, k cache, v cache) a layer
     scale = torch.rand(hidden, device="cuda", generator=gen) + 0.5
     inv_freq = 150000.0 ** -(torch.arange(0, d, 2, device="cuda") / d)  # [head_dim // 2]: any angles will do
     rows = []

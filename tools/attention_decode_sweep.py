@@ -106,12 +106,13 @@ def compare_layouts(args) -> None:
             for _ in range(args.rounds):
                 for variant in variants:
                     layout, block_size, fused, splits, tiles = variant
+                    tile_dict = _tiles(tiles)
                     caches, tables = _kv_setup(num_seqs, context, block_size, torch.Generator().manual_seed(1),
                                                head_major=layout == "head")
                     try:
                         ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125,
                                                                     num_splits=splits or None, fused_merge=fused,
-                                                                    tiles=_tiles(tiles))
+                                                                    tiles=tile_dict)
                                              for kc, vc in caches], rep_ms=100) / NUM_COPIES
                     except Exception as e:  # noqa: BLE001 - a sweep reports and goes on
                         print(f"{num_seqs} x {context} {layout} {block_size} fused {fused} splits {splits} {tiles}: "
@@ -122,7 +123,8 @@ def compare_layouts(args) -> None:
                     torch.cuda.empty_cache()
             for (layout, block_size, fused, splits, tiles), us in times.items():
                 row = dict(batch=num_seqs, context=context, layout=layout, block_size=block_size, fused_merge=fused,
-                           splits=splits, tiles=tiles, us=us, hbm=[nbytes / (t * 1e-3) / 1e6 / ceil["copy_gbs"] for t in us])
+                           splits=splits, tiles=tiles, us=us,
+                           hbm=[nbytes / (t * 1e-3) / 1e6 / ceil["copy_gbs"] for t in us])
                 results.append(row)
                 print(f"| {num_seqs} x {context} | {layout} | {block_size} | {'last slice' if fused else 'kernel'} | "
                       f"{splits or 'plan'} | {tiles} | "

@@ -199,6 +199,21 @@ open(path, "w").write(text.replace(head_major, "block_size,\n                   
                                    "            return torch.zeros(stored, dtype=dtype, device=device)"))
 PATCH
 }
+head_and_token_rounds() {  # $1 a command taking (label, tree), $2 rounds: run on this tree (head-major caches) and
+    # on make_token_tree's copy in turn, each first in turn
+    make_token_tree /tmp/token_major_tree
+    for round in $(seq "$2"); do
+        if [ "$round" = 1 ]; then "$1" head .; "$1" token /tmp/token_major_tree
+        else "$1" token /tmp/token_major_tree; "$1" head .; fi
+    done
+}
+decode_sweep() {  # $1 time limit (s), $2 file in $OUT (appended), then tools/attention_decode_sweep.py's arguments
+    timeout "$1" python3 tools/attention_decode_sweep.py "${@:3}" 2>&1 | grep -v Warning | tee -a "$OUT/$2"
+}
+decode_rows() {  # $1 time limit (s): the bench's decode rows with their read floors
+    timeout "$1" python3 -m gptoss_serve.kernels.bench --sections decode --json "$OUT/bench_decode.json" 2>&1 \
+        | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" | tee "$OUT/bench_decode.txt"
+}
 engine_table() {  # $1 output file, $2 time limit: engine_run's summary table only
     engine_run "$2" | grep -E "^ours|^run " > "$1"; cat "$1"
 }
@@ -509,8 +524,8 @@ elif [ "$PART" = 43 ]; then
     tail -12 "$OUT/tests_full.txt"
 elif [ "$PART" = 44 ]; then
     layouts() {  # $1 time limit (s), $2 batches, $3 contexts
-        timeout "$1" python3 tools/attention_decode_sweep.py --layouts token,head --block-sizes 16,32 --rounds 2 \
-            --batches "$2" --contexts "$3" 2>&1 | grep -v Warning | tee -a "$OUT/decode_layouts.txt"
+        decode_sweep "$1" decode_layouts.txt --layouts token,head --block-sizes 16,32 --rounds 2 --batches "$2" \
+            --contexts "$3"
     }
     layouts 150 1,32 1024,8192,32768
     layouts 120 128 1024,8192
@@ -519,39 +534,32 @@ elif [ "$PART" = 46 ]; then
     timeout 130 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
         tests/test_kernels_pdl.py tests/test_kernels_model.py tests/engine/test_engine_gpu.py -k "not moe" -rfE \
         > "$OUT/tests.txt" 2>&1; tail -6 "$OUT/tests.txt"
-    timeout 110 python3 -m gptoss_serve.kernels.bench --sections decode --json "$OUT/bench_decode.json" 2>&1 \
-        | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" | tee "$OUT/bench_decode.txt"
+    decode_rows 110
 elif [ "$PART" = 47 ]; then
     engine_table "$OUT/engine.txt" 100
-    timeout 70 python3 tools/attention_decode_sweep.py --layouts head --block-sizes 16,32 --fused-merge 0,1 \
-        --splits 0,1,4 --rounds 1 --batches 32 --contexts 1024 2>&1 | grep -v Warning \
-        | tee -a "$OUT/decode_splits.txt"
+    decode_sweep 70 decode_splits.txt --layouts head --block-sizes 16,32 --fused-merge 0,1 --splits 0,1,4 --rounds 1 \
+        --batches 32 --contexts 1024
 elif [ "$PART" = 48 ]; then
     slices() {  # $1 time limit (s), $2 batches, $3 contexts, $4 merges, $5 slice counts
-        timeout "$1" python3 tools/attention_decode_sweep.py --layouts head --fused-merge "$4" --splits "$5" \
-            --rounds 2 --batches "$2" --contexts "$3" 2>&1 | grep -v Warning | tee -a "$OUT/decode_slices.txt"
+        decode_sweep "$1" decode_slices.txt --layouts head --fused-merge "$4" --splits "$5" --rounds 2 \
+            --batches "$2" --contexts "$3"
     }
     slices 40 32,128 1024 1 1,2  # the most telling first: a call cut short still brings them back
     slices 40 1 32768 0 32,64,128
     slices 120 16,64 1024,2048 1 1,2,4
     slices 60 1 8192 0 16,32,64,128
 elif [ "$PART" = 49 ]; then
-    token_tree=/tmp/token_major_tree; make_token_tree "$token_tree"
     layout_run() {  # $1 label, $2 tree
         (cd "$2" && PYTHONPATH="$PWD" engine_run 100) | grep -E "^ours" | sed "s/^/$1 /" \
             | tee -a "$OUT/engine_layouts.txt"
     }
-    for round in $(seq "${ROUNDS:-2}"); do  # ROUNDS=1: one run each
-        if [ "$round" = 1 ]; then layout_run head .; layout_run token "$token_tree"
-        else layout_run token "$token_tree"; layout_run head .; fi
-    done
+    head_and_token_rounds layout_run "${ROUNDS:-2}"  # ROUNDS=1: one run each
 elif [ "$PART" = 50 ]; then
     timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py -rfE \
         > "$OUT/tests_attention.txt" 2>&1; tail -4 "$OUT/tests_attention.txt"
     variants() {  # $1 time limit (s), $2 batches, $3 contexts, $4 slice counts, $5 tiles (N:W:S:G), $6 merges
-        timeout "$1" python3 tools/attention_decode_sweep.py --layouts head --splits "$4" --tiles "$5" \
-            --fused-merge "${6:-0}" --rounds 2 --batches "$2" --contexts "$3" 2>&1 | grep -v Warning \
-            | tee -a "$OUT/decode_head_groups.txt"
+        decode_sweep "$1" decode_head_groups.txt --layouts head --splits "$4" --tiles "$5" --fused-merge "${6:-0}" \
+            --rounds 2 --batches "$2" --contexts "$3"
     }
     variants 45 32 1024 0 plan,:::2,:::4,:8::
     variants 45 1 32768 32,64 plan,:::2,:::4
@@ -570,10 +578,8 @@ elif [ "$PART" = 51 ]; then
         done
     done
     ROUNDS=2 bash "$0" 49
-    timeout 110 python3 -m gptoss_serve.kernels.bench --sections decode --json "$OUT/bench_decode.json" 2>&1 \
-        | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" | tee "$OUT/bench_decode.txt"
+    decode_rows 110
 elif [ "$PART" = 52 ]; then
-    token_tree=/tmp/token_major_tree; make_token_tree "$token_tree"
     prefill_run() {  # $1 label, $2 tree: bench offline's --profile-prefill, summarized
         (cd "$2" && PYTHONPATH="$PWD" timeout 100 python3 -m gptoss_serve.cluster.engine.cli bench offline \
             --preset gpt-oss-20b --random-weights --kernels triton --num-prompts 1 --input-len 1024 --output-len 2 \
@@ -585,15 +591,11 @@ print(sys.argv[1], "wall ms", r["wall_ms"], "median", r["wall_ms_median"], "prof
 for name, ms, count in r["top_kernels_ms"][:15]:
     print(sys.argv[1], f"  {ms:8.3f} ms {count:4d}x {name}")' "$1" | tee -a "$OUT/prefill_profile.txt"
     }
-    for round in $(seq "${ROUNDS:-2}"); do
-        if [ "$round" = 1 ]; then prefill_run head .; prefill_run token "$token_tree"
-        else prefill_run token "$token_tree"; prefill_run head .; fi
-    done
+    head_and_token_rounds prefill_run "${ROUNDS:-2}"
 elif [ "$PART" = 53 ]; then
     short_rows() {  # $1 time limit (s), $2 batches, $3 contexts, $4 merges, $5 slice counts, $6 tiles (N:W:S)
-        timeout "$1" python3 tools/attention_decode_sweep.py --layouts head --fused-merge "$4" --splits "$5" \
-            --tiles "$6" --rounds 2 --batches "$2" --contexts "$3" 2>&1 | grep -v Warning \
-            | tee -a "$OUT/decode_short_rows.txt"
+        decode_sweep "$1" decode_short_rows.txt --layouts head --fused-merge "$4" --splits "$5" --tiles "$6" \
+            --rounds 2 --batches "$2" --contexts "$3"
     }
     short_rows 60 1 1024 0,1 4,8,16 plan
     short_rows 60 1 8192 0,1 16,32,64 plan

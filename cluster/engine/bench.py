@@ -36,7 +36,7 @@ class OfflineResult:
     tpot_ms_median: float  # time per output token after the first, median over requests
     num_preemptions: int
     peak_kv_cache_usage: float
-    num_cached_prompt_tokens: int = 0  # found in the prefix cache: 0 unless a run's prompts repeat an earlier one's
+    num_cached_prompt_tokens: int  # found in the prefix cache: 0 unless a run's prompts repeat an earlier one's
 
 
 def median_result(results: list[OfflineResult]) -> OfflineResult:
