@@ -141,10 +141,10 @@
 #   bash tools/gpu_check.sh 52   where the head-major caches' prefill time goes: the 20b engine's prompts of 1024 tokens
 #                                alone to their first token (5 a run) and one under the profiler (GPU time by kernel),
 #                                head- and token-major trees in turn, ROUNDS rounds (2)
-#   bash tools/gpu_check.sh 53   (prepared, not yet run) the decode rows still short: batch 1 x 1k / 8k with the
-#                                last slice's merge at 4-64 slices (one launch, untimed with the one-tile sums),
-#                                1 x 32k at 64, 96 and 128 slices with 64- and 128-key blocks, and 32 x 1k's one slice
-#                                with three stages, 64-key blocks and two warps
+#   bash tools/gpu_check.sh 53   the decode rows still short: 32 x 1k's one slice with three stages, 64-key blocks
+#                                (two to four stages) and two warps; 1 x 32k at 32-128 slices with 64- and 128-key
+#                                blocks and deeper pipelines; batch 1 x 1k / 8k with the last slice's merge at 4-64
+#                                slices (one launch, untimed with the one-tile sums); the bench's attention-front rows
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -597,10 +597,13 @@ elif [ "$PART" = 53 ]; then
         decode_sweep "$1" decode_short_rows.txt --layouts head --fused-merge "$4" --splits "$5" --tiles "$6" \
             --rounds 2 --batches "$2" --contexts "$3"
     }
+    short_rows 75 32 1024 0 0 plan,128:4:3,64::,64::3,64::4,128:2:  # the row on the line first
+    short_rows 90 1 32768 0 64,96,128 plan,128::,64::
+    short_rows 60 1 32768 0 32,64 64::3,64::4,128::3
     short_rows 60 1 1024 0,1 4,8,16 plan
     short_rows 60 1 8192 0,1 16,32,64 plan
-    short_rows 90 1 32768 0 64,96,128 plan,128::,64::
-    short_rows 60 32 1024 0 0 plan,128:4:3,64::,128:2:
+    timeout 60 python3 -m gptoss_serve.kernels.bench --sections attention-front 2>&1 | grep -v Warning \
+        | grep -E "^\| (norm|attention)|^HBM" | tee "$OUT/bench_attention_front.txt"  # re-timed after 1c95f72
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
