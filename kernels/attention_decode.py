@@ -109,10 +109,18 @@ def _decode_kernel(
 
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_tables
     head_offset = kv_head * stride_cache_head
+    # Each block's pages are loaded one iteration ahead and carried. Loaded in the iteration that uses them, they
+    # make K and V loads of a second level of indirection, and Triton's pipeliner (3.6 and 3.9) then gives K and V
+    # one shared-memory buffer whatever num_stages is: the next block's copy waits for this block's compute. Carried,
+    # num_stages = s gives s - 1 buffers (tools/kernel_sass.py attention reads the wait's depth).
+    keys = start + tl.arange(0, BLOCK_N)
+    next_pages = tl.load(table_row + keys // block_size, mask=keys < end, other=0)
     for key0 in range(start, end, BLOCK_N):
         keys = key0 + tl.arange(0, BLOCK_N)
         in_keys = keys < end
-        page = tl.load(table_row + keys // block_size, mask=in_keys, other=0).to(tl.int64)
+        page = next_pages.to(tl.int64)
+        keys_ahead = keys + BLOCK_N
+        next_pages = tl.load(table_row + keys_ahead // block_size, mask=keys_ahead < end, other=0)
         row = page * stride_cache_block + (keys % block_size) * stride_cache_slot + head_offset  # [BLOCK_N]
         kv_mask = in_keys[:, None] & in_d[None, :]
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]

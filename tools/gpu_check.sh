@@ -145,6 +145,10 @@
 #                                (two to four stages) and two warps; 1 x 32k at 32-128 slices with 64- and 128-key
 #                                blocks and deeper pipelines; batch 1 x 1k / 8k with the last slice's merge at 4-64
 #                                slices (one launch, untimed with the one-tile sums); the bench's attention-front rows
+#   bash tools/gpu_check.sh 54   K and V loaded ahead (pages carried a block, so num_stages = s gives s - 1 buffers):
+#                                the decode attention GPU tests, then 2-4 stages and 64/128-key blocks at the bench's
+#                                nine decode shapes, against the plan's tiles in OLD_TREE (git archive 939d3ed kernels
+#                                gptoss_serve tools: one buffer at any stage count)
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -604,6 +608,22 @@ elif [ "$PART" = 53 ]; then
     short_rows 60 1 8192 0,1 16,32,64 plan
     timeout 60 python3 -m gptoss_serve.kernels.bench --sections attention-front 2>&1 | grep -v Warning \
         | grep -E "^\| (norm|attention)|^HBM" | tee "$OUT/bench_attention_front.txt"  # re-timed after 1c95f72
+elif [ "$PART" = 54 ]; then
+    timeout 90 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py -k "decode or pdl" \
+        -rfE > "$OUT/tests_attention.txt" 2>&1; tail -3 "$OUT/tests_attention.txt"
+    stages() {  # $1 time limit (s), $2 batches, $3 contexts, $4 slice counts, $5 tiles (N:W:S)
+        decode_sweep "$1" decode_stages.txt --layouts head --splits "$4" --tiles "$5" --rounds 2 --batches "$2" \
+            --contexts "$3"
+    }
+    stages 60 32 1024 0 plan,128::3,128::4,64::3,64::4
+    stages 90 1 32768 32,64 plan,128::3,128::4,64::3,64::4
+    stages 50 128 1024 0 plan,64::3,64::4,128::3
+    stages 60 32 8192,32768 0 plan,::3,::4
+    stages 40 128 8192 0 plan,::3,::4
+    stages 50 1 1024,8192 0 plan,::3,::4
+    stages 50 128 32768 0 plan,::3
+    (cd "$OLD_TREE" && PYTHONPATH="$PWD" decode_sweep 100 decode_stages_old.txt --layouts head --splits 0 \
+        --tiles plan --rounds 2 --batches 1,32,128 --contexts 1024,8192,32768)
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

@@ -12,7 +12,8 @@ divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image ha
     python3 tools/kernel_sass.py chain           # both of its matmuls in one launch, at the decode tiles
     python3 tools/kernel_sass.py router          # the fused norm + router logits kernel at 20b
     python3 tools/kernel_sass.py front           # the fused norm + qkv + rope + cache write kernel at 20b
-    python3 tools/kernel_sass.py attention       # decode attention (gpt-oss heads, 128-key blocks), with PDL and not
+    python3 tools/kernel_sass.py attention       # decode attention (gpt-oss heads, 128-key blocks), with PDL and not,
+                                                 # and the key blocks its loop loads ahead at 2-4 stages
 """
 from __future__ import annotations
 
@@ -250,7 +251,7 @@ def attention_front(num_tokens: int, num_splits: int | None = None, has_residual
     return tiling, compile_offline(_norm_qkv_rope_kernel, args, const, num_warps=4, maxnreg=max_registers(tiling))
 
 
-def attention_decode(block_n: int = 128, pdl: bool = True, fused_merge: bool = False):
+def attention_decode(block_n: int = 128, pdl: bool = True, fused_merge: bool = False, num_stages: int = 2):
     """Decode attention at gpt-oss's heads (64 query, 8 KV, head_dim 64), a 16-slot paged cache, 2 slices (merged
     by the last one's program with fused_merge)."""
     from gptoss_serve.kernels.attention_decode import _decode_kernel
@@ -264,7 +265,15 @@ def attention_decode(block_n: int = 128, pdl: bool = True, fused_merge: bool = F
                 stride_tables="i32", stride_out_token=64 * 64, stride_out_head=64)
     const = dict(QUERIES_PER_KV=8, BLOCK_G=16, BLOCK_D=64, BLOCK_N=block_n, NUM_SPLITS=2, SPLITS_P2=2,
                  FUSED_MERGE=fused_merge, EMULATE_BF16=False, PDL=pdl)
-    return compile_offline(_decode_kernel, args, const, num_warps=4, num_stages=2)
+    return compile_offline(_decode_kernel, args, const, num_warps=4, num_stages=num_stages)
+
+
+def copies_in_flight(compiled) -> str:
+    """The main loop's cp.async wait (DEPBAR.LE SB0, n: n commit groups may stay in flight) and the shared memory a
+    program takes: how many key blocks ahead the decode kernel loads."""
+    waits = re.findall(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", loops(sass(compiled))[-1])
+    return f"loop waits until <= {', '.join(str(int(w, 16)) for w in waits)} groups in flight; " \
+           f"{compiled.metadata.shared} bytes of shared memory"
 
 
 def first_lines(text: str, opcodes: tuple[str, ...]) -> str:
@@ -347,6 +356,9 @@ if __name__ == "__main__":
             print("  " + first_lines(sass(compiled), ("ACQBULK", "PREEXIT", "LDG", "LDGSTS")))
         report("decode attention, 128-key blocks, PDL, slices merged by the last one",
                attention_decode(fused_merge=True))
+        for num_stages in (2, 3, 4):  # K and V are one group each: 2 in flight = one block ahead
+            print(f"decode attention, 128-key blocks, {num_stages} stages: "
+                  + copies_in_flight(attention_decode(num_stages=num_stages)))
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):
