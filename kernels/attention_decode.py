@@ -50,7 +50,15 @@ def decode_plan(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: int) -
     52.0-52.4 against 54.6-55.6 (four), 64 x 2k 94.0 against 102.1-103.2 (four); 128-key blocks there (64: 62.8 and
     99.6). Past one wave it loses: 128 x 1k 113.6-114.2 against 106.7-107.1 (two). Other ways to more programs
     lost too (2026-12-07): several programs a KV head, each with some of its queries (K and V read by each, L2 or
-    not), two of them 4-15% slower at batch 1, 32 x 1k and 128 x 1k; 8 warps at 32 x 1k 32.8 against 29.9."""
+    not), two of them 4-15% slower at batch 1, 32 x 1k and 128 x 1k; 8 warps at 32 x 1k 32.8 against 29.9.
+
+    num_stages buffers nothing here: the K and V addresses come from a page loaded in the same iteration, and
+    Triton's pipeliner (3.6 and 3.9) then gives K and V one shared-memory buffer at any stage count, so a block's
+    copy waits for the block before to be computed (tools/kernel_sass.py attention). Loading the pages a block ahead
+    and carrying them buffers K and V num_stages - 1 deep; timed on an H100 (2026-12-07, µs, the plan's slices) it
+    lost or tied, the programs on an SM already overlapping one another: 32 x 1k 30.7-30.8 against 30.2-31.8 (2-4
+    stages, 64- or 128-key blocks), 128 x 1k 110.1 against 112.6-119.2, 32 x 8k 192.7-193.2 against 196.8-209.4,
+    1 x 32k 31.3 against 31.4-35.9, the largest shapes within 0.5%."""
     programs = num_seqs * num_kv_heads
     if max_keys <= 2048 and 1.9 * num_sms <= programs <= 4 * num_sms:
         splits = 1  # whole contexts, one wave
@@ -109,18 +117,10 @@ def _decode_kernel(
 
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_tables
     head_offset = kv_head * stride_cache_head
-    # Each block's pages are loaded one iteration ahead and carried. Loaded in the iteration that uses them, they
-    # make K and V loads of a second level of indirection, and Triton's pipeliner (3.6 and 3.9) then gives K and V
-    # one shared-memory buffer whatever num_stages is: the next block's copy waits for this block's compute. Carried,
-    # num_stages = s gives s - 1 buffers (tools/kernel_sass.py attention reads the wait's depth).
-    keys = start + tl.arange(0, BLOCK_N)
-    next_pages = tl.load(table_row + keys // block_size, mask=keys < end, other=0)
     for key0 in range(start, end, BLOCK_N):
         keys = key0 + tl.arange(0, BLOCK_N)
         in_keys = keys < end
-        page = next_pages.to(tl.int64)
-        keys_ahead = keys + BLOCK_N
-        next_pages = tl.load(table_row + keys_ahead // block_size, mask=keys_ahead < end, other=0)
+        page = tl.load(table_row + keys // block_size, mask=in_keys, other=0).to(tl.int64)
         row = page * stride_cache_block + (keys % block_size) * stride_cache_slot + head_offset  # [BLOCK_N]
         kv_mask = in_keys[:, None] & in_d[None, :]
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]

@@ -28,14 +28,19 @@ LOG2E = 1.4426950408889634
 def _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, positions, d, in_d,
             key_lo, key_hi, block_size, stride_cache_block, stride_cache_slot, scale_log2, sliding_window,
             MASKED: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """Online softmax over keys [key_lo, key_hi); MASKED applies bounds, causality and the window per row."""
+    """Online softmax over keys [key_lo, key_hi); MASKED applies bounds, causality and the window per row.
+    Each block's pages are loaded one iteration ahead and carried: loaded in the iteration that uses them, K and V
+    would be a second level of indirection, which Triton's pipeliner leaves without a block in flight during the
+    compute (kernels/attention_decode.py, decode_plan)."""
+    keys = key_lo + tl.arange(0, BLOCK_N)
+    next_pages = tl.load(table_row + keys // block_size, mask=keys < key_hi, other=0)
     for key0 in range(key_lo, key_hi, BLOCK_N):
         keys = key0 + tl.arange(0, BLOCK_N)
         if MASKED:
             in_keys = keys < key_hi
-            page = tl.load(table_row + keys // block_size, mask=in_keys, other=0).to(tl.int64)
-        else:
-            page = tl.load(table_row + keys // block_size).to(tl.int64)
+        page = next_pages.to(tl.int64)
+        keys_ahead = keys + BLOCK_N
+        next_pages = tl.load(table_row + keys_ahead // block_size, mask=keys_ahead < key_hi, other=0)
         row = page * stride_cache_block + (keys % block_size) * stride_cache_slot + head_offset  # [BLOCK_N]
         if MASKED:
             kv_mask = in_keys[:, None] & in_d[None, :]
