@@ -475,26 +475,33 @@ def bench_decode(ceil: dict, batches: list[int], contexts: list[int], torch_max_
     return rows
 
 
+def prefill_inputs(length: int, window: int):
+    """One sequence's prefill of `length` tokens on NUM_COPIES caches (seeded by length and window): caches, block
+    tables, q [length, q heads, head_dim] bf16, cu_seqlens, context lengths, sinks, and the attention's FLOPs."""
+    hq, d = GPT_OSS["num_q_heads"], GPT_OSS["head_dim"]
+    gen = torch.Generator().manual_seed(length + window)
+    caches, tables = _kv_setup(1, length, 16, gen)
+    q = torch.randn(length, hq, d, generator=gen).to(torch.bfloat16).cuda()
+    cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([length], dtype=torch.int32, device="cuda")
+    sinks = torch.randn(hq, generator=gen).cuda()
+    keys_per_query = (length + 1) / 2 if window == 0 else min(window, (length + 1) / 2)
+    return caches, tables, q, cu, lens, sinks, 4 * length * keys_per_query * hq * d
+
+
 def bench_prefill(ceil: dict, lengths: list[int], torch_max_tokens: int) -> list[dict]:
     import torch.nn.functional as F
 
     from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
     from gptoss_serve.kernels.attention_ref import paged_attention_ref
 
-    hq, d = GPT_OSS["num_q_heads"], GPT_OSS["head_dim"]
+    d = GPT_OSS["head_dim"]
     rows = []
     for length in lengths:
         for window in (0, 128):
-            gen = torch.Generator().manual_seed(length + window)
-            caches, tables = _kv_setup(1, length, 16, gen)
-            q = torch.randn(length, hq, d, generator=gen).to(torch.bfloat16).cuda()
-            cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
-            lens = torch.tensor([length], dtype=torch.int32, device="cuda")
-            sinks = torch.randn(hq, generator=gen).cuda()
+            caches, tables, q, cu, lens, sinks, flops = prefill_inputs(length, window)
             ms = _bench(lambda: [paged_attention_prefill(q, kc, vc, tables, cu, lens, sinks, 0.125, window)
                                  for kc, vc in caches]) / NUM_COPIES
-            keys_per_query = (length + 1) / 2 if window == 0 else min(window, (length + 1) / 2)
-            flops = 4 * length * keys_per_query * hq * d
             row = dict(op="prefill attn", shape=f"{length} tok, window {window or 'full'}", ms=ms,
                        tflops=flops / ms / 1e9)
             kc, vc = caches[0]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
-from gptoss_serve.kernels.bench import GPT_OSS, NUM_COPIES, _bench, _kv_setup, measure_ceilings
+from gptoss_serve.kernels.bench import GPT_OSS, NUM_COPIES, _bench, measure_ceilings, prefill_inputs
 
 FIELDS = ("BLOCK_ROWS", "BLOCK_N", "num_warps", "num_stages")
 
@@ -37,20 +37,13 @@ def main() -> None:
     args = parser.parse_args()
     ceil = measure_ceilings()
     print(f"bf16 matmul {ceil['bf16_tflops']:.0f} TFLOP/s", flush=True)
-    hq, d = GPT_OSS["num_q_heads"], GPT_OSS["head_dim"]
+    d = GPT_OSS["head_dim"]
     configs = [(spec, parse_config(spec)) for spec in args.configs.split(",")]
     print("| tokens | window | config | µs (each round) | TFLOP/s | % of bf16 peak | rel. error |")
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for length in map(int, args.lengths.split(",")):
         for window in map(int, args.windows.split(",")):
-            gen = torch.Generator().manual_seed(length + window)
-            caches, tables = _kv_setup(1, length, 16, gen)
-            q = torch.randn(length, hq, d, generator=gen).to(torch.bfloat16).cuda()
-            cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
-            lens = torch.tensor([length], dtype=torch.int32, device="cuda")
-            sinks = torch.randn(hq, generator=gen).cuda()
-            keys_per_query = (length + 1) / 2 if window == 0 else min(window, (length + 1) / 2)
-            flops = 4 * length * keys_per_query * hq * d
+            caches, tables, q, cu, lens, sinks, flops = prefill_inputs(length, window)
             ref = paged_attention_prefill(q, *caches[0], tables, cu, lens, sinks, 0.125, window).float()
             for spec, config in configs:
                 out = paged_attention_prefill(q, *caches[0], tables, cu, lens, sinks, 0.125, window, config=config)
