@@ -14,6 +14,7 @@ divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image ha
     python3 tools/kernel_sass.py front           # the fused norm + qkv + rope + cache write kernel at 20b
     python3 tools/kernel_sass.py attention       # decode attention (gpt-oss heads, 128-key blocks), with PDL and not,
                                                  # and the key blocks its loop loads ahead at 2-4 stages
+    python3 tools/kernel_sass.py prefill         # prefill attention's configs: registers, spills, blocks loaded ahead
 """
 from __future__ import annotations
 
@@ -268,9 +269,23 @@ def attention_decode(block_n: int = 128, pdl: bool = True, fused_merge: bool = F
     return compile_offline(_decode_kernel, args, const, num_warps=4, num_stages=num_stages)
 
 
+def attention_prefill(num_stages: int = 2, num_warps: int = 4, block_rows: int = 128, block_n: int = 64):
+    """Prefill attention at gpt-oss's heads, a 16-slot head-major paged cache."""
+    from gptoss_serve.kernels.attention_prefill import _prefill_kernel
+
+    args = {name: "*bf16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+    args.update(block_tables_ptr="*i32", cu_seqlens_ptr="*i32", context_lens_ptr="*i32", sinks_ptr="*fp32",
+                scale_log2="fp32", sliding_window="i32", num_seqs="i32", block_size=16, head_dim=64,
+                stride_q_token=64 * 64, stride_q_head=64, stride_cache_block=8 * 16 * 64, stride_cache_slot=64,
+                stride_cache_head=16 * 64, stride_tables="i32", stride_out_token=64 * 64, stride_out_head=64)
+    const = dict(QUERIES_PER_KV=8, BLOCK_G=8, BLOCK_Q=block_rows // 8, BLOCK_D=64, BLOCK_N=block_n, BLOCK_SEQS=64,
+                 EMULATE_BF16=False)
+    return compile_offline(_prefill_kernel, args, const, num_warps=num_warps, num_stages=num_stages)
+
+
 def copies_in_flight(compiled) -> str:
-    """The main loop's cp.async wait (DEPBAR.LE SB0, n: n commit groups may stay in flight) and the shared memory a
-    program takes: how many key blocks ahead the decode kernel loads."""
+    """The longest loop's cp.async wait (DEPBAR.LE SB0, n: n commit groups may stay in flight) and the shared memory
+    a program takes: how many key blocks ahead an attention kernel loads."""
     waits = re.findall(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", loops(sass(compiled))[-1])
     return f"loop waits until <= {', '.join(str(int(w, 16)) for w in waits)} groups in flight; " \
            f"{compiled.metadata.shared} bytes of shared memory"
@@ -359,6 +374,11 @@ if __name__ == "__main__":
         for num_stages in (2, 3, 4):  # K and V are one group each: 2 in flight = one block ahead
             print(f"decode attention, 128-key blocks, {num_stages} stages: "
                   + copies_in_flight(attention_decode(num_stages=num_stages)))
+    elif which == "prefill":
+        for num_warps, num_stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
+            compiled = attention_prefill(num_stages, num_warps)
+            report(f"prefill attention, 128 rows x 64 keys, {num_warps} warps, {num_stages} stages", compiled)
+            print("  " + copies_in_flight(compiled))
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
         for join in (False, True):
