@@ -153,7 +153,7 @@
 #   bash tools/gpu_check.sh 55   prefill attention with its pages carried a block ahead (K and V buffered num_stages - 1
 #                                deep): its configs (rows, key block, warps, stages) at 1k and 8k tokens against
 #                                OLD_TREE's kernel (git archive 939d3ed kernels gptoss_serve tools) and SDPA
-#                                (tools/attention_prefill_sweep.py), then the attention, PDL, model and engine GPU tests
+#                                (tools/attention_prefill_sweep.py), then the attention, PDL and model GPU tests
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -635,11 +635,11 @@ elif [ "$PART" = 55 ]; then
             | grep -E "^\||^bf16" | sed "s/^/$1 /" | tee -a "$OUT/prefill_sweep.txt"
     }
     TOOLS="$PWD/tools"
-    prefill_sweep new . 200 default,::4:3,::4:4,::8:2,::8:3,::8:4,:128:8:3,64::4:3,256::8:3
-    prefill_sweep old "$OLD_TREE" 100 default,::8:2,::8:3
-    timeout 130 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
-        tests/test_kernels_pdl.py tests/test_kernels_model.py tests/engine/test_engine_gpu.py -k "not moe" -rfE \
-        > "$OUT/tests.txt" 2>&1; tail -4 "$OUT/tests.txt"
+    prefill_sweep new . 160 default,::4:3,::8:2,::8:3,::8:4,:128:8:3,256::8:3
+    prefill_sweep old "$OLD_TREE" 80 default,::8:2,::8:3
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
+        tests/test_kernels_pdl.py tests/test_kernels_model.py -k "not moe" -rfE > "$OUT/tests.txt" 2>&1
+    tail -4 "$OUT/tests.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
