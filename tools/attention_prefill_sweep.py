@@ -5,9 +5,10 @@ output, and prints µs, TFLOP/s and % of the bf16 matmul peak measured in the sa
 attention, torch's SDPA on the same q and as many contiguous keys and values (no sinks, no pages).
 
     python3 tools/attention_prefill_sweep.py [--lengths 1024,8192] [--windows 0,128] \\
-        [--configs default,128:64:4:3,128:128:8:3] [--rounds 2]
+        [--configs default,::4:3:1,:128:8:3:1] [--rounds 2]
 
-A config is BLOCK_ROWS:BLOCK_N:num_warps:num_stages ("default": the kernel's own; a field left empty keeps it).
+A config is BLOCK_ROWS:BLOCK_N:num_warps:num_stages:CARRY_PAGES ("default": the kernel's own; a field left empty
+keeps it; CARRY_PAGES 1 loads each key block's pages an iteration ahead, so that num_stages buffers K and V).
 """
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ import torch.nn.functional as F
 from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
 from gptoss_serve.kernels.bench import GPT_OSS, NUM_COPIES, _bench, measure_ceilings, prefill_inputs
 
-FIELDS = ("BLOCK_ROWS", "BLOCK_N", "num_warps", "num_stages")
+FIELDS = ("BLOCK_ROWS", "BLOCK_N", "num_warps", "num_stages", "CARRY_PAGES")
 
 
 def parse_config(spec: str) -> dict:
     if spec == "default":
         return {}
-    return {name: int(value) for name, value in zip(FIELDS, spec.split(":")) if value}
+    config = {name: int(value) for name, value in zip(FIELDS, spec.split(":")) if value}
+    if "CARRY_PAGES" in config:
+        config["CARRY_PAGES"] = bool(config["CARRY_PAGES"])
+    return config
 
 
 def main() -> None:

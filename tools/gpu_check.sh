@@ -150,10 +150,10 @@
 #                                attention GPU tests, then 2-4 stages and 64/128-key blocks at the bench's nine decode
 #                                shapes, against the plan's tiles in OLD_TREE (git archive 939d3ed kernels gptoss_serve
 #                                tools: one buffer at any stage count)
-#   bash tools/gpu_check.sh 55   prefill attention with its pages carried a block ahead (K and V buffered num_stages - 1
-#                                deep): its configs (rows, key block, warps, stages) at 1k and 8k tokens against
-#                                OLD_TREE's kernel (git archive 939d3ed kernels gptoss_serve tools) and SDPA
-#                                (tools/attention_prefill_sweep.py), then the attention, PDL and model GPU tests
+#   bash tools/gpu_check.sh 55   prefill attention with its pages carried a block ahead (CARRY_PAGES: K and V buffered
+#                                num_stages - 1 deep) against the pages loaded where used, at 2-4 stages, 4 and 8 warps,
+#                                64-256 rows and 64/128-key blocks, 1k and 8k tokens, beside SDPA
+#                                (tools/attention_prefill_sweep.py); then the attention tests on the GPU
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -630,16 +630,11 @@ elif [ "$PART" = 54 ]; then
     (cd "$OLD_TREE" && PYTHONPATH="$PWD" decode_sweep 100 decode_stages_old.txt --layouts head --splits 0 \
         --tiles plan --rounds 2 --batches 1,32,128 --contexts 1024,8192,32768)
 elif [ "$PART" = 55 ]; then
-    prefill_sweep() {  # $1 label, $2 tree, $3 time limit (s), $4 configs (BLOCK_ROWS:BLOCK_N:warps:stages)
-        (cd "$2" && PYTHONPATH="$PWD" timeout "$3" python3 "$TOOLS/attention_prefill_sweep.py" --configs "$4" 2>&1) \
-            | grep -E "^\||^bf16" | sed "s/^/$1 /" | tee -a "$OUT/prefill_sweep.txt"
-    }
-    TOOLS="$PWD/tools"
-    prefill_sweep new . 160 default,::4:3,::8:2,::8:3,::8:4,:128:8:3,256::8:3
-    prefill_sweep old "$OLD_TREE" 80 default,::8:2,::8:3
-    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
-        tests/test_kernels_pdl.py tests/test_kernels_model.py -k "not moe" -rfE > "$OUT/tests.txt" 2>&1
-    tail -4 "$OUT/tests.txt"
+    timeout 150 python3 tools/attention_prefill_sweep.py --configs \
+        default,:::3:0,:::3:1,::8:2:0,::8:3:0,::8:3:1,::8:4:1,:128:8:3:1,256::8:3:1 2>&1 | grep -E "^\||^bf16" \
+        | tee "$OUT/prefill_sweep.txt"
+    timeout 70 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py -rfE \
+        > "$OUT/tests.txt" 2>&1; tail -4 "$OUT/tests.txt"  # all of it on CUDA tensors, carried pages too
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
