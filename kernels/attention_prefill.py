@@ -27,23 +27,17 @@ LOG2E = 1.4426950408889634
 @device_function
 def _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, positions, d, in_d,
             key_lo, key_hi, block_size, stride_cache_block, stride_cache_slot, scale_log2, sliding_window,
-            MASKED: tl.constexpr, BLOCK_N: tl.constexpr, CARRY_PAGES: tl.constexpr, EMULATE_BF16: tl.constexpr):
+            MASKED: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """Online softmax over keys [key_lo, key_hi); MASKED applies bounds, causality and the window per row.
-    CARRY_PAGES: each block's pages are loaded one iteration ahead and carried. Loaded in the iteration that uses
-    them, they make K and V a second level of indirection, and Triton's pipeliner then loads no block ahead during
-    the compute at any num_stages (kernels/attention_decode.py, decode_plan; tools/kernel_sass.py prefill)."""
-    if CARRY_PAGES:
-        keys = key_lo + tl.arange(0, BLOCK_N)
-        next_pages = tl.load(table_row + keys // block_size, mask=keys < key_hi, other=0)
+    The pages are loaded in the iteration that uses them, so Triton's pipeliner loads no key block ahead during the
+    compute (as in decode: kernels/attention_decode.py, decode_plan). Carried a block ahead, K and V were buffered
+    num_stages - 1 deep, and lost or tied on an H100 (2026-12-07, µs, 1k / 8k tokens, full attention): the config
+    below 60.1-60.5 / 1852-1856, carried at three stages 63.7-64.6 / 1868-1869, 8 warps carried 70.2-70.9 /
+    2267 (8 warps not carried 74.8-75.9 / 2447-2448)."""
     for key0 in range(key_lo, key_hi, BLOCK_N):
         keys = key0 + tl.arange(0, BLOCK_N)
         if MASKED:
             in_keys = keys < key_hi
-        if CARRY_PAGES:
-            page = next_pages.to(tl.int64)
-            keys_ahead = keys + BLOCK_N
-            next_pages = tl.load(table_row + keys_ahead // block_size, mask=keys_ahead < key_hi, other=0)
-        elif MASKED:
             page = tl.load(table_row + keys // block_size, mask=in_keys, other=0).to(tl.int64)
         else:
             page = tl.load(table_row + keys // block_size).to(tl.int64)
@@ -83,7 +77,7 @@ def _prefill_kernel(
     stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_tables,
     stride_out_token, stride_out_head,
     QUERIES_PER_KV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_SEQS: tl.constexpr, CARRY_PAGES: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SEQS: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -145,13 +139,13 @@ def _prefill_kernel(
     head_offset = kv_head * stride_cache_head
     m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, positions, d,
                             in_d, key_start, full_start, block_size, stride_cache_block, stride_cache_slot,
-                            scale_log2, sliding_window, True, BLOCK_N, CARRY_PAGES, EMULATE_BF16)
+                            scale_log2, sliding_window, True, BLOCK_N, EMULATE_BF16)
     m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, positions, d,
                             in_d, full_start, full_end, block_size, stride_cache_block, stride_cache_slot,
-                            scale_log2, sliding_window, False, BLOCK_N, CARRY_PAGES, EMULATE_BF16)
+                            scale_log2, sliding_window, False, BLOCK_N, EMULATE_BF16)
     m_i, l_i, acc = _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, positions, d,
                             in_d, full_end, last_pos + 1, block_size, stride_cache_block, stride_cache_slot,
-                            scale_log2, sliding_window, True, BLOCK_N, CARRY_PAGES, EMULATE_BF16)
+                            scale_log2, sliding_window, True, BLOCK_N, EMULATE_BF16)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_out_token + heads[:, None] * stride_out_head + d[None, :],
@@ -168,8 +162,7 @@ def paged_attention_prefill(
     sinks: torch.Tensor,  # [num_q_heads] float32
     sm_scale: float,
     sliding_window: int = 0,
-    config: dict | None = None,  # BLOCK_ROWS (query tokens x group heads), BLOCK_N, BLOCK_SEQS, CARRY_PAGES, warps,
-    # stages
+    config: dict | None = None,  # BLOCK_ROWS (query tokens x group heads), BLOCK_N, BLOCK_SEQS, warps, stages
 ) -> torch.Tensor:  # [num_tokens, num_q_heads, head_dim]
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -180,8 +173,7 @@ def paged_attention_prefill(
         return out
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("q and the caches need head_dim contiguous, and k and v caches one layout")
-    config = dict(BLOCK_ROWS=128, BLOCK_N=64, BLOCK_SEQS=64, CARRY_PAGES=False, num_warps=4, num_stages=2) | (
-        config or {})  # H100; CARRY_PAGES untimed (tools/gpu_check.sh 55)
+    config = dict(BLOCK_ROWS=128, BLOCK_N=64, BLOCK_SEQS=64, num_warps=4, num_stages=2) | (config or {})  # H100
     block_g = next_pow2(queries_per_kv)
     block_q = max(1, config["BLOCK_ROWS"] // block_g)
     max_tiles = (num_tokens + num_seqs * (block_q - 1)) // block_q
@@ -191,7 +183,6 @@ def paged_attention_prefill(
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            block_tables.stride(0), out.stride(0), out.stride(1),
            QUERIES_PER_KV=queries_per_kv, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_D=next_pow2(head_dim),
-           BLOCK_N=config["BLOCK_N"], BLOCK_SEQS=config["BLOCK_SEQS"], CARRY_PAGES=config["CARRY_PAGES"],
-           EMULATE_BF16=emulate_bf16(),
+           BLOCK_N=config["BLOCK_N"], BLOCK_SEQS=config["BLOCK_SEQS"], EMULATE_BF16=emulate_bf16(),
            num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out

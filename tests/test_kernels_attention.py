@@ -144,18 +144,6 @@ def test_prefill_finds_its_sequence_across_several_chunks_of_sequences():
     check(args, paged_attention_prefill(*args, config=dict(BLOCK_SEQS=4, BLOCK_ROWS=32)))
 
 
-@pytest.mark.parametrize("window", [0, 128, 7])
-def test_prefill_with_pages_carried_a_block_ahead_gives_the_same_bits(window):
-    # CARRY_PAGES loads each key block's pages an iteration early; the last look-ahead runs past the context
-    # (masked) and past the table's last page; 16-key blocks of 4-slot pages, chunks after cached prefixes
-    from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
-
-    args = make_batch([33, 20, 1, 129, 7], [33, 150, 100, 300, 7], 8, 2, 64, 4, window, seed=20 + window)
-    carried = paged_attention_prefill(*args, config=dict(CARRY_PAGES=True, BLOCK_N=16))
-    check(args, carried)
-    assert torch.equal(carried, paged_attention_prefill(*args, config=dict(CARRY_PAGES=False, BLOCK_N=16)))
-
-
 def test_prefill_tiny_head_shapes_and_block_size():
     check(make_batch([9, 40], [9, 77], 4, 2, 16, 4, 16, seed=3))
     check(make_batch([5, 1], [5, 12], 3, 1, 16, 8, 0, seed=4))  # group of 3 query heads

@@ -5,10 +5,9 @@ output, and prints µs, TFLOP/s and % of the bf16 matmul peak measured in the sa
 attention, torch's SDPA on the same q and as many contiguous keys and values (no sinks, no pages).
 
     python3 tools/attention_prefill_sweep.py [--lengths 1024,8192] [--windows 0,128] \\
-        [--configs default,::4:3:1,:128:8:3:1] [--rounds 2]
+        [--configs default,::8:3,256::8:2] [--rounds 2]
 
-A config is BLOCK_ROWS:BLOCK_N:num_warps:num_stages:CARRY_PAGES ("default": the kernel's own; a field left empty
-keeps it; CARRY_PAGES 1 loads each key block's pages an iteration ahead, so that num_stages buffers K and V).
+A config is BLOCK_ROWS:BLOCK_N:num_warps:num_stages ("default": the kernel's own; a field left empty keeps it).
 """
 from __future__ import annotations
 
@@ -20,16 +19,13 @@ import torch.nn.functional as F
 from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
 from gptoss_serve.kernels.bench import GPT_OSS, NUM_COPIES, _bench, measure_ceilings, prefill_inputs
 
-FIELDS = ("BLOCK_ROWS", "BLOCK_N", "num_warps", "num_stages", "CARRY_PAGES")
+FIELDS = ("BLOCK_ROWS", "BLOCK_N", "num_warps", "num_stages")
 
 
 def parse_config(spec: str) -> dict:
     if spec == "default":
         return {}
-    config = {name: int(value) for name, value in zip(FIELDS, spec.split(":")) if value}
-    if "CARRY_PAGES" in config:
-        config["CARRY_PAGES"] = bool(config["CARRY_PAGES"])
-    return config
+    return {name: int(value) for name, value in zip(FIELDS, spec.split(":")) if value}
 
 
 def main() -> None:

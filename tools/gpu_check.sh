@@ -150,7 +150,8 @@
 #                                attention GPU tests, then 2-4 stages and 64/128-key blocks at the bench's nine decode
 #                                shapes, against the plan's tiles in OLD_TREE (git archive 939d3ed kernels gptoss_serve
 #                                tools: one buffer at any stage count)
-#   bash tools/gpu_check.sh 55   prefill attention with its pages carried a block ahead (CARRY_PAGES: K and V buffered
+#   bash tools/gpu_check.sh 55   (ran at 8358256; CARRY_PAGES lost and is gone, and the sweep's fifth field with it)
+#                                prefill attention with its pages carried a block ahead (CARRY_PAGES: K and V buffered
 #                                num_stages - 1 deep) against the pages loaded where used, at 2-4 stages, 4 and 8 warps,
 #                                64-256 rows and 64/128-key blocks, 1k and 8k tokens, beside SDPA
 #                                (tools/attention_prefill_sweep.py); then the attention tests on the GPU

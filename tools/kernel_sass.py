@@ -269,8 +269,7 @@ def attention_decode(block_n: int = 128, pdl: bool = True, fused_merge: bool = F
     return compile_offline(_decode_kernel, args, const, num_warps=4, num_stages=num_stages)
 
 
-def attention_prefill(num_stages: int = 2, num_warps: int = 4, block_rows: int = 128, block_n: int = 64,
-                      carry_pages: bool = False):
+def attention_prefill(num_stages: int = 2, num_warps: int = 4, block_rows: int = 128, block_n: int = 64):
     """Prefill attention at gpt-oss's heads, a 16-slot head-major paged cache."""
     from gptoss_serve.kernels.attention_prefill import _prefill_kernel
 
@@ -280,7 +279,7 @@ def attention_prefill(num_stages: int = 2, num_warps: int = 4, block_rows: int =
                 stride_q_token=64 * 64, stride_q_head=64, stride_cache_block=8 * 16 * 64, stride_cache_slot=64,
                 stride_cache_head=16 * 64, stride_tables="i32", stride_out_token=64 * 64, stride_out_head=64)
     const = dict(QUERIES_PER_KV=8, BLOCK_G=8, BLOCK_Q=block_rows // 8, BLOCK_D=64, BLOCK_N=block_n, BLOCK_SEQS=64,
-                 CARRY_PAGES=carry_pages, EMULATE_BF16=False)
+                 EMULATE_BF16=False)
     return compile_offline(_prefill_kernel, args, const, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -376,10 +375,9 @@ if __name__ == "__main__":
             print(f"decode attention, 128-key blocks, {num_stages} stages: "
                   + copies_in_flight(attention_decode(num_stages=num_stages)))
     elif which == "prefill":
-        for num_warps, num_stages, carry in ((4, 2, False), (4, 3, False), (4, 3, True), (8, 3, False), (8, 3, True)):
-            compiled = attention_prefill(num_stages, num_warps, carry_pages=carry)
-            report(f"prefill attention, 128 rows x 64 keys, {num_warps} warps, {num_stages} stages, pages carried "
-                   f"{carry}", compiled)
+        for num_warps, num_stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
+            compiled = attention_prefill(num_stages, num_warps)
+            report(f"prefill attention, 128 rows x 64 keys, {num_warps} warps, {num_stages} stages", compiled)
             print("  " + copies_in_flight(compiled))
     elif which == "grouped":
         report("grouped 20b w1, 16x64x128 tiles (decode)", grouped_20b_w1(FOLD_SCALES=True), 64)
