@@ -31,9 +31,9 @@ def _attend(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, 
     """Online softmax over keys [key_lo, key_hi); MASKED applies bounds, causality and the window per row.
     The pages are loaded in the iteration that uses them, so Triton's pipeliner loads no key block ahead during the
     compute (as in decode: kernels/attention_decode.py, decode_plan). Carried a block ahead, K and V were buffered
-    num_stages - 1 deep, and lost or tied on an H100 (2026-12-07, µs, 1k / 8k tokens, full attention): the config
-    below 60.1-60.5 / 1852-1856, carried at three stages 63.7-64.6 / 1868-1869, 8 warps carried 70.2-70.9 /
-    2267 (8 warps not carried 74.8-75.9 / 2447-2448)."""
+    num_stages - 1 deep, and lost or tied on an H100 (2026-12-07, µs, 1k / 8k tokens, full attention): the default
+    config (paged_attention_prefill) 60.1-60.5 / 1852-1856, carried at three stages 63.7-64.6 / 1868-1869, with 8
+    warps carried 70.2-70.9 / 2267 (not carried 74.8-75.9 / 2447-2448)."""
     for key0 in range(key_lo, key_hi, BLOCK_N):
         keys = key0 + tl.arange(0, BLOCK_N)
         if MASKED:
