@@ -489,13 +489,21 @@ def prefill_inputs(length: int, window: int):
     return caches, tables, q, cu, lens, sinks, 4 * length * keys_per_query * hq * d
 
 
-def bench_prefill(ceil: dict, lengths: list[int], torch_max_tokens: int) -> list[dict]:
+def sdpa_ms(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> float:
+    """torch's causal SDPA (FlashAttention) on q [tokens, q heads, head_dim] and as many of the caches' rows, made
+    contiguous (no pages, no sinks): the prefill rows' reference at lengths the torch twin cannot hold."""
     import torch.nn.functional as F
 
+    length, d = q.shape[0], q.shape[2]
+    qt = q.transpose(0, 1).unsqueeze(0)  # [1, q heads, tokens, head_dim]
+    kt, vt = (c.reshape(-1, c.shape[2], d)[:length].transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
+    return _bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True), graph=False)
+
+
+def bench_prefill(ceil: dict, lengths: list[int], torch_max_tokens: int) -> list[dict]:
     from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
     from gptoss_serve.kernels.attention_ref import paged_attention_ref
 
-    d = GPT_OSS["head_dim"]
     rows = []
     for length in lengths:
         for window in (0, 128):
@@ -510,11 +518,7 @@ def bench_prefill(ceil: dict, lengths: list[int], torch_max_tokens: int) -> list
                     lambda: paged_attention_ref(q, kc, vc, tables, cu, lens, sinks, 0.125, window), graph=False)
                 row["torch_path"] = "paged_attention_ref"
             elif window == 0:
-                qt = q.transpose(0, 1).unsqueeze(0)
-                kt = kc.reshape(-1, kc.shape[2], d)[:length].transpose(0, 1).unsqueeze(0)
-                vt = vc.reshape(-1, vc.shape[2], d)[:length].transpose(0, 1).unsqueeze(0)
-                row["torch_ms"] = _bench(lambda: F.scaled_dot_product_attention(
-                    qt, kt, vt, is_causal=True, enable_gqa=True), graph=False)
+                row["torch_ms"] = sdpa_ms(q, kc, vc)
                 row["torch_path"] = "SDPA, contiguous KV, no sinks"
             rows.append(row)
             del caches

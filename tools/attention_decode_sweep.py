@@ -103,12 +103,18 @@ def compare_layouts(args) -> None:
             gen = torch.Generator().manual_seed(num_seqs * context)
             q, lens, sinks, nbytes = _decode_inputs(num_seqs, context, gen)
             times = {v: [] for v in variants}
+            held = None  # ((layout, block size), caches, tables): variants in a row share them (the same seed)
             for _ in range(args.rounds):
                 for variant in variants:
                     layout, block_size, fused, splits, tiles = variant
-                    tile_dict = _tiles(tiles)
-                    caches, tables = _kv_setup(num_seqs, context, block_size, torch.Generator().manual_seed(1),
-                                               head_major=layout == "head")
+                    tile_dict = parse_tiles(tiles)
+                    if held is None or held[0] != (layout, block_size):
+                        held = None
+                        torch.cuda.empty_cache()
+                        held = ((layout, block_size), *_kv_setup(num_seqs, context, block_size,
+                                                                 torch.Generator().manual_seed(1),
+                                                                 head_major=layout == "head"))
+                    _, caches, tables = held
                     try:
                         ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125,
                                                                     num_splits=splits or None, fused_merge=fused,
@@ -119,8 +125,8 @@ def compare_layouts(args) -> None:
                               f"{type(e).__name__}: {str(e)[:120]}", flush=True)
                         ms = float("nan")
                     times[variant].append(ms * 1e3)
-                    del caches
-                    torch.cuda.empty_cache()
+            held = caches = tables = None
+            torch.cuda.empty_cache()
             for (layout, block_size, fused, splits, tiles), us in times.items():
                 row = dict(batch=num_seqs, context=context, layout=layout, block_size=block_size, fused_merge=fused,
                            splits=splits, tiles=tiles, us=us,
@@ -135,11 +141,12 @@ def compare_layouts(args) -> None:
             json.dump(dict(ceilings=ceil, rows=results), f, indent=1)
 
 
-def _tiles(spec: str) -> dict | None:
-    """'plan' -> None; 'N:W:S' -> the tiles dict paged_attention_decode takes over the plan's (empty: the plan's)."""
-    if spec == "plan":
+def parse_tiles(spec: str, names: tuple[str, ...] = ("BLOCK_N", "num_warps", "num_stages"),
+                keep: str = "plan") -> dict | None:
+    """`keep` -> None; 'a:b:c' -> {names[i]: int} over the kernel's own (a field left empty keeps its value): the
+    tiles paged_attention_decode takes (tools/attention_prefill_sweep.py: its config)."""
+    if spec == keep:
         return None
-    names = ("BLOCK_N", "num_warps", "num_stages")
     return {name: int(value) for name, value in zip(names, spec.split(":")) if value}
 
 

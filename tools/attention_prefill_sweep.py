@@ -2,7 +2,7 @@
 config. Times each config as kernels/bench.py times its prefill rows (CUDA-graph replays over its caches, one
 sequence of LENGTH tokens, full attention and the 128-token window), checks it against the default config's
 output, and prints µs, TFLOP/s and % of the bf16 matmul peak measured in the same run; beside them, at full
-attention, torch's SDPA on the same q and as many contiguous keys and values (no sinks, no pages).
+attention, torch's SDPA on the same q and as many of the caches' rows made contiguous (bench.sdpa_ms).
 
     python3 tools/attention_prefill_sweep.py [--lengths 1024,8192] [--windows 0,128] \\
         [--configs default,::8:3,256::8:2] [--rounds 2]
@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
+from attention_decode_sweep import parse_tiles  # tools/, beside this script
 
 from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
-from gptoss_serve.kernels.bench import GPT_OSS, NUM_COPIES, _bench, measure_ceilings, prefill_inputs
+from gptoss_serve.kernels.bench import NUM_COPIES, _bench, measure_ceilings, prefill_inputs, sdpa_ms
 
 FIELDS = ("BLOCK_ROWS", "BLOCK_N", "num_warps", "num_stages")
 
 
 def parse_config(spec: str) -> dict:
-    if spec == "default":
-        return {}
-    return {name: int(value) for name, value in zip(FIELDS, spec.split(":")) if value}
+    return parse_tiles(spec, FIELDS, keep="default") or {}
 
 
 def main() -> None:
@@ -37,7 +35,6 @@ def main() -> None:
     args = parser.parse_args()
     ceil = measure_ceilings()
     print(f"bf16 matmul {ceil['bf16_tflops']:.0f} TFLOP/s", flush=True)
-    d = GPT_OSS["head_dim"]
     configs = [(spec, parse_config(spec)) for spec in args.configs.split(",")]
     print("| tokens | window | config | µs (each round) | TFLOP/s | % of bf16 peak | rel. error |")
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: |")
@@ -56,12 +53,7 @@ def main() -> None:
                       f"{flops / best / 1e9:.1f} | {flops / best / 1e9 / ceil['bf16_tflops']:.1%} | {err:.1e} |",
                       flush=True)
             if window == 0:
-                kc, vc = caches[0]
-                qt = q.transpose(0, 1).unsqueeze(0)  # [1, heads, tokens, head_dim]
-                kt, vt = (c.reshape(-1, c.shape[2], d)[:length].transpose(0, 1).unsqueeze(0).contiguous()
-                          for c in (kc, vc))
-                ms = _bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True),
-                            graph=False)
+                ms = sdpa_ms(q, *caches[0])  # the bench's reference row
                 print(f"| {length} | full | torch SDPA (contiguous, no sinks) | {ms * 1e3:.1f} | "
                       f"{flops / ms / 1e9:.1f} | {flops / ms / 1e9 / ceil['bf16_tflops']:.1%} | |", flush=True)
             del caches

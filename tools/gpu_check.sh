@@ -220,6 +220,11 @@ head_and_token_rounds() {  # $1 a command taking (label, tree), $2 rounds: run o
 decode_sweep() {  # $1 time limit (s), $2 file in $OUT (appended), then tools/attention_decode_sweep.py's arguments
     timeout "$1" python3 tools/attention_decode_sweep.py "${@:3}" 2>&1 | grep -v Warning | tee -a "$OUT/$2"
 }
+decode_variants() {  # $1 time limit (s), $2 file in $OUT, $3 batches, $4 contexts, $5 merges (0 kernel, 1 last
+    # slice), $6 slice counts (0: the plan's), $7 tiles (plan or N:W:S): decode_sweep on head-major blocks, two rounds
+    decode_sweep "$1" "$2" --layouts head --fused-merge "$5" --splits "$6" --tiles "$7" --rounds 2 --batches "$3" \
+        --contexts "$4"
+}
 decode_rows() {  # $1 time limit (s): the bench's decode rows with their read floors
     timeout "$1" python3 -m gptoss_serve.kernels.bench --sections decode --json "$OUT/bench_decode.json" 2>&1 \
         | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" | tee "$OUT/bench_decode.txt"
@@ -550,14 +555,11 @@ elif [ "$PART" = 47 ]; then
     decode_sweep 70 decode_splits.txt --layouts head --block-sizes 16,32 --fused-merge 0,1 --splits 0,1,4 --rounds 1 \
         --batches 32 --contexts 1024
 elif [ "$PART" = 48 ]; then
-    slices() {  # $1 time limit (s), $2 batches, $3 contexts, $4 merges, $5 slice counts
-        decode_sweep "$1" decode_slices.txt --layouts head --fused-merge "$4" --splits "$5" --rounds 2 \
-            --batches "$2" --contexts "$3"
-    }
-    slices 40 32,128 1024 1 1,2  # the most telling first: a call cut short still brings them back
-    slices 40 1 32768 0 32,64,128
-    slices 120 16,64 1024,2048 1 1,2,4
-    slices 60 1 8192 0 16,32,64,128
+    # the most telling first: a call cut short still brings them back
+    decode_variants 40 decode_slices.txt 32,128 1024 1 1,2 plan
+    decode_variants 40 decode_slices.txt 1 32768 0 32,64,128 plan
+    decode_variants 120 decode_slices.txt 16,64 1024,2048 1 1,2,4 plan
+    decode_variants 60 decode_slices.txt 1 8192 0 16,32,64,128 plan
 elif [ "$PART" = 49 ]; then
     layout_run() {  # $1 label, $2 tree
         (cd "$2" && PYTHONPATH="$PWD" engine_run 100) | grep -E "^ours" | sed "s/^/$1 /" \
@@ -567,17 +569,13 @@ elif [ "$PART" = 49 ]; then
 elif [ "$PART" = 50 ]; then
     timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py -rfE \
         > "$OUT/tests_attention.txt" 2>&1; tail -4 "$OUT/tests_attention.txt"
-    variants() {  # $1 time limit (s), $2 batches, $3 contexts, $4 slice counts, $5 tiles (N:W:S:G), $6 merges
-        decode_sweep "$1" decode_head_groups.txt --layouts head --splits "$4" --tiles "$5" --fused-merge "${6:-0}" \
-            --rounds 2 --batches "$2" --contexts "$3"
-    }
-    variants 45 32 1024 0 plan,:::2,:::4,:8::
-    variants 45 1 32768 32,64 plan,:::2,:::4
-    variants 30 1 32768 128 plan,64:::2
-    variants 40 1 8192 32,64 plan,:::2,:::4
-    variants 30 1 1024 0 plan,:::2,:::4,:::8
-    variants 30 128 1024 0 plan,:::2
-    variants 45 32,64 2048 0,4 plan,64:::,128:::
+    decode_variants 45 decode_head_groups.txt 32 1024 0 0 plan,:::2,:::4,:8::
+    decode_variants 45 decode_head_groups.txt 1 32768 0 32,64 plan,:::2,:::4
+    decode_variants 30 decode_head_groups.txt 1 32768 0 128 plan,64:::2
+    decode_variants 40 decode_head_groups.txt 1 8192 0 32,64 plan,:::2,:::4
+    decode_variants 30 decode_head_groups.txt 1 1024 0 0 plan,:::2,:::4,:::8
+    decode_variants 30 decode_head_groups.txt 128 1024 0 0 plan,:::2
+    decode_variants 45 decode_head_groups.txt 32,64 2048 0 0,4 plan,64:::,128:::
     ROUNDS=1 bash "$0" 49
 elif [ "$PART" = 51 ]; then
     for round in 1 2; do
@@ -603,31 +601,23 @@ for name, ms, count in r["top_kernels_ms"][:15]:
     }
     head_and_token_rounds prefill_run "${ROUNDS:-2}"
 elif [ "$PART" = 53 ]; then
-    short_rows() {  # $1 time limit (s), $2 batches, $3 contexts, $4 merges, $5 slice counts, $6 tiles (N:W:S)
-        decode_sweep "$1" decode_short_rows.txt --layouts head --fused-merge "$4" --splits "$5" --tiles "$6" \
-            --rounds 2 --batches "$2" --contexts "$3"
-    }
-    short_rows 75 32 1024 0 0 plan,128:4:3,64::,64::3,64::4,128:2:  # the row on the line first
-    short_rows 90 1 32768 0 64,96,128 plan,128::,64::
-    short_rows 60 1 32768 0 32,64 64::3,64::4,128::3
-    short_rows 60 1 1024 0,1 4,8,16 plan
-    short_rows 60 1 8192 0,1 16,32,64 plan
+    decode_variants 75 decode_short_rows.txt 32 1024 0 0 plan,128:4:3,64::,64::3,64::4,128:2:  # the line's row first
+    decode_variants 90 decode_short_rows.txt 1 32768 0 64,96,128 plan,128::,64::
+    decode_variants 60 decode_short_rows.txt 1 32768 0 32,64 64::3,64::4,128::3
+    decode_variants 60 decode_short_rows.txt 1 1024 0,1 4,8,16 plan
+    decode_variants 60 decode_short_rows.txt 1 8192 0,1 16,32,64 plan
     timeout 60 python3 -m gptoss_serve.kernels.bench --sections attention-front 2>&1 | grep -v Warning \
         | grep -E "^\| (norm|attention)|^HBM" | tee "$OUT/bench_attention_front.txt"  # re-timed after 1c95f72
 elif [ "$PART" = 54 ]; then
     timeout 90 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py -k "decode or pdl" \
         -rfE > "$OUT/tests_attention.txt" 2>&1; tail -3 "$OUT/tests_attention.txt"
-    stages() {  # $1 time limit (s), $2 batches, $3 contexts, $4 slice counts, $5 tiles (N:W:S)
-        decode_sweep "$1" decode_stages.txt --layouts head --splits "$4" --tiles "$5" --rounds 2 --batches "$2" \
-            --contexts "$3"
-    }
-    stages 60 32 1024 0 plan,128::3,128::4,64::3,64::4
-    stages 90 1 32768 32,64 plan,128::3,128::4,64::3,64::4
-    stages 50 128 1024 0 plan,64::3,64::4,128::3
-    stages 60 32 8192,32768 0 plan,::3,::4
-    stages 40 128 8192 0 plan,::3,::4
-    stages 50 1 1024,8192 0 plan,::3,::4
-    stages 50 128 32768 0 plan,::3
+    decode_variants 60 decode_stages.txt 32 1024 0 0 plan,128::3,128::4,64::3,64::4
+    decode_variants 90 decode_stages.txt 1 32768 0 32,64 plan,128::3,128::4,64::3,64::4
+    decode_variants 50 decode_stages.txt 128 1024 0 0 plan,64::3,64::4,128::3
+    decode_variants 60 decode_stages.txt 32 8192,32768 0 0 plan,::3,::4
+    decode_variants 40 decode_stages.txt 128 8192 0 0 plan,::3,::4
+    decode_variants 50 decode_stages.txt 1 1024,8192 0 0 plan,::3,::4
+    decode_variants 50 decode_stages.txt 128 32768 0 0 plan,::3
     (cd "$OLD_TREE" && PYTHONPATH="$PWD" decode_sweep 100 decode_stages_old.txt --layouts head --splits 0 \
         --tiles plan --rounds 2 --batches 1,32,128 --contexts 1024,8192,32768)
 elif [ "$PART" = 55 ]; then

@@ -252,32 +252,33 @@ def attention_front(num_tokens: int, num_splits: int | None = None, has_residual
     return tiling, compile_offline(_norm_qkv_rope_kernel, args, const, num_warps=4, maxnreg=max_registers(tiling))
 
 
+def _paged_attention_args(**extra) -> dict:
+    """The arguments both attention kernels share, at gpt-oss's heads (64 query, 8 KV, head_dim 64) over a 16-slot
+    paged cache stored head-major, as KVCache stores it; extra: each kernel's own."""
+    args = {name: "*bf16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+    args.update(block_tables_ptr="*i32", context_lens_ptr="*i32", sinks_ptr="*fp32", scale_log2="fp32",
+                sliding_window="i32", block_size=16, head_dim=64, stride_q_token=64 * 64, stride_q_head=64,
+                stride_cache_block=8 * 16 * 64, stride_cache_slot=64, stride_cache_head=16 * 64,
+                stride_tables="i32", stride_out_token=64 * 64, stride_out_head=64, **extra)
+    return args
+
+
 def attention_decode(block_n: int = 128, pdl: bool = True, fused_merge: bool = False, num_stages: int = 2):
-    """Decode attention at gpt-oss's heads (64 query, 8 KV, head_dim 64), a 16-slot paged cache, 2 slices (merged
-    by the last one's program with fused_merge)."""
+    """Decode attention, 2 slices (merged by the last one's program with fused_merge)."""
     from gptoss_serve.kernels.attention_decode import _decode_kernel
 
-    args = {name: "*bf16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
-    args.update(block_tables_ptr="*i32", context_lens_ptr="*i32", sinks_ptr="*fp32", part_acc_ptr="*fp32",
-                part_max_ptr="*fp32", part_sum_ptr="*fp32", arrivals_ptr="*i32", scale_log2="fp32",
-                sliding_window="i32", partition_tokens=512, block_size=16, num_q_heads=64, head_dim=64,
-                stride_q_token=64 * 64, stride_q_head=64,  # the cache head-major, as KVCache stores it:
-                stride_cache_block=8 * 16 * 64, stride_cache_slot=64, stride_cache_head=16 * 64,
-                stride_tables="i32", stride_out_token=64 * 64, stride_out_head=64)
+    args = _paged_attention_args(part_acc_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32",
+                                 arrivals_ptr="*i32", partition_tokens=512, num_q_heads=64)
     const = dict(QUERIES_PER_KV=8, BLOCK_G=16, BLOCK_D=64, BLOCK_N=block_n, NUM_SPLITS=2, SPLITS_P2=2,
                  FUSED_MERGE=fused_merge, EMULATE_BF16=False, PDL=pdl)
     return compile_offline(_decode_kernel, args, const, num_warps=4, num_stages=num_stages)
 
 
 def attention_prefill(num_stages: int = 2, num_warps: int = 4, block_rows: int = 128, block_n: int = 64):
-    """Prefill attention at gpt-oss's heads, a 16-slot head-major paged cache."""
+    """Prefill attention, one config (rows = query tokens x the 8 heads of a KV head)."""
     from gptoss_serve.kernels.attention_prefill import _prefill_kernel
 
-    args = {name: "*bf16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
-    args.update(block_tables_ptr="*i32", cu_seqlens_ptr="*i32", context_lens_ptr="*i32", sinks_ptr="*fp32",
-                scale_log2="fp32", sliding_window="i32", num_seqs="i32", block_size=16, head_dim=64,
-                stride_q_token=64 * 64, stride_q_head=64, stride_cache_block=8 * 16 * 64, stride_cache_slot=64,
-                stride_cache_head=16 * 64, stride_tables="i32", stride_out_token=64 * 64, stride_out_head=64)
+    args = _paged_attention_args(cu_seqlens_ptr="*i32", num_seqs="i32")
     const = dict(QUERIES_PER_KV=8, BLOCK_G=8, BLOCK_Q=block_rows // 8, BLOCK_D=64, BLOCK_N=block_n, BLOCK_SEQS=64,
                  EMULATE_BF16=False)
     return compile_offline(_prefill_kernel, args, const, num_warps=num_warps, num_stages=num_stages)
