@@ -84,19 +84,30 @@ def _decode_kernel(
     stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_tables,
     stride_out_token, stride_out_head,
     QUERIES_PER_KV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, FUSED_MERGE: tl.constexpr, EMULATE_BF16: tl.constexpr,
-    PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, FUSED_MERGE: tl.constexpr, EARLY_META: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)  # q and the cache's new rows come from the kernels before
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    context_len = tl.load(context_lens_ptr + seq)
-    first_key = 0
-    if sliding_window > 0:
-        first_key = tl.maximum(context_len - sliding_window, 0)
-    start = first_key + split * partition_tokens
-    end = tl.minimum(context_len, start + partition_tokens)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_tables
+    if EARLY_META:  # the step's lengths and tables come from kernels at least two launches back (triton_utils)
+        context_len = tl.load(context_lens_ptr + seq)
+        first_key = 0
+        if sliding_window > 0:
+            first_key = tl.maximum(context_len - sliding_window, 0)
+        start = first_key + split * partition_tokens
+        end = tl.minimum(context_len, start + partition_tokens)
+        first_keys = start + tl.arange(0, BLOCK_N)
+        first_pages = tl.load(table_row + first_keys // block_size, mask=first_keys < end, other=0)  # [BLOCK_N]
+    pdl_wait(PDL)  # q and the cache's new rows come from the kernels before
+    if not EARLY_META:
+        context_len = tl.load(context_lens_ptr + seq)
+        first_key = 0
+        if sliding_window > 0:
+            first_key = tl.maximum(context_len - sliding_window, 0)
+        start = first_key + split * partition_tokens
+        end = tl.minimum(context_len, start + partition_tokens)
 
     g = tl.arange(0, BLOCK_G)
     heads = kv_head * QUERIES_PER_KV + g
@@ -115,12 +126,16 @@ def _decode_kernel(
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
 
-    table_row = block_tables_ptr + seq.to(tl.int64) * stride_tables
     head_offset = kv_head * stride_cache_head
     for key0 in range(start, end, BLOCK_N):
         keys = key0 + tl.arange(0, BLOCK_N)
         in_keys = keys < end
-        page = tl.load(table_row + keys // block_size, mask=in_keys, other=0).to(tl.int64)
+        if EARLY_META:  # the first block's pages are in hand
+            page = tl.load(table_row + keys // block_size, mask=in_keys & (keys >= start + BLOCK_N),
+                           other=first_pages)
+        else:
+            page = tl.load(table_row + keys // block_size, mask=in_keys, other=0)
+        page = page.to(tl.int64)
         row = page * stride_cache_block + (keys % block_size) * stride_cache_slot + head_offset  # [BLOCK_N]
         kv_mask = in_keys[:, None] & in_d[None, :]
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -222,7 +237,7 @@ def paged_attention_decode(
     sm_scale: float,
     sliding_window: int = 0,
     num_splits: int | None = None,  # slices of the context (any count >= 1); None = chosen from the shapes
-    tiles: dict | None = None,  # BLOCK_N, num_warps, num_stages over decode_plan's (sweeps)
+    tiles: dict | None = None,  # BLOCK_N, num_warps, num_stages, ALIGN, EARLY_META over decode_plan's (sweeps)
     fused_merge: bool | None = None,  # slices merged by the last one's program; None = up to FUSED_MERGE_MAX_SPLITS
 ) -> torch.Tensor:  # [num_seqs, num_q_heads, head_dim]
     num_seqs, num_q_heads, head_dim = q.shape
@@ -240,7 +255,8 @@ def paged_attention_decode(
     num_splits = num_splits if num_splits is not None else plan_splits  # any count (the plan's: powers of two)
     tiles = dict(plan_tiles, **(tiles or {}))
     block_n = tiles["BLOCK_N"]
-    partition = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
+    align = tiles.get("ALIGN", block_n)  # slices of whole key blocks, or (sweeps) of any multiple of ALIGN keys
+    partition = triton.cdiv(triton.cdiv(max_keys, num_splits), align) * align
     block_d = next_pow2(head_dim)
     fused_merge = num_splits > 1 and (num_splits <= FUSED_MERGE_MAX_SPLITS if fused_merge is None else fused_merge)
     if num_splits > 1:
@@ -259,7 +275,8 @@ def paged_attention_decode(
            block_tables.stride(0), out.stride(0), out.stride(1),
            QUERIES_PER_KV=queries_per_kv, BLOCK_G=max(16, next_pow2(queries_per_kv)), BLOCK_D=block_d,
            BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), FUSED_MERGE=fused_merge,
-           EMULATE_BF16=emulate, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **pdl)
+           EARLY_META=bool(tiles.get("EARLY_META", 0)), EMULATE_BF16=emulate, num_warps=tiles["num_warps"],
+           num_stages=tiles["num_stages"], **pdl)
     if num_splits > 1 and not fused_merge:
         launch(_merge_splits_kernel, (num_seqs, num_q_heads),
                part_acc, part_max, part_sum, out, num_q_heads, head_dim, out.stride(0), out.stride(1),

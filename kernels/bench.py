@@ -266,17 +266,22 @@ def _read_floor_kernel(src_ptr, out_ptr, num_words, WORDS_PER_PROGRAM: tl.conste
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-def _read_floor_ms(copies: list[torch.Tensor]) -> dict[int, float]:
+def _read_floor_ms(copies: list[torch.Tensor]) -> dict[str, float]:
     """Milliseconds per copy of a kernel that only reads each of `copies` (contiguous tensors of whole int32
-    words, one launch each, replayed in a CUDA graph as the ops are), by number of programs (132 to 2112)."""
+    words, one launch each, replayed in a CUDA graph as the ops are), by "programs x bytes a program loads at once"
+    (132 to 2112 programs; 2 KB, and 8 KB: more bytes in flight, where a grid of 2 KB loads waits on latency)."""
     words = [c.view(-1).view(torch.int32) for c in copies]
     sink = torch.empty(1 << 16, dtype=torch.int32, device="cuda")
     floors = {}
-    for programs in (132, 528, 1056, 2112):
-        per_program = triton.cdiv(triton.cdiv(words[0].numel(), programs), 512) * 512
-        grid = (triton.cdiv(words[0].numel(), per_program),)
-        floors[programs] = _bench(lambda: [_read_floor_kernel[grid](w, sink, w.numel(), WORDS_PER_PROGRAM=per_program,
-                                                                   BLOCK=512) for w in words]) / len(words)
+    for block in (512, 2048):
+        for programs in (132, 528, 1056, 2112):
+            per_program = triton.cdiv(triton.cdiv(words[0].numel(), programs), block) * block
+            grid = (triton.cdiv(words[0].numel(), per_program),)
+            key = f"{grid[0]}x{block * 4 // 1024}K"
+            if key not in floors:
+                floors[key] = _bench(lambda: [_read_floor_kernel[grid](w, sink, w.numel(),
+                                                                       WORDS_PER_PROGRAM=per_program, BLOCK=block)
+                                              for w in words]) / len(words)
     return floors
 
 

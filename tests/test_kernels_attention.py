@@ -103,6 +103,21 @@ def test_decode_tiles_of_the_plan_give_the_same_result(splits, block_n):
                                        num_splits=splits, tiles=dict(BLOCK_N=block_n, num_warps=4, num_stages=2)))
 
 
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_decode_lengths_and_first_pages_before_the_wait_give_the_same_bits(splits):
+    """EARLY_META: the lengths and each slice's first pages loaded before the PDL wait, the first block's pages from
+    those; empty slices, a sliding window and a slice of one key too. ALIGN 1: slices cut at any key, mid-block."""
+    for window in (0, 128):
+        args = make_batch([1] * 4, [1, 129, 300, 517], 8, 2, 64, 16, window, seed=splits + window)
+        q, k_cache, v_cache, table, _, context_lens, sinks, sm_scale, window = args
+        outs = [paged_attention_decode(q, k_cache, v_cache, table, context_lens, sinks, sm_scale, window,
+                                       num_splits=splits, tiles=dict(EARLY_META=early)) for early in (0, 1)]
+        assert torch.equal(outs[0], outs[1])
+        unaligned = paged_attention_decode(q, k_cache, v_cache, table, context_lens, sinks, sm_scale, window,
+                                           num_splits=splits, tiles=dict(EARLY_META=1, ALIGN=1))
+        check(args, unaligned)
+
+
 def test_decode_plan_is_a_function_of_static_shapes():
     for num_seqs in (1, 3, 32, 128, 256):
         for max_keys in (16, 128, 1000, 8192, 131072):

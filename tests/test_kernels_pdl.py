@@ -156,22 +156,24 @@ def paged_cache(num_seqs: int, context: int, gen: torch.Generator):
 @needs_hopper
 @pytest.mark.parametrize("num_seqs,context", [(1, 32768), (32, 1024), (4, 5000)])
 @pytest.mark.parametrize("fused_merge", [False, True])  # slices merged by a kernel, or by the last slice
-def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_seqs, context, fused_merge):
+@pytest.mark.parametrize("early_meta", [0, 1])  # lengths and first pages read before the wait, or after
+def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_seqs, context, fused_merge,
+                                                              early_meta):
     gen = torch.Generator(device="cuda").manual_seed(num_seqs + context)
     k_cache, v_cache, tables, sinks = paged_cache(num_seqs, context, gen)
 
     def queries():
-        q = torch.randn(num_seqs, Q_HEADS, HEAD_DIM, generator=gen, device="cuda").to(torch.bfloat16)
         lens = torch.randint(context // 2, context + 1, (num_seqs,), generator=gen, device="cuda").int()
-        return q, lens
+        q = torch.randn(num_seqs, Q_HEADS, HEAD_DIM, generator=gen, device="cuda").to(torch.bfloat16)
+        return lens, q  # copied in this order: the lengths two launches before the attention, as the engine's are
 
     inputs = [queries(), queries()]
     buffers = tuple(torch.empty_like(t) for t in inputs[0])
 
     def run():
-        q, lens = buffers
+        lens, q = buffers
         return paged_attention_decode(q, k_cache, v_cache, tables, lens, sinks, HEAD_DIM ** -0.5,
-                                      fused_merge=fused_merge)
+                                      fused_merge=fused_merge, tiles=dict(EARLY_META=early_meta))
 
     expected = serialized(monkeypatch, run, inputs, buffers)
     for i, out in enumerate(replay_alternating(run, inputs, buffers)):
@@ -181,7 +183,9 @@ def test_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_s
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("num_seqs,context", [(1, 32768), (32, 1024)])
-def test_cache_write_then_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_seqs, context):
+@pytest.mark.parametrize("early_meta", [0, 1])
+def test_cache_write_then_decode_attention_with_pdl_equals_serialized_launches(monkeypatch, num_seqs, context,
+                                                                               early_meta):
     """As the model runs them: the RoPE kernel writes q and the new token's K and V rows, then decode attention
     reads them. The new rows alternate between two sets: a read of the cache ahead of the wait would show."""
     gen = torch.Generator(device="cuda").manual_seed(num_seqs * 7 + context)
@@ -201,7 +205,8 @@ def test_cache_write_then_decode_attention_with_pdl_equals_serialized_launches(m
     def run():
         q, k, v = buffers
         q_rotated, _ = rope_and_cache_write(q, k, v, positions, inv_freq, 1.0, k_cache, v_cache, slots)
-        return paged_attention_decode(q_rotated, k_cache, v_cache, tables, lens, sinks, HEAD_DIM ** -0.5)
+        return paged_attention_decode(q_rotated, k_cache, v_cache, tables, lens, sinks, HEAD_DIM ** -0.5,
+                                      tiles=dict(EARLY_META=early_meta))
 
     expected = serialized(monkeypatch, run, inputs, buffers)
     for i, out in enumerate(replay_alternating(run, inputs, buffers)):

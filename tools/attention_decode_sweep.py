@@ -9,8 +9,12 @@ With --layouts token,head [--block-sizes 16,32] [--fused-merge 0,1] [--splits 0,
 [--rounds N] it times decode_plan's tiles (and slice count where --splits says 0) instead, on each cache layout,
 block size, way to merge the slices, slice count and tiles in turn, N rounds: token-major blocks [blocks, block size,
 KV heads, head_dim] against head-major ones (a KV head's rows of a block contiguous, the engine's; the same shape
-through strides); slices merged by a kernel (0) or by the last slice (1); tiles BLOCK_N:num_warps:num_stages
-("plan": decode_plan's for the slice count the plan picks; a field left empty keeps the plan's).
+through strides); slices merged by a kernel (0) or by the last slice (1); tiles
+BLOCK_N:num_warps:num_stages[:EARLY_META[:ALIGN]] ("plan": decode_plan's for the slice count the plan picks; a field
+left empty keeps the plan's; EARLY_META 1 loads the lengths and first pages before the PDL wait; ALIGN: slices of a
+multiple of that many keys instead of whole key blocks).
+
+With --profile [--splits ...] [--tiles ...] it prints each launch's GPU time in a layer instead (profile_launches).
 """
 from __future__ import annotations
 
@@ -35,7 +39,12 @@ def main() -> None:
     parser.add_argument("--splits", default="0", help="with --layouts: slice counts (0: decode_plan's)")
     parser.add_argument("--tiles", default="plan", help="with --layouts: plan or N:W:S entries, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--profile", action="store_true",
+                        help="with --splits and --tiles: each launch's GPU time, PDL off, beside the layer's time "
+                             "with PDL and without (head-major blocks)")
     args = parser.parse_args()
+    if args.profile:
+        return profile_launches(args)
     if args.layouts:
         return compare_layouts(args)
     ceil = measure_ceilings()
@@ -141,7 +150,55 @@ def compare_layouts(args) -> None:
             json.dump(dict(ceilings=ceil, rows=results), f, indent=1)
 
 
-def parse_tiles(spec: str, names: tuple[str, ...] = ("BLOCK_N", "num_warps", "num_stages"),
+def profile_launches(args) -> None:
+    """Where a decode layer's time goes: for each shape and variant (--splits, --tiles), the layer's µs as the bench
+    times it with PDL and without, then each launch's median GPU time (torch profiler over replays of a graph
+    captured without PDL, so that no kernel's time includes its wait for the one before); the rest of the layer
+    without PDL is the gaps between launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gptoss_serve.kernels import triton_utils
+    from gptoss_serve.kernels.bench import _launch_sequence
+
+    ceil = measure_ceilings()
+    print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
+    print("| batch x context | slices | tiles | layer µs, PDL | layer µs, no PDL | launches (µs, no PDL) | gaps µs |")
+    print("| --- | --- | --- | ---: | ---: | --- | ---: |")
+    for num_seqs in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            gen = torch.Generator().manual_seed(num_seqs * context)
+            q, lens, sinks, nbytes = _decode_inputs(num_seqs, context, gen)
+            caches, tables = _kv_setup(num_seqs, context, 16, torch.Generator().manual_seed(1), head_major=True)
+            for splits, tiles in itertools.product(map(int, args.splits.split(",")), args.tiles.split(",")):
+                def layers():
+                    return [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125, num_splits=splits or None,
+                                                   tiles=parse_tiles(tiles)) for kc, vc in caches]
+
+                pdl_ms = _bench(layers, rep_ms=100) / NUM_COPIES
+                held, triton_utils.PDL = triton_utils.PDL, False
+                try:
+                    plain_ms = _bench(layers, rep_ms=100) / NUM_COPIES
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        layers()
+                finally:
+                    triton_utils.PDL = held
+                replays = 20
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(replays):
+                        graph.replay()
+                    torch.cuda.synchronize()
+                sequence = _launch_sequence(prof, replays * NUM_COPIES)
+                gaps = plain_ms * 1e3 - sum(t for _, t in sequence)
+                print(f"| {num_seqs} x {context} | {splits or 'plan'} | {tiles} | {pdl_ms * 1e3:.1f} "
+                      f"({nbytes / pdl_ms / 1e6 / ceil['copy_gbs']:.1%}) | {plain_ms * 1e3:.1f} | "
+                      + ", ".join(f"{name.split('_kernel')[0]} {t:.1f}" for name, t in sequence)
+                      + f" | {gaps:.1f} |", flush=True)
+            del caches
+            torch.cuda.empty_cache()
+
+
+def parse_tiles(spec: str, names: tuple[str, ...] = ("BLOCK_N", "num_warps", "num_stages", "EARLY_META", "ALIGN"),
                 keep: str = "plan") -> dict | None:
     """`keep` -> None; 'a:b:c' -> {names[i]: int} over the kernel's own (a field left empty keeps its value): the
     tiles paged_attention_decode takes (tools/attention_prefill_sweep.py: its config)."""

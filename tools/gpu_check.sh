@@ -155,6 +155,11 @@
 #                                num_stages - 1 deep) against the pages loaded where used, at 2-4 stages, 4 and 8 warps,
 #                                64-256 rows and 64/128-key blocks, 1k and 8k tokens, beside SDPA
 #                                (tools/attention_prefill_sweep.py); then the attention tests on the GPU
+#   bash tools/gpu_check.sh 56   decode attention with the lengths and first pages loaded before the PDL wait
+#                                (EARLY_META) and with slices of any length (ALIGN 1, 66 or 132 slices: 4 or 8 programs
+#                                on every SM at batch 1): the decode and PDL tests on the GPU, each launch's time in a
+#                                layer (attention_decode_sweep.py --profile), batch 1, 32 and 128 at 1k and 8k and
+#                                1 x 32k both ways
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -626,6 +631,16 @@ elif [ "$PART" = 55 ]; then
         | tee "$OUT/prefill_sweep.txt"
     timeout 70 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py -rfE \
         > "$OUT/tests.txt" 2>&1; tail -4 "$OUT/tests.txt"  # all of it on CUDA tensors, carried pages too
+elif [ "$PART" = 56 ]; then
+    timeout 90 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
+        tests/test_kernels_pdl.py -k "decode" -rfE > "$OUT/tests_decode.txt" 2>&1; tail -3 "$OUT/tests_decode.txt"
+    decode_variants 60 decode_early.txt 32 1024 0 0 plan,:::1,plan,:::1  # the line's row first, four rounds
+    decode_variants 80 decode_early.txt 1 32768 0 0,66,132 plan,:::1,:::1:1,64:::1:1
+    decode_variants 50 decode_early.txt 1 1024,8192 0 0 plan,:::1
+    decode_variants 40 decode_early.txt 1 8192 0 66 :::1:1,128:::1:1
+    decode_variants 60 decode_early.txt 128,32 1024,8192 0 0 plan,:::1
+    timeout 80 python3 tools/attention_decode_sweep.py --profile --batches 1,32 --contexts 1024,32768 --splits 0 \
+        --tiles plan,:::1 2>&1 | grep -E "^\||^copy" | tee "$OUT/decode_profile.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

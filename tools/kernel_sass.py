@@ -12,7 +12,8 @@ divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image ha
     python3 tools/kernel_sass.py chain           # both of its matmuls in one launch, at the decode tiles
     python3 tools/kernel_sass.py router          # the fused norm + router logits kernel at 20b
     python3 tools/kernel_sass.py front           # the fused norm + qkv + rope + cache write kernel at 20b
-    python3 tools/kernel_sass.py attention       # decode attention (gpt-oss heads, 128-key blocks), with PDL and not,
+    python3 tools/kernel_sass.py attention       # decode attention (gpt-oss heads, 128-key blocks), with PDL and not
+                                                 # (the lengths and first pages before its wait too),
                                                  # and the key blocks its loop loads ahead at 2-4 stages
     python3 tools/kernel_sass.py prefill         # prefill attention's configs: registers, spills, blocks loaded ahead
 """
@@ -263,14 +264,16 @@ def _paged_attention_args(**extra) -> dict:
     return args
 
 
-def attention_decode(block_n: int = 128, pdl: bool = True, fused_merge: bool = False, num_stages: int = 2):
-    """Decode attention, 2 slices (merged by the last one's program with fused_merge)."""
+def attention_decode(block_n: int = 128, pdl: bool = True, fused_merge: bool = False, num_stages: int = 2,
+                     early_meta: bool = False):
+    """Decode attention, 2 slices (merged by the last one's program with fused_merge; the lengths and first pages
+    loaded before the PDL wait with early_meta)."""
     from gptoss_serve.kernels.attention_decode import _decode_kernel
 
     args = _paged_attention_args(part_acc_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32",
                                  arrivals_ptr="*i32", partition_tokens=512, num_q_heads=64)
     const = dict(QUERIES_PER_KV=8, BLOCK_G=16, BLOCK_D=64, BLOCK_N=block_n, NUM_SPLITS=2, SPLITS_P2=2,
-                 FUSED_MERGE=fused_merge, EMULATE_BF16=False, PDL=pdl)
+                 FUSED_MERGE=fused_merge, EARLY_META=early_meta, EMULATE_BF16=False, PDL=pdl)
     return compile_offline(_decode_kernel, args, const, num_warps=4, num_stages=num_stages)
 
 
@@ -370,6 +373,9 @@ if __name__ == "__main__":
             compiled = attention_decode(pdl=pdl)
             report(f"decode attention, 128-key blocks, PDL {pdl}", compiled)
             print("  " + first_lines(sass(compiled), ("ACQBULK", "PREEXIT", "LDG", "LDGSTS")))
+        compiled = attention_decode(early_meta=True)
+        report("decode attention, 128-key blocks, PDL, lengths and first pages before the wait", compiled)
+        print("  " + first_lines(sass(compiled), ("ACQBULK", "PREEXIT", "LDG", "LDGSTS")))
         report("decode attention, 128-key blocks, PDL, slices merged by the last one",
                attention_decode(fused_merge=True))
         for num_stages in (2, 3, 4):  # K and V are one group each: 2 in flight = one block ahead
