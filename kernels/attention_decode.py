@@ -171,9 +171,13 @@ def _decode_kernel(
             if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:  # the last slice of the group to finish
                 tl.store(counter, 0)  # zero for the next launch
                 base = (seq.to(tl.int64) * num_q_heads + heads) * NUM_SPLITS  # [BLOCK_G]
-                _merge_group(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base,
-                             seq.to(tl.int64) * stride_out_token + heads * stride_out_head, in_group, d, head_dim,
-                             NUM_SPLITS, SPLITS_P2, BLOCK_D, EMULATE_BF16)
+                out_offset = seq.to(tl.int64) * stride_out_token + heads * stride_out_head
+                if SPLITS_P2 <= 8:
+                    _merge_group(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, out_offset, in_group, d,
+                                 head_dim, NUM_SPLITS, SPLITS_P2, BLOCK_D, EMULATE_BF16)
+                else:
+                    _merge_online(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, out_offset, in_group, d,
+                                  head_dim, NUM_SPLITS, BLOCK_D, EMULATE_BF16)
 
 
 @triton.jit
@@ -218,6 +222,34 @@ def _merge_group(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, out_of
     den = tl.where(in_group, tl.sum(l * weight, axis=1), 1.0)  # (padding heads: no 0 / 0)
     out = tl.sum(acc * weight[:, :, None], axis=1) / den[:, None]
     tl.store(out_ptr + out_offset[:, None] + d[None, :], cast_rne(out, out_ptr.dtype.element_ty, EMULATE_BF16),
+             mask=in_group[:, None] & (d < head_dim)[None, :])
+
+
+@device_function
+def _merge_online(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, out_offset, in_group, d, head_dim,
+                  NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """The slices of a group of heads [G] merged one slice after another (FUSED_MERGE with many slices, where
+    _merge_group's [G, SPLITS_P2, BLOCK_D] would not fit in registers): a running max, sum and output a head, as the
+    kernel's own loop keeps them; unrolled and with no reduction across threads, so the loads of every slice can be
+    in flight at once. Partial rows base (slice s at base + s), outputs at out_offset; `.cg` loads, as in
+    _merge_group. The sums' order differs from the merge kernel's."""
+    m_run = tl.full(base.shape, float("-inf"), dtype=tl.float32)  # slice 0 holds the sink: finite from there on
+    l_run = tl.zeros(base.shape, dtype=tl.float32)
+    o_run = tl.zeros([base.shape[0], BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        m = tl.load(part_max_ptr + base + s, mask=in_group, other=0.0, cache_modifier=".cg")  # padding heads: 0
+        l = tl.load(part_sum_ptr + base + s, mask=in_group, other=0.0, cache_modifier=".cg")
+        acc = tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=in_group[:, None], other=0.0,
+                      cache_modifier=".cg")  # [G, BLOCK_D]
+        m_new = tl.maximum(m_run, m)
+        keep = tl.exp2(m_run - m_new)  # 0 at slice 0
+        take = tl.exp2(m - m_new)  # empty slices: exp2(-inf) = 0
+        l_run = l_run * keep + l * take
+        o_run = o_run * keep[:, None] + acc * take[:, None]
+        m_run = m_new
+    den = tl.where(in_group, l_run, 1.0)  # (padding heads: no 0 / 0)
+    tl.store(out_ptr + out_offset[:, None] + d[None, :],
+             cast_rne(o_run / den[:, None], out_ptr.dtype.element_ty, EMULATE_BF16),
              mask=in_group[:, None] & (d < head_dim)[None, :])
 
 

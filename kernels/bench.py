@@ -416,8 +416,9 @@ def bench_grouping(token_counts: list[int], expert_counts: list[int]) -> list[di
 
 
 # Attention -------------------------------------------------------------------------------------------------------
-def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator, head_major: bool | None = None):
-    """NUM_COPIES caches of num_seqs sequences of `context` keys, and their block tables [num_seqs, blocks a seq]
+def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator, head_major: bool | None = None,
+              copies: int = NUM_COPIES):
+    """`copies` caches of num_seqs sequences of `context` keys, and their block tables [num_seqs, blocks a seq]
     (blocks shuffled); head_major None: KV_HEAD_MAJOR (--kv-layout)."""
     hkv, d = GPT_OSS["num_kv_heads"], GPT_OSS["head_dim"]
     blocks_per_seq = math.ceil(context / block_size)
@@ -427,7 +428,7 @@ def _kv_setup(num_seqs: int, context: int, block_size: int, gen: torch.Generator
     # stored [2, blocks, KV heads, block size, head_dim] and seen through the same shape by strides.
     head_major = KV_HEAD_MAJOR if head_major is None else head_major
     stored = (2, num_blocks, hkv, block_size, d) if head_major else (2, num_blocks, block_size, hkv, d)
-    caches = [torch.empty(stored, dtype=torch.bfloat16, device="cuda").normal_() for _ in range(NUM_COPIES)]
+    caches = [torch.empty(stored, dtype=torch.bfloat16, device="cuda").normal_() for _ in range(copies)]
     if head_major:
         caches = [c.transpose(2, 3) for c in caches]
     tables = torch.randperm(num_blocks, generator=gen).view(num_seqs, blocks_per_seq).to(torch.int32).cuda()

@@ -77,7 +77,7 @@ def test_decode_split_k_merges_with_the_sink(num_splits):
                                        num_splits=num_splits))
 
 
-@pytest.mark.parametrize("num_splits", [2, 3, 8])
+@pytest.mark.parametrize("num_splits", [2, 3, 8, 12, 64])  # 12, 64: slice by slice (_merge_online)
 def test_decode_merge_in_the_last_slice_equals_the_merge_kernel(num_splits):
     """FUSED_MERGE: the last slice of a (sequence, KV head) to finish merges its group's slices: the merge kernel's
     arithmetic (its bits at two slices, where each sum is one addition; near them with more), empty slices and a

@@ -6,10 +6,10 @@ decode_plan's tiles; stage 2 sweeps tiles at the best slice count.
     python3 tools/attention_decode_sweep.py [--batches 1,32,128] [--contexts 1024,8192,32768] [--json FILE]
 
 With --layouts token,head [--block-sizes 16,32] [--fused-merge 0,1] [--splits 0,2] [--tiles plan,128:8:2]
-[--rounds N] it times decode_plan's tiles (and slice count where --splits says 0) instead, on each cache layout,
-block size, way to merge the slices, slice count and tiles in turn, N rounds: token-major blocks [blocks, block size,
-KV heads, head_dim] against head-major ones (a KV head's rows of a block contiguous, the engine's; the same shape
-through strides); slices merged by a kernel (0) or by the last slice (1); tiles
+[--rounds N] [--layers L] it times decode_plan's tiles (and slice count where --splits says 0) instead, on each cache
+layout, block size, way to merge the slices, slice count and tiles in turn, N rounds, L layers a graph: token-major
+blocks [blocks, block size, KV heads, head_dim] against head-major ones (a KV head's rows of a block contiguous, the
+engine's; the same shape through strides); slices merged by a kernel (0) or by the last slice (1); tiles
 BLOCK_N:num_warps:num_stages[:EARLY_META[:ALIGN]] ("plan": decode_plan's for the slice count the plan picks; a field
 left empty keeps the plan's; EARLY_META 1 loads the lengths and first pages before the PDL wait; ALIGN: slices of a
 multiple of that many keys instead of whole key blocks).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 
 import torch
 
@@ -39,6 +40,9 @@ def main() -> None:
     parser.add_argument("--splits", default="0", help="with --layouts: slice counts (0: decode_plan's)")
     parser.add_argument("--tiles", default="plan", help="with --layouts: plan or N:W:S entries, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=NUM_COPIES,
+                        help="with --layouts: layers a timed graph holds, over as many distinct caches as keep "
+                             "every layer's reads cold (at least 4; 256 MB between two reads of one cache)")
     parser.add_argument("--profile", action="store_true",
                         help="with --splits and --tiles: each launch's GPU time, PDL off, beside the layer's time "
                              "with PDL and without (head-major blocks)")
@@ -111,6 +115,7 @@ def compare_layouts(args) -> None:
         for context in map(int, args.contexts.split(",")):
             gen = torch.Generator().manual_seed(num_seqs * context)
             q, lens, sinks, nbytes = _decode_inputs(num_seqs, context, gen)
+            copies = min(args.layers, max(NUM_COPIES, 1 + math.ceil(256e6 / nbytes)))
             times = {v: [] for v in variants}
             held = None  # ((layout, block size), caches, tables): variants in a row share them (the same seed)
             for _ in range(args.rounds):
@@ -122,13 +127,13 @@ def compare_layouts(args) -> None:
                         torch.cuda.empty_cache()
                         held = ((layout, block_size), *_kv_setup(num_seqs, context, block_size,
                                                                  torch.Generator().manual_seed(1),
-                                                                 head_major=layout == "head"))
+                                                                 head_major=layout == "head", copies=copies))
                     _, caches, tables = held
                     try:
-                        ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125,
-                                                                    num_splits=splits or None, fused_merge=fused,
-                                                                    tiles=tile_dict)
-                                             for kc, vc in caches], rep_ms=100) / NUM_COPIES
+                        ms = _bench(lambda: [paged_attention_decode(q, *caches[i % copies], tables, lens, sinks,
+                                                                    0.125, num_splits=splits or None,
+                                                                    fused_merge=fused, tiles=tile_dict)
+                                             for i in range(args.layers)], rep_ms=100) / args.layers
                     except Exception as e:  # noqa: BLE001 - a sweep reports and goes on
                         print(f"{num_seqs} x {context} {layout} {block_size} fused {fused} splits {splits} {tiles}: "
                               f"{type(e).__name__}: {str(e)[:120]}", flush=True)
