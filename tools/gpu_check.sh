@@ -163,7 +163,8 @@
 #   bash tools/gpu_check.sh 57   the last slice's merge at many slices (_merge_online: slice by slice, loads in flight
 #                                together) against the merge kernel at batch 1, and decode layers timed 24 to a graph
 #                                (a 20b decode step's attention launches) against 4: the decode and PDL tests on the
-#                                GPU, then attention_decode_sweep.py --fused-merge 0,1 and --layers 4 / 24
+#                                GPU, then attention_decode_sweep.py --fused-merge 0,1 and --layers 4 / 24; EARLY_META
+#                                at decode_plan's one-wave shapes (batch 32 and 64 at 1k and 2k)
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -650,6 +651,7 @@ elif [ "$PART" = 57 ]; then
         tests/test_kernels_pdl.py -k "decode" -rfE > "$OUT/tests_decode.txt" 2>&1; tail -3 "$OUT/tests_decode.txt"
     decode_variants 80 decode_fused.txt 1 32768,8192,1024 0,1 0 plan
     decode_variants 40 decode_fused.txt 1 32768 1 32,128 plan
+    decode_variants 50 decode_early.txt 32,64 1024,2048 0 0 plan,:::1  # EARLY_META in the one-wave branch
     for layers in 4 24; do
         decode_sweep 80 decode_layers.txt --layouts head --fused-merge 0 --splits 0 --tiles plan --rounds 2 \
             --batches 1,32,128 --contexts 1024 --layers "$layers"
