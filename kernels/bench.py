@@ -266,11 +266,13 @@ def _read_floor_kernel(src_ptr, out_ptr, num_words, WORDS_PER_PROGRAM: tl.conste
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-def _read_floor_ms(copies: list[torch.Tensor]) -> dict[str, float]:
-    """Milliseconds per copy of a kernel that only reads each of `copies` (contiguous tensors of whole int32
-    words, one launch each, replayed in a CUDA graph as the ops are), by "programs x bytes a program loads at once"
-    (132 to 2112 programs; 2 KB, and 8 KB: more bytes in flight, where a grid of 2 KB loads waits on latency)."""
+def _read_floor_ms(copies: list[torch.Tensor], launches: int | None = None) -> dict[str, float]:
+    """Milliseconds a launch of a kernel that only reads one of `copies` (contiguous tensors of whole int32 words;
+    `launches` launches, default one a copy, taking the copies in turn, replayed in a CUDA graph as the ops are), by
+    "programs x bytes a program loads at once" (132 to 2112 programs; 2 KB, and 8 KB: more bytes in flight, where a
+    grid of 2 KB loads waits on latency)."""
     words = [c.view(-1).view(torch.int32) for c in copies]
+    launches = launches or len(words)
     sink = torch.empty(1 << 16, dtype=torch.int32, device="cuda")
     floors = {}
     for block in (512, 2048):
@@ -279,9 +281,10 @@ def _read_floor_ms(copies: list[torch.Tensor]) -> dict[str, float]:
             grid = (triton.cdiv(words[0].numel(), per_program),)
             key = f"{grid[0]}x{block * 4 // 1024}K"
             if key not in floors:
-                floors[key] = _bench(lambda: [_read_floor_kernel[grid](w, sink, w.numel(),
-                                                                       WORDS_PER_PROGRAM=per_program, BLOCK=block)
-                                              for w in words]) / len(words)
+                floors[key] = _bench(lambda: [_read_floor_kernel[grid](words[i % len(words)], sink,
+                                                                       words[0].numel(), WORDS_PER_PROGRAM=per_program,
+                                                                       BLOCK=block)
+                                              for i in range(launches)]) / launches
     return floors
 
 
@@ -445,7 +448,17 @@ def _decode_inputs(num_seqs: int, context: int, gen: torch.Generator):
     return q, lens, sinks, num_seqs * context * hkv * d * 2 * 2 + 2 * q.numel() * 2
 
 
-def bench_decode(ceil: dict, batches: list[int], contexts: list[int], torch_max_tokens: int) -> list[dict]:
+def cold_copies(nbytes: int, layers: int) -> int:
+    """Distinct copies of a layer's `nbytes` that keep every read of `layers` layers in one graph cold (at least
+    NUM_COPIES, and 256 MB, five L2s, between two reads of one copy)."""
+    return min(layers, max(NUM_COPIES, 1 + math.ceil(256e6 / nbytes)))
+
+
+def bench_decode(ceil: dict, batches: list[int], contexts: list[int], torch_max_tokens: int,
+                 layers: int = NUM_COPIES) -> list[dict]:
+    """Decode attention rows: `layers` launches a timed graph (NUM_COPIES, the other rows' count, or a decode step's
+    attention layers: the graph's start then weighs on each launch as it does in the model's step), over
+    cold_copies caches."""
     from gptoss_serve.kernels.attention_decode import paged_attention_decode
     from gptoss_serve.kernels.attention_ref import paged_attention_ref
 
@@ -454,16 +467,17 @@ def bench_decode(ceil: dict, batches: list[int], contexts: list[int], torch_max_
     for num_seqs in batches:
         for context in contexts:
             gen = torch.Generator().manual_seed(num_seqs * context)
-            caches, tables = _kv_setup(num_seqs, context, 16, gen)
             q, lens, sinks, nbytes = _decode_inputs(num_seqs, context, gen)
-            ms = _bench(lambda: [paged_attention_decode(q, kc, vc, tables, lens, sinks, 0.125)
-                                 for kc, vc in caches]) / NUM_COPIES
+            copies = cold_copies(nbytes, layers)
+            caches, tables = _kv_setup(num_seqs, context, 16, gen, copies=copies)
+            ms = _bench(lambda: [paged_attention_decode(q, *caches[i % copies], tables, lens, sinks, 0.125)
+                                 for i in range(layers)]) / layers
             row = dict(op="decode attn", shape=f"batch {num_seqs}, ctx {context}", ms=ms, gbs=nbytes / ms / 1e6,
-                       tflops=4 * num_seqs * hq * d * context / ms / 1e9)
+                       tflops=4 * num_seqs * hq * d * context / ms / 1e9, layers=layers)
             # The read floor: one kernel that only reads the caches' bytes (every context is whole blocks here);
             # up to 4 GB a copy (the floor kernel's word offsets are int32), which leaves out batch 128 x 32k only.
             if caches[0].numel() * caches[0].element_size() <= 2 ** 32:
-                floors = _read_floor_ms([c.transpose(2, 3) for c in caches])  # as stored: contiguous
+                floors = _read_floor_ms([c.transpose(2, 3) for c in caches], layers)  # as stored: contiguous
                 row.update(floor_ms=min(floors.values()), floors_us={p: round(t * 1e3, 1) for p, t in floors.items()})
                 print(f"decode attn batch {num_seqs}, ctx {context}: {nbytes / 1e6:.1f} MB, {ms * 1e3:.1f} us; read "
                       f"floor {row['floor_ms'] * 1e3:.1f} us ({nbytes / row['floor_ms'] / 1e6 / ceil['copy_gbs']:.0%} "
@@ -664,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-layout", choices=["head", "token"], default="head",
                         help="KV cache blocks of the decode, prefill and attention-front rows: head-major (as the "
                              "engine stores them) or token-major [blocks, block size, KV heads, head_dim]")
+    parser.add_argument("--decode-layers", type=int, default=NUM_COPIES,
+                        help="decode: attention launches a timed graph holds (24: a 20b decode step's)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     global KV_HEAD_MAJOR
@@ -693,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         grouping_rows = bench_grouping(token_arg or [8, 64, 512, 1024, 4096], expert_arg or [32, 128])
     if "decode" in sections:
         rows += bench_decode(ceil, [1, 32] if args.quick else [1, 32, 128], [1024, 8192] if args.quick else
-                             [1024, 8192, 32768], torch_max_tokens=32 * 8192)
+                             [1024, 8192, 32768], torch_max_tokens=32 * 8192, layers=args.decode_layers)
     if "prefill" in sections:
         rows += bench_prefill(ceil, [1024] if args.quick else [1024, 8192], torch_max_tokens=1024)
     if "norm" in sections:

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 
 import torch
 
 from gptoss_serve.kernels.attention_decode import paged_attention_decode
-from gptoss_serve.kernels.bench import NUM_COPIES, _bench, _decode_inputs, _kv_setup, measure_ceilings
+from gptoss_serve.kernels.bench import NUM_COPIES, _bench, _decode_inputs, _kv_setup, cold_copies, measure_ceilings
 
 
 def main() -> None:
@@ -41,8 +40,7 @@ def main() -> None:
     parser.add_argument("--tiles", default="plan", help="with --layouts: plan or N:W:S entries, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--layers", type=int, default=NUM_COPIES,
-                        help="with --layouts: layers a timed graph holds, over as many distinct caches as keep "
-                             "every layer's reads cold (at least 4; 256 MB between two reads of one cache)")
+                        help="with --layouts: layers a timed graph holds, over bench.cold_copies caches")
     parser.add_argument("--profile", action="store_true",
                         help="with --splits and --tiles: each launch's GPU time, PDL off, beside the layer's time "
                              "with PDL and without (head-major blocks)")
@@ -115,7 +113,7 @@ def compare_layouts(args) -> None:
         for context in map(int, args.contexts.split(",")):
             gen = torch.Generator().manual_seed(num_seqs * context)
             q, lens, sinks, nbytes = _decode_inputs(num_seqs, context, gen)
-            copies = min(args.layers, max(NUM_COPIES, 1 + math.ceil(256e6 / nbytes)))
+            copies = cold_copies(nbytes, args.layers)
             times = {v: [] for v in variants}
             held = None  # ((layout, block size), caches, tables): variants in a row share them (the same seed)
             for _ in range(args.rounds):
@@ -167,7 +165,8 @@ def profile_launches(args) -> None:
 
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
-    print("| batch x context | slices | tiles | layer µs, PDL | layer µs, no PDL | launches (µs, no PDL) | gaps µs |")
+    print("| batch x context | slices | tiles | layer µs, PDL | layer µs, no PDL | launches (µs, no PDL) "
+          "| gaps µs |")
     print("| --- | --- | --- | ---: | ---: | --- | ---: |")
     for num_seqs in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
