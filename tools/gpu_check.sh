@@ -164,7 +164,8 @@
 #                                together) against the merge kernel at batch 1, and decode layers timed 24 to a graph
 #                                (a 20b decode step's attention launches) against 4: the decode and PDL tests on the
 #                                GPU, then attention_decode_sweep.py --fused-merge 0,1 and --layers 4 / 24; EARLY_META
-#                                at decode_plan's one-wave shapes (batch 32 and 64 at 1k and 2k)
+#                                at decode_plan's one-wave shapes (batch 32 and 64 at 1k and 2k); the bench's decode
+#                                rows at 24 and 4 layers a graph
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -657,6 +658,11 @@ elif [ "$PART" = 57 ]; then
             --batches 1,32,128 --contexts 1024 --layers "$layers"
         decode_sweep 60 decode_layers.txt --layouts head --fused-merge 0,1 --splits 0 --tiles plan --rounds 2 \
             --batches 1 --contexts 8192,32768 --layers "$layers"
+    done
+    for layers in 24 4; do  # the bench's rows, read floors with 8 KB loads too
+        timeout 120 python3 -m gptoss_serve.kernels.bench --sections decode --decode-layers "$layers" \
+            --json "$OUT/bench_decode_$layers.json" 2>&1 | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" \
+            | tee "$OUT/bench_decode_$layers.txt"
     done
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
