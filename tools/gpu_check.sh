@@ -161,11 +161,10 @@
 #                                layer (attention_decode_sweep.py --profile), batch 1, 32 and 128 at 1k and 8k and
 #                                1 x 32k both ways
 #   bash tools/gpu_check.sh 57   the last slice's merge at many slices (_merge_online: slice by slice, loads in flight
-#                                together) against the merge kernel at batch 1, and decode layers timed 24 to a graph
-#                                (a 20b decode step's attention launches) against 4: the decode and PDL tests on the
-#                                GPU, then attention_decode_sweep.py --fused-merge 0,1 and --layers 4 / 24; EARLY_META
-#                                at decode_plan's one-wave shapes (batch 32 and 64 at 1k and 2k); the bench's decode
-#                                rows at 24 and 4 layers a graph
+#                                together) against the merge kernel at batch 1, each with decode layers timed 4 and 24
+#                                to a graph (24: a 20b decode step's attention launches); the merge and PDL decode tests
+#                                on the GPU; EARLY_META at decode_plan's one-wave shapes (batch 32 and 64 at 1k and
+#                                2k); the bench's decode rows at 24 layers a graph
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -648,22 +647,19 @@ elif [ "$PART" = 56 ]; then
     timeout 80 python3 tools/attention_decode_sweep.py --profile --batches 1,32 --contexts 1024,32768 --splits 0 \
         --tiles plan,:::1 2>&1 | grep -E "^\||^copy" | tee "$OUT/decode_profile.txt"
 elif [ "$PART" = 57 ]; then
-    timeout 80 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
-        tests/test_kernels_pdl.py -k "decode" -rfE > "$OUT/tests_decode.txt" 2>&1; tail -3 "$OUT/tests_decode.txt"
-    decode_variants 80 decode_fused.txt 1 32768,8192,1024 0,1 0 plan
-    decode_variants 40 decode_fused.txt 1 32768 1 32,128 plan
-    decode_variants 50 decode_early.txt 32,64 1024,2048 0 0 plan,:::1  # EARLY_META in the one-wave branch
     for layers in 4 24; do
-        decode_sweep 80 decode_layers.txt --layouts head --fused-merge 0 --splits 0 --tiles plan --rounds 2 \
-            --batches 1,32,128 --contexts 1024 --layers "$layers"
-        decode_sweep 60 decode_layers.txt --layouts head --fused-merge 0,1 --splits 0 --tiles plan --rounds 2 \
-            --batches 1 --contexts 8192,32768 --layers "$layers"
+        decode_sweep 50 decode_layers.txt --layouts head --fused-merge 0,1 --splits 0 --tiles plan --rounds 2 \
+            --batches 1 --contexts 32768,8192,1024 --layers "$layers"
+        decode_sweep 25 decode_layers.txt --layouts head --fused-merge 0 --splits 0 --tiles plan --rounds 2 \
+            --batches 32 --contexts 1024 --layers "$layers"
     done
-    for layers in 24 4; do  # the bench's rows, read floors with 8 KB loads too
-        timeout 120 python3 -m gptoss_serve.kernels.bench --sections decode --decode-layers "$layers" \
-            --json "$OUT/bench_decode_$layers.json" 2>&1 | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" \
-            | tee "$OUT/bench_decode_$layers.txt"
-    done
+    timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
+        tests/test_kernels_pdl.py -k "last_slice or decode_attention_with_pdl" -rfE > "$OUT/tests_decode.txt" 2>&1
+    tail -3 "$OUT/tests_decode.txt"
+    decode_variants 40 decode_early.txt 32,64 1024,2048 0 0 plan,:::1  # EARLY_META in the one-wave branch
+    timeout 100 python3 -m gptoss_serve.kernels.bench --sections decode --decode-layers 24 \
+        --json "$OUT/bench_decode_24.json" 2>&1 | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" \
+        | tee "$OUT/bench_decode_24.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
