@@ -650,7 +650,7 @@ elif [ "$PART" = 57 ]; then
     for layers in 4 24; do
         decode_sweep 50 decode_layers.txt --layouts head --fused-merge 0,1 --splits 0 --tiles plan --rounds 2 \
             --batches 1 --contexts 32768,8192,1024 --layers "$layers"
-        decode_sweep 25 decode_layers.txt --layouts head --fused-merge 0 --splits 0 --tiles plan --rounds 2 \
+        decode_sweep 35 decode_layers.txt --layouts head --fused-merge 0 --splits 0 --tiles plan --rounds 2 \
             --batches 32 --contexts 1024 --layers "$layers"
     done
     timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py \
