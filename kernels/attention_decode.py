@@ -30,6 +30,8 @@ MAX_SPLITS = 64
 # (docs/PERFORMANCE.md, µs, head-major blocks, both merges then adding slices one by one): 2 slices won (batch
 # 32 x 1k 32.9 -> 31.1, 128 x 1k 110.1 -> 103.7, 128 x 8k 733.4 -> 725.2), 8 lost (32 x 8k 192.4 -> 206.9) or
 # tied (32 x 32k), 64 lost (1 x 32k 33.1 -> 37.4). Batch 32 x 1k has since gone to one slice (decode_plan).
+# That merge of more than 8 slices held [16, slices, 64] floats in registers; it now merges them slice by slice
+# (_merge_online), not yet timed on a GPU (tools/gpu_check.sh 57 times it against the merge kernel).
 # GPTOSS_DECODE_FUSED_MERGE_MAX_SPLITS overrides it for a process.
 FUSED_MERGE_MAX_SPLITS = int(os.environ.get("GPTOSS_DECODE_FUSED_MERGE_MAX_SPLITS", "2"))
 
@@ -58,7 +60,12 @@ def decode_plan(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: int) -
     and carrying them buffers K and V num_stages - 1 deep; timed on an H100 (2026-12-07, µs, the plan's slices) it
     lost or tied, the programs on an SM already overlapping one another: 32 x 1k 30.7-30.8 against 30.2-31.8 (2-4
     stages, 64- or 128-key blocks), 128 x 1k 110.1 against 112.6-119.2, 32 x 8k 192.7-193.2 against 196.8-209.4,
-    1 x 32k 31.3 against 31.4-35.9, the largest shapes within 0.5%."""
+    1 x 32k 31.3 against 31.4-35.9, the largest shapes within 0.5%.
+
+    EARLY_META (a tile option, off in the plan): each program loads its length and its first block's pages before
+    the PDL wait. H100, 2026-12-07 (µs): 32 x 1k 29.4-29.7 against 29.6-29.7, 1 x 32k 31.1 against 30.7, batch 1
+    at 1k and 8k tied; at 64-key blocks it costs 8 registers (64 -> 72: 7 programs a SM instead of 8), and 128 x 1k
+    and 32 x 8k lost 7%. Slices of any length (528 programs, 4 on every SM, at 1 x 32k) lost too: 31.0-31.1."""
     programs = num_seqs * num_kv_heads
     if max_keys <= 2048 and 1.9 * num_sms <= programs <= 4 * num_sms:
         splits = 1  # whole contexts, one wave
@@ -269,7 +276,7 @@ def paged_attention_decode(
     sm_scale: float,
     sliding_window: int = 0,
     num_splits: int | None = None,  # slices of the context (any count >= 1); None = chosen from the shapes
-    tiles: dict | None = None,  # BLOCK_N, num_warps, num_stages, ALIGN, EARLY_META over decode_plan's (sweeps)
+    tiles: dict | None = None,  # BLOCK_N, num_warps, num_stages, EARLY_META over decode_plan's (sweeps)
     fused_merge: bool | None = None,  # slices merged by the last one's program; None = up to FUSED_MERGE_MAX_SPLITS
 ) -> torch.Tensor:  # [num_seqs, num_q_heads, head_dim]
     num_seqs, num_q_heads, head_dim = q.shape
@@ -287,8 +294,7 @@ def paged_attention_decode(
     num_splits = num_splits if num_splits is not None else plan_splits  # any count (the plan's: powers of two)
     tiles = dict(plan_tiles, **(tiles or {}))
     block_n = tiles["BLOCK_N"]
-    align = tiles.get("ALIGN", block_n)  # slices of whole key blocks, or (sweeps) of any multiple of ALIGN keys
-    partition = triton.cdiv(triton.cdiv(max_keys, num_splits), align) * align
+    partition = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
     block_d = next_pow2(head_dim)
     fused_merge = num_splits > 1 and (num_splits <= FUSED_MERGE_MAX_SPLITS if fused_merge is None else fused_merge)
     if num_splits > 1:

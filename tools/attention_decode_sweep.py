@@ -10,9 +10,9 @@ With --layouts token,head [--block-sizes 16,32] [--fused-merge 0,1] [--splits 0,
 layout, block size, way to merge the slices, slice count and tiles in turn, N rounds, L layers a graph: token-major
 blocks [blocks, block size, KV heads, head_dim] against head-major ones (a KV head's rows of a block contiguous, the
 engine's; the same shape through strides); slices merged by a kernel (0) or by the last slice (1); tiles
-BLOCK_N:num_warps:num_stages[:EARLY_META[:ALIGN]] ("plan": decode_plan's for the slice count the plan picks; a field
-left empty keeps the plan's; EARLY_META 1 loads the lengths and first pages before the PDL wait; ALIGN: slices of a
-multiple of that many keys instead of whole key blocks).
+BLOCK_N:num_warps:num_stages[:EARLY_META] ("plan": decode_plan's for the slice count the plan picks; a field left
+empty keeps the plan's; EARLY_META 1 loads the lengths and first pages before the PDL wait; a fifth field, ALIGN,
+timed at 41e9bf6, is gone and ignored).
 
 With --profile [--splits ...] [--tiles ...] it prints each launch's GPU time in a layer instead (profile_launches).
 """
@@ -202,7 +202,7 @@ def profile_launches(args) -> None:
             torch.cuda.empty_cache()
 
 
-def parse_tiles(spec: str, names: tuple[str, ...] = ("BLOCK_N", "num_warps", "num_stages", "EARLY_META", "ALIGN"),
+def parse_tiles(spec: str, names: tuple[str, ...] = ("BLOCK_N", "num_warps", "num_stages", "EARLY_META"),
                 keep: str = "plan") -> dict | None:
     """`keep` -> None; 'a:b:c' -> {names[i]: int} over the kernel's own (a field left empty keeps its value): the
     tiles paged_attention_decode takes (tools/attention_prefill_sweep.py: its config)."""

@@ -155,9 +155,9 @@
 #                                num_stages - 1 deep) against the pages loaded where used, at 2-4 stages, 4 and 8 warps,
 #                                64-256 rows and 64/128-key blocks, 1k and 8k tokens, beside SDPA
 #                                (tools/attention_prefill_sweep.py); then the attention tests on the GPU
-#   bash tools/gpu_check.sh 56   decode attention with the lengths and first pages loaded before the PDL wait
-#                                (EARLY_META) and with slices of any length (ALIGN 1, 66 or 132 slices: 4 or 8 programs
-#                                on every SM at batch 1): the decode and PDL tests on the GPU, each launch's time in a
+#   bash tools/gpu_check.sh 56   (ran at 41e9bf6; ALIGN lost and is gone) decode attention with the lengths and first
+#                                pages loaded before the PDL wait (EARLY_META) and with slices of any length (ALIGN 1,
+#                                66 or 132 slices: 4 or 8 programs on every SM at batch 1): the decode and PDL tests on the GPU, each launch's time in a
 #                                layer (attention_decode_sweep.py --profile), batch 1, 32 and 128 at 1k and 8k and
 #                                1 x 32k both ways
 #   bash tools/gpu_check.sh 57   the last slice's merge at many slices (_merge_online: slice by slice, loads in flight
