@@ -108,7 +108,7 @@ def _decode_kernel(
         first_keys = start + tl.arange(0, BLOCK_N)
         first_pages = tl.load(table_row + first_keys // block_size, mask=first_keys < end, other=0)  # [BLOCK_N]
     pdl_wait(PDL)  # q and the cache's new rows come from the kernels before
-    if not EARLY_META:
+    if not EARLY_META:  # the same lines after the wait (a shared helper compiled EARLY_META to 5 more registers)
         context_len = tl.load(context_lens_ptr + seq)
         first_key = 0
         if sliding_window > 0:
