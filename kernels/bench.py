@@ -11,6 +11,7 @@ baseline the row names (a bf16 matmul on weights dequantized once; SDPA without 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -304,15 +305,42 @@ def _launch_sequence(prof, layers: int) -> list[tuple[str, float]]:
     return out
 
 
+@contextlib.contextmanager
+def pdl_off():
+    """Kernels launched inside run without programmatic dependent launch (triton_utils.PDL)."""
+    from gptoss_serve.kernels import triton_utils
+
+    held, triton_utils.PDL = triton_utils.PDL, False
+    try:
+        yield
+    finally:
+        triton_utils.PDL = held
+
+
+def profile_graph_without_pdl(run, replays: int = 20):
+    """The torch profiler over `replays` replays of a CUDA graph of run() captured without PDL, so that no kernel's
+    GPU time includes its wait for the kernel before (run() once first: it compiles outside the capture)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with pdl_off():
+        run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    return prof
+
+
 def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[int]) -> list[dict]:
     """Where one MoE layer's time goes: the whole layer as the model runs it (norm and routing, grouping,
     both expert matmuls, epilogue and combine kernels) captured in a CUDA graph over 4 layers' weights, then
     the torch profiler's GPU time per kernel over replays of that graph captured without programmatic dependent
     launch (with it a kernel's time would include its wait for the kernel before). Beside it, the read floor: a
     kernel that only reads the active experts' bytes, over as many programs as the two matmuls run together."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from gptoss_serve.kernels import triton_utils
     from gptoss_serve.kernels.moe_matmul import moe_experts
     from gptoss_serve.kernels.moe_router import norm_and_route
 
@@ -347,22 +375,8 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
             ids = norm_and_route(attn_out, residual, norm_scale, 1e-5, layers[0][0].weight, layers[0][0].bias, k)[3]
             num_active = torch.unique(ids).numel()
             ms = _bench(lambda: [layer(g, w) for g, w in layers]) / NUM_COPIES  # as served (PDL where it applies)
-            pdl, triton_utils.PDL = triton_utils.PDL, False
-            try:
-                for gl, w in layers:  # compiles the kernels without PDL before the capture
-                    layer(gl, w)
-                torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    for gl, w in layers:
-                        layer(gl, w)
-            finally:
-                triton_utils.PDL = pdl
             replays = 20
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(replays):
-                    g.replay()
-                torch.cuda.synchronize()
+            prof = profile_graph_without_pdl(lambda: [layer(gl, w) for gl, w in layers], replays)
             per_kernel = {}
             sequence = _launch_sequence(prof, replays * NUM_COPIES)
             for e in prof.key_averages():

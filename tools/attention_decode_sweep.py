@@ -158,10 +158,7 @@ def profile_launches(args) -> None:
     times it with PDL and without, then each launch's median GPU time (torch profiler over replays of a graph
     captured without PDL, so that no kernel's time includes its wait for the one before); the rest of the layer
     without PDL is the gaps between launches."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from gptoss_serve.kernels import triton_utils
-    from gptoss_serve.kernels.bench import _launch_sequence
+    from gptoss_serve.kernels.bench import _launch_sequence, pdl_off, profile_graph_without_pdl
 
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_gbs']:.0f} GB/s", flush=True)
@@ -179,20 +176,10 @@ def profile_launches(args) -> None:
                                                    tiles=parse_tiles(tiles)) for kc, vc in caches]
 
                 pdl_ms = _bench(layers, rep_ms=100) / NUM_COPIES
-                held, triton_utils.PDL = triton_utils.PDL, False
-                try:
+                with pdl_off():
                     plain_ms = _bench(layers, rep_ms=100) / NUM_COPIES
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        layers()
-                finally:
-                    triton_utils.PDL = held
                 replays = 20
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(replays):
-                        graph.replay()
-                    torch.cuda.synchronize()
-                sequence = _launch_sequence(prof, replays * NUM_COPIES)
+                sequence = _launch_sequence(profile_graph_without_pdl(layers, replays), replays * NUM_COPIES)
                 gaps = plain_ms * 1e3 - sum(t for _, t in sequence)
                 print(f"| {num_seqs} x {context} | {splits or 'plan'} | {tiles} | {pdl_ms * 1e3:.1f} "
                       f"({nbytes / pdl_ms / 1e6 / ceil['copy_gbs']:.1%}) | {plain_ms * 1e3:.1f} | "
