@@ -164,7 +164,9 @@
 #                                together) against the merge kernel at batch 1, each with decode layers timed 4 and 24
 #                                to a graph (24: a 20b decode step's attention launches); the merge and PDL decode tests
 #                                on the GPU; EARLY_META at decode_plan's one-wave shapes (batch 32 and 64 at 1k and
-#                                2k); the bench's decode rows at 24 layers a graph
+#                                2k); the bench's decode rows at 24 layers a graph; prefill attention with 64-row
+#                                tiles (168 registers, 3 programs a SM, against the default's 254 and 2) and 32-key
+#                                blocks
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -660,6 +662,8 @@ elif [ "$PART" = 57 ]; then
     timeout 100 python3 -m gptoss_serve.kernels.bench --sections decode --decode-layers 24 \
         --json "$OUT/bench_decode_24.json" 2>&1 | grep -v Warning | grep -E "^decode attn|^\| decode|^HBM" \
         | tee "$OUT/bench_decode_24.txt"
+    timeout 70 python3 tools/attention_prefill_sweep.py --configs default,64:64:4:2,64:64:4:3,128:32:4:2 2>&1 \
+        | grep -E "^\||^bf16" | tee "$OUT/prefill_sweep.txt"  # 64 rows: 168 registers, 3 programs a SM (254: 2)
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
