@@ -30,8 +30,10 @@ MAX_SPLITS = 64
 # (docs/PERFORMANCE.md, µs, head-major blocks, both merges then adding slices one by one): 2 slices won (batch
 # 32 x 1k 32.9 -> 31.1, 128 x 1k 110.1 -> 103.7, 128 x 8k 733.4 -> 725.2), 8 lost (32 x 8k 192.4 -> 206.9) or
 # tied (32 x 32k), 64 lost (1 x 32k 33.1 -> 37.4). Batch 32 x 1k has since gone to one slice (decode_plan).
-# That merge of more than 8 slices held [16, slices, 64] floats in registers; it now merges them slice by slice
-# (_merge_online), not yet timed on a GPU (tools/gpu_check.sh 57 times it against the merge kernel).
+# That merge of more than 8 slices holds [16, slices, 64] floats in registers. Merging them slice by slice instead
+# (a running max, sum and output a head, unrolled, no reduction across threads; built at 2168d49) lost more: H100,
+# 2026-12-07, 24 layers a graph, µs, merge kernel against it: 1 x 32k 28.1-28.3 / 34.6, 1 x 8k 10.5 / 16.6-16.7,
+# 1 x 1k 5.0-5.1 / 6.3 (one program's chain of 64 slices from L2 against 64 programs of one slice's worth each).
 # GPTOSS_DECODE_FUSED_MERGE_MAX_SPLITS overrides it for a process.
 FUSED_MERGE_MAX_SPLITS = int(os.environ.get("GPTOSS_DECODE_FUSED_MERGE_MAX_SPLITS", "2"))
 
@@ -62,13 +64,16 @@ def decode_plan(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: int) -
     stages, 64- or 128-key blocks), 128 x 1k 110.1 against 112.6-119.2, 32 x 8k 192.7-193.2 against 196.8-209.4,
     1 x 32k 31.3 against 31.4-35.9, the largest shapes within 0.5%.
 
-    EARLY_META (a tile option, off in the plan): each program loads its length and its first block's pages before
-    the PDL wait. H100, 2026-12-07 (µs): 32 x 1k 29.4-29.7 against 29.6-29.7, 1 x 32k 31.1 against 30.7, batch 1
-    at 1k and 8k tied; at 64-key blocks it costs 8 registers (64 -> 72: 7 programs a SM instead of 8), and 128 x 1k
-    and 32 x 8k lost 7%. Slices of any length (528 programs, 4 on every SM, at 1 x 32k) lost too: 31.0-31.1."""
+    EARLY_META: each program loads its length and its first block's pages before the PDL wait. On in the one-wave
+    rule's 128-key launches, where it won every time on an H100 (2026-12-07, µs, two calls): 32 x 1k 29.4-29.7
+    against 29.6-29.8, 32 x 2k 51.8-51.9 against 52.1-52.2, 64 x 1k 51.0 against 51.3, 64 x 2k 94.1-94.2 against
+    94.3-94.4. Off elsewhere: 1 x 32k 31.1 against 30.7, batch 1 at 1k and 8k tied; at 64-key blocks it costs 8
+    registers (64 -> 72: 7 programs a SM instead of 8), and 128 x 1k and 32 x 8k lost 7%. Slices of any length (528
+    programs, 4 on every SM, at 1 x 32k) lost too: 31.0-31.1."""
     programs = num_seqs * num_kv_heads
-    if max_keys <= 2048 and 1.9 * num_sms <= programs <= 4 * num_sms:
-        splits = 1  # whole contexts, one wave
+    one_wave = max_keys <= 2048 and 1.9 * num_sms <= programs <= 4 * num_sms
+    if one_wave:
+        splits = 1  # whole contexts
     else:
         splits = _prev_pow2(max(1, min(MAX_SPLITS, triton.cdiv(16 * num_sms, programs))))
         splits = min(splits, _prev_pow2(max(1, max_keys // 64)))  # a slice holds at least one 64-key block
@@ -76,7 +81,10 @@ def decode_plan(num_seqs: int, num_kv_heads: int, max_keys: int, num_sms: int) -
             splits //= 2
     partition = triton.cdiv(max_keys, splits)
     wide = partition >= 2048 or (partition >= 512 and programs * splits <= 4 * num_sms)
-    return splits, dict(BLOCK_N=128 if wide else 64, num_warps=4, num_stages=2)
+    tiles = dict(BLOCK_N=128 if wide else 64, num_warps=4, num_stages=2)
+    if one_wave and wide:
+        tiles["EARLY_META"] = 1  # the lengths and first pages before the PDL wait, where it was timed a gain
+    return splits, tiles
 
 
 def _prev_pow2(n: int) -> int:
@@ -178,13 +186,9 @@ def _decode_kernel(
             if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:  # the last slice of the group to finish
                 tl.store(counter, 0)  # zero for the next launch
                 base = (seq.to(tl.int64) * num_q_heads + heads) * NUM_SPLITS  # [BLOCK_G]
-                out_offset = seq.to(tl.int64) * stride_out_token + heads * stride_out_head
-                if SPLITS_P2 <= 8:
-                    _merge_group(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, out_offset, in_group, d,
-                                 head_dim, NUM_SPLITS, SPLITS_P2, BLOCK_D, EMULATE_BF16)
-                else:
-                    _merge_online(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, out_offset, in_group, d,
-                                  head_dim, NUM_SPLITS, BLOCK_D, EMULATE_BF16)
+                _merge_group(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base,
+                             seq.to(tl.int64) * stride_out_token + heads * stride_out_head, in_group, d, head_dim,
+                             NUM_SPLITS, SPLITS_P2, BLOCK_D, EMULATE_BF16)
 
 
 @triton.jit
@@ -229,34 +233,6 @@ def _merge_group(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, out_of
     den = tl.where(in_group, tl.sum(l * weight, axis=1), 1.0)  # (padding heads: no 0 / 0)
     out = tl.sum(acc * weight[:, :, None], axis=1) / den[:, None]
     tl.store(out_ptr + out_offset[:, None] + d[None, :], cast_rne(out, out_ptr.dtype.element_ty, EMULATE_BF16),
-             mask=in_group[:, None] & (d < head_dim)[None, :])
-
-
-@device_function
-def _merge_online(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, base, out_offset, in_group, d, head_dim,
-                  NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """The slices of a group of heads [G] merged one slice after another (FUSED_MERGE with many slices, where
-    _merge_group's [G, SPLITS_P2, BLOCK_D] would not fit in registers): a running max, sum and output a head, as the
-    kernel's own loop keeps them; unrolled and with no reduction across threads, so the loads of every slice can be
-    in flight at once. Partial rows base (slice s at base + s), outputs at out_offset; `.cg` loads, as in
-    _merge_group. The sums' order differs from the merge kernel's."""
-    m_run = tl.full(base.shape, float("-inf"), dtype=tl.float32)  # slice 0 holds the sink: finite from there on
-    l_run = tl.zeros(base.shape, dtype=tl.float32)
-    o_run = tl.zeros([base.shape[0], BLOCK_D], dtype=tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        m = tl.load(part_max_ptr + base + s, mask=in_group, other=0.0, cache_modifier=".cg")  # padding heads: 0
-        l = tl.load(part_sum_ptr + base + s, mask=in_group, other=0.0, cache_modifier=".cg")
-        acc = tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=in_group[:, None], other=0.0,
-                      cache_modifier=".cg")  # [G, BLOCK_D]
-        m_new = tl.maximum(m_run, m)
-        keep = tl.exp2(m_run - m_new)  # 0 at slice 0
-        take = tl.exp2(m - m_new)  # empty slices: exp2(-inf) = 0
-        l_run = l_run * keep + l * take
-        o_run = o_run * keep[:, None] + acc * take[:, None]
-        m_run = m_new
-    den = tl.where(in_group, l_run, 1.0)  # (padding heads: no 0 / 0)
-    tl.store(out_ptr + out_offset[:, None] + d[None, :],
-             cast_rne(o_run / den[:, None], out_ptr.dtype.element_ty, EMULATE_BF16),
              mask=in_group[:, None] & (d < head_dim)[None, :])
 
 

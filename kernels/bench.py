@@ -23,6 +23,11 @@ import triton.language as tl
 
 GPT_OSS = dict(hidden=2880, intermediate=2880, top_k=4, num_q_heads=64, num_kv_heads=8, head_dim=64)
 NUM_COPIES = 4  # layers' worth of distinct weights or caches in one timed graph
+# Decode attention rows: launches a timed graph holds, a 20b decode step's attention layers. Each replay carries
+# a fixed ~13 µs (after do_bench's L2 flush, a 256 MB memset: likely the flush's dirty lines written back as the
+# first reads evict them); 4 launches a graph put 3.3 µs of it on each, 24 put 0.55 (H100, 2026-12-07: batch
+# 32 x 1k 29.8 -> 27.1-27.2 µs, 1 x 32k 30.9-31.0 -> 28.1-28.3; docs/PERFORMANCE.md).
+DECODE_LAYERS = 24
 KV_HEAD_MAJOR = True  # KV cache blocks as KVCache stores them; --kv-layout token: token-major (comparisons)
 
 
@@ -469,10 +474,9 @@ def cold_copies(nbytes: int, layers: int) -> int:
 
 
 def bench_decode(ceil: dict, batches: list[int], contexts: list[int], torch_max_tokens: int,
-                 layers: int = NUM_COPIES) -> list[dict]:
-    """Decode attention rows: `layers` launches a timed graph (NUM_COPIES, the other rows' count, or a decode step's
-    attention layers: the graph's start then weighs on each launch as it does in the model's step), over
-    cold_copies caches."""
+                 layers: int = DECODE_LAYERS) -> list[dict]:
+    """Decode attention rows: `layers` launches a timed graph (DECODE_LAYERS, or NUM_COPIES as the other rows
+    and the decode rows before 2026-12-07), over cold_copies caches; the read floor likewise."""
     from gptoss_serve.kernels.attention_decode import paged_attention_decode
     from gptoss_serve.kernels.attention_ref import paged_attention_ref
 
@@ -692,8 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-layout", choices=["head", "token"], default="head",
                         help="KV cache blocks of the decode, prefill and attention-front rows: head-major (as the "
                              "engine stores them) or token-major [blocks, block size, KV heads, head_dim]")
-    parser.add_argument("--decode-layers", type=int, default=NUM_COPIES,
-                        help="decode: attention launches a timed graph holds (24: a 20b decode step's)")
+    parser.add_argument("--decode-layers", type=int, default=DECODE_LAYERS,
+                        help="decode: attention launches a timed graph holds (default: a 20b decode step's; 4: the "
+                             "other rows' count)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     global KV_HEAD_MAJOR

@@ -378,8 +378,6 @@ if __name__ == "__main__":
         print("  " + first_lines(sass(compiled), ("ACQBULK", "PREEXIT", "LDG", "LDGSTS")))
         report("decode attention, 128-key blocks, PDL, slices merged by the last one",
                attention_decode(fused_merge=True))
-        report("decode attention, 128-key blocks, PDL, 64 slices merged by the last one (one slice after another)",
-               attention_decode(fused_merge=True, num_splits=64))
         for num_stages in (2, 3, 4):  # K and V are one group each: 2 in flight = one block ahead
             print(f"decode attention, 128-key blocks, {num_stages} stages: "
                   + copies_in_flight(attention_decode(num_stages=num_stages)))
