@@ -160,7 +160,8 @@
 #                                66 or 132 slices: 4 or 8 programs on every SM at batch 1): the decode and PDL tests on the GPU, each launch's time in a
 #                                layer (attention_decode_sweep.py --profile), batch 1, 32 and 128 at 1k and 8k and
 #                                1 x 32k both ways
-#   bash tools/gpu_check.sh 57   the last slice's merge at many slices (_merge_online: slice by slice, loads in flight
+#   bash tools/gpu_check.sh 57   (ran at 7698107; the slice-by-slice merge lost and is gone: --fused-merge 1 now times
+#                                the [heads, slices, 64] one) the last slice's merge at many slices (_merge_online: slice by slice, loads in flight
 #                                together) against the merge kernel at batch 1, each with decode layers timed 4 and 24
 #                                to a graph (24: a 20b decode step's attention launches); the merge and PDL decode tests
 #                                on the GPU; EARLY_META at decode_plan's one-wave shapes (batch 32 and 64 at 1k and
