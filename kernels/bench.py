@@ -117,7 +117,10 @@ def sweep_case(num_experts: int, num_tokens: int, hidden: int, intermediate: int
     return layers, x, weights, ids
 
 
-def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], torch_max_tokens: int) -> list[dict]:
+def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], torch_max_tokens: int,
+              layers: int = NUM_COPIES) -> list[dict]:
+    """MoE rows: `layers` launches a timed graph over NUM_COPIES layers' weights in turn (each launch reads 53 MB or
+    more, so three others' reads lie between two of one copy's: cold)."""
     from gptoss_serve.kernels.moe_matmul import moe_experts
     from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref, swiglu_ref
     from gptoss_serve.kernels.mxfp4 import dequantize_mxfp4
@@ -134,8 +137,8 @@ def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], tor
             x = torch.randn(num_tokens, h, generator=gen).to(torch.bfloat16).cuda()
             weights, ids = route_ref(torch.randn(num_tokens, num_experts, generator=gen).cuda(), k)
             num_active = torch.unique(ids).numel()
-            ms = _bench(lambda: [moe_experts(x, weights, ids, *w, 1.702, 7.0, **serving_layout_args())
-                                 for w in prepared]) / NUM_COPIES
+            ms = _bench(lambda: [moe_experts(x, weights, ids, *prepared[j % NUM_COPIES], 1.702, 7.0,
+                                             **serving_layout_args()) for j in range(layers)]) / layers
             nbytes = num_active * bytes_per_expert + x.numel() * 2 * 2
             flops = 2 * num_tokens * k * (h * 2 * i + i * h)
             row = dict(op=f"MoE {'20b' if num_experts == 32 else '120b' if num_experts == 128 else num_experts}",
@@ -340,7 +343,8 @@ def profile_graph_without_pdl(run, replays: int = 20):
     return prof
 
 
-def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[int]) -> list[dict]:
+def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[int],
+                       num_layers: int = NUM_COPIES) -> list[dict]:
     """Where one MoE layer's time goes: the whole layer as the model runs it (norm and routing, grouping,
     both expert matmuls, epilogue and combine kernels) captured in a CUDA graph over 4 layers' weights, then
     the torch profiler's GPU time per kernel over replays of that graph captured without programmatic dependent
@@ -379,7 +383,8 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
 
             ids = norm_and_route(attn_out, residual, norm_scale, 1e-5, layers[0][0].weight, layers[0][0].bias, k)[3]
             num_active = torch.unique(ids).numel()
-            ms = _bench(lambda: [layer(g, w) for g, w in layers]) / NUM_COPIES  # as served (PDL where it applies)
+            # As served (PDL where it applies), num_layers launches a graph over the NUM_COPIES layers in turn.
+            ms = _bench(lambda: [layer(*layers[j % NUM_COPIES]) for j in range(num_layers)]) / num_layers
             replays = 20
             prof = profile_graph_without_pdl(lambda: [layer(gl, w) for gl, w in layers], replays)
             per_kernel = {}
@@ -392,7 +397,7 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
             nbytes = num_active * bytes_per_expert
             words = torch.randint(0, 2 ** 30, (NUM_COPIES, nbytes // 4), dtype=torch.int32, device="cuda",
                                   generator=gen)
-            floors = _read_floor_ms(list(words))
+            floors = _read_floor_ms(list(words), num_layers)
             del words
             best_floor = min(floors.values())
             row = dict(model=name, tokens=num_tokens, active=num_active, ms=ms, gbs=nbytes / ms / 1e6,
@@ -696,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-layout", choices=["head", "token"], default="head",
                         help="KV cache blocks of the decode, prefill and attention-front rows: head-major (as the "
                              "engine stores them) or token-major [blocks, block size, KV heads, head_dim]")
+    parser.add_argument("--moe-layers", type=int, default=NUM_COPIES,
+                        help="moe, moe-launches: layers a timed graph holds, over 4 layers' weights in turn (24: a "
+                             "20b decode step's)")
     parser.add_argument("--decode-layers", type=int, default=DECODE_LAYERS,
                         help="decode: attention launches a timed graph holds (default: a 20b decode step's; 4: the "
                              "other rows' count)")
@@ -714,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if "moe" in sections:
         tokens = token_arg or ([1, 64] if args.quick else [1, 8, 64, 512, 4096])
-        rows += bench_moe(ceil, tokens, expert_arg or [32, 128], torch_max_tokens=64)
+        rows += bench_moe(ceil, tokens, expert_arg or [32, 128], torch_max_tokens=64, layers=args.moe_layers)
         print(format_table(ceil, rows), flush=True)
     if "moe-paths" in sections:
         path_rows = bench_moe_paths(ceil, [1, 2, 4, 8, 64], [32, 128], args.sweep)
@@ -723,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     if "moe-launches" in sections:
         rows += [dict(r, op=f"MoE {r['model']} layer by launch", shape=f"{r['tokens']} tok")
                  for r in bench_moe_launches(ceil, token_arg or ([1, 8, 64] if args.quick else [1, 2, 8, 64, 256]),
-                                             expert_arg or ([32] if args.quick else [32, 128]))]
+                                             expert_arg or ([32] if args.quick else [32, 128]), args.moe_layers)]
     if "grouping" in sections:
         grouping_rows = bench_grouping(token_arg or [8, 64, 512, 1024, 4096], expert_arg or [32, 128])
     if "decode" in sections:

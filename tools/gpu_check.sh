@@ -157,17 +157,21 @@
 #                                (tools/attention_prefill_sweep.py); then the attention tests on the GPU
 #   bash tools/gpu_check.sh 56   (ran at 41e9bf6; ALIGN lost and is gone) decode attention with the lengths and first
 #                                pages loaded before the PDL wait (EARLY_META) and with slices of any length (ALIGN 1,
-#                                66 or 132 slices: 4 or 8 programs on every SM at batch 1): the decode and PDL tests on the GPU, each launch's time in a
-#                                layer (attention_decode_sweep.py --profile), batch 1, 32 and 128 at 1k and 8k and
-#                                1 x 32k both ways
+#                                66 or 132 slices: 4 or 8 programs on every SM at batch 1): the decode and PDL tests on
+#                                the GPU, each launch's time in a layer (attention_decode_sweep.py --profile), batch 1,
+#                                32 and 128 at 1k and 8k and 1 x 32k both ways
 #   bash tools/gpu_check.sh 57   (ran at 7698107; the slice-by-slice merge lost and is gone: --fused-merge 1 now times
-#                                the [heads, slices, 64] one) the last slice's merge at many slices (_merge_online: slice by slice, loads in flight
-#                                together) against the merge kernel at batch 1, each with decode layers timed 4 and 24
-#                                to a graph (24: a 20b decode step's attention launches); the merge and PDL decode tests
-#                                on the GPU; EARLY_META at decode_plan's one-wave shapes (batch 32 and 64 at 1k and
-#                                2k); the bench's decode rows at 24 layers a graph; prefill attention with 64-row
-#                                tiles (168 registers, 3 programs a SM, against the default's 254 and 2) and 32-key
-#                                blocks
+#                                the [heads, slices, 64] one) the last slice's merge at many slices (_merge_online,
+#                                slice by slice) against the merge kernel at batch 1, each with decode layers timed 4
+#                                and 24 to a graph (24: a 20b decode step's attention launches); the merge and PDL
+#                                decode tests on the GPU; EARLY_META at decode_plan's one-wave shapes (batch 32 and 64
+#                                at 1k and 2k); the bench's decode rows at 24 layers a graph; prefill attention with
+#                                64-row tiles (168 registers, 3 programs a SM, against the default's 254 and 2) and
+#                                32-key blocks
+#   bash tools/gpu_check.sh 58   the MoE rows and their read floors at 24 layers a graph against 4 (the decode rows'
+#                                method since the sixteenth session; is 80% at 1 token out of reach?): the bench's MoE
+#                                rows at 1, 8 and 64 tokens, then one 20b and one 120b layer by launch at 1 token with
+#                                its read floor, each with --moe-layers 24 and 4
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -665,6 +669,13 @@ elif [ "$PART" = 57 ]; then
         | tee "$OUT/bench_decode_24.txt"
     timeout 70 python3 tools/attention_prefill_sweep.py --configs default,64:64:4:2,64:64:4:3,128:32:4:2 2>&1 \
         | grep -E "^\||^bf16" | tee "$OUT/prefill_sweep.txt"  # 64 rows: 168 registers, 3 programs a SM (254: 2)
+elif [ "$PART" = 58 ]; then
+    for layers in 24 4; do
+        timeout 120 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 1,8,64 --moe-layers "$layers" \
+            2>&1 | grep -v Warning | grep -E "^\| MoE|^HBM" | tee -a "$OUT/bench_moe_layers.txt"
+        timeout 120 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1 --moe-layers "$layers" \
+            2>&1 | grep -v Warning | grep -E "^MoE|^HBM" | tee -a "$OUT/moe_floor_layers.txt"
+    done
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
