@@ -118,8 +118,8 @@ def sweep_case(num_experts: int, num_tokens: int, hidden: int, intermediate: int
 
 
 def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], torch_max_tokens: int,
-              layers: int = NUM_COPIES) -> list[dict]:
-    """MoE rows: `layers` launches a timed graph over NUM_COPIES layers' weights in turn (each launch reads 53 MB or
+              num_layers: int = NUM_COPIES) -> list[dict]:
+    """MoE rows: `num_layers` launches a timed graph over NUM_COPIES layers' weights in turn (each launch reads 53 MB or
     more, so three others' reads lie between two of one copy's: cold)."""
     from gptoss_serve.kernels.moe_matmul import moe_experts
     from gptoss_serve.kernels.moe_ref import moe_experts_ref, route_ref, swiglu_ref
@@ -138,7 +138,7 @@ def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], tor
             weights, ids = route_ref(torch.randn(num_tokens, num_experts, generator=gen).cuda(), k)
             num_active = torch.unique(ids).numel()
             ms = _bench(lambda: [moe_experts(x, weights, ids, *prepared[j % NUM_COPIES], 1.702, 7.0,
-                                             **serving_layout_args()) for j in range(layers)]) / layers
+                                             **serving_layout_args()) for j in range(num_layers)]) / num_layers
             nbytes = num_active * bytes_per_expert + x.numel() * 2 * 2
             flops = 2 * num_tokens * k * (h * 2 * i + i * h)
             row = dict(op=f"MoE {'20b' if num_experts == 32 else '120b' if num_experts == 128 else num_experts}",
@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if "moe" in sections:
         tokens = token_arg or ([1, 64] if args.quick else [1, 8, 64, 512, 4096])
-        rows += bench_moe(ceil, tokens, expert_arg or [32, 128], torch_max_tokens=64, layers=args.moe_layers)
+        rows += bench_moe(ceil, tokens, expert_arg or [32, 128], torch_max_tokens=64, num_layers=args.moe_layers)
         print(format_table(ceil, rows), flush=True)
     if "moe-paths" in sections:
         path_rows = bench_moe_paths(ceil, [1, 2, 4, 8, 64], [32, 128], args.sweep)
