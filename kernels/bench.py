@@ -60,6 +60,11 @@ def _bench(fn, graph: bool = True, rep_ms: int = 200) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
+def _bench_layers(launch, copies: list, num_layers: int, **bench_args) -> float:
+    """Milliseconds a launch: num_layers calls of launch(copy) in one timed graph (_bench), taking `copies` in turn."""
+    return _bench(lambda: [launch(copies[i % len(copies)]) for i in range(num_layers)], **bench_args) / num_layers
+
+
 def time_variant(run, layers: list, config, ref: torch.Tensor) -> tuple[float, float]:
     """(milliseconds a layer, relative error against ref) of run(weights, config), timed over every layer's
     weights in one graph (the sweeps' method)."""
@@ -137,8 +142,8 @@ def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], tor
             x = torch.randn(num_tokens, h, generator=gen).to(torch.bfloat16).cuda()
             weights, ids = route_ref(torch.randn(num_tokens, num_experts, generator=gen).cuda(), k)
             num_active = torch.unique(ids).numel()
-            ms = _bench(lambda: [moe_experts(x, weights, ids, *prepared[j % NUM_COPIES], 1.702, 7.0,
-                                             **serving_layout_args()) for j in range(num_layers)]) / num_layers
+            ms = _bench_layers(lambda w: moe_experts(x, weights, ids, *w, 1.702, 7.0, **serving_layout_args()),
+                               prepared, num_layers)
             nbytes = num_active * bytes_per_expert + x.numel() * 2 * 2
             flops = 2 * num_tokens * k * (h * 2 * i + i * h)
             row = dict(op=f"MoE {'20b' if num_experts == 32 else '120b' if num_experts == 128 else num_experts}",
@@ -290,10 +295,8 @@ def _read_floor_ms(copies: list[torch.Tensor], launches: int | None = None) -> d
             grid = (triton.cdiv(words[0].numel(), per_program),)
             key = f"{grid[0]}x{block * 4 // 1024}K"
             if key not in floors:
-                floors[key] = _bench(lambda: [_read_floor_kernel[grid](words[i % len(words)], sink,
-                                                                       words[0].numel(), WORDS_PER_PROGRAM=per_program,
-                                                                       BLOCK=block)
-                                              for i in range(launches)]) / launches
+                floors[key] = _bench_layers(lambda w: _read_floor_kernel[grid](
+                    w, sink, w.numel(), WORDS_PER_PROGRAM=per_program, BLOCK=block), words, launches)
     return floors
 
 
@@ -383,8 +386,7 @@ def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[
 
             ids = norm_and_route(attn_out, residual, norm_scale, 1e-5, layers[0][0].weight, layers[0][0].bias, k)[3]
             num_active = torch.unique(ids).numel()
-            # As served (PDL where it applies), num_layers launches a graph over the NUM_COPIES layers in turn.
-            ms = _bench(lambda: [layer(*layers[j % NUM_COPIES]) for j in range(num_layers)]) / num_layers
+            ms = _bench_layers(lambda gate_w: layer(*gate_w), layers, num_layers)  # as served (PDL where it applies)
             replays = 20
             prof = profile_graph_without_pdl(lambda: [layer(gl, w) for gl, w in layers], replays)
             per_kernel = {}
@@ -479,8 +481,8 @@ def cold_copies(nbytes: int, layers: int) -> int:
 
 
 def bench_decode(ceil: dict, batches: list[int], contexts: list[int], torch_max_tokens: int,
-                 layers: int = DECODE_LAYERS) -> list[dict]:
-    """Decode attention rows: `layers` launches a timed graph (DECODE_LAYERS, or NUM_COPIES as the other rows
+                 num_layers: int = DECODE_LAYERS) -> list[dict]:
+    """Decode attention rows: `num_layers` launches a timed graph (DECODE_LAYERS, or NUM_COPIES as the other rows
     and the decode rows before 2026-12-07), over cold_copies caches; the read floor likewise."""
     from gptoss_serve.kernels.attention_decode import paged_attention_decode
     from gptoss_serve.kernels.attention_ref import paged_attention_ref
@@ -491,16 +493,16 @@ def bench_decode(ceil: dict, batches: list[int], contexts: list[int], torch_max_
         for context in contexts:
             gen = torch.Generator().manual_seed(num_seqs * context)
             q, lens, sinks, nbytes = _decode_inputs(num_seqs, context, gen)
-            copies = cold_copies(nbytes, layers)
+            copies = cold_copies(nbytes, num_layers)
             caches, tables = _kv_setup(num_seqs, context, 16, gen, copies=copies)
-            ms = _bench(lambda: [paged_attention_decode(q, *caches[i % copies], tables, lens, sinks, 0.125)
-                                 for i in range(layers)]) / layers
+            ms = _bench_layers(lambda kv: paged_attention_decode(q, *kv, tables, lens, sinks, 0.125), caches,
+                               num_layers)
             row = dict(op="decode attn", shape=f"batch {num_seqs}, ctx {context}", ms=ms, gbs=nbytes / ms / 1e6,
-                       tflops=4 * num_seqs * hq * d * context / ms / 1e9, layers=layers)
+                       tflops=4 * num_seqs * hq * d * context / ms / 1e9, layers=num_layers)
             # The read floor: one kernel that only reads the caches' bytes (every context is whole blocks here);
             # up to 4 GB a copy (the floor kernel's word offsets are int32), which leaves out batch 128 x 32k only.
             if caches[0].numel() * caches[0].element_size() <= 2 ** 32:
-                floors = _read_floor_ms([c.transpose(2, 3) for c in caches], layers)  # as stored: contiguous
+                floors = _read_floor_ms([c.transpose(2, 3) for c in caches], num_layers)  # as stored: contiguous
                 row.update(floor_ms=min(floors.values()), floors_us={p: round(t * 1e3, 1) for p, t in floors.items()})
                 print(f"decode attn batch {num_seqs}, ctx {context}: {nbytes / 1e6:.1f} MB, {ms * 1e3:.1f} us; read "
                       f"floor {row['floor_ms'] * 1e3:.1f} us ({nbytes / row['floor_ms'] / 1e6 / ceil['copy_gbs']:.0%} "
@@ -736,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         grouping_rows = bench_grouping(token_arg or [8, 64, 512, 1024, 4096], expert_arg or [32, 128])
     if "decode" in sections:
         rows += bench_decode(ceil, [1, 32] if args.quick else [1, 32, 128], [1024, 8192] if args.quick else
-                             [1024, 8192, 32768], torch_max_tokens=32 * 8192, layers=args.decode_layers)
+                             [1024, 8192, 32768], torch_max_tokens=32 * 8192, num_layers=args.decode_layers)
     if "prefill" in sections:
         rows += bench_prefill(ceil, [1024] if args.quick else [1024, 8192], torch_max_tokens=1024)
     if "norm" in sections:

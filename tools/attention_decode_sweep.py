@@ -25,7 +25,8 @@ import json
 import torch
 
 from gptoss_serve.kernels.attention_decode import paged_attention_decode
-from gptoss_serve.kernels.bench import NUM_COPIES, _bench, _decode_inputs, _kv_setup, cold_copies, measure_ceilings
+from gptoss_serve.kernels.bench import (NUM_COPIES, _bench, _bench_layers, _decode_inputs, _kv_setup, cold_copies,
+                                         measure_ceilings)
 
 
 def main() -> None:
@@ -128,10 +129,9 @@ def compare_layouts(args) -> None:
                                                                  head_major=layout == "head", copies=copies))
                     _, caches, tables = held
                     try:
-                        ms = _bench(lambda: [paged_attention_decode(q, *caches[i % copies], tables, lens, sinks,
-                                                                    0.125, num_splits=splits or None,
-                                                                    fused_merge=fused, tiles=tile_dict)
-                                             for i in range(args.layers)], rep_ms=100) / args.layers
+                        ms = _bench_layers(lambda kv: paged_attention_decode(
+                            q, *kv, tables, lens, sinks, 0.125, num_splits=splits or None, fused_merge=fused,
+                            tiles=tile_dict), caches, args.layers, rep_ms=100)
                     except Exception as e:  # noqa: BLE001 - a sweep reports and goes on
                         print(f"{num_seqs} x {context} {layout} {block_size} fused {fused} splits {splits} {tiles}: "
                               f"{type(e).__name__}: {str(e)[:120]}", flush=True)

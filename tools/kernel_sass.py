@@ -265,15 +265,15 @@ def _paged_attention_args(**extra) -> dict:
 
 
 def attention_decode(block_n: int = 128, pdl: bool = True, fused_merge: bool = False, num_stages: int = 2,
-                     early_meta: bool = False, num_splits: int = 2):
-    """Decode attention, num_splits slices (merged by the last one's program with fused_merge; the lengths and first
-    pages loaded before the PDL wait with early_meta)."""
+                     early_meta: bool = False):
+    """Decode attention, 2 slices (merged by the last one's program with fused_merge; the lengths and first pages
+    loaded before the PDL wait with early_meta)."""
     from gptoss_serve.kernels.attention_decode import _decode_kernel
 
     args = _paged_attention_args(part_acc_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32",
                                  arrivals_ptr="*i32", partition_tokens=512, num_q_heads=64)
-    const = dict(QUERIES_PER_KV=8, BLOCK_G=16, BLOCK_D=64, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-                 SPLITS_P2=num_splits, FUSED_MERGE=fused_merge, EARLY_META=early_meta, EMULATE_BF16=False, PDL=pdl)
+    const = dict(QUERIES_PER_KV=8, BLOCK_G=16, BLOCK_D=64, BLOCK_N=block_n, NUM_SPLITS=2, SPLITS_P2=2,
+                 FUSED_MERGE=fused_merge, EARLY_META=early_meta, EMULATE_BF16=False, PDL=pdl)
     return compile_offline(_decode_kernel, args, const, num_warps=4, num_stages=num_stages)
 
 
@@ -369,13 +369,11 @@ if __name__ == "__main__":
             report(f"norm + qkv + rope + cache, {num_tokens} tokens, " + ", ".join(f"{k} {v}" for k, v in
                                                                                    tiling.items()), compiled)
     elif which == "attention":
-        for pdl in (False, True):
-            compiled = attention_decode(pdl=pdl)
-            report(f"decode attention, 128-key blocks, PDL {pdl}", compiled)
+        for pdl, early_meta in ((False, False), (True, False), (True, True)):
+            compiled = attention_decode(pdl=pdl, early_meta=early_meta)
+            report(f"decode attention, 128-key blocks, PDL {pdl}"
+                   + (", lengths and first pages before the wait" if early_meta else ""), compiled)
             print("  " + first_lines(sass(compiled), ("ACQBULK", "PREEXIT", "LDG", "LDGSTS")))
-        compiled = attention_decode(early_meta=True)
-        report("decode attention, 128-key blocks, PDL, lengths and first pages before the wait", compiled)
-        print("  " + first_lines(sass(compiled), ("ACQBULK", "PREEXIT", "LDG", "LDGSTS")))
         report("decode attention, 128-key blocks, PDL, slices merged by the last one",
                attention_decode(fused_merge=True))
         for num_stages in (2, 3, 4):  # K and V are one group each: 2 in flight = one block ahead
