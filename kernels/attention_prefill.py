@@ -152,6 +152,17 @@ def _prefill_kernel(
              cast_rne(out, out_ptr.dtype.element_ty, EMULATE_BF16), mask=in_rows[:, None] & in_d[None, :])
 
 
+def prefill_config(sliding_window: int) -> dict:
+    """Tiles a program: BLOCK_ROWS query rows (tokens x group heads), BLOCK_N keys a step. H100, 2026-12-07
+    (tools/attention_prefill_sweep.py, µs, 1k / 8k tokens): at full attention 64-key blocks beat 32 (32 was 27%
+    slower) and 64-row tiles (168 registers, 3 programs an SM: 2071 against 1836-1856 at 8k); at the 128-token
+    window, where a tile's 16 tokens see at most 143 keys and every key block is masked, 32-key blocks waste fewer
+    keys: 26.0 against 29.5 at 1k, 185.4 against 209 at 8k. Windows other than 128 were not timed; those up to 128
+    take the 32-key blocks too."""
+    block_n = 32 if 0 < sliding_window <= 128 else 64
+    return dict(BLOCK_ROWS=128, BLOCK_N=block_n, BLOCK_SEQS=64, num_warps=4, num_stages=2)
+
+
 def paged_attention_prefill(
     q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim], rotary already applied
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -173,7 +184,7 @@ def paged_attention_prefill(
         return out
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("q and the caches need head_dim contiguous, and k and v caches one layout")
-    config = dict(BLOCK_ROWS=128, BLOCK_N=64, BLOCK_SEQS=64, num_warps=4, num_stages=2) | (config or {})  # H100
+    config = prefill_config(sliding_window) | (config or {})
     block_g = next_pow2(queries_per_kv)
     block_q = max(1, config["BLOCK_ROWS"] // block_g)
     max_tiles = (num_tokens + num_seqs * (block_q - 1)) // block_q

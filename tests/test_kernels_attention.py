@@ -150,6 +150,18 @@ def test_prefill_and_chunked_prefill_with_cached_prefix(window):
     check(make_batch(q_lens, contexts, 8, 2, 64, 16, window, seed=10 + window))
 
 
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_prefill_key_blocks_of_either_width_at_the_window(block_n):
+    # prefill_config gives window layers 32-key blocks and full ones 64; both widths at the window's edges, against
+    # the twin and each other
+    from gptoss_serve.kernels.attention_prefill import paged_attention_prefill, prefill_config
+
+    assert prefill_config(128)["BLOCK_N"] == 32 and prefill_config(0)["BLOCK_N"] == 64
+    assert prefill_config(4096)["BLOCK_N"] == 64
+    args = make_batch([129, 1, 40], [129, 300, 168], 8, 2, 64, 16, 128, seed=20 + block_n)
+    check(args, paged_attention_prefill(*args, config=dict(BLOCK_N=block_n)))
+
+
 def test_prefill_finds_its_sequence_across_several_chunks_of_sequences():
     # BLOCK_SEQS=4: 11 sequences scanned in three chunks, query tiles of 16 tokens (two heads per KV head)
     from gptoss_serve.kernels.attention_prefill import paged_attention_prefill
