@@ -171,7 +171,8 @@
 #   bash tools/gpu_check.sh 58   the MoE rows and their read floors at 24 layers a graph against 4 (the decode rows'
 #                                method since the sixteenth session; is 80% at 1 token out of reach?): the bench's MoE
 #                                rows at 1, 8 and 64 tokens, then one 20b and one 120b layer by launch at 1 token with
-#                                its read floor, each with --moe-layers 24 and 4
+#                                its read floor, each with --moe-layers 24 and 4; the prefill tests and the
+#                                window layers' 32-key blocks (the default since 5bd0e2c) against 64
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -671,11 +672,15 @@ elif [ "$PART" = 57 ]; then
         | grep -E "^\||^bf16" | tee "$OUT/prefill_sweep.txt"  # 64 rows: 168 registers, 3 programs a SM (254: 2)
 elif [ "$PART" = 58 ]; then
     for layers in 24 4; do
-        timeout 120 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 1,8,64 --moe-layers "$layers" \
+        timeout 90 python3 -m gptoss_serve.kernels.bench --sections moe --tokens 1,8,64 --moe-layers "$layers" \
             2>&1 | grep -v Warning | grep -E "^\| MoE|^HBM" | tee -a "$OUT/bench_moe_layers.txt"
-        timeout 120 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1 --moe-layers "$layers" \
-            2>&1 | grep -v Warning | grep -E "^MoE|^HBM" | tee -a "$OUT/moe_floor_layers.txt"
+        timeout 90 python3 -m gptoss_serve.kernels.bench --sections moe-launches --tokens 1 --moe-layers "$layers" \
+            2>&1 | grep -v Warning | grep -E "^MoE|^HBM|^launches" | tee -a "$OUT/moe_floor_layers.txt"
     done
+    timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_attention.py -k prefill -rfE \
+        > "$OUT/tests_prefill.txt" 2>&1; tail -3 "$OUT/tests_prefill.txt"  # 32-key blocks at the window too
+    timeout 60 python3 tools/attention_prefill_sweep.py --configs default,:64 2>&1 | grep -E "^\||^bf16" \
+        | tee "$OUT/prefill_sweep.txt"  # the default takes 32-key blocks at the window since 5bd0e2c
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
