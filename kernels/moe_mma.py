@@ -25,11 +25,13 @@ GPUs (tests/test_kernels_moe.py, marker gpu) against the torch twin and the othe
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from gptoss_serve.kernels.moe_matmul import check_decode_operands, split_bytes_e4m3_ptx
 from gptoss_serve.kernels.moe_routing import ExpertGroups
@@ -48,6 +50,7 @@ def _split_word_f16_asm() -> str:
 
 SPLIT_WORD_F16_ASM = gl.constexpr(_split_word_f16_asm())
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # gl.thread_barrier in Triton 3.6, gl.barrier later
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared  # renamed after 3.6
 
 # H200, 2026-12-04, tools/moe_mma_sweep.py (docs/PERFORMANCE.md): K ranges of up to 16 blocks (15 of K = 2880's 90:
 # 6 splits) and one 64-row tile a program won; ranges of 30 blocks, 8 blocks, and two row tiles a warp (128 rows a
@@ -61,7 +64,13 @@ _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # gl.thread_barrie
 # PREFETCH never won, so off. Nor did it with programmatic dependent launch, the second matmul's weight loads put
 # before the PDL wait (its routing two launches old): H100, 2026-12-06 (tools/gpu_check.sh 25, bench MoE rows, us,
 # before the wait / after) 20b 1 token 37.6 / 36.4, 2 tokens 59.0 / 58.4, 120b 1 token 37.2 / 36.5: removed.
-DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=True, PREFETCH=False)
+# ASYNC_GROUPS (one row tile a program): the program's weight bytes copied into shared memory by asynchronous
+# copies (cp.async, 16 bytes a thread, no registers held) issued first, in that many commit groups, the scale bytes
+# loaded into registers behind them, so that all of a program's bytes are in flight at once; 0: the weights loaded
+# in the loop as before (Nsight Compute, H100, 20b w1 at one token: about three K blocks ahead of use, 12.5 cycles
+# stalled on the long scoreboard per issue).
+DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=True, PREFETCH=False,
+                          ASYNC_GROUPS=int(os.environ.get("GPTOSS_MMA_ASYNC_GROUPS", "0")))
 
 
 def byte_layout(num_warps: int, m_tiles: int) -> gl.DistributedLinearLayout:
@@ -84,7 +93,7 @@ def _moe_mma_kernel(
     stride_a, stride_w_expert, stride_w_row, stride_s_expert, stride_s_row, stride_s_k, stride_ws_split,
     BYTE_LAYOUT: gl.constexpr, PAIR_BLOCKS: gl.constexpr, TILE_N: gl.constexpr, EVEN_ROWS: gl.constexpr,
     KB: gl.constexpr, KB_P2: gl.constexpr, STAGE_ONCE: gl.constexpr, PREFETCH: gl.constexpr, BLOCK_T: gl.constexpr,
-    M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr, PDL: gl.constexpr,
+    M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr, PDL: gl.constexpr, ASYNC_GROUPS: gl.constexpr = 0,
 ):
     """Program (row block, row chunk, K range): ws[split, pairs of the block, rows of the chunk] =
     W_e[rows, K range] @ A[the block's rows, K range]^T, KB blocks a range (KB divides the K blocks)."""
@@ -125,6 +134,18 @@ def _moe_mma_kernel(
     row_begin = chunk * rows_per_program
     row_end = gl.minimum(row_begin + rows_per_program, N)
 
+    if ASYNC_GROUPS > 0:  # one row tile a program: all its weight bytes in flight before anything else
+        GROUP_KB: gl.constexpr = KB_P2 // ASYNC_GROUPS  # K blocks a commit group
+        w_smem = _copy_weights(w_expert, row_begin, row_end, stride_w_row, KB, KB_P2, GROUP_KB, ROWS, TILE_N,
+                               NUM_WARPS)
+        w_rows, s_rows, in_b, in_o = _tile_pointers(w_expert, s_expert, row_begin, row_end, stride_w_row,
+                                                    stride_s_row, BYTE_LAYOUT, mma, ROWS, TILE_N)
+        scale_bytes = ()
+        for kb in gl.static_range(KB):
+            if EVEN_ROWS:
+                scale_bytes = scale_bytes + (gl.load(s_rows + kb * stride_s_k),)
+            else:
+                scale_bytes = scale_bytes + (gl.load(s_rows + kb * stride_s_k, mask=in_o, other=0),)
     if PREFETCH:  # one row tile a program: its weight loads go out before the activations are staged
         w_rows, s_rows, in_b, in_o = _tile_pointers(w_expert, s_expert, row_begin, row_end, stride_w_row,
                                                     stride_s_row, BYTE_LAYOUT, mma, ROWS, TILE_N)
@@ -148,17 +169,25 @@ def _moe_mma_kernel(
         b_smem = gl.allocate_shared_memory(gl.float16, [KB, BLOCK_T, 32], SMEM_L)
         for kb in gl.static_range(KB):
             b_smem.index(kb).store(gl.load(a_rows + kb * 32, mask=a_mask, other=0.0).to(gl.float16))
+    if ASYNC_GROUPS > 0:
+        async_copy.wait_group(ASYNC_GROUPS - 1)  # this thread's copies of the first group landed
     _barrier()
 
     r_o = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
     ws_cols = ws_ptr + split * stride_ws_split + pairs_o.to(gl.int64)[None, :] * N  # [1, BLOCK_T]
     for r0 in range(row_begin, row_end, ROWS):
-        if not PREFETCH:
+        if not PREFETCH and ASYNC_GROUPS == 0:
             w_rows, s_rows, in_b, in_o = _tile_pointers(w_expert, s_expert, r0, row_end, stride_w_row,
                                                         stride_s_row, BYTE_LAYOUT, mma, ROWS, TILE_N)
         acc = gl.zeros([ROWS, BLOCK_T], gl.float32, mma)
         for kb in gl.static_range(KB):
-            if PREFETCH:
+            if ASYNC_GROUPS > 0:
+                if kb > 0 and kb % GROUP_KB == 0:  # the next group: every thread's copies of it landed
+                    async_copy.wait_group(ASYNC_GROUPS - 1 - kb // GROUP_KB)
+                    _barrier()
+                w_bytes = w_smem.slice(kb * ROWS, ROWS, dim=0).load(BYTE_LAYOUT)
+                s = scale_bytes[kb]
+            elif PREFETCH:
                 w_bytes = words[kb]
                 s = scale_bytes[kb]
             else:
@@ -177,6 +206,32 @@ def _moe_mma_kernel(
             acc = acc + part * gl.expand_dims(scale, 1)
         out = ws_cols + (r0 + r_o)[:, None]
         gl.store(out, acc, mask=(r0 + r_o < row_end)[:, None] & (t_o < count)[None, :])
+
+
+@gluon.jit
+def _copy_weights(w_expert, row_begin, row_end, stride_w_row, KB: gl.constexpr, KB_P2: gl.constexpr,
+                  GROUP_KB: gl.constexpr, ROWS: gl.constexpr, TILE_N: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Asynchronous copies of the K blocks 0..KB of weight rows row_begin.. (ROWS of them) into shared memory
+    [KB_P2 * ROWS, 16] (block kb's rows at kb * ROWS), a row's 16 bytes a thread, GROUP_KB blocks a commit group;
+    rows past row_end and blocks past KB are zero-filled. Returns the buffer."""
+    COPY_L: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [NUM_WARPS, 1], [1, 0])
+    # Unswizzled: a warp's 4-byte reads of BYTE_LAYOUT (8 rows x 16 bytes) fall in 32 distinct banks.
+    w_smem = gl.allocate_shared_memory(gl.uint8, [KB_P2 * ROWS, 16],
+                                       gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    q = gl.arange(0, GROUP_KB * ROWS, layout=gl.SliceLayout(1, COPY_L))  # block-in-group * ROWS + row
+    j = gl.arange(0, 16, layout=gl.SliceLayout(0, COPY_L))
+    n = row_begin + q % ROWS
+    if TILE_N == 1:
+        rows = w_expert + n.to(gl.int64)[:, None] * stride_w_row + ((q // ROWS) * 16)[:, None] + j[None, :]
+    else:  # `tile_rows`: TILE_N rows' block k side by side, then block k + 1
+        rows = w_expert + (n // TILE_N).to(gl.int64)[:, None] * (stride_w_row * TILE_N) \
+            + ((q // ROWS) * (16 * TILE_N) + (n % TILE_N) * 16)[:, None] + j[None, :]
+    for g in gl.static_range(KB_P2 // GROUP_KB):
+        in_w = ((n < row_end) & (g * GROUP_KB + q // ROWS < KB))[:, None] & (j < 16)[None, :]
+        _async_load(w_smem.slice(g * GROUP_KB * ROWS, GROUP_KB * ROWS, dim=0), rows + g * GROUP_KB * (16 * TILE_N),
+                    mask=in_w)
+        async_copy.commit_group()
+    return w_smem
 
 
 @gluon.jit
@@ -224,8 +279,14 @@ def moe_mma_splitk(
     num_warps, m_tiles = config["num_warps"], config["M_TILES"]
     rows = 16 * num_warps * m_tiles
     rows_per_program = max(rows, config["ROWS_PER_PROGRAM"] // rows * rows)
-    if config["PREFETCH"] and rows_per_program != rows:
-        raise ValueError(f"PREFETCH loads a program's one row tile early: ROWS_PER_PROGRAM must be {rows}")
+    if (config["PREFETCH"] or config["ASYNC_GROUPS"]) and rows_per_program != rows:
+        raise ValueError(f"PREFETCH and ASYNC_GROUPS load a program's one row tile early: ROWS_PER_PROGRAM must be "
+                         f"{rows}")
+    if config["PREFETCH"] and config["ASYNC_GROUPS"]:
+        raise ValueError("PREFETCH and ASYNC_GROUPS are two ways to load the weights early: one at most")
+    kb_p2 = triton.next_power_of_2(kb)
+    if config["ASYNC_GROUPS"] and kb_p2 % config["ASYNC_GROUPS"]:
+        raise ValueError(f"ASYNC_GROUPS must divide the {kb_p2} K blocks (padded) a program")
     if not a.is_cuda:
         raise ValueError("the tensor-core decode kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")
     splits = num_k_blocks // kb
@@ -244,7 +305,7 @@ def moe_mma_splitk(
         a.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), scales.stride(2),
         ws.stride(0),
         BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks is not None, TILE_N=tile_n,
-        EVEN_ROWS=n_rows % rows_per_program == 0, KB=kb, KB_P2=triton.next_power_of_2(kb),
+        EVEN_ROWS=n_rows % rows_per_program == 0, KB=kb, KB_P2=kb_p2,
         STAGE_ONCE=config["STAGE_ONCE"], PREFETCH=config["PREFETCH"], BLOCK_T=block_t, M_TILES=m_tiles,
-        NUM_WARPS=num_warps, num_warps=num_warps, **pdl_args(a.device))
+        NUM_WARPS=num_warps, ASYNC_GROUPS=config["ASYNC_GROUPS"], num_warps=num_warps, **pdl_args(a.device))
     return ws

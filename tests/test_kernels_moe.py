@@ -616,10 +616,11 @@ def test_moe_experts_mma_matches_twin_and_gemv_gpu(shape, num_tokens, block_t):
     from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
 
     args, served, layout = _mma_case(shape, num_tokens, seed=100 + num_tokens)
-    for m_tiles, rows, stage_once, prefetch in ((1, 64, False, False), (2, 256, False, False), (1, 64, True, False),
-                                                (1, 64, True, True), (2, 128, False, True)):
+    for m_tiles, rows, stage_once, prefetch, groups in (
+            (1, 64, False, False, 0), (2, 256, False, False, 0), (1, 64, True, False, 0), (1, 64, True, True, 0),
+            (2, 128, False, True, 0), (1, 64, True, False, 1), (1, 64, True, False, 4), (2, 128, False, False, 2)):
         config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, M_TILES=m_tiles, ROWS_PER_PROGRAM=rows,
-                      STAGE_ONCE=stage_once, PREFETCH=prefetch)
+                      STAGE_ONCE=stage_once, PREFETCH=prefetch, ASYNC_GROUPS=groups)
         out = moe_experts(*served, config=config, **layout)
         assert rel_err(out, moe_experts_ref(*args)) < 1e-2
         # f16 activations and tensor-core sums against the matrix-vector kernel's float32 FMAs: near-equal
@@ -637,8 +638,11 @@ def test_moe_mma_checkpoint_rows_and_k_ranges_gpu():
     x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
     served = [x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first]
     ref = moe_experts_ref(*args)
-    for kb_max, stage_once, prefetch in ((1, False, False), (16, False, False), (16, True, True), (3, True, False)):
-        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", KB_MAX=kb_max, STAGE_ONCE=stage_once, PREFETCH=prefetch)
+    for kb_max, stage_once, prefetch, groups in ((1, False, False, 0), (16, False, False, 0), (16, True, True, 0),
+                                                 (3, True, False, 0), (1, True, False, 1), (16, True, False, 2),
+                                                 (16, False, False, 8)):
+        config = dict(DEFAULT_MMA_CONFIG, kernel="mma", KB_MAX=kb_max, STAGE_ONCE=stage_once, PREFETCH=prefetch,
+                      ASYNC_GROUPS=groups)
         assert rel_err(moe_experts(*served, config=config, split_nibbles=True), ref) < 1e-2
 
 
@@ -655,6 +659,12 @@ def test_moe_mma_refuses_cpu_tensors_and_other_layouts():
         moe_experts(*served, config=config, split_nibbles=True)
     with pytest.raises(ValueError, match="ROWS_PER_PROGRAM must be 64"):
         moe_experts(*served, config=dict(config, PREFETCH=True, ROWS_PER_PROGRAM=128), split_nibbles=True)
+    with pytest.raises(ValueError, match="ROWS_PER_PROGRAM must be 64"):
+        moe_experts(*served, config=dict(config, ASYNC_GROUPS=1, ROWS_PER_PROGRAM=128), split_nibbles=True)
+    with pytest.raises(ValueError, match="one at most"):
+        moe_experts(*served, config=dict(config, ASYNC_GROUPS=1, PREFETCH=True), split_nibbles=True)
+    with pytest.raises(ValueError, match="must divide the 2 K blocks"):  # K = 64: 2 blocks a program
+        moe_experts(*served, config=dict(config, ASYNC_GROUPS=4), split_nibbles=True)
 
 
 # wgmma grouped path (kernels/moe_wgmma.py, Gluon: GPU only) -----------------------------------------------------

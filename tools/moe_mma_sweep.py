@@ -34,6 +34,11 @@ parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of
                     "(CHAIN)")
 parser.add_argument("--no-gemv", action="store_true", help="skip the matrix-vector kernels' variants")
 parser.add_argument("--no-mma", action="store_true", help="skip the tensor-core decode kernel's variants")
+parser.add_argument("--mma-async", default="", help="the tensor-core decode kernel's default tile, staged at once, "
+                    "with its weights copied asynchronously in these numbers of groups (ASYNC_GROUPS, comma-separated) "
+                    "instead of the default variants")
+parser.add_argument("--layers", type=int, default=kb.NUM_COPIES, help="launches a timed graph, over 4 layers' "
+                    "weights in turn (24: a 20b decode step's MoE layers)")
 args = parser.parse_args()
 
 ceil = kb.measure_ceilings()
@@ -43,23 +48,27 @@ h = i = 2880
 
 def mma_variants(num_tokens: int) -> list[tuple[str, dict]]:
     """(label, config) of the tensor-core kernel: (BLOCK_T, KB_MAX, M_TILES, ROWS_PER_PROGRAM, num_warps,
-    STAGE_ONCE, PREFETCH); BLOCK_T None = pairs one by one."""
-    if args.configs == "all":
+    STAGE_ONCE, PREFETCH, ASYNC_GROUPS); BLOCK_T None = pairs one by one."""
+    block_ts = [None] if num_tokens <= 2 else [None, 8] if num_tokens <= 8 else [16]
+    if args.mma_async:
+        grid = [(t, 16, 1, 64, 4, True, False, int(g)) for t in block_ts for g in args.mma_async.split(",")]
+    elif args.configs == "all":
         block_ts = [None] if num_tokens == 1 else [None, 8, 16] if num_tokens <= 8 else [8, 16, 32]
         grid = list(itertools.product(block_ts, (8, 16, 32), (1, 2), (64, 128, 256), (4, 8), (False, True),
-                                      (False, True)))
+                                      (False, True), (0,)))
     else:  # the default tiles with each staging, and with the weights prefetched; blocks of 8 or 16 pairs too
-        block_ts = [None] if num_tokens <= 2 else [None, 8] if num_tokens <= 8 else [16]
-        grid = [(t, 16, 1, 64, 4, once, pre) for t in block_ts
+        grid = [(t, 16, 1, 64, 4, once, pre, 0) for t in block_ts
                 for once, pre in ((False, False), (True, False), (True, True), (False, True))]
     out = []
-    for block_t, kb_max, m_tiles, rows, warps, stage_once, prefetch in grid:
+    for block_t, kb_max, m_tiles, rows, warps, stage_once, prefetch, groups in grid:
         if rows < 16 * warps * m_tiles or (prefetch and rows != 16 * warps * m_tiles):
             continue
         config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, KB_MAX=kb_max, M_TILES=m_tiles,
-                      ROWS_PER_PROGRAM=rows, num_warps=warps, STAGE_ONCE=stage_once, PREFETCH=prefetch)
+                      ROWS_PER_PROGRAM=rows, num_warps=warps, STAGE_ONCE=stage_once, PREFETCH=prefetch,
+                      ASYNC_GROUPS=groups)
         out.append((f"mma T={block_t} KB<={kb_max} mt={m_tiles} rows={rows} w={warps}"
-                    f"{' staged at once' if stage_once else ''}{' prefetched' if prefetch else ''}", config))
+                    f"{' staged at once' if stage_once else ''}{' prefetched' if prefetch else ''}"
+                    f"{f' async x{groups}' if groups else ''}", config))
     return out
 
 
@@ -143,7 +152,7 @@ for case in args.cases.split(","):
         mma_variants(num_tokens) if num_tokens <= (8 if args.wgmma else 64) and not args.no_mma else [])
     for label, config in [("default", None)] + variants:
         try:
-            ms, err = kb.time_variant(run, layers, config, ref)
+            ms, err = kb.time_variant(run, layers, config, ref, args.layers)
         except Exception as e:  # a variant that fails to compile must not cost the rest of the run
             print(f"  {label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
