@@ -174,7 +174,8 @@
 #                                its read floor, each with --moe-layers 24 and 4; the prefill tests and the
 #                                window layers' 32-key blocks (the default since 5bd0e2c) against 64
 #   bash tools/gpu_check.sh 59   the tensor-core decode kernel's weights copied asynchronously into shared memory
-#                                (ASYNC_GROUPS 1, 2, 4): its GPU tests, the sweep at 1-4 tokens 24 layers a graph,
+#                                (ASYNC_GROUPS 1, 2, 4; 2 with 30 K blocks a program): its GPU tests, the sweep at
+#                                1-4 tokens 24 layers a graph,
 #                                the bench's MoE rows at 1-4 tokens with it off and in 2 groups
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
@@ -686,7 +687,7 @@ elif [ "$PART" = 58 ]; then
         | tee "$OUT/prefill_sweep.txt"  # the default takes 32-key blocks at the window since 5bd0e2c
 elif [ "$PART" = 59 ]; then
     moe_gpu_tests "mma and not wgmma" 150
-    timeout 170 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x2,32x4 --no-gemv --mma-async 1,2,4 --layers 24 \
+    timeout 170 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x2,32x4 --no-gemv --mma-async 1,2,4,2:32 --layers 24 \
         2>&1 | grep -v Warning | tee "$OUT/mma_async_sweep.txt"
     for groups in 0 2; do
         GPTOSS_MMA_ASYNC_GROUPS=$groups timeout 70 python3 -m gptoss_serve.kernels.bench --sections moe \

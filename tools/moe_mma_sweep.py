@@ -35,8 +35,8 @@ parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of
 parser.add_argument("--no-gemv", action="store_true", help="skip the matrix-vector kernels' variants")
 parser.add_argument("--no-mma", action="store_true", help="skip the tensor-core decode kernel's variants")
 parser.add_argument("--mma-async", default="", help="the tensor-core decode kernel's default tile, staged at once, "
-                    "with its weights copied asynchronously in these numbers of groups (ASYNC_GROUPS, comma-separated) "
-                    "instead of the default variants")
+                    "with its weights copied asynchronously: GROUPS[:KB_MAX] (ASYNC_GROUPS commit groups, K blocks a "
+                    "program at most, 16 if not given), comma-separated, instead of the default variants")
 parser.add_argument("--layers", type=int, default=kb.NUM_COPIES, help="launches a timed graph, over 4 layers' "
                     "weights in turn (24: a 20b decode step's MoE layers)")
 args = parser.parse_args()
@@ -51,7 +51,8 @@ def mma_variants(num_tokens: int) -> list[tuple[str, dict]]:
     STAGE_ONCE, PREFETCH, ASYNC_GROUPS); BLOCK_T None = pairs one by one."""
     block_ts = [None] if num_tokens <= 2 else [None, 8] if num_tokens <= 8 else [16]
     if args.mma_async:
-        grid = [(t, 16, 1, 64, 4, True, False, int(g)) for t in block_ts for g in args.mma_async.split(",")]
+        specs = [[int(v) for v in spec.split(":")] + [16] for spec in args.mma_async.split(",")]
+        grid = [(t, spec[1], 1, 64, 4, True, False, spec[0]) for t in block_ts for spec in specs]
     elif args.configs == "all":
         block_ts = [None] if num_tokens == 1 else [None, 8, 16] if num_tokens <= 8 else [8, 16, 32]
         grid = list(itertools.product(block_ts, (8, 16, 32), (1, 2), (64, 128, 256), (4, 8), (False, True),
