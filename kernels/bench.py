@@ -28,6 +28,9 @@ NUM_COPIES = 4  # layers' worth of distinct weights or caches in one timed graph
 # first reads evict them); 4 launches a graph put 3.3 µs of it on each, 24 put 0.55 (H100, 2026-12-07: batch
 # 32 x 1k 29.8 -> 27.1-27.2 µs, 1 x 32k 30.9-31.0 -> 28.1-28.3; docs/PERFORMANCE.md).
 DECODE_LAYERS = 24
+# MoE rows (and the MoE layer by launch with its read floor) likewise since 2026-12-07 (seventeenth session, H100):
+# 20b 1 token 36.8 -> 34.3 µs, 8 tokens 122.4 -> 119.2; the 1-token read floor 78% -> 90% of the copy.
+MOE_LAYERS = 24
 KV_HEAD_MAJOR = True  # KV cache blocks as KVCache stores them; --kv-layout token: token-major (comparisons)
 
 
@@ -123,7 +126,7 @@ def sweep_case(num_experts: int, num_tokens: int, hidden: int, intermediate: int
 
 
 def bench_moe(ceil: dict, token_counts: list[int], expert_counts: list[int], torch_max_tokens: int,
-              num_layers: int = NUM_COPIES) -> list[dict]:
+              num_layers: int = MOE_LAYERS) -> list[dict]:
     """MoE rows: `num_layers` launches a timed graph over NUM_COPIES layers' weights in turn (each launch reads 53 MB or
     more, so three others' reads lie between two of one copy's: cold)."""
     from gptoss_serve.kernels.moe_matmul import moe_experts
@@ -347,7 +350,7 @@ def profile_graph_without_pdl(run, replays: int = 20):
 
 
 def bench_moe_launches(ceil: dict, token_counts: list[int], expert_counts: list[int],
-                       num_layers: int = NUM_COPIES) -> list[dict]:
+                       num_layers: int = MOE_LAYERS) -> list[dict]:
     """Where one MoE layer's time goes: the whole layer as the model runs it (norm and routing, grouping,
     both expert matmuls, epilogue and combine kernels) captured in a CUDA graph over 4 layers' weights, then
     the torch profiler's GPU time per kernel over replays of that graph captured without programmatic dependent
@@ -703,9 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-layout", choices=["head", "token"], default="head",
                         help="KV cache blocks of the decode, prefill and attention-front rows: head-major (as the "
                              "engine stores them) or token-major [blocks, block size, KV heads, head_dim]")
-    parser.add_argument("--moe-layers", type=int, default=NUM_COPIES,
-                        help="moe, moe-launches: layers a timed graph holds, over 4 layers' weights in turn (24: a "
-                             "20b decode step's)")
+    parser.add_argument("--moe-layers", type=int, default=MOE_LAYERS,
+                        help="moe, moe-launches: layers a timed graph holds, over 4 layers' weights in turn (default: "
+                             "a 20b decode step's; 4: the count before 2026-12-07)")
     parser.add_argument("--decode-layers", type=int, default=DECODE_LAYERS,
                         help="decode: attention launches a timed graph holds (default: a 20b decode step's; 4: the "
                              "other rows' count)")

@@ -687,7 +687,7 @@ elif [ "$PART" = 58 ]; then
         | tee "$OUT/prefill_sweep.txt"  # the default takes 32-key blocks at the window since 5bd0e2c
 elif [ "$PART" = 59 ]; then
     moe_gpu_tests "mma and not wgmma" 120
-    timeout 150 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x4 --no-gemv --mma-async 1,2,4,2:32 --layers 24 \
+    timeout 150 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x4 --no-gemv --mma-async 1,2,4,2:32 \
         2>&1 | grep -v Warning | tee "$OUT/mma_async_sweep.txt"
     for groups in 0 2; do
         GPTOSS_MMA_ASYNC_GROUPS=$groups timeout 60 python3 -m gptoss_serve.kernels.bench --sections moe \

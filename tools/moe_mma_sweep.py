@@ -37,8 +37,8 @@ parser.add_argument("--no-mma", action="store_true", help="skip the tensor-core 
 parser.add_argument("--mma-async", default="", help="the tensor-core decode kernel's default tile, staged at once, "
                     "with its weights copied asynchronously: GROUPS[:KB_MAX] (ASYNC_GROUPS commit groups, K blocks a "
                     "program at most, 16 if not given), comma-separated, instead of the default variants")
-parser.add_argument("--layers", type=int, default=kb.NUM_COPIES, help="launches a timed graph, over 4 layers' "
-                    "weights in turn (24: a 20b decode step's MoE layers)")
+parser.add_argument("--layers", type=int, default=kb.MOE_LAYERS, help="launches a timed graph, over 4 layers' "
+                    "weights in turn (default: a 20b decode step's MoE layers; 4: the count before 2026-12-07)")
 args = parser.parse_args()
 
 ceil = kb.measure_ceilings()
