@@ -1082,7 +1082,7 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
     if config.get("kernel") == "gemv":  # matrix-vector products, pairs one by one, the activation in registers
         from gptoss_serve.kernels.moe_gemv import moe_gemv_splitk
 
-        def matmul(a, blocks, scales, a_row_div):
+        def matmul(a, blocks, scales, a_row_div, second=False):
             return moe_gemv_splitk(a, blocks, scales, ids, first_expert, a_row_div, config, **layout)
     elif config.get("kernel") == "mma":  # tensor cores, MXFP4 straight into mma fragments (Gluon, CUDA only)
         from gptoss_serve.kernels.moe_mma import moe_mma_splitk
@@ -1094,8 +1094,10 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
         else:
             pair_args = dict(groups=group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_T"]))
 
-        def matmul(a, blocks, scales, a_row_div):
-            return moe_mma_splitk(a, blocks, scales, a_row_div, num_pairs, config, tile_n=tile_n, **pair_args)
+        def matmul(a, blocks, scales, a_row_div, second=False):  # second: routing and groups two launches old
+            early = second and bool(config.get("EARLY_WEIGHTS")) and config.get("ASYNC_GROUPS", 0) > 0
+            return moe_mma_splitk(a, blocks, scales, a_row_div, num_pairs, config, tile_n=tile_n,
+                                  early_weights=early, **pair_args)
     else:
         if num_tokens == 1:  # the pairs are the row blocks (a token's experts are distinct)
             groups, pair_blocks = None, (ids, first_expert)
@@ -1103,7 +1105,7 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
             groups = group_by_expert(expert_ids, first_expert, num_local_experts, config["BLOCK_M"])
             pair_blocks = None
 
-        def matmul(a, blocks, scales, a_row_div):
+        def matmul(a, blocks, scales, a_row_div, second=False):
             return moe_matmul_splitk(a, blocks, scales, groups, a_row_div, num_pairs, config, pair_blocks=pair_blocks,
                                      **layout)
     ws1 = matmul(x, w1_blocks, w1_scales, top_k)
@@ -1116,7 +1118,7 @@ def moe_experts_splitk(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, 
            ws1, ids, b1, act, n1, first_expert, num_local_experts,
            ws1.stride(0), b1.stride(0), act.stride(0), float(swiglu_alpha), float(swiglu_limit),
            NUM_SPLITS=ws1.shape[0], HAS_BIAS=True, EMULATE_BF16=emulate_bf16(), BLOCK=block, num_warps=2, **pdl)
-    ws2 = matmul(act, w2_blocks, w2_scales, 1)
+    ws2 = matmul(act, w2_blocks, w2_scales, 1, second=True)
     block_h = min(epilogue_block, next_pow2(hidden))
     launch(_splitk_combine_kernel, (num_tokens, triton.cdiv(hidden, block_h)),
            ws2, ids, expert_weights.reshape(-1), b2 if b2 is not None else ws2, out, hidden,

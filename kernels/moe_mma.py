@@ -69,8 +69,11 @@ _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_g
 # loaded into registers behind them, so that all of a program's bytes are in flight at once; 0: the weights loaded
 # in the loop as before (Nsight Compute, H100, 20b w1 at one token: about three K blocks ahead of use, 12.5 cycles
 # stalled on the long scoreboard per issue).
+# EARLY_WEIGHTS (with ASYNC_GROUPS): the second matmul's copies issued before its PDL wait, streaming while SwiGLU
+# runs (register loads there lost in the fifth session, see PREFETCH above).
 DEFAULT_MMA_CONFIG = dict(KB_MAX=16, M_TILES=1, ROWS_PER_PROGRAM=64, num_warps=4, STAGE_ONCE=True, PREFETCH=False,
-                          ASYNC_GROUPS=int(os.environ.get("GPTOSS_MMA_ASYNC_GROUPS", "0")))
+                          ASYNC_GROUPS=int(os.environ.get("GPTOSS_MMA_ASYNC_GROUPS", "0")),
+                          EARLY_WEIGHTS=os.environ.get("GPTOSS_MMA_EARLY_WEIGHTS", "0") == "1")
 
 
 def byte_layout(num_warps: int, m_tiles: int) -> gl.DistributedLinearLayout:
@@ -94,10 +97,15 @@ def _moe_mma_kernel(
     BYTE_LAYOUT: gl.constexpr, PAIR_BLOCKS: gl.constexpr, TILE_N: gl.constexpr, EVEN_ROWS: gl.constexpr,
     KB: gl.constexpr, KB_P2: gl.constexpr, STAGE_ONCE: gl.constexpr, PREFETCH: gl.constexpr, BLOCK_T: gl.constexpr,
     M_TILES: gl.constexpr, NUM_WARPS: gl.constexpr, PDL: gl.constexpr, ASYNC_GROUPS: gl.constexpr = 0,
+    EARLY_WEIGHTS: gl.constexpr = False,
 ):
     """Program (row block, row chunk, K range): ws[split, pairs of the block, rows of the chunk] =
-    W_e[rows, K range] @ A[the block's rows, K range]^T, KB blocks a range (KB divides the K blocks)."""
-    pdl_wait(PDL)  # the routing, the block tables or the activations come from the kernel before
+    W_e[rows, K range] @ A[the block's rows, K range]^T, KB blocks a range (KB divides the K blocks).
+    EARLY_WEIGHTS (with ASYNC_GROUPS and PDL): the routing or block tables read and the weights' copies issued
+    before the PDL wait, so that they stream while the kernel before finishes; only for a launch whose routing and
+    block tables were written two launches back or earlier (the second matmul: SwiGLU runs between)."""
+    if not EARLY_WEIGHTS:
+        pdl_wait(PDL)  # the routing, the block tables or the activations come from the kernel before
     ROWS: gl.constexpr = 16 * M_TILES * NUM_WARPS  # weight rows an iteration
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
@@ -116,6 +124,8 @@ def _moe_mma_kernel(
     if PAIR_BLOCKS:  # pairs one by one: row block b is pair b, its expert straight from the routing
         expert = gl.load(block_expert_ptr + block) - first_expert
         if (expert < 0) | (expert >= num_local_experts):  # routed to another rank's expert
+            if EARLY_WEIGHTS:
+                pdl_wait(PDL)  # every program waits before it ends (triton_utils.pdl_wait)
             return
         count = 1
         pairs_s = block + t_s * 0
@@ -123,6 +133,8 @@ def _moe_mma_kernel(
     else:
         expert = gl.load(block_expert_ptr + block)
         if expert < 0:  # beyond the last row block: the grid is the static worst case
+            if EARLY_WEIGHTS:
+                pdl_wait(PDL)
             return
         row_start = gl.load(block_row_start_ptr + block)
         count = gl.load(block_row_end_ptr + block) - row_start
@@ -146,6 +158,8 @@ def _moe_mma_kernel(
                 scale_bytes = scale_bytes + (gl.load(s_rows + kb * stride_s_k),)
             else:
                 scale_bytes = scale_bytes + (gl.load(s_rows + kb * stride_s_k, mask=in_o, other=0),)
+    if EARLY_WEIGHTS:
+        pdl_wait(PDL)  # the activations come from the kernel before
     if PREFETCH:  # one row tile a program: its weight loads go out before the activations are staged
         w_rows, s_rows, in_b, in_o = _tile_pointers(w_expert, s_expert, row_begin, row_end, stride_w_row,
                                                     stride_s_row, BYTE_LAYOUT, mma, ROWS, TILE_N)
@@ -272,6 +286,7 @@ def moe_mma_splitk(
     tile_n: int = 1,
     groups: ExpertGroups | None = None,  # row blocks of pairs by expert (BLOCK_T pairs at most)
     pair_blocks: tuple[torch.Tensor, int] | None = None,  # (expert ids [num_pairs], first_expert): pairs one by one
+    early_weights: bool = False,  # the routing / groups written two launches back or earlier (EARLY_WEIGHTS)
 ) -> torch.Tensor:  # [splits, num_pairs, N] float32 partial sums by pair index (rows of other ranks' pairs unset)
     config = dict(DEFAULT_MMA_CONFIG, **config)
     num_local_experts, n_rows, num_k_blocks = check_decode_operands(a, blocks, tile_n)
@@ -284,6 +299,8 @@ def moe_mma_splitk(
                          f"{rows}")
     if config["PREFETCH"] and config["ASYNC_GROUPS"]:
         raise ValueError("PREFETCH and ASYNC_GROUPS are two ways to load the weights early: one at most")
+    if early_weights and not config["ASYNC_GROUPS"]:
+        raise ValueError("early_weights issues the ASYNC_GROUPS copies before the PDL wait: it needs ASYNC_GROUPS")
     kb_p2 = triton.next_power_of_2(kb)
     if config["ASYNC_GROUPS"] and kb_p2 % config["ASYNC_GROUPS"]:
         raise ValueError(f"ASYNC_GROUPS must divide the {kb_p2} K blocks (padded) a program")
@@ -307,5 +324,6 @@ def moe_mma_splitk(
         BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks is not None, TILE_N=tile_n,
         EVEN_ROWS=n_rows % rows_per_program == 0, KB=kb, KB_P2=kb_p2,
         STAGE_ONCE=config["STAGE_ONCE"], PREFETCH=config["PREFETCH"], BLOCK_T=block_t, M_TILES=m_tiles,
-        NUM_WARPS=num_warps, ASYNC_GROUPS=config["ASYNC_GROUPS"], num_warps=num_warps, **pdl_args(a.device))
+        NUM_WARPS=num_warps, ASYNC_GROUPS=config["ASYNC_GROUPS"], EARLY_WEIGHTS=early_weights, num_warps=num_warps,
+        **pdl_args(a.device))
     return ws

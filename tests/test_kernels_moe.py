@@ -616,11 +616,14 @@ def test_moe_experts_mma_matches_twin_and_gemv_gpu(shape, num_tokens, block_t):
     from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
 
     args, served, layout = _mma_case(shape, num_tokens, seed=100 + num_tokens)
-    for m_tiles, rows, stage_once, prefetch, groups in (
-            (1, 64, False, False, 0), (2, 256, False, False, 0), (1, 64, True, False, 0), (1, 64, True, True, 0),
-            (2, 128, False, True, 0), (1, 64, True, False, 1), (1, 64, True, False, 4), (2, 128, False, False, 2)):
+    # ASYNC_GROUPS: the weights copied into shared memory first; EARLY_WEIGHTS: the second matmul's copies issued
+    # before its PDL wait (PDL is on for these launches on Hopper)
+    for m_tiles, rows, stage_once, prefetch, groups, early in (
+            (1, 64, False, False, 0, False), (2, 256, False, False, 0, False), (1, 64, True, False, 0, False),
+            (1, 64, True, True, 0, False), (2, 128, False, True, 0, False), (1, 64, True, False, 1, False),
+            (1, 64, True, False, 4, False), (2, 128, False, False, 2, False), (1, 64, True, False, 2, True)):
         config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, M_TILES=m_tiles, ROWS_PER_PROGRAM=rows,
-                      STAGE_ONCE=stage_once, PREFETCH=prefetch, ASYNC_GROUPS=groups)
+                      STAGE_ONCE=stage_once, PREFETCH=prefetch, ASYNC_GROUPS=groups, EARLY_WEIGHTS=early)
         out = moe_experts(*served, config=config, **layout)
         assert rel_err(out, moe_experts_ref(*args)) < 1e-2
         # f16 activations and tensor-core sums against the matrix-vector kernel's float32 FMAs: near-equal
@@ -665,6 +668,11 @@ def test_moe_mma_refuses_cpu_tensors_and_other_layouts():
         moe_experts(*served, config=dict(config, ASYNC_GROUPS=1, PREFETCH=True), split_nibbles=True)
     with pytest.raises(ValueError, match="must divide the 2 K blocks"):  # K = 64: 2 blocks a program
         moe_experts(*served, config=dict(config, ASYNC_GROUPS=4), split_nibbles=True)
+    from gptoss_serve.kernels.moe_mma import moe_mma_splitk
+
+    with pytest.raises(ValueError, match="needs ASYNC_GROUPS"):
+        moe_mma_splitk(x, served[3], w1s, 4, 4, dict(config, ASYNC_GROUPS=0), pair_blocks=(ids.reshape(-1), 0),
+                       early_weights=True)
 
 
 # wgmma grouped path (kernels/moe_wgmma.py, Gluon: GPU only) -----------------------------------------------------

@@ -219,7 +219,7 @@ def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=F
                 stride_s_expert=n * kblocks, stride_s_row=kblocks, stride_s_k=1, stride_ws_split=4 * n)
     const = dict(BYTE_LAYOUT=byte_layout(num_warps, m_tiles), PAIR_BLOCKS=pair_blocks, TILE_N=64, EVEN_ROWS=True,
                  KB=15, KB_P2=16, STAGE_ONCE=stage_once, PREFETCH=prefetch, BLOCK_T=block_t, M_TILES=m_tiles,
-                 NUM_WARPS=num_warps, PDL=False, ASYNC_GROUPS=0)
+                 NUM_WARPS=num_warps, PDL=False, ASYNC_GROUPS=0, EARLY_WEIGHTS=False)
     const.update(overrides)
     return compile_offline(_moe_mma_kernel, args, const, num_warps=num_warps)
 
@@ -322,6 +322,8 @@ if __name__ == "__main__":
         for groups in (1, 2, 4):
             report(f"mma 20b w1, one token, staged at once, weights copied asynchronously in {groups} group(s)",
                    mma_20b_w1(stage_once=True, ASYNC_GROUPS=groups), 240)
+        report("mma 20b (w1 shape), one token, copies in 2 groups issued before the PDL wait (as the second matmul)",
+               mma_20b_w1(stage_once=True, ASYNC_GROUPS=2, PDL=True, EARLY_WEIGHTS=True), 240)
     elif which == "fused":
         # a K range: RB rows x KB 16 blocks over 128 threads, rows_per_thread x 32 weights a thread
         for rows, unroll, stages in ((2, 1, 1), (2, 6, 1), (2, 1, 2), (4, 1, 1)):

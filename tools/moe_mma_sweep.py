@@ -35,8 +35,9 @@ parser.add_argument("--wgmma", default=None, help="the wgmma variants instead of
 parser.add_argument("--no-gemv", action="store_true", help="skip the matrix-vector kernels' variants")
 parser.add_argument("--no-mma", action="store_true", help="skip the tensor-core decode kernel's variants")
 parser.add_argument("--mma-async", default="", help="the tensor-core decode kernel's default tile, staged at once, "
-                    "with its weights copied asynchronously: GROUPS[:KB_MAX] (ASYNC_GROUPS commit groups, K blocks a "
-                    "program at most, 16 if not given), comma-separated, instead of the default variants")
+                    "with its weights copied asynchronously: GROUPS[:KB_MAX[:EARLY]] (ASYNC_GROUPS commit groups, K "
+                    "blocks a program at most, 16 if not given; EARLY 1: the second matmul's copies before its PDL "
+                    "wait), comma-separated, instead of the default variants")
 parser.add_argument("--layers", type=int, default=kb.MOE_LAYERS, help="launches a timed graph, over 4 layers' "
                     "weights in turn (default: a 20b decode step's MoE layers; 4: the count before 2026-12-07)")
 args = parser.parse_args()
@@ -51,26 +52,34 @@ def mma_variants(num_tokens: int) -> list[tuple[str, dict]]:
     STAGE_ONCE, PREFETCH, ASYNC_GROUPS); BLOCK_T None = pairs one by one."""
     block_ts = [None] if num_tokens <= 2 else [None, 8] if num_tokens <= 8 else [16]
     if args.mma_async:
-        specs = [[int(v) for v in spec.split(":")] + [16] for spec in args.mma_async.split(",")]
-        grid = [(t, spec[1], 1, 64, 4, True, False, spec[0]) for t in block_ts for spec in specs]
+        specs = [_async_spec(spec) for spec in args.mma_async.split(",")]
+        grid = [(t, spec[1], 1, 64, 4, True, False, spec[0], spec[2] == 1) for t in block_ts for spec in specs]
     elif args.configs == "all":
         block_ts = [None] if num_tokens == 1 else [None, 8, 16] if num_tokens <= 8 else [8, 16, 32]
         grid = list(itertools.product(block_ts, (8, 16, 32), (1, 2), (64, 128, 256), (4, 8), (False, True),
-                                      (False, True), (0,)))
+                                      (False, True), (0,), (False,)))
     else:  # the default tiles with each staging, and with the weights prefetched; blocks of 8 or 16 pairs too
-        grid = [(t, 16, 1, 64, 4, once, pre, 0) for t in block_ts
+        grid = [(t, 16, 1, 64, 4, once, pre, 0, False) for t in block_ts
                 for once, pre in ((False, False), (True, False), (True, True), (False, True))]
     out = []
-    for block_t, kb_max, m_tiles, rows, warps, stage_once, prefetch, groups in grid:
+    for block_t, kb_max, m_tiles, rows, warps, stage_once, prefetch, groups, early in grid:
         if rows < 16 * warps * m_tiles or (prefetch and rows != 16 * warps * m_tiles):
             continue
         config = dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=block_t, KB_MAX=kb_max, M_TILES=m_tiles,
                       ROWS_PER_PROGRAM=rows, num_warps=warps, STAGE_ONCE=stage_once, PREFETCH=prefetch,
-                      ASYNC_GROUPS=groups)
+                      ASYNC_GROUPS=groups, EARLY_WEIGHTS=early)
         out.append((f"mma T={block_t} KB<={kb_max} mt={m_tiles} rows={rows} w={warps}"
                     f"{' staged at once' if stage_once else ''}{' prefetched' if prefetch else ''}"
-                    f"{f' async x{groups}' if groups else ''}", config))
+                    f"{f' async x{groups}' if groups else ''}{' early' if early else ''}", config))
     return out
+
+
+def _async_spec(spec: str) -> list[int]:
+    """A --mma-async entry GROUPS[:KB_MAX[:EARLY]] -> [GROUPS, KB_MAX (16 if not given), EARLY (0 if not given)]."""
+    values = [int(v) for v in spec.split(":")]
+    if not 1 <= len(values) <= 3:
+        raise SystemExit(f"--mma-async entry {spec!r}: GROUPS[:KB_MAX[:EARLY]]")
+    return values + [16, 0][len(values) - 1:]
 
 
 def fused_variants(num_tokens: int) -> list[tuple[str, dict]]:
