@@ -687,11 +687,11 @@ elif [ "$PART" = 58 ]; then
     timeout 60 python3 tools/attention_prefill_sweep.py --configs default,:64 2>&1 | grep -E "^\||^bf16" \
         | tee "$OUT/prefill_sweep.txt"  # the default takes 32-key blocks at the window since 5bd0e2c
 elif [ "$PART" = 59 ]; then
-    moe_gpu_tests "mma and not wgmma" 120
-    timeout 150 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x4 --no-gemv \
+    moe_gpu_tests "mma and not wgmma" 100
+    timeout 130 python3 tools/moe_mma_sweep.py --cases 32x1,128x1,32x4 --no-gemv \
         --mma-async 1,2,4,2:32,2:16:1,4:16:1 2>&1 | grep -v Warning | tee "$OUT/mma_async_sweep.txt"
     for variant in 0:0 2:1; do  # ASYNC_GROUPS:EARLY_WEIGHTS
-        GPTOSS_MMA_ASYNC_GROUPS=${variant%:*} GPTOSS_MMA_EARLY_WEIGHTS=${variant#*:} timeout 60 python3 -m \
+        GPTOSS_MMA_ASYNC_GROUPS=${variant%:*} GPTOSS_MMA_EARLY_WEIGHTS=${variant#*:} timeout 55 python3 -m \
             gptoss_serve.kernels.bench --sections moe --tokens 1,2,4 --moe-layers 24 2>&1 | grep -v Warning \
             | grep -E "^\| MoE|^HBM" | sed "s/^/async:early $variant /" | tee -a "$OUT/bench_moe_async.txt"
     done
