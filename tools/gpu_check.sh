@@ -688,7 +688,7 @@ elif [ "$PART" = 58 ]; then
         | tee "$OUT/prefill_sweep.txt"  # the default takes 32-key blocks at the window since 5bd0e2c
 elif [ "$PART" = 59 ]; then  # the sweep first: what comes back if the call is cut short
     timeout 100 python3 tools/moe_mma_sweep.py --cases 32x1,128x1 --no-gemv \
-        --mma-async 1,2,2:32,2:16:1 2>&1 | grep -v Warning | tee "$OUT/mma_async_sweep.txt"
+        --mma-async "${ASYNC_SPECS:-1,2,2:32,2:16:1}" 2>&1 | grep -v Warning | tee "$OUT/mma_async_sweep.txt"
     moe_gpu_tests "mma and not wgmma" 90
     for variant in 2:1; do  # ASYNC_GROUPS:EARLY_WEIGHTS (0:0, the default: gpu_check 58, 24 launches a graph)
         GPTOSS_MMA_ASYNC_GROUPS=${variant%:*} GPTOSS_MMA_EARLY_WEIGHTS=${variant#*:} timeout 55 python3 -m \
