@@ -28,9 +28,10 @@ NUM_COPIES = 4  # layers' worth of distinct weights or caches in one timed graph
 # first reads evict them); 4 launches a graph put 3.3 µs of it on each, 24 put 0.55 (H100, 2026-12-07: batch
 # 32 x 1k 29.8 -> 27.1-27.2 µs, 1 x 32k 30.9-31.0 -> 28.1-28.3; docs/PERFORMANCE.md).
 DECODE_LAYERS = 24
-# MoE rows (and the MoE layer by launch with its read floor) likewise since 2026-12-07 (seventeenth session, H100):
-# 20b 1 token 36.8 -> 34.3 µs, 8 tokens 122.4 -> 119.2; the 1-token read floor 78% -> 90% of the copy.
-MOE_LAYERS = 24
+# MoE rows (and the MoE layer by launch with its read floor) likewise, a step's MoE layers, since 2026-12-07
+# (seventeenth session, H100): 20b 1 token 36.8 -> 34.3 µs, 8 tokens 122.4 -> 119.2; the 1-token read floor 78% ->
+# 90% of the copy.
+MOE_LAYERS = DECODE_LAYERS
 KV_HEAD_MAJOR = True  # KV cache blocks as KVCache stores them; --kv-layout token: token-major (comparisons)
 
 

@@ -154,10 +154,7 @@ def _moe_mma_kernel(
                                                     stride_s_row, BYTE_LAYOUT, mma, ROWS, TILE_N)
         scale_bytes = ()
         for kb in gl.static_range(KB):
-            if EVEN_ROWS:
-                scale_bytes = scale_bytes + (gl.load(s_rows + kb * stride_s_k),)
-            else:
-                scale_bytes = scale_bytes + (gl.load(s_rows + kb * stride_s_k, mask=in_o, other=0),)
+            scale_bytes = scale_bytes + (_scale_loads(s_rows, in_o, kb, stride_s_k, EVEN_ROWS),)
     if EARLY_WEIGHTS:
         pdl_wait(PDL)  # the activations come from the kernel before
     if PREFETCH:  # one row tile a program: its weight loads go out before the activations are staged
@@ -271,9 +268,18 @@ def _block_loads(w_rows, s_rows, in_b, in_o, kb: gl.constexpr, stride_s_k, TILE_
                  EVEN_ROWS: gl.constexpr):
     """K block kb's bytes [ROWS, 16] uint8 and scale bytes [ROWS] of the tile of _tile_pointers."""
     if EVEN_ROWS:
-        return gl.load(w_rows + kb * (16 * TILE_N)), gl.load(s_rows + kb * stride_s_k)
-    return (gl.load(w_rows + kb * (16 * TILE_N), mask=in_b, other=0),
-            gl.load(s_rows + kb * stride_s_k, mask=in_o, other=0))
+        w_bytes = gl.load(w_rows + kb * (16 * TILE_N))
+    else:
+        w_bytes = gl.load(w_rows + kb * (16 * TILE_N), mask=in_b, other=0)
+    return w_bytes, _scale_loads(s_rows, in_o, kb, stride_s_k, EVEN_ROWS)
+
+
+@gluon.jit
+def _scale_loads(s_rows, in_o, kb: gl.constexpr, stride_s_k, EVEN_ROWS: gl.constexpr):
+    """K block kb's scale bytes [ROWS] of the tile of _tile_pointers."""
+    if EVEN_ROWS:
+        return gl.load(s_rows + kb * stride_s_k)
+    return gl.load(s_rows + kb * stride_s_k, mask=in_o, other=0)
 
 
 def moe_mma_splitk(
