@@ -1156,9 +1156,18 @@ def moe_experts(
     num_tokens, hidden = x.shape
     if config is None:
         on_gpu = x.is_cuda and not emulate_bf16()
-        config = wgmma_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0], on_gpu and is_hopper(x.device),
+        from gptoss_serve.kernels.moe_mma_fused import fused_config
+
+        config = fused_config(num_tokens, on_gpu, split_nibbles, swizzled) or wgmma_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0], on_gpu and is_hopper(x.device),
                               split_nibbles, swizzled, (w1_scales, w2_scales)) \
             or mma_decode_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0], on_gpu, split_nibbles, swizzled)
+    if config is not None and config.get("kernel") == "mma_fused":  # one launch, tensor cores (Gluon, CUDA only)
+        from gptoss_serve.kernels.moe_mma_fused import moe_experts_mma_fused
+
+        if not split_nibbles or swizzled:
+            raise ValueError("the one-launch decode kernel reads the split-nibble layout, unswizzled")
+        return moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales,
+                                     b2, swiglu_alpha, swiglu_limit, first_expert, config, tile_n)
     if config is not None and config.get("kernel") == "wgmma":  # Hopper tensor cores, Gluon (CUDA only)
         from gptoss_serve.kernels.moe_wgmma import moe_experts_wgmma
 

@@ -675,6 +675,77 @@ def test_moe_mma_refuses_cpu_tensors_and_other_layouts():
                        early_weights=True)
 
 
+# The one-launch decode kernel (kernels/moe_mma_fused.py, Gluon: GPU only) ----------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", list(MMA_SHAPES))
+def test_moe_experts_mma_fused_matches_twin_and_chain_gpu(shape):
+    from gptoss_serve.kernels.moe_mma import DEFAULT_MMA_CONFIG
+
+    args, served, layout = _mma_case(shape, 1, seed=200)
+    twin = moe_experts_ref(*args)
+    chain = moe_experts(*served, config=dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=None), **layout)
+    # Q: K blocks a w1 stage (15 and 7: part of a slot and of the last stages empty; 1: one sub-block a stage);
+    # SLOTS: the ring; 4 or 8 warps (one or two sub-blocks at a time)
+    for q, slots, warps in ((16, 6, 8), (15, 6, 4), (4, 4, 8), (7, 8, 4), (1, 5, 4), (2, 4, 8)):
+        config = dict(kernel="mma_fused", Q=q, SLOTS=slots, num_warps=warps)
+        out = moe_experts(*served, config=config, **layout)
+        assert rel_err(out, twin) < 1e-2, (q, slots)
+        # the chain rounds each pair's w2 row to bf16 before its weight, this kernel sums in float32
+        assert rel_err(out, chain) < 4e-3, (q, slots)
+        again = moe_experts(*served, config=config, **layout)  # the workspace and counter were zeroed
+        assert rel_err(again, out) < 1e-5, (q, slots)
+    with pytest.raises(ValueError, match="takes one token"):
+        moe_experts(*_mma_case(shape, 3, seed=201)[1], config=dict(kernel="mma_fused"), **layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_moe_mma_fused_replays_in_a_cuda_graph_gpu():
+    args, served, layout = _mma_case("20b", 1, seed=210)
+    x = served[0]
+    config = dict(kernel="mma_fused")
+    eager = moe_experts(*served, config=config, **layout)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        moe_experts(*served, config=config, **layout)  # warm-up on the capture stream
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = moe_experts(*served, config=config, **layout)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, eager) < 1e-5
+    x.copy_(torch.randn_like(x))  # new activations: a replay computes them
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, moe_experts_ref(*([x] + args[1:]))) < 1e-2
+
+
+def test_moe_mma_fused_refuses_cpu_tensors_and_short_rings(monkeypatch):
+    from gptoss_serve.kernels import moe_mma_fused
+    from gptoss_serve.kernels.moe_mma_fused import fused_config
+
+    args = make_moe(1, 8, 64, 64, 4, 0, 8, True, seed=7, device="cpu")
+    with pytest.raises(ValueError, match="split-nibble layout"):
+        moe_experts(*args, config=dict(kernel="mma_fused"))
+    x, w, ids, w1b, w1s, b1, w2b, w2s, b2, alpha, limit, first = args
+    served = [x, w, ids, split_nibbles(w1b), w1s, b1, split_nibbles(w2b), w2s, b2, alpha, limit, first]
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        moe_experts(*served, config=dict(kernel="mma_fused"), split_nibbles=True)
+    with pytest.raises(ValueError, match="SLOTS must be 4 or more"):
+        moe_experts(*served, config=dict(kernel="mma_fused", SLOTS=3), split_nibbles=True)
+    with pytest.raises(ValueError, match="dividing Q into whole pairs"):
+        moe_experts(*served, config=dict(kernel="mma_fused", Q=15, num_warps=8), split_nibbles=True)
+    monkeypatch.setattr(moe_mma_fused, "MMA_FUSED", True)
+    assert fused_config(1, True, True, False)["kernel"] == "mma_fused"
+    assert fused_config(2, True, True, False) is None  # one token only
+    assert fused_config(1, False, True, False) is None and fused_config(1, True, True, True) is None
+    assert fused_config(1, True, False, False) is None
+    monkeypatch.setattr(moe_mma_fused, "MMA_FUSED", False)
+    assert fused_config(1, True, True, False) is None
+
+
 # wgmma grouped path (kernels/moe_wgmma.py, Gluon: GPU only) -----------------------------------------------------
 def test_f16_slot_order_carries_each_element_once_and_the_pairs_together():
     from gptoss_serve.kernels.moe_wgmma import to_f16_slots

@@ -178,6 +178,10 @@
 #                                before its PDL wait, EARLY_WEIGHTS): its GPU tests, the sweep at 1 token (24
 #                                launches a graph), the bench's MoE rows at 1-4 tokens with it in 2 groups with
 #                                EARLY_WEIGHTS
+#   bash tools/gpu_check.sh 60   the one-launch decode MoE kernel (kernels/moe_mma_fused.py): its GPU tests (twin,
+#                                four-launch chain, CUDA graph), then the sweep at 1 token (24 launches a graph):
+#                                its Q:SLOTS:WARPS variants (FUSED_SPECS) against the default and the chain's
+#                                asynchronous copies in 2 groups with EARLY_WEIGHTS
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -694,6 +698,11 @@ elif [ "$PART" = 59 ]; then  # the sweep first: what comes back if the call is c
     GPTOSS_MMA_ASYNC_GROUPS=2 GPTOSS_MMA_EARLY_WEIGHTS=1 timeout 55 python3 -m gptoss_serve.kernels.bench \
         --sections moe --tokens 1,2,4 --moe-layers 24 2>&1 | grep -v Warning | grep -E "^\| MoE|^HBM" \
         | tee "$OUT/bench_moe_async.txt"
+elif [ "$PART" = 60 ]; then
+    moe_gpu_tests "mma_fused" 170
+    timeout 200 python3 tools/moe_mma_sweep.py --cases 32x1,128x1 --no-gemv --mma-async 2:16:1 \
+        --fused "${FUSED_SPECS:-16:6:8,16:8:8,16:6:4,15:6:4,32:4:8}" 2>&1 | grep -v Warning \
+        | tee "$OUT/mma_fused_sweep.txt"
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"

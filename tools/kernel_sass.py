@@ -7,6 +7,7 @@ divisible by 16 marked so. Triton here is the PyPI build (3.9), the GPU image ha
 
     python3 tools/kernel_sass.py gemv            # the matrix-vector MoE kernel at the 20b w1 shape
     python3 tools/kernel_sass.py mma             # the tensor-core decode kernel (Gluon) at the 20b w1 shape
+    python3 tools/kernel_sass.py mma_fused       # the one-launch decode MoE kernel (Gluon) at 20b, one token
     python3 tools/kernel_sass.py fused           # the two-launch matrix-vector kernels (epilogues inside)
     python3 tools/kernel_sass.py wgmma           # the wgmma grouped kernel (Gluon) at the 20b w1 and w2 shapes
     python3 tools/kernel_sass.py chain           # both of its matmuls in one launch, at the decode tiles
@@ -224,6 +225,27 @@ def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=F
     return compile_offline(_moe_mma_kernel, args, const, num_warps=num_warps)
 
 
+def mma_fused_20b(q=16, slots=6, num_warps=8, pdl=True):
+    """The one-launch decode MoE kernel (moe_mma_fused) at the 20b shapes, one token."""
+    from gptoss_serve.kernels.moe_mma import byte_layout
+    from gptoss_serve.kernels.moe_mma_fused import _moe_fused_kernel, copy_layout
+    h, n1, kblocks, e = 2880, 5760, 90, 32
+    args = dict(x_ptr="*bf16", ids_ptr="*i32", weights_ptr="*fp32", w1_ptr="*u8", s1_ptr="*u8", b1_ptr="*bf16",
+                w2_ptr="*u8", s2_ptr="*u8", b2_ptr="*bf16", acc_ptr="*fp32", count_ptr="*i32", out_ptr="*bf16",
+                num_units=360, first_expert=0, num_local_experts=e, swiglu_alpha="fp32", swiglu_limit="fp32",
+                stride_w1_expert=n1 * kblocks * 16, stride_w1_row=kblocks * 16, stride_s1_expert=n1 * kblocks,
+                stride_s1_row=kblocks, stride_s1_k=1, stride_b1_expert=n1, stride_w2_expert=h * kblocks * 16,
+                stride_w2_row=kblocks * 16, stride_s2_expert=h * kblocks, stride_s2_row=kblocks, stride_s2_k=1,
+                stride_b2_expert=h)
+    q_p2 = 1 << (q - 1).bit_length()
+    s1, s2 = -(-kblocks // q), -(-h // (64 * q))
+    const = dict(HIDDEN=h, NB=kblocks, Q=q, Q_P2=q_p2, S1=s1, S1_P2=1 << (s1 - 1).bit_length(), S2=s2, SLOTS=slots,
+                 MAX_UNITS=4, TILE_N=64, HAS_B2=True, BYTE_LAYOUT=byte_layout(num_warps, 1),
+                 STAGE_LAYOUT=byte_layout(num_warps, q_p2 * 64 // (16 * num_warps)),
+                 COPY_L=copy_layout(num_warps, q_p2), NUM_WARPS=num_warps, PDL=pdl)
+    return compile_offline(_moe_fused_kernel, args, const, num_warps=num_warps)
+
+
 def router(num_experts: int, experts_per_program: int = 8):
     from gptoss_serve.kernels.moe_router import _norm_logits_kernel
 
@@ -324,6 +346,11 @@ if __name__ == "__main__":
                    mma_20b_w1(stage_once=True, ASYNC_GROUPS=groups), 240)
         report("mma 20b (w1 shape), one token, copies in 2 groups issued before the PDL wait (as the second matmul)",
                mma_20b_w1(stage_once=True, ASYNC_GROUPS=2, PDL=True, EARLY_WEIGHTS=True), 240)
+    elif which == "mma_fused":
+        # a stage: Q sub-blocks of 64 rows x 32 weights over 32 * num_warps threads (the loop holds both kinds)
+        for q, slots, warps in ((16, 6, 8), (16, 8, 8), (15, 6, 4), (16, 6, 4)):
+            report(f"one-launch MoE 20b, Q={q}, {slots} slots, {warps} warps", mma_fused_20b(q, slots, warps),
+                   q * 2048 // (32 * warps))
     elif which == "fused":
         # a K range: RB rows x KB 16 blocks over 128 threads, rows_per_thread x 32 weights a thread
         for rows, unroll, stages in ((2, 1, 1), (2, 6, 1), (2, 1, 2), (4, 1, 1)):

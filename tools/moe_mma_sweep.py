@@ -38,6 +38,8 @@ parser.add_argument("--mma-async", default="", help="the tensor-core decode kern
                     "with its weights copied asynchronously: GROUPS[:KB_MAX[:EARLY]] (ASYNC_GROUPS commit groups, K "
                     "blocks a program at most, 16 if not given; EARLY 1: the second matmul's copies before its PDL "
                     "wait), comma-separated, instead of the default variants")
+parser.add_argument("--fused", default="", help="the one-launch kernel (kernels/moe_mma_fused.py) at one token: "
+                    "Q:SLOTS:WARPS (K blocks a w1 stage, ring slots, 4 or 8 warps), comma-separated")
 parser.add_argument("--layers", type=int, default=kb.MOE_LAYERS, help="launches a timed graph, over 4 layers' "
                     "weights in turn (default: a 20b decode step's MoE layers; 4: the count before 2026-12-07)")
 args = parser.parse_args()
@@ -80,6 +82,15 @@ def _async_spec(spec: str) -> list[int]:
     if not 1 <= len(values) <= 3:
         raise SystemExit(f"--mma-async entry {spec!r}: GROUPS[:KB_MAX[:EARLY]]")
     return values + [16, 0][len(values) - 1:]
+
+
+def one_launch_variants(num_tokens: int) -> list[tuple[str, dict]]:
+    """(label, config) of the one-launch kernel from --fused (one token only)."""
+    if num_tokens != 1 or not args.fused:
+        return []
+    specs = [[int(v) for v in spec.split(":")] for spec in args.fused.split(",")]
+    return [(f"one launch Q={q} slots={slots} w={warps}", dict(kernel="mma_fused", Q=q, SLOTS=slots, num_warps=warps))
+            for q, slots, warps in specs]
 
 
 def fused_variants(num_tokens: int) -> list[tuple[str, dict]]:
@@ -158,7 +169,7 @@ for case in args.cases.split(","):
                                merge_nibbles(untile_rows(w2b, tile)), w2s, b2, 1.702, 7.0)
     else:
         twin = None
-    variants = fused_variants(num_tokens) + wgmma_variants(num_tokens, num_experts) + (
+    variants = one_launch_variants(num_tokens) + fused_variants(num_tokens) + wgmma_variants(num_tokens, num_experts) + (
         mma_variants(num_tokens) if num_tokens <= (8 if args.wgmma else 64) and not args.no_mma else [])
     for label, config in [("default", None)] + variants:
         try:

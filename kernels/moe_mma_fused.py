@@ -1,0 +1,413 @@
+"""A decode step's MoE layer in one launch on the tensor cores: both MXFP4 matmuls, SwiGLU and the combine.
+
+The four-launch chain of moe_mma (first matmul, SwiGLU, second matmul, combine) pays each launch's ramp and drain
+on the critical path; at one token that is about 12 of its 34 us (20b, H100, docs/PERFORMANCE.md). Here a unit of
+work needs nothing from another unit, so one persistent launch streams all the layer's weights without a pause:
+
+- unit (pair p, intermediate block b): the 64 rows of w1 that give intermediates 32b..32b+31 (gate and linear
+  interleaved) over all of K, their bias and clamped SwiGLU, then those 32 intermediates times K block b of w2, for
+  every hidden row: the pair's contribution through block b, weighted by its routing weight.
+- each program takes a contiguous run of units (about units / SMs of them) and walks their stages: S1 stages of w1
+  (Q of its K blocks each) and S2 of w2 (64 * Q of its rows each), all Q * 64 rows x 16 bytes, so one ring of
+  SLOTS equal slots serves both; a stage's bytes come by asynchronous copies (cp.async) SLOTS - 1 stages ahead, its
+  scale bytes by register loads stored into the slot two stages later (their rows are 90 bytes apart: no copy
+  engine moves them).
+- w1's rows are copied with gate rows first and linear rows after (a permutation applied to the copy's source
+  addresses, the reads stay coalesced), so SwiGLU pairs the halves of a 64-row accumulator through 256 bytes of
+  shared memory.
+- the weighted w2 products accumulate in shared memory [hidden] float32 while a program's units share a token,
+  then go to a float32 workspace by atomic adds; the last program to finish (an arrival counter) rounds the
+  workspace to bf16 into the output and zeroes it and the counter for the next call.
+
+Roundings: the first matmul's sums, bias and SwiGLU round as the twin's; the second matmul's sums reach the
+workspace in float32 without the twin's bf16 rounding of each pair's row before its weight (a pair's row is summed
+across programs), so the output differs from the twin by about one bf16 rounding, and the float32 sum's order
+varies from run to run (atomics): the last bit of an output may differ between two runs. The multi-launch paths
+(GPTOSS_MMA_FUSED=0) are deterministic.
+
+Same fragments as moe_mma (weights dequantized straight into mma A fragments, f16 activations); Gluon, CUDA only,
+tested on GPUs against the twin and the four-launch chain (tests/test_kernels_moe.py, marker gpu).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+from gptoss_serve.kernels.gluon_utils import pdl_wait
+from gptoss_serve.kernels.moe_matmul import check_decode_operands
+from gptoss_serve.kernels.moe_mma import SPLIT_WORD_F16_ASM, _async_load, _barrier, byte_layout
+from gptoss_serve.kernels.triton_utils import pdl_args
+
+# Q: K blocks a w1 stage (and 64-row tiles a w2 stage); SLOTS: stages in the ring (SLOTS - 1 in flight while one
+# is computed); num_warps 8: two sub-blocks at a time (Q even). 16: a 20b/120b unit is 6 w1 stages (90 of 96 K
+# blocks real) and 3 w2 stages (2880 of 3072 rows).
+DEFAULT_FUSED_CONFIG = dict(Q=16, SLOTS=6, num_warps=8)
+MMA_FUSED = os.environ.get("GPTOSS_MMA_FUSED", "0") == "1"
+
+
+def copy_layout(num_warps: int, q_p2: int) -> gl.DistributedLinearLayout:
+    """Which thread copies which 16 bytes of a stage [q_p2 * 64, 16]: row bits 0-3 and 5 on the lanes, bit 4 and
+    bits 6.. on the warps, the rest in registers; so that a warp's 32 rows of w1, which sit at even or odd rows of
+    the checkpoint (gate rows first, then linear rows, within each 64), are 32 consecutive rows there."""
+    warp_rows = [16] + [64 << i for i in range(num_warps.bit_length() - 2)]
+    lane_rows = [32, 1, 2, 4, 8]
+    reg_rows = [1 << i for i in range((q_p2 * 64).bit_length() - 1) if 1 << i not in warp_rows + lane_rows]
+    warp_bases = [[r, 0] if r < q_p2 * 64 else [0, 0] for r in warp_rows]  # warps past the rows copy them again
+    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + [[r, 0] for r in reg_rows],
+                                      lane_bases=[[r, 0] for r in lane_rows], warp_bases=warp_bases, block_bases=[],
+                                      shape=[q_p2 * 64, 16])
+
+
+@gluon.jit
+def _row_offsets(n, stride_row, TILE_N: gl.constexpr):
+    """Byte offsets of rows n's first K block (moe_mma's layouts: rows one after the other, or `tile_rows`)."""
+    if TILE_N == 1:
+        return n * stride_row
+    return (n // TILE_N) * (stride_row * TILE_N) + (n % TILE_N) * 16
+
+
+@gluon.jit
+def _thread_offsets(stride_w1_row, stride_s1_row, stride_s1_k, stride_w2_row, stride_s2_row, Q_P2: gl.constexpr,
+                    TILE_N: gl.constexpr, COPY_L: gl.constexpr, SCALE_L: gl.constexpr):
+    """What each thread's copies and scale loads add to a stage's base (_stage_sources): byte offsets of its slot
+    rows in w1 (the unit's 64 rows from row 0, gate rows first, K blocks from 0) and in w2 (rows from 0, K block 0),
+    scale offsets likewise, and the sub-block and row of each (for the masks). TILE_N divides 64."""
+    rho = gl.arange(0, Q_P2 * 64, layout=gl.SliceLayout(1, COPY_L))  # a slot's row: sub-block rho // 64
+    byte = gl.arange(0, 16, layout=gl.SliceLayout(0, COPY_L))[None, :]
+    r = rho % 64
+    w1 = _row_offsets((r % 32) * 2 + r // 32, stride_w1_row, TILE_N) + (rho // 64) * (16 * TILE_N)
+    w2 = _row_offsets(rho, stride_w2_row, TILE_N)
+    sq = gl.arange(0, Q_P2, layout=gl.SliceLayout(1, SCALE_L))[:, None]  # [Q_P2, 1]
+    sr = gl.arange(0, 64, layout=gl.SliceLayout(0, SCALE_L))[None, :]  # [1, 64]
+    s1 = ((sr % 32) * 2 + sr // 32) * stride_s1_row + sq * stride_s1_k
+    s2 = (sq * 64 + sr) * stride_s2_row
+    return w1[:, None] + byte, w2[:, None] + byte, (rho // 64)[:, None] + byte * 0, rho[:, None] + byte * 0, \
+        s1, s2, sq + sr * 0, sq * 64 + sr
+
+
+@gluon.jit
+def _stage_sources(t, n_units, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
+                   stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k,
+                   stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k,
+                   w1_offs, w2_offs, w_q, w_rho, s1_offs, s2_offs, s_q, s_rho,
+                   HIDDEN: gl.constexpr, NB: gl.constexpr, Q: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr,
+                   TILE_N: gl.constexpr):
+    """Stage t of the program (of n_units units from u_begin): pointers to its weight bytes [Q_P2 * 64, 16] and
+    scale bytes [Q_P2, 64], and their masks (off past the program's stages, for other ranks' experts, past K or the
+    rows); the per-thread parts from _thread_offsets, the stage's own as scalars."""
+    KB: gl.constexpr = HIDDEN // 32  # w1's K blocks
+    n_w1 = n_units * S1
+    is_w1 = t < n_w1  # w1 stages unit by unit, then w2's: row range j2 for every unit, then j2 + 1
+    i = gl.where(is_w1, t // S1, (t - n_w1) % n_units)
+    j = t % S1
+    j2 = (t - n_w1) // n_units
+    pair = (u_begin + i) // NB
+    b = (u_begin + i) % NB
+    inside = t < n_units * (S1 + S2)
+    expert = gl.load(ids_ptr + pair, mask=inside, other=-1).to(gl.int32) - first_expert
+    live = inside & (expert >= 0) & (expert < num_local_experts)
+    expert = gl.where(live, expert, 0).to(gl.int64)
+    if is_w1:  # rows 64 b.., K blocks j Q..
+        w_base = w1_ptr + expert * stride_w1_expert + _row_offsets(64 * b, stride_w1_row, TILE_N).to(gl.int64) \
+            + j * (Q * 16 * TILE_N)
+        w_ptrs = w_base + w1_offs
+        w_mask = live & (w_q < Q) & (w_q < KB - j * Q)
+        s_base = s1_ptr + expert * stride_s1_expert + (64 * b).to(gl.int64) * stride_s1_row + j * Q * stride_s1_k
+        s_ptrs = s_base + s1_offs
+        s_mask = live & (s_q < Q) & (s_q < KB - j * Q)
+    else:  # rows j2 64 Q.., K block b
+        w_base = w2_ptr + expert * stride_w2_expert \
+            + _row_offsets(j2 * (64 * Q), stride_w2_row, TILE_N).to(gl.int64) + b * (16 * TILE_N)
+        w_ptrs = w_base + w2_offs
+        w_mask = live & (w_rho < 64 * Q) & (w_rho < HIDDEN - j2 * (64 * Q))
+        s_base = s2_ptr + expert * stride_s2_expert + (j2 * (64 * Q)).to(gl.int64) * stride_s2_row \
+            + b * stride_s2_k
+        s_ptrs = s_base + s2_offs
+        s_mask = live & (s_rho < 64 * Q) & (s_rho < HIDDEN - j2 * (64 * Q))
+    return w_ptrs, w_mask, s_ptrs, s_mask
+
+
+@gluon.jit
+def _moe_fused_kernel(
+    x_ptr, ids_ptr, weights_ptr,
+    w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr,
+    acc_ptr, count_ptr, out_ptr,
+    num_units, first_expert, num_local_experts, swiglu_alpha, swiglu_limit,
+    stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k, stride_b1_expert,
+    stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k, stride_b2_expert,
+    HIDDEN: gl.constexpr, NB: gl.constexpr, Q: gl.constexpr, Q_P2: gl.constexpr, S1: gl.constexpr,
+    S1_P2: gl.constexpr, S2: gl.constexpr, SLOTS: gl.constexpr, MAX_UNITS: gl.constexpr, TILE_N: gl.constexpr,
+    HAS_B2: gl.constexpr, BYTE_LAYOUT: gl.constexpr, STAGE_LAYOUT: gl.constexpr, COPY_L: gl.constexpr,
+    NUM_WARPS: gl.constexpr, PDL: gl.constexpr,
+):
+    """out = sum over the token's pairs p (routed to this rank) of weight_p * (W2_e SwiGLU(W1_e x + b1_e) + b2_e),
+    the program's share: units [pid * num_units / P, (pid + 1) * num_units / P) (at most MAX_UNITS), first the w1
+    stages of each unit, then the w2 stages: row range j2 of every unit (summed in registers), then j2 + 1.
+    A w1 stage goes G = NUM_WARPS / 4 sub-blocks at a time: warps 4g..4g + 3 take sub-block q0 + g (mma rows
+    64g..64g + 63), whose activation block is the operand's column g. A w2 stage is one mma over all its rows."""
+    pdl_wait(PDL)  # the routing and the activations come from the kernels before
+    G: gl.constexpr = NUM_WARPS // 4
+    ROWS: gl.constexpr = Q_P2 * 64  # a slot's rows
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, 8])
+    B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+    ROW_L: gl.constexpr = gl.SliceLayout(1, mma)
+    SCALE_L: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [NUM_WARPS, 1], [1, 0])  # [Q_P2, 64]
+    X_L: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 8, 4], [NUM_WARPS, 1, 1], [2, 1, 0])  # x_groups
+    V_L: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])  # [32] intermediates
+    OUT_L: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])  # [ROWS] the output's rows
+    FLAT: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    FLAT1: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    FLAT3: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
+
+    pid = gl.program_id(0)
+    num_programs = gl.num_programs(0)
+    u_begin = pid * num_units // num_programs
+    n_units = (pid + 1) * num_units // num_programs - u_begin
+    n_w1 = n_units * S1
+    n_stages = n_units * (S1 + S2)
+
+    # Unswizzled buffers. A memory view keeps its layout, whose rank is the view's or one less: buffers read a
+    # 1-D row at a time have a 1-D layout and a view of more dimensions (_reinterpret, same bytes) for the rest.
+    w_smem = gl.allocate_shared_memory(gl.uint8, [SLOTS, ROWS, 16], FLAT)
+    s_groups = gl.allocate_shared_memory(gl.uint8, [SLOTS * Q_P2 // G, 64 * G], FLAT1)  # G sub-blocks' scales a row
+    s_slots = s_groups._reinterpret(gl.uint8, [SLOTS, Q_P2, 64], FLAT)  # a slot's, for their stores
+    s_rows = s_groups._reinterpret(gl.uint8, [SLOTS, ROWS], FLAT1)  # a slot's, read at once (w2)
+    # The activations as f16 [w1 stage * sub-block groups, 8, 32]: row c of group (j, i) is K block j * Q + i * G
+    # + c for c < G (the w1 operand's column c), zero for c >= G.
+    x_groups = gl.allocate_shared_memory(gl.float16, [S1_P2 * (Q_P2 // G), 8, 32], FLAT)
+    h_smem = gl.allocate_shared_memory(gl.float32, [64 * G], FLAT1)  # a unit's w1 sums by warp group
+    act_rows = gl.allocate_shared_memory(gl.float16, [MAX_UNITS * 8, 32], FLAT1)  # SwiGLU outputs, 8 copies a unit
+    act_units = act_rows._reinterpret(gl.float16, [MAX_UNITS, 8, 32], FLAT)
+
+    xi = gl.arange(0, S1_P2 * (Q_P2 // G), layout=gl.SliceLayout(1, gl.SliceLayout(2, X_L)))
+    xc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, X_L)))[None, :, None]
+    xe = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, X_L)))[None, None, :]
+    xq = (xi % (Q_P2 // G))[:, None, None] * G + xc
+    xk = (xi // (Q_P2 // G))[:, None, None] * Q + xq
+    xv = gl.load(x_ptr + xk * 32 + xe, mask=(xc < G) & (xq < Q) & (xk < HIDDEN // 32) & (xe < 32), other=0.0)
+    x_groups._reinterpret(gl.float16, [S1_P2 * (Q_P2 // G), 8, 32], FLAT3).store(xv.to(gl.float16))
+
+    offsets = _thread_offsets(stride_w1_row, stride_s1_row, stride_s1_k, stride_w2_row, stride_s2_row, Q_P2, TILE_N,
+                              COPY_L, SCALE_L)
+    # The first SLOTS - 1 stages: copies in flight, scale bytes straight into their slots.
+    for t in range(SLOTS - 1):
+        w_ptrs, w_mask, s_ptrs, s_mask = _stage_sources(
+            t, n_units, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
+            stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k,
+            stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k, *offsets,
+            HIDDEN, NB, Q, S1, S2, TILE_N)
+        _async_load(w_smem.index(t), w_ptrs, mask=w_mask)
+        async_copy.commit_group()
+        s_slots.index(t).store(gl.load(s_ptrs, mask=s_mask, other=0))
+    scales_old = gl.zeros([Q_P2, 64], gl.uint8, SCALE_L)  # loaded two stages back, for stage s + SLOTS - 3
+    scales_new = gl.zeros([Q_P2, 64], gl.uint8, SCALE_L)  # loaded one stage back
+    acc1 = gl.zeros([64 * G, 8], gl.float32, mma)  # a unit's w1 sums, column g for warp group g
+    acc2 = gl.zeros([ROWS, 8], gl.float32, mma)  # a w2 row range's weighted sums over the units, every column
+    v32 = gl.arange(0, 32, layout=V_L)
+    cols = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))[None, :]
+
+    for s in range(n_stages):
+        if s >= 2:  # the scale bytes loaded two stages back into their slot (read SLOTS - 3 stages from now)
+            s_slots.index((s + SLOTS - 3) % SLOTS).store(scales_old)
+        async_copy.wait_group(SLOTS - 2)  # this thread's copies of stage s landed
+        _barrier()  # everyone's, and stage s - 1 (whose slot the next copies take) is done with
+        w_ptrs, w_mask, s_ptrs, s_mask = _stage_sources(
+            s + SLOTS - 1, n_units, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr,
+            s2_ptr, stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k,
+            stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k, *offsets,
+            HIDDEN, NB, Q, S1, S2, TILE_N)
+        _async_load(w_smem.index((s + SLOTS - 1) % SLOTS), w_ptrs, mask=w_mask)
+        async_copy.commit_group()
+        scales_old = scales_new
+        scales_new = gl.load(s_ptrs, mask=s_mask, other=0)
+
+        slot_w = w_smem.index(s % SLOTS)
+        if s < n_w1:  # w1 stage j of unit i
+            i = s // S1
+            j = s % S1
+            pair = (u_begin + i) // NB
+            b = (u_begin + i) % NB
+            expert = gl.load(ids_ptr + pair).to(gl.int32) - first_expert
+            if (expert >= 0) & (expert < num_local_experts):
+                acc1 = _w1_stage(acc1, slot_w, s_groups, (s % SLOTS) * (Q_P2 // G), x_groups, j * (Q_P2 // G), Q,
+                                 G, BYTE_LAYOUT, mma)
+                if j == S1 - 1:  # SwiGLU of the unit's 32 intermediates, 8 copies for the w2 operand
+                    rows = gl.arange(0, 64 * G, layout=ROW_L)[:, None]
+                    h_smem.store(gl.sum(gl.where(cols == rows // 64, acc1, 0.0), axis=1))  # group g: column g
+                    acc1 = gl.zeros([64 * G, 8], gl.float32, mma)
+                    _barrier()
+                    gate = gl.zeros([32], gl.float32, V_L)
+                    linear = gl.zeros([32], gl.float32, V_L)
+                    for g in gl.static_range(G):
+                        gate += h_smem.slice(64 * g, 32).load(V_L)
+                        linear += h_smem.slice(64 * g + 32, 32).load(V_L)
+                    bias_row = b1_ptr + expert.to(gl.int64) * stride_b1_expert + 64 * b + 2 * v32
+                    act = _swiglu(gate, linear, gl.load(bias_row), gl.load(bias_row + 1), swiglu_alpha,
+                                  swiglu_limit)
+                    for c in gl.static_range(8):
+                        act_rows.index(i * 8 + c).store(act)
+        else:  # w2 rows j2 * 64 Q.. of unit i times its K block b, weighted, into acc2
+            i = (s - n_w1) % n_units
+            j2 = (s - n_w1) // n_units
+            pair = (u_begin + i) // NB
+            b = (u_begin + i) % NB
+            expert = gl.load(ids_ptr + pair).to(gl.int32) - first_expert
+            rows = j2 * (64 * Q) + gl.arange(0, ROWS, layout=ROW_L)
+            if (expert >= 0) & (expert < num_local_experts):
+                weight = gl.load(weights_ptr + pair)
+                a = _weight_fragment(slot_w, 0, ROWS, STAGE_LAYOUT, mma)
+                ab = act_units.index(i).permute([1, 0]).load(B_L)  # [32, 8]: every column the unit's SwiGLU
+                part = mma_v2(a, ab, gl.zeros([ROWS, 8], gl.float32, mma))
+                scale = _block_scale(s_rows.index(s % SLOTS).load(ROW_L)) * weight
+                acc2 = acc2 + part * gl.expand_dims(scale, 1)
+                if HAS_B2 and b == 0:  # the pair's bias, once (with its first block)
+                    bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_b2_expert + rows,
+                                   mask=(rows < HIDDEN) & (rows < (j2 + 1) * (64 * Q)), other=0.0)
+                    acc2 = acc2 + gl.expand_dims(bias.to(gl.float32) * weight, 1)
+            if i == n_units - 1:  # the row range's last unit: its sums to the workspace
+                sums = gl.convert_layout(gl.sum(gl.where(cols == 0, acc2, 0.0), axis=1), OUT_L)
+                ro = j2 * (64 * Q) + gl.arange(0, ROWS, layout=OUT_L)
+                gl.atomic_add(acc_ptr + ro, sums, mask=(ro < HIDDEN) & (ro < (j2 + 1) * (64 * Q)), sem="relaxed")
+                acc2 = gl.zeros([ROWS, 8], gl.float32, mma)
+    async_copy.wait_group(0)
+
+    # The last program to arrive rounds the workspace into the output and zeroes it for the next call.
+    gl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    _barrier()
+    arrived = gl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if arrived == num_programs - 1:
+        gl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        for r0 in range(0, HIDDEN, ROWS):
+            ro = r0 + gl.arange(0, ROWS, layout=OUT_L)
+            sums = gl.load(acc_ptr + ro, mask=ro < HIDDEN, other=0.0, cache_modifier=".cg")
+            gl.store(out_ptr + ro, sums.to(out_ptr.dtype.element_ty), mask=ro < HIDDEN)
+            gl.store(acc_ptr + ro, gl.zeros([ROWS], gl.float32, OUT_L), mask=ro < HIDDEN)
+        gl.store(count_ptr, 0)
+
+
+@gluon.jit
+def _w1_stage(acc, slot_w, s_groups, scale_row, x_groups, x_row, Q: gl.constexpr, G: gl.constexpr,
+              BYTE_LAYOUT: gl.constexpr, mma: gl.constexpr):
+    """acc [64 G, 8] + a w1 stage: sub-blocks q0 + g (K blocks of the unit's 64 rows) times their activation
+    blocks, G at a time, column g of the operand for warp group g."""
+    B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+    ROW_L: gl.constexpr = gl.SliceLayout(1, mma)
+    for q0 in gl.static_range(0, Q, G):
+        a = _weight_fragment(slot_w, q0 * 64, 64 * G, BYTE_LAYOUT, mma)
+        xb = x_groups.index(x_row + q0 // G).permute([1, 0]).load(B_L)  # [32, 8]: column g = sub-block q0 + g
+        part = mma_v2(a, xb, gl.zeros([64 * G, 8], gl.float32, mma))
+        acc = acc + part * gl.expand_dims(_block_scale(s_groups.index(scale_row + q0 // G).load(ROW_L)), 1)
+    return acc
+
+
+@gluon.jit
+def _weight_fragment(slot_w, row0: gl.constexpr, ROWS: gl.constexpr, BYTE_LAYOUT: gl.constexpr,
+                     mma: gl.constexpr):
+    """Rows row0..row0 + ROWS of a slot (16 bytes each) as the mma A operand [ROWS, 32] f16 (each value times
+    2^-6); BYTE_LAYOUT: moe_mma.byte_layout for ROWS rows."""
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    w_bytes = slot_w.slice(row0, ROWS, dim=0).load(BYTE_LAYOUT)
+    low, high = gl.inline_asm_elementwise(SPLIT_WORD_F16_ASM, "=r,=r,=r,=r,r", [w_bytes],
+                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+    w = gl.reshape(gl.permute(gl.join(low, high), [0, 2, 1]), [ROWS, 32])
+    return gl.convert_layout(w, A_L, assert_trivial=True)
+
+
+@gluon.jit
+def _block_scale(s):
+    """2^(s - 121): the E8M0 scale times the 2^6 the e4m3-decoded values lack."""
+    return ((s.to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _round_bf16(v):
+    return v.to(gl.bfloat16).to(gl.float32)
+
+
+@gluon.jit
+def _swiglu(gate, linear, gate_bias, linear_bias, swiglu_alpha, swiglu_limit):
+    """moe_matmul.swiglu_of_sums in Gluon: the sums rounded to bf16, plus the bias (rounded again), clamped
+    SwiGLU rounded to bf16; returned as f16 (exact: clamped SwiGLU outputs are within f16's range)."""
+    gate = _round_bf16(_round_bf16(gate) + gate_bias.to(gl.float32))
+    linear = _round_bf16(_round_bf16(linear) + linear_bias.to(gl.float32))
+    gate = gl.minimum(gate, swiglu_limit)
+    linear = gl.minimum(gl.maximum(linear, -swiglu_limit), swiglu_limit)
+    act = gate * (1.0 / (1.0 + gl.exp(-swiglu_alpha * gate))) * (linear + 1.0)
+    return act.to(gl.bfloat16).to(gl.float16)
+
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(device: torch.device, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 sums [hidden] and the arrival counter, zero between calls (the kernel's last program zeroes
+    them), one pair a device and width: launches on one stream only (the engine's)."""
+    key = (device, hidden)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.zeros(hidden, dtype=torch.float32, device=device),
+                            torch.zeros(1, dtype=torch.int32, device=device))
+    return _WORKSPACES[key]
+
+
+def fused_config(num_tokens: int, on_gpu: bool, split_nibbles: bool, swizzled: bool) -> dict | None:
+    """The one-launch kernel's config where it is the default for this step (MMA_FUSED, one token, the split-nibble
+    layout unswizzled, on a GPU), else None; shapes only."""
+    if not (MMA_FUSED and on_gpu and split_nibbles and not swizzled and num_tokens == 1):
+        return None
+    return dict(DEFAULT_FUSED_CONFIG, kernel="mma_fused")
+
+
+def moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
+                          swiglu_alpha, swiglu_limit, first_expert=0, config=None, tile_n=1) -> torch.Tensor:
+    """moe_matmul.moe_experts for a one-token decode step in one launch (_moe_fused_kernel); weights in the
+    split-nibble layout (rows tiled by tile_n or not), any scale strides. Returns [1, hidden] in x's dtype."""
+    config = dict(DEFAULT_FUSED_CONFIG, **(config or {}))
+    config.pop("kernel", None)
+    num_tokens, hidden = x.shape
+    top_k = expert_ids.shape[1]
+    q, slots, num_warps = config["Q"], config["SLOTS"], config["num_warps"]
+    if num_tokens != 1:
+        raise ValueError(f"the one-launch decode MoE kernel takes one token, got {num_tokens}")
+    if slots < 4:
+        raise ValueError(f"SLOTS must be 4 or more (scale bytes land two stages after their load), got {slots}")
+    if num_warps not in (4, 8) or q % (num_warps // 4):
+        raise ValueError(f"num_warps 4 or 8 (one or two 64-row sub-blocks at a time), dividing Q into whole pairs: "
+                         f"got num_warps={num_warps}, Q={q}")
+    if not x.is_cuda:
+        raise ValueError("the one-launch decode MoE kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")
+    if x.dtype != torch.bfloat16 or x.stride(1) != 1:
+        raise ValueError(f"the MoE kernels take bf16 activations with unit stride, got {x.dtype}")
+    _, n1, kb1 = check_decode_operands(x, w1_blocks, tile_n)
+    num_local_experts, n2, nb = w2_blocks.shape[:3]
+    if n1 != 64 * nb or n2 != hidden:
+        raise ValueError(f"w1 [{n1} rows] and w2 [{n2} rows, {nb} K blocks] do not make a gpt-oss MoE of hidden "
+                         f"{hidden}")
+    check_decode_operands(x.new_empty((1, nb * 32)), w2_blocks, tile_n)
+    q_p2 = triton.next_power_of_2(q)
+    rows = 64 * q_p2
+    if rows < 16 * num_warps:
+        raise ValueError(f"Q={q}: a stage's {rows} rows are fewer than the {num_warps} warps' 16 each")
+    s1, s2 = triton.cdiv(kb1, q), triton.cdiv(hidden, 64 * q)
+    num_units = top_k * nb
+    grid = min(torch.cuda.get_device_properties(x.device).multi_processor_count, num_units)
+    acc, count = _workspace(x.device, hidden)
+    out = torch.empty_like(x)
+    _moe_fused_kernel[(grid,)](
+        x, expert_ids.reshape(-1), expert_weights.reshape(-1), w1_blocks, w1_scales, b1, w2_blocks, w2_scales,
+        b2 if b2 is not None else b1, acc, count, out,
+        num_units, first_expert, num_local_experts, float(swiglu_alpha), float(swiglu_limit),
+        w1_blocks.stride(0), w1_blocks.stride(1), w1_scales.stride(0), w1_scales.stride(1), w1_scales.stride(2),
+        b1.stride(0), w2_blocks.stride(0), w2_blocks.stride(1), w2_scales.stride(0), w2_scales.stride(1),
+        w2_scales.stride(2), b2.stride(0) if b2 is not None else 0,
+        HIDDEN=hidden, NB=nb, Q=q, Q_P2=q_p2, S1=s1, S1_P2=triton.next_power_of_2(s1), S2=s2, SLOTS=slots,
+        MAX_UNITS=triton.next_power_of_2(triton.cdiv(num_units, grid)), TILE_N=tile_n, HAS_B2=b2 is not None,
+        BYTE_LAYOUT=byte_layout(num_warps, 1),
+        STAGE_LAYOUT=byte_layout(num_warps, rows // (16 * num_warps)), COPY_L=copy_layout(num_warps, q_p2),
+        NUM_WARPS=num_warps, num_warps=num_warps, **pdl_args(x.device))
+    return out
