@@ -92,24 +92,41 @@ def _thread_offsets(stride_w1_row, stride_s1_row, stride_s1_k, stride_w2_row, st
 
 
 @gluon.jit
-def _stage_sources(t, n_units, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
+def _next_stage(i, j, j2, n_units, S1: gl.constexpr):
+    """The stage after (unit i, w1 stage j) or (unit i, w2 row range j2; j2 = -1 in the w1 stages): w1 stages unit
+    by unit, then w2's: row range 0 for every unit, then row range 1, ...; counted, not divided, per stage."""
+    if j2 < 0:
+        j += 1
+        if j == S1:
+            j = 0
+            i += 1
+            if i == n_units:
+                i = 0
+                j2 = 0
+    else:
+        i += 1
+        if i == n_units:
+            i = 0
+            j2 += 1
+    return i, j, j2
+
+
+@gluon.jit
+def _stage_sources(i, j, j2, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
                    stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k,
                    stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k,
                    w1_offs, w2_offs, w_q, w_rho, s1_offs, s2_offs, s_q, s_rho,
                    HIDDEN: gl.constexpr, NB: gl.constexpr, Q: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr,
                    TILE_N: gl.constexpr):
-    """Stage t of the program (of n_units units from u_begin): pointers to its weight bytes [Q_P2 * 64, 16] and
-    scale bytes [Q_P2, 64], and their masks (off past the program's stages, for other ranks' experts, past K or the
-    rows); the per-thread parts from _thread_offsets, the stage's own as scalars."""
+    """The stage (unit i of the program's from u_begin, w1 stage j or w2 row range j2 as _next_stage counts):
+    pointers to its weight bytes [Q_P2 * 64, 16] and scale bytes [Q_P2, 64], and their masks (off past the
+    program's stages, for other ranks' experts, past K or the rows); the per-thread parts from _thread_offsets,
+    the stage's own as scalars."""
     KB: gl.constexpr = HIDDEN // 32  # w1's K blocks
-    n_w1 = n_units * S1
-    is_w1 = t < n_w1  # w1 stages unit by unit, then w2's: row range j2 for every unit, then j2 + 1
-    i = gl.where(is_w1, t // S1, (t - n_w1) % n_units)
-    j = t % S1
-    j2 = (t - n_w1) // n_units
+    is_w1 = j2 < 0
     pair = (u_begin + i) // NB
     b = (u_begin + i) % NB
-    inside = t < n_units * (S1 + S2)
+    inside = j2 < S2
     expert = gl.load(ids_ptr + pair, mask=inside, other=-1).to(gl.int32) - first_expert
     live = inside & (expert >= 0) & (expert < num_local_experts)
     expert = gl.where(live, expert, 0).to(gl.int64)
@@ -169,7 +186,6 @@ def _moe_fused_kernel(
     num_programs = gl.num_programs(0)
     u_begin = pid * num_units // num_programs
     n_units = (pid + 1) * num_units // num_programs - u_begin
-    n_w1 = n_units * S1
     n_stages = n_units * (S1 + S2)
 
     # Unswizzled buffers. A memory view keeps its layout, whose rank is the view's or one less: buffers read a
@@ -196,21 +212,28 @@ def _moe_fused_kernel(
     offsets = _thread_offsets(stride_w1_row, stride_s1_row, stride_s1_k, stride_w2_row, stride_s2_row, Q_P2, TILE_N,
                               COPY_L, SCALE_L)
     # The first SLOTS - 1 stages: copies in flight, scale bytes straight into their slots.
+    ti = 0  # the next stage to copy (_next_stage)
+    tj = 0
+    tj2 = -1
     for t in range(SLOTS - 1):
         w_ptrs, w_mask, s_ptrs, s_mask = _stage_sources(
-            t, n_units, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
+            ti, tj, tj2, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
             stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k,
             stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k, *offsets,
             HIDDEN, NB, Q, S1, S2, TILE_N)
         _async_load(w_smem.index(t), w_ptrs, mask=w_mask)
         async_copy.commit_group()
         s_slots.index(t).store(gl.load(s_ptrs, mask=s_mask, other=0))
+        ti, tj, tj2 = _next_stage(ti, tj, tj2, n_units, S1)
     scales_old = gl.zeros([Q_P2, 64], gl.uint8, SCALE_L)  # loaded two stages back, for stage s + SLOTS - 3
     scales_new = gl.zeros([Q_P2, 64], gl.uint8, SCALE_L)  # loaded one stage back
     acc1 = gl.zeros([64 * G, 8], gl.float32, mma)  # a unit's w1 sums, column g for warp group g
     acc2 = gl.zeros([ROWS, 8], gl.float32, mma)  # a w2 row range's weighted sums over the units, every column
     v32 = gl.arange(0, 32, layout=V_L)
     cols = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))[None, :]
+    i = 0  # the stage computed (_next_stage)
+    j = 0
+    j2 = -1
 
     for s in range(n_stages):
         if s >= 2:  # the scale bytes loaded two stages back into their slot (read SLOTS - 3 stages from now)
@@ -218,19 +241,18 @@ def _moe_fused_kernel(
         async_copy.wait_group(SLOTS - 2)  # this thread's copies of stage s landed
         _barrier()  # everyone's, and stage s - 1 (whose slot the next copies take) is done with
         w_ptrs, w_mask, s_ptrs, s_mask = _stage_sources(
-            s + SLOTS - 1, n_units, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr,
-            s2_ptr, stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k,
+            ti, tj, tj2, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
+            stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k,
             stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k, *offsets,
             HIDDEN, NB, Q, S1, S2, TILE_N)
         _async_load(w_smem.index((s + SLOTS - 1) % SLOTS), w_ptrs, mask=w_mask)
         async_copy.commit_group()
         scales_old = scales_new
         scales_new = gl.load(s_ptrs, mask=s_mask, other=0)
+        ti, tj, tj2 = _next_stage(ti, tj, tj2, n_units, S1)
 
         slot_w = w_smem.index(s % SLOTS)
-        if s < n_w1:  # w1 stage j of unit i
-            i = s // S1
-            j = s % S1
+        if j2 < 0:  # w1 stage j of unit i
             pair = (u_begin + i) // NB
             b = (u_begin + i) % NB
             expert = gl.load(ids_ptr + pair).to(gl.int32) - first_expert
@@ -253,8 +275,6 @@ def _moe_fused_kernel(
                     for c in gl.static_range(8):
                         act_rows.index(i * 8 + c).store(act)
         else:  # w2 rows j2 * 64 Q.. of unit i times its K block b, weighted, into acc2
-            i = (s - n_w1) % n_units
-            j2 = (s - n_w1) // n_units
             pair = (u_begin + i) // NB
             b = (u_begin + i) % NB
             expert = gl.load(ids_ptr + pair).to(gl.int32) - first_expert
@@ -275,6 +295,7 @@ def _moe_fused_kernel(
                 ro = j2 * (64 * Q) + gl.arange(0, ROWS, layout=OUT_L)
                 gl.atomic_add(acc_ptr + ro, sums, mask=(ro < HIDDEN) & (ro < (j2 + 1) * (64 * Q)), sem="relaxed")
                 acc2 = gl.zeros([ROWS, 8], gl.float32, mma)
+        i, j, j2 = _next_stage(i, j, j2, n_units, S1)
     async_copy.wait_group(0)
 
     # The last program to arrive rounds the workspace into the output and zeroes it for the next call.
