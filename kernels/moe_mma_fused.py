@@ -404,6 +404,8 @@ def moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b
         raise ValueError("the one-launch decode MoE kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")
     if x.dtype != torch.bfloat16 or x.stride(1) != 1:
         raise ValueError(f"the MoE kernels take bf16 activations with unit stride, got {x.dtype}")
+    if 64 % tile_n:
+        raise ValueError(f"the one-launch kernel takes row tiles that divide 64, got {tile_n}")
     _, n1, kb1 = check_decode_operands(x, w1_blocks, tile_n)
     num_local_experts, n2, nb = w2_blocks.shape[:3]
     if n1 != 64 * nb or n2 != hidden:
