@@ -691,10 +691,13 @@ def test_moe_experts_mma_fused_matches_twin_and_chain_gpu(shape):
         config = dict(kernel="mma_fused", Q=q, SLOTS=slots, num_warps=warps)
         out = moe_experts(*served, config=config, **layout)
         assert rel_err(out, twin) < 1e-2, (q, slots)
-        # the chain rounds each pair's w2 row to bf16 before its weight, this kernel sums in float32
-        assert rel_err(out, chain) < 4e-3, (q, slots)
-        again = moe_experts(*served, config=config, **layout)  # the workspace and counter were zeroed
-        assert rel_err(again, out) < 1e-5, (q, slots)
+        # the chain rounds each pair's w2 row to bf16 (then again with the bias) before its weight, this kernel
+        # sums in float32: a torch emulation of both orders differs by 2.6-3.5e-3 at these shapes (CPU, 3 seeds)
+        assert rel_err(out, chain) < 6e-3, (q, slots)
+        # the workspace and counter were zeroed (else about twice the output); the float32 atomics' order may
+        # flip an element's last bf16 bit (~7e-5 each at 2880 rows)
+        again = moe_experts(*served, config=config, **layout)
+        assert rel_err(again, out) < 1e-3, (q, slots)
     with pytest.raises(ValueError, match="takes one token"):
         moe_experts(*_mma_case(shape, 3, seed=201)[1], config=dict(kernel="mma_fused"), **layout)
 
@@ -715,7 +718,7 @@ def test_moe_mma_fused_replays_in_a_cuda_graph_gpu():
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
-        assert rel_err(out, eager) < 1e-5
+        assert rel_err(out, eager) < 1e-3  # the atomics' order: a last bit here and there
     x.copy_(torch.randn_like(x))  # new activations: a replay computes them
     graph.replay()
     torch.cuda.synchronize()
