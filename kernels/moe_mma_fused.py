@@ -397,8 +397,8 @@ def moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b
         raise ValueError(f"the one-launch decode MoE kernel takes one token, got {num_tokens}")
     if slots < 4:
         raise ValueError(f"SLOTS must be 4 or more (scale bytes land two stages after their load), got {slots}")
-    if num_warps not in (4, 8) or q % (num_warps // 4):
-        raise ValueError(f"num_warps 4 or 8 (one or two 64-row sub-blocks at a time), dividing Q into whole pairs: "
+    if num_warps not in (4, 8, 16) or q % (num_warps // 4):
+        raise ValueError(f"num_warps 4, 8 or 16 (1, 2 or 4 sub-blocks of 64 rows at a time, G) with G dividing Q: "
                          f"got num_warps={num_warps}, Q={q}")
     if not x.is_cuda:
         raise ValueError("the one-launch decode MoE kernel (Gluon) runs on CUDA tensors only: no interpreter runs it")

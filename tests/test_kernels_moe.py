@@ -730,6 +730,34 @@ def test_moe_mma_fused_replays_in_a_cuda_graph_gpu():
     assert rel_err(out, moe_experts_ref(*([x] + args[1:]))) < 1e-2
 
 
+@pytest.mark.parametrize("num_warps,q_p2", [(4, 16), (8, 16), (16, 16), (8, 32), (4, 1), (8, 2)])
+def test_one_launch_copies_cover_a_slot_once_and_read_whole_runs(num_warps, q_p2):
+    # copy_layout: every 16 bytes of a slot [q_p2 * 64, 16] copied by one thread (a register, lane and warp each)
+    # except by warps past the rows, which copy rows again; a warp's 32 rows of w1 are 32 consecutive rows of the
+    # checkpoint (slot row r of a 64 holds row 2 (r % 32) + r // 32: gate rows, then linear rows)
+    from gptoss_serve.kernels.moe_mma_fused import copy_layout
+
+    layout = copy_layout(num_warps, q_p2)
+    rows = q_p2 * 64
+    reg, lane, warp = (list(map(tuple, b)) for b in (layout.reg_bases, layout.lane_bases, layout.warp_bases))
+    assert reg[:4] == [(0, 1), (0, 2), (0, 4), (0, 8)]  # a row's 16 bytes in one thread's registers: one copy
+    row_bases = [r for r, _ in reg[4:] + lane + warp if r]
+    assert sorted(row_bases) == [1 << i for i in range(rows.bit_length() - 1)]  # each row exactly once
+    assert all(r == 0 for r, _ in warp if r >= rows) and all(r < rows for r, _ in warp)
+
+    def slot_row(lane_id, warp_id):  # the slot row a thread copies first (its registers' row bits zero)
+        bits = [r for i, (r, _) in enumerate(lane) if lane_id >> i & 1]
+        bits += [r for i, (r, _) in enumerate(warp) if warp_id >> i & 1]
+        return sum(bits)
+
+    for w in range(num_warps):
+        slots = [slot_row(i, w) for i in range(32)]
+        if rows < 64:  # fewer rows than a w1 unit: no coalescing to speak of
+            continue
+        checkpoint = sorted(64 * (r // 64) + 2 * (r % 32) + (r % 64) // 32 for r in slots)
+        assert checkpoint == list(range(checkpoint[0], checkpoint[0] + 32)), (w, slots)
+
+
 def test_moe_mma_fused_refuses_cpu_tensors_and_short_rings(monkeypatch):
     from gptoss_serve.kernels import moe_mma_fused
     from gptoss_serve.kernels.moe_mma_fused import fused_config
@@ -743,7 +771,7 @@ def test_moe_mma_fused_refuses_cpu_tensors_and_short_rings(monkeypatch):
         moe_experts(*served, config=dict(kernel="mma_fused"), split_nibbles=True)
     with pytest.raises(ValueError, match="SLOTS must be 4 or more"):
         moe_experts(*served, config=dict(kernel="mma_fused", SLOTS=3), split_nibbles=True)
-    with pytest.raises(ValueError, match="dividing Q into whole pairs"):
+    with pytest.raises(ValueError, match="G dividing Q"):
         moe_experts(*served, config=dict(kernel="mma_fused", Q=15, num_warps=8), split_nibbles=True)
     monkeypatch.setattr(moe_mma_fused, "MMA_FUSED", True)
     assert fused_config(1, True, True, False)["kernel"] == "mma_fused"

@@ -348,7 +348,7 @@ if __name__ == "__main__":
                mma_20b_w1(stage_once=True, ASYNC_GROUPS=2, PDL=True, EARLY_WEIGHTS=True), 240)
     elif which == "mma_fused":
         # a stage: Q sub-blocks of 64 rows x 32 weights over 32 * num_warps threads (the loop holds both kinds)
-        for q, slots, warps in ((16, 6, 8), (16, 8, 8), (15, 6, 4), (16, 6, 4)):
+        for q, slots, warps in ((16, 6, 8), (16, 8, 8), (15, 6, 4), (16, 6, 4), (16, 6, 16), (32, 4, 8)):
             report(f"one-launch MoE 20b, Q={q}, {slots} slots, {warps} warps", mma_fused_20b(q, slots, warps),
                    q * 2048 // (32 * warps))
     elif which == "fused":
