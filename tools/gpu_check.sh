@@ -181,7 +181,8 @@
 #   bash tools/gpu_check.sh 60   the one-launch decode MoE kernel (kernels/moe_mma_fused.py): its GPU tests (twin,
 #                                four-launch chain, CUDA graph), then the sweep at 1 token (24 launches a graph):
 #                                its Q:SLOTS:WARPS variants (FUSED_SPECS) against the default and the chain's
-#                                asynchronous copies in 2 groups with EARLY_WEIGHTS
+#                                asynchronous copies in 2 groups with EARLY_WEIGHTS; Nsight Compute's stall reasons
+#                                of its default config at one token
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
 #   the combine in the tensor-core decode kernel's last programs, at 8545a9d; those ways are gone, docs/PERFORMANCE.md
 #   has their figures)
@@ -197,6 +198,16 @@ moe_gpu_tests() {  # $1 the -k filter of tests/test_kernels_moe.py's GPU tests, 
     timeout "$2" python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short tests/test_kernels_moe.py -k "$1" -rfE \
         > "$OUT/tests_full.txt" 2>&1
     tail -12 "$OUT/tests_full.txt"
+}
+stalls() {  # $1 name, $2 kernel regex, $3 launches to skip, $4.. ncu_moe_layer.py arguments: Nsight Compute
+    local name=$1 regex=$2 skip=$3 ncu; shift 3
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+    timeout 100 "$ncu" --clock-control none --section SpeedOfLight --section Occupancy --section SchedulerStats \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" -k "regex:$regex" \
+        --launch-skip "$skip" --launch-count 1 python3 tools/ncu_moe_layer.py "$@" > "$OUT/ncu_$name.txt" 2>&1
+    echo "== $name"; grep -E "Duration|DRAM Throughput|Issued Warp|Active Warps Per Sch|Eligible Warps" \
+        "$OUT/ncu_$name.txt"
+    grep -E "issue_stalled" "$OUT/ncu_$name.txt" | awk '{print $NF, $1}' | sort -rn | head -8
 }
 moe_rows() {  # the bench's MoE rows (1-4096 tokens, 20b and 120b)
     timeout 75 python3 -m gptoss_serve.kernels.bench --sections moe --json "$OUT/bench.json" 2>&1 \
@@ -369,16 +380,6 @@ elif [ "$PART" = 12 ]; then
         -k "wgmma or real_shapes" -rfE > "$OUT/tests_full.txt" 2>&1; tail -25 "$OUT/tests_full.txt"
     timeout 120 python3 tools/moe_mma_sweep.py --cases 32x256,32x512,128x1024 \
         --wgmma 64:2:9:3,64:1:8:3,64:1:9:3,64:1:12:3 2>&1 | grep -v Warning | tee "$OUT/t64_sweep.txt"
-    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
-    stalls() {  # $1 name, $2 kernel regex, $3 launches to skip, $4.. ncu_moe_layer.py arguments
-        local name=$1 regex=$2 skip=$3; shift 3
-        timeout 100 "$NCU" --clock-control none --section SpeedOfLight --section Occupancy --section SchedulerStats \
-            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" -k "regex:$regex" \
-            --launch-skip "$skip" --launch-count 1 python3 tools/ncu_moe_layer.py "$@" > "$OUT/ncu_$name.txt" 2>&1
-        echo "== $name"; grep -E "Duration|DRAM Throughput|Issued Warp|Active Warps Per Sch|Eligible Warps" \
-            "$OUT/ncu_$name.txt"
-        grep -E "issue_stalled" "$OUT/ncu_$name.txt" | awk '{print $NF, $1}' | sort -rn | head -8
-    }
     stalls decode64 _moe_wgmma 2 64
     stalls prefill120b _moe_wgmma 4 4096 128
     stalls mma1 _moe_mma 2 1
@@ -699,10 +700,11 @@ elif [ "$PART" = 59 ]; then  # the sweep first: what comes back if the call is c
         --sections moe --tokens 1,2,4 --moe-layers 24 2>&1 | grep -v Warning | grep -E "^\| MoE|^HBM" \
         | tee "$OUT/bench_moe_async.txt"
 elif [ "$PART" = 60 ]; then
-    moe_gpu_tests "mma_fused" 170
+    moe_gpu_tests "mma_fused" 200
     timeout 200 python3 tools/moe_mma_sweep.py --cases 32x1,128x1 --no-gemv --mma-async 2:16:1 \
-        --fused "${FUSED_SPECS:-16:6:8,16:8:8,16:6:4,15:6:4,32:4:8}" 2>&1 | grep -v Warning \
+        --fused "${FUSED_SPECS:-16:6:8,16:8:8,16:6:16,16:6:4,15:6:4,32:4:8}" 2>&1 | grep -v Warning \
         | tee "$OUT/mma_fused_sweep.txt"
+    (export GPTOSS_MMA_FUSED=1; stalls fused1 _moe_fused 2 1)  # its default config: DRAM throughput, issue rate
 else
     timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_router.py \
         tests/test_observability_metrics.py -rfE 2>&1 | tail -15 | tee "$OUT/tests_router.txt"
