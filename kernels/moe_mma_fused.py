@@ -38,6 +38,8 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from gptoss_serve.kernels.gluon_utils import pdl_wait
 from gptoss_serve.kernels.moe_matmul import check_decode_operands
@@ -47,7 +49,7 @@ from gptoss_serve.kernels.triton_utils import pdl_args
 # Q: K blocks a w1 stage (and 64-row tiles a w2 stage); SLOTS: stages in the ring (SLOTS - 1 in flight while one
 # is computed); num_warps 8: two sub-blocks at a time (Q even). 16: a 20b/120b unit is 6 w1 stages (90 of 96 K
 # blocks real) and 3 w2 stages (2880 of 3072 rows).
-DEFAULT_FUSED_CONFIG = dict(Q=16, SLOTS=6, num_warps=8)
+DEFAULT_FUSED_CONFIG = dict(Q=16, SLOTS=6, num_warps=8, TMA=False)
 MMA_FUSED = os.environ.get("GPTOSS_MMA_FUSED", "0") == "1"
 
 
@@ -74,10 +76,11 @@ def _row_offsets(n, stride_row, TILE_N: gl.constexpr):
 
 @gluon.jit
 def _thread_offsets(stride_w1_row, stride_s1_row, stride_s1_k, stride_w2_row, stride_s2_row, Q_P2: gl.constexpr,
-                    TILE_N: gl.constexpr, COPY_L: gl.constexpr, SCALE_L: gl.constexpr):
+                    TILE_N: gl.constexpr, PERMUTED: gl.constexpr, COPY_L: gl.constexpr, SCALE_L: gl.constexpr):
     """What each thread's copies and scale loads add to a stage's base (_stage_sources): byte offsets of its slot
     rows in w1 (the unit's 64 rows from row 0, gate rows first, K blocks from 0) and in w2 (rows from 0, K block 0),
-    scale offsets likewise, and the sub-block and row of each (for the masks). TILE_N divides 64."""
+    scale offsets likewise, and the sub-block and row of each (for the masks). TILE_N divides 64. PERMUTED: w1
+    rows gate first (the copies'); else in the checkpoint's order (TMA's whole runs)."""
     rho = gl.arange(0, Q_P2 * 64, layout=gl.SliceLayout(1, COPY_L))  # a slot's row: sub-block rho // 64
     byte = gl.arange(0, 16, layout=gl.SliceLayout(0, COPY_L))[None, :]
     r = rho % 64
@@ -85,7 +88,10 @@ def _thread_offsets(stride_w1_row, stride_s1_row, stride_s1_k, stride_w2_row, st
     w2 = _row_offsets(rho, stride_w2_row, TILE_N)
     sq = gl.arange(0, Q_P2, layout=gl.SliceLayout(1, SCALE_L))[:, None]  # [Q_P2, 1]
     sr = gl.arange(0, 64, layout=gl.SliceLayout(0, SCALE_L))[None, :]  # [1, 64]
-    s1 = ((sr % 32) * 2 + sr // 32) * stride_s1_row + sq * stride_s1_k
+    if PERMUTED:
+        s1 = ((sr % 32) * 2 + sr // 32) * stride_s1_row + sq * stride_s1_k
+    else:
+        s1 = sr * stride_s1_row + sq * stride_s1_k
     s2 = (sq * 64 + sr) * stride_s2_row
     return w1[:, None] + byte, w2[:, None] + byte, (rho // 64)[:, None] + byte * 0, rho[:, None] + byte * 0, \
         s1, s2, sq + sr * 0, sq * 64 + sr
@@ -147,27 +153,62 @@ def _stage_sources(i, j, j2, u_begin, ids_ptr, first_expert, num_local_experts, 
             + b * stride_s2_k
         s_ptrs = s_base + s2_offs
         s_mask = live & (s_rho < 64 * Q) & (s_rho < HIDDEN - j2 * (64 * Q))
-    return w_ptrs, w_mask, s_ptrs, s_mask
+    return w_ptrs, w_mask, s_ptrs, s_mask, live, expert.to(gl.int32), b
+
+
+@gluon.jit
+def _issue_stage(slot, i, j, j2, w_smem, bars, w1_desc, w2_desc, u_begin, ids_ptr, first_expert, num_local_experts,
+                 w1_ptr, s1_ptr, w2_ptr, s2_ptr, stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row,
+                 stride_s1_k, stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k, offsets,
+                 HIDDEN: gl.constexpr, NB: gl.constexpr, Q: gl.constexpr, Q_P2: gl.constexpr, S1: gl.constexpr,
+                 S2: gl.constexpr, TILE_N: gl.constexpr, TMA: gl.constexpr):
+    """Starts the copy of stage (i, j, j2) (_next_stage) into ring slot `slot` and returns its scale bytes [Q_P2,
+    64] (register loads: their rows are 90 bytes apart, no copy engine moves them). TMA: one bulk tensor copy (of
+    16-Q_P2 KB, the w1 rows in the checkpoint's order) that arrives on the slot's mbarrier; else every thread's
+    16-byte cp.async copies, a commit group a stage."""
+    w_ptrs, w_mask, s_ptrs, s_mask, live, expert, b = _stage_sources(
+        i, j, j2, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
+        stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k,
+        stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k, *offsets,
+        HIDDEN, NB, Q, S1, S2, TILE_N)
+    if TMA:
+        bar = bars.index(slot)
+        slot_bytes = w_smem.index(slot)  # [4 Q_P2, 256]
+        mbarrier.expect(bar, Q_P2 * 1024, pred=live)
+        if j2 < 0:  # rows of tile b (64 b..), K blocks j Q..: [K blocks * 4, 256] bytes from the tile's first
+            tma.async_copy_global_to_shared(w1_desc, [((expert * NB + b) * (HIDDEN // 32) + j * Q) * 4, 0], bar,
+                                            slot_bytes, pred=live)
+        else:  # row tiles j2 Q.. of the expert, K block b
+            tma.async_copy_global_to_shared(
+                w2_desc, [expert * (HIDDEN // 64) + j2 * Q, b, 0, 0], bar,
+                slot_bytes._reinterpret(gl.uint8, [Q_P2, 1, 4, 256], w2_desc.layout), pred=live)
+        mbarrier.arrive(bar, pred=~live)  # nothing to copy: the phase completes all the same
+    else:
+        _async_load(w_smem.index(slot), w_ptrs, mask=w_mask)
+        async_copy.commit_group()
+    return gl.load(s_ptrs, mask=s_mask, other=0)
 
 
 @gluon.jit
 def _moe_fused_kernel(
     x_ptr, ids_ptr, weights_ptr,
     w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr,
-    acc_ptr, count_ptr, out_ptr,
+    acc_ptr, count_ptr, out_ptr, w1_desc, w2_desc,
     num_units, first_expert, num_local_experts, swiglu_alpha, swiglu_limit,
     stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k, stride_b1_expert,
     stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k, stride_b2_expert,
     HIDDEN: gl.constexpr, NB: gl.constexpr, Q: gl.constexpr, Q_P2: gl.constexpr, S1: gl.constexpr,
     S1_P2: gl.constexpr, S2: gl.constexpr, SLOTS: gl.constexpr, MAX_UNITS: gl.constexpr, TILE_N: gl.constexpr,
     HAS_B2: gl.constexpr, BYTE_LAYOUT: gl.constexpr, STAGE_LAYOUT: gl.constexpr, COPY_L: gl.constexpr,
-    NUM_WARPS: gl.constexpr, PDL: gl.constexpr,
+    NUM_WARPS: gl.constexpr, PDL: gl.constexpr, TMA: gl.constexpr = False,
 ):
     """out = sum over the token's pairs p (routed to this rank) of weight_p * (W2_e SwiGLU(W1_e x + b1_e) + b2_e),
     the program's share: units [pid * num_units / P, (pid + 1) * num_units / P) (at most MAX_UNITS), first the w1
     stages of each unit, then the w2 stages: row range j2 of every unit (summed in registers), then j2 + 1.
     A w1 stage goes G = NUM_WARPS / 4 sub-blocks at a time: warps 4g..4g + 3 take sub-block q0 + g (mma rows
-    64g..64g + 63), whose activation block is the operand's column g. A w2 stage is one mma over all its rows."""
+    64g..64g + 63), whose activation block is the operand's column g. A w2 stage is one mma over all its rows.
+    TMA (tiled rows of 64, w1_desc / w2_desc from _tma_descriptors): a stage's weights come by one bulk tensor copy
+    issued by one thread, completing on the slot's mbarrier, instead of 1024 cp.async of 16 bytes."""
     pdl_wait(PDL)  # the routing and the activations come from the kernels before
     G: gl.constexpr = NUM_WARPS // 4
     ROWS: gl.constexpr = Q_P2 * 64  # a slot's rows
@@ -177,6 +218,7 @@ def _moe_fused_kernel(
     SCALE_L: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [NUM_WARPS, 1], [1, 0])  # [Q_P2, 64]
     X_L: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 8, 4], [NUM_WARPS, 1, 1], [2, 1, 0])  # x_groups
     V_L: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])  # [32] intermediates
+    H3_L: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 1, 32], [1, 1, NUM_WARPS], [2, 1, 0])  # [1, G, 32]
     OUT_L: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])  # [ROWS] the output's rows
     FLAT: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
     FLAT1: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
@@ -190,7 +232,16 @@ def _moe_fused_kernel(
 
     # Unswizzled buffers. A memory view keeps its layout, whose rank is the view's or one less: buffers read a
     # 1-D row at a time have a 1-D layout and a view of more dimensions (_reinterpret, same bytes) for the rest.
-    w_smem = gl.allocate_shared_memory(gl.uint8, [SLOTS, ROWS, 16], FLAT)
+    if TMA:  # [4 Q_P2, 256] bytes a slot (TMA's box), read as [ROWS, 16]; an mbarrier a slot
+        w_smem = gl.allocate_shared_memory(gl.uint8, [SLOTS, 4 * Q_P2, 256], w1_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+        for k in gl.static_range(SLOTS):
+            mbarrier.init(bars.index(k), count=1)
+        fence_async_shared()
+        _barrier()
+    else:
+        w_smem = gl.allocate_shared_memory(gl.uint8, [SLOTS, ROWS, 16], FLAT)
+        bars = w_smem  # unused
     s_groups = gl.allocate_shared_memory(gl.uint8, [SLOTS * Q_P2 // G, 64 * G], FLAT1)  # G sub-blocks' scales a row
     s_slots = s_groups._reinterpret(gl.uint8, [SLOTS, Q_P2, 64], FLAT)  # a slot's, for their stores
     s_rows = s_groups._reinterpret(gl.uint8, [SLOTS, ROWS], FLAT1)  # a slot's, read at once (w2)
@@ -210,20 +261,18 @@ def _moe_fused_kernel(
     x_groups._reinterpret(gl.float16, [S1_P2 * (Q_P2 // G), 8, 32], FLAT3).store(xv.to(gl.float16))
 
     offsets = _thread_offsets(stride_w1_row, stride_s1_row, stride_s1_k, stride_w2_row, stride_s2_row, Q_P2, TILE_N,
-                              COPY_L, SCALE_L)
+                              not TMA, COPY_L, SCALE_L)
     # The first SLOTS - 1 stages: copies in flight, scale bytes straight into their slots.
     ti = 0  # the next stage to copy (_next_stage)
     tj = 0
     tj2 = -1
     for t in range(SLOTS - 1):
-        w_ptrs, w_mask, s_ptrs, s_mask = _stage_sources(
-            ti, tj, tj2, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
-            stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k,
-            stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k, *offsets,
-            HIDDEN, NB, Q, S1, S2, TILE_N)
-        _async_load(w_smem.index(t), w_ptrs, mask=w_mask)
-        async_copy.commit_group()
-        s_slots.index(t).store(gl.load(s_ptrs, mask=s_mask, other=0))
+        scales = _issue_stage(t, ti, tj, tj2, w_smem, bars, w1_desc, w2_desc, u_begin, ids_ptr, first_expert,
+                              num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr, stride_w1_expert, stride_w1_row,
+                              stride_s1_expert, stride_s1_row, stride_s1_k, stride_w2_expert, stride_w2_row,
+                              stride_s2_expert, stride_s2_row, stride_s2_k, offsets, HIDDEN, NB, Q, Q_P2, S1, S2,
+                              TILE_N, TMA)
+        s_slots.index(t).store(scales)
         ti, tj, tj2 = _next_stage(ti, tj, tj2, n_units, S1)
     scales_old = gl.zeros([Q_P2, 64], gl.uint8, SCALE_L)  # loaded two stages back, for stage s + SLOTS - 3
     scales_new = gl.zeros([Q_P2, 64], gl.uint8, SCALE_L)  # loaded one stage back
@@ -238,20 +287,23 @@ def _moe_fused_kernel(
     for s in range(n_stages):
         if s >= 2:  # the scale bytes loaded two stages back into their slot (read SLOTS - 3 stages from now)
             s_slots.index((s + SLOTS - 3) % SLOTS).store(scales_old)
-        async_copy.wait_group(SLOTS - 2)  # this thread's copies of stage s landed
+        if TMA:
+            mbarrier.wait(bars.index(s % SLOTS), (s // SLOTS) & 1)  # stage s's bytes landed
+        else:
+            async_copy.wait_group(SLOTS - 2)  # this thread's copies of stage s landed
         _barrier()  # everyone's, and stage s - 1 (whose slot the next copies take) is done with
-        w_ptrs, w_mask, s_ptrs, s_mask = _stage_sources(
-            ti, tj, tj2, u_begin, ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
-            stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k,
-            stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k, *offsets,
-            HIDDEN, NB, Q, S1, S2, TILE_N)
-        _async_load(w_smem.index((s + SLOTS - 1) % SLOTS), w_ptrs, mask=w_mask)
-        async_copy.commit_group()
         scales_old = scales_new
-        scales_new = gl.load(s_ptrs, mask=s_mask, other=0)
+        scales_new = _issue_stage((s + SLOTS - 1) % SLOTS, ti, tj, tj2, w_smem, bars, w1_desc, w2_desc, u_begin,
+                                  ids_ptr, first_expert, num_local_experts, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
+                                  stride_w1_expert, stride_w1_row, stride_s1_expert, stride_s1_row, stride_s1_k,
+                                  stride_w2_expert, stride_w2_row, stride_s2_expert, stride_s2_row, stride_s2_k,
+                                  offsets, HIDDEN, NB, Q, Q_P2, S1, S2, TILE_N, TMA)
         ti, tj, tj2 = _next_stage(ti, tj, tj2, n_units, S1)
 
-        slot_w = w_smem.index(s % SLOTS)
+        if TMA:
+            slot_w = w_smem.index(s % SLOTS)._reinterpret(gl.uint8, [ROWS, 16], FLAT)
+        else:
+            slot_w = w_smem.index(s % SLOTS)
         if j2 < 0:  # w1 stage j of unit i
             pair = (u_begin + i) // NB
             b = (u_begin + i) % NB
@@ -264,11 +316,17 @@ def _moe_fused_kernel(
                     h_smem.store(gl.sum(gl.where(cols == rows // 64, acc1, 0.0), axis=1))  # group g: column g
                     acc1 = gl.zeros([64 * G, 8], gl.float32, mma)
                     _barrier()
-                    gate = gl.zeros([32], gl.float32, V_L)
-                    linear = gl.zeros([32], gl.float32, V_L)
-                    for g in gl.static_range(G):
-                        gate += h_smem.slice(64 * g, 32).load(V_L)
-                        linear += h_smem.slice(64 * g + 32, 32).load(V_L)
+                    if TMA:  # rows in the checkpoint's order: 2c gate, 2c + 1 linear, in each group's 64
+                        halves = h_smem._reinterpret(gl.float32, [G, 32, 2], FLAT3).permute([2, 0, 1])  # [2, G, 32]
+                        gate = gl.convert_layout(gl.sum(gl.sum(halves.slice(0, 1).load(H3_L), axis=0), axis=0), V_L)
+                        linear = gl.convert_layout(gl.sum(gl.sum(halves.slice(1, 1).load(H3_L), axis=0), axis=0),
+                                                   V_L)
+                    else:  # gate rows first, then linear rows (the copies permuted them)
+                        gate = gl.zeros([32], gl.float32, V_L)
+                        linear = gl.zeros([32], gl.float32, V_L)
+                        for g in gl.static_range(G):
+                            gate += h_smem.slice(64 * g, 32).load(V_L)
+                            linear += h_smem.slice(64 * g + 32, 32).load(V_L)
                     bias_row = b1_ptr + expert.to(gl.int64) * stride_b1_expert + 64 * b + 2 * v32
                     act = _swiglu(gate, linear, gl.load(bias_row), gl.load(bias_row + 1), swiglu_alpha,
                                   swiglu_limit)
@@ -296,7 +354,8 @@ def _moe_fused_kernel(
                 gl.atomic_add(acc_ptr + ro, sums, mask=(ro < HIDDEN) & (ro < (j2 + 1) * (64 * Q)), sem="relaxed")
                 acc2 = gl.zeros([ROWS, 8], gl.float32, mma)
         i, j, j2 = _next_stage(i, j, j2, n_units, S1)
-    async_copy.wait_group(0)
+    if not TMA:
+        async_copy.wait_group(0)
 
     # The last program to arrive rounds the workspace into the output and zeroes it for the next call.
     gl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
@@ -421,9 +480,15 @@ def moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b
     grid = min(torch.cuda.get_device_properties(x.device).multi_processor_count, num_units)
     acc, count = _workspace(x.device, hidden)
     out = torch.empty_like(x)
+    use_tma = bool(config["TMA"])
+    contiguous = w1_blocks.is_contiguous() and w2_blocks.is_contiguous()
+    if use_tma and (tile_n != 64 or q != q_p2 or q > 64 or not contiguous):
+        raise ValueError(f"TMA copies whole tiles of 64 rows (tile_n=64, contiguous blocks) with Q a power of two up "
+                         f"to 64: got tile_n={tile_n}, Q={q}")
+    w1_desc, w2_desc = _tma_descriptors(w1_blocks, w2_blocks, q) if use_tma else (None, None)
     _moe_fused_kernel[(grid,)](
         x, expert_ids.reshape(-1), expert_weights.reshape(-1), w1_blocks, w1_scales, b1, w2_blocks, w2_scales,
-        b2 if b2 is not None else b1, acc, count, out,
+        b2 if b2 is not None else b1, acc, count, out, w1_desc, w2_desc,
         num_units, first_expert, num_local_experts, float(swiglu_alpha), float(swiglu_limit),
         w1_blocks.stride(0), w1_blocks.stride(1), w1_scales.stride(0), w1_scales.stride(1), w1_scales.stride(2),
         b1.stride(0), w2_blocks.stride(0), w2_blocks.stride(1), w2_scales.stride(0), w2_scales.stride(1),
@@ -432,5 +497,18 @@ def moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b
         MAX_UNITS=triton.next_power_of_2(triton.cdiv(num_units, grid)), TILE_N=tile_n, HAS_B2=b2 is not None,
         BYTE_LAYOUT=byte_layout(num_warps, 1),
         STAGE_LAYOUT=byte_layout(num_warps, rows // (16 * num_warps)), COPY_L=copy_layout(num_warps, q_p2),
-        NUM_WARPS=num_warps, num_warps=num_warps, **pdl_args(x.device))
+        NUM_WARPS=num_warps, TMA=use_tma, num_warps=num_warps, **pdl_args(x.device))
     return out
+
+
+def _tma_descriptors(w1_blocks: torch.Tensor, w2_blocks: torch.Tensor, q: int) -> tuple:
+    """TMA descriptors of the weights tiled by 64 rows (`tile_rows`): w1 as [.., 256] bytes (a K block of a tile is
+    4 rows of it; a stage is Q blocks: [4 Q, 256]); w2 as [expert * row tiles, K blocks, 4, 256] (a stage is Q
+    tiles' block b: [Q, 1, 4, 256]). Unswizzled: the slot's bytes are in the order the kernel reads them."""
+    num_experts, hidden, kb2, _ = w2_blocks.shape
+    flat2 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+    flat4 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=4)
+    w1 = w1_blocks.view(-1, 256)
+    w2 = w2_blocks.view(num_experts * hidden // 64, kb2, 4, 256)
+    return (TensorDescriptor(w1, list(w1.shape), list(w1.stride()), [4 * q, 256], flat2),
+            TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [q, 1, 4, 256], flat4))

@@ -692,8 +692,9 @@ def test_moe_experts_mma_fused_matches_twin_and_chain_gpu(shape):
     chain = moe_experts(*served, config=dict(DEFAULT_MMA_CONFIG, kernel="mma", BLOCK_T=None), **layout)
     # Q: K blocks a w1 stage (15: part of a slot and of the last stages empty; 1: one sub-block a stage); SLOTS: the
     # ring; 4, 8 or 16 warps (1, 2 or 4 sub-blocks at a time)
-    for q, slots, warps in ((16, 6, 8), (15, 6, 4), (4, 4, 16), (1, 5, 4)):
-        config = dict(kernel="mma_fused", Q=q, SLOTS=slots, num_warps=warps)
+    tma = [(16, 6, 8, True), (4, 4, 16, True)] if layout["tile_n"] == 64 else []  # TMA: whole 64-row tiles
+    for q, slots, warps, bulk in [(16, 6, 8, False), (15, 6, 4, False), (4, 4, 16, False), (1, 5, 4, False)] + tma:
+        config = dict(kernel="mma_fused", Q=q, SLOTS=slots, num_warps=warps, TMA=bulk)
         out = moe_experts(*served, config=config, **layout)
         assert rel_err(out, twin) < 1e-2, (q, slots)
         # the chain rounds each pair's w2 row to bf16 (then again with the bias) before its weight, this kernel
@@ -705,6 +706,9 @@ def test_moe_experts_mma_fused_matches_twin_and_chain_gpu(shape):
         assert rel_err(again, out) < 1e-3, (q, slots)
     with pytest.raises(ValueError, match="takes one token"):
         moe_experts(*_mma_case(shape, 3, seed=201)[1], config=dict(kernel="mma_fused"), **layout)
+    if not tma:
+        with pytest.raises(ValueError, match="TMA copies whole tiles of 64 rows"):
+            moe_experts(*served, config=dict(kernel="mma_fused", TMA=True), **layout)
 
 
 @pytest.mark.gpu

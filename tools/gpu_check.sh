@@ -180,7 +180,7 @@
 #                                EARLY_WEIGHTS
 #   bash tools/gpu_check.sh 60   the one-launch decode MoE kernel (kernels/moe_mma_fused.py): its GPU tests (twin,
 #                                four-launch chain, CUDA graph), then the sweep at 1 token (24 launches a graph):
-#                                its Q:SLOTS:WARPS variants (FUSED_SPECS) against the default and the chain's
+#                                its Q:SLOTS:WARPS[:TMA] variants (FUSED_SPECS) against the default and the chain's
 #                                asynchronous copies in 2 groups with EARLY_WEIGHTS; Nsight Compute's stall reasons
 #                                of its default config at one token
 #   (parts 38 and 39, the chained launch's other ways to wait, ran at commits 9002237 and 90b141c; part 45, SwiGLU and
@@ -702,7 +702,7 @@ elif [ "$PART" = 59 ]; then  # the sweep first: what comes back if the call is c
 elif [ "$PART" = 60 ]; then
     moe_gpu_tests "mma_fused" 200
     timeout 200 python3 tools/moe_mma_sweep.py --cases 32x1,128x1 --no-gemv --mma-async 2:16:1 \
-        --fused "${FUSED_SPECS:-16:6:8,16:8:8,16:6:16,16:6:4,15:6:4,32:4:8}" 2>&1 | grep -v Warning \
+        --fused "${FUSED_SPECS:-16:6:8,16:6:8:1,16:8:8:1,16:6:16,16:6:16:1,16:6:4,32:4:8}" 2>&1 | grep -v Warning \
         | tee "$OUT/mma_fused_sweep.txt"
     (export GPTOSS_MMA_FUSED=1; stalls fused1 _moe_fused 2 1)  # its default config: DRAM throughput, issue rate
 else

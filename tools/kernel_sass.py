@@ -44,7 +44,10 @@ def compile_offline(kernel, args: dict, constexprs: dict, num_warps: int = 4, nu
             signature[name] = "constexpr"
             continue
         value = args[name]
-        if isinstance(value, str):  # a pointer ('*bf16', 16-byte aligned) or a scalar type ('fp32')
+        if value is None:  # an argument passed as None: a constexpr
+            signature[name] = "constexpr"
+            consts[name] = None
+        elif isinstance(value, str):  # a pointer ('*bf16', 16-byte aligned) or a scalar type ('fp32')
             signature[name] = value
             if value.startswith("*"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
@@ -225,13 +228,17 @@ def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=F
     return compile_offline(_moe_mma_kernel, args, const, num_warps=num_warps)
 
 
-def mma_fused_20b(q=16, slots=6, num_warps=8, pdl=True):
-    """The one-launch decode MoE kernel (moe_mma_fused) at the 20b shapes, one token."""
+def mma_fused_20b(q=16, slots=6, num_warps=8, pdl=True, tma=False):
+    """The one-launch decode MoE kernel (moe_mma_fused) at the 20b shapes, one token; tma: its bulk-copy variant."""
+    from triton.experimental.gluon import language as gl
     from gptoss_serve.kernels.moe_mma import byte_layout
     from gptoss_serve.kernels.moe_mma_fused import _moe_fused_kernel, copy_layout
     h, n1, kblocks, e = 2880, 5760, 90, 32
+    descs = [f"tensordesc<u8[{shape}],{gl.NVMMASharedLayout(0, 8, rank)!r}>"
+             for shape, rank in ((f"{4 * q}, 256", 2), (f"{q}, 1, 4, 256", 4))] if tma else [None, None]
     args = dict(x_ptr="*bf16", ids_ptr="*i32", weights_ptr="*fp32", w1_ptr="*u8", s1_ptr="*u8", b1_ptr="*bf16",
                 w2_ptr="*u8", s2_ptr="*u8", b2_ptr="*bf16", acc_ptr="*fp32", count_ptr="*i32", out_ptr="*bf16",
+                w1_desc=descs[0], w2_desc=descs[1],
                 num_units=360, first_expert=0, num_local_experts=e, swiglu_alpha="fp32", swiglu_limit="fp32",
                 stride_w1_expert=n1 * kblocks * 16, stride_w1_row=kblocks * 16, stride_s1_expert=n1 * kblocks,
                 stride_s1_row=kblocks, stride_s1_k=1, stride_b1_expert=n1, stride_w2_expert=h * kblocks * 16,
@@ -242,7 +249,7 @@ def mma_fused_20b(q=16, slots=6, num_warps=8, pdl=True):
     const = dict(HIDDEN=h, NB=kblocks, Q=q, Q_P2=q_p2, S1=s1, S1_P2=1 << (s1 - 1).bit_length(), S2=s2, SLOTS=slots,
                  MAX_UNITS=4, TILE_N=64, HAS_B2=True, BYTE_LAYOUT=byte_layout(num_warps, 1),
                  STAGE_LAYOUT=byte_layout(num_warps, q_p2 * 64 // (16 * num_warps)),
-                 COPY_L=copy_layout(num_warps, q_p2), NUM_WARPS=num_warps, PDL=pdl)
+                 COPY_L=copy_layout(num_warps, q_p2), NUM_WARPS=num_warps, PDL=pdl, TMA=tma)
     return compile_offline(_moe_fused_kernel, args, const, num_warps=num_warps)
 
 
@@ -348,9 +355,10 @@ if __name__ == "__main__":
                mma_20b_w1(stage_once=True, ASYNC_GROUPS=2, PDL=True, EARLY_WEIGHTS=True), 240)
     elif which == "mma_fused":
         # a stage: Q sub-blocks of 64 rows x 32 weights over 32 * num_warps threads (the loop holds both kinds)
-        for q, slots, warps in ((16, 6, 8), (16, 8, 8), (15, 6, 4), (16, 6, 4), (16, 6, 16), (32, 4, 8)):
-            report(f"one-launch MoE 20b, Q={q}, {slots} slots, {warps} warps", mma_fused_20b(q, slots, warps),
-                   q * 2048 // (32 * warps))
+        for q, slots, warps, tma in ((16, 6, 8, False), (16, 8, 8, False), (15, 6, 4, False), (16, 6, 4, False),
+                                     (16, 6, 16, False), (32, 4, 8, False), (16, 6, 8, True), (16, 6, 16, True)):
+            report(f"one-launch MoE 20b, Q={q}, {slots} slots, {warps} warps{', TMA' if tma else ''}",
+                   mma_fused_20b(q, slots, warps, tma=tma), q * 2048 // (32 * warps))
     elif which == "fused":
         # a K range: RB rows x KB 16 blocks over 128 threads, rows_per_thread x 32 weights a thread
         for rows, unroll, stages in ((2, 1, 1), (2, 6, 1), (2, 1, 2), (4, 1, 1)):

@@ -39,7 +39,8 @@ parser.add_argument("--mma-async", default="", help="the tensor-core decode kern
                     "blocks a program at most, 16 if not given; EARLY 1: the second matmul's copies before its PDL "
                     "wait), comma-separated, instead of the default variants")
 parser.add_argument("--fused", default="", help="the one-launch kernel (kernels/moe_mma_fused.py) at one token: "
-                    "Q:SLOTS:WARPS (K blocks a w1 stage, ring slots, 4 or 8 warps), comma-separated")
+                    "Q:SLOTS:WARPS[:TMA] (K blocks a w1 stage, ring slots, 4, 8 or 16 warps; TMA 1: bulk tensor "
+                    "copies), comma-separated")
 parser.add_argument("--layers", type=int, default=kb.MOE_LAYERS, help="launches a timed graph, over 4 layers' "
                     "weights in turn (default: a 20b decode step's MoE layers; 4: the count before 2026-12-07)")
 args = parser.parse_args()
@@ -88,9 +89,10 @@ def one_launch_variants(num_tokens: int) -> list[tuple[str, dict]]:
     """(label, config) of the one-launch kernel from --fused (one token only)."""
     if num_tokens != 1 or not args.fused:
         return []
-    specs = [[int(v) for v in spec.split(":")] for spec in args.fused.split(",")]
-    return [(f"one launch Q={q} slots={slots} w={warps}", dict(kernel="mma_fused", Q=q, SLOTS=slots, num_warps=warps))
-            for q, slots, warps in specs]
+    specs = [[int(v) for v in spec.split(":")] + [0] for spec in args.fused.split(",")]
+    return [(f"one launch Q={q} slots={slots} w={warps}{' TMA' if tma else ''}",
+             dict(kernel="mma_fused", Q=q, SLOTS=slots, num_warps=warps, TMA=bool(tma)))
+            for q, slots, warps, tma, *_ in specs]
 
 
 def fused_variants(num_tokens: int) -> list[tuple[str, dict]]:
