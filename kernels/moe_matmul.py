@@ -1158,9 +1158,11 @@ def moe_experts(
         on_gpu = x.is_cuda and not emulate_bf16()
         from gptoss_serve.kernels.moe_mma_fused import fused_config
 
-        config = fused_config(num_tokens, on_gpu, split_nibbles, swizzled) or wgmma_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0], on_gpu and is_hopper(x.device),
-                              split_nibbles, swizzled, (w1_scales, w2_scales)) \
-            or mma_decode_config(num_tokens, expert_ids.shape[1], w1_blocks.shape[0], on_gpu, split_nibbles, swizzled)
+        top_k, num_local = expert_ids.shape[1], w1_blocks.shape[0]
+        config = fused_config(num_tokens, on_gpu, split_nibbles, swizzled, tile_n) \
+            or wgmma_config(num_tokens, top_k, num_local, on_gpu and is_hopper(x.device), split_nibbles, swizzled,
+                            (w1_scales, w2_scales)) \
+            or mma_decode_config(num_tokens, top_k, num_local, on_gpu, split_nibbles, swizzled)
     if config is not None and config.get("kernel") == "mma_fused":  # one launch, tensor cores (Gluon, CUDA only)
         from gptoss_serve.kernels.moe_mma_fused import moe_experts_mma_fused
 

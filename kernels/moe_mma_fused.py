@@ -423,22 +423,24 @@ def _swiglu(gate, linear, gate_bias, linear_bias, swiglu_alpha, swiglu_limit):
 
 
 _WORKSPACES: dict = {}
+_DESCRIPTORS: dict = {}
 
 
 def _workspace(device: torch.device, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 sums [hidden] and the arrival counter, zero between calls (the kernel's last program zeroes
-    them), one pair a device and width: launches on one stream only (the engine's)."""
-    key = (device, hidden)
+    them), one pair a device, width and stream: launches on one stream follow each other (with PDL too: every
+    kernel waits for the one before to finish before it ends), launches on two streams do not share them."""
+    key = (device, hidden, torch.cuda.current_stream(device).cuda_stream)
     if key not in _WORKSPACES:
         _WORKSPACES[key] = (torch.zeros(hidden, dtype=torch.float32, device=device),
                             torch.zeros(1, dtype=torch.int32, device=device))
     return _WORKSPACES[key]
 
 
-def fused_config(num_tokens: int, on_gpu: bool, split_nibbles: bool, swizzled: bool) -> dict | None:
+def fused_config(num_tokens: int, on_gpu: bool, split_nibbles: bool, swizzled: bool, tile_n: int = 1) -> dict | None:
     """The one-launch kernel's config where it is the default for this step (MMA_FUSED, one token, the split-nibble
-    layout unswizzled, on a GPU), else None; shapes only."""
-    if not (MMA_FUSED and on_gpu and split_nibbles and not swizzled and num_tokens == 1):
+    layout unswizzled with row tiles dividing 64, on a GPU), else None; shapes only."""
+    if not (MMA_FUSED and on_gpu and split_nibbles and not swizzled and num_tokens == 1 and 64 % tile_n == 0):
         return None
     return dict(DEFAULT_FUSED_CONFIG, kernel="mma_fused")
 
@@ -486,6 +488,9 @@ def moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b
         raise ValueError(f"TMA copies whole tiles of 64 rows (tile_n=64, contiguous blocks) with Q a power of two up "
                          f"to 64: got tile_n={tile_n}, Q={q}")
     w1_desc, w2_desc = _tma_descriptors(w1_blocks, w2_blocks, q) if use_tma else (None, None)
+    # Past the last stage's real K blocks (Q not dividing them) or rows (past hidden) a TMA box reads the next
+    # tile's bytes, not zeros: their activations are zero, their rows never reach the workspace, and the
+    # split-nibble e4m3 decode gives finite values only, so they add nothing.
     _moe_fused_kernel[(grid,)](
         x, expert_ids.reshape(-1), expert_weights.reshape(-1), w1_blocks, w1_scales, b1, w2_blocks, w2_scales,
         b2 if b2 is not None else b1, acc, count, out, w1_desc, w2_desc,
@@ -505,10 +510,14 @@ def _tma_descriptors(w1_blocks: torch.Tensor, w2_blocks: torch.Tensor, q: int) -
     """TMA descriptors of the weights tiled by 64 rows (`tile_rows`): w1 as [.., 256] bytes (a K block of a tile is
     4 rows of it; a stage is Q blocks: [4 Q, 256]); w2 as [expert * row tiles, K blocks, 4, 256] (a stage is Q
     tiles' block b: [Q, 1, 4, 256]). Unswizzled: the slot's bytes are in the order the kernel reads them."""
+    key = (w1_blocks.data_ptr(), w2_blocks.data_ptr(), tuple(w1_blocks.shape), tuple(w2_blocks.shape), q)
+    if key in _DESCRIPTORS:  # a descriptor holds only the base, shape and strides: built once a weight pair
+        return _DESCRIPTORS[key]
     num_experts, hidden, kb2, _ = w2_blocks.shape
     flat2 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
     flat4 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=4)
     w1 = w1_blocks.view(-1, 256)
     w2 = w2_blocks.view(num_experts * hidden // 64, kb2, 4, 256)
-    return (TensorDescriptor(w1, list(w1.shape), list(w1.stride()), [4 * q, 256], flat2),
-            TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [q, 1, 4, 256], flat4))
+    _DESCRIPTORS[key] = (TensorDescriptor(w1, list(w1.shape), list(w1.stride()), [4 * q, 256], flat2),
+                         TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [q, 1, 4, 256], flat4))
+    return _DESCRIPTORS[key]

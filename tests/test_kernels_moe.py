@@ -782,6 +782,7 @@ def test_moe_mma_fused_refuses_cpu_tensors_and_short_rings(monkeypatch):
     assert fused_config(2, True, True, False) is None  # one token only
     assert fused_config(1, False, True, False) is None and fused_config(1, True, True, True) is None
     assert fused_config(1, True, False, False) is None
+    assert fused_config(1, True, True, False, tile_n=64) and fused_config(1, True, True, False, tile_n=96) is None
     monkeypatch.setattr(moe_mma_fused, "MMA_FUSED", False)
     assert fused_config(1, True, True, False) is None
 

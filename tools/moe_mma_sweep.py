@@ -171,8 +171,9 @@ for case in args.cases.split(","):
                                merge_nibbles(untile_rows(w2b, tile)), w2s, b2, 1.702, 7.0)
     else:
         twin = None
-    variants = one_launch_variants(num_tokens) + fused_variants(num_tokens) + wgmma_variants(num_tokens, num_experts) + (
-        mma_variants(num_tokens) if num_tokens <= (8 if args.wgmma else 64) and not args.no_mma else [])
+    variants = one_launch_variants(num_tokens) + fused_variants(num_tokens) \
+        + wgmma_variants(num_tokens, num_experts) \
+        + (mma_variants(num_tokens) if num_tokens <= (8 if args.wgmma else 64) and not args.no_mma else [])
     for label, config in [("default", None)] + variants:
         try:
             ms, err = kb.time_variant(run, layers, config, ref, args.layers)
