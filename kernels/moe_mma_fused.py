@@ -175,13 +175,14 @@ def _issue_stage(slot, i, j, j2, w_smem, bars, w1_desc, w2_desc, u_begin, ids_pt
         bar = bars.index(slot)
         slot_bytes = w_smem.index(slot)  # [4 Q_P2, 256]
         mbarrier.expect(bar, Q_P2 * 1024, pred=live)
-        if j2 < 0:  # rows of tile b (64 b..), K blocks j Q..: [K blocks * 4, 256] bytes from the tile's first
-            tma.async_copy_global_to_shared(w1_desc, [((expert * NB + b) * (HIDDEN // 32) + j * Q) * 4, 0], bar,
-                                            slot_bytes, pred=live)
-        else:  # row tiles j2 Q.. of the expert, K block b
+        if j2 < 0:  # tile b (rows 64 b..), K blocks j Q.. (4 rows of 256 bytes each; past the tile: zeros)
+            tma.async_copy_global_to_shared(w1_desc, [expert * NB + b, j * Q * 4, 0], bar,
+                                            slot_bytes._reinterpret(gl.uint8, [1, 4 * Q_P2, 256], w1_desc.layout),
+                                            pred=live)
+        else:  # the expert's row tiles j2 Q.. (past its rows: zeros), K block b
             tma.async_copy_global_to_shared(
-                w2_desc, [expert * (HIDDEN // 64) + j2 * Q, b, 0, 0], bar,
-                slot_bytes._reinterpret(gl.uint8, [Q_P2, 1, 4, 256], w2_desc.layout), pred=live)
+                w2_desc, [expert, j2 * Q, b, 0, 0], bar,
+                slot_bytes._reinterpret(gl.uint8, [1, Q_P2, 1, 4, 256], w2_desc.layout), pred=live)
         mbarrier.arrive(bar, pred=~live)  # nothing to copy: the phase completes all the same
     else:
         _async_load(w_smem.index(slot), w_ptrs, mask=w_mask)
@@ -233,7 +234,8 @@ def _moe_fused_kernel(
     # Unswizzled buffers. A memory view keeps its layout, whose rank is the view's or one less: buffers read a
     # 1-D row at a time have a 1-D layout and a view of more dimensions (_reinterpret, same bytes) for the rest.
     if TMA:  # [4 Q_P2, 256] bytes a slot (TMA's box), read as [ROWS, 16]; an mbarrier a slot
-        w_smem = gl.allocate_shared_memory(gl.uint8, [SLOTS, 4 * Q_P2, 256], w1_desc.layout)
+        w_smem = gl.allocate_shared_memory(gl.uint8, [SLOTS, 4 * Q_P2, 256],
+                                           gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2))
         bars = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
         for k in gl.static_range(SLOTS):
             mbarrier.init(bars.index(k), count=1)
@@ -488,9 +490,6 @@ def moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b
         raise ValueError(f"TMA copies whole tiles of 64 rows (tile_n=64, contiguous blocks) with Q a power of two up "
                          f"to 64: got tile_n={tile_n}, Q={q}")
     w1_desc, w2_desc = _tma_descriptors(w1_blocks, w2_blocks, q) if use_tma else (None, None)
-    # Past the last stage's real K blocks (Q not dividing them) or rows (past hidden) a TMA box reads the next
-    # tile's bytes, not zeros: their activations are zero, their rows never reach the workspace, and the
-    # split-nibble e4m3 decode gives finite values only, so they add nothing.
     _moe_fused_kernel[(grid,)](
         x, expert_ids.reshape(-1), expert_weights.reshape(-1), w1_blocks, w1_scales, b1, w2_blocks, w2_scales,
         b2 if b2 is not None else b1, acc, count, out, w1_desc, w2_desc,
@@ -507,17 +506,19 @@ def moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b
 
 
 def _tma_descriptors(w1_blocks: torch.Tensor, w2_blocks: torch.Tensor, q: int) -> tuple:
-    """TMA descriptors of the weights tiled by 64 rows (`tile_rows`): w1 as [.., 256] bytes (a K block of a tile is
-    4 rows of it; a stage is Q blocks: [4 Q, 256]); w2 as [expert * row tiles, K blocks, 4, 256] (a stage is Q
-    tiles' block b: [Q, 1, 4, 256]). Unswizzled: the slot's bytes are in the order the kernel reads them."""
+    """TMA descriptors of the weights tiled by 64 rows (`tile_rows`): w1 as [experts * row tiles, K blocks * 4, 256]
+    bytes (a stage: one tile's Q K blocks, [1, 4 Q, 256]); w2 as [experts, row tiles, K blocks, 4, 256] (a stage: Q
+    row tiles' block b, [1, Q, 1, 4, 256]). A box past a tile's K blocks or an expert's rows reads zeros.
+    Unswizzled: the slot's bytes are in the order the kernel reads them."""
     key = (w1_blocks.data_ptr(), w2_blocks.data_ptr(), tuple(w1_blocks.shape), tuple(w2_blocks.shape), q)
     if key in _DESCRIPTORS:  # a descriptor holds only the base, shape and strides: built once a weight pair
         return _DESCRIPTORS[key]
-    num_experts, hidden, kb2, _ = w2_blocks.shape
-    flat2 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-    flat4 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=4)
-    w1 = w1_blocks.view(-1, 256)
-    w2 = w2_blocks.view(num_experts * hidden // 64, kb2, 4, 256)
-    _DESCRIPTORS[key] = (TensorDescriptor(w1, list(w1.shape), list(w1.stride()), [4 * q, 256], flat2),
-                         TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [q, 1, 4, 256], flat4))
+    num_experts, n1, kb1, _ = w1_blocks.shape
+    hidden, kb2 = w2_blocks.shape[1:3]
+    w1 = w1_blocks.view(num_experts * n1 // 64, kb1 * 4, 256)
+    w2 = w2_blocks.view(num_experts, hidden // 64, kb2, 4, 256)
+    _DESCRIPTORS[key] = tuple(
+        TensorDescriptor(w, list(w.shape), list(w.stride()), box,
+                         gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=len(box)))
+        for w, box in ((w1, [1, 4 * q, 256]), (w2, [1, q, 1, 4, 256])))
     return _DESCRIPTORS[key]

@@ -777,6 +777,12 @@ def test_moe_mma_fused_refuses_cpu_tensors_and_short_rings(monkeypatch):
         moe_experts(*served, config=dict(kernel="mma_fused", SLOTS=3), split_nibbles=True)
     with pytest.raises(ValueError, match="G dividing Q"):
         moe_experts(*served, config=dict(kernel="mma_fused", Q=15, num_warps=8), split_nibbles=True)
+    # TMA's views of the tiled weights: a w1 stage is one tile's Q K blocks, a w2 stage an expert's Q row tiles
+    w1_tiled, w2_tiled = tile_rows(served[3], 64), torch.zeros(8, 128, 2, 16, dtype=torch.uint8)
+    d1, d2 = moe_mma_fused._tma_descriptors(w1_tiled, w2_tiled, 16)
+    assert d1.shape == [8 * 128 // 64, 2 * 4, 256] and d1.block_shape == [1, 64, 256]
+    assert d2.shape == [8, 2, 2, 4, 256] and d2.block_shape == [1, 16, 1, 4, 256]
+    assert d1.base.data_ptr() == w1_tiled.data_ptr() and list(d1.strides) == [8 * 256, 256, 1]
     monkeypatch.setattr(moe_mma_fused, "MMA_FUSED", True)
     assert fused_config(1, True, True, False)["kernel"] == "mma_fused"
     assert fused_config(2, True, True, False) is None  # one token only

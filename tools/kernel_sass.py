@@ -235,7 +235,7 @@ def mma_fused_20b(q=16, slots=6, num_warps=8, pdl=True, tma=False):
     from gptoss_serve.kernels.moe_mma_fused import _moe_fused_kernel, copy_layout
     h, n1, kblocks, e = 2880, 5760, 90, 32
     descs = [f"tensordesc<u8[{shape}],{gl.NVMMASharedLayout(0, 8, rank)!r}>"
-             for shape, rank in ((f"{4 * q}, 256", 2), (f"{q}, 1, 4, 256", 4))] if tma else [None, None]
+             for shape, rank in ((f"1, {4 * q}, 256", 3), (f"1, {q}, 1, 4, 256", 5))] if tma else [None, None]
     args = dict(x_ptr="*bf16", ids_ptr="*i32", weights_ptr="*fp32", w1_ptr="*u8", s1_ptr="*u8", b1_ptr="*bf16",
                 w2_ptr="*u8", s2_ptr="*u8", b2_ptr="*bf16", acc_ptr="*fp32", count_ptr="*i32", out_ptr="*bf16",
                 w1_desc=descs[0], w2_desc=descs[1],
