@@ -900,6 +900,21 @@ def mma_decode_config(num_tokens: int, top_k: int, num_local_experts: int, on_gp
                 else 8)
 
 
+# The one-launch kernel (moe_mma_fused.py) for one-token steps: built 2026-12-08, not yet timed on a GPU, so off.
+MMA_FUSED = os.environ.get("GPTOSS_MMA_FUSED", "0") == "1"
+
+
+def mma_fused_config(num_tokens: int, on_gpu: bool, split_nibbles: bool, swizzled: bool,
+                     tile_n: int = 1) -> dict | None:
+    """The one-launch kernel's config where it is the default for this step (MMA_FUSED, one token, the split-nibble
+    layout unswizzled with row tiles dividing 64, on a GPU), else None; shapes only."""
+    if not (MMA_FUSED and on_gpu and split_nibbles and not swizzled and num_tokens == 1 and 64 % tile_n == 0):
+        return None
+    from gptoss_serve.kernels.moe_mma_fused import DEFAULT_FUSED_CONFIG
+
+    return dict(DEFAULT_FUSED_CONFIG, kernel="mma_fused")
+
+
 def pairs_apart(num_tokens: int, top_k: int, num_local_experts: int) -> bool:
     """Whether a decode step's (token, slot) pairs are few enough to take one by one: at most half the experts."""
     return 2 * num_tokens * top_k <= num_local_experts
@@ -981,12 +996,13 @@ def _splitk_config(num_tokens: int, device: torch.device) -> dict:
     return config
 
 
-def check_decode_operands(a: torch.Tensor, blocks: torch.Tensor, tile_n: int) -> tuple[int, int, int]:
-    """(local experts, weight rows N, K blocks) of a decode matmul's operands, or a ValueError naming the problem."""
+def check_decode_operands(a: torch.Tensor | None, blocks: torch.Tensor, tile_n: int) -> tuple[int, int, int]:
+    """(local experts, weight rows N, K blocks) of a decode matmul's operands (the weights alone where a is None), or
+    a ValueError naming the problem."""
     num_local_experts, n_rows, num_k_blocks, block_bytes = blocks.shape
     if block_bytes != MXFP4_BYTES_PER_BLOCK or blocks.stride(3) != 1 or blocks.stride(2) != MXFP4_BYTES_PER_BLOCK:
         raise ValueError("MXFP4 blocks must be [experts, rows, K / 32, 16] with each row's bytes contiguous")
-    if a.stride(1) != 1 or a.shape[1] != num_k_blocks * MXFP4_BLOCK_SIZE:
+    if a is not None and (a.stride(1) != 1 or a.shape[1] != num_k_blocks * MXFP4_BLOCK_SIZE):
         raise ValueError(f"activations [{a.shape[0]}, {a.shape[1]}] with unit stride along K expected")
     if n_rows % tile_n:
         raise ValueError(f"{n_rows} weight rows are not whole tiles of {tile_n}")
@@ -1156,10 +1172,8 @@ def moe_experts(
     num_tokens, hidden = x.shape
     if config is None:
         on_gpu = x.is_cuda and not emulate_bf16()
-        from gptoss_serve.kernels.moe_mma_fused import fused_config
-
         top_k, num_local = expert_ids.shape[1], w1_blocks.shape[0]
-        config = fused_config(num_tokens, on_gpu, split_nibbles, swizzled, tile_n) \
+        config = mma_fused_config(num_tokens, on_gpu, split_nibbles, swizzled, tile_n) \
             or wgmma_config(num_tokens, top_k, num_local, on_gpu and is_hopper(x.device), split_nibbles, swizzled,
                             (w1_scales, w2_scales)) \
             or mma_decode_config(num_tokens, top_k, num_local, on_gpu, split_nibbles, swizzled)

@@ -203,20 +203,31 @@ def _moe_mma_kernel(
                 s = scale_bytes[kb]
             else:
                 w_bytes, s = _block_loads(w_rows, s_rows, in_b, in_o, kb, stride_s_k, TILE_N, EVEN_ROWS)
-            low, high = gl.inline_asm_elementwise(SPLIT_WORD_F16_ASM, "=r,=r,=r,=r,r", [w_bytes],
-                                                  dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
-            # [ROWS, 32] in element order (split layout: byte j holds elements j and j + 16): the A fragment.
-            w = gl.reshape(gl.permute(gl.join(low, high), [0, 2, 1]), [ROWS, 32])
-            w = gl.convert_layout(w, A_L, assert_trivial=True)  # no data moves (checked at compile time)
+            w = a_fragment(w_bytes, A_L, ROWS)
             if STAGE_ONCE:
                 a = b_smem.slice(kb * 32, 32, dim=1).permute([1, 0]).load(B_L)  # [32, BLOCK_T]
             else:
                 a = b_smem.index(kb).permute([1, 0]).load(B_L)
             part = mma_v2(w, a, gl.zeros([ROWS, BLOCK_T], gl.float32, mma))
-            scale = ((s.to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True)  # 2^(s - 121)
-            acc = acc + part * gl.expand_dims(scale, 1)
+            acc = acc + part * gl.expand_dims(block_scale(s), 1)
         out = ws_cols + (r0 + r_o)[:, None]
         gl.store(out, acc, mask=(r0 + r_o < row_end)[:, None] & (t_o < count)[None, :])
+
+
+@gluon.jit
+def a_fragment(w_bytes, A_L: gl.constexpr, ROWS: gl.constexpr):
+    """One K block's split-layout bytes [ROWS, 16] (byte_layout) -> the mma A operand [ROWS, 32] f16 in element
+    order (byte j holds elements j and j + 16), each value the weight's FP4 value times 2^-6: one asm a word."""
+    low, high = gl.inline_asm_elementwise(SPLIT_WORD_F16_ASM, "=r,=r,=r,=r,r", [w_bytes],
+                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+    w = gl.reshape(gl.permute(gl.join(low, high), [0, 2, 1]), [ROWS, 32])
+    return gl.convert_layout(w, A_L, assert_trivial=True)  # no data moves (checked at compile time)
+
+
+@gluon.jit
+def block_scale(s):
+    """Scale bytes -> float32 2^(s - 121): the E8M0 scale times the 2^6 the e4m3-decoded values lack."""
+    return ((s.to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True)
 
 
 @gluon.jit

@@ -23,15 +23,13 @@ Roundings: the first matmul's sums, bias and SwiGLU round as the twin's; the sec
 workspace in float32 without the twin's bf16 rounding of each pair's row before its weight (a pair's row is summed
 across programs), so the output differs from the twin by about one bf16 rounding, and the float32 sum's order
 varies from run to run (atomics): the last bit of an output may differ between two runs. The multi-launch paths
-(GPTOSS_MMA_FUSED=0) are deterministic.
+(GPTOSS_MMA_FUSED=0, moe_matmul.mma_fused_config) are deterministic.
 
 Same fragments as moe_mma (weights dequantized straight into mma A fragments, f16 activations); Gluon, CUDA only,
 tested on GPUs against the twin and the four-launch chain (tests/test_kernels_moe.py, marker gpu).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -42,15 +40,14 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from gptoss_serve.kernels.gluon_utils import pdl_wait
-from gptoss_serve.kernels.moe_matmul import check_decode_operands
-from gptoss_serve.kernels.moe_mma import SPLIT_WORD_F16_ASM, _async_load, _barrier, byte_layout
+from gptoss_serve.kernels.moe_matmul import _num_sms, check_decode_operands
+from gptoss_serve.kernels.moe_mma import _async_load, _barrier, a_fragment, block_scale, byte_layout
 from gptoss_serve.kernels.triton_utils import pdl_args
 
 # Q: K blocks a w1 stage (and 64-row tiles a w2 stage); SLOTS: stages in the ring (SLOTS - 1 in flight while one
 # is computed); num_warps 8: two sub-blocks at a time (Q even). 16: a 20b/120b unit is 6 w1 stages (90 of 96 K
 # blocks real) and 3 w2 stages (2880 of 3072 rows).
 DEFAULT_FUSED_CONFIG = dict(Q=16, SLOTS=6, num_warps=8, TMA=False)
-MMA_FUSED = os.environ.get("GPTOSS_MMA_FUSED", "0") == "1"
 
 
 def copy_layout(num_warps: int, q_p2: int) -> gl.DistributedLinearLayout:
@@ -306,11 +303,12 @@ def _moe_fused_kernel(
             slot_w = w_smem.index(s % SLOTS)._reinterpret(gl.uint8, [ROWS, 16], FLAT)
         else:
             slot_w = w_smem.index(s % SLOTS)
+        pair = (u_begin + i) // NB  # the stage's unit: pair and intermediate block b
+        b = (u_begin + i) % NB
+        expert = gl.load(ids_ptr + pair).to(gl.int32) - first_expert
+        here = (expert >= 0) & (expert < num_local_experts)  # else routed to another rank's expert: skipped
         if j2 < 0:  # w1 stage j of unit i
-            pair = (u_begin + i) // NB
-            b = (u_begin + i) % NB
-            expert = gl.load(ids_ptr + pair).to(gl.int32) - first_expert
-            if (expert >= 0) & (expert < num_local_experts):
+            if here:
                 acc1 = _w1_stage(acc1, slot_w, s_groups, (s % SLOTS) * (Q_P2 // G), x_groups, j * (Q_P2 // G), Q,
                                  G, BYTE_LAYOUT, mma)
                 if j == S1 - 1:  # SwiGLU of the unit's 32 intermediates, 8 copies for the w2 operand
@@ -335,42 +333,46 @@ def _moe_fused_kernel(
                     for c in gl.static_range(8):
                         act_rows.index(i * 8 + c).store(act)
         else:  # w2 rows j2 * 64 Q.. of unit i times its K block b, weighted, into acc2
-            pair = (u_begin + i) // NB
-            b = (u_begin + i) % NB
-            expert = gl.load(ids_ptr + pair).to(gl.int32) - first_expert
-            rows = j2 * (64 * Q) + gl.arange(0, ROWS, layout=ROW_L)
-            if (expert >= 0) & (expert < num_local_experts):
+            row_end = gl.minimum((j2 + 1) * (64 * Q), HIDDEN)  # the range's (the slot's last rows may be past it)
+            if here:
                 weight = gl.load(weights_ptr + pair)
                 a = _weight_fragment(slot_w, 0, ROWS, STAGE_LAYOUT, mma)
                 ab = act_units.index(i).permute([1, 0]).load(B_L)  # [32, 8]: every column the unit's SwiGLU
                 part = mma_v2(a, ab, gl.zeros([ROWS, 8], gl.float32, mma))
-                scale = _block_scale(s_rows.index(s % SLOTS).load(ROW_L)) * weight
+                scale = block_scale(s_rows.index(s % SLOTS).load(ROW_L)) * weight
                 acc2 = acc2 + part * gl.expand_dims(scale, 1)
                 if HAS_B2 and b == 0:  # the pair's bias, once (with its first block)
-                    bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_b2_expert + rows,
-                                   mask=(rows < HIDDEN) & (rows < (j2 + 1) * (64 * Q)), other=0.0)
+                    rows = j2 * (64 * Q) + gl.arange(0, ROWS, layout=ROW_L)
+                    bias = gl.load(b2_ptr + expert.to(gl.int64) * stride_b2_expert + rows, mask=rows < row_end,
+                                   other=0.0)
                     acc2 = acc2 + gl.expand_dims(bias.to(gl.float32) * weight, 1)
             if i == n_units - 1:  # the row range's last unit: its sums to the workspace
                 sums = gl.convert_layout(gl.sum(gl.where(cols == 0, acc2, 0.0), axis=1), OUT_L)
                 ro = j2 * (64 * Q) + gl.arange(0, ROWS, layout=OUT_L)
-                gl.atomic_add(acc_ptr + ro, sums, mask=(ro < HIDDEN) & (ro < (j2 + 1) * (64 * Q)), sem="relaxed")
+                gl.atomic_add(acc_ptr + ro, sums, mask=ro < row_end, sem="relaxed")
                 acc2 = gl.zeros([ROWS, 8], gl.float32, mma)
         i, j, j2 = _next_stage(i, j, j2, n_units, S1)
     if not TMA:
         async_copy.wait_group(0)
 
     # The last program to arrive rounds the workspace into the output and zeroes it for the next call.
-    gl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    _fence_gpu()  # this thread's atomics before the count
     _barrier()
     arrived = gl.atomic_add(count_ptr, 1, sem="acq_rel")
     if arrived == num_programs - 1:
-        gl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        _fence_gpu()  # every program's atomics before the reads
         for r0 in range(0, HIDDEN, ROWS):
             ro = r0 + gl.arange(0, ROWS, layout=OUT_L)
             sums = gl.load(acc_ptr + ro, mask=ro < HIDDEN, other=0.0, cache_modifier=".cg")
             gl.store(out_ptr + ro, sums.to(out_ptr.dtype.element_ty), mask=ro < HIDDEN)
             gl.store(acc_ptr + ro, gl.zeros([ROWS], gl.float32, OUT_L), mask=ro < HIDDEN)
         gl.store(count_ptr, 0)
+
+
+@gluon.jit
+def _fence_gpu():
+    """fence.acq_rel.gpu: this thread's memory operations ordered against later ones, device-wide."""
+    gl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -384,27 +386,17 @@ def _w1_stage(acc, slot_w, s_groups, scale_row, x_groups, x_row, Q: gl.constexpr
         a = _weight_fragment(slot_w, q0 * 64, 64 * G, BYTE_LAYOUT, mma)
         xb = x_groups.index(x_row + q0 // G).permute([1, 0]).load(B_L)  # [32, 8]: column g = sub-block q0 + g
         part = mma_v2(a, xb, gl.zeros([64 * G, 8], gl.float32, mma))
-        acc = acc + part * gl.expand_dims(_block_scale(s_groups.index(scale_row + q0 // G).load(ROW_L)), 1)
+        acc = acc + part * gl.expand_dims(block_scale(s_groups.index(scale_row + q0 // G).load(ROW_L)), 1)
     return acc
 
 
 @gluon.jit
 def _weight_fragment(slot_w, row0: gl.constexpr, ROWS: gl.constexpr, BYTE_LAYOUT: gl.constexpr,
                      mma: gl.constexpr):
-    """Rows row0..row0 + ROWS of a slot (16 bytes each) as the mma A operand [ROWS, 32] f16 (each value times
-    2^-6); BYTE_LAYOUT: moe_mma.byte_layout for ROWS rows."""
+    """Rows row0..row0 + ROWS of a slot (16 bytes each) as the mma A operand [ROWS, 32] f16 (moe_mma.a_fragment);
+    BYTE_LAYOUT: moe_mma.byte_layout for ROWS rows."""
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-    w_bytes = slot_w.slice(row0, ROWS, dim=0).load(BYTE_LAYOUT)
-    low, high = gl.inline_asm_elementwise(SPLIT_WORD_F16_ASM, "=r,=r,=r,=r,r", [w_bytes],
-                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
-    w = gl.reshape(gl.permute(gl.join(low, high), [0, 2, 1]), [ROWS, 32])
-    return gl.convert_layout(w, A_L, assert_trivial=True)
-
-
-@gluon.jit
-def _block_scale(s):
-    """2^(s - 121): the E8M0 scale times the 2^6 the e4m3-decoded values lack."""
-    return ((s.to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True)
+    return a_fragment(slot_w.slice(row0, ROWS, dim=0).load(BYTE_LAYOUT), A_L, ROWS)
 
 
 @gluon.jit
@@ -439,14 +431,6 @@ def _workspace(device: torch.device, hidden: int) -> tuple[torch.Tensor, torch.T
     return _WORKSPACES[key]
 
 
-def fused_config(num_tokens: int, on_gpu: bool, split_nibbles: bool, swizzled: bool, tile_n: int = 1) -> dict | None:
-    """The one-launch kernel's config where it is the default for this step (MMA_FUSED, one token, the split-nibble
-    layout unswizzled with row tiles dividing 64, on a GPU), else None; shapes only."""
-    if not (MMA_FUSED and on_gpu and split_nibbles and not swizzled and num_tokens == 1 and 64 % tile_n == 0):
-        return None
-    return dict(DEFAULT_FUSED_CONFIG, kernel="mma_fused")
-
-
 def moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
                           swiglu_alpha, swiglu_limit, first_expert=0, config=None, tile_n=1) -> torch.Tensor:
     """moe_matmul.moe_experts for a one-token decode step in one launch (_moe_fused_kernel); weights in the
@@ -474,14 +458,13 @@ def moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b
     if n1 != 64 * nb or n2 != hidden:
         raise ValueError(f"w1 [{n1} rows] and w2 [{n2} rows, {nb} K blocks] do not make a gpt-oss MoE of hidden "
                          f"{hidden}")
-    check_decode_operands(x.new_empty((1, nb * 32)), w2_blocks, tile_n)
+    check_decode_operands(None, w2_blocks, tile_n)
     q_p2 = triton.next_power_of_2(q)
     rows = 64 * q_p2
     if rows < 16 * num_warps:
         raise ValueError(f"Q={q}: a stage's {rows} rows are fewer than the {num_warps} warps' 16 each")
-    s1, s2 = triton.cdiv(kb1, q), triton.cdiv(hidden, 64 * q)
     num_units = top_k * nb
-    grid = min(torch.cuda.get_device_properties(x.device).multi_processor_count, num_units)
+    grid = min(_num_sms(x.device), num_units)
     acc, count = _workspace(x.device, hidden)
     out = torch.empty_like(x)
     use_tma = bool(config["TMA"])
@@ -497,12 +480,23 @@ def moe_experts_mma_fused(x, expert_weights, expert_ids, w1_blocks, w1_scales, b
         w1_blocks.stride(0), w1_blocks.stride(1), w1_scales.stride(0), w1_scales.stride(1), w1_scales.stride(2),
         b1.stride(0), w2_blocks.stride(0), w2_blocks.stride(1), w2_scales.stride(0), w2_scales.stride(1),
         w2_scales.stride(2), b2.stride(0) if b2 is not None else 0,
-        HIDDEN=hidden, NB=nb, Q=q, Q_P2=q_p2, S1=s1, S1_P2=triton.next_power_of_2(s1), S2=s2, SLOTS=slots,
-        MAX_UNITS=triton.next_power_of_2(triton.cdiv(num_units, grid)), TILE_N=tile_n, HAS_B2=b2 is not None,
-        BYTE_LAYOUT=byte_layout(num_warps, 1),
-        STAGE_LAYOUT=byte_layout(num_warps, rows // (16 * num_warps)), COPY_L=copy_layout(num_warps, q_p2),
-        NUM_WARPS=num_warps, TMA=use_tma, num_warps=num_warps, **pdl_args(x.device))
+        **launch_constants(hidden, nb, q, slots, num_warps, triton.cdiv(num_units, grid), tile_n, b2 is not None,
+                           use_tma),
+        num_warps=num_warps, **pdl_args(x.device))
     return out
+
+
+def launch_constants(hidden: int, nb: int, q: int, slots: int, num_warps: int, max_units: int, tile_n: int,
+                     has_b2: bool, tma: bool) -> dict:
+    """_moe_fused_kernel's constexprs: hidden size, w2's K blocks (nb), the config, the most units a program
+    takes, the row tile, whether there is a b2, TMA."""
+    q_p2 = triton.next_power_of_2(q)
+    s1, s2 = triton.cdiv(hidden // 32, q), triton.cdiv(hidden, 64 * q)
+    return dict(HIDDEN=hidden, NB=nb, Q=q, Q_P2=q_p2, S1=s1, S1_P2=triton.next_power_of_2(s1), S2=s2, SLOTS=slots,
+                MAX_UNITS=triton.next_power_of_2(max_units), TILE_N=tile_n, HAS_B2=has_b2,
+                BYTE_LAYOUT=byte_layout(num_warps, 1),
+                STAGE_LAYOUT=byte_layout(num_warps, 64 * q_p2 // (16 * num_warps)),
+                COPY_L=copy_layout(num_warps, q_p2), NUM_WARPS=num_warps, TMA=tma)
 
 
 def _tma_descriptors(w1_blocks: torch.Tensor, w2_blocks: torch.Tensor, q: int) -> tuple:

@@ -47,7 +47,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from gptoss_serve.kernels.moe_matmul import combine, split_bytes_e4m3_ptx
-from gptoss_serve.kernels.moe_mma import SPLIT_WORD_F16_ASM
+from gptoss_serve.kernels.moe_mma import SPLIT_WORD_F16_ASM, block_scale
 from gptoss_serve.kernels.moe_routing import ExpertGroups, group_by_expert
 from gptoss_serve.kernels.mxfp4 import MXFP4_BLOCK_SIZE
 from gptoss_serve.kernels.gluon_utils import pdl_wait
@@ -334,7 +334,7 @@ def _wgmma_tile(
                 operands = operands + (w,)
             waited = warpgroup_mma_wait(num_outstanding=0, deps=parts + operands)
             for j in gl.static_range(KB_PER_STEP):
-                mult = ((scales[j].to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True)  # 2^(s - 121)
+                mult = block_scale(scales[j])  # 2^(s - 121)
                 acc = acc + waited[j] * gl.expand_dims(mult, 1)
         else:
             for j in gl.static_range(KB_PER_STEP):
@@ -397,7 +397,7 @@ def _wgmma_tile(
 def _a_operand(w_bytes, scale, WORD_LAYOUT: gl.constexpr, A_L: gl.constexpr, ROWS: gl.constexpr):
     """One K block's bytes [ROWS, 16] (WORD_LAYOUT) and scale bytes [ROWS] -> the wgmma A operand [ROWS, 32] f16
     in K-slot order (A_L), the weights exact: one asm a word, the scale 2^(s - 121) applied in it."""
-    mult = ((scale.to(gl.int32) + 6) << 23).to(gl.float32, bitcast=True).to(gl.float16)  # 2^(s - 121)
+    mult = block_scale(scale).to(gl.float16)  # 2^(s - 121)
     mult = mult.to(gl.int16, bitcast=True)  # broadcast over the row's bytes as integers (x + 0 folds away)
     mult = (gl.expand_dims(mult, 1) + gl.zeros([ROWS, 16], gl.int16, WORD_LAYOUT)).to(gl.float16, bitcast=True)
     low, high = gl.inline_asm_elementwise(SPLIT_WORD_F16_SCALED_ASM, "=r,=r,=r,=r,r,r,r", [w_bytes, mult],

@@ -763,8 +763,8 @@ def test_one_launch_copies_cover_a_slot_once_and_read_whole_runs(num_warps, q_p2
 
 
 def test_moe_mma_fused_refuses_cpu_tensors_and_short_rings(monkeypatch):
-    from gptoss_serve.kernels import moe_mma_fused
-    from gptoss_serve.kernels.moe_mma_fused import fused_config
+    from gptoss_serve.kernels import moe_matmul, moe_mma_fused
+    from gptoss_serve.kernels.moe_matmul import mma_fused_config as fused_config
 
     args = make_moe(1, 8, 64, 64, 4, 0, 8, True, seed=7, device="cpu")
     with pytest.raises(ValueError, match="split-nibble layout"):
@@ -783,13 +783,13 @@ def test_moe_mma_fused_refuses_cpu_tensors_and_short_rings(monkeypatch):
     assert d1.shape == [8 * 128 // 64, 2 * 4, 256] and d1.block_shape == [1, 64, 256]
     assert d2.shape == [8, 2, 2, 4, 256] and d2.block_shape == [1, 16, 1, 4, 256]
     assert d1.base.data_ptr() == w1_tiled.data_ptr() and list(d1.strides) == [8 * 256, 256, 1]
-    monkeypatch.setattr(moe_mma_fused, "MMA_FUSED", True)
+    monkeypatch.setattr(moe_matmul, "MMA_FUSED", True)
     assert fused_config(1, True, True, False)["kernel"] == "mma_fused"
     assert fused_config(2, True, True, False) is None  # one token only
     assert fused_config(1, False, True, False) is None and fused_config(1, True, True, True) is None
     assert fused_config(1, True, False, False) is None
     assert fused_config(1, True, True, False, tile_n=64) and fused_config(1, True, True, False, tile_n=96) is None
-    monkeypatch.setattr(moe_mma_fused, "MMA_FUSED", False)
+    monkeypatch.setattr(moe_matmul, "MMA_FUSED", False)
     assert fused_config(1, True, True, False) is None
 
 

@@ -231,8 +231,7 @@ def mma_20b_w1(num_warps=4, m_tiles=1, block_t=8, pair_blocks=True, stage_once=F
 def mma_fused_20b(q=16, slots=6, num_warps=8, pdl=True, tma=False):
     """The one-launch decode MoE kernel (moe_mma_fused) at the 20b shapes, one token; tma: its bulk-copy variant."""
     from triton.experimental.gluon import language as gl
-    from gptoss_serve.kernels.moe_mma import byte_layout
-    from gptoss_serve.kernels.moe_mma_fused import _moe_fused_kernel, copy_layout
+    from gptoss_serve.kernels.moe_mma_fused import _moe_fused_kernel, launch_constants
     h, n1, kblocks, e = 2880, 5760, 90, 32
     descs = [f"tensordesc<u8[{shape}],{gl.NVMMASharedLayout(0, 8, rank)!r}>"
              for shape, rank in ((f"1, {4 * q}, 256", 3), (f"1, {q}, 1, 4, 256", 5))] if tma else [None, None]
@@ -244,12 +243,7 @@ def mma_fused_20b(q=16, slots=6, num_warps=8, pdl=True, tma=False):
                 stride_s1_row=kblocks, stride_s1_k=1, stride_b1_expert=n1, stride_w2_expert=h * kblocks * 16,
                 stride_w2_row=kblocks * 16, stride_s2_expert=h * kblocks, stride_s2_row=kblocks, stride_s2_k=1,
                 stride_b2_expert=h)
-    q_p2 = 1 << (q - 1).bit_length()
-    s1, s2 = -(-kblocks // q), -(-h // (64 * q))
-    const = dict(HIDDEN=h, NB=kblocks, Q=q, Q_P2=q_p2, S1=s1, S1_P2=1 << (s1 - 1).bit_length(), S2=s2, SLOTS=slots,
-                 MAX_UNITS=4, TILE_N=64, HAS_B2=True, BYTE_LAYOUT=byte_layout(num_warps, 1),
-                 STAGE_LAYOUT=byte_layout(num_warps, q_p2 * 64 // (16 * num_warps)),
-                 COPY_L=copy_layout(num_warps, q_p2), NUM_WARPS=num_warps, PDL=pdl, TMA=tma)
+    const = dict(launch_constants(h, kblocks, q, slots, num_warps, 3, 64, True, tma), PDL=pdl)
     return compile_offline(_moe_fused_kernel, args, const, num_warps=num_warps)
 
 
